@@ -1,0 +1,183 @@
+//! The shared application state, built once at start-up and handed to every request.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use pingora::connectors::http::Connector;
+
+use crate::auth::Auth;
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::models::ModelRegistry;
+use crate::openapi::Docs;
+use crate::store::{Role, Store, User};
+use crate::upstream::Upstreams;
+
+/// Everything a request handler may use.
+pub struct App {
+    pub config: Arc<Config>,
+    pub store: Arc<Store>,
+    pub auth: Auth,
+    pub upstreams: Arc<Upstreams>,
+    pub models: ModelRegistry,
+    /// Outbound client for calls that are not proxied (model lists, fan-outs).
+    pub http: reqwest::Client,
+    /// pingora's upstream connector and pool, for the forward engine.
+    pub connector: Connector,
+    /// API docs, present only with `ENV=dev`.
+    pub docs: Option<Docs>,
+    pub started: Instant,
+}
+
+/// Start-up failures, with what to do about them.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot open the database {path}: {source} (is another ragway using this data dir?)")]
+    Store {
+        path: String,
+        source: crate::store::StoreError,
+    },
+    #[error("cannot read or write the secret key file {path}: {source}")]
+    Secret {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot create the bootstrap admin: {0}")]
+    Admin(String),
+}
+
+/// Reads the JWT secret from the data dir, creating a random one on first start, so tokens
+/// survive restarts without the user having to set `WEBUI_SECRET_KEY`.
+fn load_or_create_secret(dir: &Path) -> Result<Vec<u8>, StartError> {
+    let path = dir.join(".webui_secret_key");
+    let err = |source| StartError::Secret {
+        path: path.display().to_string(),
+        source,
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => return Ok(s.trim().as_bytes().to_vec()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    let secret = format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    );
+    let tmp = dir.join(".webui_secret_key.tmp");
+    {
+        use std::io::Write;
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+        let mut f = opts.open(&tmp).map_err(err)?;
+        f.write_all(secret.as_bytes()).map_err(err)?;
+        f.sync_all().map_err(err)?;
+    }
+    std::fs::rename(&tmp, &path).map_err(err)?;
+    Ok(secret.into_bytes())
+}
+
+impl App {
+    /// Opens the data dir and store, and prepares clients. Needs no running runtime.
+    pub fn open(config: Config) -> Result<App, StartError> {
+        // reqwest is built without its own TLS provider; it uses pingora's (ring).
+        pingora::tls::install_default_crypto_provider();
+        crate::metrics::init();
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
+            path: config.data_dir.display().to_string(),
+            source,
+        })?;
+        let db_path = config.data_dir.join("ragway.redb");
+        let store = Arc::new(Store::open(&db_path).map_err(|source| StartError::Store {
+            path: db_path.display().to_string(),
+            source,
+        })?);
+        let secret = match &config.auth.secret_key {
+            Some(s) => s.as_bytes().to_vec(),
+            None => load_or_create_secret(&config.data_dir)?,
+        };
+        let auth = Auth::new(config.auth.clone(), &secret, store.clone());
+        let upstreams = Arc::new(Upstreams::new(&config));
+        let http = reqwest::Client::builder()
+            .connect_timeout(config.connect_timeout)
+            .timeout(std::cmp::max(
+                config.models_list_timeout * 5,
+                std::time::Duration::from_secs(10),
+            ))
+            .no_proxy()
+            .tcp_nodelay(true)
+            .build()
+            .expect("reqwest client with static settings");
+        let models = ModelRegistry::new(
+            upstreams.clone(),
+            http.clone(),
+            config.models_cache_ttl,
+            config.models_list_timeout,
+        );
+        let docs = config.dev.then(crate::openapi::docs);
+        let app = App {
+            config: Arc::new(config),
+            store,
+            auth,
+            upstreams,
+            models,
+            http,
+            connector: Connector::new(None),
+            docs,
+            started: Instant::now(),
+        };
+        app.bootstrap_admin()?;
+        Ok(app)
+    }
+
+    /// `WEBUI_ADMIN_EMAIL`/`WEBUI_ADMIN_PASSWORD`: create the admin when no user exists.
+    fn bootstrap_admin(&self) -> Result<(), StartError> {
+        let Some((email, password, name)) = &self.config.auth.admin else {
+            return Ok(());
+        };
+        if self
+            .store
+            .user_count()
+            .map_err(|e| StartError::Admin(e.to_string()))?
+            > 0
+        {
+            return Ok(());
+        }
+        let hash = crate::auth::password::hash(password);
+        let user = User::new(email, name, Role::Admin, hash);
+        self.store
+            .create_user(user, true)
+            .map_err(|e| StartError::Admin(e.to_string()))?;
+        tracing::info!(email = %email, "created the bootstrap admin");
+        Ok(())
+    }
+
+    /// `ragway user add`: creates a user (the very first one becomes admin).
+    pub async fn add_user(
+        &self,
+        email: &str,
+        password: &str,
+        name: &str,
+        role: Role,
+    ) -> Result<User, ApiError> {
+        crate::handlers::auths::create_user(self, name, email, password, None, role, true).await
+    }
+
+    /// `ragway key create`: replaces the user's key and returns the plaintext.
+    pub fn create_key(&self, email: &str, models: Vec<String>) -> Result<String, ApiError> {
+        let user = self
+            .store
+            .user_by_email(&email.trim().to_lowercase())?
+            .ok_or_else(|| ApiError::not_found(format!("No user with email {email}")))?;
+        crate::handlers::auths::issue_key(self, &user.id, models)
+    }
+}

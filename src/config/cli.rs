@@ -1,0 +1,97 @@
+//! Command-line interface. Flags given here win over the environment and the config file.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// ragway: an authenticated, observable, RAG-capable gateway speaking Open WebUI's API.
+#[derive(Debug, Parser)]
+#[command(name = "ragway", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options shared by every command that loads the configuration.
+#[derive(Debug, Clone, Default, Args)]
+pub struct CommonArgs {
+    /// TOML configuration file (see conf/ragway.toml). Also `RAGWAY_CONFIG`.
+    #[arg(long, short = 'c', env = "RAGWAY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Data directory (database, secret). Also `DATA_DIR`.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+}
+
+/// Options of `ragway serve`.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Client-facing address. Also `RAGWAY_LISTEN`, or Open WebUI's `HOST`/`PORT`.
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Prometheus metrics address ("" disables). Also `RAGWAY_METRICS_LISTEN`.
+    #[arg(long)]
+    pub metrics_listen: Option<String>,
+    /// Ollama base URL; repeat for several upstreams (replaces the configured list).
+    #[arg(long = "ollama-url")]
+    pub ollama_urls: Vec<String>,
+    /// OpenAI-compatible base URL; repeat for several upstreams.
+    #[arg(long = "openai-url")]
+    pub openai_urls: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway.
+    Serve(ServeArgs),
+    /// Validate a configuration file and exit (non-zero on error).
+    CheckConfig {
+        /// The file to validate.
+        file: PathBuf,
+    },
+    /// Manage users.
+    User {
+        #[command(subcommand)]
+        action: UserAction,
+    },
+    /// Manage API keys.
+    Key {
+        #[command(subcommand)]
+        action: KeyAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UserAction {
+    /// Create a user (the first user ever created is an admin).
+    Add {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[arg(long)]
+        email: String,
+        /// Password; read from `RAGWAY_PASSWORD` when omitted.
+        #[arg(long, env = "RAGWAY_PASSWORD", hide_env_values = true)]
+        password: String,
+        #[arg(long)]
+        name: Option<String>,
+        /// admin, user or pending.
+        #[arg(long, default_value = "user")]
+        role: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeyAction {
+    /// Create (or replace) the API key of a user and print it once.
+    Create {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[arg(long)]
+        user: String,
+        /// Restrict the key to these model ids (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        models: Vec<String>,
+    },
+}

@@ -1,0 +1,97 @@
+//! The on-disk TOML format (`conf/ragway.toml`). Every field is optional so that a file only
+//! states what it changes; unknown keys are errors so that a typo never goes unnoticed.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+/// Top level of a ragway TOML file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct FileConfig {
+    /// Client-facing listen address.
+    pub listen: Option<String>,
+    /// Prometheus listen address; `""` disables the metrics listener.
+    pub metrics_listen: Option<String>,
+    /// Directory for the database, secret and (later) uploads.
+    pub data_dir: Option<String>,
+    /// `dev` exposes `/docs` and `/openapi.json`, as Open WebUI's `ENV=dev` does.
+    pub env: Option<String>,
+    /// Worker threads of the HTTP service.
+    pub threads: Option<usize>,
+    /// Largest request body accepted, in MiB.
+    pub max_body_mb: Option<u64>,
+    /// Seconds to keep serving in-flight requests after SIGTERM.
+    pub shutdown_grace: Option<String>,
+    /// Authentication settings.
+    pub auth: Option<AuthFile>,
+    /// Ollama connections, in index order (`url_idx`).
+    pub ollama: Option<Vec<UpstreamFile>>,
+    /// OpenAI-compatible connections, in index order.
+    pub openai: Option<Vec<UpstreamFile>>,
+    /// Model list behaviour.
+    pub models: Option<ModelsFile>,
+    /// Upstream timeouts.
+    pub timeouts: Option<TimeoutsFile>,
+}
+
+/// `[auth]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct AuthFile {
+    pub secret_key: Option<String>,
+    pub jwt_expires_in: Option<String>,
+    pub enable_signup: Option<bool>,
+    pub default_user_role: Option<String>,
+    pub enable_api_keys: Option<bool>,
+    pub api_key_header: Option<String>,
+    pub admin_email: Option<String>,
+    pub admin_password: Option<String>,
+    pub admin_name: Option<String>,
+    /// Sign-in attempts allowed per email within `signin-window`.
+    pub signin_attempts: Option<u32>,
+    pub signin_window: Option<String>,
+    /// Per-user model allow-lists: email → model ids. Users not listed see every model.
+    pub model_access: Option<BTreeMap<String, Vec<String>>>,
+}
+
+/// One `[[ollama]]` or `[[openai]]` connection.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct UpstreamFile {
+    pub url: Option<String>,
+    pub key: Option<String>,
+    pub prefix_id: Option<String>,
+    pub model_ids: Option<Vec<String>>,
+    pub tags: Option<Vec<String>>,
+    pub connection_type: Option<String>,
+    pub enable: Option<bool>,
+}
+
+/// `[models]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ModelsFile {
+    pub cache_ttl: Option<String>,
+    pub list_timeout: Option<String>,
+}
+
+/// `[timeouts]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct TimeoutsFile {
+    pub connect: Option<String>,
+    pub read_idle: Option<String>,
+}
+
+/// Open WebUI's per-connection config object (`OLLAMA_API_CONFIGS` / `OPENAI_API_CONFIGS`
+/// values), which uses snake_case names.
+#[derive(Debug, Default, Deserialize)]
+pub struct OwuiApiConfig {
+    pub enable: Option<bool>,
+    pub key: Option<String>,
+    pub prefix_id: Option<String>,
+    pub model_ids: Option<Vec<String>>,
+    pub tags: Option<Vec<serde_json::Value>>,
+    pub connection_type: Option<String>,
+}

@@ -1,0 +1,645 @@
+//! Configuration: one validated [`Config`] built from, in increasing precedence,
+//! built-in defaults → the TOML file → environment variables → command-line flags.
+//!
+//! The serde structs of the file format live in [`file`]; nothing outside this module sees
+//! them. Environment variables use Open WebUI's names so ragway is a drop-in replacement.
+
+pub mod cli;
+pub mod duration;
+pub mod file;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::store::Role;
+use file::{FileConfig, OwuiApiConfig, UpstreamFile};
+
+/// Which API family an upstream speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamKind {
+    Ollama,
+    OpenAi,
+}
+
+/// One validated upstream connection.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub kind: UpstreamKind,
+    /// Base URL without a trailing slash, e.g. `http://127.0.0.1:11434` or `https://h/v1`.
+    pub url: String,
+    /// Key sent as `Authorization: Bearer` to this upstream (never the client's credential).
+    pub key: Option<String>,
+    /// Prepended as `"{prefix_id}.{model}"` to this upstream's model ids.
+    pub prefix_id: Option<String>,
+    /// Allow-list of upstream model ids; empty means all.
+    pub model_ids: Vec<String>,
+    /// Tags copied onto every model of this connection.
+    pub tags: Vec<String>,
+    /// `local` / `external`, reported on each model.
+    pub connection_type: String,
+}
+
+/// Authentication settings.
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    /// HS256 secret; `None` means "use the one generated in the data dir".
+    pub secret_key: Option<String>,
+    /// JWT lifetime; `None` means tokens never expire.
+    pub jwt_expires_in: Option<Duration>,
+    pub enable_signup: bool,
+    pub default_user_role: Role,
+    pub enable_api_keys: bool,
+    /// Header carrying a raw API key (lowercase).
+    pub api_key_header: String,
+    /// Headless bootstrap admin: (email, password, name).
+    pub admin: Option<(String, String, String)>,
+    pub signin_attempts: u32,
+    pub signin_window: Duration,
+    /// Lowercased email → model ids that user may see and use.
+    pub model_access: HashMap<String, Vec<String>>,
+}
+
+/// The validated runtime configuration. Built once at start-up; shared read-only.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: String,
+    pub metrics_listen: Option<String>,
+    pub data_dir: PathBuf,
+    /// `ENV=dev`: serve `/docs` and `/openapi.json`.
+    pub dev: bool,
+    pub threads: usize,
+    pub max_body_bytes: usize,
+    pub shutdown_grace: Duration,
+    pub auth: AuthConfig,
+    pub ollama: Vec<UpstreamConfig>,
+    pub openai: Vec<UpstreamConfig>,
+    pub models_cache_ttl: Duration,
+    pub models_list_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub read_idle_timeout: Duration,
+}
+
+/// A configuration problem, with the setting it concerns.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
+    Err(ConfigError(msg.into()))
+}
+
+/// Reads environment variables; a seam so tests need not mutate the process environment.
+pub trait EnvSource {
+    /// The value, with empty values treated as unset (Open WebUI's convention).
+    fn get(&self, name: &str) -> Option<String>;
+    /// The value even when empty.
+    fn get_raw(&self, name: &str) -> Option<String>;
+}
+
+/// The real process environment. Empty values count as unset, as in Open WebUI.
+pub struct ProcessEnv;
+
+impl EnvSource for ProcessEnv {
+    fn get(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+    }
+    fn get_raw(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+impl EnvSource for HashMap<String, String> {
+    fn get(&self, name: &str) -> Option<String> {
+        HashMap::get(self, name)
+            .cloned()
+            .filter(|v| !v.trim().is_empty())
+    }
+    fn get_raw(&self, name: &str) -> Option<String> {
+        HashMap::get(self, name).cloned()
+    }
+}
+
+/// Flags that override everything else.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub config_file: Option<PathBuf>,
+    pub data_dir: Option<PathBuf>,
+    pub listen: Option<String>,
+    pub metrics_listen: Option<String>,
+    pub ollama_urls: Vec<String>,
+    pub openai_urls: Vec<String>,
+}
+
+impl From<&cli::ServeArgs> for Overrides {
+    fn from(a: &cli::ServeArgs) -> Self {
+        Overrides {
+            config_file: a.common.config.clone(),
+            data_dir: a.common.data_dir.clone(),
+            listen: a.listen.clone(),
+            metrics_listen: a.metrics_listen.clone(),
+            ollama_urls: a.ollama_urls.clone(),
+            openai_urls: a.openai_urls.clone(),
+        }
+    }
+}
+
+impl From<&cli::CommonArgs> for Overrides {
+    fn from(a: &cli::CommonArgs) -> Self {
+        Overrides {
+            config_file: a.config.clone(),
+            data_dir: a.data_dir.clone(),
+            ..Overrides::default()
+        }
+    }
+}
+
+/// Parses a TOML file into the file format, with the file name in any error.
+pub fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
+    toml::from_str(&text).map_err(|e| ConfigError(format!("{}: {e}", path.display())))
+}
+
+/// `ragway check-config FILE`: the file parses and validates on its own (no env, no flags).
+pub fn check_file(path: &Path) -> Result<Config, ConfigError> {
+    let file = read_file(path)?;
+    build(
+        file,
+        &HashMap::<String, String>::new(),
+        &Overrides::default(),
+    )
+}
+
+/// Loads the configuration the way `ragway serve` does.
+pub fn load(env: &dyn EnvSource, overrides: &Overrides) -> Result<Config, ConfigError> {
+    let file = match &overrides.config_file {
+        Some(p) => read_file(p)?,
+        None => FileConfig::default(),
+    };
+    build(file, env, overrides)
+}
+
+fn parse_bool(name: &str, v: &str) -> Result<bool, ConfigError> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => err(format!("{name}: expected true or false, got {v:?}")),
+    }
+}
+
+fn duration(name: &str, v: &str) -> Result<Duration, ConfigError> {
+    duration::parse_finite(v).map_err(|e| ConfigError(format!("{name}: {e}")))
+}
+
+fn split_list(v: &str) -> Vec<String> {
+    v.split(';')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// Applies the layers in precedence order: file, then env, then flags; then validates.
+pub fn build(
+    file: FileConfig,
+    env: &dyn EnvSource,
+    overrides: &Overrides,
+) -> Result<Config, ConfigError> {
+    let auth_file = file.auth.unwrap_or_default();
+
+    // --- listen: flag > RAGWAY_LISTEN > HOST/PORT > file > default
+    let mut listen = file.listen.unwrap_or_else(|| "127.0.0.1:3000".to_string());
+    if env.get("HOST").is_some() || env.get("PORT").is_some() {
+        let (fh, fp) = listen.rsplit_once(':').unwrap_or(("127.0.0.1", "3000"));
+        let host = env.get("HOST").unwrap_or_else(|| fh.to_string());
+        let port = env.get("PORT").unwrap_or_else(|| fp.to_string());
+        listen = if host.contains(':') && !host.starts_with('[') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        };
+    }
+    if let Some(v) = env.get("RAGWAY_LISTEN") {
+        listen = v;
+    }
+    if let Some(v) = &overrides.listen {
+        listen = v.clone();
+    }
+    if listen.parse::<std::net::SocketAddr>().is_err() {
+        return err(format!(
+            "listen: {listen:?} is not an address like 127.0.0.1:3000"
+        ));
+    }
+
+    let mut metrics_listen = file
+        .metrics_listen
+        .unwrap_or_else(|| "127.0.0.1:9091".to_string());
+    // An explicitly empty RAGWAY_METRICS_LISTEN disables the listener, so read it raw.
+    if let Some(v) = env.get_raw("RAGWAY_METRICS_LISTEN") {
+        metrics_listen = v;
+    }
+    if let Some(v) = &overrides.metrics_listen {
+        metrics_listen = v.clone();
+    }
+    let metrics_listen = if metrics_listen.trim().is_empty() {
+        None
+    } else {
+        if metrics_listen.parse::<std::net::SocketAddr>().is_err() {
+            return err(format!(
+                "metrics-listen: {metrics_listen:?} is not an address"
+            ));
+        }
+        Some(metrics_listen)
+    };
+
+    let mut data_dir = PathBuf::from(file.data_dir.unwrap_or_else(|| "./data".to_string()));
+    if let Some(v) = env.get("DATA_DIR") {
+        data_dir = PathBuf::from(v);
+    }
+    if let Some(v) = &overrides.data_dir {
+        data_dir = v.clone();
+    }
+
+    let mut env_name = file.env.unwrap_or_else(|| "prod".to_string());
+    if let Some(v) = env.get("ENV") {
+        env_name = v;
+    }
+    let dev = match env_name.as_str() {
+        "dev" => true,
+        "prod" | "production" => false,
+        other => return err(format!("env: expected \"dev\" or \"prod\", got {other:?}")),
+    };
+
+    let threads = file.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+    });
+    if threads == 0 {
+        return err("threads: must be at least 1");
+    }
+    let max_body_mb = file.max_body_mb.unwrap_or(32);
+    if max_body_mb == 0 {
+        return err("max-body-mb: must be at least 1");
+    }
+    let shutdown_grace = match &file.shutdown_grace {
+        Some(v) => duration("shutdown-grace", v)?,
+        None => Duration::from_secs(10),
+    };
+
+    // --- auth
+    let mut secret_key = auth_file.secret_key;
+    if let Some(v) = env
+        .get("WEBUI_SECRET_KEY")
+        .or_else(|| env.get("WEBUI_JWT_SECRET_KEY"))
+    {
+        secret_key = Some(v);
+    }
+    let mut jwt = auth_file.jwt_expires_in.unwrap_or_else(|| "4w".to_string());
+    if let Some(v) = env.get("JWT_EXPIRES_IN") {
+        jwt = v;
+    }
+    let jwt_expires_in =
+        duration::parse(&jwt).map_err(|e| ConfigError(format!("jwt-expires-in: {e}")))?;
+    let mut enable_signup = auth_file.enable_signup.unwrap_or(true);
+    if let Some(v) = env.get("ENABLE_SIGNUP") {
+        enable_signup = parse_bool("ENABLE_SIGNUP", &v)?;
+    }
+    let mut role = auth_file
+        .default_user_role
+        .unwrap_or_else(|| "pending".to_string());
+    if let Some(v) = env.get("DEFAULT_USER_ROLE") {
+        role = v;
+    }
+    let default_user_role = Role::parse(&role).ok_or_else(|| {
+        ConfigError(format!(
+            "default-user-role: {role:?} is not admin, user or pending"
+        ))
+    })?;
+    let mut enable_api_keys = auth_file.enable_api_keys.unwrap_or(true);
+    if let Some(v) = env.get("ENABLE_API_KEYS") {
+        enable_api_keys = parse_bool("ENABLE_API_KEYS", &v)?;
+    }
+    let mut api_key_header = auth_file
+        .api_key_header
+        .unwrap_or_else(|| "x-api-key".to_string());
+    if let Some(v) = env.get("CUSTOM_API_KEY_HEADER") {
+        api_key_header = v;
+    }
+    let api_key_header = api_key_header.trim().to_ascii_lowercase();
+    if http::HeaderName::from_bytes(api_key_header.as_bytes()).is_err() {
+        return err(format!(
+            "api-key-header: {api_key_header:?} is not a valid header name"
+        ));
+    }
+    let admin_email = env.get("WEBUI_ADMIN_EMAIL").or(auth_file.admin_email);
+    let admin_password = env.get("WEBUI_ADMIN_PASSWORD").or(auth_file.admin_password);
+    let admin_name = env
+        .get("WEBUI_ADMIN_NAME")
+        .or(auth_file.admin_name)
+        .unwrap_or_else(|| "Admin".to_string());
+    let admin = match (admin_email, admin_password) {
+        (Some(e), Some(p)) => Some((e.trim().to_lowercase(), p, admin_name)),
+        (None, None) => None,
+        _ => {
+            return err(
+                "admin-email and admin-password (WEBUI_ADMIN_EMAIL/WEBUI_ADMIN_PASSWORD) must be set together",
+            );
+        }
+    };
+    let signin_attempts = auth_file.signin_attempts.unwrap_or(15);
+    let signin_window = match &auth_file.signin_window {
+        Some(v) => duration("signin-window", v)?,
+        None => Duration::from_secs(180),
+    };
+    let model_access = auth_file
+        .model_access
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (k.trim().to_lowercase(), v))
+        .collect();
+
+    // --- upstreams
+    let ollama = upstreams(
+        UpstreamKind::Ollama,
+        file.ollama.unwrap_or_default(),
+        env,
+        &overrides.ollama_urls,
+    )?;
+    let openai = upstreams(
+        UpstreamKind::OpenAi,
+        file.openai.unwrap_or_default(),
+        env,
+        &overrides.openai_urls,
+    )?;
+
+    // --- models and timeouts
+    let models_file = file.models.unwrap_or_default();
+    let models_cache_ttl = duration(
+        "models.cache-ttl",
+        models_file.cache_ttl.as_deref().unwrap_or("10s"),
+    )?;
+    let models_list_timeout = duration(
+        "models.list-timeout",
+        models_file.list_timeout.as_deref().unwrap_or("2s"),
+    )?;
+    let t = file.timeouts.unwrap_or_default();
+    let connect_timeout = duration("timeouts.connect", t.connect.as_deref().unwrap_or("5s"))?;
+    let mut read_idle = t.read_idle.unwrap_or_else(|| "300s".to_string());
+    if let Some(v) = env.get("AIOHTTP_CLIENT_TIMEOUT") {
+        read_idle = v;
+    }
+    let read_idle_timeout = duration("timeouts.read-idle (AIOHTTP_CLIENT_TIMEOUT)", &read_idle)?;
+
+    Ok(Config {
+        listen,
+        metrics_listen,
+        data_dir,
+        dev,
+        threads,
+        max_body_bytes: (max_body_mb * 1024 * 1024) as usize,
+        shutdown_grace,
+        auth: AuthConfig {
+            secret_key,
+            jwt_expires_in,
+            enable_signup,
+            default_user_role,
+            enable_api_keys,
+            api_key_header,
+            admin,
+            signin_attempts,
+            signin_window,
+            model_access,
+        },
+        ollama,
+        openai,
+        models_cache_ttl,
+        models_list_timeout,
+        connect_timeout,
+        read_idle_timeout,
+    })
+}
+
+/// Merges one upstream family: file entries, then Open WebUI's env vars (URLs, keys, and
+/// the per-index JSON config), then `--*-url` flags. Env and flag URL lists replace the
+/// URLs index by index and keep the file's other settings for the same index.
+fn upstreams(
+    kind: UpstreamKind,
+    mut entries: Vec<UpstreamFile>,
+    env: &dyn EnvSource,
+    flag_urls: &[String],
+) -> Result<Vec<UpstreamConfig>, ConfigError> {
+    let (urls_var, url_var, configs_var, label) = match kind {
+        UpstreamKind::Ollama => (
+            "OLLAMA_BASE_URLS",
+            "OLLAMA_BASE_URL",
+            "OLLAMA_API_CONFIGS",
+            "ollama",
+        ),
+        UpstreamKind::OpenAi => (
+            "OPENAI_API_BASE_URLS",
+            "OPENAI_API_BASE_URL",
+            "OPENAI_API_CONFIGS",
+            "openai",
+        ),
+    };
+    let replace_urls = |entries: &mut Vec<UpstreamFile>, urls: Vec<String>| {
+        entries.resize_with(urls.len(), UpstreamFile::default);
+        for (e, u) in entries.iter_mut().zip(urls) {
+            e.url = Some(u);
+        }
+    };
+    if let Some(v) = env.get(urls_var).or_else(|| env.get(url_var)) {
+        replace_urls(&mut entries, split_list(&v));
+    }
+    if kind == UpstreamKind::OpenAi
+        && let Some(v) = env
+            .get("OPENAI_API_KEYS")
+            .or_else(|| env.get("OPENAI_API_KEY"))
+    {
+        for (e, k) in entries.iter_mut().zip(v.split(';')) {
+            if !k.trim().is_empty() {
+                e.key = Some(k.trim().to_string());
+            }
+        }
+    }
+    if let Some(v) = env.get(configs_var) {
+        let map: BTreeMap<String, OwuiApiConfig> = serde_json::from_str(&v)
+            .map_err(|e| ConfigError(format!("{configs_var}: invalid JSON: {e}")))?;
+        for (idx, c) in map {
+            let i: usize = idx
+                .parse()
+                .map_err(|_| ConfigError(format!("{configs_var}: key {idx:?} is not an index")))?;
+            let Some(e) = entries.get_mut(i) else {
+                return err(format!("{configs_var}: index {i} has no {label} URL"));
+            };
+            e.enable = c.enable.or(e.enable);
+            e.key = c.key.filter(|k| !k.is_empty()).or(e.key.take());
+            e.prefix_id = c.prefix_id.filter(|p| !p.is_empty()).or(e.prefix_id.take());
+            e.model_ids = c.model_ids.or(e.model_ids.take());
+            e.connection_type = c.connection_type.or(e.connection_type.take());
+            if let Some(tags) = c.tags {
+                e.tags = Some(
+                    tags.into_iter()
+                        .filter_map(|t| match t {
+                            serde_json::Value::String(s) => Some(s),
+                            serde_json::Value::Object(o) => {
+                                o.get("name").and_then(|n| n.as_str()).map(String::from)
+                            }
+                            _ => None,
+                        })
+                        .collect(),
+                );
+            }
+        }
+    }
+    if !flag_urls.is_empty() {
+        replace_urls(&mut entries, flag_urls.to_vec());
+    }
+    // With nothing configured at all, ragway fronts a local Ollama, like Open WebUI.
+    if entries.is_empty() && kind == UpstreamKind::Ollama {
+        entries.push(UpstreamFile {
+            url: Some("http://127.0.0.1:11434".into()),
+            ..UpstreamFile::default()
+        });
+    }
+    let mut out = Vec::new();
+    for (i, e) in entries.into_iter().enumerate() {
+        if e.enable == Some(false) {
+            continue;
+        }
+        let Some(url) = e.url else {
+            return err(format!("{label}[{i}]: url is required"));
+        };
+        let url = url.trim().trim_end_matches('/').to_string();
+        let uri: http::Uri = url
+            .parse()
+            .map_err(|_| ConfigError(format!("{label}[{i}]: {url:?} is not a URL")))?;
+        match uri.scheme_str() {
+            Some("http") | Some("https") => {}
+            _ => {
+                return err(format!(
+                    "{label}[{i}]: {url:?} must start with http:// or https://"
+                ));
+            }
+        }
+        if uri.host().is_none() {
+            return err(format!("{label}[{i}]: {url:?} has no host"));
+        }
+        let default_type = match kind {
+            UpstreamKind::Ollama => "local",
+            UpstreamKind::OpenAi => "external",
+        };
+        out.push(UpstreamConfig {
+            kind,
+            url,
+            key: e.key.filter(|k| !k.is_empty()),
+            prefix_id: e.prefix_id.filter(|p| !p.is_empty()),
+            model_ids: e.model_ids.unwrap_or_default(),
+            tags: e.tags.unwrap_or_default(),
+            connection_type: e
+                .connection_type
+                .unwrap_or_else(|| default_type.to_string()),
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn file(text: &str) -> FileConfig {
+        toml::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn defaults_front_a_local_ollama() {
+        let c = build(FileConfig::default(), &env(&[]), &Overrides::default()).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:3000");
+        assert_eq!(c.metrics_listen.as_deref(), Some("127.0.0.1:9091"));
+        assert_eq!(c.data_dir, PathBuf::from("./data"));
+        assert_eq!(c.ollama.len(), 1);
+        assert_eq!(c.ollama[0].url, "http://127.0.0.1:11434");
+        assert!(c.openai.is_empty());
+        assert!(c.auth.enable_api_keys);
+        assert_eq!(c.auth.default_user_role, Role::Pending);
+        assert!(!c.dev);
+    }
+
+    #[test]
+    fn precedence_is_flag_over_env_over_file() {
+        let f = || file("listen = \"127.0.0.1:1111\"\n[auth]\nenable-signup = false\n");
+        let c = build(f(), &env(&[]), &Overrides::default()).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:1111");
+        assert!(!c.auth.enable_signup);
+
+        let e = env(&[
+            ("RAGWAY_LISTEN", "127.0.0.1:2222"),
+            ("ENABLE_SIGNUP", "true"),
+        ]);
+        let c = build(f(), &e, &Overrides::default()).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:2222");
+        assert!(c.auth.enable_signup);
+
+        let o = Overrides {
+            listen: Some("127.0.0.1:3333".into()),
+            ..Overrides::default()
+        };
+        let c = build(f(), &e, &o).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:3333");
+    }
+
+    #[test]
+    fn host_and_port_like_open_webui() {
+        let c = build(
+            FileConfig::default(),
+            &env(&[("HOST", "0.0.0.0"), ("PORT", "8080")]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.listen, "0.0.0.0:8080");
+    }
+
+    #[test]
+    fn open_webui_upstream_variables() {
+        let e = env(&[
+            ("OLLAMA_BASE_URLS", "http://a:11434;http://b:11434/"),
+            (
+                "OLLAMA_API_CONFIGS",
+                r#"{"1":{"prefix_id":"b","model_ids":["x"]}}"#,
+            ),
+            ("OPENAI_API_BASE_URLS", "https://api.example.com/v1"),
+            ("OPENAI_API_KEYS", "sk-upstream"),
+        ]);
+        let c = build(FileConfig::default(), &e, &Overrides::default()).unwrap();
+        assert_eq!(c.ollama.len(), 2);
+        assert_eq!(c.ollama[1].url, "http://b:11434");
+        assert_eq!(c.ollama[1].prefix_id.as_deref(), Some("b"));
+        assert_eq!(c.ollama[1].model_ids, vec!["x".to_string()]);
+        assert_eq!(c.openai[0].key.as_deref(), Some("sk-upstream"));
+        assert_eq!(c.openai[0].connection_type, "external");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let bad = |f: &str, e: &[(&str, &str)]| {
+            build(file(f), &env(e), &Overrides::default())
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(bad("", &[("ENABLE_SIGNUP", "maybe")]).contains("ENABLE_SIGNUP"));
+        assert!(bad("listen = \"nope\"", &[]).contains("listen"));
+        assert!(bad("[[ollama]]\nurl = \"ftp://x\"", &[]).contains("ollama[0]"));
+        assert!(bad("[timeouts]\nconnect = \"5 parsecs\"", &[]).contains("timeouts.connect"));
+        assert!(bad("", &[("DEFAULT_USER_ROLE", "god")]).contains("default-user-role"));
+        assert!(toml::from_str::<FileConfig>("lisen = \"x\"").is_err());
+    }
+}

@@ -1,0 +1,102 @@
+//! Route handlers. Each takes the matched route and returns an [`Outcome`]; none writes
+//! to the session except to read the request body.
+
+pub(crate) mod auths;
+/// Request bodies, shared with the OpenAPI document.
+pub mod forms {
+    pub use super::auths::{AddUserForm, ApiKeyForm, SigninForm, SignupForm};
+}
+mod chat;
+mod models;
+mod ollama;
+mod system;
+
+use pingora::proxy::Session;
+
+use crate::app::App;
+use crate::error::ApiError;
+use crate::http::Reply;
+use crate::http::router::{Endpoint, RouteSpec};
+use crate::proxy::ctx::{ProxyTarget, RequestCtx};
+use crate::proxy::forward::Plan;
+
+/// What the gateway should do with a request.
+pub enum Outcome {
+    /// Answer locally.
+    Reply(Reply),
+    /// Forward an already-read body through the forward engine.
+    Forward(Plan),
+    /// Let pingora's proxy phases stream the request through.
+    Proxy(ProxyTarget),
+}
+
+/// The matched route of a request.
+pub struct Req {
+    pub route: &'static RouteSpec,
+    pub url_idx: Option<usize>,
+    /// Sub-path under a prefix route (`/docs/...`).
+    pub tail: String,
+}
+
+pub type HandlerResult = Result<Outcome, ApiError>;
+
+/// Dispatches on the endpoint.
+pub async fn handle(
+    app: &App,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    req: &Req,
+) -> HandlerResult {
+    use Endpoint::*;
+    match req.route.endpoint {
+        Health => system::health(),
+        HealthDb => system::health_db(app),
+        Ready => system::ready(app).await,
+        Version => system::version(),
+        Docs => system::docs(app, &req.tail),
+        OpenApi => system::openapi(app),
+        Signup => auths::signup(app, session).await,
+        Signin => auths::signin(app, session).await,
+        SessionUser => auths::session_user(app, session, ctx),
+        Signout => auths::signout(app, ctx),
+        AddUser => auths::add_user(app, session).await,
+        CreateApiKey => auths::create_api_key(app, session, ctx).await,
+        GetApiKey => auths::get_api_key(app, ctx),
+        DeleteApiKey => auths::delete_api_key(app, ctx),
+        Models => models::list(app, session, ctx).await,
+        ChatCompletions => chat::completions(app, session, ctx).await,
+        OllamaStatus => Ok(Outcome::Reply(Reply::ok(
+            &serde_json::json!({"status": true}),
+        ))),
+        OllamaTags => ollama::tags(app, ctx, req).await,
+        OllamaPs => ollama::ps(app).await,
+        OllamaVersion => ollama::version(app, req).await,
+        OllamaUnload => ollama::unload(app, session, ctx).await,
+        OllamaPull | OllamaCreate => ollama::admin_stream(app, session, req),
+        OllamaPush | OllamaCopy | OllamaDelete => {
+            ollama::admin_model_op(app, session, ctx, req).await
+        }
+        OllamaV1Models => ollama::v1_models(app, ctx, req).await,
+        OllamaShow
+        | OllamaEmbed
+        | OllamaEmbeddings
+        | OllamaGenerate
+        | OllamaChat
+        | OllamaV1Completions
+        | OllamaV1ChatCompletions
+        | OllamaV1Messages
+        | OllamaV1Responses => ollama::model_route(app, session, ctx, req).await,
+    }
+}
+
+/// The identity of an authenticated route (the router guarantees one is present).
+fn identity(ctx: &RequestCtx) -> Result<&crate::auth::Identity, ApiError> {
+    ctx.identity
+        .as_ref()
+        .ok_or_else(|| ApiError::unauthorized(crate::error::msg::NOT_AUTHENTICATED))
+}
+
+/// Request path's query string.
+fn query(session: &Session) -> Option<String> {
+    session.req_header().uri.query().map(String::from)
+}

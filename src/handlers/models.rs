@@ -1,0 +1,22 @@
+//! `GET /api/models`.
+
+use pingora::proxy::Session;
+use serde_json::{Value, json};
+
+use super::{HandlerResult, Outcome, identity, query};
+use crate::app::App;
+use crate::http::{self, Reply};
+use crate::proxy::ctx::RequestCtx;
+
+pub async fn list(app: &App, session: &Session, ctx: &RequestCtx) -> HandlerResult {
+    let refresh = http::query_bool(query(session).as_deref(), "refresh")?.unwrap_or(false);
+    let id = identity(ctx)?;
+    let catalog = app.models.catalog(refresh).await;
+    let data: Vec<&Value> = catalog
+        .list
+        .iter()
+        .filter(|m| id.may_use_model(&m.id))
+        .map(|m| &m.json)
+        .collect();
+    Ok(Outcome::Reply(Reply::ok(&json!({ "data": data }))))
+}

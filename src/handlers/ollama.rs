@@ -1,0 +1,375 @@
+//! `/ollama/*`: Open WebUI's Ollama proxy.
+//!
+//! Model routes read the body to find the model, check access, pick a hosting upstream and
+//! forward; list routes are merged locally from the model catalog; admin routes that carry
+//! no model (pull, create) stream straight through pingora's proxy path.
+
+use std::cmp::Ordering;
+use std::sync::Arc;
+
+use pingora::proxy::Session;
+use serde_json::{Map, Value, json};
+
+use super::{HandlerResult, Outcome, Req, identity, query};
+use crate::app::App;
+use crate::config::UpstreamKind;
+use crate::error::{ApiError, msg};
+use crate::http::router::Endpoint;
+use crate::http::{self, Reply};
+use crate::models::ModelEntry;
+use crate::proxy::ctx::{ProxyTarget, RequestCtx};
+use crate::proxy::forward::Plan;
+use crate::store::Role;
+use crate::upstream::Upstream;
+
+/// Upstream path for a route (the `/ollama` prefix removed).
+fn upstream_path(endpoint: Endpoint) -> &'static str {
+    match endpoint {
+        Endpoint::OllamaShow => "/api/show",
+        Endpoint::OllamaEmbed => "/api/embed",
+        Endpoint::OllamaEmbeddings => "/api/embeddings",
+        Endpoint::OllamaGenerate => "/api/generate",
+        Endpoint::OllamaChat => "/api/chat",
+        Endpoint::OllamaV1Completions => "/v1/completions",
+        Endpoint::OllamaV1ChatCompletions => "/v1/chat/completions",
+        Endpoint::OllamaV1Messages => "/v1/messages",
+        Endpoint::OllamaV1Responses => "/v1/responses",
+        Endpoint::OllamaPull => "/api/pull",
+        Endpoint::OllamaCreate => "/api/create",
+        Endpoint::OllamaPush => "/api/push",
+        Endpoint::OllamaCopy => "/api/copy",
+        Endpoint::OllamaDelete => "/api/delete",
+        Endpoint::OllamaTags => "/api/tags",
+        Endpoint::OllamaVersion => "/api/version",
+        _ => "/",
+    }
+}
+
+fn with_query(path: &str, session: &Session) -> String {
+    match query(session) {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_string(),
+    }
+}
+
+fn upstream_at(app: &App, idx: usize) -> Result<Arc<Upstream>, ApiError> {
+    app.upstreams
+        .ollama
+        .get(idx)
+        .cloned()
+        .ok_or_else(|| ApiError::bad_request(format!("No Ollama connection with index {idx}")))
+}
+
+fn not_found_model(name: &str) -> ApiError {
+    ApiError::bad_request(format!("Model '{name}' was not found"))
+}
+
+/// Reads a JSON object body.
+async fn object_body(
+    app: &App,
+    session: &mut Session,
+) -> Result<(bytes::Bytes, Map<String, Value>), ApiError> {
+    let raw = http::read_body(session, app.config.max_body_bytes).await?;
+    let obj: Map<String, Value> = http::parse_json(&raw)?;
+    Ok((raw, obj))
+}
+
+/// Finds an Ollama-owned model by its public id.
+async fn ollama_model(app: &App, name: &str) -> Option<Arc<ModelEntry>> {
+    app.models
+        .resolve(name)
+        .await
+        .filter(|m| m.kind == UpstreamKind::Ollama)
+}
+
+/// Replaces the model field when the public id carries a `prefix_id`; otherwise the client's
+/// bytes are kept as they came.
+fn rewrite_model(
+    raw: bytes::Bytes,
+    mut obj: Map<String, Value>,
+    field: &str,
+    entry: &ModelEntry,
+) -> bytes::Bytes {
+    if entry.upstream_id == entry.id {
+        return raw;
+    }
+    obj.insert(field.to_string(), Value::String(entry.upstream_id.clone()));
+    bytes::Bytes::from(serde_json::to_vec(&obj).expect("json"))
+}
+
+/// Chat, generate, embed, show and the `/v1/*` routes.
+pub async fn model_route(
+    app: &App,
+    session: &mut Session,
+    ctx: &RequestCtx,
+    req: &Req,
+) -> HandlerResult {
+    let (raw, obj) = object_body(app, session).await?;
+    let name = match obj.get("model").or_else(|| obj.get("name")) {
+        Some(Value::String(m)) if !m.is_empty() => m.clone(),
+        Some(Value::String(_)) | None => return Err(ApiError::bad_request("model is required")),
+        Some(_) => return Err(ApiError::new(422, "model must be a string")),
+    };
+    let id = identity(ctx)?;
+    if !id.may_use_model(&name) {
+        return Err(ApiError::forbidden(msg::MODEL_NOT_FOUND));
+    }
+    let entry = ollama_model(app, &name)
+        .await
+        .ok_or_else(|| not_found_model(&name))?;
+    let candidates = match req.url_idx {
+        Some(i) => {
+            if id.user.role != Role::Admin && !entry.urls.contains(&i) {
+                return Err(ApiError::forbidden(format!(
+                    "Model '{name}' is not hosted by Ollama connection {i}"
+                )));
+            }
+            vec![upstream_at(app, i)?]
+        }
+        None => app.upstreams.rank(UpstreamKind::Ollama, &entry.urls),
+    };
+    let field = if obj.contains_key("model") {
+        "model"
+    } else {
+        "name"
+    };
+    let body = rewrite_model(raw, obj, field, &entry);
+    Ok(Outcome::Forward(Plan {
+        candidates,
+        method: ::http::Method::POST,
+        path: with_query(upstream_path(req.route.endpoint), session),
+        body,
+        replace_success_body: None,
+    }))
+}
+
+/// Pull and create: no model to resolve, so the request streams through pingora's proxy
+/// path to connection `url_idx` (default 0, as Open WebUI).
+pub fn admin_stream(app: &App, session: &Session, req: &Req) -> HandlerResult {
+    let up = upstream_at(app, req.url_idx.unwrap_or(0))?;
+    Ok(Outcome::Proxy(ProxyTarget {
+        path: with_query(upstream_path(req.route.endpoint), session),
+        _in_flight: up.begin(),
+        upstream: up,
+    }))
+}
+
+/// Push (Open WebUI exposes it as DELETE; Ollama takes POST), copy and delete: the target is
+/// `url_idx` or the first upstream hosting the named model.
+pub async fn admin_model_op(
+    app: &App,
+    session: &mut Session,
+    _ctx: &RequestCtx,
+    req: &Req,
+) -> HandlerResult {
+    let (raw, obj) = object_body(app, session).await?;
+    let endpoint = req.route.endpoint;
+    let field = match endpoint {
+        Endpoint::OllamaCopy => "source",
+        _ if obj.contains_key("model") => "model",
+        _ => "name",
+    };
+    let name = obj
+        .get(field)
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| ApiError::bad_request(format!("{field} is required")))?
+        .to_string();
+    let (up, body) = match req.url_idx {
+        Some(i) => (upstream_at(app, i)?, raw),
+        None => {
+            let entry = ollama_model(app, &name)
+                .await
+                .ok_or_else(|| not_found_model(&name))?;
+            let up = upstream_at(app, entry.urls[0])?;
+            (up, rewrite_model(raw, obj, field, &entry))
+        }
+    };
+    let (method, replace) = match endpoint {
+        Endpoint::OllamaPush => (::http::Method::POST, None),
+        Endpoint::OllamaCopy => (::http::Method::POST, Some("true")),
+        _ => (::http::Method::DELETE, Some("true")),
+    };
+    Ok(Outcome::Forward(Plan {
+        candidates: vec![up],
+        method,
+        path: upstream_path(endpoint).to_string(),
+        body,
+        replace_success_body: replace,
+    }))
+}
+
+/// Merged `/api/tags`, or one connection's models with `/{url_idx}`.
+pub async fn tags(app: &App, ctx: &RequestCtx, req: &Req) -> HandlerResult {
+    let id = identity(ctx)?;
+    if let Some(i) = req.url_idx {
+        upstream_at(app, i)?;
+    }
+    let catalog = app.models.catalog(false).await;
+    let models: Vec<&Value> = catalog
+        .ollama_tags
+        .iter()
+        .filter(|t| {
+            req.url_idx.is_none_or(|i| {
+                t["urls"]
+                    .as_array()
+                    .is_some_and(|u| u.iter().any(|x| x.as_u64() == Some(i as u64)))
+            })
+        })
+        .filter(|t| t["model"].as_str().is_some_and(|m| id.may_use_model(m)))
+        .collect();
+    Ok(Outcome::Reply(Reply::ok(&json!({ "models": models }))))
+}
+
+/// Ollama's models as an OpenAI list.
+pub async fn v1_models(app: &App, ctx: &RequestCtx, req: &Req) -> HandlerResult {
+    let id = identity(ctx)?;
+    let created = crate::store::now_secs();
+    let catalog = app.models.catalog(false).await;
+    let data: Vec<Value> = catalog
+        .list
+        .iter()
+        .filter(|m| m.kind == UpstreamKind::Ollama && id.may_use_model(&m.id))
+        .filter(|m| req.url_idx.is_none_or(|i| m.urls.contains(&i)))
+        .map(|m| json!({"id": m.id, "object": "model", "created": created, "owned_by": "openai"}))
+        .collect();
+    Ok(Outcome::Reply(Reply::ok(
+        &json!({"data": data, "object": "list"}),
+    )))
+}
+
+/// GETs one JSON document from each Ollama upstream concurrently (bounded like the model
+/// list), keeping the upstream index with each answer.
+async fn fan_out(app: &App, path: &str) -> Vec<(usize, Value)> {
+    let bound = app.config.models_list_timeout;
+    let calls = app.upstreams.ollama.iter().map(|up| {
+        let mut r = app.http.get(up.url(path)).timeout(bound);
+        if let Some(k) = &up.config.key {
+            r = r.bearer_auth(k);
+        }
+        let idx = up.idx;
+        async move {
+            let resp = r.send().await.ok()?;
+            if !resp.status().is_success() {
+                return None;
+            }
+            Some((idx, resp.json::<Value>().await.ok()?))
+        }
+    });
+    futures_util::future::join_all(calls)
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+/// Merged `/api/ps`.
+pub async fn ps(app: &App) -> HandlerResult {
+    let mut merged: Vec<Value> = Vec::new();
+    for (idx, v) in fan_out(app, "/api/ps").await {
+        let prefix = &app.upstreams.ollama[idx].config.prefix_id;
+        for m in v["models"].as_array().into_iter().flatten() {
+            let mut m = m.clone();
+            if let (Some(p), Some(name)) = (prefix, m["model"].as_str()) {
+                m["model"] = json!(format!("{p}.{name}"));
+            }
+            match merged.iter_mut().find(|e| e["model"] == m["model"]) {
+                Some(e) => {
+                    if let Some(urls) = e["urls"].as_array_mut() {
+                        urls.push(json!(idx));
+                    }
+                }
+                None => {
+                    m["urls"] = json!([idx]);
+                    merged.push(m);
+                }
+            }
+        }
+    }
+    Ok(Outcome::Reply(Reply::ok(&json!({ "models": merged }))))
+}
+
+fn version_cmp(a: &str, b: &str) -> Ordering {
+    let parse = |s: &str| -> Vec<u64> {
+        s.trim_start_matches('v')
+            .split(['.', '-'])
+            .map(|p| p.parse().unwrap_or(0))
+            .collect()
+    };
+    parse(a).cmp(&parse(b))
+}
+
+/// Lowest version across upstreams, or one upstream's with `/{url_idx}`.
+pub async fn version(app: &App, req: &Req) -> HandlerResult {
+    if let Some(i) = req.url_idx {
+        let up = upstream_at(app, i)?;
+        return Ok(Outcome::Proxy(ProxyTarget {
+            path: "/api/version".to_string(),
+            _in_flight: up.begin(),
+            upstream: up,
+        }));
+    }
+    let lowest = fan_out(app, "/api/version")
+        .await
+        .into_iter()
+        .filter_map(|(_, v)| v["version"].as_str().map(String::from))
+        .min_by(|a, b| version_cmp(a, b));
+    match lowest {
+        Some(v) => Ok(Outcome::Reply(Reply::ok(&json!({ "version": v })))),
+        None => Err(ApiError::internal(
+            "Ollama: no upstream answered /api/version",
+        )),
+    }
+}
+
+/// Unloads a model on every upstream hosting it (`keep_alive: 0`).
+pub async fn unload(app: &App, session: &mut Session, _ctx: &RequestCtx) -> HandlerResult {
+    let (_, obj) = object_body(app, session).await?;
+    let name = obj
+        .get("model")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| ApiError::bad_request("model is required"))?
+        .to_string();
+    let entry = ollama_model(app, &name)
+        .await
+        .ok_or_else(|| not_found_model(&name))?;
+    for idx in &entry.urls {
+        let up = upstream_at(app, *idx)?;
+        let mut r = app
+            .http
+            .post(up.url("/api/generate"))
+            .json(&json!({"model": entry.upstream_id, "keep_alive": 0, "prompt": "", "stream": false}))
+            .timeout(app.config.read_idle_timeout);
+        if let Some(k) = &up.config.key {
+            r = r.bearer_auth(k);
+        }
+        let resp = r
+            .send()
+            .await
+            .map_err(|e| ApiError::new(502, format!("Ollama: {e}")))?;
+        if !resp.status().is_success() {
+            let status = resp.status().as_u16();
+            let detail = resp
+                .json::<Value>()
+                .await
+                .ok()
+                .and_then(|v| v["error"].as_str().map(String::from))
+                .unwrap_or_else(|| "unload failed".into());
+            return Err(ApiError::new(status, detail));
+        }
+    }
+    Ok(Outcome::Reply(Reply::ok(&json!({"status": true}))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_compare_numerically() {
+        assert_eq!(version_cmp("0.5.10", "0.5.9"), Ordering::Greater);
+        assert_eq!(version_cmp("v0.6.0", "0.5.1"), Ordering::Greater);
+        assert_eq!(version_cmp("0.5.1", "0.5.1"), Ordering::Equal);
+    }
+}

@@ -1,0 +1,78 @@
+//! Health, readiness, version and (in dev mode) the API docs.
+
+use bytes::Bytes;
+use serde_json::json;
+
+use super::{HandlerResult, Outcome};
+use crate::app::App;
+use crate::error::ApiError;
+use crate::http::Reply;
+
+/// The Open WebUI API version ragway implements.
+pub const OPEN_WEBUI_VERSION: &str = "0.10.2";
+
+pub fn health() -> HandlerResult {
+    Ok(Outcome::Reply(Reply::ok(&json!({"status": true}))))
+}
+
+pub fn health_db(app: &App) -> HandlerResult {
+    if app.store.ping() {
+        Ok(Outcome::Reply(Reply::ok(&json!({"status": true}))))
+    } else {
+        Err(ApiError::new(503, "Database not ready"))
+    }
+}
+
+pub async fn ready(app: &App) -> HandlerResult {
+    if !app.store.ping() {
+        return Err(ApiError::new(503, "Database not ready"));
+    }
+    app.models.catalog(false).await;
+    if !app.upstreams.all().any(|u| u.is_up()) {
+        return Err(ApiError::new(503, "No upstream reachable"));
+    }
+    Ok(Outcome::Reply(Reply::ok(&json!({"status": true}))))
+}
+
+pub fn version() -> HandlerResult {
+    Ok(Outcome::Reply(Reply::ok(&json!({
+        "version": OPEN_WEBUI_VERSION,
+        "deployment_id": "",
+        "ragway": env!("CARGO_PKG_VERSION"),
+    }))))
+}
+
+pub fn docs(app: &App, tail: &str) -> HandlerResult {
+    let Some(docs) = &app.docs else {
+        return Err(ApiError::not_found("Not Found"));
+    };
+    match utoipa_swagger_ui::serve(tail, docs.swagger.clone()) {
+        Ok(Some(file)) => {
+            let ct = match file.content_type.as_str() {
+                "text/html" => "text/html; charset=utf-8",
+                "text/css" => "text/css",
+                "application/javascript" | "text/javascript" => "application/javascript",
+                "image/png" => "image/png",
+                _ => "application/octet-stream",
+            };
+            Ok(Outcome::Reply(Reply::bytes(
+                200,
+                ct,
+                Bytes::from(file.bytes.into_owned()),
+            )))
+        }
+        Ok(None) => Err(ApiError::not_found("Not Found")),
+        Err(e) => Err(ApiError::internal(format!("Swagger UI: {e}"))),
+    }
+}
+
+pub fn openapi(app: &App) -> HandlerResult {
+    let Some(docs) = &app.docs else {
+        return Err(ApiError::not_found("Not Found"));
+    };
+    Ok(Outcome::Reply(Reply::bytes(
+        200,
+        "application/json",
+        docs.openapi_json.clone(),
+    )))
+}

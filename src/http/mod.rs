@@ -1,0 +1,194 @@
+//! Writing local answers and reading request bodies on a pingora session.
+
+pub mod router;
+
+use bytes::{Bytes, BytesMut};
+use http::header;
+use pingora::http::ResponseHeader;
+use pingora::proxy::Session;
+use serde::Serialize;
+
+use crate::error::ApiError;
+
+/// A complete local response.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub content_type: &'static str,
+    pub headers: Vec<(header::HeaderName, String)>,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json<T: Serialize + ?Sized>(status: u16, value: &T) -> Reply {
+        Reply {
+            status,
+            content_type: "application/json",
+            headers: Vec::new(),
+            body: Bytes::from(serde_json::to_vec(value).expect("serialisable reply")),
+        }
+    }
+    pub fn ok<T: Serialize + ?Sized>(value: &T) -> Reply {
+        Self::json(200, value)
+    }
+    pub fn bytes(status: u16, content_type: &'static str, body: Bytes) -> Reply {
+        Reply {
+            status,
+            content_type,
+            headers: Vec::new(),
+            body,
+        }
+    }
+    pub fn with_header(mut self, name: header::HeaderName, value: String) -> Reply {
+        self.headers.push((name, value));
+        self
+    }
+}
+
+impl From<ApiError> for Reply {
+    fn from(e: ApiError) -> Reply {
+        Reply::bytes(e.status, "application/json", e.body())
+    }
+}
+
+/// Writes a whole response. HEAD requests get the headers only.
+pub async fn send(session: &mut Session, reply: Reply) -> pingora::Result<()> {
+    let mut resp = ResponseHeader::build(reply.status, Some(4 + reply.headers.len()))?;
+    resp.insert_header(header::CONTENT_TYPE, reply.content_type)?;
+    resp.insert_header(header::CONTENT_LENGTH, reply.body.len().to_string())?;
+    for (name, value) in reply.headers {
+        resp.append_header(name, value)?;
+    }
+    let head = session.req_header().method == http::Method::HEAD;
+    session
+        .write_response_header(Box::new(resp), head || reply.body.is_empty())
+        .await?;
+    if !head && !reply.body.is_empty() {
+        session.write_response_body(Some(reply.body), true).await?;
+    }
+    Ok(())
+}
+
+/// Reads the whole request body, refusing more than `limit` bytes with a 413 before
+/// buffering them (from `Content-Length` when present, while reading otherwise).
+pub async fn read_body(session: &mut Session, limit: usize) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            413,
+            format!(
+                "Request body too large: the limit is {} MiB",
+                limit / (1024 * 1024)
+            ),
+        )
+    };
+    if let Some(len) = session
+        .req_header()
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        && len > limit
+    {
+        return Err(too_large());
+    }
+    let mut buf = BytesMut::new();
+    loop {
+        match session.read_request_body().await {
+            Ok(Some(chunk)) => {
+                if buf.len() + chunk.len() > limit {
+                    return Err(too_large());
+                }
+                buf.extend_from_slice(&chunk);
+            }
+            Ok(None) => break,
+            Err(e) => {
+                return Err(ApiError::bad_request(format!(
+                    "Could not read the request body: {}",
+                    e.etype().as_str()
+                )));
+            }
+        }
+    }
+    Ok(buf.freeze())
+}
+
+/// Parses a JSON body into `T`, with serde's message (field and position) in the 400.
+pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    if body.is_empty() {
+        return Err(ApiError::new(422, "Request body is required (JSON)"));
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        let kind = if e.is_data() { 422 } else { 400 };
+        ApiError::new(kind, format!("Invalid JSON body: {e}"))
+    })
+}
+
+/// Value of a query parameter (first occurrence), percent-decoded.
+pub fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    query?.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (k == name).then(|| percent_decode(v))
+    })
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b == b'+' {
+            out.push(b' ');
+        } else if b == b'%'
+            && let Some(v) = s
+                .get(i + 1..i + 3)
+                .filter(|h| h.bytes().all(|c| c.is_ascii_hexdigit()))
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            out.push(v);
+            i += 2;
+        } else {
+            out.push(b);
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A boolean query flag: `true/1/yes` → true, `false/0/no` → false.
+pub fn query_bool(query: Option<&str>, name: &str) -> Result<Option<bool>, ApiError> {
+    match query_param(query, name).as_deref() {
+        None => Ok(None),
+        Some("true" | "1" | "yes" | "on" | "True") => Ok(Some(true)),
+        Some("false" | "0" | "no" | "off" | "False") => Ok(Some(false)),
+        Some(other) => Err(ApiError::new(
+            422,
+            format!("Query parameter {name}: expected a boolean, got {other:?}"),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_parsing() {
+        assert_eq!(
+            query_param(Some("a=1&refresh=true"), "refresh").as_deref(),
+            Some("true")
+        );
+        assert_eq!(
+            query_param(Some("q=a%20b+c"), "q").as_deref(),
+            Some("a b c")
+        );
+        assert_eq!(query_param(Some("q=%zz"), "q").as_deref(), Some("%zz"));
+        assert_eq!(query_param(Some("q=%4"), "q").as_deref(), Some("%4"));
+        assert_eq!(query_param(None, "q"), None);
+        assert_eq!(
+            query_bool(Some("refresh=1"), "refresh").unwrap(),
+            Some(true)
+        );
+        assert!(query_bool(Some("refresh=maybe"), "refresh").is_err());
+    }
+}

@@ -1,0 +1,273 @@
+//! The route table: every HTTP route ragway answers, with its access level.
+//!
+//! The table is the single source for dispatch and for the OpenAPI document, so the docs
+//! cannot miss a route. Matching ignores a trailing slash; routes marked `url_idx` also
+//! match with a `/{url_idx}` suffix selecting one Ollama upstream, as in Open WebUI.
+
+use http::Method;
+
+/// Who may call a route (Open WebUI's dependency levels).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// No credential needed.
+    Public,
+    /// Any signed-in user, `pending` included (`get_current_user`).
+    Session,
+    /// `user` or `admin` (`get_verified_user`).
+    Verified,
+    /// `admin` only.
+    Admin,
+}
+
+/// Route family, used as the `group` label of metrics and as the OpenAPI tag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Group {
+    System,
+    Auth,
+    Models,
+    Chat,
+    Ollama,
+}
+
+impl Group {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Group::System => "system",
+            Group::Auth => "auth",
+            Group::Models => "models",
+            Group::Chat => "chat",
+            Group::Ollama => "ollama",
+        }
+    }
+}
+
+/// What a route does; dispatch matches on this.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Health,
+    HealthDb,
+    Ready,
+    Version,
+    Docs,
+    OpenApi,
+    Signup,
+    Signin,
+    SessionUser,
+    Signout,
+    AddUser,
+    CreateApiKey,
+    GetApiKey,
+    DeleteApiKey,
+    Models,
+    ChatCompletions,
+    OllamaStatus,
+    OllamaTags,
+    OllamaPs,
+    OllamaVersion,
+    OllamaUnload,
+    OllamaPull,
+    OllamaPush,
+    OllamaCreate,
+    OllamaCopy,
+    OllamaDelete,
+    OllamaShow,
+    OllamaEmbed,
+    OllamaEmbeddings,
+    OllamaGenerate,
+    OllamaChat,
+    OllamaV1Completions,
+    OllamaV1ChatCompletions,
+    OllamaV1Messages,
+    OllamaV1Responses,
+    OllamaV1Models,
+}
+
+/// One row of the route table.
+#[derive(Debug)]
+pub struct RouteSpec {
+    pub method: Method,
+    /// Canonical path as documented (Open WebUI's spelling).
+    pub path: &'static str,
+    pub endpoint: Endpoint,
+    pub access: Access,
+    pub group: Group,
+    /// Also matches `path/{url_idx}`.
+    pub url_idx: bool,
+    /// Also matches any sub-path (static files under `/docs/`).
+    pub prefix: bool,
+    pub summary: &'static str,
+}
+
+macro_rules! routes {
+    ($( $m:ident $path:literal => $ep:ident, $acc:ident, $grp:ident, $idx:literal, $pre:literal, $sum:literal; )*) => {
+        /// Every route, in documentation order.
+        pub static ROUTES: &[RouteSpec] = &[$(
+            RouteSpec {
+                method: Method::$m,
+                path: $path,
+                endpoint: Endpoint::$ep,
+                access: Access::$acc,
+                group: Group::$grp,
+                url_idx: $idx,
+                prefix: $pre,
+                summary: $sum,
+            },
+        )*];
+    };
+}
+
+routes! {
+    GET "/health" => Health, Public, System, false, false, "Liveness: always {\"status\":true}";
+    GET "/health/db" => HealthDb, Public, System, false, false, "Database health";
+    GET "/ready" => Ready, Public, System, false, false, "Readiness: store open and an upstream reachable";
+    GET "/api/version" => Version, Public, System, false, false, "Open WebUI API version implemented";
+    GET "/docs" => Docs, Public, System, false, true, "Swagger UI (ENV=dev only)";
+    GET "/openapi.json" => OpenApi, Public, System, false, false, "OpenAPI document (ENV=dev only)";
+    POST "/api/v1/auths/signup" => Signup, Public, Auth, false, false, "Create an account (first user becomes admin)";
+    POST "/api/v1/auths/signin" => Signin, Public, Auth, false, false, "Sign in with email and password";
+    GET "/api/v1/auths/" => SessionUser, Session, Auth, false, false, "The signed-in user";
+    POST "/api/v1/auths/signout" => Signout, Session, Auth, false, false, "Revoke the current token";
+    POST "/api/v1/auths/add" => AddUser, Admin, Auth, false, false, "Create a user (admin)";
+    POST "/api/v1/auths/api_key" => CreateApiKey, Session, Auth, false, false, "Create or replace your API key (shown once)";
+    GET "/api/v1/auths/api_key" => GetApiKey, Session, Auth, false, false, "Your API key's prefix and metadata";
+    DELETE "/api/v1/auths/api_key" => DeleteApiKey, Session, Auth, false, false, "Delete your API key";
+    GET "/api/models" => Models, Verified, Models, false, false, "All models of all upstreams";
+    GET "/api/v1/models" => Models, Verified, Models, false, false, "Alias of /api/models";
+    POST "/api/chat/completions" => ChatCompletions, Verified, Chat, false, false, "OpenAI-compatible chat completion";
+    POST "/api/v1/chat/completions" => ChatCompletions, Verified, Chat, false, false, "Alias of /api/chat/completions";
+    GET "/ollama/" => OllamaStatus, Public, Ollama, false, false, "Ollama proxy status";
+    HEAD "/ollama/" => OllamaStatus, Public, Ollama, false, false, "Ollama proxy status";
+    GET "/ollama/api/tags" => OllamaTags, Verified, Ollama, true, false, "Merged model list (or one upstream's)";
+    GET "/ollama/api/ps" => OllamaPs, Admin, Ollama, false, false, "Merged running models";
+    GET "/ollama/api/version" => OllamaVersion, Public, Ollama, true, false, "Lowest Ollama version across upstreams";
+    POST "/ollama/api/unload" => OllamaUnload, Admin, Ollama, false, false, "Unload a model on every upstream hosting it";
+    POST "/ollama/api/pull" => OllamaPull, Admin, Ollama, true, false, "Pull a model (streamed)";
+    DELETE "/ollama/api/push" => OllamaPush, Admin, Ollama, true, false, "Push a model (streamed)";
+    POST "/ollama/api/create" => OllamaCreate, Admin, Ollama, true, false, "Create a model (streamed)";
+    POST "/ollama/api/copy" => OllamaCopy, Admin, Ollama, true, false, "Copy a model";
+    DELETE "/ollama/api/delete" => OllamaDelete, Admin, Ollama, true, false, "Delete a model";
+    POST "/ollama/api/show" => OllamaShow, Verified, Ollama, false, false, "Show model information";
+    POST "/ollama/api/embed" => OllamaEmbed, Verified, Ollama, true, false, "Embeddings";
+    POST "/ollama/api/embeddings" => OllamaEmbeddings, Verified, Ollama, true, false, "Embeddings (legacy)";
+    POST "/ollama/api/generate" => OllamaGenerate, Verified, Ollama, true, false, "Generate (streamed NDJSON)";
+    POST "/ollama/api/chat" => OllamaChat, Verified, Ollama, true, false, "Chat (streamed NDJSON)";
+    POST "/ollama/v1/completions" => OllamaV1Completions, Verified, Ollama, true, false, "OpenAI-compatible completions";
+    POST "/ollama/v1/chat/completions" => OllamaV1ChatCompletions, Verified, Ollama, true, false, "OpenAI-compatible chat completions";
+    POST "/ollama/v1/messages" => OllamaV1Messages, Verified, Ollama, true, false, "Anthropic-compatible messages";
+    POST "/ollama/v1/responses" => OllamaV1Responses, Verified, Ollama, true, false, "OpenAI Responses API";
+    GET "/ollama/v1/models" => OllamaV1Models, Verified, Ollama, true, false, "Ollama models in OpenAI list format";
+}
+
+/// The result of matching a request line.
+#[derive(Debug)]
+pub enum Match {
+    Found {
+        route: &'static RouteSpec,
+        /// The `/{url_idx}` suffix, when given.
+        url_idx: Option<usize>,
+        /// The rest of the path under a `prefix` route.
+        tail: String,
+    },
+    /// The path exists with other methods.
+    MethodNotAllowed(Vec<&'static str>),
+    NotFound,
+}
+
+fn trim(p: &str) -> &str {
+    if p.len() > 1 {
+        p.trim_end_matches('/')
+    } else {
+        p
+    }
+}
+
+/// Finds the route for `method` and `path` (without query).
+pub fn find(method: &Method, path: &str) -> Match {
+    let path = trim(path);
+    let mut allowed: Vec<&'static str> = Vec::new();
+    for route in ROUTES {
+        let base = trim(route.path);
+        let (hit, url_idx, tail) = if path == base {
+            (true, None, String::new())
+        } else if let Some(rest) = path.strip_prefix(base).and_then(|r| r.strip_prefix('/')) {
+            if route.url_idx {
+                match rest.parse::<usize>() {
+                    Ok(i) if !rest.contains('/') => (true, Some(i), String::new()),
+                    _ => (false, None, String::new()),
+                }
+            } else if route.prefix {
+                (true, None, rest.to_string())
+            } else {
+                (false, None, String::new())
+            }
+        } else {
+            (false, None, String::new())
+        };
+        if !hit {
+            continue;
+        }
+        let method_ok =
+            route.method == method || (route.method == Method::GET && method == Method::HEAD);
+        if method_ok {
+            return Match::Found {
+                route,
+                url_idx,
+                tail,
+            };
+        }
+        allowed.push(route.method.as_str());
+    }
+    if allowed.is_empty() {
+        Match::NotFound
+    } else {
+        allowed.dedup();
+        Match::MethodNotAllowed(allowed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_documented_route_is_reachable() {
+        for r in ROUTES {
+            match find(&r.method, r.path) {
+                Match::Found { route, .. } => assert_eq!(route.endpoint, r.endpoint, "{}", r.path),
+                other => panic!("{} {} does not match: {other:?}", r.method, r.path),
+            }
+            if r.url_idx {
+                let p = format!("{}/1", trim(r.path));
+                match find(&r.method, &p) {
+                    Match::Found { url_idx, .. } => assert_eq!(url_idx, Some(1)),
+                    other => panic!("{p}: {other:?}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn trailing_slash_methods_and_unknowns() {
+        assert!(matches!(
+            find(&Method::GET, "/api/v1/auths"),
+            Match::Found { .. }
+        ));
+        assert!(matches!(
+            find(&Method::HEAD, "/health"),
+            Match::Found { .. }
+        ));
+        match find(&Method::GET, "/api/chat/completions") {
+            Match::MethodNotAllowed(m) => assert_eq!(m, vec!["POST"]),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(find(&Method::GET, "/nope"), Match::NotFound));
+        assert!(matches!(
+            find(&Method::GET, "/ollama/api/tags/x"),
+            Match::NotFound
+        ));
+        match find(&Method::GET, "/docs/swagger-ui.css") {
+            Match::Found { tail, .. } => assert_eq!(tail, "swagger-ui.css"),
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -1,0 +1,41 @@
+//! # ragway
+//!
+//! An authenticated, observable, RAG-capable gateway that speaks Open WebUI's HTTP API in
+//! front of Ollama and OpenAI-compatible servers, in one binary with embedded storage.
+//!
+//! # Layout
+//!
+//! - [`config`]: file → env (Open WebUI's names) → CLI, validated into one `Config`.
+//! - [`server`]: the pingora server: gateway service + metrics service.
+//! - [`proxy`]: the one `ProxyHttp` ([`proxy::Gateway`]) and the [`proxy::forward`] engine.
+//! - [`http`]: the route table ([`http::router`]), local replies, body reading.
+//! - [`handlers`]: one module per API family (auths, models, chat, ollama, system).
+//! - [`auth`]: credentials, JWT, API keys, passwords, sign-in rate limit.
+//! - [`models`]: the merged model catalog and model resolution.
+//! - [`upstream`]: upstream addresses, health and balancing.
+//! - [`store`]: redb schema and records.
+//! - [`metrics`], [`openapi`], [`error`]: cross-cutting pieces, each in one place.
+//!
+//! ```
+//! let config = ragway::config::build(
+//!     Default::default(),
+//!     &std::collections::HashMap::<String, String>::new(),
+//!     &Default::default(),
+//! )
+//! .unwrap();
+//! assert_eq!(config.listen, "127.0.0.1:3000");
+//! ```
+
+pub mod app;
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod handlers;
+pub mod http;
+pub mod metrics;
+pub mod models;
+pub mod openapi;
+pub mod proxy;
+pub mod server;
+pub mod store;
+pub mod upstream;

@@ -1,0 +1,118 @@
+//! The `ragway` binary: parses the command line and calls into the library.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use ragway::config::cli::{Cli, Command, KeyAction, UserAction};
+use ragway::config::{self, Overrides, ProcessEnv};
+use ragway::store::Role;
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RAGWAY_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,pingora=warn"));
+    let json = std::env::var("RAGWAY_LOG_FORMAT").is_ok_and(|v| v == "json");
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn fail(msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("ragway: {msg}");
+    ExitCode::FAILURE
+}
+
+fn open_app(overrides: &Overrides) -> Result<ragway::app::App, String> {
+    let config = config::load(&ProcessEnv, overrides).map_err(|e| e.to_string())?;
+    ragway::app::App::open(config).map_err(|e| e.to_string())
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    match cli.command {
+        Command::Serve(args) => {
+            let app = match open_app(&Overrides::from(&args)) {
+                Ok(a) => a,
+                Err(e) => return fail(e),
+            };
+            tracing::info!(
+                listen = %app.config.listen,
+                metrics = app.config.metrics_listen.as_deref().unwrap_or("off"),
+                data_dir = %app.config.data_dir.display(),
+                ollama = app.config.ollama.len(),
+                openai = app.config.openai.len(),
+                "ragway starting"
+            );
+            ragway::server::run_forever(Arc::new(app));
+            ExitCode::SUCCESS
+        }
+        Command::CheckConfig { file } => match config::check_file(&file) {
+            Ok(_) => {
+                println!("{}: ok", file.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        },
+        Command::User {
+            action:
+                UserAction::Add {
+                    common,
+                    email,
+                    password,
+                    name,
+                    role,
+                },
+        } => {
+            let Some(role) = Role::parse(&role) else {
+                return fail(format!("--role {role:?}: use admin, user or pending"));
+            };
+            let app = match open_app(&Overrides::from(&common)) {
+                Ok(a) => a,
+                Err(e) => return fail(e),
+            };
+            let name =
+                name.unwrap_or_else(|| email.split('@').next().unwrap_or("user").to_string());
+            match runtime().block_on(app.add_user(&email, &password, &name, role)) {
+                Ok(u) => {
+                    println!("created {} ({}) id={}", u.email, u.role.as_str(), u.id);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e.detail),
+            }
+        }
+        Command::Key {
+            action:
+                KeyAction::Create {
+                    common,
+                    user,
+                    models,
+                },
+        } => {
+            let app = match open_app(&Overrides::from(&common)) {
+                Ok(a) => a,
+                Err(e) => return fail(e),
+            };
+            match app.create_key(&user, models) {
+                Ok(key) => {
+                    println!("{key}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e.detail),
+            }
+        }
+    }
+}

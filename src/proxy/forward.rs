@@ -1,0 +1,264 @@
+//! The forward engine: sends a request whose body ragway has already read (to find the
+//! model, or to rewrite it) to an upstream, and streams the answer back.
+//!
+//! Why not pingora's proxy phases for these routes: routing by model needs the body before
+//! `upstream_peer`, and pingora can only replay a pre-read body up to its 64 KiB retry
+//! buffer. So these requests use pingora's own connector and sessions directly: the same
+//! connection pool, timeouts and zero-copy `Bytes` chunks, with every upstream chunk
+//! written to the client as soon as it arrives.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, header};
+use pingora::ErrorType;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::proxy::Session;
+
+use super::ctx::RequestCtx;
+use crate::app::App;
+use crate::error::ApiError;
+use crate::upstream::Upstream;
+
+/// A request ready to be forwarded.
+pub struct Plan {
+    /// Upstreams to try, best first. A second one is tried only when the first could not
+    /// be reached and nothing was sent.
+    pub candidates: Vec<Arc<Upstream>>,
+    pub method: Method,
+    /// Path and query on the upstream, base path included.
+    pub path: String,
+    pub body: Bytes,
+    /// Answer a 2xx upstream response with this body instead (Open WebUI returns `true` for
+    /// copy and delete, where Ollama answers an empty body).
+    pub replace_success_body: Option<&'static str>,
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) plus the framing headers ragway sets itself.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+    "host",
+];
+
+/// Copies the client's headers minus hop-by-hop ones and every credential: the client's
+/// token or key is never forwarded; the upstream's configured key is sent instead.
+pub fn upstream_headers(
+    client: &HeaderMap,
+    api_key_header: &str,
+    up: &Upstream,
+    req: &mut RequestHeader,
+) -> pingora::Result<()> {
+    for (name, value) in client {
+        let n = name.as_str();
+        if HOP_BY_HOP.contains(&n)
+            || n == "authorization"
+            || n == "cookie"
+            || n == api_key_header
+            || n == "x-api-key"
+        {
+            continue;
+        }
+        req.append_header(name.clone(), value.clone())?;
+    }
+    req.insert_header(header::HOST, up.authority.as_str())?;
+    if let Some(key) = &up.config.key {
+        req.insert_header(header::AUTHORIZATION, format!("Bearer {key}"))?;
+    }
+    Ok(())
+}
+
+/// Status and message for a failure to reach or hear from an upstream.
+pub fn upstream_failure(e: &pingora::Error) -> ApiError {
+    match e.etype() {
+        ErrorType::ConnectTimedout | ErrorType::TLSHandshakeTimedout => {
+            ApiError::new(504, "Upstream connection timed out")
+        }
+        ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
+            ApiError::new(504, "Upstream did not answer in time")
+        }
+        ErrorType::ConnectRefused => ApiError::new(502, "Upstream refused the connection"),
+        ErrorType::ConnectNoRoute => ApiError::new(502, "Upstream is unreachable"),
+        _ => ApiError::new(
+            502,
+            format!("Upstream connection failed: {}", e.etype().as_str()),
+        ),
+    }
+}
+
+fn is_connect_error(e: &pingora::Error) -> bool {
+    matches!(
+        e.etype(),
+        ErrorType::ConnectTimedout
+            | ErrorType::ConnectRefused
+            | ErrorType::ConnectNoRoute
+            | ErrorType::ConnectError
+            | ErrorType::TLSHandshakeFailure
+            | ErrorType::TLSHandshakeTimedout
+            | ErrorType::HandshakeError
+            | ErrorType::SocketError
+    )
+}
+
+/// Forwards `plan` and streams the response to the client. On return a response has been
+/// written (the upstream's, or a JSON error); `Err` means the client connection must close.
+pub async fn forward(
+    app: &App,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    plan: Plan,
+) -> pingora::Result<()> {
+    // Treat a client's FIN as "gone" so a long generation stops when nobody is listening.
+    session.as_mut().set_abort_on_close(true);
+    let connect = app.config.connect_timeout;
+    let idle = app.config.read_idle_timeout;
+    let mut last_error = ApiError::new(502, "No upstream hosts this model");
+    let attempts = plan.candidates.len().min(2);
+    for up in plan.candidates.iter().take(attempts) {
+        let peer = match up.peer(connect, idle).await {
+            Ok(p) => p,
+            Err(e) => {
+                up.mark_failed();
+                last_error = ApiError::new(502, format!("Upstream address: {e}"));
+                continue;
+            }
+        };
+        let mut upstream = match app.connector.get_http_session(&peer).await {
+            Ok((s, _reused)) => s,
+            Err(e) => {
+                if is_connect_error(&e) {
+                    up.mark_failed();
+                }
+                tracing::warn!(upstream = %up.config.url, error = %e, "upstream connect failed");
+                last_error = upstream_failure(&e);
+                continue;
+            }
+        };
+        let _in_flight = up.begin();
+
+        let mut req = RequestHeader::build(plan.method.clone(), plan.path.as_bytes(), None)?;
+        upstream_headers(
+            &session.req_header().headers,
+            &app.config.auth.api_key_header,
+            up,
+            &mut req,
+        )?;
+        req.insert_header(header::CONTENT_LENGTH, plan.body.len().to_string())?;
+        let sent = async {
+            upstream.write_request_header(Box::new(req)).await?;
+            if !plan.body.is_empty() {
+                upstream.write_request_body(plan.body.clone(), true).await?;
+            }
+            upstream.finish_request_body().await
+        }
+        .await;
+        if let Err(e) = sent {
+            // A pooled connection the upstream had closed: the request never arrived, so
+            // trying once more is safe.
+            tracing::debug!(upstream = %up.config.url, error = %e, "sending to upstream failed");
+            last_error = upstream_failure(&e);
+            continue;
+        }
+        up.mark_ok();
+
+        // Wait for the answer, but notice a client that goes away meanwhile.
+        let header_read = tokio::select! {
+            r = upstream.read_response_header() => Some(r),
+            r = session.as_mut().read_body_or_idle(true) => {
+                if r.is_err() { None } else { std::future::pending().await }
+            }
+        };
+        let Some(header_read) = header_read else {
+            tracing::info!(upstream = %up.config.url, "client left before the upstream answered");
+            return Err(pingora::Error::new(ErrorType::ConnectionClosed));
+        };
+        if let Err(e) = header_read {
+            let err = upstream_failure(&e);
+            tracing::warn!(upstream = %up.config.url, error = %e, "upstream response failed");
+            return send_error(session, ctx, err).await;
+        }
+        ctx.first_byte = Some(ctx.start.elapsed());
+        let head = upstream.response_header().expect("header was read").clone();
+        let status = head.status.as_u16();
+        ctx.status = Some(status);
+
+        if let Some(replacement) = plan
+            .replace_success_body
+            .filter(|_| head.status.is_success())
+        {
+            while upstream.read_response_body().await?.is_some() {}
+            let reply =
+                crate::http::Reply::bytes(status, "application/json", Bytes::from(replacement));
+            app.connector
+                .release_http_session(upstream, &peer, Some(Duration::from_secs(60)))
+                .await;
+            return crate::http::send(session, reply).await;
+        }
+
+        let mut resp = ResponseHeader::build(head.status, Some(head.headers.len()))?;
+        for (name, value) in &head.headers {
+            if HOP_BY_HOP.contains(&name.as_str()) && name != header::CONTENT_LENGTH {
+                continue;
+            }
+            resp.append_header(name.clone(), value.clone())?;
+        }
+        let no_body = upstream.response_done() || plan.method == Method::HEAD;
+        session
+            .write_response_header(Box::new(resp), no_body)
+            .await?;
+        if no_body {
+            return Ok(());
+        }
+        loop {
+            let chunk = tokio::select! {
+                r = upstream.read_response_body() => r,
+                r = session.as_mut().read_body_or_idle(true) => {
+                    if r.is_err() {
+                        tracing::info!(upstream = %up.config.url, "client disconnected mid-stream; dropping the upstream request");
+                        return Err(pingora::Error::new(ErrorType::ConnectionClosed));
+                    }
+                    continue;
+                }
+            };
+            match chunk {
+                Ok(Some(bytes)) => {
+                    ctx.streamed_bytes += bytes.len() as u64;
+                    // Dropping `upstream` on error closes that connection, which is how
+                    // the upstream learns the client is gone.
+                    session.write_response_body(Some(bytes), false).await?;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(upstream = %up.config.url, error = %e, "upstream failed mid-stream");
+                    // Ending without the terminating chunk tells the client the body is
+                    // incomplete; a clean end would pass a truncated answer off as whole.
+                    return Err(e);
+                }
+            }
+        }
+        session.write_response_body(None, true).await?;
+        app.connector
+            .release_http_session(upstream, &peer, Some(Duration::from_secs(60)))
+            .await;
+        return Ok(());
+    }
+    send_error(session, ctx, last_error).await
+}
+
+async fn send_error(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    err: ApiError,
+) -> pingora::Result<()> {
+    ctx.status = Some(err.status);
+    crate::http::send(session, err.into()).await
+}

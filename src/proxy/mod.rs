@@ -1,0 +1,311 @@
+//! The gateway: the one `ProxyHttp` implementation.
+//!
+//! Every request enters `request_filter`, which finds the route, authenticates, and hands
+//! the request to its handler. A handler either answers locally, forwards through the
+//! [`forward`] engine (requests whose body ragway reads: model routing, rewriting), or
+//! returns a [`ctx::ProxyTarget`] so that pingora's proxy phases stream the request and
+//! response through untouched. The phases below stay thin and only delegate.
+
+pub mod ctx;
+pub mod forward;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::upstreams::peer::HttpPeer;
+use pingora::{Error, ErrorType};
+
+use crate::app::App;
+use crate::error::ApiError;
+use crate::handlers::{self, Outcome};
+use crate::http::router::{self, Match};
+use crate::metrics;
+use ctx::RequestCtx;
+
+/// The gateway service.
+pub struct Gateway {
+    pub app: Arc<App>,
+}
+
+impl Gateway {
+    async fn answer_error(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        e: ApiError,
+    ) -> pingora::Result<bool> {
+        ctx.status = Some(e.status);
+        crate::http::send(session, e.into()).await?;
+        // A response was sent: stop here.
+        Ok(true)
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx::new()
+    }
+
+    /// Routes, authenticates and runs the handler. `Ok(true)`: a response was written
+    /// (local answer or forwarded stream). `Ok(false)`: `ctx.proxy` is set and pingora
+    /// proxies the request.
+    async fn request_filter(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<bool> {
+        let method = session.req_header().method.clone();
+        let path = session.req_header().uri.path().to_string();
+        let (route, url_idx, tail) = match router::find(&method, &path) {
+            Match::Found {
+                route,
+                url_idx,
+                tail,
+            } => (route, url_idx, tail),
+            Match::MethodNotAllowed(allowed) => {
+                let e = ApiError::new(
+                    405,
+                    format!("Method {method} not allowed; use {}", allowed.join(", ")),
+                );
+                ctx.status = Some(405);
+                let reply = crate::http::Reply::from(e)
+                    .with_header(http::header::ALLOW, allowed.join(", "));
+                crate::http::send(session, reply).await?;
+                return Ok(true);
+            }
+            Match::NotFound => {
+                return self
+                    .answer_error(session, ctx, ApiError::not_found("Not Found"))
+                    .await;
+            }
+        };
+        ctx.group = Some(route.group);
+        match self
+            .app
+            .auth
+            .check(&session.req_header().headers, route.access)
+        {
+            Ok(identity) => ctx.identity = identity,
+            Err(e) => return self.answer_error(session, ctx, e).await,
+        }
+        let req = handlers::Req {
+            route,
+            url_idx,
+            tail,
+        };
+        match handlers::handle(&self.app, session, ctx, &req).await {
+            Ok(Outcome::Reply(reply)) => {
+                ctx.status = Some(reply.status);
+                crate::http::send(session, reply).await?;
+                Ok(true)
+            }
+            Ok(Outcome::Forward(plan)) => {
+                forward::forward(&self.app, session, ctx, plan).await?;
+                Ok(true)
+            }
+            Ok(Outcome::Proxy(target)) => {
+                ctx.proxy = Some(target);
+                Ok(false)
+            }
+            Err(e) => self.answer_error(session, ctx, e).await,
+        }
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<Box<HttpPeer>> {
+        let Some(target) = &ctx.proxy else {
+            return Error::e_explain(ErrorType::InternalError, "no proxy target for this request");
+        };
+        let peer = target
+            .upstream
+            .peer(
+                self.app.config.connect_timeout,
+                self.app.config.read_idle_timeout,
+            )
+            .await
+            .map_err(|e| Error::explain(ErrorType::ConnectNoRoute, e))?;
+        Ok(Box::new(peer))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<()> {
+        let Some(target) = &ctx.proxy else {
+            return Error::e_explain(ErrorType::InternalError, "no proxy target for this request");
+        };
+        upstream_request.set_uri(
+            target
+                .path
+                .parse()
+                .map_err(|_| Error::explain(ErrorType::InternalError, "bad upstream path"))?,
+        );
+        // Rebuild the headers from the client's, minus credentials and hop-by-hop ones;
+        // keep the client's framing so pingora streams the body as it came.
+        let framing: Vec<_> = ["content-length", "transfer-encoding"]
+            .iter()
+            .filter_map(|h| {
+                session
+                    .req_header()
+                    .headers
+                    .get(*h)
+                    .map(|v| (*h, v.clone()))
+            })
+            .collect();
+        let client = session.req_header().headers.clone();
+        for name in client.keys() {
+            upstream_request.remove_header(name);
+        }
+        forward::upstream_headers(
+            &client,
+            &self.app.config.auth.api_key_header,
+            &target.upstream,
+            upstream_request,
+        )?;
+        for (name, value) in framing {
+            upstream_request.insert_header(name, value)?;
+        }
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<()> {
+        if ctx.first_byte.is_none() {
+            ctx.first_byte = Some(ctx.start.elapsed());
+        }
+        ctx.status = Some(upstream_response.status.as_u16());
+        if let Some(t) = &ctx.proxy {
+            t.upstream.mark_ok();
+        }
+        Ok(())
+    }
+
+    fn upstream_response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<Option<std::time::Duration>> {
+        if let Some(b) = body {
+            ctx.streamed_bytes += b.len() as u64;
+        }
+        Ok(None)
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        e: Box<Error>,
+    ) -> Box<Error> {
+        if let Some(t) = &ctx.proxy {
+            t.upstream.mark_failed();
+        }
+        e
+    }
+
+    /// Writes pingora-level failures (connect refused, timeouts) as JSON errors.
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        let api = match e.etype() {
+            ErrorType::HTTPStatus(code) => ApiError::new(*code, "Request failed"),
+            _ => match e.esource() {
+                pingora::ErrorSource::Upstream => forward::upstream_failure(e),
+                pingora::ErrorSource::Downstream => match e.etype() {
+                    ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => {
+                        return FailToProxy {
+                            error_code: 0,
+                            can_reuse_downstream: false,
+                        };
+                    }
+                    _ => ApiError::bad_request("Malformed request"),
+                },
+                _ if matches!(
+                    e.etype(),
+                    ErrorType::ConnectTimedout
+                        | ErrorType::ConnectRefused
+                        | ErrorType::ConnectNoRoute
+                        | ErrorType::ReadTimedout
+                ) =>
+                {
+                    forward::upstream_failure(e)
+                }
+                _ => ApiError::internal("Internal error"),
+            },
+        };
+        let code = api.status;
+        if session.response_written().is_none() {
+            ctx.status = Some(code);
+            if let Err(err) = crate::http::send(session, api.into()).await {
+                tracing::debug!(error = %err, "could not send the error response");
+            }
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    /// Metrics and the access log, for every request, errors included. Never logs
+    /// credentials: only method, path (no query), status, user id and timings.
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        let status = session
+            .response_written()
+            .map(|r| r.status.as_u16())
+            .or(ctx.status)
+            .unwrap_or(0);
+        let group = ctx.group_label();
+        let method = session.req_header().method.as_str().to_string();
+        let elapsed = ctx.start.elapsed();
+        metrics::REQUESTS
+            .with_label_values(&[group, method.as_str(), status.to_string().as_str()])
+            .inc();
+        metrics::REQUEST_DURATION
+            .with_label_values(&[group])
+            .observe(elapsed.as_secs_f64());
+        if let Some(fb) = ctx.first_byte {
+            metrics::FIRST_BYTE
+                .with_label_values(&[group])
+                .observe(fb.as_secs_f64());
+        }
+        if ctx.streamed_bytes > 0 {
+            metrics::STREAMED_BYTES
+                .with_label_values(&[group])
+                .inc_by(ctx.streamed_bytes);
+        }
+        tracing::info!(
+            target: "ragway::access",
+            method = %method,
+            path = %session.req_header().uri.path(),
+            status,
+            group,
+            user = ctx.identity.as_ref().map(|i| i.user.id.as_str()).unwrap_or("-"),
+            ms = elapsed.as_secs_f64() * 1000.0,
+            first_byte_ms = ctx.first_byte.map(|d| d.as_secs_f64() * 1000.0),
+            bytes = ctx.streamed_bytes,
+            error = e.map(|e| e.etype().as_str()),
+            "request"
+        );
+    }
+}

@@ -1,0 +1,305 @@
+//! The embedded metadata store (redb): users, API keys, revoked tokens and settings.
+//!
+//! Every table is declared here as a typed constant so the whole schema is visible in one
+//! place. Values are JSON documents: the schema can grow fields without migrations, and a
+//! record read back is exactly what the API returns.
+
+mod records;
+
+use std::path::Path;
+
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+
+pub use records::{ApiKeyRecord, Role, User, now_secs};
+
+/// user id → `User` JSON.
+const USERS: TableDefinition<&str, &str> = TableDefinition::new("users");
+/// lowercased email → user id (uniqueness index).
+const USER_EMAILS: TableDefinition<&str, &str> = TableDefinition::new("user_emails");
+/// SHA-256 (hex) of an API key → `ApiKeyRecord` JSON. The plaintext key is never stored.
+const API_KEYS: TableDefinition<&str, &str> = TableDefinition::new("api_keys");
+/// user id → SHA-256 (hex) of that user's single API key.
+const USER_API_KEY: TableDefinition<&str, &str> = TableDefinition::new("user_api_key");
+/// JWT id → expiry (epoch seconds; 0 = never) of a signed-out token.
+const REVOKED_TOKENS: TableDefinition<&str, u64> = TableDefinition::new("revoked_tokens");
+/// Free-form settings changed at run time (e.g. `enable_signup` after the first user).
+const SETTINGS: TableDefinition<&str, &str> = TableDefinition::new("settings");
+
+/// Failures of the store. Messages say what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Db(#[from] redb::Error),
+    #[error("corrupt record in table {table}: {source}")]
+    Corrupt {
+        table: &'static str,
+        source: serde_json::Error,
+    },
+    #[error("email already registered")]
+    EmailTaken,
+    #[error("no such user")]
+    NoSuchUser,
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self {
+                StoreError::Db(e.into())
+            }
+        }
+    )*};
+}
+from_redb!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// The metadata database. Cheap to share behind an `Arc`; redb serialises writers itself.
+pub struct Store {
+    db: Database,
+}
+
+fn decode<T: serde::de::DeserializeOwned>(table: &'static str, s: &str) -> Result<T> {
+    serde_json::from_str(s).map_err(|source| StoreError::Corrupt { table, source })
+}
+
+fn encode<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).expect("records always serialise")
+}
+
+impl Store {
+    /// Opens (or creates) the database file and makes sure every table exists, so that read
+    /// transactions never meet a missing table.
+    pub fn open(path: &Path) -> Result<Store> {
+        let db = Database::create(path)?;
+        let txn = db.begin_write()?;
+        txn.open_table(USERS)?;
+        txn.open_table(USER_EMAILS)?;
+        txn.open_table(API_KEYS)?;
+        txn.open_table(USER_API_KEY)?;
+        txn.open_table(REVOKED_TOKENS)?;
+        txn.open_table(SETTINGS)?;
+        txn.commit()?;
+        Ok(Store { db })
+    }
+
+    /// Whether a read transaction can be opened: the `/ready` probe.
+    pub fn ping(&self) -> bool {
+        self.db
+            .begin_read()
+            .and_then(|t| Ok(t.open_table(USERS).is_ok()))
+            .unwrap_or(false)
+    }
+
+    pub fn user_count(&self) -> Result<u64> {
+        let txn = self.db.begin_read()?;
+        Ok(txn.open_table(USERS)?.len()?)
+    }
+
+    /// Inserts a user. When `first_is_admin` and the table is empty, the user becomes admin
+    /// (Open WebUI's rule); the check and the insert happen in one transaction so two
+    /// concurrent first sign-ups cannot both become admin.
+    pub fn create_user(&self, mut user: User, first_is_admin: bool) -> Result<User> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut emails = txn.open_table(USER_EMAILS)?;
+            if emails.get(user.email.as_str())?.is_some() {
+                return Err(StoreError::EmailTaken);
+            }
+            let mut users = txn.open_table(USERS)?;
+            if first_is_admin && users.len()? == 0 {
+                user.role = Role::Admin;
+            }
+            emails.insert(user.email.as_str(), user.id.as_str())?;
+            users.insert(user.id.as_str(), encode(&user).as_str())?;
+        }
+        txn.commit()?;
+        Ok(user)
+    }
+
+    pub fn user_by_id(&self, id: &str) -> Result<Option<User>> {
+        let txn = self.db.begin_read()?;
+        let users = txn.open_table(USERS)?;
+        match users.get(id)? {
+            Some(v) => Ok(Some(decode("users", v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn user_by_email(&self, email: &str) -> Result<Option<User>> {
+        let txn = self.db.begin_read()?;
+        let emails = txn.open_table(USER_EMAILS)?;
+        let Some(id) = emails.get(email)? else {
+            return Ok(None);
+        };
+        let users = txn.open_table(USERS)?;
+        match users.get(id.value())? {
+            Some(v) => Ok(Some(decode("users", v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Replaces the API key of a user (each user has at most one, as in Open WebUI).
+    pub fn put_api_key(&self, hash: &str, record: &ApiKeyRecord) -> Result<()> {
+        let txn = self.db.begin_write()?;
+        {
+            if txn
+                .open_table(USERS)?
+                .get(record.user_id.as_str())?
+                .is_none()
+            {
+                return Err(StoreError::NoSuchUser);
+            }
+            let mut by_user = txn.open_table(USER_API_KEY)?;
+            let mut keys = txn.open_table(API_KEYS)?;
+            let old = by_user
+                .insert(record.user_id.as_str(), hash)?
+                .map(|g| g.value().to_string());
+            if let Some(old) = old {
+                keys.remove(old.as_str())?;
+            }
+            keys.insert(hash, encode(record).as_str())?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    pub fn api_key_by_hash(&self, hash: &str) -> Result<Option<ApiKeyRecord>> {
+        let txn = self.db.begin_read()?;
+        let keys = txn.open_table(API_KEYS)?;
+        match keys.get(hash)? {
+            Some(v) => Ok(Some(decode("api_keys", v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The key hash and record of a user's key, if any.
+    pub fn api_key_of_user(&self, user_id: &str) -> Result<Option<(String, ApiKeyRecord)>> {
+        let txn = self.db.begin_read()?;
+        let by_user = txn.open_table(USER_API_KEY)?;
+        let Some(hash) = by_user.get(user_id)? else {
+            return Ok(None);
+        };
+        let hash = hash.value().to_string();
+        let keys = txn.open_table(API_KEYS)?;
+        match keys.get(hash.as_str())? {
+            Some(v) => Ok(Some((hash, decode("api_keys", v.value())?))),
+            None => Ok(None),
+        }
+    }
+
+    /// Deletes a user's key; returns the hash that was removed.
+    pub fn delete_api_key_of_user(&self, user_id: &str) -> Result<Option<String>> {
+        let txn = self.db.begin_write()?;
+        let removed = {
+            let mut by_user = txn.open_table(USER_API_KEY)?;
+            let hash = by_user.remove(user_id)?.map(|g| g.value().to_string());
+            if let Some(h) = &hash {
+                txn.open_table(API_KEYS)?.remove(h.as_str())?;
+            }
+            hash
+        };
+        txn.commit()?;
+        Ok(removed)
+    }
+
+    /// Records that a JWT was signed out. Expired entries are pruned on the way.
+    pub fn revoke_token(&self, jti: &str, exp: Option<u64>) -> Result<()> {
+        let now = now_secs();
+        let txn = self.db.begin_write()?;
+        {
+            let mut t = txn.open_table(REVOKED_TOKENS)?;
+            t.retain(|_, e| e == 0 || e > now)?;
+            t.insert(jti, exp.unwrap_or(0))?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    pub fn is_token_revoked(&self, jti: &str) -> Result<bool> {
+        let txn = self.db.begin_read()?;
+        Ok(txn.open_table(REVOKED_TOKENS)?.get(jti)?.is_some())
+    }
+
+    pub fn setting(&self, key: &str) -> Result<Option<String>> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(SETTINGS)?;
+        Ok(t.get(key)?.map(|v| v.value().to_string()))
+    }
+
+    pub fn set_setting(&self, key: &str, value: &str) -> Result<()> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(SETTINGS)?.insert(key, value)?;
+        txn.commit()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("t.redb")).unwrap();
+        (dir, s)
+    }
+
+    #[test]
+    fn first_user_is_admin_and_emails_are_unique() {
+        let (_d, s) = store();
+        let a = s
+            .create_user(User::new("a@x.io", "A", Role::Pending, "h".into()), true)
+            .unwrap();
+        assert_eq!(a.role, Role::Admin);
+        let b = s
+            .create_user(User::new("b@x.io", "B", Role::Pending, "h".into()), true)
+            .unwrap();
+        assert_eq!(b.role, Role::Pending);
+        assert!(matches!(
+            s.create_user(User::new("a@x.io", "A2", Role::User, "h".into()), true),
+            Err(StoreError::EmailTaken)
+        ));
+        assert_eq!(s.user_by_email("b@x.io").unwrap().unwrap().id, b.id);
+        assert_eq!(s.user_count().unwrap(), 2);
+    }
+
+    #[test]
+    fn one_key_per_user_and_data_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.redb");
+        let uid;
+        {
+            let s = Store::open(&path).unwrap();
+            let u = s
+                .create_user(User::new("a@x.io", "A", Role::User, "h".into()), false)
+                .unwrap();
+            uid = u.id.clone();
+            let rec = |p: &str| ApiKeyRecord {
+                user_id: u.id.clone(),
+                prefix: p.into(),
+                created_at: 1,
+                models: vec![],
+            };
+            s.put_api_key("h1", &rec("sk-1")).unwrap();
+            s.put_api_key("h2", &rec("sk-2")).unwrap();
+            assert!(s.api_key_by_hash("h1").unwrap().is_none());
+            s.revoke_token("jti-1", None).unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        let (hash, rec) = s.api_key_of_user(&uid).unwrap().unwrap();
+        assert_eq!((hash.as_str(), rec.prefix.as_str()), ("h2", "sk-2"));
+        assert!(s.is_token_revoked("jti-1").unwrap());
+        assert_eq!(
+            s.delete_api_key_of_user(&uid).unwrap().as_deref(),
+            Some("h2")
+        );
+        assert!(s.api_key_by_hash("h2").unwrap().is_none());
+    }
+}
