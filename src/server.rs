@@ -101,6 +101,12 @@ impl Handle {
         }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+            // A fast shutdown drops the runtimes' tasks in the background; wait (bounded)
+            // until they have released the app, so the database can be reopened at once.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Arc::strong_count(&self.app) > 1 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
         }
     }
 }

@@ -1,0 +1,3 @@
+//! /ollama/* proxy tests.
+
+mod common;
