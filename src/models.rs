@@ -223,6 +223,10 @@ fn tags_json(tags: &[String]) -> Value {
     Value::Array(tags.iter().map(|t| json!({ "name": t })).collect())
 }
 
+/// An Ollama model being merged across connections: raw entry, hosting indices, upstream
+/// id, tags and connection type (the latter three from the first connection).
+type OllamaMerge = (Value, Vec<usize>, String, Vec<String>, String);
+
 fn build_catalog(
     ups: &Upstreams,
     ollama: &[Option<Fetched>],
@@ -278,7 +282,7 @@ fn build_catalog(
 
     // Ollama: the same id on several connections is one model with several `urls`.
     let mut order: Vec<String> = Vec::new();
-    let mut merged: HashMap<String, (Value, Vec<usize>, String, Vec<String>, String)> =
+    let mut merged: HashMap<String, OllamaMerge> =
         HashMap::new();
     for (idx, fetched) in ollama.iter().enumerate() {
         let (Some(f), Some(up)) = (fetched, ups.ollama.get(idx)) else {

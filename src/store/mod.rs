@@ -93,7 +93,7 @@ impl Store {
     pub fn ping(&self) -> bool {
         self.db
             .begin_read()
-            .and_then(|t| Ok(t.open_table(USERS).is_ok()))
+            .map(|t| t.open_table(USERS).is_ok())
             .unwrap_or(false)
     }
 

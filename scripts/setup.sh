@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One-time machine set-up for building ragway: system packages the build needs.
+# Idempotent; safe to run on every invocation of scripts/run.sh and scripts/test.sh.
+set -euo pipefail
+
+need=()
+command -v cmake >/dev/null 2>&1 || need+=(cmake)       # pingora → libz-ng-sys build
+command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
+command -v cc >/dev/null 2>&1 || need+=(build-essential)
+command -v unzip >/dev/null 2>&1 || need+=(unzip)
+
+if [ ${#need[@]} -gt 0 ]; then
+  echo "setup: installing ${need[*]} (Debian packages)" >&2
+  sudo=""
+  [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}"
+fi
+
+command -v cargo >/dev/null 2>&1 || {
+  echo "setup: cargo not found; install Rust 1.92+ (https://rustup.rs) first" >&2
+  exit 1
+}

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The test command: provisions what the tests need, then runs every test (unit,
+# integration, doc). Extra arguments go to the test runner.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --locked --no-fail-fast "$@"
+  # nextest does not run doctests.
+  cargo test --locked --doc
+else
+  cargo test --locked --no-fail-fast "$@"
+fi
