@@ -7,8 +7,10 @@ use std::time::Instant;
 use pingora::connectors::http::Connector;
 
 use crate::auth::Auth;
-use crate::config::Config;
+use crate::config::{Config, EmbeddingEngine};
+use crate::embed::Embedder;
 use crate::error::ApiError;
+use crate::ingest::Ingest;
 use crate::models::ModelRegistry;
 use crate::openapi::Docs;
 use crate::store::{Role, Store, User};
@@ -27,6 +29,8 @@ pub struct App {
     pub connector: Connector,
     /// API docs, present only with `ENV=dev`.
     pub docs: Option<Docs>,
+    /// Files, chunks, embeddings and the vector index.
+    pub ingest: Arc<Ingest>,
     pub started: Instant,
 }
 
@@ -50,6 +54,58 @@ pub enum StartError {
     },
     #[error("cannot create the bootstrap admin: {0}")]
     Admin(String),
+    #[error("cannot load the vector index: {0}")]
+    Index(crate::store::StoreError),
+}
+
+/// The configured embedding engine, or why it is unavailable, plus the tokenizer for
+/// token-based chunking (ONNX engine only).
+type EmbedderChoice = (
+    Result<Arc<dyn Embedder>, String>,
+    Option<Arc<tokenizers::Tokenizer>>,
+);
+
+fn build_embedder(config: &Config, http: &reqwest::Client) -> EmbedderChoice {
+    let e = &config.embedding;
+    match e.engine {
+        EmbeddingEngine::Onnx => {
+            match crate::embed::onnx::OnnxEmbedder::load(
+                &e.model_dir,
+                &e.onnxruntime,
+                e.sessions,
+                &e.model,
+            ) {
+                Ok(onnx) => {
+                    let tokenizer = Arc::new(onnx.tokenizer().clone());
+                    (Ok(Arc::new(onnx)), Some(tokenizer))
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "embedding model unavailable; file processing will fail until it is provisioned");
+                    (Err(err.to_string()), None)
+                }
+            }
+        }
+        EmbeddingEngine::Ollama => {
+            let url = e.url.clone().unwrap_or_default();
+            let engine = crate::embed::remote::OllamaEmbedder::new(
+                http.clone(),
+                &url,
+                e.key.clone(),
+                &e.model,
+            );
+            (Ok(Arc::new(engine)), None)
+        }
+        EmbeddingEngine::OpenAi => {
+            let url = e.url.clone().unwrap_or_default();
+            let engine = crate::embed::remote::OpenAiEmbedder::new(
+                http.clone(),
+                &url,
+                e.key.clone(),
+                &e.model,
+            );
+            (Ok(Arc::new(engine)), None)
+        }
+    }
 }
 
 /// Reads the JWT secret from the data dir, creating a random one on first start, so tokens
@@ -89,6 +145,15 @@ fn load_or_create_secret(dir: &Path) -> Result<Vec<u8>, StartError> {
 impl App {
     /// Opens the data dir and store, and prepares clients. Needs no running runtime.
     pub fn open(config: Config) -> Result<App, StartError> {
+        Self::open_with(config, None)
+    }
+
+    /// Like [`App::open`], with an embedding engine chosen by the caller (tests use a
+    /// deterministic one; `None` builds the configured engine).
+    pub fn open_with(
+        config: Config,
+        embedder: Option<Arc<dyn Embedder>>,
+    ) -> Result<App, StartError> {
         // reqwest is built without its own TLS provider; it uses pingora's (ring).
         pingora::tls::install_default_crypto_provider();
         crate::metrics::init();
@@ -124,6 +189,12 @@ impl App {
             config.models_list_timeout,
         );
         let docs = config.dev.then(crate::openapi::docs);
+        let (embedder, tokenizer) = match embedder {
+            Some(e) => (Ok(e), None),
+            None => build_embedder(&config, &http),
+        };
+        let ingest = Arc::new(Ingest::new(&config, store.clone(), embedder, tokenizer));
+        ingest.start_up().map_err(StartError::Index)?;
         let app = App {
             config: Arc::new(config),
             store,
@@ -133,6 +204,7 @@ impl App {
             http,
             connector: Connector::new(None),
             docs,
+            ingest,
             started: Instant::now(),
         };
         app.bootstrap_admin()?;

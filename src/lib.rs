@@ -14,6 +14,9 @@
 //! - [`models`]: the merged model catalog and model resolution.
 //! - [`upstream`]: upstream addresses, health and balancing.
 //! - [`store`]: redb schema and records.
+//! - [`ingest`]: the file pipeline (queue, workers) and the in-memory vector index.
+//! - [`extract`], [`chunk`], [`embed`], [`index`]: text extraction, chunking, embedding
+//!   engines (ONNX, Ollama, OpenAI) and vector search (exact, HNSW).
 //! - [`metrics`], [`openapi`], [`error`]: cross-cutting pieces, each in one place.
 //!
 //! ```
@@ -28,10 +31,15 @@
 
 pub mod app;
 pub mod auth;
+pub mod chunk;
 pub mod config;
+pub mod embed;
 pub mod error;
+pub mod extract;
 pub mod handlers;
 pub mod http;
+pub mod index;
+pub mod ingest;
 pub mod metrics;
 pub mod models;
 pub mod openapi;

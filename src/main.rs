@@ -94,6 +94,62 @@ fn main() -> ExitCode {
                 Err(e) => fail(e.detail),
             }
         }
+        Command::Ingest {
+            common,
+            paths,
+            knowledge,
+            user,
+        } => {
+            let files = match ragway::ingest::bulk::collect(&paths) {
+                Ok(f) => f,
+                Err(e) => return fail(e),
+            };
+            let app = match open_app(&Overrides::from(&common)) {
+                Ok(a) => a,
+                Err(e) => return fail(e),
+            };
+            let bar = indicatif::ProgressBar::new(files.len() as u64);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:40} {pos}/{len} {elapsed} {wide_msg}",
+                )
+                .expect("static template"),
+            );
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
+            let result = rt.block_on(ragway::ingest::bulk::run(
+                &app,
+                files,
+                knowledge.as_deref(),
+                user.as_deref(),
+                &bar,
+            ));
+            bar.finish_and_clear();
+            match result {
+                Ok(s) => {
+                    println!(
+                        "ingested {} file(s), {} failed, {} duplicate(s) skipped{}",
+                        s.completed,
+                        s.failed.len(),
+                        s.duplicates,
+                        s.knowledge_id
+                            .map(|k| format!("; knowledge id {k}"))
+                            .unwrap_or_default()
+                    );
+                    for (p, e) in &s.failed {
+                        eprintln!("failed: {}: {e}", p.display());
+                    }
+                    if s.failed.is_empty() {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                }
+                Err(e) => fail(e),
+            }
+        }
         Command::Key {
             action:
                 KeyAction::Create {

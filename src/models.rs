@@ -282,8 +282,7 @@ fn build_catalog(
 
     // Ollama: the same id on several connections is one model with several `urls`.
     let mut order: Vec<String> = Vec::new();
-    let mut merged: HashMap<String, OllamaMerge> =
-        HashMap::new();
+    let mut merged: HashMap<String, OllamaMerge> = HashMap::new();
     for (idx, fetched) in ollama.iter().enumerate() {
         let (Some(f), Some(up)) = (fetched, ups.ollama.get(idx)) else {
             continue;

@@ -46,6 +46,8 @@ fn body_schema(endpoint: Endpoint) -> Option<&'static str> {
         Endpoint::AddUser => "AddUserForm",
         Endpoint::CreateApiKey => "ApiKeyForm",
         Endpoint::ChatCompletions => "ChatCompletionRequest",
+        Endpoint::KnowledgeCreate | Endpoint::KnowledgeUpdate => "KnowledgeForm",
+        Endpoint::KnowledgeFileAdd | Endpoint::KnowledgeFileRemove => "FileIdForm",
         _ => return None,
     })
 }
@@ -94,7 +96,32 @@ pub fn document() -> OpenApi {
                         .build(),
                 );
         }
-        if r.method == http::Method::POST {
+        if r.endpoint == Endpoint::FileUpload {
+            let form = ObjectBuilder::new()
+                .property(
+                    "file",
+                    ObjectBuilder::new()
+                        .schema_type(utoipa::openapi::schema::Type::String)
+                        .format(Some(utoipa::openapi::SchemaFormat::KnownFormat(
+                            utoipa::openapi::KnownFormat::Binary,
+                        ))),
+                )
+                .property(
+                    "metadata",
+                    ObjectBuilder::new().schema_type(utoipa::openapi::schema::Type::String),
+                )
+                .required("file")
+                .build();
+            op = op.request_body(Some(
+                RequestBodyBuilder::new()
+                    .content(
+                        "multipart/form-data",
+                        ContentBuilder::new().schema(Some(form)).build(),
+                    )
+                    .required(Some(utoipa::openapi::Required::True))
+                    .build(),
+            ));
+        } else if r.method == http::Method::POST {
             let content = match body_schema(r.endpoint) {
                 Some(name) => ContentBuilder::new()
                     .schema(Some(Ref::from_schema_name(name)))
@@ -155,6 +182,9 @@ pub fn document() -> OpenApi {
         .schema_from::<forms::AddUserForm>()
         .schema_from::<forms::ApiKeyForm>()
         .schema_from::<ChatCompletionRequest>()
+        .schema_from::<forms::KnowledgeForm>()
+        .schema_from::<forms::GrantForm>()
+        .schema_from::<forms::FileIdForm>()
         .build();
     OpenApiBuilder::new()
         .info(

@@ -44,6 +44,19 @@ impl ServeHttp for MetricsApp {
     }
 }
 
+/// Runs the ingestion workers inside pingora's runtime until shutdown.
+struct IngestWorkers(Arc<crate::ingest::Ingest>);
+
+#[async_trait]
+impl pingora::services::background::BackgroundService for IngestWorkers {
+    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
+        tokio::select! {
+            _ = self.0.clone().run_workers() => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+}
+
 /// Builds the pingora server for `app`.
 pub fn build(app: Arc<App>) -> Server {
     let config = app.config.clone();
@@ -56,6 +69,11 @@ pub fn build(app: Arc<App>) -> Server {
     let mut server =
         Server::new_with_opt_and_conf(None::<pingora::server::configuration::Opt>, conf);
     server.bootstrap();
+    let workers = pingora::services::background::background_service(
+        "ingest workers",
+        IngestWorkers(app.ingest.clone()),
+    );
+    server.add_service(workers);
     let mut gateway =
         http_proxy_service_with_name(&server.configuration, Gateway { app }, "ragway gateway");
     gateway.add_tcp(&config.listen);

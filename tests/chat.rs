@@ -554,3 +554,296 @@ async fn api_keys_authenticate_chat() {
     assert_error(r, 401, "Not authenticated").await;
     assert_eq!(ollama.requests_to("/v1/chat/completions").len(), 2);
 }
+
+// ---------------------------------------------------------------------------
+// Raw HTTP/1.1, for request framings reqwest cannot produce here (chunked
+// bodies, `Expect: 100-continue`).
+// ---------------------------------------------------------------------------
+
+/// A parsed HTTP/1.1 response.
+#[derive(Debug)]
+struct RawResponse {
+    /// Status codes of the interim (1xx) responses, in order.
+    interim: Vec<u16>,
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl RawResponse {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Position just after the first `\r\n\r\n` at or after `from`.
+fn head_end(buf: &[u8], from: usize) -> Option<usize> {
+    buf.get(from..)?
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|p| from + p + 4)
+}
+
+/// De-chunks a complete chunked body; `None` while incomplete.
+fn dechunk(buf: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    loop {
+        let line_end = i + buf.get(i..)?.windows(2).position(|w| w == b"\r\n")?;
+        let size_text = std::str::from_utf8(&buf[i..line_end]).ok()?;
+        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
+        let data = line_end + 2;
+        if size == 0 {
+            // No trailers expected: the final CRLF must be there.
+            return (buf.len() >= data + 2).then_some(out);
+        }
+        if buf.len() < data + size + 2 {
+            return None;
+        }
+        out.extend_from_slice(&buf[data..data + size]);
+        i = data + size + 2;
+    }
+}
+
+/// Parses `buf` as interim responses plus one final response; `None` while incomplete.
+fn parse_response(buf: &[u8], eof: bool) -> Option<RawResponse> {
+    let mut interim = Vec::new();
+    let mut start = 0;
+    loop {
+        let end = head_end(buf, start)?;
+        let head = String::from_utf8_lossy(&buf[start..end - 4]).into_owned();
+        let mut lines = head.split("\r\n");
+        let status: u16 = lines.next()?.split(' ').nth(1)?.parse().ok()?;
+        if (100..200).contains(&status) {
+            interim.push(status);
+            start = end;
+            continue;
+        }
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .collect();
+        let get = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+        let rest = &buf[end..];
+        let body = if get("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+            dechunk(rest)?
+        } else if let Some(len) = get("content-length") {
+            let len: usize = len.parse().ok()?;
+            rest.get(..len)?.to_vec()
+        } else if status == 204 || status == 304 {
+            Vec::new()
+        } else if eof {
+            rest.to_vec()
+        } else {
+            return None;
+        };
+        return Some(RawResponse {
+            interim,
+            status,
+            headers,
+            body,
+        });
+    }
+}
+
+/// Reads from `stream` until a whole response is in, the peer closes, or 10 s pass.
+async fn read_response(stream: &mut tokio::net::tcp::OwnedReadHalf) -> RawResponse {
+    read_response_after(stream, Vec::new()).await
+}
+
+/// [`read_response`], with `buf` already read from the stream.
+async fn read_response_after(
+    stream: &mut tokio::net::tcp::OwnedReadHalf,
+    mut buf: Vec<u8>,
+) -> RawResponse {
+    use tokio::io::AsyncReadExt;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(r) = parse_response(&buf, false) {
+            return r;
+        }
+        let mut chunk = [0u8; 16 * 1024];
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, stream.read(&mut chunk)).await {
+            Err(_) => panic!(
+                "no complete response within 10 s; got {:?}",
+                String::from_utf8_lossy(&buf)
+            ),
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                return parse_response(&buf, true).unwrap_or_else(|| {
+                    panic!(
+                        "connection ended mid-response: {:?}",
+                        String::from_utf8_lossy(&buf)
+                    )
+                });
+            }
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// Request head for a POST to the chat route.
+fn chat_head(gw: &Gateway, token: &str, framing: &str) -> String {
+    let host = gw.url.trim_start_matches("http://");
+    format!(
+        "POST {CHAT} HTTP/1.1\r\nhost: {host}\r\nauthorization: Bearer {token}\r\n\
+         content-type: application/json\r\nconnection: close\r\n{framing}\r\n"
+    )
+}
+
+/// Sends `body` with `Transfer-Encoding: chunked` in 16 KiB chunks; write errors are
+/// ignored (the gateway may answer and close before reading everything).
+async fn chunked_exchange(gw: &Gateway, token: &str, body: Vec<u8>) -> RawResponse {
+    use tokio::io::AsyncWriteExt;
+    let stream = tokio::net::TcpStream::connect(gw.url.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let (mut rd, mut wr) = stream.into_split();
+    let head = chat_head(gw, token, "transfer-encoding: chunked\r\n");
+    let writer = tokio::spawn(async move {
+        wr.write_all(head.as_bytes()).await?;
+        for piece in body.chunks(16 * 1024) {
+            wr.write_all(format!("{:x}\r\n", piece.len()).as_bytes())
+                .await?;
+            wr.write_all(piece).await?;
+            wr.write_all(b"\r\n").await?;
+        }
+        wr.write_all(b"0\r\n\r\n").await?;
+        wr.flush().await?;
+        Ok::<_, std::io::Error>(wr)
+    });
+    let resp = read_response(&mut rd).await;
+    let _ = writer.await;
+    resp
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_request_bodies() {
+    let ollama = FakeUpstream::ollama(&["m:latest"]).await;
+    let gw = Setup::new()
+        .ollama(&ollama.url)
+        .toml("max-body-mb = 1")
+        .start()
+        .await;
+    let admin = gw.admin().await;
+
+    // ~200 KB without a content-length: forwarded intact, with a correct content-length.
+    let text: String = (0..20_000).map(|i| format!("{i:05}é-ß ")).collect();
+    let raw = serde_json::to_vec(
+        &json!({"model": "m:latest", "messages": [{"role": "user", "content": text}]}),
+    )
+    .unwrap();
+    let r = chunked_exchange(&gw, &admin, raw.clone()).await;
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    let v: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(v["choices"][0]["message"]["content"], "Hello from m:latest");
+    let up = only_request(&ollama, "/v1/chat/completions");
+    assert_clean(&up, &[&admin]);
+    assert!(up.body == raw, "chunked body forwarded byte for byte");
+    assert_eq!(
+        up.header("content-length"),
+        Some(raw.len().to_string().as_str())
+    );
+    assert!(up.header("transfer-encoding").is_none());
+
+    // Over the limit without a content-length: 413 once the limit is crossed.
+    let big = serde_json::to_vec(&json!({"model": "m:latest",
+        "messages": [{"role": "user", "content": "x".repeat(1536 * 1024)}]}))
+    .unwrap();
+    let r = chunked_exchange(&gw, &admin, big).await;
+    assert_eq!(r.status, 413, "{:?}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        r.header("content-type"),
+        Some("application/json"),
+        "JSON error"
+    );
+    let v: Value = serde_json::from_slice(&r.body).unwrap();
+    assert!(v["detail"].as_str().unwrap().contains("too large"), "{v}");
+    assert_eq!(ollama.requests_to("/v1/chat/completions").len(), 1);
+
+    // Still serving.
+    let r = gw
+        .post(
+            CHAT,
+            Some(&admin),
+            json!({"model": "m:latest", "messages": hi()}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expect_100_continue_gets_the_real_answer() {
+    use tokio::io::AsyncWriteExt;
+    let ollama = FakeUpstream::ollama(&["m:latest"]).await;
+    let gw = Setup::new().ollama(&ollama.url).start().await;
+    let admin = gw.admin().await;
+
+    // As curl does for large bodies: send the head, wait (up to 1 s) for
+    // `100 Continue`, then the body.
+    let body = serde_json::to_vec(&json!({"model": "m:latest", "messages": hi()})).unwrap();
+    let stream = tokio::net::TcpStream::connect(gw.url.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let (mut rd, mut wr) = stream.into_split();
+    let head = chat_head(
+        &gw,
+        &admin,
+        &format!("content-length: {}\r\nexpect: 100-continue\r\n", body.len()),
+    );
+    wr.write_all(head.as_bytes()).await.unwrap();
+    let mut early = Vec::new();
+    let wait_until = Instant::now() + Duration::from_secs(1);
+    while head_end(&early, 0).is_none() {
+        use tokio::io::AsyncReadExt;
+        let mut chunk = [0u8; 1024];
+        let left = wait_until.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, rd.read(&mut chunk)).await {
+            Err(_) => break, // no 100 Continue: send the body anyway, as curl does
+            Ok(Ok(0)) => panic!("gateway closed the connection before the body was sent"),
+            Ok(Err(e)) => panic!("reading the interim response: {e}"),
+            Ok(Ok(n)) => early.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let continued = head_end(&early, 0).is_some();
+    if continued {
+        assert!(
+            early.starts_with(b"HTTP/1.1 100"),
+            "only a 100 Continue may come before the body: {:?}",
+            String::from_utf8_lossy(&early)
+        );
+    }
+    wr.write_all(&body).await.unwrap();
+    let r = read_response_after(&mut rd, early).await;
+    assert_eq!(
+        r.status,
+        200,
+        "final status (interim {:?}, 100 Continue before the body: {continued}): {:?}",
+        r.interim,
+        String::from_utf8_lossy(&r.body)
+    );
+    let expected_interim: Vec<u16> = if continued { vec![100] } else { vec![] };
+    assert_eq!(
+        r.interim, expected_interim,
+        "no interim response after the body was sent"
+    );
+    let v: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(v["choices"][0]["message"]["content"], "Hello from m:latest");
+    // The gateway already has the body: the upstream is not asked to confirm it.
+    let up = only_request(&ollama, "/v1/chat/completions");
+    assert_eq!(up.header("expect"), None, "expect forwarded upstream");
+    assert_eq!(up.body, Bytes::from(body));
+
+    // And the gateway still serves.
+    let r = gw
+        .post(
+            CHAT,
+            Some(&admin),
+            json!({"model": "m:latest", "messages": hi()}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+}

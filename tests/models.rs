@@ -417,3 +417,51 @@ async fn access_lists_of_users_and_keys() {
     assert_error(r, 401, "").await;
     assert_error(gw.get("/api/models", None).await, 401, "Not authenticated").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_ids_and_rejected_keys() {
+    let ollama = FakeUpstream::ollama(&["dup", "o-only"]).await;
+    let first = FakeUpstream::openai(&["dup", "same"]).await;
+    let second = FakeUpstream::openai(&["same", "second-only"]).await;
+    let locked = FakeUpstream::openai(&["locked"])
+        .await
+        .with_api_key("sk-right");
+    let gw = Setup::new()
+        .ollama(&ollama.url)
+        .openai(&first.url)
+        .openai(&second.url)
+        .toml(&format!(
+            "[[openai]]\nurl = {:?}\nkey = \"sk-wrong\"",
+            locked.url
+        ))
+        .start()
+        .await;
+    let admin = gw.admin().await;
+    let data = models(&gw, &admin, false).await;
+    assert_eq!(ids(&data), vec!["dup", "o-only", "same", "second-only"]);
+    // Ollama comes last and wins over an OpenAI model with the same id.
+    assert_eq!(find(&data, "dup")["owned_by"], "ollama");
+    // Between OpenAI connections, the first wins.
+    assert_eq!(find(&data, "same")["urls"], json!([0]));
+    assert_eq!(find(&data, "second-only")["urls"], json!([1]));
+    // The connection whose key was refused is skipped, but was asked with its key.
+    assert!(
+        locked
+            .requests_to("/models")
+            .iter()
+            .all(|r| r.header("authorization") == Some("Bearer sk-wrong"))
+    );
+
+    // Chat follows the list: `dup` goes to Ollama.
+    let r = gw
+        .post(
+            "/api/chat/completions",
+            Some(&admin),
+            json!({"model": "dup", "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    r.bytes().await.unwrap();
+    assert_eq!(ollama.requests_to("/v1/chat/completions").len(), 1);
+    assert!(first.requests_to("/chat/completions").is_empty());
+}

@@ -128,6 +128,23 @@ async fn timed(req: reqwest::RequestBuilder) -> Timed {
     }
 }
 
+/// POSTs with a client-side bound, so a gateway that never answers fails the test
+/// instead of hanging it.
+async fn post_bounded(gw: &Gateway, path: &str, token: &str, body: Value) -> Response {
+    let bound = Duration::from_secs(10);
+    match gw
+        .req(Method::POST, path, Some(token))
+        .json(&body)
+        .timeout(bound)
+        .send()
+        .await
+    {
+        Ok(r) => r,
+        Err(e) if e.is_timeout() => panic!("POST {path}: no answer within {bound:?}"),
+        Err(e) => panic!("POST {path}: {e}"),
+    }
+}
+
 fn toml_upstream(url: &str, extra: &str) -> String {
     format!("[[ollama]]\nurl = {url:?}\n{extra}")
 }
@@ -481,6 +498,38 @@ async fn streams_are_relayed_unbuffered_and_byte_exact() {
     let lines = ndjson(&nd.body);
     assert_eq!(lines[0]["message"]["content"], "Hello");
     assert_eq!(lines.last().unwrap()["done"], true);
+}
+
+/// A streamed answer of unknown length must be chunked: close-delimited framing gives up
+/// keep-alive and makes a truncated stream indistinguishable from a complete one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_responses_are_chunked_and_keep_the_connection() {
+    let up = FakeUpstream::ollama(&["m:latest"]).await;
+    let gw = Setup::new().ollama(&up.url).start().await;
+    let admin = gw.admin().await;
+    for (path, body) in [
+        ("/ollama/api/pull", json!({"model": "n:latest"})),
+        ("/ollama/api/chat", chat("m:latest")),
+        (
+            "/ollama/api/generate",
+            json!({"model": "m:latest", "prompt": "hi"}),
+        ),
+    ] {
+        let r = gw.post(path, Some(&admin), body).await;
+        assert_eq!(r.status(), 200, "{path}");
+        let header = |name: &str| {
+            r.headers()
+                .get(name)
+                .map(|v| v.to_str().unwrap().to_ascii_lowercase())
+        };
+        assert_eq!(
+            header("transfer-encoding").as_deref(),
+            Some("chunked"),
+            "{path}"
+        );
+        assert_ne!(header("connection").as_deref(), Some("close"), "{path}");
+        r.bytes().await.unwrap();
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -1392,9 +1441,7 @@ async fn a_silent_upstream_times_out_with_504() {
         200
     );
     let t0 = Instant::now();
-    let r = gw
-        .post("/ollama/api/chat", Some(&admin), chat("stall:latest"))
-        .await;
+    let r = post_bounded(&gw, "/ollama/api/chat", &admin, chat("stall:latest")).await;
     let took = t0.elapsed();
     assert_error(r, 504, "").await;
     assert!(
@@ -1433,8 +1480,11 @@ async fn unreachable_upstreams_give_json_errors() {
     assert_error(r, 500, "").await;
     let r = gw.get("/ollama/api/tags", Some(&admin)).await;
     assert_eq!(r.json::<Value>().await.unwrap(), json!({"models": []}));
+}
 
-    // Accepts and never answers: a read timeout (504) on both paths.
+/// A gateway whose upstream 0 accepts connections and never answers, and whose upstream 1
+/// is a live fake hosting `m:latest`.
+async fn black_hole_gateway() -> (Gateway, String, FakeUpstream, tokio::task::JoinHandle<()>) {
     let (hole, hole_task) = blackhole().await;
     let live = FakeUpstream::ollama(&["m:latest"]).await;
     let gw = Setup::new()
@@ -1446,41 +1496,39 @@ async fn unreachable_upstreams_give_json_errors() {
         .start()
         .await;
     let admin = gw.admin().await;
+    (gw, admin, live, hole_task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_black_hole_upstream_times_out_on_the_proxy_path() {
+    let (gw, admin, _live, hole_task) = black_hole_gateway().await;
+    // Pull streams through pingora's proxy path to upstream 0.
     let t0 = Instant::now();
-    let r = gw
-        .post(
-            "/ollama/api/pull",
-            Some(&admin),
-            json!({"model": "m:latest"}),
-        )
-        .await;
-    assert_error(r, 504, "").await;
-    assert!(
-        t0.elapsed() < Duration::from_secs(5),
-        "504 after {:?}",
-        t0.elapsed()
-    );
-    // Forward path: an admin aims a chat at the black hole.
-    let t0 = Instant::now();
-    let r = gw
-        .post("/ollama/api/chat/0", Some(&admin), chat("m:latest"))
-        .await;
-    assert_error(r, 504, "").await;
-    assert!(
-        t0.elapsed() < Duration::from_secs(5),
-        "504 after {:?}",
-        t0.elapsed()
-    );
-    // The live upstream is unaffected.
-    let (status, _, _) = via(
+    let r = post_bounded(
         &gw,
-        Method::POST,
-        "/ollama/api/chat",
+        "/ollama/api/pull",
         &admin,
-        &chat("m:latest"),
+        json!({"model": "m:latest"}),
     )
     .await;
-    assert_eq!(status, 200);
+    let took = t0.elapsed();
+    assert_error(r, 504, "").await;
+    assert!(took < Duration::from_secs(5), "504 after {took:?}");
+    hole_task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_black_hole_upstream_times_out_on_the_forward_path() {
+    let (gw, admin, _live, hole_task) = black_hole_gateway().await;
+    // An admin aims a chat at the black hole (the forward engine's path).
+    let t0 = Instant::now();
+    let r = post_bounded(&gw, "/ollama/api/chat/0", &admin, chat("m:latest")).await;
+    let took = t0.elapsed();
+    assert_error(r, 504, "").await;
+    assert!(took < Duration::from_secs(5), "504 after {took:?}");
+    // The live upstream is unaffected.
+    let r = post_bounded(&gw, "/ollama/api/chat", &admin, chat("m:latest")).await;
+    assert_eq!(r.status(), 200);
     hole_task.abort();
 }
 

@@ -61,6 +61,21 @@ pub enum Command {
         #[command(subcommand)]
         action: KeyAction,
     },
+    /// Bulk-load files or folders through the ingestion pipeline (stop `ragway serve` on
+    /// the same data dir first: the database is single-process).
+    Ingest {
+        #[command(flatten)]
+        common: CommonArgs,
+        /// Files or directories (recursed; hidden entries skipped).
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Add every file to this knowledge collection (created when missing).
+        #[arg(long)]
+        knowledge: Option<String>,
+        /// Owner of the files and the collection (default: the first admin).
+        #[arg(long)]
+        user: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -33,6 +33,51 @@ pub struct FileConfig {
     pub models: Option<ModelsFile>,
     /// Upstream timeouts.
     pub timeouts: Option<TimeoutsFile>,
+    /// Embedding engine and model.
+    pub embedding: Option<EmbeddingFile>,
+    /// Files, chunking and the vector index.
+    pub rag: Option<RagFile>,
+}
+
+/// `[embedding]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct EmbeddingFile {
+    /// `onnx` (local, default), `ollama` or `openai`.
+    pub engine: Option<String>,
+    /// Model name recorded with every vector (and sent to remote engines).
+    pub model: Option<String>,
+    /// Directory with model.onnx and tokenizer.json (onnx engine).
+    pub model_dir: Option<String>,
+    /// Path of libonnxruntime.so (onnx engine).
+    pub onnxruntime: Option<String>,
+    /// Concurrent ONNX sessions (each single-threaded).
+    pub sessions: Option<usize>,
+    /// Base URL and key of the remote engine (defaults: first Ollama / OpenAI connection).
+    pub url: Option<String>,
+    pub key: Option<String>,
+}
+
+/// `[rag]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct RagFile {
+    pub chunk_size: Option<usize>,
+    pub chunk_overlap: Option<usize>,
+    /// `character` (default) or `token`.
+    pub text_splitter: Option<String>,
+    pub markdown_header_splitter: Option<bool>,
+    /// Largest upload, in MB.
+    pub file_max_size_mb: Option<u64>,
+    /// Allowed extensions (without dot); empty = all supported.
+    pub allowed_extensions: Option<Vec<String>>,
+    /// Files processed concurrently.
+    pub workers: Option<usize>,
+    /// How long `file/add` waits for a file that is still processing.
+    pub file_add_wait: Option<String>,
+    /// Collections with more vectors than this get an HNSW graph; smaller ones are searched
+    /// exactly.
+    pub hnsw_threshold: Option<usize>,
 }
 
 /// `[auth]`

@@ -60,6 +60,53 @@ pub struct AuthConfig {
     pub model_access: HashMap<String, Vec<String>>,
 }
 
+/// Which engine computes embeddings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EmbeddingEngine {
+    Onnx,
+    Ollama,
+    OpenAi,
+}
+
+impl EmbeddingEngine {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EmbeddingEngine::Onnx => "onnx",
+            EmbeddingEngine::Ollama => "ollama",
+            EmbeddingEngine::OpenAi => "openai",
+        }
+    }
+}
+
+/// Embedding settings.
+#[derive(Debug, Clone)]
+pub struct EmbeddingConfig {
+    pub engine: EmbeddingEngine,
+    pub model: String,
+    pub model_dir: PathBuf,
+    pub onnxruntime: PathBuf,
+    pub sessions: usize,
+    /// Remote engine base URL and key.
+    pub url: Option<String>,
+    pub key: Option<String>,
+}
+
+/// Files, chunking and index settings.
+#[derive(Debug, Clone)]
+pub struct RagConfig {
+    pub chunk_size: usize,
+    pub chunk_overlap: usize,
+    /// Token-based splitting with the embedding model's tokenizer.
+    pub token_splitter: bool,
+    pub markdown_headers: bool,
+    pub file_max_bytes: u64,
+    /// Lowercase extensions without dot; empty = every supported type.
+    pub allowed_extensions: Vec<String>,
+    pub workers: usize,
+    pub file_add_wait: Duration,
+    pub hnsw_threshold: usize,
+}
+
 /// The validated runtime configuration. Built once at start-up; shared read-only.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -78,6 +125,8 @@ pub struct Config {
     pub models_list_timeout: Duration,
     pub connect_timeout: Duration,
     pub read_idle_timeout: Duration,
+    pub embedding: EmbeddingConfig,
+    pub rag: RagConfig,
 }
 
 /// A configuration problem, with the setting it concerns.
@@ -391,6 +440,15 @@ pub fn build(
     }
     let read_idle_timeout = duration("timeouts.read-idle (AIOHTTP_CLIENT_TIMEOUT)", &read_idle)?;
 
+    let (embedding, rag) = rag_config(
+        file.embedding.unwrap_or_default(),
+        file.rag.unwrap_or_default(),
+        env,
+        &ollama,
+        &openai,
+        &data_dir,
+    )?;
+
     Ok(Config {
         listen,
         metrics_listen,
@@ -417,7 +475,164 @@ pub fn build(
         models_list_timeout,
         connect_timeout,
         read_idle_timeout,
+        embedding,
+        rag,
     })
+}
+
+fn parse_usize(name: &str, v: &str) -> Result<usize, ConfigError> {
+    v.trim()
+        .parse()
+        .map_err(|_| ConfigError(format!("{name}: expected a whole number, got {v:?}")))
+}
+
+/// `[embedding]` and `[rag]` with Open WebUI's variables (`RAG_EMBEDDING_ENGINE`,
+/// `RAG_EMBEDDING_MODEL`, `CHUNK_SIZE`, `CHUNK_OVERLAP`, `RAG_TEXT_SPLITTER`,
+/// `RAG_FILE_MAX_SIZE`, `RAG_ALLOWED_FILE_EXTENSIONS`, ...).
+fn rag_config(
+    e: file::EmbeddingFile,
+    r: file::RagFile,
+    env: &dyn EnvSource,
+    ollama: &[UpstreamConfig],
+    openai: &[UpstreamConfig],
+    data_dir: &Path,
+) -> Result<(EmbeddingConfig, RagConfig), ConfigError> {
+    let mut engine = e.engine.unwrap_or_else(|| "onnx".into());
+    if let Some(v) = env.get_raw("RAG_EMBEDDING_ENGINE") {
+        engine = v;
+    }
+    let engine = match engine.trim().to_ascii_lowercase().as_str() {
+        "" | "onnx" | "local" => EmbeddingEngine::Onnx,
+        "ollama" => EmbeddingEngine::Ollama,
+        "openai" => EmbeddingEngine::OpenAi,
+        other => {
+            return err(format!(
+                "embedding.engine (RAG_EMBEDDING_ENGINE): {other:?} is not onnx, ollama or openai"
+            ));
+        }
+    };
+    let model = env
+        .get("RAG_EMBEDDING_MODEL")
+        .or(e.model)
+        .unwrap_or_else(|| "sentence-transformers/all-MiniLM-L6-v2".into());
+    let model_dir = PathBuf::from(
+        env.get("RAGWAY_MODEL_DIR")
+            .or(e.model_dir)
+            .unwrap_or_else(|| "./models/all-MiniLM-L6-v2".into()),
+    );
+    let onnxruntime = PathBuf::from(
+        env.get("ORT_DYLIB_PATH")
+            .or(e.onnxruntime)
+            .unwrap_or_else(|| "./models/onnxruntime/libonnxruntime.so".into()),
+    );
+    let sessions = e.sessions.unwrap_or(1);
+    if sessions == 0 {
+        return err("embedding.sessions: must be at least 1");
+    }
+    let (url, key) = match engine {
+        EmbeddingEngine::Onnx => (None, None),
+        EmbeddingEngine::Ollama => (
+            env.get("RAG_OLLAMA_BASE_URL")
+                .or(e.url)
+                .or_else(|| ollama.first().map(|u| u.url.clone())),
+            env.get("RAG_OLLAMA_API_KEY")
+                .or(e.key)
+                .or_else(|| ollama.first().and_then(|u| u.key.clone())),
+        ),
+        EmbeddingEngine::OpenAi => (
+            env.get("RAG_OPENAI_API_BASE_URL")
+                .or(e.url)
+                .or_else(|| openai.first().map(|u| u.url.clone())),
+            env.get("RAG_OPENAI_API_KEY")
+                .or(e.key)
+                .or_else(|| openai.first().and_then(|u| u.key.clone())),
+        ),
+    };
+    if engine != EmbeddingEngine::Onnx && url.is_none() {
+        return err(format!(
+            "embedding.url: the {} engine needs a base URL (or a configured connection)",
+            engine.as_str()
+        ));
+    }
+
+    let mut chunk_size = r.chunk_size.unwrap_or(1000);
+    if let Some(v) = env.get("CHUNK_SIZE") {
+        chunk_size = parse_usize("CHUNK_SIZE", &v)?;
+    }
+    let mut chunk_overlap = r.chunk_overlap.unwrap_or(100);
+    if let Some(v) = env.get("CHUNK_OVERLAP") {
+        chunk_overlap = parse_usize("CHUNK_OVERLAP", &v)?;
+    }
+    if chunk_size == 0 || chunk_overlap >= chunk_size {
+        return err("rag.chunk-size must be > 0 and rag.chunk-overlap smaller than it");
+    }
+    let mut splitter = r.text_splitter.unwrap_or_else(|| "character".into());
+    if let Some(v) = env.get_raw("RAG_TEXT_SPLITTER") {
+        splitter = v;
+    }
+    let token_splitter = match splitter.trim() {
+        "" | "character" => false,
+        "token" | "token_transformers" => true,
+        other => {
+            return err(format!(
+                "rag.text-splitter: {other:?} is not character or token"
+            ));
+        }
+    };
+    let mut markdown_headers = r.markdown_header_splitter.unwrap_or(true);
+    if let Some(v) = env.get("ENABLE_MARKDOWN_HEADER_TEXT_SPLITTER") {
+        markdown_headers = parse_bool("ENABLE_MARKDOWN_HEADER_TEXT_SPLITTER", &v)?;
+    }
+    let mut max_mb = r.file_max_size_mb.unwrap_or(100);
+    if let Some(v) = env.get("RAG_FILE_MAX_SIZE") {
+        max_mb = parse_usize("RAG_FILE_MAX_SIZE", &v)? as u64;
+    }
+    if max_mb == 0 {
+        return err("rag.file-max-size-mb: must be at least 1");
+    }
+    let mut allowed = r.allowed_extensions.unwrap_or_default();
+    if let Some(v) = env.get("RAG_ALLOWED_FILE_EXTENSIONS") {
+        allowed = v.split(',').map(String::from).collect();
+    }
+    let allowed_extensions = allowed
+        .iter()
+        .map(|x| x.trim().trim_start_matches('.').to_ascii_lowercase())
+        .filter(|x| !x.is_empty())
+        .collect();
+    let workers = r.workers.unwrap_or(2);
+    if workers == 0 {
+        return err("rag.workers: must be at least 1");
+    }
+    let file_add_wait = duration(
+        "rag.file-add-wait",
+        r.file_add_wait.as_deref().unwrap_or("60s"),
+    )?;
+    let hnsw_threshold = r.hnsw_threshold.unwrap_or(50_000);
+    // Relative model paths are relative to the working directory, not the data dir; the
+    // data dir is only used for uploads and the index.
+    let _ = data_dir;
+    Ok((
+        EmbeddingConfig {
+            engine,
+            model,
+            model_dir,
+            onnxruntime,
+            sessions,
+            url,
+            key,
+        },
+        RagConfig {
+            chunk_size,
+            chunk_overlap,
+            token_splitter,
+            markdown_headers,
+            file_max_bytes: max_mb * 1024 * 1024,
+            allowed_extensions,
+            workers,
+            file_add_wait,
+            hnsw_threshold,
+        },
+    ))
 }
 
 /// Merges one upstream family: file entries, then Open WebUI's env vars (URLs, keys, and

@@ -5,8 +5,12 @@ pub(crate) mod auths;
 /// Request bodies, shared with the OpenAPI document.
 pub mod forms {
     pub use super::auths::{AddUserForm, ApiKeyForm, SigninForm, SignupForm};
+    pub use super::knowledge::{FileIdForm, GrantForm, KnowledgeForm};
 }
+mod access;
 mod chat;
+mod files;
+mod knowledge;
 mod models;
 mod ollama;
 mod system;
@@ -28,6 +32,34 @@ pub enum Outcome {
     Forward(Plan),
     /// Let pingora's proxy phases stream the request through.
     Proxy(ProxyTarget),
+    /// A local answer written incrementally.
+    Stream(Streamer),
+}
+
+/// Local answers too long-lived or too large to build in memory.
+pub enum Streamer {
+    /// Server-sent events with a file's processing status until it is final.
+    FileStatus(String),
+    /// A stored blob, read from disk in chunks.
+    File {
+        path: std::path::PathBuf,
+        content_type: String,
+        disposition: String,
+    },
+}
+
+impl Streamer {
+    /// Writes the whole response; returns its status.
+    pub async fn write(self, app: &App, session: &mut Session) -> pingora::Result<u16> {
+        match self {
+            Streamer::FileStatus(id) => files::stream_status(app, session, &id).await,
+            Streamer::File {
+                path,
+                content_type,
+                disposition,
+            } => crate::http::send_file(session, &path, &content_type, &disposition).await,
+        }
+    }
 }
 
 /// The matched route of a request.
@@ -36,6 +68,15 @@ pub struct Req {
     pub url_idx: Option<usize>,
     /// Sub-path under a prefix route (`/docs/...`).
     pub tail: String,
+    /// `{param}` values of the path.
+    pub params: Vec<String>,
+}
+
+impl Req {
+    /// The first path parameter (`{id}`).
+    pub fn id(&self) -> &str {
+        self.params.first().map(String::as_str).unwrap_or_default()
+    }
 }
 
 pub type HandlerResult = Result<Outcome, ApiError>;
@@ -86,6 +127,22 @@ pub async fn handle(
         | OllamaV1ChatCompletions
         | OllamaV1Messages
         | OllamaV1Responses => ollama::model_route(app, session, ctx, req).await,
+        FileUpload => files::upload(app, session, ctx).await,
+        FileList => files::list(app, session, ctx),
+        FileGet => files::get(app, ctx, req),
+        FileStatus => files::status(app, session, ctx, req),
+        FileDataContent => files::data_content(app, ctx, req),
+        FileContent => files::content(app, session, ctx, req),
+        FileDelete => files::delete(app, ctx, req),
+        KnowledgeCreate => knowledge::create(app, session, ctx).await,
+        KnowledgeList => knowledge::list(app, session, ctx),
+        KnowledgeGet => knowledge::get(app, ctx, req),
+        KnowledgeFiles => knowledge::files(app, session, ctx, req),
+        KnowledgeUpdate => knowledge::update(app, session, ctx, req).await,
+        KnowledgeFileAdd => knowledge::add_file(app, session, ctx, req).await,
+        KnowledgeFileRemove => knowledge::remove_file(app, session, ctx, req).await,
+        KnowledgeReset => knowledge::reset(app, ctx, req),
+        KnowledgeDelete => knowledge::delete(app, ctx, req),
     }
 }
 

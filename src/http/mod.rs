@@ -69,6 +69,52 @@ pub async fn send(session: &mut Session, reply: Reply) -> pingora::Result<()> {
     Ok(())
 }
 
+/// Streams a file from disk in 64 KiB chunks, so large blobs never sit in memory whole.
+pub async fn send_file(
+    session: &mut Session,
+    path: &std::path::Path,
+    content_type: &str,
+    disposition: &str,
+) -> pingora::Result<u16> {
+    use tokio::io::AsyncReadExt;
+    let mut file = match tokio::fs::File::open(path).await {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "stored blob is missing");
+            send(
+                session,
+                ApiError::not_found("The stored file is missing").into(),
+            )
+            .await?;
+            return Ok(404);
+        }
+    };
+    let len = file.metadata().await.map(|m| m.len()).unwrap_or(0);
+    let mut resp = ResponseHeader::build(200, Some(3))?;
+    resp.insert_header(header::CONTENT_TYPE, content_type)?;
+    resp.insert_header(header::CONTENT_LENGTH, len.to_string())?;
+    resp.insert_header(header::CONTENT_DISPOSITION, disposition)?;
+    session
+        .write_response_header(Box::new(resp), len == 0)
+        .await?;
+    let mut remaining = len;
+    while remaining > 0 {
+        let mut buf = BytesMut::with_capacity(64 * 1024);
+        let n = file
+            .read_buf(&mut buf)
+            .await
+            .map_err(|e| pingora::Error::because(pingora::ErrorType::FileReadError, "blob", e))?;
+        if n == 0 {
+            break;
+        }
+        remaining = remaining.saturating_sub(n as u64);
+        session
+            .write_response_body(Some(buf.freeze()), remaining == 0)
+            .await?;
+    }
+    Ok(200)
+}
+
 /// Reads the whole request body, refusing more than `limit` bytes with a 413 before
 /// buffering them (from `Content-Length` when present, while reading otherwise).
 pub async fn read_body(session: &mut Session, limit: usize) -> Result<Bytes, ApiError> {

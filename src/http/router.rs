@@ -27,6 +27,8 @@ pub enum Group {
     Models,
     Chat,
     Ollama,
+    Files,
+    Knowledge,
 }
 
 impl Group {
@@ -37,6 +39,8 @@ impl Group {
             Group::Models => "models",
             Group::Chat => "chat",
             Group::Ollama => "ollama",
+            Group::Files => "files",
+            Group::Knowledge => "knowledge",
         }
     }
 }
@@ -80,6 +84,22 @@ pub enum Endpoint {
     OllamaV1Messages,
     OllamaV1Responses,
     OllamaV1Models,
+    FileUpload,
+    FileList,
+    FileGet,
+    FileStatus,
+    FileDataContent,
+    FileContent,
+    FileDelete,
+    KnowledgeCreate,
+    KnowledgeList,
+    KnowledgeGet,
+    KnowledgeFiles,
+    KnowledgeUpdate,
+    KnowledgeFileAdd,
+    KnowledgeFileRemove,
+    KnowledgeReset,
+    KnowledgeDelete,
 }
 
 /// One row of the route table.
@@ -156,6 +176,22 @@ routes! {
     POST "/ollama/v1/messages" => OllamaV1Messages, Verified, Ollama, true, false, "Anthropic-compatible messages";
     POST "/ollama/v1/responses" => OllamaV1Responses, Verified, Ollama, true, false, "OpenAI Responses API";
     GET "/ollama/v1/models" => OllamaV1Models, Verified, Ollama, true, false, "Ollama models in OpenAI list format";
+    POST "/api/v1/files/" => FileUpload, Verified, Files, false, false, "Upload a file (multipart field `file`) and process it";
+    GET "/api/v1/files/" => FileList, Verified, Files, false, false, "Files you can read, newest first (paginated)";
+    GET "/api/v1/files/{id}" => FileGet, Verified, Files, false, false, "A file with its extracted content";
+    GET "/api/v1/files/{id}/process/status" => FileStatus, Verified, Files, false, false, "Processing status (?stream=true for SSE)";
+    GET "/api/v1/files/{id}/data/content" => FileDataContent, Verified, Files, false, false, "Extracted text";
+    GET "/api/v1/files/{id}/content" => FileContent, Verified, Files, false, false, "The uploaded bytes";
+    DELETE "/api/v1/files/{id}" => FileDelete, Verified, Files, false, false, "Delete a file, its chunks and vectors everywhere";
+    POST "/api/v1/knowledge/create" => KnowledgeCreate, Verified, Knowledge, false, false, "Create a knowledge collection";
+    GET "/api/v1/knowledge/" => KnowledgeList, Verified, Knowledge, false, false, "Collections you can read (paginated)";
+    GET "/api/v1/knowledge/{id}" => KnowledgeGet, Verified, Knowledge, false, false, "A collection";
+    GET "/api/v1/knowledge/{id}/files" => KnowledgeFiles, Verified, Knowledge, false, false, "Files of a collection (paginated)";
+    POST "/api/v1/knowledge/{id}/update" => KnowledgeUpdate, Verified, Knowledge, false, false, "Rename, describe or re-share a collection";
+    POST "/api/v1/knowledge/{id}/file/add" => KnowledgeFileAdd, Verified, Knowledge, false, false, "Add a processed file (no re-embedding)";
+    POST "/api/v1/knowledge/{id}/file/remove" => KnowledgeFileRemove, Verified, Knowledge, false, false, "Remove a file (?delete_file=true deletes it too)";
+    POST "/api/v1/knowledge/{id}/reset" => KnowledgeReset, Verified, Knowledge, false, false, "Remove every file from a collection";
+    DELETE "/api/v1/knowledge/{id}/delete" => KnowledgeDelete, Verified, Knowledge, false, false, "Delete a collection";
 }
 
 /// The result of matching a request line.
@@ -167,6 +203,8 @@ pub enum Match {
         url_idx: Option<usize>,
         /// The rest of the path under a `prefix` route.
         tail: String,
+        /// Values of `{param}` segments, in order.
+        params: Vec<String>,
     },
     /// The path exists with other methods.
     MethodNotAllowed(Vec<&'static str>),
@@ -181,12 +219,47 @@ fn trim(p: &str) -> &str {
     }
 }
 
+/// Matches `{param}` segments; returns their values, or `None` when the path differs.
+fn match_template(template: &str, path: &str) -> Option<Vec<String>> {
+    let mut params = Vec::new();
+    let mut t = template.split('/');
+    let mut p = path.split('/');
+    loop {
+        match (t.next(), p.next()) {
+            (None, None) => return Some(params),
+            (Some(ts), Some(ps)) if ts.starts_with('{') && ts.ends_with('}') => {
+                if ps.is_empty() {
+                    return None;
+                }
+                params.push(ps.to_string());
+            }
+            (Some(ts), Some(ps)) if ts == ps => {}
+            _ => return None,
+        }
+    }
+}
+
 /// Finds the route for `method` and `path` (without query).
 pub fn find(method: &Method, path: &str) -> Match {
     let path = trim(path);
     let mut allowed: Vec<&'static str> = Vec::new();
     for route in ROUTES {
         let base = trim(route.path);
+        if base.contains('{') {
+            let Some(params) = match_template(base, path) else {
+                continue;
+            };
+            if route.method == method {
+                return Match::Found {
+                    route,
+                    url_idx: None,
+                    tail: String::new(),
+                    params,
+                };
+            }
+            allowed.push(route.method.as_str());
+            continue;
+        }
         let (hit, url_idx, tail) = if path == base {
             (true, None, String::new())
         } else if let Some(rest) = path.strip_prefix(base).and_then(|r| r.strip_prefix('/')) {
@@ -213,6 +286,7 @@ pub fn find(method: &Method, path: &str) -> Match {
                 route,
                 url_idx,
                 tail,
+                params: Vec::new(),
             };
         }
         allowed.push(route.method.as_str());
@@ -220,6 +294,7 @@ pub fn find(method: &Method, path: &str) -> Match {
     if allowed.is_empty() {
         Match::NotFound
     } else {
+        allowed.sort_unstable();
         allowed.dedup();
         Match::MethodNotAllowed(allowed)
     }
@@ -232,7 +307,8 @@ mod tests {
     #[test]
     fn every_documented_route_is_reachable() {
         for r in ROUTES {
-            match find(&r.method, r.path) {
+            let concrete = r.path.replace("{id}", "abc");
+            match find(&r.method, &concrete) {
                 Match::Found { route, .. } => assert_eq!(route.endpoint, r.endpoint, "{}", r.path),
                 other => panic!("{} {} does not match: {other:?}", r.method, r.path),
             }
@@ -264,6 +340,20 @@ mod tests {
         assert!(matches!(
             find(&Method::GET, "/ollama/api/tags/x"),
             Match::NotFound
+        ));
+        match find(&Method::GET, "/api/v1/knowledge/k1/files") {
+            Match::Found { route, params, .. } => {
+                assert_eq!(route.endpoint, Endpoint::KnowledgeFiles);
+                assert_eq!(params, vec!["k1".to_string()]);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            matches!(find(&Method::POST, "/api/v1/knowledge/create"), Match::Found { route, .. } if route.endpoint == Endpoint::KnowledgeCreate)
+        );
+        assert!(matches!(
+            find(&Method::PUT, "/api/v1/files/x"),
+            Match::MethodNotAllowed(_)
         ));
         match find(&Method::GET, "/docs/swagger-ui.css") {
             Match::Found { tail, .. } => assert_eq!(tail, "swagger-ui.css"),

@@ -62,12 +62,13 @@ impl ProxyHttp for Gateway {
     ) -> pingora::Result<bool> {
         let method = session.req_header().method.clone();
         let path = session.req_header().uri.path().to_string();
-        let (route, url_idx, tail) = match router::find(&method, &path) {
+        let (route, url_idx, tail, params) = match router::find(&method, &path) {
             Match::Found {
                 route,
                 url_idx,
                 tail,
-            } => (route, url_idx, tail),
+                params,
+            } => (route, url_idx, tail, params),
             Match::MethodNotAllowed(allowed) => {
                 let e = ApiError::new(
                     405,
@@ -98,6 +99,7 @@ impl ProxyHttp for Gateway {
             route,
             url_idx,
             tail,
+            params,
         };
         match handlers::handle(&self.app, session, ctx, &req).await {
             Ok(Outcome::Reply(reply)) => {
@@ -107,6 +109,10 @@ impl ProxyHttp for Gateway {
             }
             Ok(Outcome::Forward(plan)) => {
                 forward::forward(&self.app, session, ctx, plan).await?;
+                Ok(true)
+            }
+            Ok(Outcome::Stream(streamer)) => {
+                ctx.status = Some(streamer.write(&self.app, session).await?);
                 Ok(true)
             }
             Ok(Outcome::Proxy(target)) => {

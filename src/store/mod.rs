@@ -4,13 +4,21 @@
 //! place. Values are JSON documents: the schema can grow fields without migrations, and a
 //! record read back is exactly what the API returns.
 
+mod files;
+mod knowledge;
 mod records;
 
 use std::path::Path;
 
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{
+    Database, MultimapTableDefinition, ReadableDatabase, ReadableTable, ReadableTableMetadata,
+    TableDefinition,
+};
 
-pub use records::{ApiKeyRecord, Role, User, now_secs};
+pub use records::{
+    ApiKeyRecord, ChunkRecord, EmbeddingInfo, FileRecord, FileStatus, Grant, KnowledgeRecord, Role,
+    User, now_secs,
+};
 
 /// user id → `User` JSON.
 const USERS: TableDefinition<&str, &str> = TableDefinition::new("users");
@@ -22,8 +30,32 @@ const API_KEYS: TableDefinition<&str, &str> = TableDefinition::new("api_keys");
 const USER_API_KEY: TableDefinition<&str, &str> = TableDefinition::new("user_api_key");
 /// JWT id → expiry (epoch seconds; 0 = never) of a signed-out token.
 const REVOKED_TOKENS: TableDefinition<&str, u64> = TableDefinition::new("revoked_tokens");
-/// Free-form settings changed at run time (e.g. `enable_signup` after the first user).
+/// Free-form settings changed at run time.
 const SETTINGS: TableDefinition<&str, &str> = TableDefinition::new("settings");
+
+/// file id → `FileRecord` JSON (metadata and processing status).
+const FILES: TableDefinition<&str, &str> = TableDefinition::new("files");
+/// file id → extracted text (`data.content`), kept apart so listings stay cheap.
+const FILE_TEXT: TableDefinition<&str, &str> = TableDefinition::new("file_text");
+/// file id → its chunk ids, little-endian u64s, in document order.
+const FILE_CHUNKS: TableDefinition<&str, &[u8]> = TableDefinition::new("file_chunks");
+/// chunk id → `ChunkRecord` JSON (text and loader metadata).
+const CHUNKS: TableDefinition<u64, &str> = TableDefinition::new("chunks");
+/// chunk id → embedding, little-endian f32s. The vector index is derived from this table.
+const VECTORS: TableDefinition<u64, &[u8]> = TableDefinition::new("vectors");
+/// file id → enqueue time, for files waiting to be processed. Survives restarts: a file
+/// still here at start-up is processed again.
+const QUEUE: TableDefinition<&str, u64> = TableDefinition::new("queue");
+/// knowledge id → `KnowledgeRecord` JSON.
+const KNOWLEDGE: TableDefinition<&str, &str> = TableDefinition::new("knowledge");
+/// knowledge id → file ids in it.
+const KNOWLEDGE_FILES: MultimapTableDefinition<&str, &str> =
+    MultimapTableDefinition::new("knowledge_files");
+/// file id → knowledge ids containing it (reverse of `KNOWLEDGE_FILES`).
+const FILE_KNOWLEDGE: MultimapTableDefinition<&str, &str> =
+    MultimapTableDefinition::new("file_knowledge");
+/// Named counters (`chunk_id`).
+const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
 
 /// Failures of the store. Messages say what to do.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +71,8 @@ pub enum StoreError {
     EmailTaken,
     #[error("no such user")]
     NoSuchUser,
+    #[error("not found")]
+    NotFound,
 }
 
 macro_rules! from_redb {
@@ -85,6 +119,16 @@ impl Store {
         txn.open_table(USER_API_KEY)?;
         txn.open_table(REVOKED_TOKENS)?;
         txn.open_table(SETTINGS)?;
+        txn.open_table(FILES)?;
+        txn.open_table(FILE_TEXT)?;
+        txn.open_table(FILE_CHUNKS)?;
+        txn.open_table(CHUNKS)?;
+        txn.open_table(VECTORS)?;
+        txn.open_table(QUEUE)?;
+        txn.open_table(KNOWLEDGE)?;
+        txn.open_multimap_table(KNOWLEDGE_FILES)?;
+        txn.open_multimap_table(FILE_KNOWLEDGE)?;
+        txn.open_table(COUNTERS)?;
         txn.commit()?;
         Ok(Store { db })
     }
@@ -121,6 +165,18 @@ impl Store {
         }
         txn.commit()?;
         Ok(user)
+    }
+
+    /// All users (for listings and user-name lookups).
+    pub fn users(&self) -> Result<Vec<User>> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(USERS)?;
+        let mut out = Vec::new();
+        for row in t.iter()? {
+            let (_, v) = row?;
+            out.push(decode("users", v.value())?);
+        }
+        Ok(out)
     }
 
     pub fn user_by_id(&self, id: &str) -> Result<Option<User>> {

@@ -81,3 +81,92 @@ pub struct ApiKeyRecord {
     #[serde(default)]
     pub models: Vec<String>,
 }
+
+/// Processing state of an uploaded file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FileStatus {
+    Pending,
+    Completed,
+    Failed,
+}
+
+impl FileStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FileStatus::Pending => "pending",
+            FileStatus::Completed => "completed",
+            FileStatus::Failed => "failed",
+        }
+    }
+}
+
+/// Which embedding model made a file's vectors.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EmbeddingInfo {
+    pub engine: String,
+    pub model: String,
+    pub dim: usize,
+}
+
+/// An uploaded file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FileRecord {
+    pub id: String,
+    pub user_id: String,
+    pub filename: String,
+    /// Where the blob is stored.
+    pub path: String,
+    /// SHA-256 of the extracted text once processed (Open WebUI's `hash`).
+    pub hash: Option<String>,
+    /// `None` when uploaded with `process=false`.
+    pub status: Option<FileStatus>,
+    pub error: Option<String>,
+    /// Open WebUI's `meta`: name, content_type, size, file_hash, data, collection_name.
+    pub meta: serde_json::Value,
+    pub embedding: Option<EmbeddingInfo>,
+    pub chunk_count: usize,
+    pub created_at: u64,
+    pub updated_at: u64,
+}
+
+/// One chunk of a processed file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChunkRecord {
+    pub file_id: String,
+    /// Position in the file's chunk list.
+    pub index: usize,
+    pub text: String,
+    /// Character offset in its page's text (Open WebUI's `start_index`).
+    pub start_index: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page: Option<u32>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<String>,
+}
+
+/// An access grant on a knowledge collection (Open WebUI's `access_grant` row).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Grant {
+    pub id: String,
+    /// `user` or `group`.
+    pub principal_type: String,
+    /// A user id, a group id, or `*` for everyone.
+    pub principal_id: String,
+    /// `read` or `write`.
+    pub permission: String,
+    pub created_at: u64,
+}
+
+/// A knowledge collection.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KnowledgeRecord {
+    pub id: String,
+    pub user_id: String,
+    pub name: String,
+    pub description: String,
+    pub meta: serde_json::Value,
+    pub access_grants: Vec<Grant>,
+    pub created_at: u64,
+    pub updated_at: u64,
+}

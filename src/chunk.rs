@@ -1,0 +1,653 @@
+//! Chunking, with Open WebUI's defaults (`routers/retrieval.py`, `save_docs_to_vector_db`).
+//!
+//! 1. With `ENABLE_MARKDOWN_HEADER_TEXT_SPLITTER` (default on) each page is first cut at
+//!    Markdown ATX headers (`#` … `######` at the start of a line, outside fenced code
+//!    blocks); every section keeps its header line, and its chunks record the header path.
+//!    Like Open WebUI, this applies to every document kind, not only `.md` files.
+//! 2. Each section is then split by `text-splitter`'s [`TextSplitter`] to at most
+//!    `CHUNK_SIZE` (1000) characters, or tokens of the embedding model's tokenizer, with up to
+//!    `CHUNK_OVERLAP` (100) of overlap. It plays the part of LangChain's
+//!    `RecursiveCharacterTextSplitter`: it prefers to cut at blank lines, then lines, then
+//!    sentences and words.
+//! 3. `start_index` is the chunk's offset in its page's text, in characters (Open WebUI's
+//!    `add_start_index`, which counts Python characters, i.e. code points).
+//!
+//! Chunks are trimmed slices of the page text, never empty or whitespace-only.
+
+use std::fmt;
+use std::sync::Arc;
+
+use text_splitter::{ChunkSizer, TextSplitter};
+
+use crate::extract::Document;
+
+/// How chunk sizes are measured (Open WebUI's `RAG_TEXT_SPLITTER`).
+#[derive(Clone)]
+pub enum Splitter {
+    /// Characters (Unicode code points): `character`, the default.
+    Character,
+    /// Tokens of this tokenizer, normally the embedding model's: `token_transformers`.
+    Token(Arc<tokenizers::Tokenizer>),
+}
+
+impl fmt::Debug for Splitter {
+    // A tokenizer's own Debug prints its whole vocabulary.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Splitter::Character => f.write_str("Character"),
+            Splitter::Token(_) => f.write_str("Token(..)"),
+        }
+    }
+}
+
+/// Chunking settings.
+#[derive(Clone, Debug)]
+pub struct ChunkConfig {
+    /// Largest chunk, in characters or tokens (`CHUNK_SIZE`, default 1000).
+    pub size: usize,
+    /// Most overlap between consecutive chunks, same unit (`CHUNK_OVERLAP`, default 100).
+    pub overlap: usize,
+    /// Cut at Markdown headers first (`ENABLE_MARKDOWN_HEADER_TEXT_SPLITTER`, default true).
+    pub markdown_headers: bool,
+    /// The size unit (`RAG_TEXT_SPLITTER`, default characters).
+    pub splitter: Splitter,
+}
+
+impl Default for ChunkConfig {
+    fn default() -> Self {
+        Self {
+            size: 1000,
+            overlap: 100,
+            markdown_headers: true,
+            splitter: Splitter::Character,
+        }
+    }
+}
+
+impl ChunkConfig {
+    /// Checks `size > 0` and `overlap < size`, with a message fit for a 400 answer.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.size == 0 {
+            return Err("chunk size must be greater than 0".to_owned());
+        }
+        if self.overlap >= self.size {
+            return Err(format!(
+                "chunk overlap ({}) must be smaller than chunk size ({})",
+                self.overlap, self.size
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A piece of a page, ready to embed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chunk {
+    /// The text: a trimmed slice of the page text, never empty.
+    pub text: String,
+    /// Offset of `text` in its page's text, in characters.
+    pub start_index: usize,
+    /// The page number, for PDFs.
+    pub page: Option<u32>,
+    /// The enclosing Markdown headers, outermost first, e.g. `["# Intro", "## Setup"]`;
+    /// empty without the header splitter or before the first header.
+    pub headers: Vec<String>,
+}
+
+/// Splits every page of `doc` into chunks, in page and text order.
+///
+/// An invalid configuration (see [`ChunkConfig::validate`]) does not panic: the size is
+/// raised to 1 and the overlap lowered below the size.
+pub fn split(doc: &Document, cfg: &ChunkConfig) -> Vec<Chunk> {
+    let size = cfg.size.max(1);
+    let overlap = cfg.overlap.min(size - 1);
+    match &cfg.splitter {
+        Splitter::Character => {
+            let config = text_splitter::ChunkConfig::new(size)
+                .with_overlap(overlap)
+                .expect("overlap is clamped below size");
+            split_with(doc, cfg.markdown_headers, &TextSplitter::new(config))
+        }
+        Splitter::Token(tokenizer) => {
+            let config = text_splitter::ChunkConfig::new(size)
+                .with_sizer(TokenCounter::new(tokenizer))
+                .with_overlap(overlap)
+                .expect("overlap is clamped below size");
+            split_with(doc, cfg.markdown_headers, &TextSplitter::new(config))
+        }
+    }
+}
+
+fn split_with<S: ChunkSizer>(
+    doc: &Document,
+    markdown_headers: bool,
+    splitter: &TextSplitter<S>,
+) -> Vec<Chunk> {
+    let mut chunks = Vec::new();
+    for page in &doc.pages {
+        let text = page.text.as_str();
+        let sections = if markdown_headers {
+            markdown_sections(text)
+        } else {
+            vec![Section {
+                start: 0,
+                end: text.len(),
+                headers: Vec::new(),
+            }]
+        };
+        // Character offset of `byte_pos`, advanced section by section to stay linear.
+        let (mut byte_pos, mut char_pos) = (0usize, 0usize);
+        for section in sections {
+            char_pos += text[byte_pos..section.start].chars().count();
+            byte_pos = section.start;
+            for piece in splitter.chunk_char_indices(&text[section.start..section.end]) {
+                if piece.chunk.trim().is_empty() {
+                    continue;
+                }
+                chunks.push(Chunk {
+                    text: piece.chunk.to_owned(),
+                    start_index: char_pos + piece.char_offset,
+                    page: page.page,
+                    headers: section.headers.clone(),
+                });
+            }
+        }
+    }
+    chunks
+}
+
+/// A byte range of a page under one header path.
+#[derive(Debug, PartialEq, Eq)]
+struct Section {
+    start: usize,
+    end: usize,
+    headers: Vec<String>,
+}
+
+/// Cuts `text` before every ATX header line outside fenced code. Each section runs from its
+/// header line to the next header; text before the first header has no headers. Sections
+/// with only whitespace are left out.
+fn markdown_sections(text: &str) -> Vec<Section> {
+    let mut sections = Vec::new();
+    let mut stack: Vec<(usize, String)> = Vec::new();
+    let mut current = (0usize, Vec::new());
+    let mut fence: Option<(u8, usize)> = None;
+    let mut offset = 0usize;
+    for line in text.split_inclusive('\n') {
+        let line_start = offset;
+        offset += line.len();
+        let content = line.trim_end_matches(['\n', '\r']);
+        if let Some((ch, len)) = fence {
+            if is_closing_fence(content, ch, len) {
+                fence = None;
+            }
+            continue;
+        }
+        if let Some(opening) = opening_fence(content) {
+            fence = Some(opening);
+            continue;
+        }
+        let Some(level) = header_level(content) else {
+            continue;
+        };
+        push_section(&mut sections, text, current.0, line_start, &current.1);
+        while stack.last().is_some_and(|(l, _)| *l >= level) {
+            stack.pop();
+        }
+        stack.push((level, content.trim().to_owned()));
+        current = (line_start, stack.iter().map(|(_, h)| h.clone()).collect());
+    }
+    push_section(&mut sections, text, current.0, text.len(), &current.1);
+    sections
+}
+
+fn push_section(
+    sections: &mut Vec<Section>,
+    text: &str,
+    start: usize,
+    end: usize,
+    headers: &[String],
+) {
+    if !text[start..end].trim().is_empty() {
+        sections.push(Section {
+            start,
+            end,
+            headers: headers.to_vec(),
+        });
+    }
+}
+
+/// Up to three spaces of indentation are allowed before a header or a fence; four make an
+/// indented code block (CommonMark).
+fn unindent(line: &str) -> Option<&str> {
+    let rest = line.trim_start_matches(' ');
+    (line.len() - rest.len() <= 3).then_some(rest)
+}
+
+/// `#`…`######` followed by a space, a tab or the end of the line.
+fn header_level(line: &str) -> Option<usize> {
+    let rest = unindent(line)?;
+    let level = rest.bytes().take_while(|b| *b == b'#').count();
+    if !(1..=6).contains(&level) {
+        return None;
+    }
+    match rest.as_bytes().get(level) {
+        None | Some(b' ') | Some(b'\t') => Some(level),
+        _ => None,
+    }
+}
+
+/// Three or more backticks or tildes open a fenced code block.
+fn opening_fence(line: &str) -> Option<(u8, usize)> {
+    let rest = unindent(line)?;
+    let ch = *rest.as_bytes().first()?;
+    if ch != b'`' && ch != b'~' {
+        return None;
+    }
+    let len = rest.bytes().take_while(|b| *b == ch).count();
+    (len >= 3).then_some((ch, len))
+}
+
+/// The same character, at least as many times, and nothing else but whitespace.
+fn is_closing_fence(line: &str, ch: u8, len: usize) -> bool {
+    let Some(rest) = unindent(line) else {
+        return false;
+    };
+    let run = rest.bytes().take_while(|b| *b == ch).count();
+    run >= len && rest[run..].trim().is_empty()
+}
+
+/// Counts tokens with the embedding model's tokenizer, without special tokens. Implemented
+/// here rather than through text-splitter's `tokenizers` feature, which would pull in a
+/// second, C-backed build of `tokenizers`.
+struct TokenCounter(Arc<tokenizers::Tokenizer>);
+
+impl TokenCounter {
+    /// An embedding tokenizer usually truncates (and may pad) to the model's input length,
+    /// which would make every long text look short: count with a copy that does neither.
+    fn new(tokenizer: &Arc<tokenizers::Tokenizer>) -> Self {
+        if tokenizer.get_truncation().is_none() && tokenizer.get_padding().is_none() {
+            return Self(Arc::clone(tokenizer));
+        }
+        let mut plain = (**tokenizer).clone();
+        // Removing truncation cannot fail; only setting one is validated.
+        let _ = plain.with_truncation(None);
+        plain.with_padding(None);
+        Self(Arc::new(plain))
+    }
+}
+
+impl ChunkSizer for TokenCounter {
+    fn size(&self, chunk: &str) -> usize {
+        match self.0.encode_fast(chunk, false) {
+            Ok(encoding) => encoding.len(),
+            // Not expected with byte-level or `[UNK]`-capable tokenizers; characters are an
+            // upper bound for almost every tokenizer, so chunks still fit.
+            Err(_) => chunk.chars().count(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::extract::Page;
+
+    fn doc(pages: &[&str]) -> Document {
+        Document {
+            pages: pages
+                .iter()
+                .map(|t| Page {
+                    text: (*t).to_owned(),
+                    page: None,
+                })
+                .collect(),
+            kind: "text",
+        }
+    }
+
+    fn chars_at(text: &str, start: usize, len: usize) -> String {
+        text.chars().skip(start).take(len).collect()
+    }
+
+    /// A small deterministic generator (no `rand` in tests' hot path, reproducible failures).
+    struct Lcg(u64);
+
+    impl Lcg {
+        fn next(&mut self) -> u64 {
+            self.0 = self
+                .0
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            self.0 >> 33
+        }
+
+        fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
+            items[(self.next() as usize) % items.len()]
+        }
+    }
+
+    fn generated_text(seed: u64, words: usize) -> String {
+        let mut rng = Lcg(seed);
+        let vocab = [
+            "alpha",
+            "beta",
+            "gamma",
+            "café",
+            "naïve",
+            "世界",
+            "数据",
+            "🦀",
+            "x",
+            "longerwordhere",
+            "über",
+            "ok.",
+            "end.",
+            "a,",
+            "—",
+            "e\u{301}",
+        ];
+        let seps = [" ", " ", " ", " ", "\n", "\n\n", "  ", "\t", " \n \n"];
+        let mut out = String::new();
+        for i in 0..words {
+            match rng.next() % 40 {
+                0 => out.push_str("\n# Title\n"),
+                1 => out.push_str("\n## Section two\n"),
+                2 => out.push_str("\n```\n# not a header\n```\n"),
+                3 => out.push_str(&"z".repeat(300)),
+                4 => out.push_str("\r\n"),
+                _ => {}
+            }
+            out.push_str(rng.pick(&vocab));
+            if i + 1 < words {
+                out.push_str(rng.pick(&seps));
+            }
+        }
+        out
+    }
+
+    /// The invariants every character-split result must satisfy.
+    fn check_invariants(doc: &Document, cfg: &ChunkConfig, chunks: &[Chunk]) {
+        // Pages of the generated documents have distinct numbers.
+        for page in &doc.pages {
+            let page_chunks: Vec<&Chunk> = chunks.iter().filter(|c| c.page == page.page).collect();
+            let total = page.text.chars().count();
+            let mut covered = vec![false; total];
+            let mut prev: Option<(usize, usize)> = None;
+            for chunk in &page_chunks {
+                let len = chunk.text.chars().count();
+                assert!(!chunk.text.trim().is_empty(), "empty chunk {chunk:?}");
+                assert_eq!(chunk.text.trim(), chunk.text, "untrimmed {chunk:?}");
+                assert!(len <= cfg.size, "{len} > {} in {chunk:?}", cfg.size);
+                assert_eq!(
+                    chars_at(&page.text, chunk.start_index, len),
+                    chunk.text,
+                    "text differs at start_index {}",
+                    chunk.start_index
+                );
+                if let Some((prev_start, prev_end)) = prev {
+                    assert!(chunk.start_index > prev_start, "chunks out of order");
+                    let overlap = prev_end.saturating_sub(chunk.start_index);
+                    assert!(
+                        overlap <= cfg.overlap,
+                        "overlap {overlap} > {}",
+                        cfg.overlap
+                    );
+                }
+                prev = Some((chunk.start_index, chunk.start_index + len));
+                covered[chunk.start_index..chunk.start_index + len].fill(true);
+            }
+            // Nothing but whitespace is lost.
+            for (i, c) in page.text.chars().enumerate() {
+                assert!(
+                    covered[i] || c.is_whitespace(),
+                    "char {i} {c:?} not in any chunk"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn defaults_match_open_webui() {
+        let cfg = ChunkConfig::default();
+        assert_eq!(
+            (cfg.size, cfg.overlap, cfg.markdown_headers),
+            (1000, 100, true)
+        );
+        assert!(matches!(cfg.splitter, Splitter::Character));
+        assert!(cfg.validate().is_ok());
+        let bad = ChunkConfig {
+            size: 100,
+            overlap: 100,
+            ..Default::default()
+        };
+        assert_eq!(
+            bad.validate().unwrap_err(),
+            "chunk overlap (100) must be smaller than chunk size (100)"
+        );
+        let zero = ChunkConfig {
+            size: 0,
+            overlap: 0,
+            ..Default::default()
+        };
+        assert!(zero.validate().is_err());
+        // Invalid settings do not panic.
+        assert!(!split(&doc(&["some text"]), &bad).is_empty());
+        assert!(!split(&doc(&["some text"]), &zero).is_empty());
+    }
+
+    #[test]
+    fn header_sections_and_paths() {
+        let text = "intro line\n\n# Intro\nhello\n## Setup\nsteps\n```sh\n# comment, not a header\n```\n### Deep\nx\n## Usage\nuse it\n# Next\n#hashtag is text\n    # indented code\nend";
+        let sections = markdown_sections(text);
+        let got: Vec<(&str, Vec<String>)> = sections
+            .iter()
+            .map(|s| (&text[s.start..s.end], s.headers.clone()))
+            .collect();
+        let h = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            got,
+            vec![
+                ("intro line\n\n", h(&[])),
+                ("# Intro\nhello\n", h(&["# Intro"])),
+                (
+                    "## Setup\nsteps\n```sh\n# comment, not a header\n```\n",
+                    h(&["# Intro", "## Setup"])
+                ),
+                ("### Deep\nx\n", h(&["# Intro", "## Setup", "### Deep"])),
+                ("## Usage\nuse it\n", h(&["# Intro", "## Usage"])),
+                (
+                    "# Next\n#hashtag is text\n    # indented code\nend",
+                    h(&["# Next"])
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn chunks_carry_headers_and_offsets() {
+        let text = "# Intro\nhello world\n\n## Setup\nrun it";
+        let chunks = split(&doc(&[text]), &ChunkConfig::default());
+        assert_eq!(chunks.len(), 2);
+        assert_eq!(chunks[0].text, "# Intro\nhello world");
+        assert_eq!(chunks[0].start_index, 0);
+        assert_eq!(chunks[0].headers, vec!["# Intro"]);
+        assert_eq!(chunks[1].text, "## Setup\nrun it");
+        assert_eq!(chunks[1].start_index, 21);
+        assert_eq!(chunks[1].headers, vec!["# Intro", "## Setup"]);
+
+        let off = ChunkConfig {
+            markdown_headers: false,
+            ..Default::default()
+        };
+        let chunks = split(&doc(&[text]), &off);
+        assert_eq!(chunks.len(), 1);
+        assert_eq!(chunks[0].text, text);
+        assert!(chunks[0].headers.is_empty());
+    }
+
+    #[test]
+    fn start_index_counts_characters_not_bytes() {
+        let text = "é".repeat(30) + "\n\n# Ünïcode\n" + &"数".repeat(10);
+        let chunks = split(&doc(&[&text]), &ChunkConfig::default());
+        assert_eq!(chunks.len(), 2);
+        assert_eq!(chunks[1].start_index, 32);
+        assert_eq!(
+            chars_at(&text, 32, chunks[1].text.chars().count()),
+            chunks[1].text
+        );
+    }
+
+    #[test]
+    fn pages_are_chunked_separately() {
+        let d = Document {
+            pages: vec![
+                Page {
+                    text: "first page text".into(),
+                    page: Some(1),
+                },
+                Page {
+                    text: "   ".into(),
+                    page: Some(2),
+                },
+                Page {
+                    text: "third page".into(),
+                    page: Some(3),
+                },
+            ],
+            kind: "pdf",
+        };
+        let chunks = split(&d, &ChunkConfig::default());
+        assert_eq!(chunks.len(), 2);
+        assert_eq!((chunks[0].page, chunks[0].start_index), (Some(1), 0));
+        assert_eq!((chunks[1].page, chunks[1].start_index), (Some(3), 0));
+        assert_eq!(chunks[1].text, "third page");
+    }
+
+    #[test]
+    fn generated_texts_keep_invariants() {
+        let configs = [(1000, 100), (50, 10), (20, 0), (7, 3), (200, 199), (1, 0)];
+        for seed in 0..12u64 {
+            let words = 20 + (seed as usize * 37) % 400;
+            let pages: Vec<Page> = (0..2)
+                .map(|p| Page {
+                    text: generated_text(seed * 2 + p, words),
+                    page: Some(p as u32 + 1),
+                })
+                .collect();
+            let d = Document { pages, kind: "pdf" };
+            for (size, overlap) in configs {
+                for markdown_headers in [true, false] {
+                    let cfg = ChunkConfig {
+                        size,
+                        overlap,
+                        markdown_headers,
+                        splitter: Splitter::Character,
+                    };
+                    let chunks = split(&d, &cfg);
+                    assert!(!chunks.is_empty());
+                    check_invariants(&d, &cfg, &chunks);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn overlap_is_used_when_text_is_split_mid_paragraph() {
+        let text = (0..200)
+            .map(|i| format!("word{i}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let cfg = ChunkConfig {
+            size: 100,
+            overlap: 30,
+            ..Default::default()
+        };
+        let chunks = split(&doc(&[&text]), &cfg);
+        assert!(chunks.len() > 10);
+        let overlapping = chunks
+            .windows(2)
+            .filter(|w| w[0].start_index + w[0].text.chars().count() > w[1].start_index)
+            .count();
+        assert!(overlapping > 0, "no chunk overlaps its predecessor");
+    }
+
+    /// A word-level tokenizer: one token per word or punctuation run.
+    fn word_tokenizer(truncate_to: Option<usize>) -> Arc<tokenizers::Tokenizer> {
+        let truncation = match truncate_to {
+            Some(n) => format!(
+                r#"{{"direction":"Right","max_length":{n},"strategy":"LongestFirst","stride":0}}"#
+            ),
+            None => "null".to_owned(),
+        };
+        let json = format!(
+            r#"{{"version":"1.0","truncation":{truncation},"padding":null,"added_tokens":[],
+                "normalizer":null,"pre_tokenizer":{{"type":"Whitespace"}},"post_processor":null,
+                "decoder":null,"model":{{"type":"WordLevel","vocab":{{"[UNK]":0,"the":1}},
+                "unk_token":"[UNK]"}}}}"#
+        );
+        Arc::new(tokenizers::Tokenizer::from_bytes(json.as_bytes()).unwrap())
+    }
+
+    #[test]
+    fn token_splitter_counts_tokens() {
+        let text = (0..300)
+            .map(|i| format!("w{i}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+            + ".";
+        for truncate_to in [None, Some(8)] {
+            let tokenizer = word_tokenizer(truncate_to);
+            let counter = TokenCounter::new(&tokenizer);
+            assert_eq!(counter.size("the quick brown fox."), 5);
+            let cfg = ChunkConfig {
+                size: 50,
+                overlap: 5,
+                markdown_headers: true,
+                splitter: Splitter::Token(tokenizer),
+            };
+            let chunks = split(&doc(&[&text]), &cfg);
+            // 301 tokens in chunks of at most 50 with overlap: at least 7 chunks. With a
+            // truncating counter every text would look like 8 tokens and make fewer, larger
+            // chunks.
+            assert!(chunks.len() >= 7, "{} chunks", chunks.len());
+            for pair in chunks.windows(2) {
+                let prev_end = pair[0].start_index + pair[0].text.chars().count();
+                let shared: String = chars_at(
+                    &text,
+                    pair[1].start_index,
+                    prev_end.saturating_sub(pair[1].start_index),
+                );
+                assert!(counter.size(&shared) <= 5, "overlap {shared:?}");
+            }
+            for chunk in &chunks {
+                assert!(
+                    counter.size(&chunk.text) <= 50,
+                    "{} tokens",
+                    counter.size(&chunk.text)
+                );
+                assert_eq!(
+                    chars_at(&text, chunk.start_index, chunk.text.chars().count()),
+                    chunk.text
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn extracted_markdown_end_to_end() {
+        let md = "# Guide\n\nIntro.\n\n## Install\n\n```\n# not a header\ncargo install\n```\n\n## Use\n\nRun it.\n";
+        let d = crate::extract::extract(md.as_bytes(), "guide.md", None).unwrap();
+        let chunks = split(&d, &ChunkConfig::default());
+        let headers: Vec<Vec<String>> = chunks.iter().map(|c| c.headers.clone()).collect();
+        assert_eq!(
+            headers,
+            vec![
+                vec!["# Guide".to_owned()],
+                vec!["# Guide".to_owned(), "## Install".to_owned()],
+                vec!["# Guide".to_owned(), "## Use".to_owned()],
+            ]
+        );
+        assert!(chunks[1].text.contains("# not a header\ncargo install"));
+    }
+}

@@ -1,0 +1,534 @@
+//! Local sentence embeddings with ONNX Runtime (all-MiniLM-L6-v2, int8).
+//!
+//! ONNX Runtime is a shared library loaded at run time (`ort`'s `load-dynamic`), so the binary
+//! builds without it and the library can be provisioned from PyPI by `scripts/fetch-model.sh`.
+//!
+//! Concurrency: a session runs one inference at a time (`Session::run` takes `&mut self`), and
+//! several single-threaded sessions scale better than one multi-threaded session on a small,
+//! busy machine (intra-op thread pools collapse when oversubscribed). So the embedder owns a
+//! pool of sessions, each with one intra-op thread; every batch checks one out.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+
+use futures_util::StreamExt;
+use ort::environment::Environment;
+use ort::session::Session;
+use ort::session::builder::{GraphOptimizationLevel, PrepackedWeights};
+use ort::value::{Tensor, TensorElementType, ValueType};
+use tokenizers::Tokenizer;
+use tokenizers::utils::truncation::{TruncationDirection, TruncationParams, TruncationStrategy};
+use tokio::sync::Semaphore;
+
+use super::{EmbedError, Embedder, l2_normalize};
+
+/// Texts per inference call. Larger batches amortise call overhead but pad every text to the
+/// longest one in the batch; 32 is the measured sweet spot for chunk-sized texts.
+pub const BATCH_SIZE: usize = 32;
+
+/// Longest input in tokens (special tokens included); longer texts are truncated. The model
+/// was trained on 128-token inputs and accepts up to 512; 256 keeps chunk-sized texts whole
+/// while bounding the quadratic attention cost.
+pub const MAX_TOKENS: usize = 256;
+
+/// The ONNX Runtime library and environment of this process. ONNX Runtime can be loaded only
+/// once per process and `ort` allows only one environment, which must stay alive for as long
+/// as sessions are created, so both live here for the life of the process.
+static RUNTIME: Mutex<Option<(PathBuf, Environment)>> = Mutex::new(None);
+
+/// Loads ONNX Runtime from `library` (once per process) and returns the shared environment.
+/// Asking again for the same library reuses it; asking for a different one is an error,
+/// because `ort` would silently keep using the first.
+fn runtime(library: &Path) -> Result<Environment, EmbedError> {
+    let canonical = library
+        .canonicalize()
+        .map_err(|_| EmbedError::RuntimeMissing(library.to_path_buf()))?;
+    let mut slot = RUNTIME.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some((loaded, env)) = slot.as_ref() {
+        if *loaded == canonical {
+            return Ok(env.clone());
+        }
+        return Err(EmbedError::RuntimeConflict {
+            loaded: loaded.clone(),
+            requested: canonical,
+        });
+    }
+    let load_err = |reason: String| EmbedError::RuntimeLoad {
+        path: canonical.clone(),
+        reason,
+    };
+    // `ort::init()` would panic when no library can be found; `init_from` returns an error.
+    let env = ort::init_from(&canonical)
+        .map_err(|e| load_err(e.to_string()))?
+        .with_name("ragway")
+        .with_telemetry(false)
+        .build()
+        .map_err(|e| load_err(e.to_string()))?;
+    *slot = Some((canonical, env.clone()));
+    Ok(env)
+}
+
+/// Names of the model's inputs and of the output that is pooled.
+#[derive(Debug, Clone)]
+struct ModelIo {
+    input_ids: String,
+    attention_mask: String,
+    /// Some exports drop `token_type_ids` (always zero for single sentences).
+    token_type_ids: Option<String>,
+    /// `last_hidden_state`, or the first rank-3 f32 output.
+    hidden: String,
+}
+
+impl ModelIo {
+    fn inspect(session: &Session, path: &Path) -> Result<Self, EmbedError> {
+        let bad = |reason: String| EmbedError::Model {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let inputs: Vec<&str> = session.inputs().iter().map(|i| i.name()).collect();
+        for input in session.inputs() {
+            if input.dtype().tensor_type() != Some(TensorElementType::Int64) {
+                return Err(bad(format!(
+                    "input {} is {:?}, expected an int64 tensor",
+                    input.name(),
+                    input.dtype()
+                )));
+            }
+        }
+        let find = |name: &str| inputs.iter().find(|i| **i == name).map(|i| i.to_string());
+        let input_ids = find("input_ids")
+            .ok_or_else(|| bad(format!("no input_ids input (inputs: {inputs:?})")))?;
+        let attention_mask = find("attention_mask")
+            .ok_or_else(|| bad(format!("no attention_mask input (inputs: {inputs:?})")))?;
+        let token_type_ids = find("token_type_ids");
+        let known = 2 + usize::from(token_type_ids.is_some());
+        if inputs.len() != known {
+            return Err(bad(format!(
+                "unexpected inputs {inputs:?}; expected input_ids, attention_mask and optionally \
+                 token_type_ids"
+            )));
+        }
+
+        let is_hidden = |ty: &ValueType| {
+            ty.tensor_type() == Some(TensorElementType::Float32)
+                && ty.tensor_shape().is_some_and(|s| s.len() == 3)
+        };
+        let outputs = session.outputs();
+        let hidden = outputs
+            .iter()
+            .find(|o| o.name() == "last_hidden_state" && is_hidden(o.dtype()))
+            .or_else(|| outputs.iter().find(|o| is_hidden(o.dtype())))
+            .map(|o| o.name().to_owned())
+            .ok_or_else(|| {
+                let names: Vec<&str> = outputs.iter().map(|o| o.name()).collect();
+                bad(format!(
+                    "no rank-3 float32 output to pool (outputs: {names:?}); a token-level \
+                     sentence-transformers export is required"
+                ))
+            })?;
+        Ok(Self {
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            hidden,
+        })
+    }
+}
+
+/// A fixed set of sessions handed out one at a time; waits (blocking) when all are busy.
+struct SessionPool {
+    idle: Mutex<Vec<Session>>,
+    returned: Condvar,
+}
+
+impl SessionPool {
+    fn checkout(&self) -> PooledSession<'_> {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if let Some(session) = idle.pop() {
+                return PooledSession {
+                    pool: self,
+                    session: Some(session),
+                };
+            }
+            idle = self
+                .returned
+                .wait(idle)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Vec<Session>> {
+        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A checked-out session; goes back to the pool when dropped, even if inference panicked.
+struct PooledSession<'p> {
+    pool: &'p SessionPool,
+    session: Option<Session>,
+}
+
+impl Drop for PooledSession<'_> {
+    fn drop(&mut self) {
+        if let Some(session) = self.session.take() {
+            self.pool.lock().push(session);
+            self.pool.returned.notify_one();
+        }
+    }
+}
+
+struct Inner {
+    model: String,
+    dim: usize,
+    io: ModelIo,
+    /// For callers (token counting, chunking): no truncation, no padding.
+    tokenizer: Tokenizer,
+    /// For inference: truncates to [`MAX_TOKENS`]; padding is done per batch in [`Inner::run`].
+    infer_tokenizer: Tokenizer,
+    pool: SessionPool,
+    sessions: usize,
+}
+
+/// Sentence embeddings computed locally by ONNX Runtime: tokenise, run the transformer, mean-pool
+/// `last_hidden_state` over the attention mask, L2-normalise (the sentence-transformers recipe).
+///
+/// Cheap to clone; clones share the sessions.
+#[derive(Clone)]
+pub struct OnnxEmbedder {
+    inner: Arc<Inner>,
+    /// Bounds in-flight async batches to the number of sessions so that waiting happens here,
+    /// asynchronously and in FIFO order, instead of in blocked threads of the blocking pool.
+    permits: Arc<Semaphore>,
+}
+
+impl std::fmt::Debug for OnnxEmbedder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OnnxEmbedder")
+            .field("model", &self.inner.model)
+            .field("dim", &self.inner.dim)
+            .field("sessions", &self.inner.sessions)
+            .finish_non_exhaustive()
+    }
+}
+
+impl OnnxEmbedder {
+    /// Loads `model.onnx` and `tokenizer.json` from `model_dir` into `sessions` single-threaded
+    /// sessions (at least one), loading ONNX Runtime from `ort_library` first if this process
+    /// has not yet. `model_name` is what [`Embedder::model`] reports. Blocks (hundreds of ms per
+    /// session); call it from `spawn_blocking` inside a runtime.
+    pub fn load(
+        model_dir: &Path,
+        ort_library: &Path,
+        sessions: usize,
+        model_name: &str,
+    ) -> Result<Self, EmbedError> {
+        let model_path = model_dir.join("model.onnx");
+        let tokenizer_path = model_dir.join("tokenizer.json");
+        for file in [&model_path, &tokenizer_path] {
+            if !file.is_file() {
+                return Err(EmbedError::ModelMissing(file.clone()));
+            }
+        }
+        let env = runtime(ort_library)?;
+
+        let mut tokenizer =
+            Tokenizer::from_file(&tokenizer_path).map_err(|e| EmbedError::Model {
+                path: tokenizer_path.clone(),
+                reason: e.to_string(),
+            })?;
+        // The shipped tokenizer.json pads every input to a fixed 128 tokens and truncates at
+        // 128: both off for counting, and padding is done per batch (to the longest text).
+        tokenizer.with_padding(None);
+        tokenizer
+            .with_truncation(None)
+            .map_err(|e| EmbedError::Model {
+                path: tokenizer_path.clone(),
+                reason: e.to_string(),
+            })?;
+        let mut infer_tokenizer = tokenizer.clone();
+        infer_tokenizer
+            .with_truncation(Some(TruncationParams {
+                max_length: MAX_TOKENS,
+                strategy: TruncationStrategy::LongestFirst,
+                stride: 0,
+                direction: TruncationDirection::Right,
+            }))
+            .map_err(|e| EmbedError::Model {
+                path: tokenizer_path.clone(),
+                reason: e.to_string(),
+            })?;
+
+        let sessions = sessions.max(1);
+        // Sessions of the pool share their prepacked (GEMM-ready) weights instead of each
+        // holding a copy.
+        let prepacked = PrepackedWeights::new();
+        let mut pool = Vec::with_capacity(sessions);
+        for _ in 0..sessions {
+            pool.push(build_session(&env, &model_path, &prepacked)?);
+        }
+        let io = ModelIo::inspect(&pool[0], &model_path)?;
+
+        let mut inner = Inner {
+            model: model_name.to_owned(),
+            dim: 0,
+            io,
+            tokenizer,
+            infer_tokenizer,
+            pool: SessionPool {
+                idle: Mutex::new(pool),
+                returned: Condvar::new(),
+            },
+            sessions,
+        };
+        // One real inference learns the dimension (the declared output shape may be symbolic)
+        // and proves the model runs before the gateway starts serving.
+        let probe = inner.run(&["ragway"]).map_err(|e| EmbedError::Model {
+            path: model_path.clone(),
+            reason: format!("test inference failed: {e}"),
+        })?;
+        inner.dim = probe[0].len();
+        if inner.dim == 0 {
+            return Err(EmbedError::Model {
+                path: model_path,
+                reason: "the model returns empty vectors".into(),
+            });
+        }
+        Ok(Self {
+            inner: Arc::new(inner),
+            permits: Arc::new(Semaphore::new(sessions)),
+        })
+    }
+
+    /// The model's tokenizer, without truncation or padding, for counting tokens (token-based
+    /// chunking). Inference additionally truncates to [`MAX_TOKENS`] tokens, counting the
+    /// `[CLS]`/`[SEP]` that `encode(text, true)` adds.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.inner.tokenizer
+    }
+
+    /// Embeds `texts` on the calling thread (batches of [`BATCH_SIZE`], one session at a time),
+    /// for CLIs and benchmarks. Blocks while all sessions are busy; inside an async runtime use
+    /// [`Embedder::embed`] instead.
+    pub fn embed_blocking(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, EmbedError> {
+        let order = length_order(texts.iter().map(|t| t.len()));
+        let mut out = vec![Vec::new(); texts.len()];
+        for batch in order.chunks(BATCH_SIZE) {
+            let batch_texts: Vec<&str> = batch.iter().map(|&i| texts[i]).collect();
+            for (&i, v) in batch.iter().zip(self.inner.run(&batch_texts)?) {
+                out[i] = v;
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn build_session(
+    env: &Environment,
+    model_path: &Path,
+    prepacked: &PrepackedWeights,
+) -> Result<Session, EmbedError> {
+    let bad = |reason: String| EmbedError::Model {
+        path: model_path.to_path_buf(),
+        reason,
+    };
+    Session::builder(env)
+        .map_err(|e| bad(e.to_string()))?
+        .with_optimization_level(GraphOptimizationLevel::Level3)
+        .map_err(|e| bad(e.to_string()))?
+        .with_intra_threads(1)
+        .map_err(|e| bad(e.to_string()))?
+        .with_inter_threads(1)
+        .map_err(|e| bad(e.to_string()))?
+        .with_prepacked_weights(prepacked)
+        .map_err(|e| bad(e.to_string()))?
+        .commit_from_file(model_path)
+        .map_err(|e| bad(e.to_string()))
+}
+
+/// Indices of the texts, shortest first: batching texts of similar length wastes less work on
+/// padding. Stable, so equal lengths keep their order.
+fn length_order(lengths: impl Iterator<Item = usize>) -> Vec<usize> {
+    let mut order: Vec<(usize, usize)> = lengths.enumerate().collect();
+    order.sort_by_key(|&(_, len)| len);
+    order.into_iter().map(|(i, _)| i).collect()
+}
+
+impl Inner {
+    /// Embeds one batch on a pooled session. Blocking.
+    fn run(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, EmbedError> {
+        if texts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let fail = |e: &dyn std::fmt::Display| EmbedError::Inference(e.to_string());
+        let encodings = texts
+            .iter()
+            .map(|t| self.infer_tokenizer.encode_fast(*t, true))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| fail(&e))?;
+
+        // Pad to the longest text of this batch (zeros: [PAD] id, mask 0, type 0).
+        let rows = encodings.len();
+        let len = encodings.iter().map(|e| e.len()).max().unwrap_or(0).max(1);
+        let mut ids = vec![0i64; rows * len];
+        let mut mask = vec![0i64; rows * len];
+        let mut types = vec![0i64; rows * len];
+        for (r, enc) in encodings.iter().enumerate() {
+            let base = r * len;
+            for (j, ((&id, &m), &t)) in enc
+                .get_ids()
+                .iter()
+                .zip(enc.get_attention_mask())
+                .zip(enc.get_type_ids())
+                .enumerate()
+            {
+                ids[base + j] = i64::from(id);
+                mask[base + j] = i64::from(m);
+                types[base + j] = i64::from(t);
+            }
+        }
+
+        let shape = [rows, len];
+        let tensor = |data: Vec<i64>| Tensor::from_array((shape, data)).map_err(|e| fail(&e));
+        let mut inputs = ort::inputs! {
+            self.io.input_ids.as_str() => tensor(ids)?,
+            self.io.attention_mask.as_str() => tensor(mask.clone())?,
+        };
+        if let Some(name) = &self.io.token_type_ids {
+            inputs.push((name.as_str().into(), tensor(types)?.into()));
+        }
+
+        let mut pooled = self.pool.checkout();
+        let session = pooled.session.as_mut().expect("checked-out session");
+        let outputs = session.run(inputs).map_err(|e| fail(&e))?;
+        let (out_shape, hidden) = outputs[self.io.hidden.as_str()]
+            .try_extract_tensor::<f32>()
+            .map_err(|e| fail(&e))?;
+        let dims: &[i64] = out_shape;
+        if dims.len() != 3 || dims[0] as usize != rows || dims[1] as usize != len {
+            return Err(EmbedError::Inference(format!(
+                "output {} has shape {dims:?}, expected [{rows}, {len}, dim]",
+                self.io.hidden
+            )));
+        }
+        let dim = dims[2] as usize;
+
+        // Mean over the tokens the attention mask keeps (padding excluded), then unit length.
+        let mut vectors = Vec::with_capacity(rows);
+        for r in 0..rows {
+            let mut acc = vec![0f32; dim];
+            let mut count = 0f32;
+            for j in 0..len {
+                if mask[r * len + j] == 0 {
+                    continue;
+                }
+                count += 1.0;
+                let start = (r * len + j) * dim;
+                for (a, h) in acc.iter_mut().zip(&hidden[start..start + dim]) {
+                    *a += h;
+                }
+            }
+            let count = count.max(1.0);
+            acc.iter_mut().for_each(|a| *a /= count);
+            l2_normalize(&mut acc);
+            vectors.push(acc);
+        }
+        Ok(vectors)
+    }
+}
+
+#[async_trait::async_trait]
+impl Embedder for OnnxEmbedder {
+    fn model(&self) -> &str {
+        &self.inner.model
+    }
+
+    fn dim(&self) -> usize {
+        self.inner.dim
+    }
+
+    async fn embed(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, EmbedError> {
+        if texts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let order = length_order(texts.iter().map(String::len));
+        let texts = Arc::new(texts);
+        let batches: Vec<Vec<usize>> = order.chunks(BATCH_SIZE).map(<[usize]>::to_vec).collect();
+        // At most one batch per session of this request is in flight, and each batch takes
+        // its own permit: the semaphore is FIFO, so a short query queued behind a large upload
+        // waits for one batch, not for the whole upload.
+        let results: Vec<Result<(Vec<usize>, Vec<Vec<f32>>), EmbedError>> =
+            futures_util::stream::iter(batches)
+                .map(|batch| {
+                    let inner = self.inner.clone();
+                    let permits = self.permits.clone();
+                    let texts = texts.clone();
+                    async move {
+                        let permit = permits
+                            .acquire_owned()
+                            .await
+                            .map_err(|e| EmbedError::Inference(e.to_string()))?;
+                        tokio::task::spawn_blocking(move || {
+                            // Held until the session is free again, even if the caller stops
+                            // waiting (a dropped request cannot oversubscribe the pool).
+                            let _permit = permit;
+                            let batch_texts: Vec<&str> =
+                                batch.iter().map(|&i| texts[i].as_str()).collect();
+                            let vectors = inner.run(&batch_texts)?;
+                            Ok((batch, vectors))
+                        })
+                        .await
+                        .map_err(|e| EmbedError::Inference(format!("embedding task failed: {e}")))?
+                    }
+                })
+                .buffered(self.inner.sessions)
+                .collect()
+                .await;
+
+        let mut out = vec![Vec::new(); texts.len()];
+        for result in results {
+            let (batch, vectors) = result?;
+            for (i, v) in batch.into_iter().zip(vectors) {
+                out[i] = v;
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn length_order_is_stable_shortest_first() {
+        assert_eq!(length_order([3, 1, 2, 1].into_iter()), vec![1, 3, 2, 0]);
+        assert!(length_order(std::iter::empty()).is_empty());
+    }
+
+    #[test]
+    fn missing_files_say_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = OnnxEmbedder::load(
+            dir.path(),
+            Path::new("/nonexistent/libonnxruntime.so"),
+            1,
+            "m",
+        )
+        .unwrap_err();
+        assert!(matches!(err, EmbedError::ModelMissing(_)), "{err}");
+        assert!(err.to_string().contains("scripts/fetch-model.sh"), "{err}");
+
+        std::fs::write(dir.path().join("model.onnx"), b"x").unwrap();
+        std::fs::write(dir.path().join("tokenizer.json"), b"{}").unwrap();
+        let err = OnnxEmbedder::load(
+            dir.path(),
+            Path::new("/nonexistent/libonnxruntime.so"),
+            1,
+            "m",
+        )
+        .unwrap_err();
+        assert!(matches!(err, EmbedError::RuntimeMissing(_)), "{err}");
+        assert!(err.to_string().contains("ORT_DYLIB_PATH"), "{err}");
+    }
+}

@@ -1,0 +1,384 @@
+//! `/api/v1/knowledge/*`: collections of files, shaped as Open WebUI's.
+
+use pingora::proxy::Session;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::files::{delete_everywhere, file_json, page_param};
+use super::{HandlerResult, Outcome, Req, access, identity, query};
+use crate::app::App;
+use crate::error::{ApiError, msg};
+use crate::http::{self, Reply};
+use crate::proxy::ctx::RequestCtx;
+use crate::store::{FileStatus, Grant, KnowledgeRecord, Role, User, now_secs};
+
+const PAGE_SIZE: usize = 30;
+
+/// A grant as clients send it.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GrantForm {
+    /// `user` or `group`.
+    pub principal_type: String,
+    /// A user id, a group id, or `*` for everyone.
+    pub principal_id: String,
+    /// `read` or `write`.
+    pub permission: String,
+}
+
+/// Body of `create` and `update` (Open WebUI's `KnowledgeForm`).
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+pub struct KnowledgeForm {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    /// `null` or `[]`: private to the owner.
+    #[serde(default)]
+    pub access_grants: Option<Vec<GrantForm>>,
+}
+
+/// Body of `file/add` and `file/remove`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+pub struct FileIdForm {
+    pub file_id: String,
+}
+
+fn grants(form: Option<Vec<GrantForm>>) -> Result<Vec<Grant>, ApiError> {
+    let now = now_secs();
+    form.unwrap_or_default()
+        .into_iter()
+        .map(|g| {
+            if g.principal_type != "user" && g.principal_type != "group" {
+                return Err(ApiError::new(
+                    422,
+                    format!(
+                        "principal_type must be user or group, got {:?}",
+                        g.principal_type
+                    ),
+                ));
+            }
+            if g.permission != "read" && g.permission != "write" {
+                return Err(ApiError::new(
+                    422,
+                    format!("permission must be read or write, got {:?}", g.permission),
+                ));
+            }
+            if g.principal_id.is_empty() {
+                return Err(ApiError::new(422, "principal_id must not be empty"));
+            }
+            Ok(Grant {
+                id: uuid::Uuid::new_v4().to_string(),
+                principal_type: g.principal_type,
+                principal_id: g.principal_id,
+                permission: g.permission,
+                created_at: now,
+            })
+        })
+        .collect()
+}
+
+/// Open WebUI's `KnowledgeModel` (grants carry their resource).
+fn kb_json(kb: &KnowledgeRecord) -> Value {
+    let grants: Vec<Value> = kb
+        .access_grants
+        .iter()
+        .map(|g| {
+            json!({"id": g.id, "resource_type": "knowledge", "resource_id": kb.id,
+                   "principal_type": g.principal_type, "principal_id": g.principal_id,
+                   "permission": g.permission, "created_at": g.created_at})
+        })
+        .collect();
+    json!({
+        "id": kb.id,
+        "user_id": kb.user_id,
+        "name": kb.name,
+        "description": kb.description,
+        "meta": kb.meta,
+        "access_grants": grants,
+        "created_at": kb.created_at,
+        "updated_at": kb.updated_at,
+    })
+}
+
+fn user_json(app: &App, id: &str) -> Value {
+    match app.store.user_by_id(id).ok().flatten() {
+        Some(u) => json!({"id": u.id, "name": u.name, "role": u.role.as_str(), "email": u.email}),
+        None => Value::Null,
+    }
+}
+
+/// The `files` list of `KnowledgeFilesResponse`.
+fn kb_files_json(app: &App, kb: &str) -> Result<Vec<Value>, ApiError> {
+    let mut out = Vec::new();
+    for id in app.store.knowledge_files(kb)? {
+        if let Some(f) = app.store.file(&id)? {
+            out.push(json!({"id": f.id, "hash": f.hash, "meta": f.meta,
+                            "created_at": f.created_at, "updated_at": f.updated_at}));
+        }
+    }
+    Ok(out)
+}
+
+fn with_files(app: &App, kb: &KnowledgeRecord, user: &User) -> Result<Value, ApiError> {
+    let mut v = kb_json(kb);
+    v["write_access"] = json!(access::can_write_kb(user, kb));
+    v["files"] = json!(kb_files_json(app, &kb.id)?);
+    Ok(v)
+}
+
+/// A collection the caller can read; otherwise a 404 that does not reveal it exists.
+fn readable(app: &App, user: &User, id: &str) -> Result<KnowledgeRecord, ApiError> {
+    match app.store.knowledge(id)? {
+        Some(kb) if access::can_read_kb(user, &kb) => Ok(kb),
+        _ => Err(ApiError::not_found(msg::NOT_FOUND)),
+    }
+}
+
+/// A collection the caller can write: 404 when they cannot even read it, 400 (Open
+/// WebUI's status for write denials) when they can read but not write.
+fn writable(app: &App, user: &User, id: &str) -> Result<KnowledgeRecord, ApiError> {
+    let kb = readable(app, user, id)?;
+    if !access::can_write_kb(user, &kb) {
+        return Err(ApiError::bad_request(msg::ACCESS_PROHIBITED));
+    }
+    Ok(kb)
+}
+
+pub async fn create(app: &App, session: &mut Session, ctx: &RequestCtx) -> HandlerResult {
+    let user = identity(ctx)?.user.clone();
+    let body = http::read_body(session, 1024 * 1024).await?;
+    let form: KnowledgeForm = http::parse_json(&body)?;
+    if form.name.trim().is_empty() {
+        return Err(ApiError::bad_request("name must not be empty"));
+    }
+    let now = now_secs();
+    let kb = KnowledgeRecord {
+        id: uuid::Uuid::new_v4().to_string(),
+        user_id: user.id.clone(),
+        name: form.name.trim().to_string(),
+        description: form.description,
+        meta: Value::Null,
+        access_grants: grants(form.access_grants)?,
+        created_at: now,
+        updated_at: now,
+    };
+    app.store.put_knowledge(&kb)?;
+    let mut v = kb_json(&kb);
+    v["files"] = Value::Null;
+    Ok(Outcome::Reply(Reply::ok(&v)))
+}
+
+pub fn list(app: &App, session: &Session, ctx: &RequestCtx) -> HandlerResult {
+    let user = &identity(ctx)?.user;
+    let page = page_param(query(session).as_deref())?;
+    let mut kbs: Vec<KnowledgeRecord> = app
+        .store
+        .knowledges()?
+        .into_iter()
+        .filter(|kb| access::can_read_kb(user, kb))
+        .collect();
+    kbs.sort_by(|a, b| {
+        b.updated_at
+            .cmp(&a.updated_at)
+            .then_with(|| a.name.cmp(&b.name))
+    });
+    let total = kbs.len();
+    let items: Vec<Value> = kbs
+        .iter()
+        .skip((page - 1) * PAGE_SIZE)
+        .take(PAGE_SIZE)
+        .map(|kb| {
+            let mut v = kb_json(kb);
+            v["user"] = user_json(app, &kb.user_id);
+            v["write_access"] = json!(access::can_write_kb(user, kb));
+            v
+        })
+        .collect();
+    Ok(Outcome::Reply(Reply::ok(
+        &json!({"items": items, "total": total}),
+    )))
+}
+
+pub fn get(app: &App, ctx: &RequestCtx, req: &Req) -> HandlerResult {
+    let user = &identity(ctx)?.user;
+    let kb = readable(app, user, req.id())?;
+    let mut v = kb_json(&kb);
+    v["write_access"] = json!(access::can_write_kb(user, &kb));
+    v["files"] = Value::Null;
+    Ok(Outcome::Reply(Reply::ok(&v)))
+}
+
+pub fn files(app: &App, session: &Session, ctx: &RequestCtx, req: &Req) -> HandlerResult {
+    let user = &identity(ctx)?.user;
+    let kb = readable(app, user, req.id())?;
+    let page = page_param(query(session).as_deref())?;
+    let mut files = Vec::new();
+    for id in app.store.knowledge_files(&kb.id)? {
+        if let Some(f) = app.store.file(&id)? {
+            files.push(f);
+        }
+    }
+    files.sort_by(|a, b| {
+        b.updated_at
+            .cmp(&a.updated_at)
+            .then_with(|| a.filename.cmp(&b.filename))
+    });
+    let total = files.len();
+    let items: Vec<Value> = files
+        .iter()
+        .skip((page - 1) * PAGE_SIZE)
+        .take(PAGE_SIZE)
+        .map(|f| {
+            let mut v = file_json(f, None);
+            v["user"] = user_json(app, &f.user_id);
+            v
+        })
+        .collect();
+    Ok(Outcome::Reply(Reply::ok(
+        &json!({"items": items, "directories": [], "breadcrumbs": [], "total": total}),
+    )))
+}
+
+pub async fn update(
+    app: &App,
+    session: &mut Session,
+    ctx: &RequestCtx,
+    req: &Req,
+) -> HandlerResult {
+    let user = identity(ctx)?.user.clone();
+    let mut kb = writable(app, &user, req.id())?;
+    let body = http::read_body(session, 1024 * 1024).await?;
+    let form: KnowledgeForm = http::parse_json(&body)?;
+    if form.name.trim().is_empty() {
+        return Err(ApiError::bad_request("name must not be empty"));
+    }
+    kb.name = form.name.trim().to_string();
+    kb.description = form.description;
+    if form.access_grants.is_some() {
+        kb.access_grants = grants(form.access_grants)?;
+    }
+    kb.updated_at = now_secs();
+    app.store.put_knowledge(&kb)?;
+    Ok(Outcome::Reply(Reply::ok(&with_files(app, &kb, &user)?)))
+}
+
+async fn file_id_form(session: &mut Session) -> Result<String, ApiError> {
+    let body = http::read_body(session, 64 * 1024).await?;
+    let form: FileIdForm = http::parse_json(&body)?;
+    Ok(form.file_id)
+}
+
+/// Adds a processed file. Its stored vectors are reused (Open WebUI re-embeds). A file
+/// still processing is waited for (bounded by `rag.file-add-wait`).
+pub async fn add_file(
+    app: &App,
+    session: &mut Session,
+    ctx: &RequestCtx,
+    req: &Req,
+) -> HandlerResult {
+    let user = identity(ctx)?.user.clone();
+    let mut kb = writable(app, &user, req.id())?;
+    let file_id = file_id_form(session).await?;
+    let not_found = || ApiError::bad_request(format!("File {file_id} not found"));
+    let mut file = app.store.file(&file_id)?.ok_or_else(not_found)?;
+    if !access::can_read_file(&app.store, &user, &file) {
+        return Err(not_found());
+    }
+    if file.status == Some(FileStatus::Pending) {
+        let wait = app.config.rag.file_add_wait;
+        file = app
+            .ingest
+            .wait_done(&file_id, wait)
+            .await
+            .ok_or_else(not_found)?;
+    }
+    match file.status {
+        Some(FileStatus::Completed) => {}
+        Some(FileStatus::Pending) => {
+            return Err(ApiError::new(
+                409,
+                format!(
+                    "File {file_id} is still being processed after {}s; try again later",
+                    app.config.rag.file_add_wait.as_secs()
+                ),
+            ));
+        }
+        Some(FileStatus::Failed) => {
+            return Err(ApiError::bad_request(format!(
+                "File {file_id} could not be processed: {}",
+                file.error.as_deref().unwrap_or("unknown error")
+            )));
+        }
+        None => {
+            return Err(ApiError::bad_request(
+                "Extracted content is not available for this file: it was uploaded with process=false",
+            ));
+        }
+    }
+    // Same content under another file id → Open WebUI's duplicate error.
+    for other in app.store.knowledge_files(&kb.id)? {
+        if other != file.id
+            && let Some(o) = app.store.file(&other)?
+            && o.hash.is_some()
+            && o.hash == file.hash
+        {
+            return Err(ApiError::bad_request(
+                "Duplicate content detected. Please provide unique content to proceed.",
+            ));
+        }
+    }
+    if app.store.link_file(&kb.id, &file.id)? {
+        app.ingest.vectors.link(&kb.id, &file.id);
+    }
+    kb.updated_at = now_secs();
+    app.store.put_knowledge(&kb)?;
+    Ok(Outcome::Reply(Reply::ok(&with_files(app, &kb, &user)?)))
+}
+
+pub async fn remove_file(
+    app: &App,
+    session: &mut Session,
+    ctx: &RequestCtx,
+    req: &Req,
+) -> HandlerResult {
+    let user = identity(ctx)?.user.clone();
+    let mut kb = writable(app, &user, req.id())?;
+    let delete_file = http::query_bool(query(session).as_deref(), "delete_file")?.unwrap_or(true);
+    let file_id = file_id_form(session).await?;
+    if !app.store.knowledge_files(&kb.id)?.contains(&file_id) {
+        return Err(ApiError::bad_request(format!(
+            "File {file_id} is not in this collection"
+        )));
+    }
+    app.ingest.vectors.unlink(&kb.id, &file_id);
+    app.store.unlink_file(&kb.id, &file_id)?;
+    if delete_file
+        && let Some(f) = app.store.file(&file_id)?
+        && (user.role == Role::Admin || f.user_id == user.id)
+    {
+        delete_everywhere(app, &file_id)?;
+    }
+    kb.updated_at = now_secs();
+    app.store.put_knowledge(&kb)?;
+    Ok(Outcome::Reply(Reply::ok(&with_files(app, &kb, &user)?)))
+}
+
+pub fn reset(app: &App, ctx: &RequestCtx, req: &Req) -> HandlerResult {
+    let user = identity(ctx)?.user.clone();
+    let mut kb = writable(app, &user, req.id())?;
+    app.store.reset_knowledge(&kb.id)?;
+    app.ingest.vectors.drop_collection(&kb.id);
+    kb.updated_at = now_secs();
+    app.store.put_knowledge(&kb)?;
+    let mut v = kb_json(&kb);
+    v["files"] = json!([]);
+    Ok(Outcome::Reply(Reply::ok(&v)))
+}
+
+pub fn delete(app: &App, ctx: &RequestCtx, req: &Req) -> HandlerResult {
+    let user = identity(ctx)?.user.clone();
+    let kb = writable(app, &user, req.id())?;
+    let existed = app.store.delete_knowledge(&kb.id)?;
+    app.ingest.vectors.drop_collection(&kb.id);
+    Ok(Outcome::Reply(Reply::ok(&existed)))
+}

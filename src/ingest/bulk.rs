@@ -1,0 +1,220 @@
+//! `ragway ingest PATH... [--knowledge NAME]`: bulk loading through the same pipeline as
+//! uploads (same extraction, chunking, embedding and atomic commit), with a progress bar.
+
+use std::path::{Path, PathBuf};
+
+use futures_util::StreamExt;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncReadExt;
+
+use crate::app::App;
+use crate::store::{FileRecord, FileStatus, KnowledgeRecord, Role, User, now_secs};
+
+/// What a bulk run did.
+#[derive(Debug, Default)]
+pub struct Summary {
+    pub completed: usize,
+    pub failed: Vec<(PathBuf, String)>,
+    pub duplicates: usize,
+    pub knowledge_id: Option<String>,
+}
+
+/// Every regular file under `paths` (directories recursed, hidden entries skipped), sorted.
+pub fn collect(paths: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
+    fn walk(p: &Path, out: &mut Vec<PathBuf>) -> Result<(), String> {
+        let meta = std::fs::metadata(p).map_err(|e| format!("{}: {e}", p.display()))?;
+        if meta.is_file() {
+            out.push(p.to_path_buf());
+        } else if meta.is_dir() {
+            let entries = std::fs::read_dir(p).map_err(|e| format!("{}: {e}", p.display()))?;
+            for entry in entries {
+                let entry = entry.map_err(|e| format!("{}: {e}", p.display()))?;
+                if entry.file_name().to_string_lossy().starts_with('.') {
+                    continue;
+                }
+                walk(&entry.path(), out)?;
+            }
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    for p in paths {
+        walk(p, &mut out)?;
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn owner(app: &App, email: Option<&str>) -> Result<User, String> {
+    match email {
+        Some(e) => app
+            .store
+            .user_by_email(&e.trim().to_lowercase())
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("no user with email {e}")),
+        None => app
+            .store
+            .users()
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .filter(|u| u.role == Role::Admin)
+            .min_by_key(|u| u.created_at)
+            .ok_or_else(|| {
+                "no admin exists yet: create one with `ragway user add` or pass --user".into()
+            }),
+    }
+}
+
+fn knowledge(app: &App, user: &User, name: &str) -> Result<KnowledgeRecord, String> {
+    let existing = app
+        .store
+        .knowledges()
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .find(|k| k.name == name && k.user_id == user.id);
+    if let Some(k) = existing {
+        return Ok(k);
+    }
+    let now = now_secs();
+    let kb = KnowledgeRecord {
+        id: uuid::Uuid::new_v4().to_string(),
+        user_id: user.id.clone(),
+        name: name.to_string(),
+        description: String::new(),
+        meta: serde_json::Value::Null,
+        access_grants: Vec::new(),
+        created_at: now,
+        updated_at: now,
+    };
+    app.store.put_knowledge(&kb).map_err(|e| e.to_string())?;
+    Ok(kb)
+}
+
+/// Copies one file into the upload dir, registers it, processes it and returns the record.
+async fn one(app: &App, user: &User, path: &Path) -> Result<FileRecord, String> {
+    let filename = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "file".into());
+    let id = uuid::Uuid::new_v4().to_string();
+    tokio::fs::create_dir_all(&app.ingest.upload_dir)
+        .await
+        .map_err(|e| e.to_string())?;
+    let blob = app.ingest.blob_path(&id, &filename);
+    tokio::fs::copy(path, &blob)
+        .await
+        .map_err(|e| format!("cannot copy: {e}"))?;
+    // Hash in chunks: bulk loads may contain large files.
+    let mut f = tokio::fs::File::open(&blob)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut size = 0u64;
+    loop {
+        let n = f.read(&mut buf).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            break;
+        }
+        size += n as u64;
+        hasher.update(&buf[..n]);
+    }
+    let now = now_secs();
+    let ext = path
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default();
+    let record = FileRecord {
+        id: id.clone(),
+        user_id: user.id.clone(),
+        filename: filename.clone(),
+        path: blob.display().to_string(),
+        hash: None,
+        status: Some(FileStatus::Pending),
+        error: None,
+        meta: json!({
+            "name": filename,
+            "content_type": crate::ingest::content_type_for(&ext),
+            "size": size,
+            "file_hash": hex::encode(hasher.finalize()),
+            "data": {"source": path.display().to_string()},
+        }),
+        embedding: None,
+        chunk_count: 0,
+        created_at: now,
+        updated_at: now,
+    };
+    app.store
+        .insert_file(&record, true)
+        .map_err(|e| e.to_string())?;
+    app.ingest
+        .process(&id)
+        .await
+        .ok_or_else(|| "the file disappeared while processing".to_string())
+}
+
+/// Ingests `files`, `concurrency` at a time, optionally into collection `knowledge_name`.
+pub async fn run(
+    app: &App,
+    files: Vec<PathBuf>,
+    knowledge_name: Option<&str>,
+    user_email: Option<&str>,
+    progress: &indicatif::ProgressBar,
+) -> Result<Summary, String> {
+    if let Err(e) = &app.ingest.embedder {
+        return Err(format!("embedding engine unavailable: {e}"));
+    }
+    let user = owner(app, user_email)?;
+    let kb = match knowledge_name {
+        Some(n) => Some(knowledge(app, &user, n)?),
+        None => None,
+    };
+    let mut summary = Summary {
+        knowledge_id: kb.as_ref().map(|k| k.id.clone()),
+        ..Summary::default()
+    };
+    let concurrency = app.ingest.workers.max(1);
+    let mut results = futures_util::stream::iter(files.into_iter().map(|p| {
+        let user = &user;
+        async move {
+            let r = one(app, user, &p).await;
+            (p, r)
+        }
+    }))
+    .buffer_unordered(concurrency);
+    while let Some((path, result)) = results.next().await {
+        progress.inc(1);
+        progress.set_message(path.display().to_string());
+        match result {
+            Ok(f) if f.status == Some(FileStatus::Completed) => {
+                summary.completed += 1;
+                if let Some(kb) = &kb {
+                    let dup = app
+                        .store
+                        .knowledge_files(&kb.id)
+                        .map_err(|e| e.to_string())?
+                        .iter()
+                        .filter_map(|o| app.store.file(o).ok().flatten())
+                        .any(|o| o.id != f.id && o.hash.is_some() && o.hash == f.hash);
+                    if dup {
+                        summary.duplicates += 1;
+                        continue;
+                    }
+                    if app
+                        .store
+                        .link_file(&kb.id, &f.id)
+                        .map_err(|e| e.to_string())?
+                    {
+                        app.ingest.vectors.link(&kb.id, &f.id);
+                    }
+                }
+            }
+            Ok(f) => summary
+                .failed
+                .push((path, f.error.unwrap_or_else(|| "not processed".into()))),
+            Err(e) => summary.failed.push((path, e)),
+        }
+    }
+    Ok(summary)
+}

@@ -1,0 +1,329 @@
+//! Ingestion: uploaded file → extracted text → chunks → embeddings → redb + vector index.
+//!
+//! The queue is redb's `queue` table, so it survives restarts: a file still queued at
+//! start-up is processed again. Workers are woken through a `Notify` and bounded by a
+//! semaphore sized from the configuration. A file's chunks, vectors, text and final status
+//! are committed in one transaction; the in-memory index is updated only after that commit,
+//! so a crash can never leave a file half indexed.
+
+pub mod bulk;
+pub mod vectors;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use tokio::sync::{Notify, Semaphore, watch};
+
+use crate::chunk::{self, ChunkConfig, Splitter};
+use crate::config::{Config, EmbeddingEngine};
+use crate::embed::Embedder;
+use crate::store::{ChunkRecord, EmbeddingInfo, FileRecord, FileStatus, Store, now_secs};
+use vectors::VectorStore;
+
+/// A content type for a file extension, for uploads that send none (or a generic one).
+pub fn content_type_for(ext: &str) -> &'static str {
+    match ext {
+        "pdf" => "application/pdf",
+        "txt" | "log" | "rst" => "text/plain",
+        "md" | "markdown" => "text/markdown",
+        "html" | "htm" => "text/html",
+        "csv" => "text/csv",
+        "json" => "application/json",
+        "xml" => "application/xml",
+        "docx" => "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
+        _ => "application/octet-stream",
+    }
+}
+
+/// The ingestion service, shared by handlers, workers and the CLI.
+pub struct Ingest {
+    pub store: Arc<Store>,
+    pub vectors: Arc<VectorStore>,
+    /// `Err` holds why no embedder is available (e.g. the ONNX model is not provisioned):
+    /// files then fail with that message instead of the gateway refusing to start.
+    pub embedder: Result<Arc<dyn Embedder>, String>,
+    pub engine: EmbeddingEngine,
+    pub chunking: ChunkConfig,
+    pub upload_dir: PathBuf,
+    pub workers: usize,
+    /// Bumped on every status change; status streams and waiters watch it.
+    status: watch::Sender<u64>,
+    wake: Notify,
+    /// Files being processed right now (by a worker or inline).
+    running: Mutex<HashSet<String>>,
+    permits: Arc<Semaphore>,
+}
+
+/// Removes a file from `running` when processing ends, however it ends.
+struct Running<'a>(&'a Ingest, String);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.running.lock().expect("running lock").remove(&self.1);
+        self.0.bump();
+    }
+}
+
+impl Ingest {
+    pub fn new(
+        config: &Config,
+        store: Arc<Store>,
+        embedder: Result<Arc<dyn Embedder>, String>,
+        tokenizer: Option<Arc<tokenizers::Tokenizer>>,
+    ) -> Ingest {
+        let rag = &config.rag;
+        let splitter = match (rag.token_splitter, tokenizer) {
+            (true, Some(t)) => Splitter::Token(t),
+            (true, None) => {
+                tracing::warn!("token text splitter needs the ONNX tokenizer; using characters");
+                Splitter::Character
+            }
+            _ => Splitter::Character,
+        };
+        let (status, _) = watch::channel(0);
+        Ingest {
+            store,
+            vectors: Arc::new(VectorStore::new(rag.hnsw_threshold)),
+            embedder,
+            engine: config.embedding.engine,
+            chunking: ChunkConfig {
+                size: rag.chunk_size,
+                overlap: rag.chunk_overlap,
+                markdown_headers: rag.markdown_headers,
+                splitter,
+            },
+            upload_dir: config.data_dir.join("uploads"),
+            workers: rag.workers,
+            status,
+            wake: Notify::new(),
+            running: Mutex::new(HashSet::new()),
+            permits: Arc::new(Semaphore::new(rag.workers)),
+        }
+    }
+
+    /// Loads the vector index from redb and re-queues files embedded with another model
+    /// (a collection must never mix models).
+    pub fn start_up(&self) -> crate::store::Result<()> {
+        let n = self.vectors.load(&self.store)?;
+        tracing::info!(vectors = n, "vector index loaded");
+        if let Ok(e) = &self.embedder {
+            for mut f in self.store.files()? {
+                let stale = f.status == Some(FileStatus::Completed)
+                    && f.embedding.as_ref().is_some_and(|i| i.model != e.model());
+                if stale {
+                    tracing::info!(file = %f.id, "embedding model changed; re-embedding");
+                    f.status = Some(FileStatus::Pending);
+                    self.store.requeue_file(&f)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn bump(&self) {
+        self.status.send_modify(|v| *v += 1);
+    }
+
+    /// A receiver that changes whenever any file's status changes.
+    pub fn watch(&self) -> watch::Receiver<u64> {
+        self.status.subscribe()
+    }
+
+    /// Wakes the workers (after an upload).
+    pub fn notify(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Worker loop: runs until the process stops. Picks queued files that nobody is
+    /// processing, at most `workers` at a time.
+    pub async fn run_workers(self: Arc<Self>) {
+        loop {
+            let queued = match self.store.queued_files() {
+                Ok(q) => q,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the processing queue");
+                    Vec::new()
+                }
+            };
+            for id in queued {
+                let Ok(permit) = self.permits.clone().acquire_owned().await else {
+                    return;
+                };
+                // Claim before spawning so the next scan does not start it twice.
+                if !self
+                    .running
+                    .lock()
+                    .expect("running lock")
+                    .insert(id.clone())
+                {
+                    continue;
+                }
+                let me = self.clone();
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    me.process_claimed(&id).await;
+                });
+            }
+            // Wake on a new upload, or re-scan periodically as a safety net.
+            let _ = tokio::time::timeout(Duration::from_secs(5), self.wake.notified()).await;
+        }
+    }
+
+    /// Processes a file now (inline upload or a worker). Returns the final record; when
+    /// another task is already processing it, waits for that one instead.
+    pub async fn process(&self, id: &str) -> Option<FileRecord> {
+        let claimed = self
+            .running
+            .lock()
+            .expect("running lock")
+            .insert(id.to_string());
+        if !claimed {
+            return self.wait_done(id, Duration::from_secs(24 * 3600)).await;
+        }
+        self.process_claimed(id).await
+    }
+
+    /// Processes a file already marked as running by the caller.
+    async fn process_claimed(&self, id: &str) -> Option<FileRecord> {
+        let _running = Running(self, id.to_string());
+        let file = match self.store.file(id) {
+            Ok(Some(f)) => f,
+            Ok(None) => return None,
+            Err(e) => {
+                tracing::error!(file = id, error = %e, "cannot read file record");
+                return None;
+            }
+        };
+        if file.status != Some(FileStatus::Pending) {
+            return Some(file);
+        }
+        let started = std::time::Instant::now();
+        let result = self.pipeline(&file).await;
+        let mut file = file;
+        file.updated_at = now_secs();
+        match result {
+            Ok((text, chunks, vecs, info)) => {
+                file.status = Some(FileStatus::Completed);
+                file.error = None;
+                file.hash = Some(hex::encode(Sha256::digest(text.as_bytes())));
+                file.embedding = Some(info);
+                file.chunk_count = chunks.len();
+                file.meta["collection_name"] = serde_json::json!(format!("file-{}", file.id));
+                match self.store.complete_file(&file, &text, &chunks, &vecs) {
+                    Ok((ids, removed)) => {
+                        self.vectors.put_file(&file.id, &ids, &vecs);
+                        let kbs = self.store.file_knowledge(&file.id).unwrap_or_default();
+                        self.vectors
+                            .refresh_in_collections(&file.id, &removed, &kbs);
+                        tracing::info!(file = %file.id, chunks = ids.len(), secs = started.elapsed().as_secs_f64(), "file processed");
+                    }
+                    Err(e) => {
+                        tracing::error!(file = %file.id, error = %e, "cannot store processed file");
+                        file.status = Some(FileStatus::Failed);
+                        file.error = Some(format!("storage error: {e}"));
+                        let _ = self.store.fail_file(&file);
+                    }
+                }
+            }
+            Err(msg) => {
+                tracing::warn!(file = %file.id, error = %msg, "file processing failed");
+                file.status = Some(FileStatus::Failed);
+                file.error = Some(msg);
+                file.hash = None;
+                match self.store.fail_file(&file) {
+                    Ok(removed) => {
+                        let kbs = self.store.file_knowledge(&file.id).unwrap_or_default();
+                        self.vectors.remove_file(&file.id, &removed, &kbs);
+                    }
+                    Err(e) => tracing::error!(file = %file.id, error = %e, "cannot record failure"),
+                }
+            }
+        }
+        Some(file)
+    }
+
+    /// Extract → chunk → embed. Any error is a message for the file's `error` field.
+    async fn pipeline(
+        &self,
+        file: &FileRecord,
+    ) -> Result<(String, Vec<ChunkRecord>, Vec<Vec<f32>>, EmbeddingInfo), String> {
+        let embedder = self.embedder.clone()?;
+        let bytes = tokio::fs::read(&file.path)
+            .await
+            .map_err(|e| format!("cannot read the stored file: {e}"))?;
+        let name = file.filename.clone();
+        let content_type = file.meta["content_type"].as_str().map(String::from);
+        let cfg = self.chunking.clone();
+        let (text, chunks) = tokio::task::spawn_blocking(move || {
+            let doc = crate::extract::extract(&bytes, &name, content_type.as_deref())
+                .map_err(|e| e.to_string())?;
+            let text = doc.full_text();
+            let chunks = chunk::split(&doc, &cfg);
+            Ok::<_, String>((text, chunks))
+        })
+        .await
+        .map_err(|_| "text extraction crashed".to_string())??;
+        if chunks.is_empty() {
+            return Err("the file contains no text".into());
+        }
+        // Open WebUI embeds chunk text with newlines replaced by spaces.
+        let inputs: Vec<String> = chunks.iter().map(|c| c.text.replace('\n', " ")).collect();
+        let vecs = embedder.embed(inputs).await.map_err(|e| e.to_string())?;
+        if vecs.len() != chunks.len() {
+            return Err(format!(
+                "the embedding engine returned {} vectors for {} chunks",
+                vecs.len(),
+                chunks.len()
+            ));
+        }
+        let records = chunks
+            .into_iter()
+            .enumerate()
+            .map(|(index, c)| ChunkRecord {
+                file_id: file.id.clone(),
+                index,
+                text: c.text,
+                start_index: c.start_index,
+                page: c.page,
+                headers: c.headers,
+            })
+            .collect();
+        let info = EmbeddingInfo {
+            engine: self.engine.as_str().to_string(),
+            model: embedder.model().to_string(),
+            dim: embedder.dim(),
+        };
+        Ok((text, records, vecs, info))
+    }
+
+    /// Waits until the file is no longer pending (or gone), at most `limit`.
+    pub async fn wait_done(&self, id: &str, limit: Duration) -> Option<FileRecord> {
+        let mut rx = self.watch();
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let f = self.store.file(id).ok().flatten()?;
+            let running = self.running.lock().expect("running lock").contains(id);
+            if f.status != Some(FileStatus::Pending) && !running {
+                return Some(f);
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Some(f),
+                Err(_) => return Some(f),
+            }
+        }
+    }
+
+    /// Stores an uploaded file's blob path for `id` and `filename`: `{uuid}_{basename}` under
+    /// the upload dir, as Open WebUI names them.
+    pub fn blob_path(&self, id: &str, filename: &str) -> PathBuf {
+        let base = Path::new(filename)
+            .file_name()
+            .map(|n| n.to_string_lossy().replace(['/', '\\'], "_"))
+            .unwrap_or_else(|| "file".into());
+        self.upload_dir.join(format!("{id}_{base}"))
+    }
+}

@@ -1,0 +1,250 @@
+//! Files, their chunks and vectors, and the processing queue.
+//!
+//! A file's chunks, vectors, text and final status are written in ONE transaction, so after
+//! a crash a file is either completed with everything searchable, or still queued.
+
+use redb::{ReadableDatabase, ReadableTable, WriteTransaction};
+
+use super::{
+    CHUNKS, COUNTERS, FILE_CHUNKS, FILE_KNOWLEDGE, FILE_TEXT, FILES, KNOWLEDGE_FILES, QUEUE,
+    Result, Store, StoreError, VECTORS, decode, encode,
+};
+use crate::store::{ChunkRecord, FileRecord, now_secs};
+
+fn ids_to_bytes(ids: &[u64]) -> Vec<u8> {
+    ids.iter().flat_map(|i| i.to_le_bytes()).collect()
+}
+
+fn bytes_to_ids(b: &[u8]) -> Vec<u64> {
+    b.chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+        .collect()
+}
+
+/// Little-endian f32 encoding of a vector.
+pub fn vector_to_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+pub fn bytes_to_vector(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+        .collect()
+}
+
+/// Removes a file's chunks and vectors inside `txn`; returns the removed chunk ids.
+fn remove_chunks(txn: &WriteTransaction, file_id: &str) -> Result<Vec<u64>> {
+    let mut fc = txn.open_table(FILE_CHUNKS)?;
+    let ids = fc
+        .remove(file_id)?
+        .map(|g| bytes_to_ids(g.value()))
+        .unwrap_or_default();
+    let mut chunks = txn.open_table(CHUNKS)?;
+    let mut vectors = txn.open_table(VECTORS)?;
+    for id in &ids {
+        chunks.remove(*id)?;
+        vectors.remove(*id)?;
+    }
+    Ok(ids)
+}
+
+impl Store {
+    /// Stores a new file record, queued for processing when `enqueue`.
+    pub fn insert_file(&self, file: &FileRecord, enqueue: bool) -> Result<()> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(FILES)?
+            .insert(file.id.as_str(), encode(file).as_str())?;
+        if enqueue {
+            txn.open_table(QUEUE)?
+                .insert(file.id.as_str(), now_secs())?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    pub fn file(&self, id: &str) -> Result<Option<FileRecord>> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(FILES)?;
+        match t.get(id)? {
+            Some(v) => Ok(Some(decode("files", v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn files(&self) -> Result<Vec<FileRecord>> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(FILES)?;
+        let mut out = Vec::new();
+        for row in t.iter()? {
+            let (_, v) = row?;
+            out.push(decode("files", v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Extracted text of a processed file.
+    pub fn file_text(&self, id: &str) -> Result<Option<String>> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(FILE_TEXT)?;
+        Ok(t.get(id)?.map(|v| v.value().to_string()))
+    }
+
+    /// Files waiting for processing, oldest first.
+    pub fn queued_files(&self) -> Result<Vec<String>> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(QUEUE)?;
+        let mut rows = Vec::new();
+        for row in t.iter()? {
+            let (k, v) = row?;
+            rows.push((v.value(), k.value().to_string()));
+        }
+        rows.sort();
+        Ok(rows.into_iter().map(|(_, id)| id).collect())
+    }
+
+    /// Puts a file back in the queue (pending), e.g. to re-embed with another model.
+    pub fn requeue_file(&self, file: &FileRecord) -> Result<()> {
+        self.insert_file(file, true)
+    }
+
+    /// Commits a successful processing: chunks, vectors, text and the completed record, and
+    /// takes the file off the queue. Chunks of an earlier processing are replaced. Returns
+    /// (new chunk ids, removed chunk ids).
+    pub fn complete_file(
+        &self,
+        file: &FileRecord,
+        text: &str,
+        chunks: &[ChunkRecord],
+        vectors: &[Vec<f32>],
+    ) -> Result<(Vec<u64>, Vec<u64>)> {
+        assert_eq!(chunks.len(), vectors.len(), "one vector per chunk");
+        let txn = self.db.begin_write()?;
+        let removed = remove_chunks(&txn, &file.id)?;
+        let ids = {
+            let mut counters = txn.open_table(COUNTERS)?;
+            let first = counters.get("chunk_id")?.map(|g| g.value()).unwrap_or(1);
+            counters.insert("chunk_id", first + chunks.len() as u64)?;
+            (first..first + chunks.len() as u64).collect::<Vec<u64>>()
+        };
+        {
+            let mut ct = txn.open_table(CHUNKS)?;
+            let mut vt = txn.open_table(VECTORS)?;
+            for ((id, c), v) in ids.iter().zip(chunks).zip(vectors) {
+                ct.insert(*id, encode(c).as_str())?;
+                vt.insert(*id, vector_to_bytes(v).as_slice())?;
+            }
+            txn.open_table(FILE_CHUNKS)?
+                .insert(file.id.as_str(), ids_to_bytes(&ids).as_slice())?;
+            txn.open_table(FILE_TEXT)?.insert(file.id.as_str(), text)?;
+            txn.open_table(FILES)?
+                .insert(file.id.as_str(), encode(file).as_str())?;
+            txn.open_table(QUEUE)?.remove(file.id.as_str())?;
+        }
+        txn.commit()?;
+        Ok((ids, removed))
+    }
+
+    /// Records a failed processing and takes the file off the queue; earlier chunks are
+    /// removed so nothing stale stays searchable. Returns the removed chunk ids.
+    pub fn fail_file(&self, file: &FileRecord) -> Result<Vec<u64>> {
+        let txn = self.db.begin_write()?;
+        let removed = remove_chunks(&txn, &file.id)?;
+        txn.open_table(FILE_TEXT)?.remove(file.id.as_str())?;
+        txn.open_table(FILES)?
+            .insert(file.id.as_str(), encode(file).as_str())?;
+        txn.open_table(QUEUE)?.remove(file.id.as_str())?;
+        txn.commit()?;
+        Ok(removed)
+    }
+
+    /// Updates only the record (status changes that touch no chunk).
+    pub fn update_file(&self, file: &FileRecord) -> Result<()> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut t = txn.open_table(FILES)?;
+            if t.get(file.id.as_str())?.is_none() {
+                return Err(StoreError::NotFound);
+            }
+            t.insert(file.id.as_str(), encode(file).as_str())?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Deletes a file everywhere: record, text, chunks, vectors, queue entry and
+    /// collection memberships. Returns the record, its chunk ids and the collections it
+    /// was in, or `None` when it did not exist.
+    pub fn delete_file(&self, id: &str) -> Result<Option<(FileRecord, Vec<u64>, Vec<String>)>> {
+        let txn = self.db.begin_write()?;
+        let out = {
+            let Some(rec) = txn
+                .open_table(FILES)?
+                .remove(id)?
+                .map(|g| g.value().to_string())
+            else {
+                return Ok(None);
+            };
+            let rec: FileRecord = decode("files", &rec)?;
+            let chunk_ids = remove_chunks(&txn, id)?;
+            txn.open_table(FILE_TEXT)?.remove(id)?;
+            txn.open_table(QUEUE)?.remove(id)?;
+            let mut fk = txn.open_multimap_table(FILE_KNOWLEDGE)?;
+            let mut kbs = Vec::new();
+            for v in fk.remove_all(id)? {
+                kbs.push(v?.value().to_string());
+            }
+            let mut kf = txn.open_multimap_table(KNOWLEDGE_FILES)?;
+            for kb in &kbs {
+                kf.remove(kb.as_str(), id)?;
+            }
+            (rec, chunk_ids, kbs)
+        };
+        txn.commit()?;
+        Ok(Some(out))
+    }
+
+    pub fn file_chunk_ids(&self, id: &str) -> Result<Vec<u64>> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(FILE_CHUNKS)?;
+        Ok(t.get(id)?
+            .map(|g| bytes_to_ids(g.value()))
+            .unwrap_or_default())
+    }
+
+    /// Chunk records by id (missing ids are skipped).
+    pub fn chunks(&self, ids: &[u64]) -> Result<Vec<(u64, ChunkRecord)>> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(CHUNKS)?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(v) = t.get(*id)? {
+                out.push((*id, decode("chunks", v.value())?));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Visits every processed file's chunk ids and vectors (index rebuild at start-up).
+    pub fn for_each_file_vectors(
+        &self,
+        mut visit: impl FnMut(&str, Vec<u64>, Vec<Vec<f32>>),
+    ) -> Result<()> {
+        let txn = self.db.begin_read()?;
+        let fc = txn.open_table(FILE_CHUNKS)?;
+        let vt = txn.open_table(VECTORS)?;
+        for row in fc.iter()? {
+            let (k, v) = row?;
+            let ids = bytes_to_ids(v.value());
+            let mut vecs = Vec::with_capacity(ids.len());
+            let mut kept = Vec::with_capacity(ids.len());
+            for id in ids {
+                if let Some(b) = vt.get(id)? {
+                    vecs.push(bytes_to_vector(b.value()));
+                    kept.push(id);
+                }
+            }
+            visit(k.value(), kept, vecs);
+        }
+        Ok(())
+    }
+}
