@@ -371,17 +371,19 @@ mod tests {
         // Pages of the generated documents have distinct numbers.
         for page in &doc.pages {
             let page_chunks: Vec<&Chunk> = chunks.iter().filter(|c| c.page == page.page).collect();
-            let total = page.text.chars().count();
-            let mut covered = vec![false; total];
+            // Indexable characters: comparing with `chars_at` per chunk is quadratic.
+            let chars: Vec<char> = page.text.chars().collect();
+            let mut covered = vec![false; chars.len()];
             let mut prev: Option<(usize, usize)> = None;
             for chunk in &page_chunks {
-                let len = chunk.text.chars().count();
+                let chunk_chars: Vec<char> = chunk.text.chars().collect();
+                let len = chunk_chars.len();
                 assert!(!chunk.text.trim().is_empty(), "empty chunk {chunk:?}");
                 assert_eq!(chunk.text.trim(), chunk.text, "untrimmed {chunk:?}");
                 assert!(len <= cfg.size, "{len} > {} in {chunk:?}", cfg.size);
                 assert_eq!(
-                    chars_at(&page.text, chunk.start_index, len),
-                    chunk.text,
+                    chars.get(chunk.start_index..chunk.start_index + len),
+                    Some(chunk_chars.as_slice()),
                     "text differs at start_index {}",
                     chunk.start_index
                 );
@@ -398,7 +400,7 @@ mod tests {
                 covered[chunk.start_index..chunk.start_index + len].fill(true);
             }
             // Nothing but whitespace is lost.
-            for (i, c) in page.text.chars().enumerate() {
+            for (i, c) in chars.iter().enumerate() {
                 assert!(
                     covered[i] || c.is_whitespace(),
                     "char {i} {c:?} not in any chunk"
@@ -527,8 +529,9 @@ mod tests {
     #[test]
     fn generated_texts_keep_invariants() {
         let configs = [(1000, 100), (50, 10), (20, 0), (7, 3), (200, 199), (1, 0)];
-        for seed in 0..12u64 {
-            let words = 20 + (seed as usize * 37) % 400;
+        // Kept small: small chunk sizes make text-splitter slow in debug builds.
+        for seed in 0..6u64 {
+            let words = 20 + (seed as usize * 53) % 250;
             let pages: Vec<Page> = (0..2)
                 .map(|p| Page {
                     text: generated_text(seed * 2 + p, words),

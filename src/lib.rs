@@ -44,6 +44,7 @@ pub mod metrics;
 pub mod models;
 pub mod openapi;
 pub mod proxy;
+pub mod rag;
 pub mod server;
 pub mod store;
 pub mod upstream;

@@ -94,6 +94,74 @@ fn main() -> ExitCode {
                 Err(e) => fail(e.detail),
             }
         }
+        Command::Eval {
+            common,
+            dataset,
+            mode,
+            bm25_weight,
+            fusion,
+            run_dir,
+            json,
+        } => {
+            let modes: Option<Vec<_>> = mode
+                .iter()
+                .map(|m| ragway::rag::eval::parse_mode(m.trim()))
+                .collect();
+            let Some(modes) = modes else {
+                return fail("--mode: use dense, bm25 and/or hybrid");
+            };
+            let ds = match ragway::rag::eval::Dataset::load(&dataset) {
+                Ok(d) => d,
+                Err(e) => return fail(e),
+            };
+            // A throwaway data dir unless one is given: evaluation must not touch real data.
+            let tmp = std::env::temp_dir().join(format!("ragway-eval-{}", std::process::id()));
+            let mut overrides = Overrides::from(&common);
+            if overrides.data_dir.is_none() {
+                overrides.data_dir = Some(tmp.clone());
+            }
+            let app = match open_app(&overrides) {
+                Ok(a) => a,
+                Err(e) => return fail(e),
+            };
+            let fusion = match fusion.as_deref() {
+                None => app.config.rag.fusion,
+                Some("rrf") => ragway::config::Fusion::Rrf,
+                Some("convex") => ragway::config::Fusion::Convex,
+                Some(other) => return fail(format!("--fusion {other:?}: use rrf or convex")),
+            };
+            let fuse = ragway::rag::Fuse {
+                fusion,
+                bm25_weight: bm25_weight.unwrap_or(app.config.rag.bm25_weight),
+            };
+            let bar = indicatif::ProgressBar::new(0);
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
+            let report = rt.block_on(ragway::rag::eval::run(
+                &app,
+                &ds,
+                &modes,
+                fuse,
+                run_dir.as_deref(),
+                &bar,
+            ));
+            bar.finish_and_clear();
+            drop(app);
+            let _ = std::fs::remove_dir_all(&tmp);
+            match report {
+                Ok(r) if json => {
+                    println!("{}", serde_json::to_string_pretty(&r).expect("json"));
+                    ExitCode::SUCCESS
+                }
+                Ok(r) => {
+                    print!("{}", ragway::rag::eval::table(&r));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            }
+        }
         Command::Ingest {
             common,
             paths,

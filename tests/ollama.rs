@@ -1003,6 +1003,120 @@ async fn failover_to_the_live_upstream_without_pooled_connections() {
     assert_eq!(b.requests_to("/api/chat").len(), 6);
 }
 
+/// `[auth] model-access` and model-scoped API keys limit what a caller sees and uses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_access_limits_lists_and_use() {
+    let a = FakeUpstream::ollama(&["a:latest", "both:latest"]).await;
+    let b = FakeUpstream::ollama(&["b:latest", "both:latest"]).await;
+    let gw = Setup::new()
+        .ollama(&a.url)
+        .ollama(&b.url)
+        .toml("[auth.model-access]\n\"limited@example.com\" = [\"a:latest\", \"both:latest\"]")
+        .start()
+        .await;
+    let admin = gw.admin().await;
+    let limited = gw.user(&admin, "limited@example.com").await;
+
+    let tags: Value = gw
+        .get("/ollama/api/tags", Some(&limited))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let names: Vec<String> = names_and_urls(&tags).into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names, vec!["a:latest", "both:latest"]);
+    let v1: Value = gw
+        .get("/ollama/v1/models", Some(&limited))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let mut ids: Vec<&str> = v1["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    ids.sort();
+    assert_eq!(ids, vec!["a:latest", "both:latest"]);
+    // The admin is not limited.
+    let tags: Value = gw
+        .get("/ollama/api/tags", Some(&admin))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(names_and_urls(&tags).len(), 3);
+
+    a.clear();
+    b.clear();
+    for path in [
+        "/ollama/api/chat",
+        "/ollama/api/chat/1",
+        "/ollama/v1/chat/completions",
+    ] {
+        let r = gw.post(path, Some(&limited), chat("b:latest")).await;
+        assert_error(r, 403, "Model not found").await;
+    }
+    let r = gw
+        .post(
+            "/ollama/api/show",
+            Some(&limited),
+            json!({"model": "b:latest"}),
+        )
+        .await;
+    assert_error(r, 403, "Model not found").await;
+    assert_eq!(
+        a.request_count() + b.request_count(),
+        0,
+        "denied requests reached an upstream"
+    );
+    let (status, _, _) = via(
+        &gw,
+        Method::POST,
+        "/ollama/api/chat",
+        &limited,
+        &chat("a:latest"),
+    )
+    .await;
+    assert_eq!(status, 200);
+
+    // A key scoped to one model narrows its owner's access further.
+    let r = gw
+        .post(
+            "/api/v1/auths/api_key",
+            Some(&limited),
+            json!({"models": ["both:latest"]}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let key = r.json::<Value>().await.unwrap()["api_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let tags: Value = gw
+        .get("/ollama/api/tags", Some(&key))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let names: Vec<String> = names_and_urls(&tags).into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names, vec!["both:latest"]);
+    let r = gw
+        .post("/ollama/api/chat", Some(&key), chat("a:latest"))
+        .await;
+    assert_error(r, 403, "Model not found").await;
+    let (status, _, _) = via(
+        &gw,
+        Method::POST,
+        "/ollama/api/chat",
+        &key,
+        &chat("both:latest"),
+    )
+    .await;
+    assert_eq!(status, 200);
+}
+
 // ---------------------------------------------------------------------------
 // 6. prefix-id
 // ---------------------------------------------------------------------------

@@ -61,6 +61,30 @@ pub enum Command {
         #[command(subcommand)]
         action: KeyAction,
     },
+    /// Measure retrieval quality on a BEIR-layout dataset (corpus.jsonl, queries.jsonl,
+    /// qrels/test.tsv) through ragway's own ingestion and retrieval, in a temporary data dir.
+    Eval {
+        #[command(flatten)]
+        common: CommonArgs,
+        /// Dataset directory.
+        #[arg(long)]
+        dataset: PathBuf,
+        /// Modes to compare (dense, bm25, hybrid).
+        #[arg(long, value_delimiter = ',', default_value = "dense,bm25,hybrid")]
+        mode: Vec<String>,
+        /// Weight of BM25 in hybrid mode (default: the configured one).
+        #[arg(long)]
+        bm25_weight: Option<f32>,
+        /// Fusion for hybrid mode: rrf or convex (default: the configured one).
+        #[arg(long)]
+        fusion: Option<String>,
+        /// Write `<mode>.run` files (TREC format) into this directory.
+        #[arg(long)]
+        run_dir: Option<PathBuf>,
+        /// Print the report as JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Bulk-load files or folders through the ingestion pipeline (stop `ragway serve` on
     /// the same data dir first: the database is single-process).
     Ingest {

@@ -78,6 +78,24 @@ pub struct RagFile {
     /// Collections with more vectors than this get an HNSW graph; smaller ones are searched
     /// exactly.
     pub hnsw_threshold: Option<usize>,
+    /// Chunks injected per `files` item.
+    pub top_k: Option<usize>,
+    /// Minimum cosine similarity of an injected chunk.
+    pub relevance_threshold: Option<f32>,
+    /// Fuse BM25 with dense retrieval.
+    pub hybrid_search: Option<bool>,
+    /// Weight of BM25 in the fusion (0..1).
+    pub bm25_weight: Option<f32>,
+    /// `rrf` (reciprocal rank) or `convex` (weighted normalised scores).
+    pub fusion: Option<String>,
+    /// Prompt template with `{{CONTEXT}}` and `{{QUERY}}`.
+    pub template: Option<String>,
+    /// Put the context in the system message instead of the last user message.
+    pub system_context: Option<bool>,
+    /// Use whole documents instead of retrieval.
+    pub full_context: Option<bool>,
+    /// Ask the chat model for search queries before retrieving.
+    pub query_generation: Option<bool>,
 }
 
 /// `[auth]`

@@ -60,6 +60,11 @@ pub struct AuthConfig {
     pub model_access: HashMap<String, Vec<String>>,
 }
 
+/// Retrieval defaults, chosen with `ragway eval` (see the README's measured numbers).
+pub const DEFAULT_HYBRID: bool = false;
+pub const DEFAULT_BM25_WEIGHT: f32 = 0.5;
+pub const DEFAULT_FUSION: &str = "rrf";
+
 /// Which engine computes embeddings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EmbeddingEngine {
@@ -105,6 +110,24 @@ pub struct RagConfig {
     pub workers: usize,
     pub file_add_wait: Duration,
     pub hnsw_threshold: usize,
+    pub top_k: usize,
+    pub relevance_threshold: f32,
+    pub hybrid: bool,
+    pub bm25_weight: f32,
+    pub fusion: Fusion,
+    pub template: String,
+    pub system_context: bool,
+    pub full_context: bool,
+    pub query_generation: bool,
+}
+
+/// How dense and BM25 rankings are combined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fusion {
+    /// Weighted reciprocal-rank fusion (Open WebUI's EnsembleRetriever).
+    Rrf,
+    /// Weighted sum of max-normalised scores.
+    Convex,
 }
 
 /// The validated runtime configuration. Built once at start-up; shared read-only.
@@ -608,6 +631,58 @@ fn rag_config(
         r.file_add_wait.as_deref().unwrap_or("60s"),
     )?;
     let hnsw_threshold = r.hnsw_threshold.unwrap_or(50_000);
+    let mut top_k = r.top_k.unwrap_or(3);
+    if let Some(v) = env.get("RAG_TOP_K") {
+        top_k = parse_usize("RAG_TOP_K", &v)?;
+    }
+    if top_k == 0 {
+        return err("rag.top-k (RAG_TOP_K): must be at least 1");
+    }
+    let parse_f32 = |name: &str, v: &str| -> Result<f32, ConfigError> {
+        v.trim()
+            .parse::<f32>()
+            .ok()
+            .filter(|x| x.is_finite())
+            .ok_or_else(|| ConfigError(format!("{name}: expected a number, got {v:?}")))
+    };
+    let mut relevance_threshold = r.relevance_threshold.unwrap_or(0.0);
+    if let Some(v) = env.get("RAG_RELEVANCE_THRESHOLD") {
+        relevance_threshold = parse_f32("RAG_RELEVANCE_THRESHOLD", &v)?;
+    }
+    let mut hybrid = r.hybrid_search.unwrap_or(DEFAULT_HYBRID);
+    if let Some(v) = env.get("ENABLE_RAG_HYBRID_SEARCH") {
+        hybrid = parse_bool("ENABLE_RAG_HYBRID_SEARCH", &v)?;
+    }
+    let mut bm25_weight = r.bm25_weight.unwrap_or(DEFAULT_BM25_WEIGHT);
+    if let Some(v) = env.get("RAG_HYBRID_BM25_WEIGHT") {
+        bm25_weight = parse_f32("RAG_HYBRID_BM25_WEIGHT", &v)?;
+    }
+    if !(0.0..=1.0).contains(&bm25_weight) {
+        return err("rag.bm25-weight (RAG_HYBRID_BM25_WEIGHT): must be between 0 and 1");
+    }
+    let fusion = match r.fusion.as_deref().unwrap_or(DEFAULT_FUSION) {
+        "rrf" => Fusion::Rrf,
+        "convex" => Fusion::Convex,
+        other => return err(format!("rag.fusion: {other:?} is not rrf or convex")),
+    };
+    let mut template = r
+        .template
+        .unwrap_or_else(|| crate::rag::prompt::DEFAULT_TEMPLATE.to_string());
+    if let Some(v) = env.get("RAG_TEMPLATE") {
+        template = v;
+    }
+    let mut system_context = r.system_context.unwrap_or(false);
+    if let Some(v) = env.get("RAG_SYSTEM_CONTEXT") {
+        system_context = parse_bool("RAG_SYSTEM_CONTEXT", &v)?;
+    }
+    let mut full_context = r.full_context.unwrap_or(false);
+    if let Some(v) = env.get("RAG_FULL_CONTEXT") {
+        full_context = parse_bool("RAG_FULL_CONTEXT", &v)?;
+    }
+    let mut query_generation = r.query_generation.unwrap_or(false);
+    if let Some(v) = env.get("ENABLE_RETRIEVAL_QUERY_GENERATION") {
+        query_generation = parse_bool("ENABLE_RETRIEVAL_QUERY_GENERATION", &v)?;
+    }
     // Relative model paths are relative to the working directory, not the data dir; the
     // data dir is only used for uploads and the index.
     let _ = data_dir;
@@ -631,6 +706,15 @@ fn rag_config(
             workers,
             file_add_wait,
             hnsw_threshold,
+            top_k,
+            relevance_threshold,
+            hybrid,
+            bm25_weight,
+            fusion,
+            template,
+            system_context,
+            full_context,
+            query_generation,
         },
     ))
 }

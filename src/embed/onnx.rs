@@ -22,13 +22,14 @@ use tokio::sync::Semaphore;
 
 use super::{EmbedError, Embedder, l2_normalize};
 
-/// Texts per inference call. Larger batches amortise call overhead but pad every text to the
-/// longest one in the batch; 32 is the measured sweet spot for chunk-sized texts.
+/// Texts per inference call. Larger batches amortise per-call overhead but pad every text to
+/// the longest one in the batch; texts are sorted by length before batching, which keeps that
+/// padding small.
 pub const BATCH_SIZE: usize = 32;
 
-/// Longest input in tokens (special tokens included); longer texts are truncated. The model
-/// was trained on 128-token inputs and accepts up to 512; 256 keeps chunk-sized texts whole
-/// while bounding the quadratic attention cost.
+/// Longest input in tokens (special tokens included); longer texts are truncated. This is the
+/// model's own `max_seq_length` in sentence-transformers (trained on 128, positions up to
+/// 512), so vectors match what sentence-transformers computes for the same text.
 pub const MAX_TOKENS: usize = 256;
 
 /// The ONNX Runtime library and environment of this process. ONNX Runtime can be loaded only

@@ -13,7 +13,13 @@ use super::{ExtractError, Page};
 
 /// Extracts one [`Page`] per PDF page, numbered from 1, blank pages included.
 pub(super) fn extract(bytes: &[u8]) -> Result<Vec<Page>, ExtractError> {
-    match catch_unwind(AssertUnwindSafe(|| extract_pages(bytes))) {
+    catch_panics(|| extract_pages(bytes))
+}
+
+/// Runs `parse`, turning a panic into [`ExtractError::Corrupt`].
+fn catch_panics<T>(parse: impl FnOnce() -> Result<T, ExtractError>) -> Result<T, ExtractError> {
+    // AssertUnwindSafe: nothing `parse` touches outlives a panic (the document is local).
+    match catch_unwind(AssertUnwindSafe(parse)) {
         Ok(result) => result,
         Err(payload) => {
             let detail = payload
@@ -30,12 +36,10 @@ pub(super) fn extract(bytes: &[u8]) -> Result<Vec<Page>, ExtractError> {
 }
 
 fn extract_pages(bytes: &[u8]) -> Result<Vec<Page>, ExtractError> {
-    if !bytes.starts_with(b"%PDF-")
-        && !bytes[..bytes.len().min(1024)]
-            .windows(5)
-            .any(|w| w == b"%PDF-")
-    {
-        // lopdf's own message for this case ("invalid file header") is less helpful.
+    // Readers accept the header anywhere in the first KiB; lopdf's own message for a missing
+    // one ("invalid file header") would not tell a user that this is not a PDF at all.
+    let head = &bytes[..bytes.len().min(1024)];
+    if !head.windows(5).any(|w| w == b"%PDF-") {
         return Err(ExtractError::corrupt(
             "pdf",
             "not a PDF file (no %PDF- header)",
@@ -252,6 +256,34 @@ pub(super) mod tests {
         }
         let err = crate::extract::extract(b"hello", "x.pdf", None).unwrap_err();
         assert_eq!(err.to_string(), "not a PDF file (no %PDF- header)");
+    }
+
+    #[test]
+    fn parser_panic_becomes_corrupt() {
+        let err = catch_panics::<()>(|| panic!("index out of bounds")).unwrap_err();
+        assert!(matches!(err, ExtractError::Corrupt { kind: "pdf", .. }));
+        assert_eq!(
+            err.to_string(),
+            "PDF could not be read (parser failure: index out of bounds)"
+        );
+    }
+
+    #[test]
+    fn truncated_and_mutated_pdfs_never_panic() {
+        let good = make_pdf(&[&["Alpha beta gamma"], &["Delta epsilon"]]);
+        for cut in (0..good.len()).step_by(23) {
+            let _ = extract(&good[..cut]);
+        }
+        let mut seed = 7u32;
+        for _ in 0..60 {
+            let mut bytes = good.clone();
+            for _ in 0..4 {
+                seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                let at = (seed as usize >> 4) % bytes.len();
+                bytes[at] = (seed >> 20) as u8;
+            }
+            let _ = extract(&bytes);
+        }
     }
 
     #[test]

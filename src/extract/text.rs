@@ -50,13 +50,13 @@ pub(super) fn decode(bytes: &[u8], file_type: &str) -> Result<String, ExtractErr
 fn utf16_without_bom(bytes: &[u8]) -> Option<&'static Encoding> {
     let sample = &bytes[..bytes.len().min(SNIFF_BYTES)];
     let pairs = sample.len() / 2;
-    if pairs == 0 || bytes.len() % 2 != 0 {
+    if pairs == 0 || !bytes.len().is_multiple_of(2) {
         return None;
     }
     let (mut even, mut odd) = (0usize, 0usize);
     for (i, b) in sample.iter().enumerate() {
         if *b == 0 {
-            if i % 2 == 0 {
+            if i.is_multiple_of(2) {
                 even += 1;
             } else {
                 odd += 1;

@@ -15,11 +15,11 @@ use crate::config::UpstreamKind;
 use crate::error::{ApiError, msg};
 use crate::http;
 use crate::proxy::ctx::RequestCtx;
-use crate::proxy::forward::Plan;
+use crate::proxy::forward::{Plan, SourcesReply};
+use crate::rag::{self, prompt};
 
 /// Request fields that only mean something to Open WebUI's UI and are never forwarded.
 const OPEN_WEBUI_ONLY: &[&str] = &[
-    "files",
     "tool_ids",
     "features",
     "chat_id",
@@ -140,16 +140,24 @@ pub async fn completions(app: &App, session: &mut Session, ctx: &mut RequestCtx)
 
     let mut changed = entry.upstream_id != model;
     for field in OPEN_WEBUI_ONLY {
-        if let Some(v) = body.remove(*field) {
+        if body.remove(*field).is_some() {
             changed = true;
-            if *field == "files" && v.as_array().is_some_and(|a| !a.is_empty()) {
-                tracing::warn!("`files` (RAG) is not implemented yet; the items were not used");
-            }
         }
     }
     if let Some(params) = body.remove("params") {
         changed = true;
         apply_params(&mut body, params)?;
+    }
+    let mut sources = None;
+    match body.remove("files") {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(items)) => {
+            changed = true;
+            if !items.is_empty() {
+                sources = augment(app, ctx, &mut body, &items, &model, &entry).await?;
+            }
+        }
+        Some(_) => return Err(ApiError::new(422, "files must be a list")),
     }
     let payload = if changed {
         body.insert("model".into(), Value::String(entry.upstream_id.clone()));
@@ -175,7 +183,136 @@ pub async fn completions(app: &App, session: &mut Session, ctx: &mut RequestCtx)
         path,
         body: payload,
         replace_success_body: None,
+        sources,
     }))
+}
+
+/// Retrieves context for `items`, injects it into the messages, and prepares the sources
+/// for the client. Only requests with `files` pay for any of this.
+async fn augment(
+    app: &App,
+    ctx: &RequestCtx,
+    body: &mut Map<String, Value>,
+    items: &[Value],
+    model: &str,
+    entry: &crate::models::ModelEntry,
+) -> Result<Option<SourcesReply>, ApiError> {
+    let id = identity(ctx)?;
+    let cfg = &app.config.rag;
+    let messages = body
+        .get("messages")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let query = prompt::last_user_query(&messages);
+    let retrieval_query = if cfg.query_generation && !query.trim().is_empty() {
+        match generate_queries(app, entry, &messages).await {
+            // Generated queries widen the search; the user's words stay in it.
+            Some(q) if !q.is_empty() => format!(
+                "{query}
+{}",
+                q.join(
+                    "
+"
+                )
+            ),
+            _ => query.clone(),
+        }
+    } else {
+        query.clone()
+    };
+    let sources = rag::retrieve(app, id, items, &retrieval_query).await?;
+    if sources.iter().any(|s| !s.document.is_empty()) && !query.trim().is_empty() {
+        let context = prompt::context_string(&sources);
+        let filled = prompt::fill(&cfg.template, &context, &query);
+        if let Some(Value::Array(m)) = body.get_mut("messages") {
+            prompt::inject(m, &filled, cfg.system_context);
+        }
+    }
+    // Open WebUI returns the sources that carry a name or an id.
+    let visible: Vec<&rag::Source> = sources
+        .iter()
+        .filter(|s| {
+            ["name", "id"].iter().any(|k| {
+                s.source
+                    .get(*k)
+                    .and_then(Value::as_str)
+                    .is_some_and(|v| !v.is_empty())
+            })
+        })
+        .collect();
+    if visible.is_empty() {
+        return Ok(None);
+    }
+    let json = serde_json::to_value(&visible).expect("sources serialise");
+    let event = serde_json::json!({
+        "id": format!("chatcmpl-{}", uuid::Uuid::new_v4()),
+        "object": "chat.completion.chunk",
+        "created": crate::store::now_secs(),
+        "model": model,
+        "choices": [],
+        "sources": json,
+    });
+    Ok(Some(SourcesReply {
+        sse_event: bytes::Bytes::from(format!("data: {event}\n\n")),
+        json,
+    }))
+}
+
+/// Asks the chat model itself for search queries (`ENABLE_RETRIEVAL_QUERY_GENERATION`).
+/// Any failure falls back to the user's message, as in Open WebUI.
+async fn generate_queries(
+    app: &App,
+    entry: &crate::models::ModelEntry,
+    messages: &[Value],
+) -> Option<Vec<String>> {
+    let up = app
+        .upstreams
+        .rank(entry.kind, &entry.urls)
+        .into_iter()
+        .next()?;
+    let url = match entry.kind {
+        UpstreamKind::Ollama => up.url("/v1/chat/completions"),
+        UpstreamKind::OpenAi => up.url("/chat/completions"),
+    };
+    let recent: Vec<String> = messages
+        .iter()
+        .rev()
+        .take(6)
+        .rev()
+        .map(|m| {
+            format!(
+                "{}: {}",
+                m.get("role").and_then(Value::as_str).unwrap_or("user"),
+                prompt::content_text(m.get("content").unwrap_or(&Value::Null))
+            )
+        })
+        .collect();
+    let instruction = format!(
+        "Write up to three short search queries that would find documents answering the \
+         user's last message. Answer only with JSON: {{\"queries\": [\"...\"]}}\n\n{}",
+        recent.join("\n")
+    );
+    let mut req = app.http.post(url).json(&serde_json::json!({
+        "model": entry.upstream_id,
+        "messages": [{"role": "user", "content": instruction}],
+        "stream": false,
+    }));
+    if let Some(k) = &up.config.key {
+        req = req.bearer_auth(k);
+    }
+    let reply: Value = req.send().await.ok()?.json().await.ok()?;
+    let text = reply["choices"][0]["message"]["content"].as_str()?;
+    let json = &text[text.find('{')?..=text.rfind('}')?];
+    let parsed: Value = serde_json::from_str(json).ok()?;
+    Some(
+        parsed["queries"]
+            .as_array()?
+            .iter()
+            .filter_map(|q| q.as_str().map(String::from))
+            .filter(|q| !q.trim().is_empty())
+            .collect(),
+    )
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ pub mod forms {
     pub use super::auths::{AddUserForm, ApiKeyForm, SigninForm, SignupForm};
     pub use super::knowledge::{FileIdForm, GrantForm, KnowledgeForm};
 }
-mod access;
+pub(crate) mod access;
 mod chat;
 mod files;
 mod knowledge;

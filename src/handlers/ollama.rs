@@ -140,6 +140,7 @@ pub async fn model_route(
         path: with_query(upstream_path(req.route.endpoint), session),
         body,
         replace_success_body: None,
+        sources: None,
     }))
 }
 
@@ -196,6 +197,7 @@ pub async fn admin_model_op(
         path: upstream_path(endpoint).to_string(),
         body,
         replace_success_body: replace,
+        sources: None,
     }))
 }
 

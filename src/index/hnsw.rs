@@ -12,6 +12,10 @@
 //!   `catch_unwind` on paths this module controls, and a checksum is verified before hora
 //!   ever parses a file, so a corrupt file is an `io::Error`, not a panic (nor, worse, a
 //!   graph with out-of-range neighbour ids that would panic later, in a search).
+//! - hora 0.1.1's `Metric::DotProduct` ranks the *least* similar first (its `dot` helper
+//!   already negates, and the metric negates again) and `Metric::CosineSimilarity` takes the
+//!   square root of a negative number. The graph uses `Metric::Euclidean` (squared L2),
+//!   which for unit vectors orders exactly like cosine: d² = 2 − 2·cos.
 //! - hora 0.1.1's upper-layer descent never moves (it re-measures the current node instead
 //!   of the neighbour, `search_knn` in `hnsw_idx.rs`), so every search starts its layer-0
 //!   beam at the first inserted node. The beam still finds its way on clustered data (see
@@ -121,7 +125,7 @@ impl HnswIndex {
                 .map_err(|e| IndexError::Build(e.to_string()))?;
             ids.push(id);
         }
-        match catch_unwind(AssertUnwindSafe(|| inner.build(Metric::DotProduct))) {
+        match catch_unwind(AssertUnwindSafe(|| inner.build(Metric::Euclidean))) {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(IndexError::Build(e.to_string())),
             Err(panic) => return Err(IndexError::Build(panic_message(&*panic))),
@@ -178,8 +182,8 @@ impl HnswIndex {
         inner
             .search_nodes(query, n)
             .into_iter()
-            // hora's DotProduct "distance" is the negated dot product.
-            .filter_map(|(node, distance)| node.idx().map(|id| (id, -distance)))
+            // Squared L2 distance of unit vectors: d² = 2 - 2·cos.
+            .filter_map(|(node, d2)| node.idx().map(|id| (id, 1.0 - d2 / 2.0)))
             .collect()
     }
 

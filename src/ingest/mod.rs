@@ -212,13 +212,31 @@ impl Ingest {
                 file.embedding = Some(info);
                 file.chunk_count = chunks.len();
                 file.meta["collection_name"] = serde_json::json!(format!("file-{}", file.id));
-                match self.store.complete_file(&file, &text, &chunks, &vecs) {
+                let terms: Vec<String> = chunks
+                    .iter()
+                    .map(|c| {
+                        serde_json::to_string(&crate::rag::bm25::TermCounts::of(&c.text))
+                            .expect("json")
+                    })
+                    .collect();
+                match self
+                    .store
+                    .complete_file(&file, &text, &chunks, &vecs, &terms)
+                {
                     Ok((ids, removed)) => {
-                        self.vectors.put_file(&file.id, &ids, &vecs);
+                        let n = ids.len();
+                        self.vectors.put_file(
+                            &file.id,
+                            crate::store::FileIndexData {
+                                ids,
+                                vectors: vecs,
+                                terms,
+                            },
+                        );
                         let kbs = self.store.file_knowledge(&file.id).unwrap_or_default();
                         self.vectors
                             .refresh_in_collections(&file.id, &removed, &kbs);
-                        tracing::info!(file = %file.id, chunks = ids.len(), secs = started.elapsed().as_secs_f64(), "file processed");
+                        tracing::info!(file = %file.id, chunks = n, secs = started.elapsed().as_secs_f64(), "file processed");
                     }
                     Err(e) => {
                         tracing::error!(file = %file.id, error = %e, "cannot store processed file");

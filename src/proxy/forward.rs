@@ -33,6 +33,17 @@ pub struct Plan {
     /// Answer a 2xx upstream response with this body instead (Open WebUI returns `true` for
     /// copy and delete, where Ollama answers an empty body).
     pub replace_success_body: Option<&'static str>,
+    /// RAG sources to return with a successful answer: as a first SSE event for streams,
+    /// as a top-level `sources` key for JSON.
+    pub sources: Option<SourcesReply>,
+}
+
+/// How sources reach the client.
+pub struct SourcesReply {
+    /// The first SSE event: a valid `chat.completion.chunk` with no choices and `sources`.
+    pub sse_event: Bytes,
+    /// The `sources` value for a JSON answer.
+    pub json: serde_json::Value,
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) plus the framing headers ragway sets itself.
@@ -204,9 +215,44 @@ pub async fn forward(
             return crate::http::send(session, reply).await;
         }
 
+        let content_type = head
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        let sources = plan.sources.filter(|_| head.status.is_success());
+        if let Some(src) = &sources
+            && content_type.starts_with("application/json")
+        {
+            // A whole JSON answer: add `sources` at the top level, as Open WebUI does.
+            let mut body = bytes::BytesMut::new();
+            while let Some(chunk) = upstream.read_response_body().await? {
+                body.extend_from_slice(&chunk);
+            }
+            let merged = match serde_json::from_slice::<serde_json::Value>(&body) {
+                Ok(serde_json::Value::Object(mut o)) => {
+                    o.insert("sources".into(), src.json.clone());
+                    Bytes::from(serde_json::to_vec(&o).expect("json"))
+                }
+                _ => body.freeze(),
+            };
+            ctx.streamed_bytes += merged.len() as u64;
+            app.connector
+                .release_http_session(upstream, &peer, Some(Duration::from_secs(60)))
+                .await;
+            let reply = crate::http::Reply::bytes(status, "application/json", merged);
+            return crate::http::send(session, reply).await;
+        }
+        let prelude = sources
+            .filter(|_| content_type.starts_with("text/event-stream"))
+            .map(|s| s.sse_event);
         let mut resp = ResponseHeader::build(head.status, Some(head.headers.len()))?;
         for (name, value) in &head.headers {
-            if HOP_BY_HOP.contains(&name.as_str()) && name != header::CONTENT_LENGTH {
+            // With a prelude the length changes, so framing falls back to chunked.
+            if HOP_BY_HOP.contains(&name.as_str())
+                && (name != header::CONTENT_LENGTH || prelude.is_some())
+            {
                 continue;
             }
             resp.append_header(name.clone(), value.clone())?;
@@ -217,6 +263,10 @@ pub async fn forward(
             .await?;
         if no_body {
             return Ok(());
+        }
+        if let Some(event) = prelude {
+            ctx.streamed_bytes += event.len() as u64;
+            session.write_response_body(Some(event), false).await?;
         }
         loop {
             let chunk = tokio::select! {

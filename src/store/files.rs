@@ -7,8 +7,15 @@ use redb::{ReadableDatabase, ReadableTable, WriteTransaction};
 
 use super::{
     CHUNKS, COUNTERS, FILE_CHUNKS, FILE_KNOWLEDGE, FILE_TEXT, FILES, KNOWLEDGE_FILES, QUEUE,
-    Result, Store, StoreError, VECTORS, decode, encode,
+    Result, Store, StoreError, TERMS, VECTORS, decode, encode,
 };
+
+/// What the index needs of one processed file: chunk ids, vectors and term counts (JSON).
+pub struct FileIndexData {
+    pub ids: Vec<u64>,
+    pub vectors: Vec<Vec<f32>>,
+    pub terms: Vec<String>,
+}
 use crate::store::{ChunkRecord, FileRecord, now_secs};
 
 fn ids_to_bytes(ids: &[u64]) -> Vec<u8> {
@@ -41,9 +48,11 @@ fn remove_chunks(txn: &WriteTransaction, file_id: &str) -> Result<Vec<u64>> {
         .unwrap_or_default();
     let mut chunks = txn.open_table(CHUNKS)?;
     let mut vectors = txn.open_table(VECTORS)?;
+    let mut terms = txn.open_table(TERMS)?;
     for id in &ids {
         chunks.remove(*id)?;
         vectors.remove(*id)?;
+        terms.remove(*id)?;
     }
     Ok(ids)
 }
@@ -116,8 +125,10 @@ impl Store {
         text: &str,
         chunks: &[ChunkRecord],
         vectors: &[Vec<f32>],
+        terms: &[String],
     ) -> Result<(Vec<u64>, Vec<u64>)> {
         assert_eq!(chunks.len(), vectors.len(), "one vector per chunk");
+        assert_eq!(chunks.len(), terms.len(), "one term list per chunk");
         let txn = self.db.begin_write()?;
         let removed = remove_chunks(&txn, &file.id)?;
         let ids = {
@@ -129,9 +140,11 @@ impl Store {
         {
             let mut ct = txn.open_table(CHUNKS)?;
             let mut vt = txn.open_table(VECTORS)?;
-            for ((id, c), v) in ids.iter().zip(chunks).zip(vectors) {
+            let mut tt = txn.open_table(TERMS)?;
+            for (((id, c), v), t) in ids.iter().zip(chunks).zip(vectors).zip(terms) {
                 ct.insert(*id, encode(c).as_str())?;
                 vt.insert(*id, vector_to_bytes(v).as_slice())?;
+                tt.insert(*id, t.as_str())?;
             }
             txn.open_table(FILE_CHUNKS)?
                 .insert(file.id.as_str(), ids_to_bytes(&ids).as_slice())?;
@@ -224,26 +237,32 @@ impl Store {
         Ok(out)
     }
 
-    /// Visits every processed file's chunk ids and vectors (index rebuild at start-up).
-    pub fn for_each_file_vectors(
-        &self,
-        mut visit: impl FnMut(&str, Vec<u64>, Vec<Vec<f32>>),
-    ) -> Result<()> {
+    /// Visits every processed file's index data (index rebuild at start-up).
+    pub fn for_each_file_index(&self, mut visit: impl FnMut(&str, FileIndexData)) -> Result<()> {
         let txn = self.db.begin_read()?;
         let fc = txn.open_table(FILE_CHUNKS)?;
         let vt = txn.open_table(VECTORS)?;
+        let tt = txn.open_table(TERMS)?;
         for row in fc.iter()? {
             let (k, v) = row?;
-            let ids = bytes_to_ids(v.value());
-            let mut vecs = Vec::with_capacity(ids.len());
-            let mut kept = Vec::with_capacity(ids.len());
-            for id in ids {
+            let all = bytes_to_ids(v.value());
+            let mut data = FileIndexData {
+                ids: Vec::with_capacity(all.len()),
+                vectors: Vec::with_capacity(all.len()),
+                terms: Vec::with_capacity(all.len()),
+            };
+            for id in all {
                 if let Some(b) = vt.get(id)? {
-                    vecs.push(bytes_to_vector(b.value()));
-                    kept.push(id);
+                    data.vectors.push(bytes_to_vector(b.value()));
+                    data.terms.push(
+                        tt.get(id)?
+                            .map(|t| t.value().to_string())
+                            .unwrap_or_default(),
+                    );
+                    data.ids.push(id);
                 }
             }
-            visit(k.value(), kept, vecs);
+            visit(k.value(), data);
         }
         Ok(())
     }

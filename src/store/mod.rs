@@ -5,6 +5,7 @@
 //! record read back is exactly what the API returns.
 
 mod files;
+pub use files::FileIndexData;
 mod knowledge;
 mod records;
 
@@ -43,6 +44,8 @@ const FILE_CHUNKS: TableDefinition<&str, &[u8]> = TableDefinition::new("file_chu
 const CHUNKS: TableDefinition<u64, &str> = TableDefinition::new("chunks");
 /// chunk id → embedding, little-endian f32s. The vector index is derived from this table.
 const VECTORS: TableDefinition<u64, &[u8]> = TableDefinition::new("vectors");
+/// chunk id → its BM25 term counts (JSON), computed once at ingestion.
+const TERMS: TableDefinition<u64, &str> = TableDefinition::new("terms");
 /// file id → enqueue time, for files waiting to be processed. Survives restarts: a file
 /// still here at start-up is processed again.
 const QUEUE: TableDefinition<&str, u64> = TableDefinition::new("queue");
@@ -124,6 +127,7 @@ impl Store {
         txn.open_table(FILE_CHUNKS)?;
         txn.open_table(CHUNKS)?;
         txn.open_table(VECTORS)?;
+        txn.open_table(TERMS)?;
         txn.open_table(QUEUE)?;
         txn.open_table(KNOWLEDGE)?;
         txn.open_multimap_table(KNOWLEDGE_FILES)?;

@@ -37,6 +37,8 @@ pub struct Setup {
     pub env: Vec<(String, String)>,
     pub ollama: Vec<String>,
     pub openai: Vec<String>,
+    /// Use the configured (real) embedding engine instead of the deterministic test one.
+    pub real_embedder: bool,
 }
 
 impl Setup {
@@ -54,6 +56,11 @@ impl Setup {
     pub fn toml(mut self, t: &str) -> Self {
         self.toml.push_str(t);
         self.toml.push('\n');
+        self
+    }
+    /// Embeds with the configured engine (ONNX by default) instead of `HashEmbedder`.
+    pub fn real_embedder(mut self) -> Self {
+        self.real_embedder = true;
         self
     }
     pub fn env(mut self, k: &str, v: &str) -> Self {
@@ -110,7 +117,16 @@ impl Setup {
             toml::from_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
         let env: HashMap<String, String> = self.env.into_iter().collect();
         let cfg = config::build(file, &env, &Overrides::default()).expect("valid test config");
-        let app = Arc::new(ragway::app::App::open(cfg).expect("app opens"));
+        let embedder: Option<Arc<dyn ragway::embed::Embedder>> = if self.real_embedder {
+            None
+        } else {
+            Some(Arc::new(ragway::embed::HashEmbedder::new(64)))
+        };
+        let app = tokio::task::spawn_blocking(move || ragway::app::App::open_with(cfg, embedder))
+            .await
+            .unwrap()
+            .expect("app opens");
+        let app = Arc::new(app);
         let handle = tokio::task::spawn_blocking(move || {
             ragway::server::spawn(app, Duration::from_secs(10)).expect("gateway starts")
         })
