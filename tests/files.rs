@@ -26,6 +26,7 @@ const NOT_FOUND: &str = "We could not find what you're looking for :/";
 const PROCESS_LIMIT: Duration = Duration::from_secs(60);
 
 /// One part of a multipart/form-data body.
+#[derive(Clone, Copy)]
 struct Part<'a> {
     name: &'a str,
     filename: Option<&'a str>,
@@ -1019,65 +1020,78 @@ async fn extension_allow_list_and_malformed_requests_are_400() {
         .post("/api/v1/files/", Some(&admin), json!({"file": "x"}))
         .await;
     assert_error(r, 400, "multipart").await;
-    // Truncated multipart (no closing boundary).
-    let mut truncated = format!(
-        "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.txt\"\r\n\
-         Content-Type: text/plain\r\n\r\nhello"
-    )
-    .into_bytes();
-    let r = send_upload(&gw, &admin, "", truncated.clone()).await;
-    assert_error(r, 400, "").await;
-    // Garbage part headers.
-    truncated.clear();
-    truncated.extend_from_slice(
-        format!("--{BOUNDARY}\r\nthis is not a header line\r\n\r\nx\r\n--{BOUNDARY}--\r\n")
-            .as_bytes(),
-    );
-    let r = send_upload(&gw, &admin, "", truncated).await;
-    assert_error(r, 400, "").await;
-    // Multipart without a `file` field.
-    let only_meta = multipart(&[Part {
+
+    let file_part = Part {
+        name: "file",
+        filename: Some("a.txt"),
+        content_type: Some("text/plain"),
+        bytes: b"hello",
+    };
+    let meta_part = |bytes: &'static [u8]| Part {
         name: "metadata",
         filename: None,
         content_type: None,
-        bytes: b"{}",
-    }]);
-    let r = send_upload(&gw, &admin, "", only_meta).await;
-    assert_error(r, 400, "file").await;
-    // Invalid metadata (after the file part, so the file was already received).
-    let r = send_upload(
-        &gw,
-        &admin,
-        "",
-        file_body("a.txt", "text/plain", b"hello", Some("{not json")),
-    )
-    .await;
-    let v = assert_error(r, 400, "Invalid metadata format").await;
-    assert_eq!(v["detail"], "Invalid metadata format");
-    // Invalid metadata before the file part.
-    let meta_first = multipart(&[
-        Part {
-            name: "metadata",
-            filename: None,
-            content_type: None,
-            bytes: b"[broken",
-        },
-        Part {
-            name: "file",
-            filename: Some("a.txt"),
-            content_type: Some("text/plain"),
-            bytes: b"hello",
-        },
-    ]);
-    let r = send_upload(&gw, &admin, "", meta_first).await;
-    assert_error(r, 400, "Invalid metadata format").await;
-
-    // None of these left a record or a blob (temporary files included).
-    assert!(gw.app().store.files().unwrap().is_empty());
+        bytes,
+    };
+    // A file part, then a part whose headers are garbage.
+    let mut file_then_garbage = multipart(&[file_part]);
+    file_then_garbage.truncate(file_then_garbage.len() - format!("--{BOUNDARY}--\r\n").len());
+    file_then_garbage.extend_from_slice(
+        format!("--{BOUNDARY}\r\nthis is not a header line\r\n\r\nx\r\n--{BOUNDARY}--\r\n")
+            .as_bytes(),
+    );
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "truncated (no closing boundary)",
+            format!(
+                "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; \
+                 filename=\"a.txt\"\r\nContent-Type: text/plain\r\n\r\nhello"
+            )
+            .into_bytes(),
+            "",
+        ),
+        (
+            "garbage part headers",
+            format!("--{BOUNDARY}\r\nthis is not a header line\r\n\r\nx\r\n--{BOUNDARY}--\r\n")
+                .into_bytes(),
+            "",
+        ),
+        ("file part then garbage part", file_then_garbage, ""),
+        ("no file field", multipart(&[meta_part(b"{}")]), "file"),
+        (
+            "invalid metadata after the file",
+            multipart(&[file_part, meta_part(b"{not json")]),
+            "Invalid metadata format",
+        ),
+        (
+            "invalid metadata before the file",
+            multipart(&[meta_part(b"[broken"), file_part]),
+            "Invalid metadata format",
+        ),
+    ];
+    // Every case answers 400 and leaves no record and no blob (temporary files included).
+    let mut leaks = Vec::new();
+    for (label, body, detail) in cases {
+        let r = send_upload(&gw, &admin, "", body).await;
+        let v = assert_error(r, 400, detail).await;
+        if detail == "Invalid metadata format" {
+            assert_eq!(v["detail"], detail, "{label}");
+        }
+        assert!(
+            gw.app().store.files().unwrap().is_empty(),
+            "{label}: record"
+        );
+        let left = uploads(gw.dir.path());
+        if !left.is_empty() {
+            leaks.push(format!("{label}: {left:?}"));
+            for name in left {
+                std::fs::remove_file(gw.dir.path().join("uploads").join(name)).unwrap();
+            }
+        }
+    }
     assert!(
-        uploads(gw.dir.path()).is_empty(),
-        "left in uploads/: {:?}",
-        uploads(gw.dir.path())
+        leaks.is_empty(),
+        "files left in uploads/ after a 400: {leaks:#?}"
     );
 
     // The server still works.

@@ -132,12 +132,14 @@ fn ollama_setup(fake: &FakeUpstream, model: &str) -> Setup {
         .env("CHUNK_OVERLAP", "0")
 }
 
-/// `n` distinct paragraphs of 100–150 characters separated by blank lines.
+/// `n` distinct paragraphs of 130–160 characters separated by blank lines: with
+/// `CHUNK_SIZE=200` and no overlap each is exactly one chunk.
 fn paragraphs(n: usize, topic: &str) -> String {
     (0..n)
         .map(|i| {
             format!(
-                "Note {i} about {topic}: the reading on gauge {} was {} units at station {}.",
+                "Note {i} about {topic}: the reading on gauge {} was {} units at station {}. \
+                 The technician logged it and scheduled the next inspection.",
                 i % 11,
                 i * 13,
                 i * 7
@@ -761,8 +763,14 @@ async fn access_grants_control_reading_and_writing() {
         }
     }
     let list = get_json(&gw, "/api/v1/knowledge/", &b).await;
-    assert_eq!(list["total"], 1);
-    assert_eq!(list["items"][0]["write_access"], false);
+    assert_eq!(list["total"], 2, "B's own and A's shared collection");
+    let shared = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["id"] == kb.as_str())
+        .expect("shared collection listed");
+    assert_eq!(shared["write_access"], false);
     assert_eq!(app.store.knowledge(&kb).unwrap().unwrap().name, "A private");
     assert_eq!(
         app.store.knowledge_files(&kb).unwrap(),

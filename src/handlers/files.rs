@@ -112,6 +112,7 @@ async fn receive(
     {
         return Err(too_large(limit));
     }
+    http::expect_continue(session).await;
     let body = futures_util::stream::unfold(session, |s| async move {
         match s.read_request_body().await {
             Ok(Some(b)) => Some((Ok::<Bytes, io::Error>(b), s)),

@@ -137,6 +137,7 @@ pub async fn read_body(session: &mut Session, limit: usize) -> Result<Bytes, Api
     {
         return Err(too_large());
     }
+    expect_continue(session).await;
     let mut buf = BytesMut::new();
     loop {
         match session.read_request_body().await {
@@ -156,6 +157,20 @@ pub async fn read_body(session: &mut Session, limit: usize) -> Result<Bytes, Api
         }
     }
     Ok(buf.freeze())
+}
+
+/// Answers `Expect: 100-continue` (curl sends it for large bodies) so the client sends
+/// the body at once instead of waiting a second for a response that never comes.
+pub async fn expect_continue(session: &mut Session) {
+    let wants = session
+        .req_header()
+        .headers
+        .get(header::EXPECT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"));
+    if wants && let Err(e) = session.as_mut().write_continue_response().await {
+        tracing::debug!(error = %e, "could not send 100 Continue");
+    }
 }
 
 /// Parses a JSON body into `T`, with serde's message (field and position) in the 400.

@@ -23,6 +23,9 @@ use crate::embed::Embedder;
 use crate::store::{ChunkRecord, EmbeddingInfo, FileRecord, FileStatus, Store, now_secs};
 use vectors::VectorStore;
 
+/// Longest time text extraction of one file may take.
+const EXTRACT_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// A content type for a file extension, for uploads that send none (or a generic one).
 pub fn content_type_for(ext: &str) -> &'static str {
     match ext {
@@ -275,15 +278,24 @@ impl Ingest {
         let name = file.filename.clone();
         let content_type = file.meta["content_type"].as_str().map(String::from);
         let cfg = self.chunking.clone();
-        let (text, chunks) = tokio::task::spawn_blocking(move || {
+        let work = tokio::task::spawn_blocking(move || {
             let doc = crate::extract::extract(&bytes, &name, content_type.as_deref())
                 .map_err(|e| e.to_string())?;
             let text = doc.full_text();
             let chunks = chunk::split(&doc, &cfg);
             Ok::<_, String>((text, chunks))
-        })
-        .await
-        .map_err(|_| "text extraction crashed".to_string())??;
+        });
+        // A pathological document (a parser stuck in a loop) must not hold its worker for
+        // ever; the thread cannot be killed, but the file fails and the worker moves on.
+        let (text, chunks) = tokio::time::timeout(EXTRACT_TIMEOUT, work)
+            .await
+            .map_err(|_| {
+                format!(
+                    "text extraction took longer than {}s",
+                    EXTRACT_TIMEOUT.as_secs()
+                )
+            })?
+            .map_err(|_| "text extraction crashed".to_string())??;
         if chunks.is_empty() {
             return Err("the file contains no text".into());
         }

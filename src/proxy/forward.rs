@@ -59,6 +59,8 @@ const HOP_BY_HOP: &[&str] = &[
     "upgrade",
     "content-length",
     "host",
+    // The body is already read, so a 100-continue handshake upstream would only confuse.
+    "expect",
 ];
 
 /// Copies the client's headers minus hop-by-hop ones and every credential: the client's
@@ -183,7 +185,7 @@ pub async fn forward(
 
         // Wait for the answer, but notice a client that goes away meanwhile.
         let header_read = tokio::select! {
-            r = upstream.read_response_header() => Some(r),
+            r = read_final_header(&mut upstream) => Some(r),
             r = session.as_mut().read_body_or_idle(true) => {
                 if r.is_err() { None } else { std::future::pending().await }
             }
@@ -302,6 +304,21 @@ pub async fn forward(
         return Ok(());
     }
     send_error(session, ctx, last_error).await
+}
+
+/// Reads response headers, skipping interim 1xx answers (other than 101).
+async fn read_final_header(
+    upstream: &mut pingora::protocols::http::client::HttpSession,
+) -> pingora::Result<()> {
+    loop {
+        upstream.read_response_header().await?;
+        let interim = upstream.response_header().is_some_and(|h| {
+            h.status.is_informational() && h.status != http::StatusCode::SWITCHING_PROTOCOLS
+        });
+        if !interim {
+            return Ok(());
+        }
+    }
 }
 
 async fn send_error(
