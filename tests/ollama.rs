@@ -1576,18 +1576,24 @@ async fn a_silent_upstream_times_out_with_504() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_upstreams_give_json_errors() {
-    // Refused: pull goes through the proxy path.
     let gw = Setup::new().ollama(&dead_url()).start().await;
     let admin = gw.admin().await;
-    let r = gw
-        .post(
-            "/ollama/api/pull",
-            Some(&admin),
-            json!({"model": "m:latest"}),
-        )
-        .await;
+    // Refused on the proxy path (pull, one upstream's version). Each on its own connection:
+    // whether the connection survives such an error is the subject of
+    // `proxy_path_errors_keep_or_announce_closing_the_connection`.
+    let r = http_client()
+        .post(format!("{}/ollama/api/pull", gw.url))
+        .bearer_auth(&admin)
+        .json(&json!({"model": "m:latest"}))
+        .send()
+        .await
+        .unwrap();
     assert_error(r, 502, "").await;
-    let r = gw.get("/ollama/api/version/0", None).await;
+    let r = http_client()
+        .get(format!("{}/ollama/api/version/0", gw.url))
+        .send()
+        .await
+        .unwrap();
     assert_error(r, 502, "").await;
     // No upstream answers /api/version → 500 (Open WebUI's status).
     let r = gw.get("/ollama/api/version", None).await;
@@ -1782,6 +1788,31 @@ async fn chunked_post(gw: &Gateway, path: &str, token: &str, body: &[u8]) -> (u1
         }
     }
     let _ = s.write_all(b"0\r\n\r\n").await;
+    let answer = read_answer(&mut s).await.expect("a full answer");
+    (answer.status, answer.body)
+}
+
+/// One HTTP/1.1 answer read off a raw connection.
+struct RawAnswer {
+    status: u16,
+    /// Header block, lowercased.
+    head: String,
+    body: String,
+}
+
+impl RawAnswer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.head
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .map(str::trim)
+    }
+}
+
+/// Reads one answer that has a `Content-Length`. `None` when the connection closes (or is
+/// reset) before a full answer arrived; panics after 5 s.
+async fn read_answer(s: &mut tokio::net::TcpStream) -> Option<RawAnswer> {
+    use tokio::io::AsyncReadExt;
     let mut buf = Vec::new();
     let read = async {
         let mut chunk = [0u8; 8192];
@@ -1792,27 +1823,103 @@ async fn chunked_post(gw: &Gateway, path: &str, token: &str, body: &[u8]) -> (u1
                     .lines()
                     .find_map(|l| l.strip_prefix("content-length:"))
                     .map(|v| v.trim().parse().unwrap())
-                    .expect("content-length in the answer");
+                    .unwrap_or_else(|| panic!("no content-length in {head}"));
                 if buf.len() >= end + 4 + len {
-                    let status = head[9..12].parse().unwrap();
-                    return (
-                        status,
-                        String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into_owned(),
-                    );
+                    return Some(RawAnswer {
+                        status: head[9..12].parse().unwrap(),
+                        body: String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into_owned(),
+                        head,
+                    });
                 }
             }
-            let n = s.read(&mut chunk).await.expect("read the answer");
-            assert!(
-                n > 0,
-                "connection closed before a full answer: {:?}",
-                String::from_utf8_lossy(&buf)
-            );
-            buf.extend_from_slice(&chunk[..n]);
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
         }
     };
     tokio::time::timeout(Duration::from_secs(5), read)
         .await
-        .expect("an answer within 5 s")
+        .expect("an answer (or a close) within 5 s")
+}
+
+/// After an error answer from the proxy path, the connection either is announced as closing
+/// (`Connection: close`) or stays usable. Closing a connection that was announced as
+/// keep-alive makes pooling clients fail their next request at random.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_path_errors_keep_or_announce_closing_the_connection() {
+    use tokio::io::AsyncWriteExt;
+    let gw = Setup::new().ollama(&dead_url()).start().await;
+    let admin = gw.admin().await;
+    let addr = gw.url.strip_prefix("http://").unwrap();
+    let body = r#"{"model":"m:latest"}"#;
+    for first in [
+        format!("GET /ollama/api/version/0 HTTP/1.1\r\nhost: {addr}\r\n\r\n"),
+        format!(
+            "POST /ollama/api/pull HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {admin}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    ] {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(first.as_bytes()).await.unwrap();
+        let answer = read_answer(&mut s)
+            .await
+            .expect("an answer to the first request");
+        let line = first.lines().next().unwrap();
+        assert_eq!(answer.status, 502, "{line}: {}", answer.body);
+        if answer.header("connection") == Some("close") {
+            continue;
+        }
+        let second = format!("GET /ollama/ HTTP/1.1\r\nhost: {addr}\r\n\r\n");
+        let _ = s.write_all(second.as_bytes()).await;
+        let again = read_answer(&mut s).await;
+        assert!(
+            again.as_ref().is_some_and(|a| a.status == 200),
+            "after `{line}` the 502 said `connection: {}` but the connection was closed",
+            answer.header("connection").unwrap_or("(none)")
+        );
+    }
+}
+
+/// A 413 answered before the body was read: the unread body makes the connection unusable,
+/// so the answer must say `Connection: close`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_413_announces_closing_the_connection() {
+    use tokio::io::AsyncWriteExt;
+    let up = FakeUpstream::ollama(&["m:latest"]).await;
+    let gw = Setup::new()
+        .ollama(&up.url)
+        .toml("max-body-mb = 1")
+        .start()
+        .await;
+    let admin = gw.admin().await;
+    let addr = gw.url.strip_prefix("http://").unwrap();
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /ollama/api/chat HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {admin}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        2 * 1024 * 1024
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let answer = read_answer(&mut s)
+        .await
+        .expect("an answer before the body");
+    assert_eq!(answer.status, 413, "{}", answer.body);
+    assert_eq!(
+        answer.header("connection"),
+        Some("close"),
+        "{}",
+        answer.head
+    );
+    // The server goes on serving new connections.
+    let (status, _, _) = via(
+        &gw,
+        Method::POST,
+        "/ollama/api/chat",
+        &admin,
+        &chat("m:latest"),
+    )
+    .await;
+    assert_eq!(status, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,3 +1,4 @@
 #![allow(dead_code)]
 pub mod fake;
 pub mod gateway;
+pub mod upload;
