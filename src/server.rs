@@ -122,7 +122,10 @@ impl Handle {
             // A fast shutdown drops the runtimes' tasks in the background; wait (bounded)
             // until they have released the app, so the database can be reopened at once.
             let deadline = Instant::now() + Duration::from_secs(5);
-            while Arc::strong_count(&self.app) > 1 && Instant::now() < deadline {
+            // In-flight file processing holds the ingest service (and so the database).
+            while (Arc::strong_count(&self.app) > 1 || Arc::strong_count(&self.app.ingest) > 1)
+                && Instant::now() < deadline
+            {
                 std::thread::sleep(Duration::from_millis(10));
             }
         }

@@ -547,6 +547,9 @@ async fn background_upload_is_pending_then_completed_with_sse_status() {
     );
 
     assert_eq!(wait_final(&gw, &admin, &id).await["status"], "completed");
+    // The status is committed just before the in-memory index is installed (see
+    // `completed_file_is_searchable_as_soon_as_reported`): wait for the worker to finish.
+    gw.app().ingest.wait_done(&id, PROCESS_LIMIT).await;
     assert_fully_indexed(&gw, &id);
     let f = get_json(&gw, &format!("/api/v1/files/{id}"), &admin).await;
     assert_eq!(
@@ -1399,6 +1402,7 @@ async fn pending_file_is_processed_again_after_restart() {
     let gw = setup.start_in(dir).await;
     let status = wait_final(&gw, &admin, &id).await;
     assert_eq!(status["status"], "completed", "{status}");
+    gw.app().ingest.wait_done(&id, PROCESS_LIMIT).await;
     assert_eq!(assert_fully_indexed(&gw, &id), n);
     let app = gw.app();
     assert_eq!(app.store.file(&id).unwrap().unwrap().chunk_count, n);
@@ -1410,6 +1414,48 @@ async fn pending_file_is_processed_again_after_restart() {
     );
     let f = get_json(&gw, &format!("/api/v1/files/{id}"), &admin).await;
     assert_eq!(f["data"]["content"], paragraphs(n));
+}
+
+/// A file reported `completed` must be searchable at that moment: clients poll
+/// `/process/status` and then add the file to a collection, which copies the file's
+/// in-memory vectors. The status is watched in a tight in-process loop so that the gap
+/// between the commit and the index update, if any, is seen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completed_file_is_searchable_as_soon_as_reported() {
+    let gw = Setup::new()
+        .env("CHUNK_SIZE", "200")
+        .env("CHUNK_OVERLAP", "0")
+        .start()
+        .await;
+    let admin = gw.admin().await;
+    let n = 1500;
+    let v = upload(
+        &gw,
+        &admin,
+        "many.txt",
+        "text/plain",
+        paragraphs(n).as_bytes(),
+        "",
+    )
+    .await;
+    let id = v["id"].as_str().unwrap().to_string();
+    let app = gw.app();
+    let deadline = Instant::now() + PROCESS_LIMIT;
+    // Deliberately blocking: nothing on this runtime is needed while spinning.
+    let indexed_when_completed = loop {
+        let rec = app.store.file(&id).unwrap().unwrap();
+        match rec.status {
+            Some(FileStatus::Completed) => break app.ingest.vectors.file_len(&id),
+            Some(FileStatus::Pending) => {}
+            other => panic!("{other:?}: {rec:?}"),
+        }
+        assert!(Instant::now() < deadline, "never completed");
+    };
+    assert_eq!(
+        indexed_when_completed, n,
+        "status was `completed` while the file had {indexed_when_completed} of {n} vectors \
+         searchable"
+    );
 }
 
 fn ragway() -> Command {

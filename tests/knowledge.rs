@@ -450,6 +450,41 @@ async fn file_add_gives_up_after_file_add_wait() {
     assert_eq!(app.ingest.vectors.collection_len(&kb), 130);
 }
 
+/// The documented client flow: poll `/process/status` until `completed`, then `file/add`.
+/// The collection must then hold every chunk of the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_add_right_after_completed_status_gets_every_vector() {
+    let gw = Setup::new()
+        .env("CHUNK_SIZE", "200")
+        .env("CHUNK_OVERLAP", "0")
+        .start()
+        .await;
+    let admin = gw.admin().await;
+    let kb = create_kb(&gw, &admin, "Eager").await;
+    let n = 1500;
+    let v = upload(&gw, &admin, "many.txt", &paragraphs(n, "turbines"), "").await;
+    let f = v["id"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + PROCESS_LIMIT;
+    loop {
+        let s = get_json(&gw, &format!("/api/v1/files/{f}/process/status"), &admin).await;
+        if s["status"] == "completed" {
+            break;
+        }
+        assert_eq!(s["status"], "pending", "{s}");
+        assert!(Instant::now() < deadline, "never completed");
+    }
+    json_ok(add(&gw, &admin, &kb, &f).await).await;
+    let app = gw.app();
+    app.ingest.wait_done(&f, PROCESS_LIMIT).await;
+    assert_eq!(chunk_count(&gw, &f), n);
+    assert_eq!(kb_file_ids(&gw, &admin, &kb).await, vec![f.clone()]);
+    assert_eq!(
+        app.ingest.vectors.collection_len(&kb),
+        n,
+        "the collection lists the file but searches only part of it"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicate_content_is_refused_and_re_adding_is_idempotent() {
     let gw = Setup::new().start().await;

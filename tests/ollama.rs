@@ -1772,7 +1772,7 @@ async fn a_client_leaving_before_the_answer_drops_the_upstream_request() {
 /// streaming bodies) and returns the status and body of the answer. Write errors are
 /// ignored: the gateway may answer and close before it has read everything.
 async fn chunked_post(gw: &Gateway, path: &str, token: &str, body: &[u8]) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let addr = gw.url.strip_prefix("http://").unwrap();
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     let head = format!(

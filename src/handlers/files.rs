@@ -219,7 +219,15 @@ pub async fn upload(app: &App, session: &mut Session, ctx: &RequestCtx) -> Handl
     let process = http::query_bool(q.as_deref(), "process")?.unwrap_or(true);
     let background = http::query_bool(q.as_deref(), "process_in_background")?.unwrap_or(true);
     let id = uuid::Uuid::new_v4().to_string();
-    let up = receive(app, session, process, &id).await?;
+    let up = match receive(app, session, process, &id).await {
+        Ok(u) => u,
+        Err(e) => {
+            // Whatever was written before the error must not stay behind.
+            let tmp = app.ingest.upload_dir.join(format!(".upload-{id}"));
+            let _ = tokio::fs::remove_file(tmp).await;
+            return Err(e);
+        }
+    };
     let path = app.ingest.blob_path(&id, &up.filename);
     if let Err(e) = tokio::fs::rename(&up.tmp, &path).await {
         let _ = tokio::fs::remove_file(&up.tmp).await;

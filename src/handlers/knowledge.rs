@@ -137,11 +137,14 @@ fn readable(app: &App, user: &User, id: &str) -> Result<KnowledgeRecord, ApiErro
 /// A collection the caller can write: 404 when they cannot even read it, 400 (Open
 /// WebUI's status for write denials) when they can read but not write.
 fn writable(app: &App, user: &User, id: &str) -> Result<KnowledgeRecord, ApiError> {
-    let kb = readable(app, user, id)?;
-    if !access::can_write_kb(user, &kb) {
-        return Err(ApiError::bad_request(msg::ACCESS_PROHIBITED));
+    match app.store.knowledge(id)? {
+        // Write is checked on its own: a write grant suffices without a read grant.
+        Some(kb) if access::can_write_kb(user, &kb) => Ok(kb),
+        Some(kb) if access::can_read_kb(user, &kb) => {
+            Err(ApiError::bad_request(msg::ACCESS_PROHIBITED))
+        }
+        _ => Err(ApiError::not_found(msg::NOT_FOUND)),
     }
-    Ok(kb)
 }
 
 pub async fn create(app: &App, session: &mut Session, ctx: &RequestCtx) -> HandlerResult {

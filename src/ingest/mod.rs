@@ -222,31 +222,15 @@ impl Ingest {
                             .expect("json")
                     })
                     .collect();
-                match self
-                    .store
-                    .complete_file(&file, &text, &chunks, &vecs, &terms)
-                {
-                    Ok((ids, removed)) => {
-                        let n = ids.len();
-                        self.vectors.put_file(
-                            &file.id,
-                            crate::store::FileIndexData {
-                                ids,
-                                vectors: vecs,
-                                terms,
-                            },
-                        );
-                        let kbs = self.store.file_knowledge(&file.id).unwrap_or_default();
-                        self.vectors
-                            .refresh_in_collections(&file.id, &removed, &kbs);
-                        tracing::info!(file = %file.id, chunks = n, secs = started.elapsed().as_secs_f64(), "file processed");
-                    }
-                    Err(e) => {
-                        tracing::error!(file = %file.id, error = %e, "cannot store processed file");
-                        file.status = Some(FileStatus::Failed);
-                        file.error = Some(format!("storage error: {e}"));
-                        let _ = self.store.fail_file(&file);
-                    }
+                if let Err(e) = self.commit(&file, &text, &chunks, &vecs, &terms) {
+                    tracing::error!(file = %file.id, error = %e, "cannot store processed file");
+                    file.status = Some(FileStatus::Failed);
+                    file.error = Some(format!("storage error: {e}"));
+                    file.hash = None;
+                    let _ = self.store.fail_file(&file);
+                } else {
+                    tracing::info!(file = %file.id, chunks = chunks.len(), secs = started.elapsed().as_secs_f64(), "file processed");
+                    self.auto_link(&file);
                 }
             }
             Err(msg) => {
@@ -264,6 +248,65 @@ impl Ingest {
             }
         }
         Some(file)
+    }
+
+    /// Makes the chunks searchable in memory first, then commits: once the database says
+    /// "completed", every chunk can already be found. On failure the memory is rolled back.
+    fn commit(
+        &self,
+        file: &FileRecord,
+        text: &str,
+        chunks: &[ChunkRecord],
+        vecs: &[Vec<f32>],
+        terms: &[String],
+    ) -> crate::store::Result<()> {
+        let ids = self.store.reserve_chunk_ids(chunks.len())?;
+        let old = self.store.file_chunk_ids(&file.id)?;
+        let kbs = self.store.file_knowledge(&file.id)?;
+        self.vectors.put_file(&file.id, &ids, vecs, terms);
+        self.vectors.refresh_in_collections(&file.id, &old, &kbs);
+        match self
+            .store
+            .complete_file(file, text, &ids, chunks, vecs, terms)
+        {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                self.vectors.remove_file(&file.id, &ids, &kbs);
+                Err(e)
+            }
+        }
+    }
+
+    /// Open WebUI adds a processed upload to the collection named in its metadata
+    /// (`knowledge_id`) when the uploader may write to it.
+    fn auto_link(&self, file: &FileRecord) {
+        let Some(kb_id) = file.meta["data"]["knowledge_id"].as_str() else {
+            return;
+        };
+        let (Ok(Some(kb)), Ok(Some(user))) = (
+            self.store.knowledge(kb_id),
+            self.store.user_by_id(&file.user_id),
+        ) else {
+            return;
+        };
+        if !crate::handlers::access::can_write_kb(&user, &kb) {
+            tracing::info!(file = %file.id, knowledge = kb_id, "no write access; not added");
+            return;
+        }
+        let duplicate = self
+            .store
+            .knowledge_files(kb_id)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|o| self.store.file(o).ok().flatten())
+            .any(|o| o.id != file.id && o.hash.is_some() && o.hash == file.hash);
+        if duplicate {
+            tracing::info!(file = %file.id, knowledge = kb_id, "duplicate content; not added");
+            return;
+        }
+        if self.store.link_file(kb_id, &file.id).unwrap_or(false) {
+            self.vectors.link(kb_id, &file.id);
+        }
     }
 
     /// Extract → chunk → embed. Any error is a message for the file's `error` field.

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use crate::index::{CollectionIndex, ExactIndex, VectorIndex};
 use crate::rag::bm25::{Bm25Index, TermCounts};
-use crate::store::{FileIndexData, Store};
+use crate::store::Store;
 
 /// One processed file's chunks.
 struct FileEntry {
@@ -50,7 +50,7 @@ impl VectorStore {
         let mut n = 0;
         store.for_each_file_index(|file_id, data| {
             n += data.ids.len();
-            self.put_file(file_id, data);
+            self.put_file(file_id, &data.ids, &data.vectors, &data.terms);
         })?;
         for kb in store.knowledges()? {
             for f in store.knowledge_files(&kb.id)? {
@@ -60,13 +60,13 @@ impl VectorStore {
         Ok(n)
     }
 
-    /// Installs (or replaces) a file's chunks.
-    pub fn put_file(&self, file_id: &str, data: FileIndexData) {
-        let dim = data.vectors.first().map_or(0, Vec::len);
-        let mut vectors = ExactIndex::with_capacity(dim, data.ids.len());
+    /// Installs (or replaces) a file's chunks: ids, vectors and term counts (JSON).
+    pub fn put_file(&self, file_id: &str, ids: &[u64], vecs: &[Vec<f32>], term_json: &[String]) {
+        let dim = vecs.first().map_or(0, Vec::len);
+        let mut vectors = ExactIndex::with_capacity(dim, ids.len());
         let mut bm25 = Bm25Index::new();
-        let mut terms = Vec::with_capacity(data.ids.len());
-        for ((id, v), t) in data.ids.iter().zip(&data.vectors).zip(&data.terms) {
+        let mut terms = Vec::with_capacity(ids.len());
+        for ((id, v), t) in ids.iter().zip(vecs).zip(term_json) {
             if let Err(e) = vectors.insert(*id, v) {
                 tracing::error!(file = file_id, error = %e, "vector not indexed");
             }

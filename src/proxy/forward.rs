@@ -146,7 +146,13 @@ pub async fn forward(
             }
         };
         let mut upstream = match app.connector.get_http_session(&peer).await {
-            Ok((s, _reused)) => s,
+            Ok((mut s, _reused)) => {
+                // The connector does not apply the peer's I/O timeouts to the session
+                // (pingora's proxy does that itself), so set them here.
+                s.set_read_timeout(peer.options.read_timeout);
+                s.set_write_timeout(peer.options.write_timeout);
+                s
+            }
             Err(e) => {
                 if is_connect_error(&e) {
                     up.mark_failed();
@@ -260,6 +266,11 @@ pub async fn forward(
             resp.append_header(name.clone(), value.clone())?;
         }
         let no_body = upstream.response_done() || plan.method == Method::HEAD;
+        if !no_body && resp.headers.get(header::CONTENT_LENGTH).is_none() {
+            // Chunked framing keeps the connection reusable and lets a stream cut short by
+            // the upstream show up as incomplete instead of ending as if it were whole.
+            resp.insert_header(header::TRANSFER_ENCODING, "chunked")?;
+        }
         session
             .write_response_header(Box::new(resp), no_body)
             .await?;

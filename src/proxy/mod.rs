@@ -263,6 +263,8 @@ impl ProxyHttp for Gateway {
         let code = api.status;
         if session.response_written().is_none() {
             ctx.status = Some(code);
+            // The connection is closed after this error, so say so.
+            session.set_keepalive(None);
             if let Err(err) = crate::http::send(session, api.into()).await {
                 tracing::debug!(error = %err, "could not send the error response");
             }

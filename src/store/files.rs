@@ -116,27 +116,37 @@ impl Store {
         self.insert_file(file, true)
     }
 
-    /// Commits a successful processing: chunks, vectors, text and the completed record, and
-    /// takes the file off the queue. Chunks of an earlier processing are replaced. Returns
-    /// (new chunk ids, removed chunk ids).
+    /// Allocates `n` fresh chunk ids (its own transaction: ids lost to a crash are simply
+    /// never used).
+    pub fn reserve_chunk_ids(&self, n: usize) -> Result<Vec<u64>> {
+        let txn = self.db.begin_write()?;
+        let ids = {
+            let mut counters = txn.open_table(COUNTERS)?;
+            let first = counters.get("chunk_id")?.map(|g| g.value()).unwrap_or(1);
+            counters.insert("chunk_id", first + n as u64)?;
+            (first..first + n as u64).collect::<Vec<u64>>()
+        };
+        txn.commit()?;
+        Ok(ids)
+    }
+
+    /// Commits a successful processing: chunks (under ids from [`Store::reserve_chunk_ids`]),
+    /// vectors, term counts, text and the completed record, and takes the file off the
+    /// queue. Chunks of an earlier processing are replaced; their ids are returned.
     pub fn complete_file(
         &self,
         file: &FileRecord,
         text: &str,
+        ids: &[u64],
         chunks: &[ChunkRecord],
         vectors: &[Vec<f32>],
         terms: &[String],
-    ) -> Result<(Vec<u64>, Vec<u64>)> {
+    ) -> Result<Vec<u64>> {
+        assert_eq!(chunks.len(), ids.len(), "one id per chunk");
         assert_eq!(chunks.len(), vectors.len(), "one vector per chunk");
         assert_eq!(chunks.len(), terms.len(), "one term list per chunk");
         let txn = self.db.begin_write()?;
         let removed = remove_chunks(&txn, &file.id)?;
-        let ids = {
-            let mut counters = txn.open_table(COUNTERS)?;
-            let first = counters.get("chunk_id")?.map(|g| g.value()).unwrap_or(1);
-            counters.insert("chunk_id", first + chunks.len() as u64)?;
-            (first..first + chunks.len() as u64).collect::<Vec<u64>>()
-        };
         {
             let mut ct = txn.open_table(CHUNKS)?;
             let mut vt = txn.open_table(VECTORS)?;
@@ -147,14 +157,14 @@ impl Store {
                 tt.insert(*id, t.as_str())?;
             }
             txn.open_table(FILE_CHUNKS)?
-                .insert(file.id.as_str(), ids_to_bytes(&ids).as_slice())?;
+                .insert(file.id.as_str(), ids_to_bytes(ids).as_slice())?;
             txn.open_table(FILE_TEXT)?.insert(file.id.as_str(), text)?;
             txn.open_table(FILES)?
                 .insert(file.id.as_str(), encode(file).as_str())?;
             txn.open_table(QUEUE)?.remove(file.id.as_str())?;
         }
         txn.commit()?;
-        Ok((ids, removed))
+        Ok(removed)
     }
 
     /// Records a failed processing and takes the file off the queue; earlier chunks are
