@@ -10,6 +10,9 @@ use super::{
     Result, Store, StoreError, TERMS, VECTORS, decode, encode,
 };
 
+/// A deleted file's record, its chunk ids and the collections it was in.
+pub type DeletedFile = (FileRecord, Vec<u64>, Vec<String>);
+
 /// What the index needs of one processed file: chunk ids, vectors and term counts (JSON).
 pub struct FileIndexData {
     pub ids: Vec<u64>,
@@ -197,7 +200,7 @@ impl Store {
     /// Deletes a file everywhere: record, text, chunks, vectors, queue entry and
     /// collection memberships. Returns the record, its chunk ids and the collections it
     /// was in, or `None` when it did not exist.
-    pub fn delete_file(&self, id: &str) -> Result<Option<(FileRecord, Vec<u64>, Vec<String>)>> {
+    pub fn delete_file(&self, id: &str) -> Result<Option<DeletedFile>> {
         let txn = self.db.begin_write()?;
         let out = {
             let Some(rec) = txn
