@@ -14,7 +14,6 @@ mod common;
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::sync::OnceLock;
-use std::time::Instant;
 
 use common::fake::{FakeUpstream, dead_url, embedding_for, http_client};
 use ragway::embed::onnx::{BATCH_SIZE, MAX_TOKENS};
@@ -244,46 +243,6 @@ fn loading_another_runtime_is_refused() {
     // The same library again is fine (a second embedder shares the runtime).
     let again = OnnxEmbedder::load(&model_dir(), &ort_library(), 1, MODEL_NAME).unwrap();
     assert_eq!(again.dim(), e.dim());
-}
-
-/// Throughput of batches of 32 with one and with two sessions, for sentence-sized and for
-/// chunk-sized texts. Run with
-/// `cargo test --test embed_onnx -- --ignored --nocapture throughput` (ONNX Runtime is native
-/// code, so the debug build measures nearly the same; the tokenizer share is printed).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "benchmark: run explicitly"]
-async fn throughput() {
-    let sentence = "Retrieval-augmented generation answers questions from documents: the \
-                    gateway splits every upload into chunks, embeds them and stores the vectors \
-                    so that the most similar chunks can be added to the prompt.";
-    let short: Vec<String> = (0..256).map(|i| format!("{i}. {sentence}")).collect();
-    let chunk: Vec<String> = (0..128)
-        .map(|i| format!("{i}. {}", [sentence; 5].join(" ")))
-        .collect();
-    let tokenizer = embedder().tokenizer();
-    for texts in [short, chunk] {
-        let tokens = tokenizer.encode(texts[0].as_str(), true).unwrap().len();
-        let start = Instant::now();
-        for t in &texts {
-            tokenizer.encode_fast(t.as_str(), true).unwrap();
-        }
-        let tokenize = start.elapsed().as_secs_f64();
-        for sessions in [1, 2] {
-            let e = OnnxEmbedder::load(&model_dir(), &ort_library(), sessions, MODEL_NAME).unwrap();
-            e.embed(texts[..BATCH_SIZE].to_vec()).await.unwrap(); // warm-up
-            let start = Instant::now();
-            e.embed(texts.clone()).await.unwrap();
-            let secs = start.elapsed().as_secs_f64();
-            println!(
-                "{sessions} session(s): {:6.1} texts/s  ({} texts of {} tokens, batches of \
-                 {BATCH_SIZE}; tokenising alone {:.0} texts/s)",
-                texts.len() as f64 / secs,
-                texts.len(),
-                tokens.min(MAX_TOKENS),
-                texts.len() as f64 / tokenize,
-            );
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------

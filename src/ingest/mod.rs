@@ -118,6 +118,11 @@ impl Ingest {
                     && f.embedding.as_ref().is_some_and(|i| i.model != e.model());
                 if stale {
                     tracing::info!(file = %f.id, "embedding model changed; re-embedding");
+                    // Its old vectors leave every index now: a collection never mixes
+                    // models, and the file is searchable again once re-embedded.
+                    let ids = self.store.file_chunk_ids(&f.id)?;
+                    let kbs = self.store.file_knowledge(&f.id)?;
+                    self.vectors.remove_file(&f.id, &ids, &kbs);
                     f.status = Some(FileStatus::Pending);
                     self.store.requeue_file(&f)?;
                 }

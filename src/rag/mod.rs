@@ -421,12 +421,12 @@ mod tests {
     #[test]
     fn fusion_rewards_agreement() {
         let dense = vec![(1, 0.9), (2, 0.8), (3, 0.1)];
-        let lexical = vec![(3, 12.0), (2, 5.0)];
+        let lexical = vec![(2, 12.0), (3, 5.0)];
         let r = rrf(&dense, &lexical, 0.5);
         assert_eq!(r[0].0, 2, "in both lists");
         let c = convex(&dense, &lexical, 0.5);
         assert_eq!(c.len(), 3);
         assert_eq!(rrf(&dense, &[], 0.0)[0].0, 1);
-        assert_eq!(convex(&[], &lexical, 1.0)[0].0, 3);
+        assert_eq!(convex(&[], &lexical, 1.0)[0].0, 2);
     }
 }
