@@ -289,10 +289,8 @@ pub fn list(app: &App, session: &Session, ctx: &RequestCtx) -> HandlerResult {
             .then_with(|| b.created_at.cmp(&a.created_at))
     });
     let total = files.len();
-    let items: Vec<Value> = files
+    let items: Vec<Value> = page_of(&files, page, PAGE_SIZE)
         .iter()
-        .skip((page - 1) * PAGE_SIZE)
-        .take(PAGE_SIZE)
         .map(|f| {
             let content = if with_content {
                 app.store.file_text(&f.id).ok().flatten()
@@ -305,6 +303,12 @@ pub fn list(app: &App, session: &Session, ctx: &RequestCtx) -> HandlerResult {
     Ok(Outcome::Reply(Reply::ok(
         &json!({"items": items, "total": total}),
     )))
+}
+
+/// The items of 1-based page `page`.
+pub fn page_of<T>(items: &[T], page: usize, size: usize) -> &[T] {
+    let start = ((page - 1) * size).min(items.len());
+    &items[start..(start + size).min(items.len())]
 }
 
 /// `?page=N`, 1-based.

@@ -4,7 +4,7 @@ use pingora::proxy::Session;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::files::{delete_everywhere, file_json, page_param};
+use super::files::{delete_everywhere, file_json, page_of, page_param};
 use super::{HandlerResult, Outcome, Req, access, identity, query};
 use crate::app::App;
 use crate::error::{ApiError, msg};
@@ -186,10 +186,8 @@ pub fn list(app: &App, session: &Session, ctx: &RequestCtx) -> HandlerResult {
             .then_with(|| a.name.cmp(&b.name))
     });
     let total = kbs.len();
-    let items: Vec<Value> = kbs
+    let items: Vec<Value> = page_of(&kbs, page, PAGE_SIZE)
         .iter()
-        .skip((page - 1) * PAGE_SIZE)
-        .take(PAGE_SIZE)
         .map(|kb| {
             let mut v = kb_json(kb);
             v["user"] = user_json(app, &kb.user_id);
@@ -227,10 +225,8 @@ pub fn files(app: &App, session: &Session, ctx: &RequestCtx, req: &Req) -> Handl
             .then_with(|| a.filename.cmp(&b.filename))
     });
     let total = files.len();
-    let items: Vec<Value> = files
+    let items: Vec<Value> = page_of(&files, page, PAGE_SIZE)
         .iter()
-        .skip((page - 1) * PAGE_SIZE)
-        .take(PAGE_SIZE)
         .map(|f| {
             let mut v = file_json(f, None);
             v["user"] = user_json(app, &f.user_id);

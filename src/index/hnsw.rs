@@ -683,12 +683,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let graph = HnswIndex::build(DIM, Vec::new(), params()).unwrap();
         assert!(graph.is_empty());
-        assert!(graph.search(&vec![0.1; DIM], 5, &|_| true).is_empty());
+        assert!(graph.search(&[0.1; DIM], 5, &|_| true).is_empty());
         let path = dir.path().join("empty.hnsw");
         graph.save(&path).unwrap();
         let loaded = HnswIndex::load(&path).unwrap();
         assert!(loaded.is_empty());
-        assert!(loaded.search(&vec![0.1; DIM], 5, &|_| true).is_empty());
+        assert!(loaded.search(&[0.1; DIM], 5, &|_| true).is_empty());
     }
 
     #[test]

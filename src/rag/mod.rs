@@ -298,43 +298,34 @@ pub async fn retrieve(
         None
     };
 
+    let search = |item: &Value, scope: Scope| {
+        let ranked = rank(
+            app,
+            scope,
+            query,
+            vector.as_deref(),
+            mode,
+            fuse,
+            candidates(cfg.top_k),
+        );
+        select(app, item, ranked, vector.as_deref(), cfg)
+    };
     let mut sources = Vec::new();
-    for (item, target) in items.iter().zip(targets) {
-        let source = match target {
-            Target::Text(content) => Source {
+    for (item, target) in items.iter().zip(&targets) {
+        let source = match (target, full(item)) {
+            (Target::Text(content), _) => Source {
                 source: echo(item),
-                document: vec![content],
-                metadata: vec![
-                    json!({"source": item_str(item, "name").unwrap_or("text"), "name": item_str(item, "name").unwrap_or("text")}),
-                ],
+                document: vec![content.clone()],
+                metadata: vec![json!({
+                    "source": item_str(item, "name").unwrap_or("text"),
+                    "name": item_str(item, "name").unwrap_or("text"),
+                })],
                 distances: vec![1.0],
             },
-            Target::File(f) if full(item) => whole_files(app, item, &[f])?,
-            Target::Collection(_, files) if full(item) => whole_files(app, item, &files)?,
-            Target::File(f) => {
-                let ranked = rank(
-                    app,
-                    Scope::File(&f.id),
-                    query,
-                    vector.as_deref(),
-                    mode,
-                    fuse,
-                    candidates(cfg.top_k),
-                );
-                select(app, item, ranked, vector.as_deref(), cfg)?
-            }
-            Target::Collection(kb, _) => {
-                let ranked = rank(
-                    app,
-                    Scope::Collection(&kb.id),
-                    query,
-                    vector.as_deref(),
-                    mode,
-                    fuse,
-                    candidates(cfg.top_k),
-                );
-                select(app, item, ranked, vector.as_deref(), cfg)?
-            }
+            (Target::File(f), true) => whole_files(app, item, std::slice::from_ref(f))?,
+            (Target::Collection(_, files), true) => whole_files(app, item, files)?,
+            (Target::File(f), false) => search(item, Scope::File(&f.id))?,
+            (Target::Collection(kb, _), false) => search(item, Scope::Collection(&kb.id))?,
         };
         sources.push(source);
     }
