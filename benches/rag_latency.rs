@@ -120,7 +120,19 @@ fn main() {
             let mut vecs = Vec::new();
             let mut terms = Vec::new();
             for i in 0..n {
-                let text: Vec<&str> = (0..120).map(|_| WORDS[(rng.next() % WORDS.len() as u64) as usize]).collect();
+                // Mostly a long tail of rare words (as real text has), some domain words.
+                let text: Vec<String> = (0..120)
+                    .map(|_| {
+                        let r = rng.next();
+                        if r % 10 == 0 {
+                            WORDS[((r >> 8) % WORDS.len() as u64) as usize].to_string()
+                        } else {
+                            // Zipf-like: small word numbers are far more frequent.
+                            let u = ((r >> 16) % 1_000_000) as f64 / 1_000_000.0;
+                            format!("w{}", (20_000f64.powf(u)) as u64)
+                        }
+                    })
+                    .collect();
                 let text = text.join(" ");
                 terms.push(serde_json::to_string(&ragway::rag::bm25::TermCounts::of(&text)).unwrap());
                 recs.push(ragway::store::ChunkRecord { file_id: id.clone(), index: i, text, start_index: 0, page: None, headers: vec![] });

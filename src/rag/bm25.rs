@@ -189,8 +189,9 @@ impl TermCounts {
 /// An inverted index over a set of chunks.
 #[derive(Debug, Default, Clone)]
 pub struct Bm25Index {
-    /// term → (chunk id → term frequency)
-    postings: HashMap<String, HashMap<u64, u32>>,
+    /// term → (chunk id → (term frequency, chunk length)); the length rides along so
+    /// scoring needs no second lookup per posting.
+    postings: HashMap<String, HashMap<u64, (u32, u32)>>,
     /// chunk id → length in terms
     lens: HashMap<u64, u32>,
     total_len: u64,
@@ -213,7 +214,10 @@ impl Bm25Index {
     pub fn insert(&mut self, id: u64, counts: &TermCounts) {
         self.remove(id);
         for (t, f) in &counts.tf {
-            self.postings.entry(t.clone()).or_default().insert(id, *f);
+            self.postings
+                .entry(t.clone())
+                .or_default()
+                .insert(id, (*f, counts.len));
         }
         self.lens.insert(id, counts.len);
         self.total_len += u64::from(counts.len);
@@ -255,19 +259,18 @@ impl Bm25Index {
         let mut q = terms(query);
         q.sort();
         q.dedup();
-        let mut scores: HashMap<u64, f32> = HashMap::new();
-        for t in &q {
-            let Some(p) = self.postings.get(t) else {
-                continue;
-            };
+        let lists: Vec<&HashMap<u64, (u32, u32)>> =
+            q.iter().filter_map(|t| self.postings.get(t)).collect();
+        let mut scores: HashMap<u64, f32> =
+            HashMap::with_capacity(lists.iter().map(|p| p.len()).max().unwrap_or(0));
+        for p in lists {
             let df = p.len() as f32;
             // The "plus one" IDF keeps scores positive for very common terms.
             let idf = ((n - df + 0.5) / (df + 0.5) + 1.0).ln();
-            for (id, tf) in p {
+            for (id, (tf, dl)) in p {
                 let tf = *tf as f32;
-                let dl = *self.lens.get(id).unwrap_or(&0) as f32;
-                let s = idf * tf * (K1 + 1.0) / (tf + K1 * (1.0 - B + B * dl / avgdl));
-                *scores.entry(*id).or_default() += s;
+                let norm = K1 * (1.0 - B + B * *dl as f32 / avgdl);
+                *scores.entry(*id).or_default() += idf * tf * (K1 + 1.0) / (tf + norm);
             }
         }
         let mut out: Vec<(u64, f32)> = scores.into_iter().collect();
