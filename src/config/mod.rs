@@ -61,9 +61,9 @@ pub struct AuthConfig {
 }
 
 /// Retrieval defaults, chosen with `ragway eval` (see the README's measured numbers).
-pub const DEFAULT_HYBRID: bool = false;
+pub const DEFAULT_HYBRID: bool = true;
 pub const DEFAULT_BM25_WEIGHT: f32 = 0.5;
-pub const DEFAULT_FUSION: &str = "rrf";
+pub const DEFAULT_FUSION: &str = "convex";
 
 /// Which engine computes embeddings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
