@@ -124,7 +124,7 @@ fn main() {
                 let text: Vec<String> = (0..120)
                     .map(|_| {
                         let r = rng.next();
-                        if r % 10 == 0 {
+                        if r.is_multiple_of(10) {
                             WORDS[((r >> 8) % WORDS.len() as u64) as usize].to_string()
                         } else {
                             // Zipf-like: small word numbers are far more frequent.
