@@ -17,7 +17,7 @@
 //! Data: 200 cluster centroids sharing a common direction (sentence embeddings are
 //! anisotropic: unrelated sentences still have cosine ~0.1), cluster sizes log-normal, each
 //! point = centroid + low-rank per-cluster spread (16 directions: topics vary along few axes)
-//! + isotropic noise, L2-normalised. Point-to-centroid cosine ≈ 0.7, same-cluster pairs ≈ 0.5.
+//! plus isotropic noise, L2-normalised. Point-to-centroid cosine ≈ 0.7, same-cluster pairs ≈ 0.5.
 //! Queries are held-out points from the same process, perturbed again (a question is not a
 //! copy of its passage). Recall@k is measured against exact search. Memory is counted by a
 //! global allocator (bytes held after the build; peak during the build).
