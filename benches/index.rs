@@ -2,8 +2,8 @@
 //! sentence embeddings.
 //!
 //! ```text
-//! cargo bench --bench index                                  # N = 10,000 (~2-3 min, 2 cores)
-//! cargo bench --bench index -- --n 50000                     # + ~10 min of HNSW build
+//! cargo bench --bench index                                  # N = 10,000 (~2 min, 2 cores)
+//! cargo bench --bench index -- --n 50000                     # ~4 min (3.5 min of HNSW build)
 //! cargo bench --bench index -- --n 200000 --hnsw-max 50000   # exact only above 50k
 //! cargo bench --bench index -- --n 10000,50000 --ef 32,64,128 --queries 500
 //! INDEX_BENCH_N=50000 cargo bench --bench index

@@ -630,7 +630,9 @@ fn rag_config(
         "rag.file-add-wait",
         r.file_add_wait.as_deref().unwrap_or("60s"),
     )?;
-    let hnsw_threshold = r.hnsw_threshold.unwrap_or(50_000);
+    let hnsw_threshold = r
+        .hnsw_threshold
+        .unwrap_or(crate::index::DEFAULT_EXACT_THRESHOLD);
     let mut top_k = r.top_k.unwrap_or(3);
     if let Some(v) = env.get("RAG_TOP_K") {
         top_k = parse_usize("RAG_TOP_K", &v)?;

@@ -8,7 +8,7 @@ use super::{ExactIndex, HnswIndex, HnswParams, IndexError, VectorIndex, merge_to
 
 /// Collections smaller than this are searched exactly (see the module docs for the
 /// measurements behind the number).
-pub const DEFAULT_EXACT_THRESHOLD: usize = 50_000;
+pub const DEFAULT_EXACT_THRESHOLD: usize = 20_000;
 
 /// A collection's vectors, searchable while they change.
 ///
@@ -142,13 +142,15 @@ impl CollectionIndex {
     /// Swaps in a graph built from [`CollectionIndex::snapshot_for_build`]. Items inserted
     /// or removed since that snapshot stay correct (pending and stale sets are recomputed).
     /// Returns false, leaving everything as it was, if the graph is older than the installed
-    /// one or does not belong to this collection (dimension or epoch out of range).
+    /// one, does not belong to this collection (dimension or epoch out of range), or is no
+    /// longer wanted (the collection shrank below half the threshold during the build).
     pub fn install_graph(&mut self, built: BuiltGraph) -> bool {
         let BuiltGraph { graph, epoch } = built;
         let older = self.graph.is_some() && epoch < self.graph_epoch;
         let foreign =
             epoch > self.next_generation || (graph.dim() != self.all.dim() && !graph.is_empty());
-        if older || foreign {
+        let unwanted = self.all.len() < self.threshold / 2;
+        if older || foreign || unwanted {
             return false;
         }
         let current = |id: &u64| self.generation.get(id).is_some_and(|g| *g < epoch);
@@ -474,12 +476,16 @@ mod tests {
         }
         // 50 left: exactly half the threshold still keeps the graph.
         assert!(c.graph().is_some());
+        let late = c.snapshot_for_build().build().unwrap();
         c.remove(70);
         assert!(c.graph().is_none());
         assert_eq!(c.pending_len(), 0);
         assert!(!c.needs_rebuild());
         let r = c.search(&vs[80], 1, &|_| true);
         assert_eq!(r[0].0, 80);
+        // A build that finishes after the shrink is not installed.
+        assert!(!c.install_graph(late));
+        assert!(c.graph().is_none());
     }
 
     #[test]

@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use super::{IndexError, TopK, VectorIndex, check_vector, query_usable};
 
 /// Exact cosine search: every search scores every allowed row. Perfect recall, no build step,
-/// O(1) insert and delete, and (see the module docs) faster than hora's HNSW up to tens of
-/// thousands of vectors.
+/// O(1) insert and delete; about 1 ms for 10k 384-dim vectors, then ~0.24 ms per 1,000 more
+/// (memory-bandwidth-bound, see the module docs).
 #[derive(Debug, Clone, Default)]
 pub struct ExactIndex {
     /// 0 until the first insert fixes it (so an index can be created before any vector, e.g.
