@@ -5,4 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+scripts/fetch-model.sh
 exec cargo run --release --locked -- serve "$@"
