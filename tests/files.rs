@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::fake::{FakeUpstream, http_client};
 use common::gateway::{Gateway, Setup, assert_error, free_port};
+use common::upload::{BOUNDARY, Part, file_body, multipart};
 use ragway::store::{FileStatus, Store};
 use reqwest::{Method, Response};
 use serde_json::{Value, json};
@@ -20,60 +21,9 @@ use sha2::{Digest, Sha256};
 // Helpers
 // ---------------------------------------------------------------------------
 
-const BOUNDARY: &str = "ragway-test-boundary-7MA4YWxkTrZu0gW";
 const NOT_FOUND: &str = "We could not find what you're looking for :/";
 /// Upper bound for any wait on processing (slow embeddings pause 1.5 s per batch).
 const PROCESS_LIMIT: Duration = Duration::from_secs(60);
-
-/// One part of a multipart/form-data body.
-#[derive(Clone, Copy)]
-struct Part<'a> {
-    name: &'a str,
-    filename: Option<&'a str>,
-    content_type: Option<&'a str>,
-    bytes: &'a [u8],
-}
-
-/// A multipart/form-data body (RFC 7578) with [`BOUNDARY`].
-fn multipart(parts: &[Part]) -> Vec<u8> {
-    let mut body = Vec::new();
-    for p in parts {
-        body.extend_from_slice(format!("--{BOUNDARY}\r\n").as_bytes());
-        let mut disposition = format!("Content-Disposition: form-data; name=\"{}\"", p.name);
-        if let Some(f) = p.filename {
-            disposition.push_str(&format!("; filename=\"{f}\""));
-        }
-        body.extend_from_slice(disposition.as_bytes());
-        body.extend_from_slice(b"\r\n");
-        if let Some(ct) = p.content_type {
-            body.extend_from_slice(format!("Content-Type: {ct}\r\n").as_bytes());
-        }
-        body.extend_from_slice(b"\r\n");
-        body.extend_from_slice(p.bytes);
-        body.extend_from_slice(b"\r\n");
-    }
-    body.extend_from_slice(format!("--{BOUNDARY}--\r\n").as_bytes());
-    body
-}
-
-/// The body of an upload: field `file`, and `metadata` when given.
-fn file_body(filename: &str, content_type: &str, bytes: &[u8], metadata: Option<&str>) -> Vec<u8> {
-    let mut parts = vec![Part {
-        name: "file",
-        filename: Some(filename),
-        content_type: Some(content_type),
-        bytes,
-    }];
-    if let Some(m) = metadata {
-        parts.push(Part {
-            name: "metadata",
-            filename: None,
-            content_type: None,
-            bytes: m.as_bytes(),
-        });
-    }
-    multipart(&parts)
-}
 
 /// POSTs a raw multipart body to `/api/v1/files/{query}`.
 async fn send_upload(gw: &Gateway, token: &str, query: &str, body: Vec<u8>) -> Response {

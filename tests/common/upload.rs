@@ -4,37 +4,74 @@ use serde_json::Value;
 
 use super::gateway::Gateway;
 
-/// A multipart/form-data body with field `file` (and `metadata` when given).
-pub fn multipart(
+pub const BOUNDARY: &str = "ragway-test-boundary-7MA4YWxkTrZu0gW";
+
+/// One part of a multipart/form-data body.
+#[derive(Clone, Copy)]
+pub struct Part<'a> {
+    pub name: &'a str,
+    pub filename: Option<&'a str>,
+    pub content_type: Option<&'a str>,
+    pub bytes: &'a [u8],
+}
+
+/// A multipart/form-data body (RFC 7578) with [`BOUNDARY`].
+pub fn multipart(parts: &[Part]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for p in parts {
+        body.extend_from_slice(format!("--{BOUNDARY}\r\n").as_bytes());
+        let mut disposition = format!("Content-Disposition: form-data; name=\"{}\"", p.name);
+        if let Some(f) = p.filename {
+            disposition.push_str(&format!("; filename=\"{f}\""));
+        }
+        body.extend_from_slice(disposition.as_bytes());
+        body.extend_from_slice(b"\r\n");
+        if let Some(ct) = p.content_type {
+            body.extend_from_slice(format!("Content-Type: {ct}\r\n").as_bytes());
+        }
+        body.extend_from_slice(b"\r\n");
+        body.extend_from_slice(p.bytes);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{BOUNDARY}--\r\n").as_bytes());
+    body
+}
+
+/// The body of an upload: field `file`, and `metadata` when given.
+pub fn file_body(
     filename: &str,
     content_type: &str,
     bytes: &[u8],
     metadata: Option<&str>,
-) -> (String, Vec<u8>) {
-    let boundary = "ragway-test-boundary-7f3a";
-    let mut body = Vec::new();
+) -> Vec<u8> {
+    let mut parts = vec![Part {
+        name: "file",
+        filename: Some(filename),
+        content_type: Some(content_type),
+        bytes,
+    }];
     if let Some(m) = metadata {
-        body.extend_from_slice(
-            format!(
-                "--{boundary}\r\nContent-Disposition: form-data; name=\"metadata\"\r\n\r\n{m}\r\n"
-            )
-            .as_bytes(),
-        );
+        parts.push(Part {
+            name: "metadata",
+            filename: None,
+            content_type: None,
+            bytes: m.as_bytes(),
+        });
     }
-    body.extend_from_slice(
-        format!(
-            "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{filename}\"\r\nContent-Type: {content_type}\r\n\r\n"
-        )
-        .as_bytes(),
-    );
-    body.extend_from_slice(bytes);
-    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
-    (format!("multipart/form-data; boundary={boundary}"), body)
+    multipart(&parts)
+}
+
+/// A text upload body and its content-type header.
+fn text_upload(filename: &str, text: &str) -> (String, Vec<u8>) {
+    (
+        format!("multipart/form-data; boundary={BOUNDARY}"),
+        file_body(filename, "text/plain", text.as_bytes(), None),
+    )
 }
 
 /// Uploads and processes a text file synchronously; returns the file JSON.
 pub async fn upload_text(gw: &Gateway, token: &str, name: &str, text: &str) -> Value {
-    let (ct, body) = multipart(name, "text/plain", text.as_bytes(), None);
+    let (ct, body) = text_upload(name, text);
     let r = gw
         .req(
             reqwest::Method::POST,
