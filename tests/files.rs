@@ -929,6 +929,56 @@ async fn size_limit_rejects_with_413_and_leaves_nothing() {
     assert_eq!(uploads(gw.dir.path()).len(), 1);
 }
 
+/// A 413 sent before the body was read must reach the client: the gateway reads and
+/// discards the rest of the body before closing, because closing over unread bytes sends a
+/// TCP reset that can destroy the answer (seen as "error sending request" by reqwest).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn early_413_is_followed_by_a_clean_close_not_a_reset() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = Setup::new()
+        .toml("[rag]\nfile-max-size-mb = 1")
+        .start()
+        .await;
+    let admin = gw.admin().await;
+    let addr = gw.url.strip_prefix("http://").unwrap();
+    // Larger than what the kernel buffers on loopback, so the server must really read it.
+    let body = file_body("big.txt", "text/plain", &vec![b'a'; 24 * 1024 * 1024], None);
+    let head = format!(
+        "POST /api/v1/files/ HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {admin}\r\n\
+         content-type: multipart/form-data; boundary={BOUNDARY}\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut rx, mut tx) = s.into_split();
+    // The client sends everything it announced without waiting, as HTTP clients do.
+    let writer = tokio::spawn(async move {
+        tx.write_all(head.as_bytes()).await?;
+        tx.write_all(&body).await?;
+        Ok::<_, std::io::Error>(tx)
+    });
+    let mut received = Vec::new();
+    let end = tokio::time::timeout(Duration::from_secs(10), rx.read_to_end(&mut received))
+        .await
+        .expect("the gateway closes after draining");
+    let text = String::from_utf8_lossy(&received);
+    assert!(
+        end.is_ok(),
+        "closed with {end:?} instead of a clean FIN; got {text}"
+    );
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert!(
+        text.to_ascii_lowercase().contains("connection: close"),
+        "{text}"
+    );
+    assert!(text.contains("too large"), "{text}");
+    writer
+        .await
+        .unwrap()
+        .expect("the body is read, not refused");
+    assert!(gw.app().store.files().unwrap().is_empty());
+    assert!(uploads(gw.dir.path()).is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn size_limit_from_env() {
     let gw = Setup::new().env("RAG_FILE_MAX_SIZE", "1").start().await;

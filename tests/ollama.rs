@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::fake::{FakeUpstream, SLOW_PAUSE, blackhole, dead_url, http_client};
 use common::gateway::{Gateway, Setup, assert_error};
+use common::raw::read_answer;
 use reqwest::{Method, Response};
 use serde_json::{Value, json};
 
@@ -1790,57 +1791,6 @@ async fn chunked_post(gw: &Gateway, path: &str, token: &str, body: &[u8]) -> (u1
     let _ = s.write_all(b"0\r\n\r\n").await;
     let answer = read_answer(&mut s).await.expect("a full answer");
     (answer.status, answer.body)
-}
-
-/// One HTTP/1.1 answer read off a raw connection.
-struct RawAnswer {
-    status: u16,
-    /// Header block, lowercased.
-    head: String,
-    body: String,
-}
-
-impl RawAnswer {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.head
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
-            .map(str::trim)
-    }
-}
-
-/// Reads one answer that has a `Content-Length`. `None` when the connection closes (or is
-/// reset) before a full answer arrived; panics after 5 s.
-async fn read_answer(s: &mut tokio::net::TcpStream) -> Option<RawAnswer> {
-    use tokio::io::AsyncReadExt;
-    let mut buf = Vec::new();
-    let read = async {
-        let mut chunk = [0u8; 8192];
-        loop {
-            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-                let len: usize = head
-                    .lines()
-                    .find_map(|l| l.strip_prefix("content-length:"))
-                    .map(|v| v.trim().parse().unwrap())
-                    .unwrap_or_else(|| panic!("no content-length in {head}"));
-                if buf.len() >= end + 4 + len {
-                    return Some(RawAnswer {
-                        status: head[9..12].parse().unwrap(),
-                        body: String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into_owned(),
-                        head,
-                    });
-                }
-            }
-            match s.read(&mut chunk).await {
-                Ok(0) | Err(_) => return None,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(5), read)
-        .await
-        .expect("an answer (or a close) within 5 s")
 }
 
 /// After an error answer from the proxy path, the connection either is announced as closing

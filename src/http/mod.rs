@@ -51,8 +51,16 @@ impl From<ApiError> for Reply {
     }
 }
 
+/// How long the unread rest of a request body is read and discarded after an early answer.
+const DRAIN_AFTER_EARLY_ANSWER: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Writes a whole response. HEAD requests get the headers only.
 pub async fn send(session: &mut Session, reply: Reply) -> pingora::Result<()> {
+    // An answer before the body ends (a 413 from Content-Length, a malformed upload) goes
+    // out with `Connection: close` (pingora's rule), but closing a socket with unread bytes
+    // sends a TCP reset that can destroy the answer before the client reads it: the rest of
+    // the body is read and discarded first, bounded in time (a lingering close).
+    let early = !session.is_body_done();
     let mut resp = ResponseHeader::build(reply.status, Some(4 + reply.headers.len()))?;
     resp.insert_header(header::CONTENT_TYPE, reply.content_type)?;
     resp.insert_header(header::CONTENT_LENGTH, reply.body.len().to_string())?;
@@ -65,6 +73,12 @@ pub async fn send(session: &mut Session, reply: Reply) -> pingora::Result<()> {
         .await?;
     if !head && !reply.body.is_empty() {
         session.write_response_body(Some(reply.body), true).await?;
+    }
+    if early {
+        session.set_total_drain_timeout(Some(DRAIN_AFTER_EARLY_ANSWER));
+        if let Err(e) = session.drain_request_body().await {
+            tracing::debug!(error = %e, "unread request body not drained after an early answer");
+        }
     }
     Ok(())
 }

@@ -1,4 +1,5 @@
 #![allow(dead_code)]
 pub mod fake;
 pub mod gateway;
+pub mod raw;
 pub mod upload;
