@@ -78,6 +78,8 @@ pub struct RagFile {
     /// Collections with more vectors than this get an HNSW graph; smaller ones are searched
     /// exactly.
     pub hnsw_threshold: Option<usize>,
+    /// The HNSW library of large collections: `usearch` or `hora`.
+    pub vector_index: Option<String>,
     /// Chunks injected per `files` item.
     pub top_k: Option<usize>,
     /// Minimum cosine similarity of an injected chunk.

@@ -110,6 +110,7 @@ pub struct RagConfig {
     pub workers: usize,
     pub file_add_wait: Duration,
     pub hnsw_threshold: usize,
+    pub vector_index: crate::index::GraphKind,
     pub top_k: usize,
     pub relevance_threshold: f32,
     pub hybrid: bool,
@@ -633,6 +634,12 @@ fn rag_config(
     let hnsw_threshold = r
         .hnsw_threshold
         .unwrap_or(crate::index::DEFAULT_EXACT_THRESHOLD);
+    let vector_index = match env.get("RAGWAY_VECTOR_INDEX").or(r.vector_index.clone()) {
+        Some(v) => v
+            .parse()
+            .or_else(|e: String| err(format!("rag.vector-index: {e}")))?,
+        None => crate::index::GraphKind::default(),
+    };
     let mut top_k = r.top_k.unwrap_or(3);
     if let Some(v) = env.get("RAG_TOP_K") {
         top_k = parse_usize("RAG_TOP_K", &v)?;
@@ -708,6 +715,7 @@ fn rag_config(
             workers,
             file_add_wait,
             hnsw_threshold,
+            vector_index,
             top_k,
             relevance_threshold,
             hybrid,

@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use super::{ExactIndex, HnswIndex, HnswParams, IndexError, VectorIndex, merge_top};
+use super::{ExactIndex, Graph, GraphKind, HnswParams, IndexError, VectorIndex, merge_top};
 
 /// Collections smaller than this are searched exactly (see the module docs for the
 /// measurements behind the number).
@@ -26,6 +26,7 @@ pub const DEFAULT_EXACT_THRESHOLD: usize = 20_000;
 #[derive(Debug)]
 pub struct CollectionIndex {
     threshold: usize,
+    kind: GraphKind,
     params: HnswParams,
     /// Every live vector: exact search while small, snapshots, and the fallback for filters
     /// too selective for the graph.
@@ -34,7 +35,7 @@ pub struct CollectionIndex {
     generation: HashMap<u64, u64>,
     /// The generation the next insert gets.
     next_generation: u64,
-    graph: Option<Arc<HnswIndex>>,
+    graph: Option<Arc<Graph>>,
     /// The epoch of the installed graph's snapshot.
     graph_epoch: u64,
     /// Live items the graph does not have (or has with an outdated vector).
@@ -45,15 +46,22 @@ pub struct CollectionIndex {
 
 impl CollectionIndex {
     /// An empty collection of `dim`-component vectors (0: taken from the first insert),
-    /// searched exactly below `threshold` vectors, with the default HNSW parameters above.
-    pub fn new(dim: usize, threshold: usize) -> CollectionIndex {
-        Self::with_params(dim, threshold, HnswParams::default())
+    /// searched exactly below `threshold` vectors, with a graph of `kind` and the default
+    /// HNSW parameters above.
+    pub fn new(dim: usize, threshold: usize, kind: GraphKind) -> CollectionIndex {
+        Self::with_params(dim, threshold, kind, HnswParams::default())
     }
 
     /// Like [`CollectionIndex::new`], with explicit HNSW parameters.
-    pub fn with_params(dim: usize, threshold: usize, params: HnswParams) -> CollectionIndex {
+    pub fn with_params(
+        dim: usize,
+        threshold: usize,
+        kind: GraphKind,
+        params: HnswParams,
+    ) -> CollectionIndex {
         CollectionIndex {
             threshold,
+            kind,
             params,
             all: ExactIndex::new(dim),
             generation: HashMap::new(),
@@ -133,6 +141,7 @@ impl CollectionIndex {
     pub fn snapshot_for_build(&self) -> GraphSnapshot {
         GraphSnapshot {
             dim: self.all.dim(),
+            kind: self.kind,
             params: self.params,
             epoch: self.next_generation,
             items: self.all.iter().map(|(id, v)| (id, v.to_vec())).collect(),
@@ -142,13 +151,14 @@ impl CollectionIndex {
     /// Swaps in a graph built from [`CollectionIndex::snapshot_for_build`]. Items inserted
     /// or removed since that snapshot stay correct (pending and stale sets are recomputed).
     /// Returns false, leaving everything as it was, if the graph is older than the installed
-    /// one, does not belong to this collection (dimension or epoch out of range), or is no
-    /// longer wanted (the collection shrank below half the threshold during the build).
+    /// one, does not belong to this collection (dimension, kind or epoch out of range), or is
+    /// no longer wanted (the collection shrank below half the threshold during the build).
     pub fn install_graph(&mut self, built: BuiltGraph) -> bool {
         let BuiltGraph { graph, epoch } = built;
         let older = self.graph.is_some() && epoch < self.graph_epoch;
-        let foreign =
-            epoch > self.next_generation || (graph.dim() != self.all.dim() && !graph.is_empty());
+        let foreign = epoch > self.next_generation
+            || graph.kind() != self.kind
+            || (graph.dim() != self.all.dim() && !graph.is_empty());
         let unwanted = self.all.len() < self.threshold / 2;
         if older || foreign || unwanted {
             return false;
@@ -173,18 +183,19 @@ impl CollectionIndex {
         true
     }
 
-    /// Installs a graph loaded from disk as if built from the current contents.
+    /// Installs a graph loaded from disk as if built from the current contents: its ids
+    /// that are gone are filtered out, live ids it lacks are searched exactly beside it.
     ///
-    /// Only correct when every id the graph holds still has the vector it was built with
-    /// (ids that are gone are handled): save the graph together with something that proves
-    /// it, e.g. the store's write sequence number.
-    pub fn install_loaded_graph(&mut self, graph: HnswIndex) -> bool {
+    /// Only correct when every id the graph holds that is still live has the vector it was
+    /// built with. Chunk ids are never reused and a chunk's vector never changes (a
+    /// re-embedded file gets new chunk ids), which makes that true for ids from one store.
+    pub fn install_loaded_graph(&mut self, graph: Graph) -> bool {
         let epoch = self.next_generation;
         self.install_graph(BuiltGraph { graph, epoch })
     }
 
     /// The installed graph, e.g. to save it.
-    pub fn graph(&self) -> Option<Arc<HnswIndex>> {
+    pub fn graph(&self) -> Option<Arc<Graph>> {
         self.graph.clone()
     }
 
@@ -232,6 +243,7 @@ impl VectorIndex for CollectionIndex {
 #[derive(Debug, Clone)]
 pub struct GraphSnapshot {
     dim: usize,
+    kind: GraphKind,
     params: HnswParams,
     epoch: u64,
     items: Vec<(u64, Vec<f32>)>,
@@ -255,7 +267,7 @@ impl GraphSnapshot {
 
     /// Builds the HNSW graph (slow: run it off the request path).
     pub fn build(self) -> Result<BuiltGraph, IndexError> {
-        let graph = HnswIndex::build(self.dim, self.items, self.params)?;
+        let graph = Graph::build(self.kind, self.dim, self.items, self.params)?;
         Ok(BuiltGraph {
             graph,
             epoch: self.epoch,
@@ -267,13 +279,13 @@ impl GraphSnapshot {
 /// [`CollectionIndex::install_graph`].
 #[derive(Debug)]
 pub struct BuiltGraph {
-    graph: HnswIndex,
+    graph: Graph,
     epoch: u64,
 }
 
 impl BuiltGraph {
     /// The graph, e.g. to save it before installing.
-    pub fn graph(&self) -> &HnswIndex {
+    pub fn graph(&self) -> &Graph {
         &self.graph
     }
 
@@ -289,6 +301,7 @@ mod tests {
     use crate::index::testdata;
 
     const DIM: usize = 24;
+    const KINDS: [GraphKind; 2] = [GraphKind::Usearch, GraphKind::Hora];
 
     fn params() -> HnswParams {
         HnswParams {
@@ -306,7 +319,7 @@ mod tests {
     fn indexes_are_shareable_between_threads() {
         fn is<T: Send + Sync>() {}
         is::<CollectionIndex>();
-        is::<HnswIndex>();
+        is::<Graph>();
         is::<ExactIndex>();
         is::<GraphSnapshot>();
         is::<BuiltGraph>();
@@ -323,192 +336,213 @@ mod tests {
 
     #[test]
     fn below_threshold_is_exact_and_wants_no_graph() {
-        let mut c = CollectionIndex::with_params(DIM, 100, params());
-        let vs = vectors(1, 99);
-        let mut exact = ExactIndex::new(DIM);
-        for (i, v) in vs.iter().enumerate() {
-            c.insert(i as u64, v).unwrap();
-            exact.insert(i as u64, v).unwrap();
+        for kind in KINDS {
+            let mut c = CollectionIndex::with_params(DIM, 100, kind, params());
+            let vs = vectors(1, 99);
+            let mut exact = ExactIndex::new(DIM);
+            for (i, v) in vs.iter().enumerate() {
+                c.insert(i as u64, v).unwrap();
+                exact.insert(i as u64, v).unwrap();
+            }
+            assert!(!c.needs_rebuild());
+            assert!(c.graph().is_none());
+            for q in vectors(2, 10) {
+                assert_eq!(c.search(&q, 5, &|_| true), exact.search(&q, 5, &|_| true));
+            }
+            c.insert(99, &vs[0]).unwrap();
+            assert!(c.needs_rebuild());
+            // Still exact (and correct) until a graph arrives.
+            assert_eq!(c.search(&vs[0], 2, &|_| true).len(), 2);
         }
-        assert!(!c.needs_rebuild());
-        assert!(c.graph().is_none());
-        for q in vectors(2, 10) {
-            assert_eq!(c.search(&q, 5, &|_| true), exact.search(&q, 5, &|_| true));
-        }
-        c.insert(99, &vs[0]).unwrap();
-        assert!(c.needs_rebuild());
-        // Still exact (and correct) until a graph arrives.
-        assert_eq!(c.search(&vs[0], 2, &|_| true).len(), 2);
     }
 
     #[test]
     fn graph_install_reconciles_changes_made_during_the_build() {
-        let mut c = CollectionIndex::with_params(0, 300, params());
-        let vs = vectors(3, 600);
-        for (i, v) in vs[..400].iter().enumerate() {
-            c.insert(i as u64, v).unwrap();
-        }
-        assert_eq!(c.dim(), DIM);
-        assert!(c.needs_rebuild());
-        let snapshot = c.snapshot_for_build();
-        assert_eq!(snapshot.len(), 400);
+        for kind in KINDS {
+            let mut c = CollectionIndex::with_params(0, 300, kind, params());
+            let vs = vectors(3, 600);
+            for (i, v) in vs[..400].iter().enumerate() {
+                c.insert(i as u64, v).unwrap();
+            }
+            assert_eq!(c.dim(), DIM);
+            assert!(c.needs_rebuild());
+            let snapshot = c.snapshot_for_build();
+            assert_eq!(snapshot.len(), 400);
 
-        // While the "background" build runs: new items, removals, and an update.
-        for (i, v) in vs[400..450].iter().enumerate() {
-            c.insert(400 + i as u64, v).unwrap();
-        }
-        for id in [3, 17, 42, 410] {
-            assert!(c.remove(id));
-        }
-        c.insert(5, &vs[599]).unwrap();
+            // While the "background" build runs: new items, removals, and an update.
+            for (i, v) in vs[400..450].iter().enumerate() {
+                c.insert(400 + i as u64, v).unwrap();
+            }
+            for id in [3, 17, 42, 410] {
+                assert!(c.remove(id));
+            }
+            c.insert(5, &vs[599]).unwrap();
 
-        let built = snapshot.build().unwrap();
-        assert!(c.install_graph(built));
-        assert!(c.graph().is_some());
-        assert_eq!(c.len(), 446);
-        // Pending: 49 surviving new items + the updated id 5.
-        assert_eq!(c.pending_len(), 50);
-        // Stale: the 3 removed graph ids + the replaced id 5.
-        assert_eq!(c.stale_len(), 4);
+            let built = snapshot.build().unwrap();
+            assert!(c.install_graph(built));
+            assert!(c.graph().is_some());
+            assert_eq!(c.len(), 446);
+            // Pending: 49 surviving new items + the updated id 5.
+            assert_eq!(c.pending_len(), 50);
+            // Stale: the 3 removed graph ids + the replaced id 5.
+            assert_eq!(c.stale_len(), 4);
 
-        // Items inserted after the snapshot are found by their own vector.
-        for i in [400u64, 425, 449] {
-            let r = c.search(&vs[i as usize], 1, &|_| true);
-            assert_eq!(r[0].0, i);
+            // Items inserted after the snapshot are found by their own vector.
+            for i in [400u64, 425, 449] {
+                let r = c.search(&vs[i as usize], 1, &|_| true);
+                assert_eq!(r[0].0, i);
+                assert!((r[0].1 - 1.0).abs() < 1e-5);
+            }
+            // The updated item is found under its new vector and scored with it.
+            let r = c.search(&vs[599], 3, &|_| true);
+            assert_eq!(r[0].0, 5);
             assert!((r[0].1 - 1.0).abs() < 1e-5);
-        }
-        // The updated item is found under its new vector and scored with it.
-        let r = c.search(&vs[599], 3, &|_| true);
-        assert_eq!(r[0].0, 5);
-        assert!((r[0].1 - 1.0).abs() < 1e-5);
-        assert_eq!(ids(&r).iter().filter(|&&id| id == 5).count(), 1);
+            assert_eq!(ids(&r).iter().filter(|&&id| id == 5).count(), 1);
 
-        // Removed items never come back, even when asked for by their own vector.
-        for id in [3u64, 17, 42, 410] {
-            let r = c.search(&vs[id as usize], 50, &|_| true);
-            assert!(!ids(&r).contains(&id), "removed {id} returned");
+            // Removed items never come back, even when asked for by their own vector.
+            for id in [3u64, 17, 42, 410] {
+                let r = c.search(&vs[id as usize], 50, &|_| true);
+                assert!(!ids(&r).contains(&id), "removed {id} returned");
+            }
+            // Removing graph items after install: also never returned.
+            assert!(c.remove(100));
+            assert!(c.remove(401));
+            for id in [100u64, 401] {
+                assert!(!ids(&c.search(&vs[id as usize], 50, &|_| true)).contains(&id));
+            }
+            assert!(!c.remove(100));
         }
-        // Removing graph items after install: also never returned.
-        assert!(c.remove(100));
-        assert!(c.remove(401));
-        for id in [100u64, 401] {
-            assert!(!ids(&c.search(&vs[id as usize], 50, &|_| true)).contains(&id));
-        }
-        assert!(!c.remove(100));
     }
 
     #[test]
     fn graph_results_match_exact_closely_and_honour_filters() {
-        let mut c = CollectionIndex::with_params(DIM, 200, params());
-        let vs = vectors(4, 500);
-        for (i, v) in vs.iter().enumerate() {
-            c.insert(i as u64, v).unwrap();
-        }
-        build_and_install(&mut c);
-        assert_eq!(c.pending_len(), 0);
-        let mut exact = ExactIndex::new(DIM);
-        exact
-            .extend(vs.iter().enumerate().map(|(i, v)| (i as u64, v)))
-            .unwrap();
-        let mut found = 0;
-        let queries = vectors(5, 20);
-        for q in &queries {
-            let truth = ids(&exact.search(q, 10, &|_| true));
-            found += ids(&c.search(q, 10, &|_| true))
-                .iter()
-                .filter(|id| truth.contains(id))
-                .count();
-        }
-        assert!(found >= 180, "recall {found}/200");
+        for kind in KINDS {
+            let mut c = CollectionIndex::with_params(DIM, 200, kind, params());
+            let vs = vectors(4, 500);
+            for (i, v) in vs.iter().enumerate() {
+                c.insert(i as u64, v).unwrap();
+            }
+            build_and_install(&mut c);
+            assert_eq!(c.pending_len(), 0);
+            let mut exact = ExactIndex::new(DIM);
+            exact
+                .extend(vs.iter().enumerate().map(|(i, v)| (i as u64, v)))
+                .unwrap();
+            let mut found = 0;
+            let queries = vectors(5, 20);
+            for q in &queries {
+                let truth = ids(&exact.search(q, 10, &|_| true));
+                found += ids(&c.search(q, 10, &|_| true))
+                    .iter()
+                    .filter(|id| truth.contains(id))
+                    .count();
+            }
+            assert!(found >= 180, "recall {found}/200");
 
-        // A filter that allows 3 items: the graph's beam cannot be trusted to hold them, the
-        // exact fallback must return exactly those 3, best first.
-        let allowed = [7u64, 250, 499];
-        let r = c.search(&queries[0], 10, &|id| allowed.contains(&id));
-        assert_eq!(
-            r,
-            exact.search(&queries[0], 10, &|id| allowed.contains(&id))
-        );
-        assert_eq!(r.len(), 3);
+            // A filter that allows 3 items: the graph's beam cannot be trusted to hold them, the
+            // exact fallback must return exactly those 3, best first.
+            let allowed = [7u64, 250, 499];
+            let r = c.search(&queries[0], 10, &|id| allowed.contains(&id));
+            assert_eq!(
+                r,
+                exact.search(&queries[0], 10, &|id| allowed.contains(&id))
+            );
+            assert_eq!(r.len(), 3);
+        }
     }
 
     #[test]
     fn rebuild_triggers_and_stale_installs() {
-        let mut c = CollectionIndex::with_params(DIM, 100, params());
-        let vs = vectors(6, 400);
-        for (i, v) in vs[..200].iter().enumerate() {
-            c.insert(i as u64, v).unwrap();
+        for kind in KINDS {
+            let mut c = CollectionIndex::with_params(DIM, 100, kind, params());
+            let vs = vectors(6, 400);
+            for (i, v) in vs[..200].iter().enumerate() {
+                c.insert(i as u64, v).unwrap();
+            }
+            let old = c.snapshot_for_build();
+            build_and_install(&mut c);
+            assert!(!c.needs_rebuild());
+            // 21 new items > 10% of a 200-item graph.
+            for (i, v) in vs[200..221].iter().enumerate() {
+                c.insert(200 + i as u64, v).unwrap();
+            }
+            assert!(c.needs_rebuild());
+            build_and_install(&mut c);
+            assert!(!c.needs_rebuild());
+            // A graph from an older snapshot is refused and changes nothing.
+            assert!(!c.install_graph(old.build().unwrap()));
+            assert_eq!(c.graph().unwrap().len(), 221);
+            // 23 removals > 10% of 221.
+            for id in 0..23 {
+                c.remove(id);
+            }
+            assert!(c.needs_rebuild());
+            // A graph of another dimension is refused.
+            let foreign =
+                Graph::build(kind, DIM + 1, vec![(1, vec![0.1; DIM + 1])], params()).unwrap();
+            assert!(!c.install_loaded_graph(foreign));
+            // So is a graph of the other library.
+            let other = if kind == GraphKind::Hora {
+                GraphKind::Usearch
+            } else {
+                GraphKind::Hora
+            };
+            let foreign = Graph::build(other, DIM, vec![(1, vs[1].clone())], params()).unwrap();
+            assert!(!c.install_loaded_graph(foreign));
+            assert_eq!(c.graph().unwrap().dim(), DIM);
         }
-        let old = c.snapshot_for_build();
-        build_and_install(&mut c);
-        assert!(!c.needs_rebuild());
-        // 21 new items > 10% of a 200-item graph.
-        for (i, v) in vs[200..221].iter().enumerate() {
-            c.insert(200 + i as u64, v).unwrap();
-        }
-        assert!(c.needs_rebuild());
-        build_and_install(&mut c);
-        assert!(!c.needs_rebuild());
-        // A graph from an older snapshot is refused and changes nothing.
-        assert!(!c.install_graph(old.build().unwrap()));
-        assert_eq!(c.graph().unwrap().len(), 221);
-        // 23 removals > 10% of 221.
-        for id in 0..23 {
-            c.remove(id);
-        }
-        assert!(c.needs_rebuild());
-        // A graph of another dimension is refused.
-        let foreign = HnswIndex::build(DIM + 1, vec![(1, vec![0.1; DIM + 1])], params()).unwrap();
-        assert!(!c.install_loaded_graph(foreign));
-        assert_eq!(c.graph().unwrap().dim(), DIM);
     }
 
     #[test]
     fn shrinking_well_below_threshold_drops_the_graph() {
-        let mut c = CollectionIndex::with_params(DIM, 100, params());
-        let vs = vectors(7, 120);
-        for (i, v) in vs.iter().enumerate() {
-            c.insert(i as u64, v).unwrap();
+        for kind in KINDS {
+            let mut c = CollectionIndex::with_params(DIM, 100, kind, params());
+            let vs = vectors(7, 120);
+            for (i, v) in vs.iter().enumerate() {
+                c.insert(i as u64, v).unwrap();
+            }
+            build_and_install(&mut c);
+            for id in 0..70 {
+                c.remove(id);
+            }
+            // 50 left: exactly half the threshold still keeps the graph.
+            assert!(c.graph().is_some());
+            let late = c.snapshot_for_build().build().unwrap();
+            c.remove(70);
+            assert!(c.graph().is_none());
+            assert_eq!(c.pending_len(), 0);
+            assert!(!c.needs_rebuild());
+            let r = c.search(&vs[80], 1, &|_| true);
+            assert_eq!(r[0].0, 80);
+            // A build that finishes after the shrink is not installed.
+            assert!(!c.install_graph(late));
+            assert!(c.graph().is_none());
         }
-        build_and_install(&mut c);
-        for id in 0..70 {
-            c.remove(id);
-        }
-        // 50 left: exactly half the threshold still keeps the graph.
-        assert!(c.graph().is_some());
-        let late = c.snapshot_for_build().build().unwrap();
-        c.remove(70);
-        assert!(c.graph().is_none());
-        assert_eq!(c.pending_len(), 0);
-        assert!(!c.needs_rebuild());
-        let r = c.search(&vs[80], 1, &|_| true);
-        assert_eq!(r[0].0, 80);
-        // A build that finishes after the shrink is not installed.
-        assert!(!c.install_graph(late));
-        assert!(c.graph().is_none());
     }
 
     #[test]
     fn loaded_graph_installs_as_current() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("kb.hnsw");
-        let vs = vectors(8, 150);
-        let mut c = CollectionIndex::with_params(DIM, 100, params());
-        for (i, v) in vs.iter().enumerate() {
-            c.insert(i as u64, v).unwrap();
-        }
-        let built = c.snapshot_for_build().build().unwrap();
-        built.graph().save(&path).unwrap();
+        for kind in KINDS {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("kb.hnsw");
+            let vs = vectors(8, 150);
+            let mut c = CollectionIndex::with_params(DIM, 100, kind, params());
+            for (i, v) in vs.iter().enumerate() {
+                c.insert(i as u64, v).unwrap();
+            }
+            let built = c.snapshot_for_build().build().unwrap();
+            built.graph().save(&path).unwrap();
 
-        // "Restart": a fresh collection from the store, one item gone meanwhile.
-        let mut fresh = CollectionIndex::with_params(DIM, 100, params());
-        for (i, v) in vs.iter().enumerate().skip(1) {
-            fresh.insert(i as u64, v).unwrap();
+            // "Restart": a fresh collection from the store, one item gone meanwhile.
+            let mut fresh = CollectionIndex::with_params(DIM, 100, kind, params());
+            for (i, v) in vs.iter().enumerate().skip(1) {
+                fresh.insert(i as u64, v).unwrap();
+            }
+            assert!(fresh.install_loaded_graph(Graph::load(kind, &path).unwrap()));
+            assert_eq!(fresh.pending_len(), 0);
+            assert_eq!(fresh.stale_len(), 1);
+            assert!(!ids(&fresh.search(&vs[0], 20, &|_| true)).contains(&0));
+            assert_eq!(fresh.search(&vs[9], 1, &|_| true)[0].0, 9);
         }
-        assert!(fresh.install_loaded_graph(HnswIndex::load(&path).unwrap()));
-        assert_eq!(fresh.pending_len(), 0);
-        assert_eq!(fresh.stale_len(), 1);
-        assert!(!ids(&fresh.search(&vs[0], 20, &|_| true)).contains(&0));
-        assert_eq!(fresh.search(&vs[9], 1, &|_| true)[0].0, 9);
     }
 }

@@ -24,10 +24,10 @@
 //!   reloads the written file and swaps it in, which drops that copy and proves the file
 //!   readable.
 
-use std::fs::{self, File};
-use std::io::{self, Read, Write};
+use std::fs::File;
+use std::io;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{PoisonError, RwLock};
 
@@ -36,7 +36,8 @@ use hora::core::metrics::Metric;
 use hora::index::hnsw_idx::HNSWIndex;
 use hora::index::hnsw_params::HNSWParams;
 
-use super::{IndexError, VectorIndex, check_vector, query_usable};
+use super::persist::{self, invalid_data};
+use super::{GraphKind, IndexError, VectorIndex, check_vector, query_usable};
 
 /// How far a filtered search widens its beam (as a multiple of `max(k, ef)`) before giving up
 /// and returning fewer than `k` results.
@@ -199,50 +200,26 @@ impl HnswIndex {
         self.ids.len() * per_node
     }
 
+    /// What a save of this graph declares (see [`super::persist`]).
+    fn meta(&self) -> persist::Meta {
+        persist::Meta {
+            kind: GraphKind::Hora,
+            dim: self.dim,
+            params: self.params(),
+            ids: self.ids.clone(),
+        }
+    }
+
     /// Writes the graph under `path` so that a crash at any point leaves either the previous
-    /// save or this one loadable.
-    ///
-    /// Two files: hora's dump in `<name>.<random>.graph` (beside `path`) and, at `path`, a
-    /// small header (parameters, ids, the graph file's name, length and checksum). The
-    /// header is written last, to a temporary name and renamed, which is the commit point;
-    /// graph files of earlier saves are deleted afterwards.
+    /// save or this one loadable (see [`super::persist`]).
     ///
     /// Searches on this graph wait while it saves (hora's `dump` needs exclusive access), so
     /// save a freshly built graph before installing it.
     pub fn save(&self, path: &Path) -> io::Result<()> {
-        let (dir, name) = split_path(path)?;
-        let graph_name = format!("{name}.{:016x}.graph", rand::random::<u64>());
-        let graph_tmp = dir.join(format!(".{graph_name}.tmp"));
-        let graph_path = dir.join(&graph_name);
-        let header_tmp = dir.join(format!(".{name}.{:016x}.tmp", rand::random::<u64>()));
-
-        let result = self.save_files(path, &graph_tmp, &graph_path, &graph_name, &header_tmp);
-        match result {
-            Ok(()) => {
-                sweep_old_graphs(&dir, &name, &graph_name);
-                Ok(())
-            }
-            Err(e) => {
-                for p in [&graph_tmp, &graph_path, &header_tmp] {
-                    let _ = fs::remove_file(p);
-                }
-                Err(e)
-            }
-        }
-    }
-
-    fn save_files(
-        &self,
-        path: &Path,
-        graph_tmp: &Path,
-        graph_path: &Path,
-        graph_name: &str,
-        header_tmp: &Path,
-    ) -> io::Result<()> {
-        let (graph_len, graph_hash) = {
+        persist::save(path, &self.meta(), |tmp| {
             let mut inner = self.inner.write().unwrap_or_else(PoisonError::into_inner);
-            let tmp = path_str(graph_tmp)?;
-            match catch_unwind(AssertUnwindSafe(|| inner.dump(tmp))) {
+            let p = persist::path_str(tmp)?;
+            match catch_unwind(AssertUnwindSafe(|| inner.dump(p))) {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => return Err(io::Error::other(format!("hora dump: {e}"))),
                 Err(panic) => {
@@ -252,65 +229,26 @@ impl HnswIndex {
                     )));
                 }
             }
-            File::open(graph_tmp)?.sync_all()?;
-            let sums = file_checksum(graph_tmp)?;
             // Swapping in the reloaded graph frees the copy `dump` left behind.
-            *inner = load_hora(graph_tmp)?;
-            sums
-        };
-        fs::rename(graph_tmp, graph_path)?;
-
-        let header = Header {
-            dim: self.dim as u64,
-            m: self.m as u64,
-            ef_construction: self.ef_construction as u64,
-            ef_search: self.ef_search.load(Ordering::Relaxed) as u64,
-            ids: self.ids.clone(),
-            graph_name: graph_name.to_string(),
-            graph_len,
-            graph_hash,
-        };
-        let mut f = File::create(header_tmp)?;
-        f.write_all(&header.encode())?;
-        f.sync_all()?;
-        drop(f);
-        fs::rename(header_tmp, path)?;
-        if let Some(dir) = path.parent() {
-            // Makes the renames durable; some file systems refuse to sync a directory, and
-            // losing a derived index in a crash only costs a rebuild.
-            let dir = if dir.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                dir
-            };
-            let _ = File::open(dir).and_then(|d| d.sync_all());
-        }
-        Ok(())
+            *inner = load_hora(tmp)?;
+            Ok(())
+        })
     }
 
     /// Loads a graph saved by [`HnswIndex::save`]. A missing, truncated or corrupt file is an
     /// error (never a panic).
     pub fn load(path: &Path) -> io::Result<HnswIndex> {
-        let (dir, _) = split_path(path)?;
-        let header = Header::decode(&fs::read(path)?)?;
-        let graph_path = dir.join(&header.graph_name);
-        let (len, hash) = file_checksum(&graph_path)?;
-        if len != header.graph_len || hash != header.graph_hash {
-            return Err(invalid_data(format!(
-                "{}: length or checksum does not match its header",
-                graph_path.display()
-            )));
-        }
+        let (meta, graph_path) = persist::open(path, GraphKind::Hora)?;
         let inner = load_hora(&graph_path)?;
-        if inner.dimension() != header.dim as usize {
+        if inner.dimension() != meta.dim {
             return Err(invalid_data("graph dimension does not match its header"));
         }
         Ok(HnswIndex {
-            dim: header.dim as usize,
-            m: header.m as usize,
-            ef_construction: header.ef_construction as usize,
-            ef_search: AtomicUsize::new(header.ef_search as usize),
-            ids: header.ids,
+            dim: meta.dim,
+            m: meta.params.m,
+            ef_construction: meta.params.ef_construction,
+            ef_search: AtomicUsize::new(meta.params.ef_search),
+            ids: meta.ids,
             inner: RwLock::new(inner),
         })
     }
@@ -347,180 +285,9 @@ impl VectorIndex for HnswIndex {
     }
 }
 
-/// The saved header. All integers little-endian; the last 8 bytes are a checksum of the rest.
-struct Header {
-    dim: u64,
-    m: u64,
-    ef_construction: u64,
-    ef_search: u64,
-    ids: Vec<u64>,
-    graph_name: String,
-    graph_len: u64,
-    graph_hash: u64,
-}
-
-const MAGIC: &[u8; 8] = b"RGWHNSW1";
-
-impl Header {
-    fn encode(&self) -> Vec<u8> {
-        let mut b = Vec::with_capacity(80 + self.ids.len() * 8 + self.graph_name.len());
-        b.extend_from_slice(MAGIC);
-        for x in [self.dim, self.m, self.ef_construction, self.ef_search] {
-            b.extend_from_slice(&x.to_le_bytes());
-        }
-        b.extend_from_slice(&(self.ids.len() as u64).to_le_bytes());
-        for id in &self.ids {
-            b.extend_from_slice(&id.to_le_bytes());
-        }
-        b.extend_from_slice(&(self.graph_name.len() as u64).to_le_bytes());
-        b.extend_from_slice(self.graph_name.as_bytes());
-        b.extend_from_slice(&self.graph_len.to_le_bytes());
-        b.extend_from_slice(&self.graph_hash.to_le_bytes());
-        let mut sum = Checksum::new();
-        sum.update(&b);
-        b.extend_from_slice(&sum.finish().to_le_bytes());
-        b
-    }
-
-    fn decode(bytes: &[u8]) -> io::Result<Header> {
-        let bad = || invalid_data("not an HNSW index header, or a corrupt one");
-        if bytes.len() < MAGIC.len() + 8 || &bytes[..8] != MAGIC {
-            return Err(bad());
-        }
-        let (body, tail) = bytes.split_at(bytes.len() - 8);
-        let mut sum = Checksum::new();
-        sum.update(body);
-        if sum.finish().to_le_bytes() != tail {
-            return Err(bad());
-        }
-        let mut r = Reader(&body[8..]);
-        let dim = r.u64()?;
-        let m = r.u64()?;
-        let ef_construction = r.u64()?;
-        let ef_search = r.u64()?;
-        let count = r.u64()? as usize;
-        if count > r.0.len() / 8 {
-            return Err(bad());
-        }
-        let ids: Vec<u64> = (0..count).map(|_| r.u64()).collect::<io::Result<_>>()?;
-        let name_len = r.u64()? as usize;
-        let graph_name = String::from_utf8(r.take(name_len)?.to_vec()).map_err(|_| bad())?;
-        let graph_len = r.u64()?;
-        let graph_hash = r.u64()?;
-        // The name is joined to the header's directory: it must stay a plain file name.
-        let plain = !graph_name.is_empty()
-            && !graph_name.starts_with('.')
-            && !graph_name.contains(['/', '\\']);
-        if !plain || !r.0.is_empty() || !ids.windows(2).all(|w| w[0] < w[1]) {
-            return Err(bad());
-        }
-        Ok(Header {
-            dim,
-            m,
-            ef_construction,
-            ef_search,
-            ids,
-            graph_name,
-            graph_len,
-            graph_hash,
-        })
-    }
-}
-
-struct Reader<'a>(&'a [u8]);
-
-impl Reader<'_> {
-    fn take(&mut self, n: usize) -> io::Result<&[u8]> {
-        if n > self.0.len() {
-            return Err(invalid_data("truncated HNSW index header"));
-        }
-        let (head, rest) = self.0.split_at(n);
-        self.0 = rest;
-        Ok(head)
-    }
-
-    fn u64(&mut self) -> io::Result<u64> {
-        let b = self.take(8)?;
-        Ok(u64::from_le_bytes(b.try_into().expect("8 bytes")))
-    }
-}
-
-/// A fast 64-bit checksum (FNV-style multiply per 8-byte word, then the length): every step
-/// is a bijection of the state, so any single changed word always changes the result. It
-/// detects corruption and truncation, not tampering.
-struct Checksum {
-    h: u64,
-    pending: [u8; 8],
-    npending: usize,
-    len: u64,
-}
-
-impl Checksum {
-    fn new() -> Checksum {
-        Checksum {
-            h: 0xcbf2_9ce4_8422_2325,
-            pending: [0; 8],
-            npending: 0,
-            len: 0,
-        }
-    }
-
-    fn word(&mut self, w: u64) {
-        self.h = (self.h ^ w)
-            .wrapping_mul(0x0000_0100_0000_01b3)
-            .rotate_left(29);
-    }
-
-    fn update(&mut self, mut data: &[u8]) {
-        self.len += data.len() as u64;
-        if self.npending > 0 {
-            let n = (8 - self.npending).min(data.len());
-            self.pending[self.npending..self.npending + n].copy_from_slice(&data[..n]);
-            self.npending += n;
-            data = &data[n..];
-            if self.npending < 8 {
-                return;
-            }
-            self.word(u64::from_le_bytes(self.pending));
-            self.npending = 0;
-        }
-        let words = data.chunks_exact(8);
-        let rest = words.remainder();
-        for w in words {
-            self.word(u64::from_le_bytes(w.try_into().expect("8 bytes")));
-        }
-        self.pending[..rest.len()].copy_from_slice(rest);
-        self.npending = rest.len();
-    }
-
-    fn finish(mut self) -> u64 {
-        if self.npending > 0 {
-            self.pending[self.npending..].fill(0);
-            self.word(u64::from_le_bytes(self.pending));
-        }
-        self.word(self.len);
-        self.h
-    }
-}
-
-/// (length, checksum) of a file, streamed.
-fn file_checksum(path: &Path) -> io::Result<(u64, u64)> {
-    let mut f = File::open(path)?;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut sum = Checksum::new();
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        sum.update(&buf[..n]);
-    }
-    Ok((sum.len, sum.finish()))
-}
-
 /// hora's `load`, which panics on a missing or malformed file, as an `io::Result`.
 fn load_hora(path: &Path) -> io::Result<HNSWIndex<f32, u64>> {
-    let p = path_str(path)?;
+    let p = persist::path_str(path)?;
     // hora opens the file with a panic on failure: report a missing file as NotFound.
     File::open(path)?;
     match catch_unwind(|| HNSWIndex::<f32, u64>::load(p)) {
@@ -531,67 +298,6 @@ fn load_hora(path: &Path) -> io::Result<HNSWIndex<f32, u64>> {
             panic_message(&*panic)
         ))),
     }
-}
-
-/// Parent directory (`.` for a bare name) and file name, which save and load derive the
-/// graph file's location from.
-fn split_path(path: &Path) -> io::Result<(PathBuf, String)> {
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("{}: not a UTF-8 file name", path.display()),
-            )
-        })?
-        .to_string();
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    Ok((dir, name))
-}
-
-/// hora takes paths as `&str`.
-fn path_str(path: &Path) -> io::Result<&str> {
-    path.to_str().ok_or_else(|| {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("{}: not a UTF-8 path", path.display()),
-        )
-    })
-}
-
-/// Deletes graph files (and temporaries of interrupted saves) of earlier saves to the same
-/// path. Best effort: a leftover file wastes disk, nothing more.
-fn sweep_old_graphs(dir: &Path, name: &str, keep: &str) {
-    let Ok(entries) = fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let file = entry.file_name();
-        let Some(file) = file.to_str() else { continue };
-        if file == keep {
-            continue;
-        }
-        let stem = file.strip_prefix('.').unwrap_or(file);
-        let nonce = stem
-            .strip_prefix(name)
-            .and_then(|s| s.strip_prefix('.'))
-            .and_then(|s| {
-                s.strip_suffix(".graph")
-                    .or_else(|| s.strip_suffix(".graph.tmp"))
-                    .or_else(|| s.strip_suffix(".tmp"))
-            });
-        if nonce.is_some_and(|n| n.len() == 16 && n.bytes().all(|b| b.is_ascii_hexdigit())) {
-            let _ = fs::remove_file(entry.path());
-        }
-    }
-}
-
-fn invalid_data(msg: impl Into<String>) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, msg.into())
 }
 
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
@@ -606,6 +312,8 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 mod tests {
     use super::*;
     use crate::index::{ExactIndex, testdata};
+    use std::fs;
+    use std::path::PathBuf;
 
     /// Small but clustered: debug builds run hora unoptimised, so tests use 32 dimensions.
     const DIM: usize = 32;
@@ -810,21 +518,5 @@ mod tests {
             graph.search(&items(8, 20)[3].1, 1, &|_| true)[0].0,
             items(8, 20)[3].0
         );
-    }
-
-    #[test]
-    fn checksum_is_independent_of_chunking() {
-        let data: Vec<u8> = (0..1000u32).map(|i| (i * 31 % 251) as u8).collect();
-        let mut whole = Checksum::new();
-        whole.update(&data);
-        let whole = whole.finish();
-        let mut parts = Checksum::new();
-        for chunk in data.chunks(3) {
-            parts.update(chunk);
-        }
-        assert_eq!(parts.finish(), whole);
-        let mut shorter = Checksum::new();
-        shorter.update(&data[..999]);
-        assert_ne!(shorter.finish(), whole);
     }
 }

@@ -97,14 +97,19 @@
 
 mod collection;
 mod exact;
+mod graph;
 mod hnsw;
+mod persist;
+mod usearch;
 
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 
 pub use collection::{BuiltGraph, CollectionIndex, DEFAULT_EXACT_THRESHOLD, GraphSnapshot};
 pub use exact::{ExactIndex, dot};
+pub use graph::{Graph, GraphKind};
 pub use hnsw::{HnswIndex, HnswParams};
+pub use usearch::UsearchIndex;
 
 /// Search interface shared by every implementation.
 ///

@@ -89,7 +89,11 @@ impl Ingest {
         let (status, _) = watch::channel(0);
         Ingest {
             store,
-            vectors: Arc::new(VectorStore::new(rag.hnsw_threshold)),
+            vectors: Arc::new(VectorStore::new(
+                rag.hnsw_threshold,
+                rag.vector_index,
+                Some(config.data_dir.join("index")),
+            )),
             embedder,
             engine: config.embedding.engine,
             chunking: ChunkConfig {

@@ -4,12 +4,22 @@
 //! searched alone). Every knowledge collection has a [`CollectionIndex`] and a BM25 index
 //! holding its files' chunks: adding a file to a collection copies its stored vectors and
 //! term counts, it never re-embeds. Collections above the HNSW threshold get a graph built
-//! off the request path.
+//! off the request path, saved under the data dir (`index/{collection}.{kind}`) and loaded
+//! from there at the next start instead of being rebuilt.
+//!
+//! A saved graph stays valid as its collection changes because chunk ids are never reused
+//! and a chunk's vector never changes (re-embedding a file gives it new chunk ids): ids the
+//! graph holds that are gone are filtered out, and chunks it lacks are searched exactly
+//! beside it, until enough has changed to warrant a rebuild. The one thing that breaks it
+//! is a database older than the graph (restored from a backup): a graph holding an id the
+//! store never gave out is discarded.
 
 use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use crate::index::{CollectionIndex, ExactIndex, VectorIndex};
+use crate::index::{CollectionIndex, ExactIndex, Graph, GraphKind, VectorIndex};
 use crate::rag::bm25::{Bm25Index, TermCounts};
 use crate::store::Store;
 
@@ -29,6 +39,12 @@ struct CollectionEntry {
 /// All search indexes, by file and by collection.
 pub struct VectorStore {
     threshold: usize,
+    kind: GraphKind,
+    /// Where graphs are saved; `None` keeps them in memory only.
+    graph_dir: Option<PathBuf>,
+    /// The store's next chunk id when it was loaded: a saved graph with an id at or above
+    /// it comes from another (newer) database.
+    id_ceiling: AtomicU64,
     files: RwLock<HashMap<String, Arc<FileEntry>>>,
     collections: RwLock<HashMap<String, Arc<RwLock<CollectionEntry>>>>,
     /// Collections whose graph is being built, so only one build runs per collection.
@@ -36,28 +52,59 @@ pub struct VectorStore {
 }
 
 impl VectorStore {
-    pub fn new(threshold: usize) -> VectorStore {
+    pub fn new(threshold: usize, kind: GraphKind, graph_dir: Option<PathBuf>) -> VectorStore {
         VectorStore {
             threshold,
+            kind,
+            graph_dir,
+            id_ceiling: AtomicU64::new(u64::MAX),
             files: RwLock::new(HashMap::new()),
             collections: RwLock::new(HashMap::new()),
             building: Arc::new(Mutex::new(HashSet::new())),
         }
     }
 
-    /// Rebuilds everything from the store (start-up). Returns the number of chunks.
+    /// Rebuilds everything from the store (start-up). Returns the number of chunks. Large
+    /// collections get their saved graphs back in the background (or a build when there is
+    /// none or it is too stale); exact search serves them meanwhile.
     pub fn load(&self, store: &Store) -> crate::store::Result<usize> {
+        self.id_ceiling
+            .store(store.next_chunk_id()?, Ordering::Relaxed);
         let mut n = 0;
         store.for_each_file_index(|file_id, data| {
             n += data.ids.len();
             self.put_file(file_id, &data.ids, &data.vectors, &data.terms);
         })?;
-        for kb in store.knowledges()? {
+        let kbs = store.knowledges()?;
+        for kb in &kbs {
             for f in store.knowledge_files(&kb.id)? {
-                self.link(&kb.id, &f);
+                // No graph work until the collection is complete: a graph loaded or built
+                // half-way would count every later chunk as a change.
+                self.copy_into(&kb.id, &f);
+            }
+        }
+        for kb in &kbs {
+            if let Some(c) = self.collection(&kb.id) {
+                self.maybe_build(&kb.id, c);
             }
         }
         Ok(n)
+    }
+
+    /// Where the graph of collection `kb` is saved.
+    fn graph_path(&self, kb: &str) -> Option<PathBuf> {
+        let dir = self.graph_dir.as_ref()?;
+        // Collection ids are UUIDs; anything else is hex-encoded to stay a plain file name.
+        let safe = kb
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            && !kb.is_empty();
+        let name = if safe {
+            kb.to_string()
+        } else {
+            hex::encode(kb)
+        };
+        Some(dir.join(format!("{name}.{}", self.kind)))
     }
 
     /// Installs (or replaces) a file's chunks: ids, vectors and term counts (JSON).
@@ -112,15 +159,23 @@ impl VectorStore {
 
     /// Copies a file's vectors and term counts into a collection (no re-embedding).
     pub fn link(&self, kb: &str, file_id: &str) {
-        let Some(file) = self.file(file_id) else {
-            return;
-        };
+        if let Some(c) = self.copy_into(kb, file_id) {
+            self.maybe_build(kb, c);
+        }
+    }
+
+    fn copy_into(&self, kb: &str, file_id: &str) -> Option<Arc<RwLock<CollectionEntry>>> {
+        let file = self.file(file_id)?;
         let c = {
             let mut map = self.collections.write().expect("index lock");
             map.entry(kb.to_string())
                 .or_insert_with(|| {
                     Arc::new(RwLock::new(CollectionEntry {
-                        vectors: CollectionIndex::new(file.vectors.dim(), self.threshold),
+                        vectors: CollectionIndex::new(
+                            file.vectors.dim(),
+                            self.threshold,
+                            self.kind,
+                        ),
                         bm25: Bm25Index::new(),
                     }))
                 })
@@ -137,7 +192,7 @@ impl VectorStore {
                 c.bm25.insert(*id, t);
             }
         }
-        self.maybe_build(kb, c);
+        Some(c)
     }
 
     /// Removes a file's chunks from a collection.
@@ -173,8 +228,14 @@ impl VectorStore {
         self.files.write().expect("index lock").remove(file_id);
     }
 
+    /// Forgets a deleted or reset collection, and its saved graph.
     pub fn drop_collection(&self, kb: &str) {
         self.collections.write().expect("index lock").remove(kb);
+        if let Some(path) = self.graph_path(kb)
+            && let Err(e) = Graph::remove_saved(&path)
+        {
+            tracing::warn!(collection = kb, error = %e, "saved graph not deleted");
+        }
     }
 
     /// Best `k` chunks of one file by cosine.
@@ -229,9 +290,11 @@ impl VectorStore {
         self.file(file_id).map_or(0, |f| f.vectors.len())
     }
 
-    /// Starts a background HNSW build when the collection outgrew exact search. The graph
-    /// is built from a snapshot on a blocking thread and swapped in; changes made meanwhile
-    /// stay visible through the collection's exact side (see `CollectionIndex`).
+    /// Starts background graph work when the collection outgrew exact search: the saved
+    /// graph is loaded if the collection has none yet and one was saved, and a new graph is
+    /// built from a snapshot when there is still none or it is too stale, saved, and swapped
+    /// in. Changes made meanwhile stay visible through the collection's exact side (see
+    /// `CollectionIndex`).
     fn maybe_build(&self, kb: &str, c: Arc<RwLock<CollectionEntry>>) {
         if !c.read().expect("collection lock").vectors.needs_rebuild() {
             return;
@@ -247,25 +310,100 @@ impl VectorStore {
         {
             return;
         }
-        let snapshot = c
-            .read()
-            .expect("collection lock")
-            .vectors
-            .snapshot_for_build();
         let building = self.building.clone();
         let kb = kb.to_string();
+        let path = self.graph_path(&kb);
+        let kind = self.kind;
+        let ceiling = self.id_ceiling.load(Ordering::Relaxed);
         handle.spawn_blocking(move || {
-            let started = std::time::Instant::now();
-            match snapshot.build() {
-                Ok(graph) => {
-                    c.write().expect("collection lock").vectors.install_graph(graph);
-                    tracing::info!(collection = %kb, secs = started.elapsed().as_secs_f64(), "HNSW graph built");
-                }
-                Err(e) => {
-                    tracing::error!(collection = %kb, error = %e, "HNSW build failed; exact search continues")
-                }
+            let has_graph = c.read().expect("collection lock").vectors.graph().is_some();
+            if !has_graph && let Some(path) = path.as_deref() {
+                restore(&kb, &c, path, kind, ceiling);
+            }
+            if c.read().expect("collection lock").vectors.needs_rebuild() {
+                build(&kb, &c, path.as_deref());
             }
             building.lock().expect("building lock").remove(&kb);
         });
+    }
+}
+
+/// Installs the saved graph of `kb`, if there is a usable one.
+fn restore(
+    kb: &str,
+    c: &RwLock<CollectionEntry>,
+    path: &std::path::Path,
+    kind: GraphKind,
+    ceiling: u64,
+) {
+    if !path.exists() {
+        return;
+    }
+    let started = std::time::Instant::now();
+    match Graph::load(kind, path) {
+        Ok(graph) if graph.ids().last().is_some_and(|max| *max >= ceiling) => {
+            tracing::warn!(
+                collection = kb,
+                "saved graph is newer than the database; rebuilding"
+            );
+        }
+        Ok(graph) => {
+            let size = graph.len();
+            let mut c = c.write().expect("collection lock");
+            if c.vectors.install_loaded_graph(graph) {
+                tracing::info!(
+                    collection = kb,
+                    vectors = size,
+                    pending = c.vectors.pending_len(),
+                    stale = c.vectors.stale_len(),
+                    secs = started.elapsed().as_secs_f64(),
+                    "HNSW graph loaded"
+                );
+            }
+        }
+        Err(e) => {
+            tracing::warn!(collection = kb, error = %e, "saved graph not usable; rebuilding");
+        }
+    }
+}
+
+/// Builds a graph of `kb` from a snapshot, saves it (before installing: a save may block
+/// searches on it), and installs it.
+fn build(kb: &str, c: &RwLock<CollectionEntry>, path: Option<&std::path::Path>) {
+    let snapshot = c
+        .read()
+        .expect("collection lock")
+        .vectors
+        .snapshot_for_build();
+    let started = std::time::Instant::now();
+    let built = match snapshot.build() {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!(collection = kb, error = %e, "HNSW build failed; exact search continues");
+            return;
+        }
+    };
+    let build_secs = started.elapsed().as_secs_f64();
+    if let Some(path) = path {
+        let saved = path
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| built.graph().save(path));
+        if let Err(e) = saved {
+            tracing::warn!(collection = kb, error = %e, "HNSW graph not saved; it will be rebuilt at the next start");
+        }
+    }
+    let size = built.graph().len();
+    if c.write()
+        .expect("collection lock")
+        .vectors
+        .install_graph(built)
+    {
+        tracing::info!(
+            collection = kb,
+            vectors = size,
+            secs = build_secs,
+            "HNSW graph built"
+        );
     }
 }

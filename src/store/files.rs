@@ -133,6 +133,13 @@ impl Store {
         Ok(ids)
     }
 
+    /// The id the next reserved chunk gets: every chunk id ever given out is below it.
+    pub fn next_chunk_id(&self) -> Result<u64> {
+        let txn = self.db.begin_read()?;
+        let counters = txn.open_table(COUNTERS)?;
+        Ok(counters.get("chunk_id")?.map(|g| g.value()).unwrap_or(1))
+    }
+
     /// Commits a successful processing: chunks (under ids from [`Store::reserve_chunk_ids`]),
     /// vectors, term counts, text and the completed record, and takes the file off the
     /// queue. Chunks of an earlier processing are replaced; their ids are returned.
