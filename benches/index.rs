@@ -1,18 +1,20 @@
-//! Vector index benchmark: exact search vs hora's HNSW on synthetic vectors shaped like
-//! sentence embeddings.
+//! Vector index benchmark: exact search vs the two HNSW libraries (usearch, hora) on
+//! synthetic vectors shaped like sentence embeddings.
 //!
 //! ```text
 //! cargo bench --bench index                                  # N = 10,000 (~2 min, 2 cores)
-//! cargo bench --bench index -- --n 50000                     # ~4 min (3.5 min of HNSW build)
-//! cargo bench --bench index -- --n 200000 --hnsw-max 50000   # exact only above 50k
+//! cargo bench --bench index -- --n 50000                     # ~5 min (3.5 min of hora build)
+//! cargo bench --bench index -- --n 200000 --hora-max 50000   # usearch only above 50k
+//! cargo bench --bench index -- --n 1m --impl usearch --no-filter
 //! cargo bench --bench index -- --n 10000,50000 --ef 32,64,128 --queries 500
 //! INDEX_BENCH_N=50000 cargo bench --bench index
 //! ```
 //!
-//! Options: `--n LIST` (or `INDEX_BENCH_N`), `--queries Q` (200), `--k K` (10), `--dim D`
-//! (384), `--ef LIST` (search beams, 32,64,128), `--m M` (16), `--efc EF` (200),
-//! `--hnsw-max N` (build graphs only up to N vectors), `--no-filter` (skip the
-//! global-vs-per-collection part), `--seed S`.
+//! Options: `--n LIST` (or `INDEX_BENCH_N`; `k`/`m` suffixes), `--queries Q` (200), `--k K`
+//! (10), `--dim D` (384), `--ef LIST` (search beams, 32,64,128), `--m M` (16), `--efc EF`
+//! (200), `--impl LIST` (usearch,hora), `--hora-max N` (build hora graphs only up to N
+//! vectors: its build takes minutes per 10k), `--no-filter` (skip the global-vs-per-collection
+//! part, which uses hora), `--seed S`.
 //!
 //! Data: 200 cluster centroids sharing a common direction (sentence embeddings are
 //! anisotropic: unrelated sentences still have cosine ~0.1), cluster sizes log-normal, each
@@ -31,7 +33,7 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use ragway::index::{ExactIndex, HnswIndex, HnswParams, VectorIndex};
+use ragway::index::{ExactIndex, Graph, GraphKind, HnswIndex, HnswParams, VectorIndex};
 
 /// Counts live heap bytes (and the peak since the last reset) to measure index memory.
 struct Counting;
@@ -97,7 +99,8 @@ struct Opts {
     efs: Vec<usize>,
     m: usize,
     efc: usize,
-    hnsw_max: usize,
+    impls: Vec<GraphKind>,
+    hora_max: usize,
     filter: bool,
     seed: u64,
 }
@@ -106,9 +109,12 @@ fn parse_list(s: &str) -> Vec<usize> {
     s.split(',')
         .map(|x| {
             let x = x.trim().replace('_', "");
-            let (num, mult) = match x.strip_suffix(['k', 'K']) {
-                Some(n) => (n.to_string(), 1000),
-                None => (x, 1),
+            let (num, mult) = if let Some(n) = x.strip_suffix(['k', 'K']) {
+                (n.to_string(), 1000)
+            } else if let Some(n) = x.strip_suffix(['m', 'M']) {
+                (n.to_string(), 1_000_000)
+            } else {
+                (x, 1)
             };
             num.parse::<usize>().expect("a number") * mult
         })
@@ -124,7 +130,8 @@ fn opts() -> Opts {
         efs: vec![32, 64, 128],
         m: 16,
         efc: 200,
-        hnsw_max: usize::MAX,
+        impls: vec![GraphKind::Usearch, GraphKind::Hora],
+        hora_max: usize::MAX,
         filter: true,
         seed: 42,
     };
@@ -139,7 +146,13 @@ fn opts() -> Opts {
             "--ef" => o.efs = parse_list(&val()),
             "--m" => o.m = parse_list(&val())[0],
             "--efc" => o.efc = parse_list(&val())[0],
-            "--hnsw-max" => o.hnsw_max = parse_list(&val())[0],
+            "--hora-max" | "--hnsw-max" => o.hora_max = parse_list(&val())[0],
+            "--impl" => {
+                o.impls = val()
+                    .split(',')
+                    .map(|s| s.parse().unwrap_or_else(|e| panic!("--impl: {e}")))
+                    .collect()
+            }
             "--no-filter" => o.filter = false,
             "--seed" => o.seed = parse_list(&val())[0] as u64,
             // `cargo bench` passes `--bench` to harness-less benches.
@@ -394,25 +407,31 @@ fn run(o: &Opts, n: usize) {
     });
     println!("(mean cosine of a query's best match: {avg_best:.3})");
 
-    let mut graph = None;
-    if n <= o.hnsw_max {
+    let mut hora = None;
+    for &kind in &o.impls {
+        if kind == GraphKind::Hora && n > o.hora_max {
+            continue;
+        }
         let params = HnswParams {
             m: o.m,
             ef_construction: o.efc,
             ef_search: o.efs[0],
         };
         // Baseline before the copy handed to build (which consumes and frees it), so the
-        // delta is what the graph keeps and the peak includes that copy.
+        // delta is what the graph keeps and the peak includes that copy. usearch allocates
+        // in C++, outside the counting allocator: its heap is its own `memory_usage()`.
         let before = live();
         reset_peak();
         let items = data.clone();
         let t = Instant::now();
-        let g = HnswIndex::build(o.dim, items, params).expect("build");
+        let g = Graph::build(kind, o.dim, items, params).expect("build");
         let build_s = t.elapsed().as_secs_f64();
-        let heap = live() - before;
-        let peak = PEAK.load(Ordering::Relaxed) - before;
+        let (heap, peak) = match kind {
+            GraphKind::Hora => (live() - before, PEAK.load(Ordering::Relaxed) - before),
+            GraphKind::Usearch => (g.memory_bytes(), g.memory_bytes()),
+        };
         println!(
-            "(HNSW M={} ef_construction={} built in {build_s:.1} s; memory_bytes() estimate {:.1} MB)",
+            "({kind} M={} ef_construction={} built in {build_s:.1} s; memory_bytes() {:.1} MB)",
             o.m,
             o.efc,
             mb(g.memory_bytes())
@@ -421,7 +440,7 @@ fn run(o: &Opts, n: usize) {
             g.set_ef_search(ef);
             let (lat, got) = timed(&queries, |q| g.search(q, o.k, &|_| true));
             rows.push(Row {
-                name: format!("hnsw ef={ef}"),
+                name: format!("{kind} ef={ef}"),
                 build_s,
                 heap,
                 peak,
@@ -429,22 +448,24 @@ fn run(o: &Opts, n: usize) {
                 recall: recall(&truth, &got),
             });
         }
-        graph = Some(g);
+        persistence(&g, n);
+        if let Graph::Hora(h) = g {
+            hora = Some(h);
+        }
     }
     print_table(n, &rows);
 
-    if let Some(g) = &graph {
-        persistence(g, n);
-        if o.filter {
-            filtered(o, &exact, g, &data, &queries);
-        }
+    if let Some(g) = &hora
+        && o.filter
+    {
+        filtered(o, &exact, g, &data, &queries);
     }
 }
 
-fn persistence(g: &HnswIndex, n: usize) {
+fn persistence(g: &Graph, n: usize) {
     let dir = std::env::temp_dir().join(format!("ragway-index-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
-    let path = dir.join(format!("bench-{n}.hnsw"));
+    let path = dir.join(format!("bench-{n}.{}", g.kind()));
     let t = Instant::now();
     g.save(&path).expect("save");
     let save_s = t.elapsed().as_secs_f64();
@@ -453,11 +474,12 @@ fn persistence(g: &HnswIndex, n: usize) {
         .map(|e| e.expect("entry").metadata().expect("metadata").len())
         .sum();
     let t = Instant::now();
-    let loaded = HnswIndex::load(&path).expect("load");
+    let loaded = Graph::load(g.kind(), &path).expect("load");
     let load_s = t.elapsed().as_secs_f64();
     assert_eq!(loaded.len(), g.len());
     println!(
-        "persistence: save {save_s:.2} s (dump + checksum + reload), load {load_s:.2} s, files {:.1} MB",
+        "{} persistence: save {save_s:.2} s, load {load_s:.2} s, files {:.1} MB",
+        g.kind(),
         mb(bytes as usize)
     );
     drop(loaded);

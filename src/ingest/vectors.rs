@@ -200,29 +200,36 @@ impl VectorStore {
         let (Some(file), Some(c)) = (self.file(file_id), self.collection(kb)) else {
             return;
         };
-        let mut c = c.write().expect("collection lock");
-        for (id, t) in &file.terms {
-            c.vectors.remove(*id);
-            c.bm25.remove_with(*id, t);
+        {
+            let mut c = c.write().expect("collection lock");
+            for (id, t) in &file.terms {
+                c.vectors.remove(*id);
+                c.bm25.remove_with(*id, t);
+            }
         }
+        // Enough removals make filtering the graph wasteful: rebuild.
+        self.maybe_build(kb, c);
     }
 
     /// Forgets a deleted or failed file everywhere.
     pub fn remove_file(&self, file_id: &str, chunk_ids: &[u64], collections: &[String]) {
         let file = self.file(file_id);
         for kb in collections {
-            if let Some(c) = self.collection(kb) {
-                let mut c = c.write().expect("collection lock");
-                for id in chunk_ids {
-                    c.vectors.remove(*id);
+            if let Some(entry) = self.collection(kb) {
+                {
+                    let mut c = entry.write().expect("collection lock");
+                    for id in chunk_ids {
+                        c.vectors.remove(*id);
+                    }
+                    match &file {
+                        Some(f) => f
+                            .terms
+                            .iter()
+                            .for_each(|(id, t)| c.bm25.remove_with(*id, t)),
+                        None => chunk_ids.iter().for_each(|id| c.bm25.remove(*id)),
+                    }
                 }
-                match &file {
-                    Some(f) => f
-                        .terms
-                        .iter()
-                        .for_each(|(id, t)| c.bm25.remove_with(*id, t)),
-                    None => chunk_ids.iter().for_each(|id| c.bm25.remove(*id)),
-                }
+                self.maybe_build(kb, entry);
             }
         }
         self.files.write().expect("index lock").remove(file_id);
@@ -285,6 +292,13 @@ impl VectorStore {
             .unwrap_or(0)
     }
 
+    /// The kind and size of a collection's installed graph (`None`: searched exactly).
+    pub fn graph_info(&self, kb: &str) -> Option<(GraphKind, usize)> {
+        let c = self.collection(kb)?;
+        let g = c.read().expect("collection lock").vectors.graph()?;
+        Some((g.kind(), g.len()))
+    }
+
     /// Number of vectors of a file.
     pub fn file_len(&self, file_id: &str) -> usize {
         self.file(file_id).map_or(0, |f| f.vectors.len())
@@ -320,8 +334,12 @@ impl VectorStore {
             if !has_graph && let Some(path) = path.as_deref() {
                 restore(&kb, &c, path, kind, ceiling);
             }
-            if c.read().expect("collection lock").vectors.needs_rebuild() {
-                build(&kb, &c, path.as_deref());
+            // Changes that arrive during a build do not start another one (this one holds
+            // the slot), so look again once it is installed.
+            while c.read().expect("collection lock").vectors.needs_rebuild() {
+                if !build(&kb, &c, path.as_deref()) {
+                    break;
+                }
             }
             building.lock().expect("building lock").remove(&kb);
         });
@@ -368,8 +386,8 @@ fn restore(
 }
 
 /// Builds a graph of `kb` from a snapshot, saves it (before installing: a save may block
-/// searches on it), and installs it.
-fn build(kb: &str, c: &RwLock<CollectionEntry>, path: Option<&std::path::Path>) {
+/// searches on it), and installs it. False when no graph could be built.
+fn build(kb: &str, c: &RwLock<CollectionEntry>, path: Option<&std::path::Path>) -> bool {
     let snapshot = c
         .read()
         .expect("collection lock")
@@ -380,7 +398,7 @@ fn build(kb: &str, c: &RwLock<CollectionEntry>, path: Option<&std::path::Path>) 
         Ok(b) => b,
         Err(e) => {
             tracing::error!(collection = kb, error = %e, "HNSW build failed; exact search continues");
-            return;
+            return false;
         }
     };
     let build_secs = started.elapsed().as_secs_f64();
@@ -394,11 +412,12 @@ fn build(kb: &str, c: &RwLock<CollectionEntry>, path: Option<&std::path::Path>) 
         }
     }
     let size = built.graph().len();
-    if c.write()
+    let installed = c
+        .write()
         .expect("collection lock")
         .vectors
-        .install_graph(built)
-    {
+        .install_graph(built);
+    if installed {
         tracing::info!(
             collection = kb,
             vectors = size,
@@ -406,4 +425,5 @@ fn build(kb: &str, c: &RwLock<CollectionEntry>, path: Option<&std::path::Path>) 
             "HNSW graph built"
         );
     }
+    installed
 }
