@@ -14,7 +14,10 @@
 //! (10), `--dim D` (384), `--ef LIST` (search beams, 32,64,128), `--m M` (16), `--efc EF`
 //! (200), `--impl LIST` (usearch,hora), `--hora-max N` (build hora graphs only up to N
 //! vectors: its build takes minutes per 10k), `--no-filter` (skip the global-vs-per-collection
-//! part, which uses hora), `--seed S`.
+//! part, which uses hora), `--seed S`, `--data-dir DIR` (real embeddings: every vector
+//! stored in a ragway data dir, e.g. one filled by `ragway ingest`; the queries are `Q` of
+//! its chunks, held out of the index, so a query is a real passage's embedding and its
+//! nearest neighbours are other passages; `--n` then caps how many are used).
 //!
 //! Data: 200 cluster centroids sharing a common direction (sentence embeddings are
 //! anisotropic: unrelated sentences still have cosine ~0.1), cluster sizes log-normal, each
@@ -91,6 +94,7 @@ fn reset_peak() {
     PEAK.store(live(), Ordering::Relaxed);
 }
 
+#[derive(Clone)]
 struct Opts {
     ns: Vec<usize>,
     queries: usize,
@@ -101,6 +105,7 @@ struct Opts {
     efc: usize,
     impls: Vec<GraphKind>,
     hora_max: usize,
+    data_dir: Option<std::path::PathBuf>,
     filter: bool,
     seed: u64,
 }
@@ -132,6 +137,7 @@ fn opts() -> Opts {
         efc: 200,
         impls: vec![GraphKind::Usearch, GraphKind::Hora],
         hora_max: usize::MAX,
+        data_dir: None,
         filter: true,
         seed: 42,
     };
@@ -154,6 +160,7 @@ fn opts() -> Opts {
                     .collect()
             }
             "--no-filter" => o.filter = false,
+            "--data-dir" => o.data_dir = Some(val().into()),
             "--seed" => o.seed = parse_list(&val())[0] as u64,
             // `cargo bench` passes `--bench` to harness-less benches.
             "--bench" => {}
@@ -366,16 +373,29 @@ fn print_table(n: usize, rows: &[Row]) {
 
 fn run(o: &Opts, n: usize) {
     let t = Instant::now();
-    let mut generator = Generator::new(o.dim, o.seed);
-    let data: Vec<(u64, Vec<f32>)> = (0..n)
-        .map(|i| (i as u64 * 3 + 1, generator.point(0.0)))
-        .collect();
-    let queries: Vec<Vec<f32>> = (0..o.queries).map(|_| generator.point(0.5)).collect();
+    let (data, queries, dim) = match &o.data_dir {
+        Some(dir) => real_vectors(dir, n, o.queries, o.seed),
+        None => {
+            let mut generator = Generator::new(o.dim, o.seed);
+            let data: Vec<(u64, Vec<f32>)> = (0..n)
+                .map(|i| (i as u64 * 3 + 1, generator.point(0.0)))
+                .collect();
+            let queries: Vec<Vec<f32>> = (0..o.queries).map(|_| generator.point(0.5)).collect();
+            (data, queries, o.dim)
+        }
+    };
+    let o = &Opts { dim, ..o.clone() };
+    let n = data.len();
     println!(
-        "\n== N = {n}, dim {}, {} queries, k = {} (data generated in {:.1} s)",
+        "\n== N = {n}, dim {}, {} queries, k = {} ({} in {:.1} s)",
         o.dim,
-        o.queries,
+        queries.len(),
         o.k,
+        if o.data_dir.is_some() {
+            "real embeddings loaded"
+        } else {
+            "data generated"
+        },
         t.elapsed().as_secs_f64()
     );
 
@@ -450,7 +470,7 @@ fn run(o: &Opts, n: usize) {
         }
         persistence(&g, n);
         if let Graph::Hora(h) = g {
-            hora = Some(h);
+            hora = Some(*h);
         }
     }
     print_table(n, &rows);
@@ -460,6 +480,40 @@ fn run(o: &Opts, n: usize) {
     {
         filtered(o, &exact, g, &data, &queries);
     }
+}
+
+/// Indexed (id, vector) pairs, queries, dimension.
+type Dataset = (Vec<(u64, Vec<f32>)>, Vec<Vec<f32>>, usize);
+
+/// Up to `n` stored vectors of a ragway data dir plus `queries` held-out ones, picked at
+/// random (seeded).
+fn real_vectors(
+    dir: &std::path::Path,
+    n: usize,
+    queries: usize,
+    seed: u64,
+) -> Dataset {
+    let store = ragway::store::Store::open(&dir.join("ragway.redb")).expect("a ragway data dir");
+    let mut all: Vec<(u64, Vec<f32>)> = Vec::new();
+    store
+        .for_each_file_index(|_, d| all.extend(d.ids.into_iter().zip(d.vectors)))
+        .expect("readable vectors");
+    assert!(
+        all.len() > queries,
+        "only {} vectors in {}",
+        all.len(),
+        dir.display()
+    );
+    // Fisher-Yates with the bench's generator.
+    let mut rng = Rng(seed);
+    for i in (1..all.len()).rev() {
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+        all.swap(i, j);
+    }
+    let held_out: Vec<Vec<f32>> = all.drain(..queries).map(|(_, v)| v).collect();
+    all.truncate(n);
+    let dim = all[0].1.len();
+    (all, held_out, dim)
 }
 
 fn persistence(g: &Graph, n: usize) {

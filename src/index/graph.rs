@@ -44,7 +44,8 @@ impl std::str::FromStr for GraphKind {
 /// A built graph of either kind.
 #[derive(Debug)]
 pub enum Graph {
-    Hora(HnswIndex),
+    /// Boxed: hora's index is several times the size of USearch's handle.
+    Hora(Box<HnswIndex>),
     Usearch(UsearchIndex),
 }
 
@@ -57,7 +58,7 @@ impl Graph {
         params: HnswParams,
     ) -> Result<Graph, IndexError> {
         Ok(match kind {
-            GraphKind::Hora => Graph::Hora(HnswIndex::build(dim, items, params)?),
+            GraphKind::Hora => Graph::Hora(Box::new(HnswIndex::build(dim, items, params)?)),
             GraphKind::Usearch => Graph::Usearch(UsearchIndex::build(dim, items, params)?),
         })
     }
@@ -65,7 +66,7 @@ impl Graph {
     /// Loads a graph of `kind` saved at `path`.
     pub fn load(kind: GraphKind, path: &Path) -> io::Result<Graph> {
         Ok(match kind {
-            GraphKind::Hora => Graph::Hora(HnswIndex::load(path)?),
+            GraphKind::Hora => Graph::Hora(Box::new(HnswIndex::load(path)?)),
             GraphKind::Usearch => Graph::Usearch(UsearchIndex::load(path)?),
         })
     }

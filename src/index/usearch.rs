@@ -196,7 +196,7 @@ impl VectorIndex for UsearchIndex {
         if self.ids.is_empty() || k == 0 || !query_usable(self.dim, query) {
             return Vec::new();
         }
-        let found = self.inner.filtered_search(query, k, |id| allow(id));
+        let found = self.inner.filtered_search(query, k, allow);
         match found {
             Ok(m) => {
                 let mut hits: Vec<(u64, f32)> = m
@@ -303,7 +303,7 @@ mod tests {
             UsearchIndex::build(DIM, vec![(1, vec![f32::NAN; DIM])], params()),
             Err(IndexError::NonFinite)
         ));
-        assert!(g.search(&vec![f32::NAN; DIM], 3, &|_| true).is_empty());
+        assert!(g.search(&[f32::NAN; DIM], 3, &|_| true).is_empty());
     }
 
     #[test]
