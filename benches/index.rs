@@ -487,12 +487,7 @@ type Dataset = (Vec<(u64, Vec<f32>)>, Vec<Vec<f32>>, usize);
 
 /// Up to `n` stored vectors of a ragway data dir plus `queries` held-out ones, picked at
 /// random (seeded).
-fn real_vectors(
-    dir: &std::path::Path,
-    n: usize,
-    queries: usize,
-    seed: u64,
-) -> Dataset {
+fn real_vectors(dir: &std::path::Path, n: usize, queries: usize, seed: u64) -> Dataset {
     let store = ragway::store::Store::open(&dir.join("ragway.redb")).expect("a ragway data dir");
     let mut all: Vec<(u64, Vec<f32>)> = Vec::new();
     store

@@ -51,8 +51,10 @@ impl From<ApiError> for Reply {
     }
 }
 
-/// How long the unread rest of a request body is read and discarded after an early answer.
+/// How long, and how much of, the unread rest of a request body is read and discarded after
+/// an early answer: enough for any upload near the size limits, not a free sink.
 const DRAIN_AFTER_EARLY_ANSWER: std::time::Duration = std::time::Duration::from_secs(5);
+const DRAIN_MAX_BYTES: usize = 128 * 1024 * 1024;
 
 /// Writes a whole response. HEAD requests get the headers only.
 pub async fn send(session: &mut Session, reply: Reply) -> pingora::Result<()> {
@@ -75,9 +77,20 @@ pub async fn send(session: &mut Session, reply: Reply) -> pingora::Result<()> {
         session.write_response_body(Some(reply.body), true).await?;
     }
     if early {
-        session.set_total_drain_timeout(Some(DRAIN_AFTER_EARLY_ANSWER));
-        if let Err(e) = session.drain_request_body().await {
-            tracing::debug!(error = %e, "unread request body not drained after an early answer");
+        let drain = async {
+            let mut left = DRAIN_MAX_BYTES;
+            while let Ok(Some(chunk)) = session.read_request_body().await {
+                left = match left.checked_sub(chunk.len()) {
+                    Some(l) => l,
+                    None => break,
+                };
+            }
+        };
+        if tokio::time::timeout(DRAIN_AFTER_EARLY_ANSWER, drain)
+            .await
+            .is_err()
+        {
+            tracing::debug!("request body not fully drained after an early answer");
         }
     }
     Ok(())

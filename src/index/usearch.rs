@@ -6,12 +6,16 @@
 //! change scores) under the inner-product metric, whose distance is `1 − dot`.
 //!
 //! USearch works on thread slots reserved up front: a search or insert that finds none free
-//! fails instead of waiting. [`THREAD_SLOTS`] are reserved; a search that still finds none
-//! falls back to an exact scan of the caller's choice (it returns nothing here, which
-//! [`super::CollectionIndex`] turns into an exact search).
+//! fails instead of waiting. [`THREAD_SLOTS`] are reserved and a counting gate lets at most
+//! that many searches in at once, so a burst waits briefly instead of failing.
+//!
+//! The filter closure is called from C++ through an `extern "C"` function, where a panic
+//! aborts the process: filters passed here must not panic (the collection's are set
+//! lookups).
 
 use std::io;
 use std::path::Path;
+use std::sync::{Condvar, Mutex, PoisonError};
 
 use usearch::{Index, IndexOptions, MetricKind, ScalarKind};
 
@@ -29,6 +33,9 @@ pub struct UsearchIndex {
     /// Sorted, for [`UsearchIndex::ids`] (USearch cannot list its keys).
     ids: Vec<u64>,
     inner: Index,
+    /// Free search slots (see the file header).
+    free: Mutex<usize>,
+    freed: Condvar,
 }
 
 impl std::fmt::Debug for UsearchIndex {
@@ -110,6 +117,8 @@ impl UsearchIndex {
             params,
             ids: items.into_iter().map(|(id, _)| id).collect(),
             inner,
+            free: Mutex::new(THREAD_SLOTS),
+            freed: Condvar::new(),
         })
     }
 
@@ -126,7 +135,8 @@ impl UsearchIndex {
         }
     }
 
-    /// Changes the search beam width (takes effect for the next search).
+    /// Changes the search beam width (takes effect for the next search). USearch stores it
+    /// unsynchronised: call it while no search runs (benchmarks, set-up).
     pub fn set_ef_search(&self, ef: usize) {
         self.inner.change_expansion_search(ef);
     }
@@ -185,6 +195,8 @@ impl UsearchIndex {
             params: meta.params,
             ids: meta.ids,
             inner,
+            free: Mutex::new(THREAD_SLOTS),
+            freed: Condvar::new(),
         })
     }
 }
@@ -196,7 +208,19 @@ impl VectorIndex for UsearchIndex {
         if self.ids.is_empty() || k == 0 || !query_usable(self.dim, query) {
             return Vec::new();
         }
+        {
+            let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
+            while *free == 0 {
+                free = self
+                    .freed
+                    .wait(free)
+                    .unwrap_or_else(PoisonError::into_inner);
+            }
+            *free -= 1;
+        }
         let found = self.inner.filtered_search(query, k, allow);
+        *self.free.lock().unwrap_or_else(PoisonError::into_inner) += 1;
+        self.freed.notify_one();
         match found {
             Ok(m) => {
                 let mut hits: Vec<(u64, f32)> = m
@@ -342,7 +366,7 @@ mod tests {
         let data = items(6, 500);
         let g = UsearchIndex::build(DIM, data.clone(), params()).unwrap();
         std::thread::scope(|s| {
-            for t in 0..8 {
+            for t in 0..(THREAD_SLOTS + 16) {
                 let (g, data) = (&g, &data);
                 s.spawn(move || {
                     for i in 0..50 {

@@ -16,7 +16,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use crate::index::{CollectionIndex, ExactIndex, Graph, GraphKind, VectorIndex};
@@ -34,6 +34,9 @@ struct FileEntry {
 struct CollectionEntry {
     vectors: CollectionIndex,
     bm25: Bm25Index,
+    /// Set when the collection is deleted or reset, so a build still running on this entry
+    /// neither saves over the collection's path nor keeps working.
+    dropped: AtomicBool,
 }
 
 /// All search indexes, by file and by collection.
@@ -44,11 +47,12 @@ pub struct VectorStore {
     graph_dir: Option<PathBuf>,
     /// The store's next chunk id when it was loaded: a saved graph with an id at or above
     /// it comes from another (newer) database.
-    id_ceiling: AtomicU64,
+    id_ceiling: Arc<AtomicU64>,
     files: RwLock<HashMap<String, Arc<FileEntry>>>,
     collections: RwLock<HashMap<String, Arc<RwLock<CollectionEntry>>>>,
-    /// Collections whose graph is being built, so only one build runs per collection.
-    building: Arc<Mutex<HashSet<String>>>,
+    /// Entries (by address) whose graph is being built, so only one build runs per
+    /// collection; by entry, not id, so a reset collection does not wait for the old build.
+    building: Arc<Mutex<HashSet<usize>>>,
 }
 
 impl VectorStore {
@@ -57,7 +61,7 @@ impl VectorStore {
             threshold,
             kind,
             graph_dir,
-            id_ceiling: AtomicU64::new(u64::MAX),
+            id_ceiling: Arc::new(AtomicU64::new(u64::MAX)),
             files: RwLock::new(HashMap::new()),
             collections: RwLock::new(HashMap::new()),
             building: Arc::new(Mutex::new(HashSet::new())),
@@ -93,6 +97,10 @@ impl VectorStore {
 
     /// Where the graph of collection `kb` is saved.
     fn graph_path(&self, kb: &str) -> Option<PathBuf> {
+        self.graph_path_of(kb, self.kind)
+    }
+
+    fn graph_path_of(&self, kb: &str, kind: GraphKind) -> Option<PathBuf> {
         let dir = self.graph_dir.as_ref()?;
         // Collection ids are UUIDs; anything else is hex-encoded to stay a plain file name.
         let safe = kb
@@ -104,7 +112,7 @@ impl VectorStore {
         } else {
             hex::encode(kb)
         };
-        Some(dir.join(format!("{name}.{}", self.kind)))
+        Some(dir.join(format!("{name}.{kind}")))
     }
 
     /// Installs (or replaces) a file's chunks: ids, vectors and term counts (JSON).
@@ -177,6 +185,7 @@ impl VectorStore {
                             self.kind,
                         ),
                         bm25: Bm25Index::new(),
+                        dropped: AtomicBool::new(false),
                     }))
                 })
                 .clone()
@@ -237,11 +246,19 @@ impl VectorStore {
 
     /// Forgets a deleted or reset collection, and its saved graph.
     pub fn drop_collection(&self, kb: &str) {
-        self.collections.write().expect("index lock").remove(kb);
-        if let Some(path) = self.graph_path(kb)
-            && let Err(e) = Graph::remove_saved(&path)
-        {
-            tracing::warn!(collection = kb, error = %e, "saved graph not deleted");
+        if let Some(c) = self.collections.write().expect("index lock").remove(kb) {
+            c.read()
+                .expect("collection lock")
+                .dropped
+                .store(true, Ordering::Relaxed);
+        }
+        // Both kinds: the configured one may have changed since a graph was saved.
+        for kind in [GraphKind::Usearch, GraphKind::Hora] {
+            if let Some(path) = self.graph_path_of(kb, kind)
+                && let Err(e) = Graph::remove_saved(&path)
+            {
+                tracing::warn!(collection = kb, error = %e, "saved graph not deleted");
+            }
         }
     }
 
@@ -313,36 +330,63 @@ impl VectorStore {
         if !c.read().expect("collection lock").vectors.needs_rebuild() {
             return;
         }
-        let Ok(handle) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        if !self
-            .building
-            .lock()
-            .expect("building lock")
-            .insert(kb.to_string())
-        {
+        let key = Arc::as_ptr(&c) as usize;
+        if !self.building.lock().expect("building lock").insert(key) {
             return;
         }
-        let building = self.building.clone();
+        let slot = BuildSlot {
+            building: self.building.clone(),
+            key,
+        };
         let kb = kb.to_string();
         let path = self.graph_path(&kb);
         let kind = self.kind;
-        let ceiling = self.id_ceiling.load(Ordering::Relaxed);
-        handle.spawn_blocking(move || {
-            let has_graph = c.read().expect("collection lock").vectors.graph().is_some();
-            if !has_graph && let Some(path) = path.as_deref() {
-                restore(&kb, &c, path, kind, ceiling);
-            }
-            // Changes that arrive during a build do not start another one (this one holds
-            // the slot), so look again once it is installed.
-            while c.read().expect("collection lock").vectors.needs_rebuild() {
-                if !build(&kb, &c, path.as_deref()) {
-                    break;
+        let ceiling = self.id_ceiling.clone();
+        // A plain thread, not tokio's blocking pool: start-up (`load`) runs before any
+        // runtime exists, and a build is minutes of CPU that must not hold a pool thread.
+        let spawned = std::thread::Builder::new()
+            .name("ragway-graph".into())
+            .spawn(move || {
+                let has_graph = c.read().expect("collection lock").vectors.graph().is_some();
+                if !has_graph && let Some(path) = path.as_deref() {
+                    restore(&kb, &c, path, kind, ceiling.load(Ordering::Relaxed));
                 }
-            }
-            building.lock().expect("building lock").remove(&kb);
-        });
+                loop {
+                    // Changes that arrive during a build cannot start another one (this one
+                    // holds the slot), so look again after each install; the last look and
+                    // the release happen under the slot lock, so none is missed.
+                    {
+                        let mut building = slot.building.lock().expect("building lock");
+                        let entry = c.read().expect("collection lock");
+                        if entry.dropped.load(Ordering::Relaxed) || !entry.vectors.needs_rebuild() {
+                            building.remove(&slot.key);
+                            return;
+                        }
+                    }
+                    if !build(&kb, &c, path.as_deref(), &ceiling) {
+                        return;
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start a graph build thread; exact search continues");
+        }
+    }
+}
+
+/// A collection's claim on building its graph, released however the build ends (a panic
+/// included), so the collection can build again.
+struct BuildSlot {
+    building: Arc<Mutex<HashSet<usize>>>,
+    key: usize,
+}
+
+impl Drop for BuildSlot {
+    fn drop(&mut self) {
+        self.building
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&self.key);
     }
 }
 
@@ -387,7 +431,12 @@ fn restore(
 
 /// Builds a graph of `kb` from a snapshot, saves it (before installing: a save may block
 /// searches on it), and installs it. False when no graph could be built.
-fn build(kb: &str, c: &RwLock<CollectionEntry>, path: Option<&std::path::Path>) -> bool {
+fn build(
+    kb: &str,
+    c: &RwLock<CollectionEntry>,
+    path: Option<&std::path::Path>,
+    ceiling: &AtomicU64,
+) -> bool {
     let snapshot = c
         .read()
         .expect("collection lock")
@@ -402,6 +451,18 @@ fn build(kb: &str, c: &RwLock<CollectionEntry>, path: Option<&std::path::Path>) 
         }
     };
     let build_secs = started.elapsed().as_secs_f64();
+    // Ids this process built from are the store's own, whatever the ceiling read at start.
+    if let Some(max) = built.graph().ids().last() {
+        ceiling.fetch_max(max + 1, Ordering::Relaxed);
+    }
+    let dropped = c
+        .read()
+        .expect("collection lock")
+        .dropped
+        .load(Ordering::Relaxed);
+    if dropped {
+        return false;
+    }
     if let Some(path) = path {
         let saved = path
             .parent()
