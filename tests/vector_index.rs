@@ -196,6 +196,31 @@ async fn graph_survives_restarts(kind: &str, expected: GraphKind) {
     gone(&gw);
     assert_eq!(results(&gw, &kb, &probes[1..]), after_removal);
 
+    // `ragway serve` loads the store before any async runtime exists: the saved graph must
+    // be installed from there too (no tokio context on this thread).
+    let dir = gw.stop().await;
+    let files_now = index_files(dir.path());
+    let (path, kb2) = (dir.path().to_path_buf(), kb.clone());
+    let loaded = std::thread::spawn(move || {
+        let store = ragway::store::Store::open(&path.join("ragway.redb")).unwrap();
+        let vs = ragway::ingest::vectors::VectorStore::new(30, expected, Some(path.join("index")));
+        vs.load(&store).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while vs.graph_info(&kb2).is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        vs.graph_info(&kb2)
+    })
+    .join()
+    .unwrap();
+    assert_eq!(loaded, Some((expected, remaining)));
+    assert_eq!(
+        index_files(dir.path()),
+        files_now,
+        "rebuilt instead of loaded"
+    );
+    let gw = Setup::new().toml(&toml).start_in(dir).await;
+
     // Deleting the collection deletes its graph.
     let r = gw
         .req(
