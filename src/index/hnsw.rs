@@ -55,13 +55,14 @@ pub struct HnswParams {
 }
 
 impl Default for HnswParams {
-    /// M = 16, ef_construction = 200, ef_search = 64 (see the module docs for the measured
-    /// recall of each ef_search).
+    /// M = 16, ef_construction = 200, ef_search = 256: the smallest beam measured to keep
+    /// recall@10 ≥ 0.95 at one million vectors (0.964, p99 3.7 ms with USearch; see the module
+    /// docs). Smaller collections get near-perfect recall from it for a millisecond or two.
     fn default() -> Self {
         HnswParams {
             m: 16,
             ef_construction: 200,
-            ef_search: 64,
+            ef_search: 256,
         }
     }
 }
@@ -319,11 +320,7 @@ mod tests {
     const DIM: usize = 32;
 
     fn items(seed: u64, n: usize) -> Vec<(u64, Vec<f32>)> {
-        testdata::clustered(seed, n, DIM, 50, 0.12)
-            .into_iter()
-            .enumerate()
-            .map(|(i, v)| (1000 + i as u64 * 7, v))
-            .collect()
+        testdata::keyed(seed, n, DIM, 50, 0.12, (1000, 7))
     }
 
     fn params() -> HnswParams {

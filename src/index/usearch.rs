@@ -253,11 +253,7 @@ mod tests {
     const DIM: usize = 32;
 
     fn items(seed: u64, n: usize) -> Vec<(u64, Vec<f32>)> {
-        testdata::clustered(seed, n, DIM, 20, 0.15)
-            .into_iter()
-            .enumerate()
-            .map(|(i, v)| (i as u64 * 3 + 1, v))
-            .collect()
+        testdata::keyed(seed, n, DIM, 20, 0.15, (1, 3))
     }
 
     fn params() -> HnswParams {
