@@ -847,3 +847,41 @@ async fn expect_100_continue_gets_the_real_answer() {
         .await;
     assert_eq!(r.status(), 200);
 }
+
+/// Two requests written back to back on one connection (HTTP/1.1 pipelining, or simply a
+/// keep-alive client that sends its next request the moment it has a whole answer): both
+/// are answered. The gateway watches the connection for a hang-up while the first answer
+/// streams, and used to take the second request's first byte for an error and drop the
+/// connection ("connection closed before message completed" in reqwest, now and then).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn back_to_back_requests_on_one_connection_are_both_answered() {
+    use tokio::io::AsyncWriteExt;
+    let openai = FakeUpstream::openai(&["m"]).await;
+    let gw = Setup::new()
+        .toml(&format!("[[openai]]\nurl = {:?}", openai.url))
+        .start()
+        .await;
+    let admin = gw.admin().await;
+    let addr = gw.url.strip_prefix("http://").unwrap();
+    let body = json!({"model": "m", "messages": hi()}).to_string();
+    let one = format!(
+        "POST {CHAT} HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {admin}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("{one}{one}").as_bytes()).await.unwrap();
+    let answers = common::raw::read_answers(&mut s, 2).await;
+    assert_eq!(
+        answers.len(),
+        2,
+        "answers: {:?}",
+        answers.iter().map(|a| a.status).collect::<Vec<_>>()
+    );
+    for a in &answers {
+        assert_eq!(a.status, 200, "{}", a.body);
+        let v: Value = serde_json::from_str(&a.body).unwrap();
+        assert_eq!(v["object"], "chat.completion", "{v}");
+    }
+    assert_eq!(openai.requests_to("/chat/completions").len(), 2);
+}

@@ -60,6 +60,12 @@ impl ProxyHttp for Gateway {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<bool> {
+        // While an answer streams, the client connection is watched for a hang-up. A keep-alive
+        // client that already has its whole answer may send its next request before the
+        // upstream's end arrives; without pipelining pingora reads a byte of it, calls it an
+        // error and drops the connection (the client sees "connection closed before message
+        // completed"). With it, those bytes are kept for the next request.
+        session.downstream_session.set_pipelining_enabled(true);
         let method = session.req_header().method.clone();
         let path = session.req_header().uri.path().to_string();
         let (route, url_idx, tail, params) = match router::find(&method, &path) {

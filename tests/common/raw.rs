@@ -21,35 +21,52 @@ impl RawAnswer {
 }
 
 /// Reads one answer that has a `Content-Length`. `None` when the connection closes (or is
-/// reset) before a full answer arrived; panics after 5 s.
+/// reset) before a full answer arrived, or after 10 s.
 pub async fn read_answer(s: &mut tokio::net::TcpStream) -> Option<RawAnswer> {
+    read_answers(s, 1).await.into_iter().next()
+}
+
+/// Parses every complete answer (with `Content-Length`) at the start of `buf`.
+pub fn parse_answers(buf: &[u8]) -> Vec<RawAnswer> {
+    let mut out = Vec::new();
+    let mut rest = buf;
+    while let Some(end) = rest.windows(4).position(|w| w == b"\r\n\r\n") {
+        let head = String::from_utf8_lossy(&rest[..end]).to_ascii_lowercase();
+        let Some(len) = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse::<usize>().ok())
+        else {
+            break;
+        };
+        if rest.len() < end + 4 + len {
+            break;
+        }
+        out.push(RawAnswer {
+            status: head[9..12].parse().unwrap(),
+            body: String::from_utf8_lossy(&rest[end + 4..end + 4 + len]).into_owned(),
+            head,
+        });
+        rest = &rest[end + 4 + len..];
+    }
+    out
+}
+
+/// Reads until `n` complete answers arrived (then returns them), the connection closes, or
+/// 10 s pass (then returns what arrived).
+pub async fn read_answers(s: &mut tokio::net::TcpStream, n: usize) -> Vec<RawAnswer> {
     use tokio::io::AsyncReadExt;
     let mut buf = Vec::new();
-    let read = async {
-        let mut chunk = [0u8; 8192];
-        loop {
-            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-                let len: usize = head
-                    .lines()
-                    .find_map(|l| l.strip_prefix("content-length:"))
-                    .map(|v| v.trim().parse().unwrap())
-                    .unwrap_or_else(|| panic!("no content-length in {head}"));
-                if buf.len() >= end + 4 + len {
-                    return Some(RawAnswer {
-                        status: head[9..12].parse().unwrap(),
-                        body: String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into_owned(),
-                        head,
-                    });
-                }
-            }
-            match s.read(&mut chunk).await {
-                Ok(0) | Err(_) => return None,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut chunk = [0u8; 8192];
+    loop {
+        let answers = parse_answers(&buf);
+        if answers.len() >= n {
+            return answers;
         }
-    };
-    tokio::time::timeout(Duration::from_secs(5), read)
-        .await
-        .expect("an answer (or a close) within 5 s")
+        match tokio::time::timeout_at(deadline, s.read(&mut chunk)).await {
+            Ok(Ok(read)) if read > 0 => buf.extend_from_slice(&chunk[..read]),
+            _ => return answers,
+        }
+    }
 }
