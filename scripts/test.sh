@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 scripts/fetch-model.sh
 scripts/python-env.sh
+# Memory-bound tests run the release binary (tests/common/release.rs).
+cargo build --release --locked
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --locked --no-fail-fast "$@"
   # nextest does not run doctests.

@@ -3,3 +3,4 @@ pub mod fake;
 pub mod gateway;
 pub mod raw;
 pub mod upload;
+pub mod release;
