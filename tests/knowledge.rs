@@ -851,13 +851,25 @@ async fn access_grants_control_reading_and_writing() {
     );
     json_ok(add(&gw, &a, &kb, &a_file).await).await;
 
-    // Public read (`user:*`): everyone sees it, nobody else writes.
-    json_ok(
+    // Public read (`user:*`) needs an admin; then everyone sees it, nobody else writes.
+    let public = json!({"name": "Public", "access_grants": [
+        {"principal_type": "user", "principal_id": "*", "permission": "read"}]});
+    assert_error(
         gw.post(
             &format!("/api/v1/knowledge/{kb}/update"),
             Some(&a),
-            json!({"name": "Public", "access_grants": [
-                {"principal_type": "user", "principal_id": "*", "permission": "read"}]}),
+            public.clone(),
+        )
+        .await,
+        403,
+        "Only an admin",
+    )
+    .await;
+    json_ok(
+        gw.post(
+            &format!("/api/v1/knowledge/{kb}/update"),
+            Some(&admin),
+            public,
         )
         .await,
     )

@@ -21,6 +21,8 @@ pub struct FileConfig {
     pub threads: Option<usize>,
     /// Largest request body accepted, in MiB.
     pub max_body_mb: Option<u64>,
+    /// Most JSON values (objects, arrays, scalars) in a request body that ragway parses.
+    pub max_json_values: Option<usize>,
     /// Seconds to keep serving in-flight requests after SIGTERM.
     pub shutdown_grace: Option<String>,
     /// Authentication settings.
@@ -98,6 +100,10 @@ pub struct RagFile {
     pub full_context: Option<bool>,
     /// Ask the chat model for search queries before retrieving.
     pub query_generation: Option<bool>,
+    /// Most `files` items in one chat request.
+    pub max_items: Option<usize>,
+    /// Most context injected into one chat request, in KiB.
+    pub max_context_kb: Option<usize>,
 }
 
 /// `[auth]`

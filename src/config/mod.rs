@@ -120,6 +120,10 @@ pub struct RagConfig {
     pub system_context: bool,
     pub full_context: bool,
     pub query_generation: bool,
+    /// Most `files` items in one chat request (after de-duplication).
+    pub max_items: usize,
+    /// Most bytes of context injected into one chat request.
+    pub max_context_bytes: usize,
 }
 
 /// How dense and BM25 rankings are combined.
@@ -141,6 +145,8 @@ pub struct Config {
     pub dev: bool,
     pub threads: usize,
     pub max_body_bytes: usize,
+    /// Most JSON values in a parsed request body (see `http::json`).
+    pub max_json_values: usize,
     pub shutdown_grace: Duration,
     pub auth: AuthConfig,
     pub ollama: Vec<UpstreamConfig>,
@@ -355,6 +361,10 @@ pub fn build(
     if max_body_mb == 0 {
         return err("max-body-mb: must be at least 1");
     }
+    let max_json_values = file.max_json_values.unwrap_or(100_000);
+    if max_json_values == 0 {
+        return err("max-json-values: must be at least 1");
+    }
     let shutdown_grace = match &file.shutdown_grace {
         Some(v) => duration("shutdown-grace", v)?,
         None => Duration::from_secs(10),
@@ -480,6 +490,7 @@ pub fn build(
         dev,
         threads,
         max_body_bytes: (max_body_mb * 1024 * 1024) as usize,
+        max_json_values,
         shutdown_grace,
         auth: AuthConfig {
             secret_key,
@@ -692,6 +703,14 @@ fn rag_config(
     if let Some(v) = env.get("ENABLE_RETRIEVAL_QUERY_GENERATION") {
         query_generation = parse_bool("ENABLE_RETRIEVAL_QUERY_GENERATION", &v)?;
     }
+    let max_items = r.max_items.unwrap_or(32);
+    if max_items == 0 {
+        return err("rag.max-items: must be at least 1");
+    }
+    let max_context_kb = r.max_context_kb.unwrap_or(4096);
+    if max_context_kb == 0 {
+        return err("rag.max-context-kb: must be at least 1");
+    }
     // Relative model paths are relative to the working directory, not the data dir; the
     // data dir is only used for uploads and the index.
     let _ = data_dir;
@@ -725,6 +744,8 @@ fn rag_config(
             system_context,
             full_context,
             query_generation,
+            max_items,
+            max_context_bytes: max_context_kb * 1024,
         },
     ))
 }

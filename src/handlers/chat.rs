@@ -112,7 +112,7 @@ fn set_system_message(body: &mut Map<String, Value>, system: String) {
 
 pub async fn completions(app: &App, session: &mut Session, ctx: &mut RequestCtx) -> HandlerResult {
     let raw = http::read_body(session, app.config.max_body_bytes).await?;
-    let mut body: Map<String, Value> = http::parse_json(&raw)?;
+    let mut body: Map<String, Value> = http::parse_json_with(&raw, app.config.max_json_values)?;
     let model = match body.get("model") {
         Some(Value::String(m)) if !m.is_empty() => m.clone(),
         Some(Value::String(_)) | None => return Err(ApiError::bad_request(msg::MODEL_NOT_FOUND)),
@@ -153,6 +153,7 @@ pub async fn completions(app: &App, session: &mut Session, ctx: &mut RequestCtx)
         None | Some(Value::Null) => {}
         Some(Value::Array(items)) => {
             changed = true;
+            let items = rag::distinct_items(&items, app.config.rag.max_items)?;
             if !items.is_empty() {
                 sources = augment(app, ctx, &mut body, &items, &model, &entry).await?;
             }
@@ -221,11 +222,21 @@ async fn augment(
     } else {
         query.clone()
     };
-    let sources = rag::retrieve(app, id, items, &retrieval_query).await?;
+    let mut budget = rag::Budget::new(cfg.max_context_bytes);
+    let sources = rag::retrieve(app, id, items, &retrieval_query, &mut budget).await?;
     if sources.iter().any(|s| !s.document.is_empty()) && !query.trim().is_empty() {
         let context = prompt::context_string(&sources);
         let filled = prompt::fill(&cfg.template, &context, &query);
         if let Some(Value::Array(m)) = body.get_mut("messages") {
+            // The filled template is prepended to every text part of the last message (as
+            // Open WebUI does): thousands of tiny parts would multiply it, so what the
+            // injection adds is bounded by the context limit plus the body limit.
+            let copies = prompt::injection_count(m, cfg.system_context);
+            if filled.len().saturating_mul(copies)
+                > cfg.max_context_bytes + app.config.max_body_bytes
+            {
+                return Err(rag::too_much_context(cfg.max_context_bytes));
+            }
             prompt::inject(m, &filled, cfg.system_context);
         }
     }
@@ -303,8 +314,7 @@ async fn generate_queries(
     }
     let reply: Value = req.send().await.ok()?.json().await.ok()?;
     let text = reply["choices"][0]["message"]["content"].as_str()?;
-    let json = &text[text.find('{')?..=text.rfind('}')?];
-    let parsed: Value = serde_json::from_str(json).ok()?;
+    let parsed: Value = serde_json::from_str(json_object_in(text)?).ok()?;
     Some(
         parsed["queries"]
             .as_array()?
@@ -315,10 +325,27 @@ async fn generate_queries(
     )
 }
 
+/// The text from the first `{` to the last `}`, if that is a well-ordered span. Model
+/// output is untrusted: a `}` before the first `{` (or none at all) must not panic.
+fn json_object_in(text: &str) -> Option<&str> {
+    let start = text.find('{')?;
+    let end = text.rfind('}')?;
+    (end > start).then(|| &text[start..=end])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn model_output_never_panics_the_query_parser() {
+        assert_eq!(json_object_in("} nothing {"), None);
+        assert_eq!(json_object_in("}{"), None);
+        assert_eq!(json_object_in("no braces"), None);
+        assert_eq!(json_object_in("x {\"a\":1} y"), Some("{\"a\":1}"));
+        assert_eq!(json_object_in("é{}é"), Some("{}"));
+    }
 
     #[test]
     fn params_merge_like_open_webui() {

@@ -417,7 +417,7 @@ pub fn content(app: &App, session: &Session, ctx: &RequestCtx, req: &Req) -> Han
 pub fn delete(app: &App, ctx: &RequestCtx, req: &Req) -> HandlerResult {
     let user = &identity(ctx)?.user;
     let f = readable_file(app, ctx, req.id())?;
-    if !access::can_write_file(&app.store, user, &f) {
+    if !access::can_write_file(user, &f) {
         return Err(ApiError::forbidden(msg::ACCESS_PROHIBITED));
     }
     delete_everywhere(app, &f.id)?;

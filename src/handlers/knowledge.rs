@@ -43,9 +43,56 @@ pub struct FileIdForm {
     pub file_id: String,
 }
 
-fn grants(form: Option<Vec<GrantForm>>) -> Result<Vec<Grant>, ApiError> {
+/// Bounds of a collection's stored fields: a form is at most 1 MiB, but a record is read on
+/// every access check and listing, so it stays small.
+const MAX_NAME_BYTES: usize = 512;
+const MAX_DESCRIPTION_BYTES: usize = 64 * 1024;
+const MAX_GRANTS: usize = 256;
+
+/// Checks a form's name and description against the bounds above.
+fn check_form(form: &KnowledgeForm) -> Result<(), ApiError> {
+    if form.name.trim().is_empty() {
+        return Err(ApiError::bad_request("name must not be empty"));
+    }
+    if form.name.len() > MAX_NAME_BYTES {
+        return Err(ApiError::new(
+            422,
+            format!("name is longer than {MAX_NAME_BYTES} bytes"),
+        ));
+    }
+    if form.description.len() > MAX_DESCRIPTION_BYTES {
+        return Err(ApiError::new(
+            422,
+            format!(
+                "description is longer than {} KiB",
+                MAX_DESCRIPTION_BYTES / 1024
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Validates grants and checks that `user` may set them on a collection of `owner_id`.
+fn grants(
+    form: Option<Vec<GrantForm>>,
+    user: &User,
+    owner_id: &str,
+) -> Result<Vec<Grant>, ApiError> {
+    let grants = parse_grants(form)?;
+    access::may_set_grants(user, owner_id, &grants).map_err(ApiError::forbidden)?;
+    Ok(grants)
+}
+
+fn parse_grants(form: Option<Vec<GrantForm>>) -> Result<Vec<Grant>, ApiError> {
     let now = now_secs();
-    form.unwrap_or_default()
+    let form = form.unwrap_or_default();
+    if form.len() > MAX_GRANTS {
+        return Err(ApiError::new(
+            422,
+            format!("access_grants: at most {MAX_GRANTS} grants per collection"),
+        ));
+    }
+    form.into_iter()
         .into_iter()
         .map(|g| {
             if g.principal_type != "user" && g.principal_type != "group" {
@@ -63,8 +110,11 @@ fn grants(form: Option<Vec<GrantForm>>) -> Result<Vec<Grant>, ApiError> {
                     format!("permission must be read or write, got {:?}", g.permission),
                 ));
             }
-            if g.principal_id.is_empty() {
-                return Err(ApiError::new(422, "principal_id must not be empty"));
+            if g.principal_id.is_empty() || g.principal_id.len() > 128 {
+                return Err(ApiError::new(
+                    422,
+                    "principal_id must be 1 to 128 bytes long",
+                ));
             }
             Ok(Grant {
                 id: uuid::Uuid::new_v4().to_string(),
@@ -151,9 +201,7 @@ pub async fn create(app: &App, session: &mut Session, ctx: &RequestCtx) -> Handl
     let user = identity(ctx)?.user.clone();
     let body = http::read_body(session, 1024 * 1024).await?;
     let form: KnowledgeForm = http::parse_json(&body)?;
-    if form.name.trim().is_empty() {
-        return Err(ApiError::bad_request("name must not be empty"));
-    }
+    check_form(&form)?;
     let now = now_secs();
     let kb = KnowledgeRecord {
         id: uuid::Uuid::new_v4().to_string(),
@@ -161,7 +209,7 @@ pub async fn create(app: &App, session: &mut Session, ctx: &RequestCtx) -> Handl
         name: form.name.trim().to_string(),
         description: form.description,
         meta: Value::Null,
-        access_grants: grants(form.access_grants)?,
+        access_grants: grants(form.access_grants, &user, &user.id)?,
         created_at: now,
         updated_at: now,
     };
@@ -248,14 +296,31 @@ pub async fn update(
     let mut kb = writable(app, &user, req.id())?;
     let body = http::read_body(session, 1024 * 1024).await?;
     let form: KnowledgeForm = http::parse_json(&body)?;
-    if form.name.trim().is_empty() {
-        return Err(ApiError::bad_request("name must not be empty"));
+    check_form(&form)?;
+    if form.access_grants.is_some() {
+        // Clients send the whole form back: unchanged grants are not a change of sharing,
+        // so a write grantee may still rename the collection.
+        let new = parse_grants(form.access_grants)?;
+        let key = |g: &Grant| {
+            (
+                g.principal_type.clone(),
+                g.principal_id.clone(),
+                g.permission.clone(),
+            )
+        };
+        let old: std::collections::BTreeSet<_> = kb.access_grants.iter().map(key).collect();
+        if new
+            .iter()
+            .map(key)
+            .collect::<std::collections::BTreeSet<_>>()
+            != old
+        {
+            access::may_set_grants(&user, &kb.user_id, &new).map_err(ApiError::forbidden)?;
+            kb.access_grants = new;
+        }
     }
     kb.name = form.name.trim().to_string();
     kb.description = form.description;
-    if form.access_grants.is_some() {
-        kb.access_grants = grants(form.access_grants)?;
-    }
     kb.updated_at = now_secs();
     app.store.put_knowledge(&kb)?;
     Ok(Outcome::Reply(Reply::ok(&with_files(app, &kb, &user)?)))
@@ -282,6 +347,12 @@ pub async fn add_file(
     let mut file = app.store.file(&file_id)?.ok_or_else(not_found)?;
     if !access::can_read_file(&app.store, &user, &file) {
         return Err(not_found());
+    }
+    if !access::can_add_file_to(&app.store, &user, &file, &kb) {
+        return Err(ApiError::forbidden(format!(
+            "File {file_id} belongs to another user who cannot write this collection: only \
+             its owner or an admin can add it here"
+        )));
     }
     if file.status == Some(FileStatus::Pending) {
         let wait = app.config.rag.file_add_wait;

@@ -70,7 +70,7 @@ async fn object_body(
     session: &mut Session,
 ) -> Result<(bytes::Bytes, Map<String, Value>), ApiError> {
     let raw = http::read_body(session, app.config.max_body_bytes).await?;
-    let obj: Map<String, Value> = http::parse_json(&raw)?;
+    let obj: Map<String, Value> = http::parse_json_with(&raw, app.config.max_json_values)?;
     Ok((raw, obj))
 }
 

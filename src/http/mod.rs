@@ -1,5 +1,6 @@
 //! Writing local answers and reading request bodies on a pingora session.
 
+pub mod json;
 pub mod router;
 
 use bytes::{Bytes, BytesMut};
@@ -201,10 +202,21 @@ pub async fn expect_continue(session: &mut Session) {
 }
 
 /// Parses a JSON body into `T`, with serde's message (field and position) in the 400.
+/// The body first passes [`json::check`] (unambiguous, at most
+/// [`json::DEFAULT_MAX_VALUES`] values).
 pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    parse_json_with(body, json::DEFAULT_MAX_VALUES)
+}
+
+/// [`parse_json`] with a configured value budget (bodies that are forwarded upstream).
+pub fn parse_json_with<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+    max_values: usize,
+) -> Result<T, ApiError> {
     if body.is_empty() {
         return Err(ApiError::new(422, "Request body is required (JSON)"));
     }
+    json::check(body, max_values)?;
     serde_json::from_slice(body).map_err(|e| {
         let kind = if e.is_data() { 422 } else { 400 };
         ApiError::new(kind, format!("Invalid JSON body: {e}"))

@@ -210,13 +210,86 @@ async fn usable_file(app: &App, identity: &Identity, id: &str) -> Result<FileRec
     }
 }
 
+/// The context a request may still inject: every document text counts against it as it is
+/// loaded, so an oversized request fails before it holds more than the limit in memory.
+pub struct Budget {
+    left: usize,
+    limit: usize,
+}
+
+impl Budget {
+    pub fn new(limit: usize) -> Budget {
+        Budget { left: limit, limit }
+    }
+
+    /// Counts `bytes` of injected text; 413 beyond the limit.
+    pub fn take(&mut self, bytes: usize) -> Result<(), ApiError> {
+        match self.left.checked_sub(bytes) {
+            Some(left) => {
+                self.left = left;
+                Ok(())
+            }
+            None => Err(too_much_context(self.limit)),
+        }
+    }
+}
+
+/// The 413 for a request whose context exceeds `limit` bytes.
+pub fn too_much_context(limit: usize) -> ApiError {
+    ApiError::new(
+        413,
+        format!(
+            "Too much context for one request: the limit is {} KiB (rag.max-context-kb); \
+             attach fewer or smaller files, or use retrieval instead of full context",
+            limit / 1024
+        ),
+    )
+}
+
+/// Identical items (same type, id, context mode, or the same inline text) are searched and
+/// injected once; more than `max` distinct items is a 400. Repeating one item must not
+/// multiply the work or the injected text.
+pub fn distinct_items(items: &[Value], max: usize) -> Result<Vec<Value>, ApiError> {
+    use sha2::{Digest, Sha256};
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    for item in items {
+        let field = |k: &str| item.get(k).map(Value::to_string).unwrap_or_default();
+        let content = item
+            .get("content")
+            .and_then(Value::as_str)
+            .map(|c| hex::encode(Sha256::digest(c.as_bytes())))
+            .unwrap_or_default();
+        let key = format!(
+            "{}\0{}\0{}\0{}\0{}",
+            field("type"),
+            field("id"),
+            field("context"),
+            field("name"),
+            content
+        );
+        if seen.insert(key) {
+            out.push(item.clone());
+            if out.len() > max {
+                return Err(ApiError::bad_request(format!(
+                    "Too many files items: at most {max} distinct items per request \
+                     (rag.max-items)"
+                )));
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Retrieves sources for the `files` items of a chat request. Access is checked per item;
-/// an unreadable item is an error naming it, never silently skipped.
+/// an unreadable item is an error naming it, never silently skipped. Items must already be
+/// distinct ([`distinct_items`]); the injected text is bounded by `budget`.
 pub async fn retrieve(
     app: &App,
     identity: &Identity,
     items: &[Value],
     query: &str,
+    budget: &mut Budget,
 ) -> Result<Vec<Source>, ApiError> {
     let cfg = &app.config.rag;
     let mode = Mode::from_config(cfg);
@@ -259,14 +332,13 @@ pub async fn retrieve(
                 }
                 Target::Collection(kb, files)
             }
-            "text" => Target::Text(
-                item.get("content")
-                    .and_then(Value::as_str)
-                    .ok_or_else(|| {
-                        ApiError::new(422, format!("files[{i}]: a text item needs `content`"))
-                    })?
-                    .to_string(),
-            ),
+            "text" => {
+                let content = item.get("content").and_then(Value::as_str).ok_or_else(|| {
+                    ApiError::new(422, format!("files[{i}]: a text item needs `content`"))
+                })?;
+                budget.take(content.len())?;
+                Target::Text(content.to_string())
+            }
             other => {
                 return Err(ApiError::bad_request(format!(
                     "files[{i}]: type {other:?} is not supported (use file, collection or text)"
@@ -310,7 +382,7 @@ pub async fn retrieve(
         );
         select(app, item, ranked, vector.as_deref(), cfg)
     };
-    let mut sources = Vec::new();
+    let mut sources = Vec::with_capacity(targets.len());
     for (item, target) in items.iter().zip(&targets) {
         let source = match (target, full(item)) {
             (Target::Text(content), _) => Source {
@@ -322,18 +394,26 @@ pub async fn retrieve(
                 })],
                 distances: vec![1.0],
             },
-            (Target::File(f), true) => whole_files(app, item, std::slice::from_ref(f))?,
-            (Target::Collection(_, files), true) => whole_files(app, item, files)?,
+            (Target::File(f), true) => whole_files(app, item, std::slice::from_ref(f), budget)?,
+            (Target::Collection(_, files), true) => whole_files(app, item, files, budget)?,
             (Target::File(f), false) => search(item, Scope::File(&f.id))?,
             (Target::Collection(kb, _), false) => search(item, Scope::Collection(&kb.id))?,
         };
+        if !matches!(target, Target::Text(_)) && !full(item) {
+            budget.take(source.document.iter().map(String::len).sum())?;
+        }
         sources.push(source);
     }
     Ok(sources)
 }
 
 /// Whole documents for `context: "full"`.
-fn whole_files(app: &App, item: &Value, files: &[FileRecord]) -> Result<Source, ApiError> {
+fn whole_files(
+    app: &App,
+    item: &Value,
+    files: &[FileRecord],
+    budget: &mut Budget,
+) -> Result<Source, ApiError> {
     let mut s = Source {
         source: echo(item),
         document: Vec::new(),
@@ -345,6 +425,7 @@ fn whole_files(app: &App, item: &Value, files: &[FileRecord]) -> Result<Source, 
         .filter(|f| f.status == Some(FileStatus::Completed))
     {
         if let Some(text) = app.store.file_text(&f.id)? {
+            budget.take(text.len())?;
             s.document.push(text);
             s.metadata.push(json!({
                 "file_id": f.id, "name": f.meta.get("name").cloned().unwrap_or(json!(f.filename)),

@@ -63,14 +63,36 @@ pub fn context_string(sources: &[Source]) -> String {
     out
 }
 
-/// Fills `{{CONTEXT}}`/`[context]` and `{{QUERY}}`/`[query]`.
+/// Fills `{{CONTEXT}}`/`[context]` and `{{QUERY}}`/`[query]` in one left-to-right pass over
+/// the template. Substituted text is never scanned again: a context or query that contains a
+/// placeholder (user-controlled text can) stays as it is, so the output is at most
+/// `template + placeholders × (context + query)` bytes, never a re-expansion.
 pub fn fill(template: &str, context: &str, query: &str) -> String {
-    // Query first: a context that happens to contain "{{QUERY}}" must stay as it is.
-    template
-        .replace("{{QUERY}}", query)
-        .replace("[query]", query)
-        .replace("{{CONTEXT}}", context)
-        .replace("[context]", context)
+    const PLACEHOLDERS: [(&str, bool); 4] = [
+        ("{{CONTEXT}}", true),
+        ("[context]", true),
+        ("{{QUERY}}", false),
+        ("[query]", false),
+    ];
+    let mut out = String::with_capacity(template.len() + context.len() + query.len());
+    let mut rest = template;
+    while let Some(at) = rest.find(['{', '[']) {
+        out.push_str(&rest[..at]);
+        let tail = &rest[at..];
+        match PLACEHOLDERS.iter().find(|(p, _)| tail.starts_with(p)) {
+            Some((p, is_context)) => {
+                out.push_str(if *is_context { context } else { query });
+                rest = &tail[p.len()..];
+            }
+            None => {
+                // Not a placeholder: keep the bracket and go on after it.
+                out.push_str(&tail[..1]);
+                rest = &tail[1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// The text of a message's content: a string, or the text parts of a multimodal list
@@ -96,6 +118,29 @@ pub fn last_user_query(messages: &[Value]) -> String {
         .find(|m| m.get("role").and_then(Value::as_str) == Some("user"))
         .map(|m| content_text(m.get("content").unwrap_or(&Value::Null)))
         .unwrap_or_default()
+}
+
+/// How many copies of the filled template [`inject`] will add: one, or one per text part of
+/// a multimodal last user message.
+pub fn injection_count(messages: &[Value], system_context: bool) -> usize {
+    if system_context {
+        return 1;
+    }
+    match messages.last() {
+        Some(last) if last.get("role").and_then(Value::as_str) == Some("user") => {
+            match last.get("content") {
+                Some(Value::Array(parts)) => parts
+                    .iter()
+                    .filter(|p| {
+                        p.get("type").and_then(Value::as_str) == Some("text")
+                            && p.get("text").is_some_and(Value::is_string)
+                    })
+                    .count(),
+                _ => 1,
+            }
+        }
+        _ => 1,
+    }
 }
 
 /// Injects the filled template: prepended to the last message when it is the user's (to
@@ -167,6 +212,7 @@ mod tests {
     fn injection_variants() {
         let filled = fill("C={{CONTEXT}} Q=[query]", "ctx", "why?");
         assert_eq!(filled, "C=ctx Q=why?");
+        assert_eq!(fill("{{{CONTEXT}}[[query]]", "c", "q"), "{c[q]");
         let mut m = vec![json!({"role": "user", "content": "why?"})];
         inject(&mut m, "T", false);
         assert_eq!(m[0]["content"], "T\nwhy?");
@@ -191,6 +237,34 @@ mod tests {
             DEFAULT_TEMPLATE.starts_with("### Task:\n")
                 && DEFAULT_TEMPLATE.ends_with("</context>\n")
         );
+    }
+
+    #[test]
+    fn user_text_is_never_expanded_again() {
+        let t = "[context] {{CONTEXT}} [query] {{QUERY}}";
+        let hostile = "[context]{{CONTEXT}}[query]{{QUERY}}";
+        let out = fill(t, hostile, hostile);
+        assert_eq!(out, format!("{hostile} {hostile} {hostile} {hostile}"));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+        /// Output is exactly the template with each placeholder replaced once: its size is
+        /// linear in the inputs whatever they contain.
+        #[test]
+        fn fill_is_linear(
+            template in "(\\[context\\]|\\{\\{CONTEXT\\}\\}|\\[query\\]|\\{\\{QUERY\\}\\}|[a-z{}\\[\\] ]){0,40}",
+            context in "(\\[context\\]|\\{\\{CONTEXT\\}\\}|\\[query\\]|[a-z ]){0,40}",
+            query in "(\\[query\\]|\\{\\{QUERY\\}\\}|\\[context\\]|[a-z ]){0,40}",
+        ) {
+            let out = fill(&template, &context, &query);
+            let slots = template.len() / "[query]".len() + 1;
+            proptest::prop_assert!(out.len() <= template.len() + slots * (context.len() + query.len()));
+            // Placeholder-free templates come back unchanged.
+            if !template.contains(['{', '[']) {
+                proptest::prop_assert_eq!(&out, &template);
+            }
+        }
     }
 
     #[test]

@@ -1,0 +1,277 @@
+//! A guard pass over JSON request bodies before anything is built from them.
+//!
+//! Two dangers come with JSON that ragway reads and then forwards:
+//! - **Ambiguity.** ragway checks fields (the `model` allow-list) but may forward the client's
+//!   bytes as they came. Parsers disagree on duplicate keys (first or last wins), and Go's
+//!   `encoding/json` (Ollama) matches keys case-insensitively, so `{"model":"a","MODEL":"b"}`
+//!   would be checked as `a` and run as `b`. Refusing such bodies keeps the zero-copy
+//!   passthrough (re-serialising every body would cost a full encode per request) while
+//!   guaranteeing that what ragway checked is what the upstream reads.
+//! - **Amplification.** A `serde_json::Value` costs far more than its text: every non-empty
+//!   object allocates a B-tree leaf of ~600 bytes, so `[{"a":1},…]` in a 32 MiB body would
+//!   become gigabytes. The pass counts values without allocating them and refuses bodies
+//!   with more than a configured number.
+//!
+//! The pass allocates only the keys of the object being visited (to find duplicates), and
+//! serde_json's recursion limit (128) bounds nesting.
+
+use std::borrow::Cow;
+use std::collections::HashSet;
+use std::fmt;
+
+use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+
+use crate::error::ApiError;
+
+/// Default for [`check`]'s value budget on small local forms.
+pub const DEFAULT_MAX_VALUES: usize = 100_000;
+
+/// Refuses malformed, ambiguous or too complex JSON. Ambiguous means: a key that appears
+/// twice in one object, or two top-level keys that differ only in letter case (Go's
+/// case-insensitive matching would pick either).
+pub fn check(body: &[u8], max_values: usize) -> Result<(), ApiError> {
+    let mut state = State {
+        values: 0,
+        max_values,
+        problem: None,
+    };
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let result = Node {
+        state: &mut state,
+        top: true,
+    }
+    .deserialize(&mut de)
+    .and_then(|()| de.end());
+    match (result, state.problem) {
+        (Ok(()), _) => Ok(()),
+        (Err(_), Some(problem)) => Err(problem),
+        (Err(e), None) => Err(ApiError::bad_request(format!("Invalid JSON body: {e}"))),
+    }
+}
+
+struct State {
+    values: usize,
+    max_values: usize,
+    /// Why the pass stopped, when it was not a syntax error.
+    problem: Option<ApiError>,
+}
+
+impl State {
+    fn count<E: serde::de::Error>(&mut self) -> Result<(), E> {
+        self.values += 1;
+        if self.values > self.max_values {
+            self.problem = Some(ApiError::new(
+                413,
+                format!(
+                    "JSON body too complex: more than {} values (max-json-values)",
+                    self.max_values
+                ),
+            ));
+            return Err(E::custom("too many values"));
+        }
+        Ok(())
+    }
+
+    fn fail<E: serde::de::Error>(&mut self, detail: String) -> E {
+        self.problem = Some(ApiError::bad_request(detail));
+        E::custom("ambiguous")
+    }
+}
+
+/// One value of the document.
+struct Node<'s> {
+    state: &'s mut State,
+    top: bool,
+}
+
+impl<'de> DeserializeSeed<'de> for Node<'_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Node<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<(), E> {
+        self.state.count()
+    }
+    fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<(), E> {
+        self.state.count()
+    }
+    fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<(), E> {
+        self.state.count()
+    }
+    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<(), E> {
+        self.state.count()
+    }
+    fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<(), E> {
+        self.state.count()
+    }
+    fn visit_unit<E: serde::de::Error>(self) -> Result<(), E> {
+        self.state.count()
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        self.state.count()?;
+        while seq
+            .next_element_seed(Node {
+                state: &mut *self.state,
+                top: false,
+            })?
+            .is_some()
+        {}
+        Ok(())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        self.state.count()?;
+        let mut keys = Keys::default();
+        while let Some(key) = map.next_key_seed(Key)? {
+            if let Some(problem) = keys.insert(key, self.top) {
+                return Err(self.state.fail(problem));
+            }
+            map.next_value_seed(Node {
+                state: &mut *self.state,
+                top: false,
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// The keys seen in one object. Top-level keys are compared case-folded.
+#[derive(Default)]
+struct Keys<'de> {
+    seen: HashSet<Cow<'de, str>>,
+}
+
+impl<'de> Keys<'de> {
+    fn insert(&mut self, key: Cow<'de, str>, fold: bool) -> Option<String> {
+        let probe = if fold {
+            Cow::Owned(fold_case(&key))
+        } else {
+            key.clone()
+        };
+        if self.seen.insert(probe) {
+            return None;
+        }
+        Some(if fold {
+            format!(
+                "Ambiguous JSON body: the top-level key {key:?} appears more than once \
+                 (keys that differ only in letter case count as the same)"
+            )
+        } else {
+            format!("Ambiguous JSON body: the key {key:?} appears twice in one object")
+        })
+    }
+}
+
+/// Case folding as Go's `strings.EqualFold` sees it (simple Unicode folding, including the
+/// long s and the Kelvin sign, which fold to ASCII letters).
+fn fold_case(key: &str) -> String {
+    key.chars()
+        .flat_map(char::to_lowercase)
+        .map(|c| if c == 'ſ' { 's' } else { c })
+        .collect()
+}
+
+/// An object key, borrowed from the body when it has no escapes.
+struct Key;
+
+impl<'de> DeserializeSeed<'de> for Key {
+    type Value = Cow<'de, str>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Cow<'de, str>, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Key {
+    type Value = Cow<'de, str>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an object key")
+    }
+    fn visit_borrowed_str<E: serde::de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(Cow::Borrowed(v))
+    }
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Cow::Owned(v.to_string()))
+    }
+    fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Self::Value, E> {
+        Ok(Cow::Owned(v))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(body: &str) -> Option<u16> {
+        check(body.as_bytes(), 1000).err().map(|e| e.status)
+    }
+
+    #[test]
+    fn plain_bodies_pass() {
+        assert_eq!(
+            status(r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#),
+            None
+        );
+        assert_eq!(status(r#"[1, "a", null, true, {"a": {"a": 1}}]"#), None);
+        // Nested keys may differ in case (tool schemas do); only the top level folds.
+        assert_eq!(status(r#"{"p":{"id":1,"ID":2}}"#), None);
+        assert_eq!(status(r#"{"model":"a\u0041"}"#), None);
+    }
+
+    #[test]
+    fn ambiguous_bodies_are_refused() {
+        assert_eq!(status(r#"{"model":"a","model":"b"}"#), Some(400));
+        assert_eq!(status(r#"{"model":"a","MODEL":"b"}"#), Some(400));
+        assert_eq!(status(r#"{"model":"a","Model":"b"}"#), Some(400));
+        assert_eq!(status(r#"{"stream":false,"\u017ftream":true}"#), Some(400));
+        assert_eq!(status(r#"{"mod\u0065l":"a","model":"b"}"#), Some(400));
+        assert_eq!(status(r#"{"o":{"k":1,"k":2}}"#), Some(400));
+        let e = check(br#"{"model":"a","MODEL":"b"}"#, 10).unwrap_err();
+        assert!(e.detail.contains("MODEL"), "{}", e.detail);
+    }
+
+    #[test]
+    fn malformed_and_trailing_bodies_are_400() {
+        for b in [
+            "",
+            "{",
+            r#"{"a":1}x"#,
+            "[1,]",
+            "\u{0}",
+            r#"{"a":1,}"#,
+            "nul",
+        ] {
+            assert_eq!(status(b), Some(400), "{b:?}");
+        }
+        assert_eq!(check(b"\xff\xfe", 10).unwrap_err().status, 400);
+    }
+
+    #[test]
+    fn value_budget_and_depth() {
+        let many = format!("[{}1]", "1,".repeat(2000));
+        assert_eq!(status(&many), Some(413));
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        assert_eq!(status(&deep), Some(400), "recursion limit");
+        assert!(check(many.as_bytes(), 5000).is_ok());
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+        /// Arbitrary bytes never panic; whatever passes is valid JSON to serde_json.
+        #[test]
+        fn never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256)) {
+            if check(&bytes, 1000).is_ok() {
+                proptest::prop_assert!(serde_json::from_slice::<serde_json::Value>(&bytes).is_ok());
+            }
+        }
+    }
+}
