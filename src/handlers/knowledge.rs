@@ -93,7 +93,6 @@ fn parse_grants(form: Option<Vec<GrantForm>>) -> Result<Vec<Grant>, ApiError> {
         ));
     }
     form.into_iter()
-        .into_iter()
         .map(|g| {
             if g.principal_type != "user" && g.principal_type != "group" {
                 return Err(ApiError::new(
