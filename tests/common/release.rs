@@ -59,7 +59,7 @@ impl Server {
             dir,
             child,
         };
-        let client = reqwest::Client::new();
+        let client = super::fake::http_client();
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok(r) = client.get(format!("{}/health", server.url)).send().await
