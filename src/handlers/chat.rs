@@ -347,6 +347,65 @@ mod tests {
         assert_eq!(json_object_in("é{}é"), Some("{}"));
     }
 
+    /// Arbitrary JSON values, a few levels deep.
+    fn any_json() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            "[a-z{}\\[\\] ]{0,12}".prop_map(Value::from),
+            prop_oneof![
+                Just("system"),
+                Just("custom_params"),
+                Just("messages"),
+                Just("user")
+            ]
+            .prop_map(Value::from),
+        ];
+        leaf.prop_recursive(4, 48, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::from),
+                proptest::collection::btree_map(
+                    prop_oneof![
+                        Just("system".to_string()),
+                        Just("custom_params".to_string()),
+                        Just("messages".to_string()),
+                        Just("role".to_string()),
+                        Just("content".to_string()),
+                        "[a-z]{1,6}",
+                    ],
+                    inner,
+                    0..6
+                )
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+        /// Rewriting a body (params merged, context injected) never panics, and its output
+        /// is linear in its inputs.
+        #[test]
+        fn body_rewrite_is_total_and_linear(body in any_json(), params in any_json(), filled in "[a-z\\[\\]{} ]{0,40}", system in proptest::prelude::any::<bool>()) {
+            let Value::Object(mut body) = body else { return Ok(()) };
+            let size = |v: &Value| serde_json::to_vec(v).unwrap().len();
+            let input = size(&Value::Object(body.clone())) + size(&params);
+            if apply_params(&mut body, params).is_ok() {
+                let after = size(&Value::Object(body.clone()));
+                proptest::prop_assert!(after <= 2 * input + 64, "{after} > 2×{input}");
+            }
+            if let Some(Value::Array(m)) = body.get_mut("messages") {
+                let copies = prompt::injection_count(m, system);
+                let before = size(&Value::Array(m.clone()));
+                prompt::inject(m, &filled, system);
+                let after = size(&Value::Array(m.clone()));
+                proptest::prop_assert!(after <= before + copies * (filled.len() + 64) + 64);
+            }
+        }
+    }
+
     #[test]
     fn params_merge_like_open_webui() {
         let mut body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 0.1})
