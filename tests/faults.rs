@@ -36,7 +36,12 @@ enum Route {
 const ROUTES: [Route; 3] = [Route::OllamaChat, Route::ChatCompletions, Route::Pull];
 
 impl Route {
-    fn request(self, gw: &Gateway, token: &str, client: &reqwest::Client) -> reqwest::RequestBuilder {
+    fn request(
+        self,
+        gw: &Gateway,
+        token: &str,
+        client: &reqwest::Client,
+    ) -> reqwest::RequestBuilder {
         let (path, body) = match self {
             Route::OllamaChat => (
                 "/ollama/api/chat",
@@ -137,11 +142,18 @@ async fn error_before_first_byte(fault: Fault, status: u16) {
     for route in ROUTES {
         let up = FaultyUpstream::start(fault).await;
         let (gw, admin) = gateway(&up.url).await;
-        let r = route.request(&gw, &admin, &http_client()).send().await.unwrap();
+        let r = route
+            .request(&gw, &admin, &http_client())
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status().as_u16(), status, "{route:?} {fault:?}");
         assert_error(r, status, "Upstream").await;
         no_leak(&gw).await;
-        assert!(up.requests() >= 1, "{route:?}: the upstream got the request");
+        assert!(
+            up.requests() >= 1,
+            "{route:?}: the upstream got the request"
+        );
     }
 }
 
@@ -159,7 +171,11 @@ async fn refused_connections_give_502_on_every_path() {
             assert!(Instant::now() < deadline, "listener still open");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let r = route.request(&gw, &admin, &http_client()).send().await.unwrap();
+        let r = route
+            .request(&gw, &admin, &http_client())
+            .send()
+            .await
+            .unwrap();
         assert_error(r, 502, "Upstream").await;
         no_leak(&gw).await;
     }
@@ -191,7 +207,11 @@ async fn cut_after_first_byte(fault: Fault) {
     for route in ROUTES {
         let up = FaultyUpstream::start(fault).await;
         let (gw, admin) = gateway(&up.url).await;
-        let r = route.request(&gw, &admin, &http_client()).send().await.unwrap();
+        let r = route
+            .request(&gw, &admin, &http_client())
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 200, "{route:?} {fault:?}");
         let body = drain_body(r).await;
         assert!(
@@ -284,7 +304,9 @@ async fn a_client_leaving_before_the_answer_closes_the_upstream_connection_on_ev
             .await;
         let admin = gw.admin().await;
         assert_eq!(
-            gw.get("/api/models?refresh=true", Some(&admin)).await.status(),
+            gw.get("/api/models?refresh=true", Some(&admin))
+                .await
+                .status(),
             200
         );
         let client = http_client();
@@ -333,7 +355,9 @@ async fn connection_listed_and_provider_headers_never_reach_an_upstream() {
     let gw = Setup::new().ollama(&up.url).start().await;
     let admin = gw.admin().await;
     assert_eq!(
-        gw.get("/api/models?refresh=true", Some(&admin)).await.status(),
+        gw.get("/api/models?refresh=true", Some(&admin))
+            .await
+            .status(),
         200
     );
     let extra = "connection: keep-alive, X-Hop-Secret, x-other-hop\r\n\
@@ -413,7 +437,10 @@ async fn connection_listed_and_provider_headers_never_reach_an_upstream() {
         );
         if let Some(c) = got.header("connection") {
             let c = c.to_ascii_lowercase();
-            assert!(!c.contains("hop"), "{path}: connection tokens forwarded: {c}");
+            assert!(
+                !c.contains("hop"),
+                "{path}: connection tokens forwarded: {c}"
+            );
         }
     }
 }
@@ -474,12 +501,24 @@ async fn random_methods_paths_and_statuses_mint_a_bounded_number_of_series() {
     let series = m.lines().filter(|l| !l.starts_with('#')).count();
     assert!(series < 400, "{series} series in total");
     for l in m.lines().filter(|l| !l.starts_with('#')) {
-        assert!(!l.contains("RND"), "a client-chosen method became a label: {l}");
-        assert!(!l.contains("/r"), "a client-chosen path became a label: {l}");
+        assert!(
+            !l.contains("RND"),
+            "a client-chosen method became a label: {l}"
+        );
+        assert!(
+            !l.contains("/r"),
+            "a client-chosen path became a label: {l}"
+        );
     }
     // Every status label is from the fixed set.
     for l in &requests {
-        let status = l.split("status=\"").nth(1).unwrap().split('"').next().unwrap();
+        let status = l
+            .split("status=\"")
+            .nth(1)
+            .unwrap()
+            .split('"')
+            .next()
+            .unwrap();
         assert!(
             (status.len() == 3 && (status.ends_with("xx") || status.parse::<u16>().is_ok()))
                 || status == "none",

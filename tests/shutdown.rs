@@ -204,7 +204,11 @@ async fn a_stream_in_flight_finishes_then_the_process_exits() {
     assert!(text.contains("\"done\":true"), "complete stream: {text}");
     // The process exits once the stream is done, long before the 60 s grace.
     let at = serve.exited(Duration::from_secs(20)).await;
-    assert!(at - sent < Duration::from_secs(40), "exit {:?} after SIGTERM", at - sent);
+    assert!(
+        at - sent < Duration::from_secs(40),
+        "exit {:?} after SIGTERM",
+        at - sent
+    );
     assert_eq!(up.requests(), 1);
 }
 
@@ -223,7 +227,10 @@ async fn a_stream_longer_than_the_grace_is_cut_when_the_grace_ends() {
     let body = tokio::time::timeout(Duration::from_secs(60), rest(r))
         .await
         .expect("the stream ends");
-    assert!(body.is_err(), "a stream cut by shutdown must not look whole");
+    assert!(
+        body.is_err(),
+        "a stream cut by shutdown must not look whole"
+    );
     let at = serve.exited(Duration::from_secs(30)).await;
     let took = at - sent;
     // The grace is honoured (the stream ran on for it), then the process exits.

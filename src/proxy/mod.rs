@@ -58,7 +58,10 @@ fn oversized_head(req: &RequestHeader) -> Option<ApiError> {
     (bytes > MAX_HEAD_BYTES).then(|| {
         ApiError::new(
             431,
-            format!("Request header fields too large: the limit is {} KiB", MAX_HEAD_BYTES / 1024),
+            format!(
+                "Request header fields too large: the limit is {} KiB",
+                MAX_HEAD_BYTES / 1024
+            ),
         )
     })
 }

@@ -209,7 +209,9 @@ async fn serve(mut s: TcpStream, fault: Fault, counters: Arc<Counters>) {
                 let _ = s.write_all(&out).await;
                 let _ = s.flush().await;
                 tokio::time::sleep(Duration::from_millis(200)).await;
-                // Linger 0: closing sends RST instead of FIN.
+                // Linger 0: closing sends RST instead of FIN. (Deprecated because a non-zero
+                // linger blocks on drop; zero resets at once.)
+                #[allow(deprecated)]
                 let _ = s.set_linger(Some(Duration::ZERO));
                 drop(s);
             }

@@ -3,5 +3,5 @@ pub mod fake;
 pub mod faulty;
 pub mod gateway;
 pub mod raw;
-pub mod upload;
 pub mod release;
+pub mod upload;
