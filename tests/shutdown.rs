@@ -22,7 +22,8 @@ struct Serve {
 }
 
 impl Serve {
-    async fn start(upstream: &str, grace: &str) -> Serve {
+    /// `extra` is appended to the generated config (tables only).
+    async fn start(upstream: &str, grace: &str, extra: &str) -> Serve {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let addr = format!("127.0.0.1:{port}");
@@ -32,7 +33,7 @@ impl Serve {
             format!(
                 "listen = \"{addr}\"\nmetrics-listen = \"\"\ndata-dir = {:?}\nshutdown-grace = \"{grace}\"\n\
                  [auth]\nadmin-email = \"ops@example.com\"\nadmin-password = \"pw-123456\"\n\
-                 [[ollama]]\nurl = \"{upstream}\"\n[timeouts]\nread-idle = \"60s\"\n",
+                 [[ollama]]\nurl = \"{upstream}\"\n[timeouts]\nread-idle = \"60s\"\n{extra}\n",
                 dir.path().join("data").display().to_string()
             ),
         )
@@ -153,7 +154,7 @@ async fn rest(mut r: reqwest::Response) -> Result<Vec<u8>, reqwest::Error> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_gateway_exits_at_once_on_sigterm_not_after_the_grace() {
     let up = FaultyUpstream::start(Fault::Hang).await;
-    let mut serve = Serve::start(&up.url, "30s").await;
+    let mut serve = Serve::start(&up.url, "30s", "").await;
     // A keep-alive connection left idle must not hold the exit back either.
     let client = http_client();
     assert_eq!(
@@ -180,7 +181,7 @@ async fn a_stream_in_flight_finishes_then_the_process_exits() {
         every: Duration::from_millis(400),
     })
     .await;
-    let mut serve = Serve::start(&up.url, "60s").await;
+    let mut serve = Serve::start(&up.url, "60s", "").await;
     let token = serve.token().await;
     let mut r = serve.stream(&token).await;
     let first = r.chunk().await.unwrap().expect("a first chunk");
@@ -218,7 +219,7 @@ async fn a_stream_longer_than_the_grace_is_cut_when_the_grace_ends() {
         every: Duration::from_millis(200),
     })
     .await;
-    let mut serve = Serve::start(&up.url, "2s").await;
+    let mut serve = Serve::start(&up.url, "2s", "").await;
     let token = serve.token().await;
     let mut r = serve.stream(&token).await;
     r.chunk().await.unwrap().expect("a first chunk");
@@ -236,4 +237,43 @@ async fn a_stream_longer_than_the_grace_is_cut_when_the_grace_ends() {
     // The grace is honoured (the stream ran on for it), then the process exits.
     assert!(took >= Duration::from_millis(1500), "exited after {took:?}");
     assert!(took < Duration::from_secs(30), "exited after {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_file_processing_does_not_hold_the_exit_back() {
+    // The embedding engine is an upstream that never answers: the upload's background
+    // processing is stuck on it when SIGTERM arrives. It is not a request in flight, so it
+    // must not keep the process alive (it is processed again at the next start).
+    let up = FaultyUpstream::start(Fault::Hang).await;
+    let extra = format!(
+        "[embedding]\nengine = \"ollama\"\nurl = \"{}\"\nmodel = \"m\"",
+        up.url
+    );
+    let mut serve = Serve::start(&up.url, "30s", &extra).await;
+    let token = serve.token().await;
+    let body = common::upload::file_body("notes.txt", "text/plain", b"some text to embed", None);
+    let r = http_client()
+        .post(format!("{}/api/v1/files/", serve.url))
+        .bearer_auth(&token)
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={}", common::upload::BOUNDARY),
+        )
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while up.requests() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the embedding request never came"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let sent = Instant::now();
+    serve.sigterm();
+    let at = serve.exited(Duration::from_secs(10)).await;
+    assert!(at - sent < Duration::from_secs(10));
 }

@@ -67,7 +67,7 @@ const HOP_BY_HOP: &[&str] = &[
 /// for a trusted hop. Forwarded, they would let a client bill another organisation or project
 /// on the upstream's account (`OpenAI-Organization`, `OpenAI-Project`), present its own key
 /// to a provider (Azure `api-key`, Gemini `x-goog-api-key`, Azure APIM), or pose as the
-/// user Open WebUI vouches for (`X-OpenWebUI-User-*`) or as another client address.
+/// user a trusted front end vouches for (`X-OpenWebUI-User-*`) or as another client address.
 const PROVIDER_HEADERS: &[&str] = &[
     "authorization",
     "cookie",
