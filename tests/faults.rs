@@ -63,9 +63,16 @@ impl Route {
 
 /// A gateway in front of `upstream` with short timeouts and the model list cached.
 async fn gateway(upstream: &str) -> (Gateway, String) {
+    gateway_idle(upstream, "1s").await
+}
+
+/// Like [`gateway`], with the given `read-idle` timeout.
+async fn gateway_idle(upstream: &str, read_idle: &str) -> (Gateway, String) {
     let gw = Setup::new()
         .ollama(upstream)
-        .toml("[models]\ncache-ttl = \"1h\"\n[timeouts]\nconnect = \"2s\"\nread-idle = \"1s\"")
+        .toml(&format!(
+            "[models]\ncache-ttl = \"1h\"\n[timeouts]\nconnect = \"2s\"\nread-idle = \"{read_idle}\""
+        ))
         .start()
         .await;
     let admin = gw.admin().await;
@@ -206,13 +213,44 @@ async fn garbage_instead_of_an_answer_gives_502_on_every_path() {
 async fn cut_after_first_byte(fault: Fault) {
     for route in ROUTES {
         let up = FaultyUpstream::start(fault).await;
-        let (gw, admin) = gateway(&up.url).await;
-        let r = route
+        // Only a stall needs the idle timeout; for the others a long one proves the fault
+        // itself, not a timeout, ends the stream.
+        let idle = if matches!(fault, Fault::Stall(_)) {
+            "1s"
+        } else {
+            "60s"
+        };
+        let (gw, admin) = gateway_idle(&up.url, idle).await;
+        // The start of a `Content-Length` body (and with it the head) may be held back until
+        // more of it arrives, so the client cannot tell the fake when it has it: the reset
+        // comes right after the first bytes, and ragway may see it before or after them.
+        let whole = matches!(fault, Fault::Reset(Framing::Length));
+        if whole {
+            up.proceed();
+        }
+        let mut r = route
             .request(&gw, &admin, &http_client())
             .send()
             .await
             .unwrap();
+        if whole && r.status() == 502 {
+            assert_error(r, 502, "Upstream").await;
+            no_leak(&gw).await;
+            continue;
+        }
         assert_eq!(r.status(), 200, "{route:?} {fault:?}");
+        // The head has reached the client: the fault now comes after the first byte.
+        if !matches!(
+            fault,
+            Fault::Stall(Framing::Length) | Fault::Reset(Framing::Length)
+        ) {
+            let first = tokio::time::timeout(Duration::from_secs(30), r.chunk())
+                .await
+                .expect("the first line arrives")
+                .expect("the first line arrives whole");
+            assert!(first.is_some_and(|c| !c.is_empty()), "{route:?} {fault:?}");
+        }
+        up.proceed();
         let body = drain_body(r).await;
         assert!(
             body.is_err(),
@@ -260,6 +298,35 @@ async fn a_whole_json_answer_reset_mid_way_ends_as_incomplete() {
 async fn a_malformed_chunk_ends_the_stream_as_incomplete() {
     let _serial = SERIAL.lock().await;
     cut_after_first_byte(Fault::BadChunk).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_json_answer_buffered_for_sources_is_a_502_not_unbounded_memory() {
+    let _serial = SERIAL.lock().await;
+    let up = FaultyUpstream::start(Fault::HugeJson { mib: 48 }).await;
+    let (gw, admin) = gateway(&up.url).await;
+    // `files` makes ragway add `sources` to a whole JSON answer, which it must buffer.
+    let r = http_client()
+        .post(format!("{}/api/chat/completions", gw.url))
+        .bearer_auth(&admin)
+        .json(&json!({
+            "model": MODEL,
+            "stream": false,
+            "messages": [{"role": "user", "content": "hi"}],
+            "files": [{"type": "text", "name": "notes", "content": "some context"}],
+        }))
+        .timeout(Duration::from_secs(60))
+        .send()
+        .await
+        .unwrap();
+    assert_error(r, 502, "too large").await;
+    no_leak(&gw).await;
+    eventually(
+        "the oversized upstream answer's connection to be closed",
+        Duration::from_secs(20),
+        || up.closed_by_peer() >= 1,
+    )
+    .await;
 }
 
 // ---------------------------------------------------------------------------

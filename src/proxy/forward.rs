@@ -46,6 +46,10 @@ pub struct SourcesReply {
     pub json: serde_json::Value,
 }
 
+/// Largest whole JSON answer buffered to add `sources` to it; a chat completion is a few KiB
+/// to a few MiB, so more means a broken or hostile upstream, not an answer.
+const MAX_JSON_ANSWER: usize = 32 * 1024 * 1024;
+
 /// Hop-by-hop headers (RFC 9110 §7.6.1) plus the framing headers ragway sets itself.
 const HOP_BY_HOP: &[&str] = &[
     "connection",
@@ -279,6 +283,18 @@ pub async fn forward(
             // A whole JSON answer: add `sources` at the top level, as Open WebUI does.
             let mut body = bytes::BytesMut::new();
             while let Some(chunk) = upstream.read_response_body().await? {
+                if body.len() + chunk.len() > MAX_JSON_ANSWER {
+                    tracing::warn!(upstream = %up.config.url, "upstream JSON answer over the buffering bound");
+                    // Dropping `upstream` (not released to the pool) closes that connection.
+                    let err = ApiError::new(
+                        502,
+                        format!(
+                            "Upstream answer too large: over {} MiB",
+                            MAX_JSON_ANSWER / (1024 * 1024)
+                        ),
+                    );
+                    return send_error(session, ctx, err).await;
+                }
                 body.extend_from_slice(&chunk);
             }
             let merged = match serde_json::from_slice::<serde_json::Value>(&body) {

@@ -51,10 +51,15 @@ pub enum Fault {
     Endless { every: Duration },
     /// Answers a whole JSON body with a different made-up status (200..=999) each time.
     Statuses,
+    /// Answers a chunked `application/json` body of this many MiB (never valid JSON).
+    HugeJson { mib: usize },
 }
 
 #[derive(Default)]
 struct Counters {
+    /// Lets `Reset` and `BadChunk` go on once the test has seen the first line arrive, so
+    /// the fault always comes after the first byte however slow the machine is.
+    proceed: tokio::sync::Notify,
     requests: AtomicUsize,
     /// Connections the gateway closed while the fake held them open for a fault.
     closed_by_peer: AtomicUsize,
@@ -97,6 +102,11 @@ impl FaultyUpstream {
     /// Connections the gateway closed while the fake was holding or streaming on them.
     pub fn closed_by_peer(&self) -> usize {
         self.counters.closed_by_peer.load(Ordering::SeqCst)
+    }
+
+    /// Lets a `Reset` or `BadChunk` fault happen (the test saw the first line arrive).
+    pub fn proceed(&self) {
+        self.counters.proceed.notify_one();
     }
 
     /// Closes the listener and every connection: from now on connections are refused.
@@ -208,7 +218,8 @@ async fn serve(mut s: TcpStream, fault: Fault, counters: Arc<Counters>) {
                 out.extend(chunk(framing, LINE));
                 let _ = s.write_all(&out).await;
                 let _ = s.flush().await;
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                let _ = tokio::time::timeout(Duration::from_secs(30), counters.proceed.notified())
+                    .await;
                 // Linger 0: closing sends RST instead of FIN. (Deprecated because a non-zero
                 // linger blocks on drop; zero resets at once.)
                 #[allow(deprecated)]
@@ -218,8 +229,10 @@ async fn serve(mut s: TcpStream, fault: Fault, counters: Arc<Counters>) {
             Fault::BadChunk => {
                 let mut out = stream_head(Framing::Chunked);
                 out.extend(chunk(Framing::Chunked, LINE));
-                out.extend_from_slice(b"zz-not-hex\r\nhello\r\n");
                 let _ = s.write_all(&out).await;
+                let _ = tokio::time::timeout(Duration::from_secs(30), counters.proceed.notified())
+                    .await;
+                let _ = s.write_all(b"zz-not-hex\r\nhello\r\n").await;
                 until_closed(&mut s).await;
             }
             Fault::BadStatusLine => {
@@ -270,6 +283,22 @@ async fn serve(mut s: TcpStream, fault: Fault, counters: Arc<Counters>) {
                     return;
                 }
                 continue;
+            }
+            Fault::HugeJson { mib } => {
+                let head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n";
+                if s.write_all(head).await.is_err() {
+                    closed(&counters);
+                    return;
+                }
+                let mib_chunk = chunk(Framing::Chunked, &vec![b'a'; 1024 * 1024]);
+                for _ in 0..mib {
+                    if s.write_all(&mib_chunk).await.is_err() {
+                        closed(&counters);
+                        return;
+                    }
+                }
+                let _ = s.write_all(b"0\r\n\r\n").await;
+                until_closed(&mut s).await;
             }
             Fault::Endless { every } => {
                 if s.write_all(&stream_head(Framing::Chunked)).await.is_err() {
