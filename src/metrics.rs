@@ -2,8 +2,12 @@
 //! dedicated metrics listener. Requests are counted in the proxy's `logging` phase, so
 //! error paths are counted too.
 //!
-//! Label rules: `group` is the route family (system, auth, models, chat, ollama, none),
-//! never a raw path, so cardinality stays bounded; `upstream` is the configured base URL.
+//! Label rules: every label value comes from a set fixed by the code or the configuration,
+//! never from the request, so a client cannot mint new series. `group` is the route family
+//! (system, auth, models, chat, ollama, files, knowledge, none), never a raw path; `method` is
+//! one of the standard methods or `other` ([`method_label`]); `status` is one of the codes
+//! ragway or common upstreams answer, else its class ([`status_label`]); `upstream` is a
+//! configured base URL; `reason` is a literal in the code (`&'static str`).
 
 use std::sync::LazyLock;
 
@@ -111,8 +115,52 @@ pub static MODEL_LIST_DURATION: LazyLock<Histogram> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
-pub fn auth_failure(reason: &str) {
+/// `reason` is a literal: a failure reason must never carry request data into a label.
+pub fn auth_failure(reason: &'static str) {
     AUTH_FAILURES.with_label_values(&[reason]).inc();
+}
+
+/// The `method` label: a standard method, or `other` for any extension token a client sends.
+#[must_use]
+pub fn method_label(method: &http::Method) -> &'static str {
+    match method.as_str() {
+        "GET" => "GET",
+        "HEAD" => "HEAD",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "DELETE" => "DELETE",
+        "PATCH" => "PATCH",
+        "OPTIONS" => "OPTIONS",
+        "CONNECT" => "CONNECT",
+        "TRACE" => "TRACE",
+        _ => "other",
+    }
+}
+
+/// Codes that keep their own `status` label: those ragway answers and common upstream ones.
+const KNOWN_STATUSES: &[&str] = &[
+    "100", "101", "200", "201", "202", "204", "206", "301", "302", "304", "307", "308", "400",
+    "401", "403", "404", "405", "408", "409", "411", "413", "414", "415", "422", "429", "431",
+    "499", "500", "501", "502", "503", "504",
+];
+
+/// The `status` label: codes ragway itself answers and those common upstreams send keep their
+/// number; any other code an upstream sends is folded into its class (`2xx` ... `5xx`), and
+/// `0` (no response was written: the client left) or an out-of-range code becomes `none`.
+#[must_use]
+pub fn status_label(status: u16) -> &'static str {
+    let code = status.to_string();
+    if let Some(known) = KNOWN_STATUSES.iter().find(|k| **k == code) {
+        return known;
+    }
+    match status / 100 {
+        1 => "1xx",
+        2 => "2xx",
+        3 => "3xx",
+        4 => "4xx",
+        5 => "5xx",
+        _ => "none",
+    }
 }
 
 /// Registers every metric so that `/metrics` lists them before the first request.
@@ -126,4 +174,24 @@ pub fn init() {
     LazyLock::force(&AUTH_FAILURES);
     LazyLock::force(&STREAMED_BYTES);
     LazyLock::force(&MODEL_LIST_DURATION);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_come_from_fixed_sets() {
+        let mut statuses: Vec<&str> = (0..=u16::MAX).map(status_label).collect();
+        statuses.sort_unstable();
+        statuses.dedup();
+        assert!(statuses.len() < 40, "{statuses:?}");
+        assert_eq!(status_label(200), "200");
+        assert_eq!(status_label(299), "2xx");
+        assert_eq!(status_label(0), "none");
+        assert_eq!(status_label(999), "none");
+        let weird = http::Method::from_bytes(b"X-RANDOM-42").unwrap();
+        assert_eq!(method_label(&weird), "other");
+        assert_eq!(method_label(&http::Method::PATCH), "PATCH");
+    }
 }

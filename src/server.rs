@@ -1,5 +1,13 @@
 //! Assembling and running the pingora server: the gateway service on the client-facing
 //! listener and the metrics service on its own listener.
+//!
+//! Shutdown: pingora's own SIGTERM handling sleeps the whole grace period however idle the
+//! server is, then waits as long again for blocking tasks. ragway drains instead: on SIGTERM
+//! the gateway stops accepting connections and closes idle keep-alive ones at once
+//! ([`Drained`]), the requests in flight run to completion, and the process exits as soon as
+//! none is left — or when `shutdown-grace` runs out, whichever comes first. Background work
+//! (file processing, graph builds, model-list refreshes) never holds the exit back: it is
+//! resumed or redone at the next start.
 
 use std::net::TcpStream;
 use std::sync::{Arc, Mutex};
@@ -10,8 +18,11 @@ use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use pingora::proxy::http_proxy_service_with_name;
 use pingora::server::configuration::ServerConf;
-use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
+use pingora::server::{
+    ListenFds, RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch,
+};
 use pingora::services::listening::Service;
+use tokio::sync::watch;
 
 use crate::app::App;
 use crate::proxy::Gateway;
@@ -57,13 +68,124 @@ impl pingora::services::background::BackgroundService for IngestWorkers {
     }
 }
 
-/// Builds the pingora server for `app`.
-pub fn build(app: Arc<App>) -> Server {
+/// A service that stops listening when ragway says so (`stop` turns `true`), not when pingora
+/// broadcasts its shutdown: pingora broadcasts only once it has decided to end the process,
+/// too late to let the requests in flight finish on their own schedule.
+struct Drained<S> {
+    inner: S,
+    stop: watch::Receiver<bool>,
+}
+
+#[async_trait]
+impl<S: pingora::services::Service> pingora::services::Service for Drained<S> {
+    async fn start_service(
+        &mut self,
+        fds: Option<ListenFds>,
+        _pingora_shutdown: ShutdownWatch,
+        listeners_per_fd: usize,
+    ) {
+        pingora::services::Service::start_service(
+            &mut self.inner,
+            fds,
+            self.stop.clone(),
+            listeners_per_fd,
+        )
+        .await;
+    }
+
+    fn name(&self) -> &str {
+        pingora::services::Service::name(&self.inner)
+    }
+
+    fn threads(&self) -> Option<usize> {
+        pingora::services::Service::threads(&self.inner)
+    }
+
+    fn listen_addresses(&self) -> Option<Vec<String>> {
+        pingora::services::Service::listen_addresses(&self.inner)
+    }
+}
+
+/// Tells the gateway to stop accepting connections. Must outlive the server: dropping it
+/// would end the listeners as if with an error.
+pub struct Drain(watch::Sender<bool>);
+
+impl Drain {
+    fn start(&self) {
+        self.0.send_replace(true);
+    }
+}
+
+/// Waits until no request is in flight, for at most `grace`. `false` when the grace ran out.
+async fn drained(grace: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + grace;
+    loop {
+        if crate::metrics::IN_FLIGHT.get() <= 0 {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The binary's signals: SIGTERM (and SIGQUIT: ragway does not hand sockets over to a new
+/// process) drain, SIGINT — or a second SIGINT while draining — stops at once.
+struct Signals {
+    drain: Drain,
+    grace: Duration,
+}
+
+#[async_trait]
+impl ShutdownSignalWatch for Signals {
+    async fn recv(&self) -> ShutdownSignal {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let mut quit = signal(SignalKind::quit()).expect("SIGQUIT handler");
+        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+        tokio::select! {
+            _ = int.recv() => {
+                tracing::info!("SIGINT: stopping now");
+                return ShutdownSignal::FastShutdown;
+            }
+            _ = term.recv() => {}
+            _ = quit.recv() => {}
+        }
+        tracing::info!(
+            in_flight = crate::metrics::IN_FLIGHT.get(),
+            grace_s = self.grace.as_secs_f64(),
+            "shutting down: no new connections; finishing the requests in flight"
+        );
+        self.drain.start();
+        tokio::select! {
+            done = drained(self.grace) => {
+                if done {
+                    tracing::info!("every request finished; exiting");
+                } else {
+                    tracing::warn!(
+                        in_flight = crate::metrics::IN_FLIGHT.get(),
+                        "shutdown grace period over; cutting the remaining requests"
+                    );
+                }
+            }
+            _ = int.recv() => tracing::info!("SIGINT while draining: stopping now"),
+        }
+        // Nothing is left to wait for, so pingora's grace sleep is 0 (see `build`).
+        ShutdownSignal::GracefulTerminate
+    }
+}
+
+/// Builds the pingora server for `app`, and the switch that makes its gateway stop accepting.
+pub fn build(app: Arc<App>) -> (Server, Drain) {
     let config = app.config.clone();
     let conf = ServerConf {
         threads: config.threads,
-        grace_period_seconds: Some(config.shutdown_grace.as_secs()),
-        graceful_shutdown_timeout_seconds: Some(config.shutdown_grace.as_secs().max(1)),
+        // ragway has drained before it tells pingora to shut down (`Signals`), so pingora
+        // must not sleep on top of that; blocking tasks (file extraction, embedding) get a
+        // second before the process leaves them behind.
+        grace_period_seconds: Some(0),
+        graceful_shutdown_timeout_seconds: Some(1),
         ..ServerConf::default()
     };
     let mut server =
@@ -77,26 +199,35 @@ pub fn build(app: Arc<App>) -> Server {
     let mut gateway =
         http_proxy_service_with_name(&server.configuration, Gateway { app }, "ragway gateway");
     gateway.add_tcp(&config.listen);
-    server.add_service(gateway);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    server.add_service(Drained {
+        inner: gateway,
+        stop: stop_rx,
+    });
     if let Some(addr) = &config.metrics_listen {
         let mut metrics = Service::new("ragway metrics".to_string(), MetricsApp);
         metrics.threads = Some(1);
         metrics.add_tcp(addr);
         server.add_service(metrics);
     }
-    server
+    (server, Drain(stop_tx))
 }
 
 /// Stops a server started with [`spawn`].
-struct ChannelShutdown(Mutex<Option<tokio::sync::oneshot::Receiver<()>>>);
+struct ChannelShutdown {
+    rx: Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
+    drain: Drain,
+}
 
 #[async_trait]
 impl ShutdownSignalWatch for ChannelShutdown {
     async fn recv(&self) -> ShutdownSignal {
-        let rx = self.0.lock().expect("shutdown lock").take();
+        let rx = self.rx.lock().expect("shutdown lock").take();
         if let Some(rx) = rx {
             let _ = rx.await;
         }
+        // Stop the listeners before this watch (and with it the switch) is dropped.
+        self.drain.start();
         ShutdownSignal::FastShutdown
     }
 }
@@ -143,12 +274,15 @@ impl Drop for Handle {
 pub fn spawn(app: Arc<App>, wait: Duration) -> std::io::Result<Handle> {
     let listen = app.config.listen.clone();
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let server = build(app.clone());
+    let (server, drain) = build(app.clone());
     let thread = std::thread::Builder::new()
         .name("ragway-server".into())
         .spawn(move || {
             server.run(RunArgs {
-                shutdown_signal: Box::new(ChannelShutdown(Mutex::new(Some(rx)))),
+                shutdown_signal: Box::new(ChannelShutdown {
+                    rx: Mutex::new(Some(rx)),
+                    drain,
+                }),
             });
         })?;
     let handle = Handle {
@@ -171,8 +305,11 @@ pub fn spawn(app: Arc<App>, wait: Duration) -> std::io::Result<Handle> {
     }
 }
 
-/// Runs in the foreground until SIGTERM (graceful) or SIGINT (fast).
+/// Runs in the foreground until SIGTERM (drain, then exit) or SIGINT (exit now).
 pub fn run_forever(app: Arc<App>) {
-    let server = build(app);
-    server.run(RunArgs::default());
+    let grace = app.config.shutdown_grace;
+    let (server, drain) = build(app);
+    server.run(RunArgs {
+        shutdown_signal: Box::new(Signals { drain, grace }),
+    });
 }

@@ -46,6 +46,10 @@ pub struct SourcesReply {
     pub json: serde_json::Value,
 }
 
+/// Largest whole JSON answer buffered to add `sources` to it; a chat completion is a few KiB
+/// to a few MiB, so more means a broken or hostile upstream, not an answer.
+const MAX_JSON_ANSWER: usize = 32 * 1024 * 1024;
+
 /// Hop-by-hop headers (RFC 9110 §7.6.1) plus the framing headers ragway sets itself.
 const HOP_BY_HOP: &[&str] = &[
     "connection",
@@ -63,22 +67,65 @@ const HOP_BY_HOP: &[&str] = &[
     "expect",
 ];
 
-/// Copies the client's headers minus hop-by-hop ones and every credential: the client's
-/// token or key is never forwarded; the upstream's configured key is sent instead.
+/// Client headers that carry credentials or billing/identity claims meant for a provider or
+/// for a trusted hop. Forwarded, they would let a client bill another organisation or project
+/// on the upstream's account (`OpenAI-Organization`, `OpenAI-Project`), present its own key
+/// to a provider (Azure `api-key`, Gemini `x-goog-api-key`, Azure APIM), or pose as the
+/// user a trusted front end vouches for (`X-OpenWebUI-User-*`) or as another client address.
+const PROVIDER_HEADERS: &[&str] = &[
+    "authorization",
+    "cookie",
+    "x-api-key",
+    "api-key",
+    "x-goog-api-key",
+    "ocp-apim-subscription-key",
+    "openai-organization",
+    "openai-project",
+    "anthropic-organization",
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-real-ip",
+];
+
+/// Header name prefixes stripped for the same reason as [`PROVIDER_HEADERS`].
+const PROVIDER_PREFIXES: &[&str] = &["x-openwebui-"];
+
+/// Names a message declares hop-by-hop in its `Connection` header (RFC 9110 §7.6.1): they
+/// are meant for the gateway alone and must not travel on.
+pub fn connection_listed(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+        .collect()
+}
+
+/// Whether a client header must not reach an upstream.
+fn stripped(name: &str, api_key_header: &str, listed: &[String]) -> bool {
+    HOP_BY_HOP.contains(&name)
+        || PROVIDER_HEADERS.contains(&name)
+        || PROVIDER_PREFIXES.iter().any(|p| name.starts_with(p))
+        || name.eq_ignore_ascii_case(api_key_header)
+        || listed.iter().any(|l| l == name)
+}
+
+/// Copies the client's headers minus hop-by-hop ones (fixed and `Connection`-declared) and
+/// every credential: the client's token or key is never forwarded; the upstream's configured
+/// key is sent instead.
 pub fn upstream_headers(
     client: &HeaderMap,
     api_key_header: &str,
     up: &Upstream,
     req: &mut RequestHeader,
 ) -> pingora::Result<()> {
+    let listed = connection_listed(client);
     for (name, value) in client {
-        let n = name.as_str();
-        if HOP_BY_HOP.contains(&n)
-            || n == "authorization"
-            || n == "cookie"
-            || n == api_key_header
-            || n == "x-api-key"
-        {
+        if stripped(name.as_str(), api_key_header, &listed) {
             continue;
         }
         req.append_header(name.clone(), value.clone())?;
@@ -236,6 +283,18 @@ pub async fn forward(
             // A whole JSON answer: add `sources` at the top level, as Open WebUI does.
             let mut body = bytes::BytesMut::new();
             while let Some(chunk) = upstream.read_response_body().await? {
+                if body.len() + chunk.len() > MAX_JSON_ANSWER {
+                    tracing::warn!(upstream = %up.config.url, "upstream JSON answer over the buffering bound");
+                    // Dropping `upstream` (not released to the pool) closes that connection.
+                    let err = ApiError::new(
+                        502,
+                        format!(
+                            "Upstream answer too large: over {} MiB",
+                            MAX_JSON_ANSWER / (1024 * 1024)
+                        ),
+                    );
+                    return send_error(session, ctx, err).await;
+                }
                 body.extend_from_slice(&chunk);
             }
             let merged = match serde_json::from_slice::<serde_json::Value>(&body) {
@@ -256,11 +315,15 @@ pub async fn forward(
             .filter(|_| content_type.starts_with("text/event-stream"))
             .map(|s| s.sse_event);
         let mut resp = ResponseHeader::build(head.status, Some(head.headers.len()))?;
+        let listed = connection_listed(&head.headers);
         for (name, value) in &head.headers {
             // With a prelude the length changes, so framing falls back to chunked.
             if HOP_BY_HOP.contains(&name.as_str())
                 && (name != header::CONTENT_LENGTH || prelude.is_some())
             {
+                continue;
+            }
+            if listed.iter().any(|l| l == name.as_str()) && name != header::CONTENT_LENGTH {
                 continue;
             }
             resp.append_header(name.clone(), value.clone())?;

@@ -25,6 +25,47 @@ use crate::http::router::{self, Match};
 use crate::metrics;
 use ctx::RequestCtx;
 
+/// Largest request head ragway serves (request line and headers). pingora itself accepts
+/// up to 1 MiB and 256 headers; no client of this API needs a fraction of that, and every
+/// byte of it is copied into each forwarded request.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// Most header lines in a request.
+const MAX_HEADERS: usize = 100;
+/// Longest request target.
+const MAX_URI_BYTES: usize = 8 * 1024;
+
+/// A 414/431 for a request head over ragway's limits.
+fn oversized_head(req: &RequestHeader) -> Option<ApiError> {
+    let uri = req.uri.to_string().len();
+    if uri > MAX_URI_BYTES {
+        return Some(ApiError::new(
+            414,
+            format!("Request URI too long: the limit is {MAX_URI_BYTES} bytes"),
+        ));
+    }
+    if req.headers.len() > MAX_HEADERS {
+        return Some(ApiError::new(
+            431,
+            format!("Too many request headers: the limit is {MAX_HEADERS}"),
+        ));
+    }
+    let bytes = uri
+        + req
+            .headers
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + 4)
+            .sum::<usize>();
+    (bytes > MAX_HEAD_BYTES).then(|| {
+        ApiError::new(
+            431,
+            format!(
+                "Request header fields too large: the limit is {} KiB",
+                MAX_HEAD_BYTES / 1024
+            ),
+        )
+    })
+}
+
 /// The gateway service.
 pub struct Gateway {
     pub app: Arc<App>,
@@ -66,6 +107,11 @@ impl ProxyHttp for Gateway {
         // error and drops the connection (the client sees "connection closed before message
         // completed"). With it, those bytes are kept for the next request.
         session.downstream_session.set_pipelining_enabled(true);
+        if let Some(e) = oversized_head(session.req_header()) {
+            // The body was not read: do not try to find the next request after it.
+            session.set_keepalive(None);
+            return self.answer_error(session, ctx, e).await;
+        }
         let method = session.req_header().method.clone();
         let path = session.req_header().uri.path().to_string();
         let (route, url_idx, tail, params) = match router::find(&method, &path) {
@@ -293,7 +339,11 @@ impl ProxyHttp for Gateway {
         let method = session.req_header().method.as_str().to_string();
         let elapsed = ctx.start.elapsed();
         metrics::REQUESTS
-            .with_label_values(&[group, method.as_str(), status.to_string().as_str()])
+            .with_label_values(&[
+                group,
+                metrics::method_label(&session.req_header().method),
+                metrics::status_label(status),
+            ])
             .inc();
         metrics::REQUEST_DURATION
             .with_label_values(&[group])

@@ -1,5 +1,6 @@
 #![allow(dead_code)]
 pub mod fake;
+pub mod faulty;
 pub mod gateway;
 pub mod raw;
 pub mod release;

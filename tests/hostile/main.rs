@@ -8,3 +8,4 @@ mod common;
 mod access;
 mod chat;
 mod support;
+mod wire;
