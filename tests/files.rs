@@ -353,14 +353,11 @@ async fn inline_upload_is_completed_and_has_open_webui_shape() {
     assert_eq!(v["user_id"], admin_id.as_str());
     assert_eq!(v["filename"], "notes.txt");
     assert_eq!(v["hash"], sha256_hex(text.as_bytes()).as_str());
+    // `path` is a storage key relative to the data dir: the server's layout stays private.
     let path = v["path"].as_str().unwrap();
-    let expected_path = gw
-        .dir
-        .path()
-        .join("uploads")
-        .join(format!("{id}_notes.txt"));
-    assert_eq!(Path::new(path), expected_path);
-    assert_eq!(std::fs::read(path).unwrap(), text.as_bytes());
+    assert_eq!(path, format!("uploads/{id}_notes.txt"));
+    let on_disk = gw.dir.path().join(path);
+    assert_eq!(std::fs::read(on_disk).unwrap(), text.as_bytes());
     assert_eq!(v["meta"]["name"], "notes.txt");
     assert_eq!(v["meta"]["content_type"], "text/plain");
     assert_eq!(v["meta"]["size"], text.len());
@@ -1240,7 +1237,7 @@ async fn delete_removes_blob_record_chunks_vectors_and_memberships() {
     assert_eq!(app.ingest.vectors.collection_len(&kb1), n + 1);
     assert_eq!(app.ingest.vectors.collection_len(&kb2), n);
     let chunk_ids = app.store.file_chunk_ids(&id).unwrap();
-    let blob = v["path"].as_str().unwrap().to_string();
+    let blob = gw.dir.path().join(v["path"].as_str().unwrap());
     assert!(Path::new(&blob).exists());
 
     let r = gw

@@ -11,6 +11,7 @@ pub mod vectors;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,6 +23,9 @@ use crate::config::{Config, EmbeddingEngine};
 use crate::embed::Embedder;
 use crate::store::{ChunkRecord, EmbeddingInfo, FileRecord, FileStatus, Store, now_secs};
 use vectors::VectorStore;
+
+/// Longest client-chosen part of a blob's file name, in bytes (names are limited to 255).
+const BLOB_NAME_MAX: usize = 128;
 
 /// Longest time text extraction of one file may take.
 const EXTRACT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -58,6 +62,23 @@ pub struct Ingest {
     /// Files being processed right now (by a worker or inline).
     running: Mutex<HashSet<String>>,
     permits: Arc<Semaphore>,
+    /// Uploads with `process_in_background=false` waiting for their own result.
+    inline_waiting: AtomicUsize,
+    /// Most such uploads at once (`rag.inline-queue`).
+    pub inline_queue: usize,
+}
+
+/// Longest an inline upload (`process_in_background=false`) waits for its file: after that
+/// it answers with the status as it is (still pending) and the worker finishes later.
+const INLINE_WAIT: Duration = Duration::from_secs(600);
+
+/// A place among the uploads waiting for inline processing; released on drop.
+pub struct InlineTicket<'a>(&'a Ingest);
+
+impl Drop for InlineTicket<'_> {
+    fn drop(&mut self) {
+        self.0.inline_waiting.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Removes a file from `running` when processing ends, however it ends.
@@ -108,6 +129,8 @@ impl Ingest {
             wake: Notify::new(),
             running: Mutex::new(HashSet::new()),
             permits: Arc::new(Semaphore::new(rag.workers)),
+            inline_waiting: AtomicUsize::new(0),
+            inline_queue: rag.inline_queue,
         }
     }
 
@@ -182,6 +205,30 @@ impl Ingest {
             // Wake on a new upload, or re-scan periodically as a safety net.
             let _ = tokio::time::timeout(Duration::from_secs(5), self.wake.notified()).await;
         }
+    }
+
+    /// A place among the inline uploads, or `None` when `inline_queue` are already waiting.
+    /// Taken before the body is read, so a refused upload stores nothing.
+    pub fn inline_ticket(&self) -> Option<InlineTicket<'_>> {
+        self.inline_waiting
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.inline_queue).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| InlineTicket(self))
+    }
+
+    /// Inline processing of a queued upload: the file goes through the same worker pool as
+    /// background uploads (so at most `workers` files are processed at once, however many
+    /// clients ask for inline processing) and the caller waits for its result.
+    pub async fn process_inline(&self, _ticket: &InlineTicket<'_>, id: &str) -> Option<FileRecord> {
+        self.notify();
+        self.wait_done(id, INLINE_WAIT).await
+    }
+
+    /// Whether a worker (or an inline call) is processing the file right now.
+    pub fn is_running(&self, id: &str) -> bool {
+        self.running.lock().expect("running lock").contains(id)
     }
 
     /// Processes a file now (inline upload or a worker). Returns the final record; when
@@ -400,12 +447,27 @@ impl Ingest {
     }
 
     /// Stores an uploaded file's blob path for `id` and `filename`: `{uuid}_{basename}` under
-    /// the upload dir, as Open WebUI names them.
+    /// the upload dir, as Open WebUI names them. The name part is only a hint for humans
+    /// looking at the directory (the id makes it unique): separators and control characters
+    /// become `_` and it is cut to [`BLOB_NAME_MAX`] bytes, so no client-chosen name can
+    /// leave the directory or exceed the file system's name limit.
     pub fn blob_path(&self, id: &str, filename: &str) -> PathBuf {
         let base = Path::new(filename)
             .file_name()
-            .map(|n| n.to_string_lossy().replace(['/', '\\'], "_"))
+            .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "file".into());
-        self.upload_dir.join(format!("{id}_{base}"))
+        let mut safe = String::new();
+        for c in base.chars() {
+            let c = if c.is_control() || c == '/' || c == '\\' {
+                '_'
+            } else {
+                c
+            };
+            if safe.len() + c.len_utf8() > BLOB_NAME_MAX {
+                break;
+            }
+            safe.push(c);
+        }
+        self.upload_dir.join(format!("{id}_{safe}"))
     }
 }
