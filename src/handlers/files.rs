@@ -406,9 +406,8 @@ async fn receive(
                     serde_json::from_str::<Value>(&text)
                         .ok()
                         .filter(Value::is_object)
-                        .ok_or_else(|| {
-                            ApiError::bad_request("Invalid metadata format: expected a JSON object")
-                        })?
+                        // Open WebUI's message, word for word.
+                        .ok_or_else(|| ApiError::bad_request("Invalid metadata format"))?
                 });
             }
             _ => {

@@ -6,3 +6,4 @@
 mod common;
 
 mod support;
+mod files;
