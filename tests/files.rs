@@ -1678,3 +1678,69 @@ async fn kill_9_mid_processing_leaves_the_file_pending_then_completes() {
     assert_eq!(store.chunks(&chunk_ids).unwrap().len(), n);
     assert!(store.queued_files().unwrap().is_empty());
 }
+
+/// `content=true` (Open WebUI's default) listings share one text budget: a page of large
+/// files is cut, and says so, instead of carrying every text whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_text_is_bounded_by_a_shared_budget() {
+    let gw = Setup::new()
+        .toml("[rag]\nchunk-size = 4000\nchunk-overlap = 0")
+        .start()
+        .await;
+    let admin = gw.admin().await;
+    // Three texts of ~900 KiB with a multi-byte character at every position mod 3.
+    let text: String = "é word ".repeat(900 * 1024 / 8);
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let v = upload_sync(
+            &gw,
+            &admin,
+            &format!("big{i}.txt"),
+            "text/plain",
+            text.as_bytes(),
+        )
+        .await;
+        assert_eq!(v["data"]["status"], "completed", "{v}");
+        ids.push(v["id"].as_str().unwrap().to_string());
+    }
+    let list = get_json(&gw, "/api/v1/files/", &admin).await;
+    let items = list["items"].as_array().unwrap();
+    assert_eq!(items.len(), 3);
+    let mut total = 0;
+    let mut cut = 0;
+    for item in items {
+        let content = item["data"]["content"].as_str().unwrap();
+        total += content.len();
+        if item["data"]["content_truncated"] == true {
+            cut += 1;
+            let id = item["id"].as_str().unwrap();
+            let whole = get_json(&gw, &format!("/api/v1/files/{id}/data/content"), &admin).await;
+            let whole = whole["content"].as_str().unwrap().to_string();
+            assert!(
+                content.len() < whole.len() && whole.starts_with(content),
+                "a prefix"
+            );
+        } else {
+            assert!(item["data"].get("content_truncated").is_none());
+        }
+    }
+    assert!(
+        total <= 2 * 1024 * 1024,
+        "{total} bytes of text in one page"
+    );
+    assert!(
+        cut >= 1,
+        "the page went over the budget, so something was cut"
+    );
+    // The whole text stays available per file.
+    for id in &ids {
+        let v = get_json(&gw, &format!("/api/v1/files/{id}/data/content"), &admin).await;
+        assert!(v["content"].as_str().unwrap().len() > 800 * 1024);
+    }
+    // Without content, nothing to cut.
+    let list = get_json(&gw, "/api/v1/files/?content=false", &admin).await;
+    for item in list["items"].as_array().unwrap() {
+        assert!(item["data"].get("content").is_none());
+        assert!(item["data"].get("content_truncated").is_none());
+    }
+}

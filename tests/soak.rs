@@ -100,7 +100,7 @@ async fn upload(gw: &Gateway, token: &str, i: usize, inline: bool) -> Result<Str
 async fn chat(gw: &Gateway, token: &str, n: usize, file: Option<&str>) -> Result<(), String> {
     let mut body = json!({
         "model": "m:latest",
-        "stream": n % 2 == 0,
+        "stream": n.is_multiple_of(2),
         "messages": [{"role": "user", "content": format!("question {n} about {}", TOPICS[n % TOPICS.len()])}],
     });
     if let Some(f) = file {
@@ -146,7 +146,7 @@ async fn soak(gw: &Arc<Gateway>, token: &str, total: usize, parallel: usize, inl
                 if i >= total {
                     break;
                 }
-                let inline = i % inline_every == 0;
+                let inline = i.is_multiple_of(inline_every);
                 match upload(&gw, &token, i, inline).await {
                     Ok(id) => {
                         if inline {
@@ -160,7 +160,7 @@ async fn soak(gw: &Arc<Gateway>, token: &str, total: usize, parallel: usize, inl
         }));
     }
     let mut chatters = Vec::new();
-    for c in 0..2 {
+    for c in 0..2usize {
         let (gw, token) = (gw.clone(), token.to_string());
         let (failures, completed, done, chats) = (
             failures.clone(),
@@ -171,7 +171,7 @@ async fn soak(gw: &Arc<Gateway>, token: &str, total: usize, parallel: usize, inl
         chatters.push(tokio::spawn(async move {
             let mut n = c;
             while !done.load(Ordering::Relaxed) {
-                let file = if n % 3 == 0 {
+                let file = if n.is_multiple_of(3) {
                     let c = completed.lock().await;
                     (!c.is_empty()).then(|| c[n % c.len()].clone())
                 } else {

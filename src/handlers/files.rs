@@ -20,7 +20,7 @@ const PAGE_SIZE: usize = 50;
 /// Bytes of extracted text one listing page carries in total (`content=true`).
 const LIST_CONTENT_BUDGET: usize = 2 * 1024 * 1024;
 /// Longest a status stream stays open for a file that is still queued or processing.
-const STATUS_STREAM_MAX: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+const STATUS_STREAM_MAX: std::time::Duration = std::time::Duration::from_mins(15);
 
 /// `data` of a file: status, error and (optionally) the extracted content.
 fn data_json(f: &FileRecord, content: Option<String>) -> Value {
@@ -300,6 +300,33 @@ async fn store_field(
     Ok((size, hex::encode(hasher.finalize())))
 }
 
+/// Field `file`: its checked name, content type, size and SHA-256, the bytes in `tmp`.
+async fn receive_file(
+    app: &App,
+    field: &mut multer::Field<'_>,
+    process: bool,
+    tmp: &std::path::Path,
+) -> Result<(String, String, u64, String), ApiError> {
+    let filename = upload_filename(field.file_name())?;
+    let ext = extension(&filename);
+    let allowed = &app.config.rag.allowed_extensions;
+    if process && !allowed.is_empty() && !allowed.contains(&ext) {
+        return Err(ApiError::bad_request(format!(
+            "File type {ext} is not allowed"
+        )));
+    }
+    let content_type = field
+        .content_type()
+        .map(|m| m.essence_str().to_string())
+        .filter(|m| m != "application/octet-stream")
+        .unwrap_or_else(|| crate::ingest::content_type_for(&ext).to_string());
+    tokio::fs::create_dir_all(&app.ingest.upload_dir)
+        .await
+        .map_err(|e| ApiError::internal(format!("cannot create the upload dir: {e}")))?;
+    let (size, sha256) = store_field(field, tmp, app.config.rag.file_max_bytes).await?;
+    Ok((filename, content_type, size, sha256))
+}
+
 /// Reads the multipart body, streaming field `file` to a temporary file (one chunk in
 /// memory at a time) while hashing and counting it. Every field has a size limit enforced
 /// while streaming (a chunked body has no `Content-Length` to check first), and so have
@@ -374,26 +401,7 @@ async fn receive(
                         "Only one file per upload: the field `file` appears twice",
                     ));
                 }
-                let filename = upload_filename(field.file_name())?;
-                let ext = extension(&filename);
-                let allowed = &app.config.rag.allowed_extensions;
-                if process && !allowed.is_empty() && !allowed.contains(&ext) {
-                    return Err(ApiError::bad_request(format!(
-                        "File type {ext} is not allowed"
-                    )));
-                }
-                let content_type = field
-                    .content_type()
-                    .map(|m| m.essence_str().to_string())
-                    .filter(|m| m != "application/octet-stream")
-                    .unwrap_or_else(|| crate::ingest::content_type_for(&ext).to_string());
-                tokio::fs::create_dir_all(&app.ingest.upload_dir)
-                    .await
-                    .map_err(|e| {
-                        ApiError::internal(format!("cannot create the upload dir: {e}"))
-                    })?;
-                let (size, sha256) = store_field(&mut field, tmp, limit).await?;
-                file = Some((filename, content_type, size, sha256));
+                file = Some(receive_file(app, &mut field, process, tmp).await?);
             }
             Some("metadata") => {
                 if metadata.is_some() {
@@ -495,15 +503,14 @@ pub async fn upload(app: &App, session: &mut Session, ctx: &RequestCtx) -> Handl
         let _ = tokio::fs::remove_file(&path).await;
         return Err(e.into());
     }
-    let record = match &ticket {
-        // Deliberate difference: the answer carries the real final status.
-        Some(t) => app.ingest.process_inline(t, &id).await.unwrap_or(record),
-        None => {
-            if process {
-                app.ingest.notify();
-            }
-            record
+    // Deliberate difference: an inline answer carries the real final status.
+    let record = if let Some(t) = &ticket {
+        app.ingest.process_inline(t, &id).await.unwrap_or(record)
+    } else {
+        if process {
+            app.ingest.notify();
         }
+        record
     };
     let mut body = file_json(&record, None);
     body["status"] = json!(true);

@@ -70,7 +70,7 @@ pub struct Ingest {
 
 /// Longest an inline upload (`process_in_background=false`) waits for its file: after that
 /// it answers with the status as it is (still pending) and the worker finishes later.
-const INLINE_WAIT: Duration = Duration::from_secs(600);
+const INLINE_WAIT: Duration = Duration::from_mins(10);
 
 /// A place among the uploads waiting for inline processing; released on drop.
 pub struct InlineTicket<'a>(&'a Ingest);
