@@ -5,5 +5,5 @@
 #[path = "../common/mod.rs"]
 mod common;
 
-mod support;
 mod files;
+mod support;
