@@ -10,11 +10,13 @@ pub mod bulk;
 pub mod vectors;
 
 use std::collections::HashSet;
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, Semaphore, watch};
 
@@ -199,7 +201,15 @@ impl Ingest {
                 let me = self.clone();
                 tokio::spawn(async move {
                     let _permit = permit;
-                    me.process_claimed(&id).await;
+                    // A panic anywhere in the pipeline (an embedder, a parser) would
+                    // otherwise leave the file pending and queued: retried for ever, its
+                    // status never recorded.
+                    let run = AssertUnwindSafe(me.process_claimed(&id))
+                        .catch_unwind()
+                        .await;
+                    if run.is_err() {
+                        me.fail_after_panic(&id);
+                    }
                 });
             }
             // Wake on a new upload, or re-scan periodically as a safety net.
@@ -304,6 +314,27 @@ impl Ingest {
             }
         }
         Some(file)
+    }
+
+    /// Records a file whose processing panicked as failed (and off the queue).
+    fn fail_after_panic(&self, id: &str) {
+        tracing::error!(file = id, "file processing panicked");
+        if let Ok(Some(mut f)) = self.store.file(id)
+            && f.status == Some(FileStatus::Pending)
+        {
+            f.status = Some(FileStatus::Failed);
+            f.error = Some("internal error while processing the file".into());
+            f.hash = None;
+            f.updated_at = now_secs();
+            match self.store.fail_file(&f) {
+                Ok(removed) => {
+                    let kbs = self.store.file_knowledge(id).unwrap_or_default();
+                    self.vectors.remove_file(id, &removed, &kbs);
+                }
+                Err(e) => tracing::error!(file = id, error = %e, "cannot record failure"),
+            }
+        }
+        self.bump();
     }
 
     /// Makes the chunks searchable in memory first, then commits: once the database says
@@ -469,5 +500,83 @@ impl Ingest {
             safe.push(c);
         }
         self.upload_dir.join(format!("{id}_{safe}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct PanickingEmbedder;
+
+    #[async_trait::async_trait]
+    impl Embedder for PanickingEmbedder {
+        fn model(&self) -> &'static str {
+            "panics"
+        }
+        fn dim(&self) -> usize {
+            4
+        }
+        async fn embed(
+            &self,
+            _texts: Vec<String>,
+        ) -> Result<Vec<Vec<f32>>, crate::embed::EmbedError> {
+            panic!("embedder bug");
+        }
+    }
+
+    fn record(id: &str, path: &Path) -> FileRecord {
+        FileRecord {
+            id: id.into(),
+            user_id: "u".into(),
+            filename: "a.txt".into(),
+            path: path.display().to_string(),
+            hash: None,
+            status: Some(FileStatus::Pending),
+            error: None,
+            meta: serde_json::json!({"content_type": "text/plain"}),
+            embedding: None,
+            chunk_count: 0,
+            created_at: 0,
+            updated_at: 0,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panicking_pipeline_fails_the_file_instead_of_leaving_it_queued() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = crate::config::build(
+            crate::config::file::FileConfig::default(),
+            &std::collections::HashMap::<String, String>::new(),
+            &crate::config::Overrides::default(),
+        )
+        .unwrap();
+        config.data_dir = dir.path().to_path_buf();
+        let store = Arc::new(Store::open(&dir.path().join("t.redb")).unwrap());
+        let ingest = Arc::new(Ingest::new(
+            &config,
+            store.clone(),
+            Ok(Arc::new(PanickingEmbedder)),
+            None,
+        ));
+        let blob = dir.path().join("a.txt");
+        std::fs::write(&blob, "some text to embed").unwrap();
+        store.insert_file(&record("f1", &blob), true).unwrap();
+        tokio::spawn(ingest.clone().run_workers());
+        let f = ingest
+            .wait_done("f1", Duration::from_secs(120))
+            .await
+            .unwrap();
+        assert_eq!(f.status, Some(FileStatus::Failed), "{f:?}");
+        assert!(f.error.unwrap().contains("internal error"));
+        assert!(store.queued_files().unwrap().is_empty(), "off the queue");
+        // The pool is still usable: its permit came back.
+        store.insert_file(&record("f2", &blob), true).unwrap();
+        ingest.notify();
+        let f = ingest
+            .wait_done("f2", Duration::from_secs(120))
+            .await
+            .unwrap();
+        assert_eq!(f.status, Some(FileStatus::Failed));
     }
 }
