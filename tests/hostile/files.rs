@@ -105,41 +105,10 @@ fn file_head(filename: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn malformed_multipart_bodies_are_400() {
+/// Asserts a 400 for an upload with content type `ct` and `body`, and that nothing stayed.
+async fn refused_400(ct: &str, body: Vec<u8>) {
     let (gw, admin) = gateway().await;
-    let ok_body = file_body("a.txt", "text/plain", b"hello", None);
-    // No boundary parameter.
-    let r = post_upload(&gw, &admin, "", "multipart/form-data", ok_body.clone()).await;
-    support::clear_error(r, 400).await;
-    // Not multipart at all.
-    let r = post_upload(
-        &gw,
-        &admin,
-        "",
-        "application/json",
-        b"{\"file\":1}".to_vec(),
-    )
-    .await;
-    support::clear_error(r, 400).await;
-    // Truncated: the body stops inside the file, no closing boundary.
-    let cut = ok_body[..ok_body.len() - BOUNDARY.len() - 10].to_vec();
-    let r = post_upload(&gw, &admin, "", &multipart_ct(), cut).await;
-    support::clear_error(r, 400).await;
-    // A part whose header block never ends.
-    let unterminated = format!(
-        "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.txt\"\r\n"
-    );
-    let r = post_upload(&gw, &admin, "", &multipart_ct(), unterminated.into_bytes()).await;
-    support::clear_error(r, 400).await;
-    // Only a metadata field, no file.
-    let only_meta = multipart(&[Part {
-        name: "metadata",
-        filename: None,
-        content_type: None,
-        bytes: b"{}",
-    }]);
-    let r = post_upload(&gw, &admin, "", &multipart_ct(), only_meta).await;
+    let r = post_upload(&gw, &admin, "", ct, body).await;
     support::clear_error(r, 400).await;
     assert!(
         uploads(&gw).is_empty(),
@@ -148,6 +117,47 @@ async fn malformed_multipart_bodies_are_400() {
     );
     assert!(gw.app().store.files().unwrap().is_empty());
     support::alive(&gw).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multipart_without_boundary_is_400() {
+    refused_400(
+        "multipart/form-data",
+        file_body("a.txt", "text/plain", b"hello", None),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_that_is_not_multipart_is_400() {
+    refused_400("application/json", b"{\"file\":1}".to_vec()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncated_multipart_is_400() {
+    // The body stops inside the file, with no closing boundary.
+    let body = file_body("a.txt", "text/plain", b"hello", None);
+    let cut = body[..body.len() - BOUNDARY.len() - 10].to_vec();
+    refused_400(&multipart_ct(), cut).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unterminated_part_headers_are_400() {
+    let unterminated = format!(
+        "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.txt\"\r\n"
+    );
+    refused_400(&multipart_ct(), unterminated.into_bytes()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multipart_without_a_file_field_is_400() {
+    let only_meta = multipart(&[Part {
+        name: "metadata",
+        filename: None,
+        content_type: None,
+        bytes: b"{}",
+    }]);
+    refused_400(&multipart_ct(), only_meta).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -209,7 +219,7 @@ async fn huge_part_headers_are_413() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn metadata_limits_and_shape() {
+async fn oversized_metadata_is_413() {
     let (gw, admin) = gateway().await;
     // 100 KiB of metadata: over the 64 KiB limit.
     let big = format!("{{\"k\":\"{}\"}}", "m".repeat(100 * 1024));
@@ -224,6 +234,13 @@ async fn metadata_limits_and_shape() {
     let head = format!("--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"metadata\"\r\n\r\n");
     let (status, body) = chunked_upload(&gw, &admin, head.as_bytes(), 8 * 1024 * 1024).await;
     assert_eq!(status, 413, "{body}");
+    assert!(uploads(&gw).is_empty(), "{:?}", uploads(&gw));
+    support::alive(&gw).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_that_is_not_a_json_object_is_400() {
+    let (gw, admin) = gateway().await;
     // Not JSON, and JSON that is not an object.
     for bad in ["not json", "[1,2,3]", "\"text\"", "42"] {
         let body = file_body("a.txt", "text/plain", b"hello", Some(bad));
@@ -349,22 +366,23 @@ async fn unknown_fields_are_small_and_few() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hostile_file_names() {
+async fn file_names_with_control_characters_are_400() {
     let (gw, admin) = gateway().await;
-    // A control character (here a NUL) in the name.
-    let body = file_body("a\u{0}b.txt", "text/plain", b"hello", None);
-    support::clear_error(
-        post_upload(&gw, &admin, "", &multipart_ct(), body).await,
-        400,
-    )
-    .await;
-    let body = file_body("a\u{1b}[31mred.txt", "text/plain", b"hello", None);
-    support::clear_error(
-        post_upload(&gw, &admin, "", &multipart_ct(), body).await,
-        400,
-    )
-    .await;
-    // A 10 KB name.
+    for name in ["a\u{0}b.txt", "a\u{1b}[31mred.txt", "line\u{7f}.txt"] {
+        let body = file_body(name, "text/plain", b"hello", None);
+        support::clear_error(
+            post_upload(&gw, &admin, "", &multipart_ct(), body).await,
+            400,
+        )
+        .await;
+    }
+    assert!(uploads(&gw).is_empty(), "{:?}", uploads(&gw));
+    support::alive(&gw).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_kilobyte_file_name_is_400() {
+    let (gw, admin) = gateway().await;
     let long = format!("{}.txt", "n".repeat(10 * 1024));
     let body = file_body(&long, "text/plain", b"hello", None);
     let v = support::clear_error(
@@ -374,7 +392,13 @@ async fn hostile_file_names() {
     .await;
     assert!(v["detail"].as_str().unwrap().contains("longer"), "{v}");
     assert!(uploads(&gw).is_empty(), "{:?}", uploads(&gw));
-    // A path: only its last component is kept, and the blob stays in the upload dir.
+    support::alive(&gw).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_in_file_name_stays_in_the_upload_dir() {
+    let (gw, admin) = gateway().await;
+    // Only the last component is kept, and the blob stays in the upload dir.
     let body = file_body("../../etc/evil.txt", "text/plain", b"hello", None);
     let r = post_upload(&gw, &admin, "?process=false", &multipart_ct(), body).await;
     assert_eq!(r.status(), 200);
@@ -394,6 +418,10 @@ async fn hostile_file_names() {
     let body = file_body("..\\..\\win.txt", "text/plain", b"hello", None);
     let r = post_upload(&gw, &admin, "?process=false", &multipart_ct(), body).await;
     assert_eq!(r.json::<Value>().await.unwrap()["filename"], "win.txt");
+    // A name that is only dots.
+    let body = file_body("..", "text/plain", b"hello", None);
+    let r = post_upload(&gw, &admin, "?process=false", &multipart_ct(), body).await;
+    assert_eq!(r.json::<Value>().await.unwrap()["filename"], "file");
     support::alive(&gw).await;
 }
 
