@@ -733,3 +733,78 @@ pub fn delete_everywhere(app: &App, id: &str) -> Result<(), ApiError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn part(headers: &str, body: &[u8]) -> Vec<u8> {
+        let mut v = format!("--b\r\n{headers}\r\n\r\n").into_bytes();
+        v.extend_from_slice(body);
+        v.extend_from_slice(b"\r\n");
+        v
+    }
+
+    fn feed_in(guard: &mut HeaderGuard, data: &[u8], piece: usize) -> Result<(), BodyError> {
+        data.chunks(piece).try_for_each(|c| guard.feed(c))
+    }
+
+    #[test]
+    fn header_guard_counts_headers_not_bodies_across_chunk_edges() {
+        let mut body = part(
+            "Content-Disposition: form-data; name=\"file\"",
+            &[b'x'; 100_000],
+        );
+        body.extend(part(
+            "Content-Disposition: form-data; name=\"metadata\"",
+            b"{}",
+        ));
+        body.extend_from_slice(b"--b--\r\n");
+        for piece in [1, 2, 3, 7, 64, 4096, body.len()] {
+            let mut g = HeaderGuard::new("b");
+            assert!(feed_in(&mut g, &body, piece).is_ok(), "piece {piece}");
+        }
+        let long = format!("X-Pad: {}", "y".repeat(PART_HEADER_MAX));
+        let bad = part(&long, b"data");
+        for piece in [1, 5, 4096, bad.len()] {
+            let mut g = HeaderGuard::new("b");
+            assert!(
+                matches!(
+                    feed_in(&mut g, &bad, piece),
+                    Err(BodyError::PartHeaderTooLarge)
+                ),
+                "piece {piece}"
+            );
+        }
+        // A long preamble before the first boundary.
+        let mut pre = vec![b'p'; PART_HEADER_MAX + 1];
+        pre.extend(part("Content-Disposition: form-data; name=\"file\"", b"x"));
+        assert!(feed_in(&mut HeaderGuard::new("b"), &pre, 1000).is_err());
+        // Headers that only look ended inside the preamble do not reset the count.
+        let mut tricky = b"\r\n\r\n".to_vec();
+        tricky.extend(vec![b'q'; PART_HEADER_MAX]);
+        assert!(feed_in(&mut HeaderGuard::new("b"), &tricky, 3).is_err());
+    }
+
+    #[test]
+    fn pages_never_overflow() {
+        let items = [1, 2, 3, 4, 5];
+        assert_eq!(page_of(&items, 1, 2), &[1, 2]);
+        assert_eq!(page_of(&items, 3, 2), &[5]);
+        assert!(page_of(&items, usize::MAX, 50).is_empty());
+        assert!(page_of(&items, 2, usize::MAX).is_empty());
+        assert_eq!(page_of(&items, 0, 2), &[1, 2]);
+        assert!(page_param(Some("page=99999999999999999999")).is_err());
+        assert!(page_param(Some("page=0")).is_err());
+    }
+
+    #[test]
+    fn upload_names() {
+        assert_eq!(upload_filename(Some("../../a.txt")).unwrap(), "a.txt");
+        assert_eq!(upload_filename(Some("c:\\x\\b.pdf")).unwrap(), "b.pdf");
+        assert_eq!(upload_filename(Some("dir/")).unwrap(), "file");
+        assert_eq!(upload_filename(None).unwrap(), "file");
+        assert!(upload_filename(Some("a\0b")).is_err());
+        assert!(upload_filename(Some(&"n".repeat(256))).is_err());
+    }
+}
