@@ -353,14 +353,11 @@ async fn inline_upload_is_completed_and_has_open_webui_shape() {
     assert_eq!(v["user_id"], admin_id.as_str());
     assert_eq!(v["filename"], "notes.txt");
     assert_eq!(v["hash"], sha256_hex(text.as_bytes()).as_str());
+    // `path` is a storage key relative to the data dir: the server's layout stays private.
     let path = v["path"].as_str().unwrap();
-    let expected_path = gw
-        .dir
-        .path()
-        .join("uploads")
-        .join(format!("{id}_notes.txt"));
-    assert_eq!(Path::new(path), expected_path);
-    assert_eq!(std::fs::read(path).unwrap(), text.as_bytes());
+    assert_eq!(path, format!("uploads/{id}_notes.txt"));
+    let on_disk = gw.dir.path().join(path);
+    assert_eq!(std::fs::read(on_disk).unwrap(), text.as_bytes());
     assert_eq!(v["meta"]["name"], "notes.txt");
     assert_eq!(v["meta"]["content_type"], "text/plain");
     assert_eq!(v["meta"]["size"], text.len());
@@ -1240,7 +1237,7 @@ async fn delete_removes_blob_record_chunks_vectors_and_memberships() {
     assert_eq!(app.ingest.vectors.collection_len(&kb1), n + 1);
     assert_eq!(app.ingest.vectors.collection_len(&kb2), n);
     let chunk_ids = app.store.file_chunk_ids(&id).unwrap();
-    let blob = v["path"].as_str().unwrap().to_string();
+    let blob = gw.dir.path().join(v["path"].as_str().unwrap());
     assert!(Path::new(&blob).exists());
 
     let r = gw
@@ -1680,4 +1677,70 @@ async fn kill_9_mid_processing_leaves_the_file_pending_then_completes() {
     assert_eq!(vectors, n);
     assert_eq!(store.chunks(&chunk_ids).unwrap().len(), n);
     assert!(store.queued_files().unwrap().is_empty());
+}
+
+/// `content=true` (Open WebUI's default) listings share one text budget: a page of large
+/// files is cut, and says so, instead of carrying every text whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_text_is_bounded_by_a_shared_budget() {
+    let gw = Setup::new()
+        .toml("[rag]\nchunk-size = 4000\nchunk-overlap = 0")
+        .start()
+        .await;
+    let admin = gw.admin().await;
+    // Three texts of ~900 KiB with a multi-byte character at every position mod 3.
+    let text: String = "é word ".repeat(900 * 1024 / 8);
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let v = upload_sync(
+            &gw,
+            &admin,
+            &format!("big{i}.txt"),
+            "text/plain",
+            text.as_bytes(),
+        )
+        .await;
+        assert_eq!(v["data"]["status"], "completed", "{v}");
+        ids.push(v["id"].as_str().unwrap().to_string());
+    }
+    let list = get_json(&gw, "/api/v1/files/", &admin).await;
+    let items = list["items"].as_array().unwrap();
+    assert_eq!(items.len(), 3);
+    let mut total = 0;
+    let mut cut = 0;
+    for item in items {
+        let content = item["data"]["content"].as_str().unwrap();
+        total += content.len();
+        if item["data"]["content_truncated"] == true {
+            cut += 1;
+            let id = item["id"].as_str().unwrap();
+            let whole = get_json(&gw, &format!("/api/v1/files/{id}/data/content"), &admin).await;
+            let whole = whole["content"].as_str().unwrap().to_string();
+            assert!(
+                content.len() < whole.len() && whole.starts_with(content),
+                "a prefix"
+            );
+        } else {
+            assert!(item["data"].get("content_truncated").is_none());
+        }
+    }
+    assert!(
+        total <= 2 * 1024 * 1024,
+        "{total} bytes of text in one page"
+    );
+    assert!(
+        cut >= 1,
+        "the page went over the budget, so something was cut"
+    );
+    // The whole text stays available per file.
+    for id in &ids {
+        let v = get_json(&gw, &format!("/api/v1/files/{id}/data/content"), &admin).await;
+        assert!(v["content"].as_str().unwrap().len() > 800 * 1024);
+    }
+    // Without content, nothing to cut.
+    let list = get_json(&gw, "/api/v1/files/?content=false", &admin).await;
+    for item in list["items"].as_array().unwrap() {
+        assert!(item["data"].get("content").is_none());
+        assert!(item["data"].get("content_truncated").is_none());
+    }
 }

@@ -75,6 +75,8 @@ pub struct RagFile {
     pub allowed_extensions: Option<Vec<String>>,
     /// Files processed concurrently.
     pub workers: Option<usize>,
+    /// Inline-processing uploads waiting at once.
+    pub inline_queue: Option<usize>,
     /// How long `file/add` waits for a file that is still processing.
     pub file_add_wait: Option<String>,
     /// Collections with more vectors than this get an HNSW graph; smaller ones are searched

@@ -108,6 +108,9 @@ pub struct RagConfig {
     /// Lowercase extensions without dot; empty = every supported type.
     pub allowed_extensions: Vec<String>,
     pub workers: usize,
+    /// Uploads with `process_in_background=false` that may wait for their result at once;
+    /// more get a 503.
+    pub inline_queue: usize,
     pub file_add_wait: Duration,
     pub hnsw_threshold: usize,
     pub vector_index: crate::index::GraphKind,
@@ -638,6 +641,10 @@ fn rag_config(
     if workers == 0 {
         return err("rag.workers: must be at least 1");
     }
+    let inline_queue = r.inline_queue.unwrap_or(32);
+    if inline_queue == 0 {
+        return err("rag.inline-queue: must be at least 1");
+    }
     let file_add_wait = duration(
         "rag.file-add-wait",
         r.file_add_wait.as_deref().unwrap_or("60s"),
@@ -732,6 +739,7 @@ fn rag_config(
             file_max_bytes: max_mb * 1024 * 1024,
             allowed_extensions,
             workers,
+            inline_queue,
             file_add_wait,
             hnsw_threshold,
             vector_index,

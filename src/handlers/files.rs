@@ -3,6 +3,7 @@
 use std::io;
 
 use bytes::Bytes;
+use futures_util::StreamExt;
 use pingora::proxy::Session;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -16,6 +17,10 @@ use crate::proxy::ctx::RequestCtx;
 use crate::store::{FileRecord, FileStatus, Role, now_secs};
 
 const PAGE_SIZE: usize = 50;
+/// Bytes of extracted text one listing page carries in total (`content=true`).
+const LIST_CONTENT_BUDGET: usize = 2 * 1024 * 1024;
+/// Longest a status stream stays open for a file that is still queued or processing.
+const STATUS_STREAM_MAX: std::time::Duration = std::time::Duration::from_mins(15);
 
 /// `data` of a file: status, error and (optionally) the extracted content.
 fn data_json(f: &FileRecord, content: Option<String>) -> Value {
@@ -32,6 +37,19 @@ fn data_json(f: &FileRecord, content: Option<String>) -> Value {
     d
 }
 
+/// The `path` clients see: a storage key relative to the data directory
+/// (`uploads/{id}_{name}`). Open WebUI returns the server's absolute path here; that would
+/// tell every user where the gateway keeps its data (its user name, mounts, layout), which
+/// is useful only to an attacker, and no client can open it anyway. Clients treat the
+/// field as opaque.
+fn storage_key(f: &FileRecord) -> String {
+    let name = std::path::Path::new(&f.path)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    format!("uploads/{name}")
+}
+
 /// Open WebUI's `FileModel` shape.
 pub fn file_json(f: &FileRecord, content: Option<String>) -> Value {
     json!({
@@ -39,7 +57,7 @@ pub fn file_json(f: &FileRecord, content: Option<String>) -> Value {
         "user_id": f.user_id,
         "hash": f.hash,
         "filename": f.filename,
-        "path": f.path,
+        "path": storage_key(f),
         "data": data_json(f, content),
         "meta": f.meta,
         "created_at": f.created_at,
@@ -73,6 +91,185 @@ fn extension(name: &str) -> String {
         .unwrap_or_default()
 }
 
+/// Largest `metadata` field: a small JSON object (Open WebUI sends a few ids).
+const METADATA_MAX: u64 = 64 * 1024;
+/// Largest field of any other name; such fields are read and ignored, as Open WebUI's form
+/// parser ignores them, but they cannot be used to make the gateway buffer or skip much.
+const OTHER_FIELD_MAX: u64 = 1024;
+/// Most parts in one upload.
+const MAX_FIELDS: usize = 16;
+/// Largest part header block (and preamble before the first boundary): multer keeps these
+/// bytes in memory until the blank line that ends them, whatever their length.
+const PART_HEADER_MAX: usize = 16 * 1024;
+/// Longest file name, in bytes (what file systems allow for one name).
+const FILENAME_MAX: usize = 255;
+
+/// Largest whole multipart body for a file limit: the file plus everything else a valid
+/// upload can hold. A chunked body (no `Content-Length`) is stopped there while streaming.
+fn body_limit(file_limit: u64) -> u64 {
+    file_limit
+        + METADATA_MAX
+        + (MAX_FIELDS * PART_HEADER_MAX) as u64
+        + MAX_FIELDS as u64 * OTHER_FIELD_MAX
+}
+
+/// Why the request body stream stopped, as seen by multer.
+#[derive(Debug)]
+enum BodyError {
+    /// The client's body could not be read (disconnect, bad chunked encoding).
+    Read(String),
+    /// A part header (or the preamble) grew past [`PART_HEADER_MAX`].
+    PartHeaderTooLarge,
+}
+
+impl std::fmt::Display for BodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BodyError::Read(e) => write!(f, "reading the request body failed: {e}"),
+            BodyError::PartHeaderTooLarge => write!(f, "a part header is too large"),
+        }
+    }
+}
+
+impl std::error::Error for BodyError {}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Region {
+    Preamble,
+    Headers,
+    Body,
+}
+
+/// Watches the raw multipart bytes for the regions multer buffers without a limit of its
+/// own: the preamble and each part's header block (it waits for the blank line that ends
+/// them). Part bodies are bounded by the per-field limits instead.
+struct HeaderGuard {
+    first: Vec<u8>,
+    delim: Vec<u8>,
+    region: Region,
+    counted: usize,
+    /// Last bytes of the previous chunk (after the last match): a pattern split across
+    /// two chunks is still found.
+    tail: Vec<u8>,
+}
+
+fn find(hay: &[u8], pat: &[u8]) -> Option<usize> {
+    let first = *pat.first()?;
+    let mut from = 0;
+    while let Some(i) = hay[from..].iter().position(|b| *b == first) {
+        let at = from + i;
+        if hay.len() - at < pat.len() {
+            return None;
+        }
+        if &hay[at..at + pat.len()] == pat {
+            return Some(at);
+        }
+        from = at + 1;
+    }
+    None
+}
+
+impl HeaderGuard {
+    fn new(boundary: &str) -> HeaderGuard {
+        HeaderGuard {
+            first: format!("--{boundary}").into_bytes(),
+            delim: format!("\r\n--{boundary}").into_bytes(),
+            region: Region::Preamble,
+            counted: 0,
+            tail: Vec::new(),
+        }
+    }
+
+    fn feed(&mut self, chunk: &[u8]) -> Result<(), BodyError> {
+        let mut data = std::mem::take(&mut self.tail);
+        let old = data.len();
+        data.extend_from_slice(chunk);
+        let mut pos = 0;
+        loop {
+            let pat: &[u8] = match self.region {
+                Region::Preamble => &self.first,
+                Region::Headers => b"\r\n\r\n",
+                Region::Body => &self.delim,
+            };
+            let found = find(&data[pos..], pat).map(|i| pos + i + pat.len());
+            let upto = found.unwrap_or(data.len());
+            if self.region != Region::Body {
+                // Bytes before `old` were counted by the previous call.
+                self.counted += upto.saturating_sub(pos.max(old));
+                if self.counted > PART_HEADER_MAX {
+                    return Err(BodyError::PartHeaderTooLarge);
+                }
+            }
+            let Some(end) = found else {
+                let keep = pos.max(data.len().saturating_sub(pat.len() - 1));
+                self.tail = data[keep..].to_vec();
+                return Ok(());
+            };
+            self.region = match self.region {
+                Region::Preamble | Region::Body => Region::Headers,
+                Region::Headers => Region::Body,
+            };
+            self.counted = 0;
+            pos = end;
+        }
+    }
+}
+
+/// A multer error as the client's error: over a limit → 413, anything else → 400.
+fn multipart_error(e: multer::Error, file_limit: u64) -> ApiError {
+    match e {
+        multer::Error::FieldSizeExceeded { field_name, .. } => match field_name.as_deref() {
+            Some("file") => too_large(file_limit),
+            Some("metadata") => ApiError::new(
+                413,
+                format!(
+                    "The metadata field is larger than {} KiB",
+                    METADATA_MAX / 1024
+                ),
+            ),
+            other => ApiError::new(
+                413,
+                format!(
+                    "Form field {:?} is larger than {OTHER_FIELD_MAX} bytes: only `file` and `metadata` may carry data",
+                    other.unwrap_or_default()
+                ),
+            ),
+        },
+        multer::Error::StreamSizeExceeded { .. } => too_large(file_limit),
+        multer::Error::StreamReadFailed(err) => match err.downcast_ref::<BodyError>() {
+            Some(BodyError::PartHeaderTooLarge) => ApiError::new(
+                413,
+                format!(
+                    "A multipart part header is larger than {} KiB",
+                    PART_HEADER_MAX / 1024
+                ),
+            ),
+            _ => ApiError::bad_request(format!("Malformed multipart body: {err}")),
+        },
+        other => ApiError::bad_request(format!("Malformed multipart body: {other}")),
+    }
+}
+
+/// The stored name of an upload: its last path component, as Open WebUI keeps it.
+fn upload_filename(raw: Option<&str>) -> Result<String, ApiError> {
+    let raw = raw.unwrap_or_default();
+    if raw.chars().any(char::is_control) {
+        return Err(ApiError::bad_request(
+            "The file name contains control characters",
+        ));
+    }
+    if raw.len() > FILENAME_MAX {
+        return Err(ApiError::bad_request(format!(
+            "The file name is longer than {FILENAME_MAX} bytes"
+        )));
+    }
+    let base = raw.rsplit(['/', '\\']).next().unwrap_or_default();
+    Ok(match base {
+        "" | "." | ".." => "file".to_string(),
+        b => b.to_string(),
+    })
+}
+
 /// What the multipart body contained.
 struct Upload {
     filename: String,
@@ -83,13 +280,62 @@ struct Upload {
     metadata: Value,
 }
 
+/// Streams field `file` to `tmp` while hashing and counting it.
+async fn store_field(
+    field: &mut multer::Field<'_>,
+    tmp: &std::path::Path,
+    limit: u64,
+) -> Result<(u64, String), ApiError> {
+    let io_err = |e: io::Error| ApiError::internal(format!("cannot store the upload: {e}"));
+    let mut out = tokio::fs::File::create(tmp).await.map_err(io_err)?;
+    let mut hasher = Sha256::new();
+    let mut size = 0u64;
+    while let Some(chunk) = field.chunk().await.map_err(|e| multipart_error(e, limit))? {
+        size += chunk.len() as u64;
+        hasher.update(&chunk);
+        out.write_all(&chunk).await.map_err(io_err)?;
+    }
+    out.flush().await.map_err(io_err)?;
+    out.sync_all().await.map_err(io_err)?;
+    Ok((size, hex::encode(hasher.finalize())))
+}
+
+/// Field `file`: its checked name, content type, size and SHA-256, the bytes in `tmp`.
+async fn receive_file(
+    app: &App,
+    field: &mut multer::Field<'_>,
+    process: bool,
+    tmp: &std::path::Path,
+) -> Result<(String, String, u64, String), ApiError> {
+    let filename = upload_filename(field.file_name())?;
+    let ext = extension(&filename);
+    let allowed = &app.config.rag.allowed_extensions;
+    if process && !allowed.is_empty() && !allowed.contains(&ext) {
+        return Err(ApiError::bad_request(format!(
+            "File type {ext} is not allowed"
+        )));
+    }
+    let content_type = field
+        .content_type()
+        .map(|m| m.essence_str().to_string())
+        .filter(|m| m != "application/octet-stream")
+        .unwrap_or_else(|| crate::ingest::content_type_for(&ext).to_string());
+    tokio::fs::create_dir_all(&app.ingest.upload_dir)
+        .await
+        .map_err(|e| ApiError::internal(format!("cannot create the upload dir: {e}")))?;
+    let (size, sha256) = store_field(field, tmp, app.config.rag.file_max_bytes).await?;
+    Ok((filename, content_type, size, sha256))
+}
+
 /// Reads the multipart body, streaming field `file` to a temporary file (one chunk in
-/// memory at a time) while hashing and counting it.
+/// memory at a time) while hashing and counting it. Every field has a size limit enforced
+/// while streaming (a chunked body has no `Content-Length` to check first), and so have
+/// part headers and the number of parts. On error the caller removes the temporary file.
 async fn receive(
     app: &App,
     session: &mut Session,
     process: bool,
-    id: &str,
+    tmp: &std::path::Path,
 ) -> Result<Upload, ApiError> {
     let limit = app.config.rag.file_max_bytes;
     let ct = session
@@ -108,97 +354,82 @@ async fn receive(
         .get(::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
-        && len > limit + 1024 * 1024
+        && len > body_limit(limit)
     {
         return Err(too_large(limit));
     }
     http::expect_continue(session).await;
+    let mut guard = HeaderGuard::new(&boundary);
     let body = futures_util::stream::unfold(session, |s| async move {
         match s.read_request_body().await {
-            Ok(Some(b)) => Some((Ok::<Bytes, io::Error>(b), s)),
+            Ok(Some(b)) => Some((Ok::<Bytes, BodyError>(b), s)),
             Ok(None) => None,
-            Err(e) => Some((Err(io::Error::other(e.to_string())), s)),
+            Err(e) => Some((Err(BodyError::Read(e.to_string())), s)),
         }
+    })
+    .map(move |item| {
+        let b = item?;
+        guard.feed(&b)?;
+        Ok::<Bytes, BodyError>(b)
     });
-    let mut multipart = multer::Multipart::new(body, boundary);
-    let bad = |e: multer::Error| ApiError::bad_request(format!("Malformed multipart body: {e}"));
-    let mut file: Option<(String, String, u64, String, std::path::PathBuf)> = None;
-    let mut metadata = json!({});
-    while let Some(mut field) = multipart.next_field().await.map_err(bad)? {
+    let constraints = multer::Constraints::new().size_limit(
+        multer::SizeLimit::new()
+            .whole_stream(body_limit(limit))
+            .per_field(OTHER_FIELD_MAX)
+            .for_field("file", limit)
+            .for_field("metadata", METADATA_MAX),
+    );
+    let mut multipart = multer::Multipart::with_constraints(body, boundary, constraints);
+    let mut file: Option<(String, String, u64, String)> = None;
+    let mut metadata: Option<Value> = None;
+    let mut fields = 0;
+    while let Some(mut field) = multipart
+        .next_field()
+        .await
+        .map_err(|e| multipart_error(e, limit))?
+    {
+        fields += 1;
+        if fields > MAX_FIELDS {
+            return Err(ApiError::bad_request(format!(
+                "Too many form fields: an upload has at most {MAX_FIELDS}"
+            )));
+        }
         match field.name() {
-            Some("file") if file.is_none() => {
-                let filename = field
-                    .file_name()
-                    .filter(|n| !n.is_empty())
-                    .unwrap_or("file")
-                    .to_string();
-                let ext = extension(&filename);
-                let allowed = &app.config.rag.allowed_extensions;
-                if process && !allowed.is_empty() && !allowed.contains(&ext) {
-                    return Err(ApiError::bad_request(format!(
-                        "File type {ext} is not allowed"
-                    )));
+            Some("file") => {
+                if file.is_some() {
+                    return Err(ApiError::bad_request(
+                        "Only one file per upload: the field `file` appears twice",
+                    ));
                 }
-                let content_type = field
-                    .content_type()
-                    .map(|m| m.essence_str().to_string())
-                    .filter(|m| m != "application/octet-stream")
-                    .unwrap_or_else(|| crate::ingest::content_type_for(&ext).to_string());
-                tokio::fs::create_dir_all(&app.ingest.upload_dir)
-                    .await
-                    .map_err(|e| {
-                        ApiError::internal(format!("cannot create the upload dir: {e}"))
-                    })?;
-                let tmp = app.ingest.upload_dir.join(format!(".upload-{id}"));
-                let mut out = tokio::fs::File::create(&tmp)
-                    .await
-                    .map_err(|e| ApiError::internal(format!("cannot store the upload: {e}")))?;
-                let mut hasher = Sha256::new();
-                let mut size = 0u64;
-                let written: Result<(), ApiError> = async {
-                    while let Some(chunk) = field.chunk().await.map_err(bad)? {
-                        size += chunk.len() as u64;
-                        if size > limit {
-                            return Err(too_large(limit));
-                        }
-                        hasher.update(&chunk);
-                        out.write_all(&chunk).await.map_err(|e| {
-                            ApiError::internal(format!("cannot store the upload: {e}"))
-                        })?;
-                    }
-                    out.flush()
-                        .await
-                        .map_err(|e| ApiError::internal(format!("cannot store the upload: {e}")))?;
-                    out.sync_all()
-                        .await
-                        .map_err(|e| ApiError::internal(format!("cannot store the upload: {e}")))
-                }
-                .await;
-                if let Err(e) = written {
-                    let _ = tokio::fs::remove_file(&tmp).await;
-                    return Err(e);
-                }
-                file = Some((
-                    filename,
-                    content_type,
-                    size,
-                    hex::encode(hasher.finalize()),
-                    tmp,
-                ));
+                file = Some(receive_file(app, &mut field, process, tmp).await?);
             }
             Some("metadata") => {
-                let text = field.text().await.map_err(bad)?;
-                if !text.trim().is_empty() {
-                    metadata = serde_json::from_str::<Value>(&text)
+                if metadata.is_some() {
+                    return Err(ApiError::bad_request("The field `metadata` appears twice"));
+                }
+                let text = field.text().await.map_err(|e| multipart_error(e, limit))?;
+                metadata = Some(if text.trim().is_empty() {
+                    json!({})
+                } else {
+                    serde_json::from_str::<Value>(&text)
                         .ok()
                         .filter(Value::is_object)
-                        .ok_or_else(|| ApiError::bad_request("Invalid metadata format"))?;
-                }
+                        // Open WebUI's message, word for word.
+                        .ok_or_else(|| ApiError::bad_request("Invalid metadata format"))?
+                });
             }
-            _ => {}
+            _ => {
+                // Read (bounded by OTHER_FIELD_MAX) and ignored.
+                while field
+                    .chunk()
+                    .await
+                    .map_err(|e| multipart_error(e, limit))?
+                    .is_some()
+                {}
+            }
         }
     }
-    let Some((filename, content_type, size, sha256, tmp)) = file else {
+    let Some((filename, content_type, size, sha256)) = file else {
         return Err(ApiError::bad_request(
             "No file uploaded: send it in the multipart field `file`",
         ));
@@ -208,8 +439,8 @@ async fn receive(
         content_type,
         size,
         sha256,
-        tmp,
-        metadata,
+        tmp: tmp.to_path_buf(),
+        metadata: metadata.unwrap_or_else(|| json!({})),
     })
 }
 
@@ -218,13 +449,27 @@ pub async fn upload(app: &App, session: &mut Session, ctx: &RequestCtx) -> Handl
     let q = query(session);
     let process = http::query_bool(q.as_deref(), "process")?.unwrap_or(true);
     let background = http::query_bool(q.as_deref(), "process_in_background")?.unwrap_or(true);
+    // Taken before the body is read: a refused inline upload costs no disk and no work.
+    let ticket = if process && !background {
+        Some(app.ingest.inline_ticket().ok_or_else(|| {
+            ApiError::new(
+                503,
+                format!(
+                    "Too many uploads are waiting for inline processing (at most {}); retry later or use process_in_background=true",
+                    app.ingest.inline_queue
+                ),
+            )
+        })?)
+    } else {
+        None
+    };
     let id = uuid::Uuid::new_v4().to_string();
-    let up = match receive(app, session, process, &id).await {
+    let tmp = app.ingest.upload_dir.join(format!(".upload-{id}"));
+    let up = match receive(app, session, process, &tmp).await {
         Ok(u) => u,
         Err(e) => {
             // Whatever was written before the error must not stay behind.
-            let tmp = app.ingest.upload_dir.join(format!(".upload-{id}"));
-            let _ = tokio::fs::remove_file(tmp).await;
+            let _ = tokio::fs::remove_file(&tmp).await;
             return Err(e);
         }
     };
@@ -258,9 +503,9 @@ pub async fn upload(app: &App, session: &mut Session, ctx: &RequestCtx) -> Handl
         let _ = tokio::fs::remove_file(&path).await;
         return Err(e.into());
     }
-    let record = if process && !background {
-        // Deliberate difference: the answer carries the real final status.
-        app.ingest.process(&id).await.unwrap_or(record)
+    // Deliberate difference: an inline answer carries the real final status.
+    let record = if let Some(t) = &ticket {
+        app.ingest.process_inline(t, &id).await.unwrap_or(record)
     } else {
         if process {
             app.ingest.notify();
@@ -289,15 +534,36 @@ pub fn list(app: &App, session: &Session, ctx: &RequestCtx) -> HandlerResult {
             .then_with(|| b.created_at.cmp(&a.created_at))
     });
     let total = files.len();
+    // Open WebUI includes every file's text by default; a page of 50 large files would be
+    // gigabytes. The texts share one budget: past it, `data.content` is cut (at a character
+    // boundary) and `data.content_truncated` says so; the whole text stays available from
+    // `/files/{id}` and `/files/{id}/data/content`.
+    let mut budget = LIST_CONTENT_BUDGET;
     let items: Vec<Value> = page_of(&files, page, PAGE_SIZE)
         .iter()
         .map(|f| {
-            let content = if with_content {
+            let mut content = if with_content {
                 app.store.file_text(&f.id).ok().flatten()
             } else {
                 None
             };
-            file_json(f, content)
+            let mut truncated = false;
+            if let Some(c) = &mut content {
+                if c.len() > budget {
+                    let mut cut = budget;
+                    while !c.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    c.truncate(cut);
+                    truncated = true;
+                }
+                budget -= c.len();
+            }
+            let mut item = file_json(f, content);
+            if truncated {
+                item["data"]["content_truncated"] = json!(true);
+            }
+            item
         })
         .collect();
     Ok(Outcome::Reply(Reply::ok(
@@ -305,10 +571,10 @@ pub fn list(app: &App, session: &Session, ctx: &RequestCtx) -> HandlerResult {
     )))
 }
 
-/// The items of 1-based page `page`.
+/// The items of 1-based page `page` (a page past the end, however far, is empty).
 pub fn page_of<T>(items: &[T], page: usize, size: usize) -> &[T] {
-    let start = ((page - 1) * size).min(items.len());
-    &items[start..(start + size).min(items.len())]
+    let start = page.saturating_sub(1).saturating_mul(size).min(items.len());
+    &items[start..start.saturating_add(size).min(items.len())]
 }
 
 /// `?page=N`, 1-based.
@@ -344,29 +610,58 @@ fn status_json(f: &FileRecord) -> Value {
 }
 
 /// SSE: one event per status change (and at least one per second) until the file is
-/// completed or failed, at most 2 hours, as Open WebUI does.
+/// completed or failed, as Open WebUI does. Open WebUI keeps the stream open for 2 hours
+/// whatever happens; here it also ends, with a last event carrying `"final": true` and a
+/// `reason`, when the status can never change (the file was uploaded with `process=false`,
+/// or is pending but neither queued nor being processed) and after [`STATUS_STREAM_MAX`].
 pub async fn stream_status(app: &App, session: &mut Session, id: &str) -> pingora::Result<u16> {
     let mut resp = pingora::http::ResponseHeader::build(200, Some(3))?;
     resp.insert_header(::http::header::CONTENT_TYPE, "text/event-stream")?;
     resp.insert_header(::http::header::CACHE_CONTROL, "no-cache")?;
     session.write_response_header(Box::new(resp), false).await?;
     let mut rx = app.ingest.watch();
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2 * 3600);
+    let deadline = tokio::time::Instant::now() + STATUS_STREAM_MAX;
     let mut last: Option<Value> = None;
     loop {
-        let event = match app.store.file(id).ok().flatten() {
-            Some(f) => status_json(&f),
-            None => json!({"status": "not_found"}),
+        let record = app.store.file(id).ok().flatten();
+        let (mut event, done) = match &record {
+            Some(f) => {
+                let e = status_json(f);
+                let done = e["status"] != "pending";
+                (e, done)
+            }
+            None => (json!({"status": "not_found"}), true),
         };
-        let done = event["status"] != "pending";
-        if last.as_ref() != Some(&event) || done {
+        let stuck = match &record {
+            Some(f) if !done && f.status.is_none() => {
+                Some("the file was uploaded with process=false and is not processed")
+            }
+            Some(f) if !done && !app.ingest.is_running(&f.id) => match app.store.is_queued(&f.id) {
+                Ok(false)
+                    if app.store.file(id).ok().flatten().map(|g| g.status) == Some(f.status) =>
+                {
+                    Some("the file is neither queued nor being processed")
+                }
+                _ => None,
+            },
+            _ => None,
+        };
+        let timed_out = !done && tokio::time::Instant::now() > deadline;
+        if let Some(reason) =
+            stuck.or(timed_out.then_some("the status did not change in time; poll it again later"))
+        {
+            event["final"] = json!(true);
+            event["reason"] = json!(reason);
+        }
+        let end = done || event.get("final").is_some();
+        if last.as_ref() != Some(&event) || end {
             let line = format!("data: {event}\n\n");
             session
                 .write_response_body(Some(Bytes::from(line)), false)
                 .await?;
             last = Some(event);
         }
-        if done || tokio::time::Instant::now() > deadline {
+        if end {
             break;
         }
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), rx.changed()).await;
@@ -437,4 +732,79 @@ pub fn delete_everywhere(app: &App, id: &str) -> Result<(), ApiError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn part(headers: &str, body: &[u8]) -> Vec<u8> {
+        let mut v = format!("--b\r\n{headers}\r\n\r\n").into_bytes();
+        v.extend_from_slice(body);
+        v.extend_from_slice(b"\r\n");
+        v
+    }
+
+    fn feed_in(guard: &mut HeaderGuard, data: &[u8], piece: usize) -> Result<(), BodyError> {
+        data.chunks(piece).try_for_each(|c| guard.feed(c))
+    }
+
+    #[test]
+    fn header_guard_counts_headers_not_bodies_across_chunk_edges() {
+        let mut body = part(
+            "Content-Disposition: form-data; name=\"file\"",
+            &[b'x'; 100_000],
+        );
+        body.extend(part(
+            "Content-Disposition: form-data; name=\"metadata\"",
+            b"{}",
+        ));
+        body.extend_from_slice(b"--b--\r\n");
+        for piece in [1, 2, 3, 7, 64, 4096, body.len()] {
+            let mut g = HeaderGuard::new("b");
+            assert!(feed_in(&mut g, &body, piece).is_ok(), "piece {piece}");
+        }
+        let long = format!("X-Pad: {}", "y".repeat(PART_HEADER_MAX));
+        let bad = part(&long, b"data");
+        for piece in [1, 5, 4096, bad.len()] {
+            let mut g = HeaderGuard::new("b");
+            assert!(
+                matches!(
+                    feed_in(&mut g, &bad, piece),
+                    Err(BodyError::PartHeaderTooLarge)
+                ),
+                "piece {piece}"
+            );
+        }
+        // A long preamble before the first boundary.
+        let mut pre = vec![b'p'; PART_HEADER_MAX + 1];
+        pre.extend(part("Content-Disposition: form-data; name=\"file\"", b"x"));
+        assert!(feed_in(&mut HeaderGuard::new("b"), &pre, 1000).is_err());
+        // Headers that only look ended inside the preamble do not reset the count.
+        let mut tricky = b"\r\n\r\n".to_vec();
+        tricky.extend(vec![b'q'; PART_HEADER_MAX]);
+        assert!(feed_in(&mut HeaderGuard::new("b"), &tricky, 3).is_err());
+    }
+
+    #[test]
+    fn pages_never_overflow() {
+        let items = [1, 2, 3, 4, 5];
+        assert_eq!(page_of(&items, 1, 2), &[1, 2]);
+        assert_eq!(page_of(&items, 3, 2), &[5]);
+        assert!(page_of(&items, usize::MAX, 50).is_empty());
+        assert!(page_of(&items, 2, usize::MAX).is_empty());
+        assert_eq!(page_of(&items, 0, 2), &[1, 2]);
+        assert!(page_param(Some("page=99999999999999999999")).is_err());
+        assert!(page_param(Some("page=0")).is_err());
+    }
+
+    #[test]
+    fn upload_names() {
+        assert_eq!(upload_filename(Some("../../a.txt")).unwrap(), "a.txt");
+        assert_eq!(upload_filename(Some("c:\\x\\b.pdf")).unwrap(), "b.pdf");
+        assert_eq!(upload_filename(Some("dir/")).unwrap(), "file");
+        assert_eq!(upload_filename(None).unwrap(), "file");
+        assert!(upload_filename(Some("a\0b")).is_err());
+        assert!(upload_filename(Some(&"n".repeat(256))).is_err());
+    }
 }

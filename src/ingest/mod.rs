@@ -10,10 +10,13 @@ pub mod bulk;
 pub mod vectors;
 
 use std::collections::HashSet;
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, Semaphore, watch};
 
@@ -22,6 +25,9 @@ use crate::config::{Config, EmbeddingEngine};
 use crate::embed::Embedder;
 use crate::store::{ChunkRecord, EmbeddingInfo, FileRecord, FileStatus, Store, now_secs};
 use vectors::VectorStore;
+
+/// Longest client-chosen part of a blob's file name, in bytes (names are limited to 255).
+const BLOB_NAME_MAX: usize = 128;
 
 /// Longest time text extraction of one file may take.
 const EXTRACT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -58,6 +64,23 @@ pub struct Ingest {
     /// Files being processed right now (by a worker or inline).
     running: Mutex<HashSet<String>>,
     permits: Arc<Semaphore>,
+    /// Uploads with `process_in_background=false` waiting for their own result.
+    inline_waiting: AtomicUsize,
+    /// Most such uploads at once (`rag.inline-queue`).
+    pub inline_queue: usize,
+}
+
+/// Longest an inline upload (`process_in_background=false`) waits for its file: after that
+/// it answers with the status as it is (still pending) and the worker finishes later.
+const INLINE_WAIT: Duration = Duration::from_mins(10);
+
+/// A place among the uploads waiting for inline processing; released on drop.
+pub struct InlineTicket<'a>(&'a Ingest);
+
+impl Drop for InlineTicket<'_> {
+    fn drop(&mut self) {
+        self.0.inline_waiting.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Removes a file from `running` when processing ends, however it ends.
@@ -108,6 +131,8 @@ impl Ingest {
             wake: Notify::new(),
             running: Mutex::new(HashSet::new()),
             permits: Arc::new(Semaphore::new(rag.workers)),
+            inline_waiting: AtomicUsize::new(0),
+            inline_queue: rag.inline_queue,
         }
     }
 
@@ -176,12 +201,44 @@ impl Ingest {
                 let me = self.clone();
                 tokio::spawn(async move {
                     let _permit = permit;
-                    me.process_claimed(&id).await;
+                    // A panic anywhere in the pipeline (an embedder, a parser) would
+                    // otherwise leave the file pending and queued: retried for ever, its
+                    // status never recorded.
+                    let run = AssertUnwindSafe(me.process_claimed(&id))
+                        .catch_unwind()
+                        .await;
+                    if run.is_err() {
+                        me.fail_after_panic(&id);
+                    }
                 });
             }
             // Wake on a new upload, or re-scan periodically as a safety net.
             let _ = tokio::time::timeout(Duration::from_secs(5), self.wake.notified()).await;
         }
+    }
+
+    /// A place among the inline uploads, or `None` when `inline_queue` are already waiting.
+    /// Taken before the body is read, so a refused upload stores nothing.
+    pub fn inline_ticket(&self) -> Option<InlineTicket<'_>> {
+        self.inline_waiting
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.inline_queue).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| InlineTicket(self))
+    }
+
+    /// Inline processing of a queued upload: the file goes through the same worker pool as
+    /// background uploads (so at most `workers` files are processed at once, however many
+    /// clients ask for inline processing) and the caller waits for its result.
+    pub async fn process_inline(&self, _ticket: &InlineTicket<'_>, id: &str) -> Option<FileRecord> {
+        self.notify();
+        self.wait_done(id, INLINE_WAIT).await
+    }
+
+    /// Whether a worker (or an inline call) is processing the file right now.
+    pub fn is_running(&self, id: &str) -> bool {
+        self.running.lock().expect("running lock").contains(id)
     }
 
     /// Processes a file now (inline upload or a worker). Returns the final record; when
@@ -257,6 +314,27 @@ impl Ingest {
             }
         }
         Some(file)
+    }
+
+    /// Records a file whose processing panicked as failed (and off the queue).
+    fn fail_after_panic(&self, id: &str) {
+        tracing::error!(file = id, "file processing panicked");
+        if let Ok(Some(mut f)) = self.store.file(id)
+            && f.status == Some(FileStatus::Pending)
+        {
+            f.status = Some(FileStatus::Failed);
+            f.error = Some("internal error while processing the file".into());
+            f.hash = None;
+            f.updated_at = now_secs();
+            match self.store.fail_file(&f) {
+                Ok(removed) => {
+                    let kbs = self.store.file_knowledge(id).unwrap_or_default();
+                    self.vectors.remove_file(id, &removed, &kbs);
+                }
+                Err(e) => tracing::error!(file = id, error = %e, "cannot record failure"),
+            }
+        }
+        self.bump();
     }
 
     /// Makes the chunks searchable in memory first, then commits: once the database says
@@ -400,12 +478,105 @@ impl Ingest {
     }
 
     /// Stores an uploaded file's blob path for `id` and `filename`: `{uuid}_{basename}` under
-    /// the upload dir, as Open WebUI names them.
+    /// the upload dir, as Open WebUI names them. The name part is only a hint for humans
+    /// looking at the directory (the id makes it unique): separators and control characters
+    /// become `_` and it is cut to [`BLOB_NAME_MAX`] bytes, so no client-chosen name can
+    /// leave the directory or exceed the file system's name limit.
     pub fn blob_path(&self, id: &str, filename: &str) -> PathBuf {
         let base = Path::new(filename)
             .file_name()
-            .map(|n| n.to_string_lossy().replace(['/', '\\'], "_"))
+            .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "file".into());
-        self.upload_dir.join(format!("{id}_{base}"))
+        let mut safe = String::new();
+        for c in base.chars() {
+            let c = if c.is_control() || c == '/' || c == '\\' {
+                '_'
+            } else {
+                c
+            };
+            if safe.len() + c.len_utf8() > BLOB_NAME_MAX {
+                break;
+            }
+            safe.push(c);
+        }
+        self.upload_dir.join(format!("{id}_{safe}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct PanickingEmbedder;
+
+    #[async_trait::async_trait]
+    impl Embedder for PanickingEmbedder {
+        fn model(&self) -> &'static str {
+            "panics"
+        }
+        fn dim(&self) -> usize {
+            4
+        }
+        async fn embed(
+            &self,
+            _texts: Vec<String>,
+        ) -> Result<Vec<Vec<f32>>, crate::embed::EmbedError> {
+            panic!("embedder bug");
+        }
+    }
+
+    fn record(id: &str, path: &Path) -> FileRecord {
+        FileRecord {
+            id: id.into(),
+            user_id: "u".into(),
+            filename: "a.txt".into(),
+            path: path.display().to_string(),
+            hash: None,
+            status: Some(FileStatus::Pending),
+            error: None,
+            meta: serde_json::json!({"content_type": "text/plain"}),
+            embedding: None,
+            chunk_count: 0,
+            created_at: 0,
+            updated_at: 0,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panicking_pipeline_fails_the_file_instead_of_leaving_it_queued() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = crate::config::build(
+            crate::config::file::FileConfig::default(),
+            &std::collections::HashMap::<String, String>::new(),
+            &crate::config::Overrides::default(),
+        )
+        .unwrap();
+        config.data_dir = dir.path().to_path_buf();
+        let store = Arc::new(Store::open(&dir.path().join("t.redb")).unwrap());
+        let ingest = Arc::new(Ingest::new(
+            &config,
+            store.clone(),
+            Ok(Arc::new(PanickingEmbedder)),
+            None,
+        ));
+        let blob = dir.path().join("a.txt");
+        std::fs::write(&blob, "some text to embed").unwrap();
+        store.insert_file(&record("f1", &blob), true).unwrap();
+        tokio::spawn(ingest.clone().run_workers());
+        let f = ingest
+            .wait_done("f1", Duration::from_secs(120))
+            .await
+            .unwrap();
+        assert_eq!(f.status, Some(FileStatus::Failed), "{f:?}");
+        assert!(f.error.unwrap().contains("internal error"));
+        assert!(store.queued_files().unwrap().is_empty(), "off the queue");
+        // The pool is still usable: its permit came back.
+        store.insert_file(&record("f2", &blob), true).unwrap();
+        ingest.notify();
+        let f = ingest
+            .wait_done("f2", Duration::from_secs(120))
+            .await
+            .unwrap();
+        assert_eq!(f.status, Some(FileStatus::Failed));
     }
 }

@@ -114,6 +114,12 @@ impl Store {
         Ok(rows.into_iter().map(|(_, id)| id).collect())
     }
 
+    /// Whether the file waits in the processing queue.
+    pub fn is_queued(&self, id: &str) -> Result<bool> {
+        let txn = self.db.begin_read()?;
+        Ok(txn.open_table(QUEUE)?.get(id)?.is_some())
+    }
+
     /// Puts a file back in the queue (pending), e.g. to re-embed with another model.
     pub fn requeue_file(&self, file: &FileRecord) -> Result<()> {
         self.insert_file(file, true)

@@ -7,5 +7,6 @@ mod common;
 
 mod access;
 mod chat;
+mod files;
 mod support;
 mod wire;
