@@ -347,7 +347,10 @@ mod tests {
     fn user_with_key(auth: &Auth, models: Vec<String>) -> (User, String) {
         let user = auth
             .store
-            .create_user(User::new("a@example.com", "a", Role::User, "x".into()), false)
+            .create_user(
+                User::new("a@example.com", "a", Role::User, "x".into()),
+                false,
+            )
             .unwrap();
         let key = generate_key();
         let record = ApiKeyRecord {
