@@ -23,6 +23,7 @@ const FLOOD: usize = 200;
 const ENV: &[(&str, &str)] = &[("RAG_EMBEDDING_ENGINE", "ollama")];
 
 fn client() -> reqwest::Client {
+    common::fake::install_crypto_provider();
     reqwest::Client::builder()
         .timeout(Duration::from_secs(120))
         .pool_max_idle_per_host(0)
@@ -76,7 +77,10 @@ async fn check_refusal(r: reqwest::Response) -> u16 {
     assert!(v["detail"].as_str().is_some_and(|d| !d.is_empty()), "{v}");
     assert_eq!(v["error"]["message"], v["detail"]);
     if status == 429 || status == 503 {
-        assert!(retry.is_some_and(|s| s >= 1), "{status} without Retry-After: {v}");
+        assert!(
+            retry.is_some_and(|s| s >= 1),
+            "{status} without Retry-After: {v}"
+        );
     } else {
         assert_eq!(status, 400, "wrong password answer: {v}");
     }
@@ -105,7 +109,11 @@ async fn flood(server: &Server, key: &str) -> (Vec<u16>, u64) {
         .collect();
     // Requests made while the flood is being answered: neither waits behind password hashing.
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let r = c.get(format!("{}/health", server.url)).send().await.unwrap();
+    let r = c
+        .get(format!("{}/health", server.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200, "/health during the flood");
     let r = c
         .get(format!("{}/api/v1/auths/", server.url))
@@ -133,6 +141,7 @@ async fn flood(server: &Server, key: &str) -> (Vec<u16>, u64) {
 /// bounded by the gate alone, and attempts beyond its queue get 503 with Retry-After.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn signin_flood_memory_is_bounded_by_the_hashing_gate() {
+    common::fake::install_crypto_provider();
     let mut server = Server::start(
         "[auth]\nsignin-attempts-per-address = 100000\npassword-hash-queue = 32\n",
         ENV,
@@ -156,6 +165,7 @@ async fn signin_flood_memory_is_bounded_by_the_hashing_gate() {
 /// with 429 before any hashing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn signin_flood_from_one_address_is_rate_limited() {
+    common::fake::install_crypto_provider();
     let mut server = Server::start("", ENV).await;
     let key = admin_key(&client(), &server.url).await;
     let (statuses, growth) = flood(&server, &key).await;

@@ -1,8 +1,8 @@
 //! Password hashing with argon2id (the `argon2` crate, RustCrypto): a memory-hard,
 //! standard PHC format, with constant-time verification done by the crate.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
 
 use argon2::Argon2;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
@@ -47,8 +47,14 @@ pub enum GateError {
 /// so an unbounded flood of sign-ins (each on its own blocking thread) would take gigabytes
 /// and starve every other request. At most `concurrency` hashes run at once; at most `queue`
 /// more wait; anything beyond is refused at once instead of piling up.
+///
+/// Hashes run on `concurrency` threads of their own, not on tokio's blocking pool: that pool
+/// starts a new thread whenever none is idle at the instant of a call, and each new thread
+/// gets its own allocator arena that keeps its 19 MiB block afterwards (measured: +600 MiB
+/// peak RSS for 34 sequential hashes). A fixed set of threads bounds that to one block each.
 pub struct HashGate {
     permits: Arc<Semaphore>,
+    jobs: mpsc::Sender<Job>,
     /// Attempts running or waiting.
     admitted: Arc<AtomicUsize>,
     capacity: usize,
@@ -64,11 +70,35 @@ impl Drop for Admission {
     }
 }
 
+type Job = Box<dyn FnOnce() + Send>;
+
 impl HashGate {
     pub fn new(concurrency: usize, queue: usize) -> HashGate {
         let concurrency = concurrency.max(1);
+        let (jobs, rx) = mpsc::channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..concurrency {
+            let rx = rx.clone();
+            std::thread::Builder::new()
+                .name(format!("ragway-hash-{i}"))
+                .spawn(move || {
+                    loop {
+                        // The guard is a temporary: released before the job runs.
+                        let job = rx.lock().expect("hash queue poisoned").recv();
+                        let Ok(job) = job else {
+                            // The gate was dropped: no more work.
+                            return;
+                        };
+                        // A panicking job must not take the thread down with it; its caller
+                        // sees its answer channel closed.
+                        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                    }
+                })
+                .expect("a password hashing thread starts");
+        }
         HashGate {
             permits: Arc::new(Semaphore::new(concurrency)),
+            jobs,
             admitted: Arc::new(AtomicUsize::new(0)),
             capacity: concurrency.saturating_add(queue),
         }
@@ -79,7 +109,7 @@ impl HashGate {
         self.admitted.load(Ordering::Acquire)
     }
 
-    /// Runs `work` (a hash or a verification) on the blocking pool once a slot is free.
+    /// Runs `work` (a hash or a verification) on a hashing thread once a slot is free.
     pub async fn run<T, F>(&self, work: F) -> Result<T, GateError>
     where
         T: Send + 'static,
@@ -98,12 +128,14 @@ impl HashGate {
             .map_err(|_| GateError::Failed)?;
         // The permit and the admission move into the task: a client that hangs up does not
         // free the slot while its hash still runs.
-        tokio::task::spawn_blocking(move || {
-            let _held = (permit, admission);
-            work()
-        })
-        .await
-        .map_err(|_| GateError::Failed)
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move || {
+            let result = work();
+            drop((permit, admission));
+            let _ = tx.send(result);
+        });
+        self.jobs.send(job).map_err(|_| GateError::Failed)?;
+        rx.await.map_err(|_| GateError::Failed)
     }
 }
 
