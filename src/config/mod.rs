@@ -435,9 +435,10 @@ pub fn build(
     if signin_attempts == 0 || signin_attempts_per_address == 0 {
         return err("signin-attempts and signin-attempts-per-address must be at least 1");
     }
-    // 0 (the default) means one hash per core: argon2 is CPU-bound, more only queues.
+    // 0 (the default) means one hash per core, at most 4: argon2 is CPU-bound, more only
+    // queues, and each hashing thread keeps its own memory (see `password::HashGate`).
     let password_hash_concurrency = match auth_file.password_hash_concurrency.unwrap_or(0) {
-        0 => std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get().min(4)),
         n => n,
     };
     let password_hash_queue = auth_file.password_hash_queue.unwrap_or(32);
