@@ -9,6 +9,7 @@ pub mod password;
 pub mod ratelimit;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -35,6 +36,9 @@ pub struct Identity {
     pub credential: Credential,
     /// Models this caller may use; `None` means all.
     pub allowed_models: Option<Arc<[String]>>,
+    /// An API key created with its own model list. Such a key may use those models and
+    /// nothing that could widen its rights: no key management, no admin routes.
+    pub restricted_key: bool,
 }
 
 impl Identity {
@@ -67,30 +71,69 @@ pub fn hash_key(key: &str) -> String {
 /// How long a verified API key is trusted without re-reading the store.
 const KEY_CACHE_TTL: Duration = Duration::from_secs(30);
 
+/// Verified keys kept in the cache; past this it is emptied (keys are re-read on next use).
+const KEY_CACHE_MAX: usize = 10_000;
+
+/// Longest credential looked at. Real ones are far shorter (a key is 35 bytes, a session
+/// token ~200); a longer one is refused before any decoding work.
+pub const MAX_CREDENTIAL_LEN: usize = 4096;
+
+/// Why a restricted key is refused outside model use.
+pub const RESTRICTED_KEY: &str = "This API key is restricted to some models: it cannot manage keys or use admin routes. Use a session or an unrestricted key.";
+
+/// A key as read from the store, with the cache generation current before the read.
+pub struct LoadedKey {
+    hash: String,
+    generation: u64,
+    record: ApiKeyRecord,
+    user: User,
+}
+
 /// The authentication service, shared by all requests.
 pub struct Auth {
     pub config: AuthConfig,
     pub jwt: jwt::JwtKeys,
     pub store: Arc<Store>,
+    /// Sign-in attempts per email.
     pub limiter: ratelimit::SigninLimiter,
+    /// Sign-in and sign-up attempts per client address.
+    pub address_limiter: ratelimit::SigninLimiter,
+    /// Bounds password hashing (sign-in, sign-up, add-user).
+    pub hashing: password::HashGate,
     /// Verified API keys (by hash) → (record, user, verified at). Invalidated whenever a
     /// key is created or deleted, so a revoked key stops working at once.
     key_cache: RwLock<HashMap<String, (ApiKeyRecord, User, Instant)>>,
+    /// Bumped by every invalidation. A lookup that read the store before an invalidation
+    /// must not cache what it read after it: it would revive a deleted key for the TTL.
+    key_generation: AtomicU64,
 }
 
 impl Auth {
     pub fn new(config: AuthConfig, secret: &[u8], store: Arc<Store>) -> Auth {
         Auth {
             limiter: ratelimit::SigninLimiter::new(config.signin_attempts, config.signin_window),
+            address_limiter: ratelimit::SigninLimiter::new(
+                config.signin_attempts_per_address,
+                config.signin_window,
+            ),
+            hashing: password::HashGate::new(
+                config.password_hash_concurrency,
+                config.password_hash_queue,
+            ),
             config,
             jwt: jwt::JwtKeys::new(secret),
             store,
             key_cache: RwLock::new(HashMap::new()),
+            key_generation: AtomicU64::new(0),
         }
     }
 
+    /// Call after a key was created or deleted in the store.
     pub fn forget_cached_keys(&self) {
-        self.key_cache.write().expect("key cache poisoned").clear();
+        let mut cache = self.key_cache.write().expect("key cache poisoned");
+        // Under the write lock, so no insert can slip between the bump and the clear.
+        self.key_generation.fetch_add(1, Ordering::AcqRel);
+        cache.clear();
     }
 
     /// The raw credential of a request, if any.
@@ -109,7 +152,7 @@ impl Auth {
                 continue;
             };
             for pair in cookie.split(';') {
-                if let Some(v) = pair.trim().strip_prefix("token=")
+                if let Some(v) = pair.trim().strip_prefix("token=").map(str::trim)
                     && !v.is_empty()
                 {
                     return Some(v);
@@ -134,6 +177,10 @@ impl Auth {
             return Err(ApiError::unauthorized(msg::NOT_AUTHENTICATED));
         };
         let identity = self.identify(cred)?;
+        if access == Access::Admin && identity.restricted_key {
+            metrics::auth_failure("restricted_key");
+            return Err(ApiError::forbidden(RESTRICTED_KEY));
+        }
         let allowed = match access {
             Access::Public | Access::Session => true,
             Access::Verified => matches!(identity.user.role, Role::User | Role::Admin),
@@ -148,6 +195,10 @@ impl Auth {
     }
 
     fn identify(&self, cred: &str) -> Result<Identity, ApiError> {
+        if cred.len() > MAX_CREDENTIAL_LEN {
+            metrics::auth_failure("invalid_token");
+            return Err(ApiError::unauthorized(msg::INVALID_TOKEN));
+        }
         if cred.starts_with("sk-") {
             self.identify_key(cred)
         } else {
@@ -160,6 +211,7 @@ impl Auth {
             metrics::auth_failure("api_keys_disabled");
             return Err(ApiError::forbidden(msg::API_KEY_DISABLED));
         }
+        // A SHA-256 and a map or store lookup: key checks never wait behind password hashing.
         let hash = hash_key(key);
         let cached = self
             .key_cache
@@ -171,20 +223,11 @@ impl Auth {
         let (record, user) = match cached {
             Some(hit) => hit,
             None => {
-                let Some(record) = self.store.api_key_by_hash(&hash)? else {
+                let Some(loaded) = self.load_key(&hash)? else {
                     metrics::auth_failure("invalid_api_key");
                     return Err(ApiError::unauthorized(msg::INVALID_TOKEN));
                 };
-                let Some(user) = self.store.user_by_id(&record.user_id)? else {
-                    metrics::auth_failure("invalid_api_key");
-                    return Err(ApiError::unauthorized(msg::INVALID_TOKEN));
-                };
-                let mut cache = self.key_cache.write().expect("key cache poisoned");
-                if cache.len() > 10_000 {
-                    cache.clear();
-                }
-                cache.insert(hash, (record.clone(), user.clone(), Instant::now()));
-                (record, user)
+                self.remember_key(loaded)
             }
         };
         let allowed_models = self.allowed_models(&user, &record.models);
@@ -192,7 +235,45 @@ impl Auth {
             user,
             credential: Credential::ApiKey,
             allowed_models,
+            restricted_key: !record.models.is_empty(),
         })
+    }
+
+    /// Reads a key and its user from the store, noting the cache generation first.
+    pub fn load_key(&self, hash: &str) -> Result<Option<LoadedKey>, ApiError> {
+        let generation = self.key_generation.load(Ordering::Acquire);
+        let Some(record) = self.store.api_key_by_hash(hash)? else {
+            return Ok(None);
+        };
+        let Some(user) = self.store.user_by_id(&record.user_id)? else {
+            return Ok(None);
+        };
+        Ok(Some(LoadedKey {
+            hash: hash.to_string(),
+            generation,
+            record,
+            user,
+        }))
+    }
+
+    /// Caches a loaded key unless the cache was invalidated since it was read; returns it.
+    pub fn remember_key(&self, loaded: LoadedKey) -> (ApiKeyRecord, User) {
+        let mut cache = self.key_cache.write().expect("key cache poisoned");
+        if self.key_generation.load(Ordering::Acquire) == loaded.generation {
+            if cache.len() >= KEY_CACHE_MAX {
+                cache.clear();
+            }
+            cache.insert(
+                loaded.hash,
+                (loaded.record.clone(), loaded.user.clone(), Instant::now()),
+            );
+        }
+        (loaded.record, loaded.user)
+    }
+
+    /// Keys in the cache (for tests of its bound and invalidation).
+    pub fn cached_keys(&self) -> usize {
+        self.key_cache.read().expect("key cache poisoned").len()
     }
 
     fn identify_jwt(&self, token: &str) -> Result<Identity, ApiError> {
@@ -216,6 +297,7 @@ impl Auth {
                 exp: claims.exp,
             },
             allowed_models,
+            restricted_key: false,
         })
     }
 
@@ -241,6 +323,161 @@ impl Auth {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn auth(dir: &tempfile::TempDir) -> Auth {
+        let store = Arc::new(Store::open(&dir.path().join("t.redb")).unwrap());
+        let config = AuthConfig {
+            secret_key: None,
+            jwt_expires_in: None,
+            enable_signup: true,
+            default_user_role: Role::Pending,
+            enable_api_keys: true,
+            api_key_header: "x-api-key".into(),
+            admin: None,
+            signin_attempts: 15,
+            signin_window: Duration::from_secs(180),
+            signin_attempts_per_address: 60,
+            password_hash_concurrency: 1,
+            password_hash_queue: 1,
+            model_access: HashMap::new(),
+        };
+        Auth::new(config, b"secret", store)
+    }
+
+    fn user_with_key(auth: &Auth, models: Vec<String>) -> (User, String) {
+        let user = auth
+            .store
+            .create_user(
+                User::new("a@example.com", "a", Role::User, "x".into()),
+                false,
+            )
+            .unwrap();
+        let key = generate_key();
+        let record = ApiKeyRecord {
+            user_id: user.id.clone(),
+            prefix: key.plaintext[..11].to_string(),
+            created_at: 0,
+            models,
+        };
+        auth.store.put_api_key(&key.hash, &record).unwrap();
+        auth.forget_cached_keys();
+        (user, key.plaintext)
+    }
+
+    /// A lookup that read the key before it was deleted finishes after the delete: what it
+    /// read must not be cached, or the deleted key would work for the cache's TTL.
+    #[test]
+    fn a_lookup_racing_a_delete_does_not_revive_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let auth = auth(&dir);
+        let (user, key) = user_with_key(&auth, Vec::new());
+        assert!(auth.identify(&key).is_ok());
+        auth.forget_cached_keys();
+
+        // 1. A request misses the cache and reads the key from the store...
+        let in_flight = auth.load_key(&hash_key(&key)).unwrap().expect("key exists");
+        // 2. ...meanwhile the key is deleted and the cache invalidated...
+        auth.store.delete_api_key_of_user(&user.id).unwrap();
+        auth.forget_cached_keys();
+        // 3. ...then the first request caches what it read.
+        let _ = auth.remember_key(in_flight);
+
+        assert_eq!(auth.cached_keys(), 0, "stale entry cached");
+        let e = auth.identify(&key).unwrap_err();
+        assert_eq!(e.status, 401, "deleted key refused at once");
+
+        // Without a racing invalidation, a lookup is cached as before.
+        let (_, key2) = {
+            let k = generate_key();
+            let record = ApiKeyRecord {
+                user_id: user.id.clone(),
+                prefix: k.plaintext[..11].to_string(),
+                created_at: 0,
+                models: Vec::new(),
+            };
+            auth.store.put_api_key(&k.hash, &record).unwrap();
+            auth.forget_cached_keys();
+            ((), k.plaintext)
+        };
+        assert!(auth.identify(&key2).is_ok());
+        assert_eq!(auth.cached_keys(), 1);
+    }
+
+    #[test]
+    fn restricted_keys_are_marked_and_refused_on_admin_routes() {
+        let dir = tempfile::tempdir().unwrap();
+        let auth = auth(&dir);
+        let (_, key) = user_with_key(&auth, vec!["m1".into()]);
+        let id = auth.identify(&key).unwrap();
+        assert!(id.restricted_key);
+        assert!(id.may_use_model("m1"));
+        assert!(!id.may_use_model("m2"));
+        let mut headers = HeaderMap::new();
+        headers.insert("x-api-key", key.parse().unwrap());
+        let e = auth.check(&headers, Access::Admin).unwrap_err();
+        assert_eq!(e.status, 403);
+        assert!(auth.check(&headers, Access::Verified).is_ok());
+    }
+
+    #[test]
+    fn oversized_credentials_are_refused_before_decoding() {
+        let dir = tempfile::tempdir().unwrap();
+        let auth = auth(&dir);
+        let long = format!("sk-{}", "a".repeat(MAX_CREDENTIAL_LEN));
+        assert_eq!(auth.identify(&long).unwrap_err().status, 401);
+        let long_jwt = "e".repeat(MAX_CREDENTIAL_LEN + 1);
+        assert_eq!(auth.identify(&long_jwt).unwrap_err().status, 401);
+    }
+
+    mod parsing {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn header_value() -> impl Strategy<Value = Vec<u8>> {
+            prop_oneof![
+                proptest::collection::vec(any::<u8>(), 0..300),
+                "(Bearer|bearer|BEARER|Basic|sk-|token=| |;|=|[a-zA-Z0-9._-]){0,40}"
+                    .prop_map(String::into_bytes),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+            /// Whatever the client puts in Authorization, Cookie or the key header, credential
+            /// parsing and checking end in a clean answer: no panic, and a refusal is a 4xx.
+            #[test]
+            fn arbitrary_credential_headers(
+                authz in header_value(),
+                cookie in header_value(),
+                key in header_value(),
+            ) {
+                static AUTH: std::sync::LazyLock<(tempfile::TempDir, Auth)> =
+                    std::sync::LazyLock::new(|| {
+                        let dir = tempfile::tempdir().unwrap();
+                        let auth = auth(&dir);
+                        (dir, auth)
+                    });
+                let auth = &AUTH.1;
+                let mut headers = HeaderMap::new();
+                for (name, v) in [("authorization", &authz), ("cookie", &cookie), ("x-api-key", &key)] {
+                    // Bytes no header may carry (CR, LF, NUL...) never reach the gateway.
+                    if let Ok(v) = http::HeaderValue::from_bytes(v) {
+                        headers.insert(name, v);
+                    }
+                }
+                if let Some(c) = auth.credential(&headers) {
+                    prop_assert!(!c.is_empty());
+                    prop_assert_eq!(c, c.trim());
+                }
+                for access in [Access::Public, Access::Session, Access::Verified, Access::Admin] {
+                    match auth.check(&headers, access) {
+                        Ok(id) => prop_assert!(access == Access::Public && id.is_none()),
+                        Err(e) => prop_assert!((400..500).contains(&e.status), "{e}"),
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn key_format() {

@@ -124,6 +124,12 @@ pub struct AuthFile {
     /// Sign-in attempts allowed per email within `signin-window`.
     pub signin_attempts: Option<u32>,
     pub signin_window: Option<String>,
+    /// Sign-in and sign-up attempts allowed per client address within `signin-window`.
+    pub signin_attempts_per_address: Option<u32>,
+    /// Password hashes computed at once; 0 means one per core.
+    pub password_hash_concurrency: Option<usize>,
+    /// Attempts waiting for a hashing slot before 503.
+    pub password_hash_queue: Option<usize>,
     /// Per-user model allow-lists: email → model ids. Users not listed see every model.
     pub model_access: Option<BTreeMap<String, Vec<String>>>,
 }

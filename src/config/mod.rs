@@ -56,6 +56,12 @@ pub struct AuthConfig {
     pub admin: Option<(String, String, String)>,
     pub signin_attempts: u32,
     pub signin_window: Duration,
+    /// Sign-in and sign-up attempts allowed per client address within `signin_window`.
+    pub signin_attempts_per_address: u32,
+    /// Password hashes (argon2, ~19 MiB each) computed at once.
+    pub password_hash_concurrency: usize,
+    /// Attempts waiting for a hashing slot; beyond this they are refused with 503.
+    pub password_hash_queue: usize,
     /// Lowercased email → model ids that user may see and use.
     pub model_access: HashMap<String, Vec<String>>,
 }
@@ -438,6 +444,17 @@ pub fn build(
         Some(v) => duration("signin-window", v)?,
         None => Duration::from_secs(180),
     };
+    let signin_attempts_per_address = auth_file.signin_attempts_per_address.unwrap_or(60);
+    if signin_attempts == 0 || signin_attempts_per_address == 0 {
+        return err("signin-attempts and signin-attempts-per-address must be at least 1");
+    }
+    // 0 (the default) means one hash per core, at most 4: argon2 is CPU-bound, more only
+    // queues, and each hashing thread keeps its own memory (see `password::HashGate`).
+    let password_hash_concurrency = match auth_file.password_hash_concurrency.unwrap_or(0) {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get().min(4)),
+        n => n,
+    };
+    let password_hash_queue = auth_file.password_hash_queue.unwrap_or(32);
     let model_access = auth_file
         .model_access
         .unwrap_or_default()
@@ -505,6 +522,9 @@ pub fn build(
             admin,
             signin_attempts,
             signin_window,
+            signin_attempts_per_address,
+            password_hash_concurrency,
+            password_hash_queue,
             model_access,
         },
         ollama,

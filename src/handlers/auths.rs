@@ -1,12 +1,15 @@
 //! `/api/v1/auths/*`: sign-up, sign-in, session, sign-out, users and API keys.
 
+use std::time::Duration;
+
 use pingora::proxy::Session;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{HandlerResult, Outcome, identity};
 use crate::app::App;
-use crate::auth::{self, Credential, password};
+use crate::auth::password::GateError;
+use crate::auth::{self, Credential, password, ratelimit};
 use crate::error::{ApiError, msg};
 use crate::http::{self, Reply};
 use crate::store::{ApiKeyRecord, Role, StoreError, User, now_secs};
@@ -49,9 +52,102 @@ pub struct ApiKeyForm {
     pub models: Vec<String>,
 }
 
+/// Longest email accepted (RFC 5321's path limit).
+const MAX_EMAIL_LEN: usize = 254;
+
+/// Suggested wait when every password-hashing slot is taken.
+const BUSY_RETRY_AFTER: Duration = Duration::from_secs(2);
+
+/// A refusal, possibly with a `Retry-After` (rate limits, hashing overload).
+enum Refusal {
+    Error(ApiError),
+    RetryAfter(ApiError, Duration),
+}
+
+impl From<ApiError> for Refusal {
+    fn from(e: ApiError) -> Self {
+        Refusal::Error(e)
+    }
+}
+
+impl From<crate::store::StoreError> for Refusal {
+    fn from(e: crate::store::StoreError) -> Self {
+        Refusal::Error(e.into())
+    }
+}
+
+impl Refusal {
+    fn error(self) -> ApiError {
+        match self {
+            Refusal::Error(e) | Refusal::RetryAfter(e, _) => e,
+        }
+    }
+}
+
+/// A refusal with `Retry-After` is an answer of its own (the error type carries no headers).
+fn answer(result: Result<Outcome, Refusal>) -> HandlerResult {
+    match result {
+        Ok(o) => Ok(o),
+        Err(Refusal::Error(e)) => Err(e),
+        Err(Refusal::RetryAfter(e, wait)) => {
+            // Whole seconds, rounded up, at least 1: "0" would invite an immediate retry.
+            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            Ok(Outcome::Reply(Reply::from(e).with_header(
+                ::http::header::RETRY_AFTER,
+                secs.max(1).to_string(),
+            )))
+        }
+    }
+}
+
+fn rate_limited(wait: Duration) -> Refusal {
+    crate::metrics::auth_failure("rate_limited");
+    Refusal::RetryAfter(ApiError::new(429, msg::RATE_LIMITED), wait)
+}
+
+/// Runs password work through the hashing gate.
+async fn hashed<T, F>(app: &App, work: F) -> Result<T, Refusal>
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
+    match app.auth.hashing.run(work).await {
+        Ok(v) => Ok(v),
+        Err(GateError::Busy) => {
+            crate::metrics::auth_failure("hashing_busy");
+            tracing::debug!("password hashing queue full; attempt refused");
+            Err(Refusal::RetryAfter(
+                ApiError::new(
+                    503,
+                    "Too many sign-in attempts are being processed; retry shortly",
+                ),
+                BUSY_RETRY_AFTER,
+            ))
+        }
+        Err(GateError::Failed) => Err(ApiError::internal("Password hashing failed").into()),
+    }
+}
+
+/// Counts an attempt against the client address's budget (sign-in and sign-up share it).
+fn check_address(app: &App, session: &Session) -> Result<(), Refusal> {
+    let Some(ip) = session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(std::net::SocketAddr::ip)
+    else {
+        // Unix-socket clients have no address to limit; the per-email limit still holds.
+        return Ok(());
+    };
+    let key = ratelimit::address_key(ip);
+    app.auth.address_limiter.allow(&key).map_err(|wait| {
+        tracing::debug!(client = %key, "sign-in attempts over the per-address limit");
+        rate_limited(wait)
+    })
+}
+
 fn validate_email(email: &str) -> Result<String, ApiError> {
     let e = email.trim().to_lowercase();
-    let valid = e.len() <= 254
+    let valid = e.len() <= MAX_EMAIL_LEN
         && e.split_once('@').is_some_and(|(local, domain)| {
             !local.is_empty()
                 && !domain.is_empty()
@@ -124,8 +220,11 @@ fn session_reply(app: &App, user: &User) -> Reply {
         .with_header(::http::header::SET_COOKIE, token_cookie(&token, exp))
 }
 
-/// Creates a user with a hashed password. Hashing runs on the blocking pool: argon2 is
-/// deliberately slow and must not stall the proxy's event loop.
+/// Longest display name accepted.
+const MAX_NAME_LEN: usize = 256;
+
+/// Creates a user with a hashed password. Hashing goes through the hashing gate: argon2 is
+/// deliberately slow and memory-hard and must neither stall the event loop nor run unbounded.
 pub(crate) async fn create_user(
     app: &App,
     name: &str,
@@ -135,34 +234,75 @@ pub(crate) async fn create_user(
     role: Role,
     first_is_admin: bool,
 ) -> Result<User, ApiError> {
+    create_user_gated(
+        app,
+        name,
+        email,
+        password,
+        profile_image_url,
+        role,
+        first_is_admin,
+    )
+    .await
+    .map_err(Refusal::error)
+}
+
+async fn create_user_gated(
+    app: &App,
+    name: &str,
+    email: &str,
+    password: &str,
+    profile_image_url: Option<String>,
+    role: Role,
+    first_is_admin: bool,
+) -> Result<User, Refusal> {
     let email = validate_email(email)?;
     validate_password(password)?;
     let name = name.trim();
     if name.is_empty() {
-        return Err(ApiError::bad_request("Name must not be empty"));
+        return Err(ApiError::bad_request("Name must not be empty").into());
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(ApiError::bad_request(format!(
+            "Name is too long ({MAX_NAME_LEN} bytes at most)"
+        ))
+        .into());
+    }
+    if profile_image_url
+        .as_ref()
+        .is_some_and(|u| u.len() > 16 * 1024)
+    {
+        return Err(ApiError::bad_request("profile_image_url is too long (16 KiB at most)").into());
+    }
+    if app.store.user_by_email(&email)?.is_some() {
+        // Answered before hashing: a taken email costs no argon2 run.
+        return Err(ApiError::bad_request(msg::EMAIL_TAKEN).into());
     }
     let pw = password.to_string();
-    let hash = tokio::task::spawn_blocking(move || password::hash(&pw))
-        .await
-        .map_err(|_| ApiError::internal("Password hashing failed"))?;
+    let hash = hashed(app, move || password::hash(&pw)).await?;
     let mut user = User::new(&email, name, role, hash);
     if let Some(url) = profile_image_url.filter(|u| !u.is_empty()) {
         user.profile_image_url = url;
     }
     match app.store.create_user(user, first_is_admin) {
         Ok(u) => Ok(u),
-        Err(StoreError::EmailTaken) => Err(ApiError::bad_request(msg::EMAIL_TAKEN)),
+        Err(StoreError::EmailTaken) => Err(ApiError::bad_request(msg::EMAIL_TAKEN).into()),
         Err(e) => Err(e.into()),
     }
 }
 
 pub async fn signup(app: &App, session: &mut Session) -> HandlerResult {
+    answer(signup_inner(app, session).await)
+}
+
+async fn signup_inner(app: &App, session: &mut Session) -> Result<Outcome, Refusal> {
     let body = http::read_body(session, 64 * 1024).await?;
     let form: SignupForm = http::parse_json(&body)?;
     if app.store.user_count()? > 0 && !app.config.auth.enable_signup {
-        return Err(ApiError::forbidden(msg::ACCESS_PROHIBITED));
+        return Err(ApiError::forbidden(msg::ACCESS_PROHIBITED).into());
     }
-    let user = create_user(
+    check_address(app, session)?;
+    let user = create_user_gated(
         app,
         &form.name,
         &form.email,
@@ -177,43 +317,59 @@ pub async fn signup(app: &App, session: &mut Session) -> HandlerResult {
 }
 
 pub async fn signin(app: &App, session: &mut Session) -> HandlerResult {
+    answer(signin_inner(app, session).await)
+}
+
+async fn signin_inner(app: &App, session: &mut Session) -> Result<Outcome, Refusal> {
     let body = http::read_body(session, 64 * 1024).await?;
     let form: SigninForm = http::parse_json(&body)?;
     let email = form.email.trim().to_lowercase();
-    if !app.auth.limiter.allow(&email) {
-        crate::metrics::auth_failure("rate_limited");
-        return Err(ApiError::new(429, msg::RATE_LIMITED));
+    // Bounds the limiter's keys too: no email longer than this can exist.
+    if email.is_empty() || email.len() > MAX_EMAIL_LEN {
+        return Err(ApiError::bad_request("Invalid email format").into());
     }
+    validate_password(&form.password)?;
+    check_address(app, session)?;
+    app.auth.limiter.allow(&email).map_err(rate_limited)?;
     let user = app.store.user_by_email(&email)?;
-    let phc = user
-        .as_ref()
-        .map(|u| u.password_hash.clone())
-        .unwrap_or_else(|| password::dummy_hash().to_string());
+    let phc = user.as_ref().map(|u| u.password_hash.clone());
     let pw = form.password;
-    let ok = tokio::task::spawn_blocking(move || password::verify(&pw, &phc))
-        .await
-        .unwrap_or(false);
+    // An unknown email is verified against a dummy hash, so the answer takes as long either
+    // way; the dummy is made on the blocking pool too (the first time it is needed).
+    let ok = hashed(app, move || match &phc {
+        Some(phc) => password::verify(&pw, phc),
+        None => password::verify(&pw, password::dummy_hash()),
+    })
+    .await?;
     match user {
-        Some(u) if ok => Ok(Outcome::Reply(session_reply(app, &u))),
+        Some(u) if ok => {
+            tracing::info!(user = %u.id, "user signed in");
+            Ok(Outcome::Reply(session_reply(app, &u)))
+        }
         _ => {
             crate::metrics::auth_failure("bad_password");
-            Err(ApiError::bad_request(msg::INVALID_CRED))
+            Err(ApiError::bad_request(msg::INVALID_CRED).into())
         }
     }
 }
 
 pub fn session_user(
-    _app: &App,
+    app: &App,
     session: &Session,
     ctx: &crate::proxy::ctx::RequestCtx,
 ) -> HandlerResult {
     let id = identity(ctx)?;
     let (token, exp) = match &id.credential {
         // The session's own JWT is echoed back, as Open WebUI does; an API key is not.
-        Credential::Jwt { exp, .. } => (app_token(session), *exp),
+        Credential::Jwt { exp, .. } => (
+            app.auth
+                .credential(&session.req_header().headers)
+                .filter(|t| !t.starts_with("sk-")),
+            *exp,
+        ),
         Credential::ApiKey => (None, None),
     };
-    let mut body = session_body(&id.user, token.as_deref(), exp);
+    let mut body = session_body(&id.user, token, exp);
     for k in [
         "bio",
         "gender",
@@ -225,24 +381,6 @@ pub fn session_user(
         body[k] = Value::Null;
     }
     Ok(Outcome::Reply(Reply::ok(&body)))
-}
-
-/// The JWT the request was authenticated with.
-fn app_token(session: &Session) -> Option<String> {
-    let h = &session.req_header().headers;
-    if let Some(v) = h
-        .get(::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        && let Some((_, t)) = v.split_once(' ')
-        && !t.starts_with("sk-")
-    {
-        return Some(t.trim().to_string());
-    }
-    h.get_all(::http::header::COOKIE)
-        .iter()
-        .filter_map(|c| c.to_str().ok())
-        .flat_map(|c| c.split(';'))
-        .find_map(|p| p.trim().strip_prefix("token=").map(String::from))
 }
 
 pub fn signout(app: &App, ctx: &crate::proxy::ctx::RequestCtx) -> HandlerResult {
@@ -277,8 +415,14 @@ pub async fn add_user(app: &App, session: &mut Session) -> HandlerResult {
     Ok(Outcome::Reply(session_reply(app, &user)))
 }
 
+/// Key management needs a session or an unrestricted key: a key limited to some models
+/// must not mint, read or delete keys (it would mint itself an unrestricted one).
 fn may_manage_keys(app: &App, ctx: &crate::proxy::ctx::RequestCtx) -> Result<(), ApiError> {
     let id = identity(ctx)?;
+    if id.restricted_key {
+        crate::metrics::auth_failure("restricted_key");
+        return Err(ApiError::forbidden(auth::RESTRICTED_KEY));
+    }
     if !app.config.auth.enable_api_keys || id.user.role == Role::Pending {
         return Err(ApiError::forbidden(msg::API_KEY_NOT_ALLOWED));
     }

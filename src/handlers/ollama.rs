@@ -160,7 +160,7 @@ pub fn admin_stream(app: &App, session: &Session, req: &Req) -> HandlerResult {
 pub async fn admin_model_op(
     app: &App,
     session: &mut Session,
-    _ctx: &RequestCtx,
+    ctx: &RequestCtx,
     req: &Req,
 ) -> HandlerResult {
     let (raw, obj) = object_body(app, session).await?;
@@ -176,6 +176,10 @@ pub async fn admin_model_op(
         .filter(|s| !s.is_empty())
         .ok_or_else(|| ApiError::bad_request(format!("{field} is required")))?
         .to_string();
+    // An admin limited to some models (model-access) may not act on the others either.
+    if !identity(ctx)?.may_use_model(&name) {
+        return Err(ApiError::forbidden(msg::MODEL_NOT_FOUND));
+    }
     let (up, body) = match req.url_idx {
         Some(i) => (upstream_at(app, i)?, raw),
         None => {
@@ -325,7 +329,7 @@ pub async fn version(app: &App, req: &Req) -> HandlerResult {
 }
 
 /// Unloads a model on every upstream hosting it (`keep_alive: 0`).
-pub async fn unload(app: &App, session: &mut Session, _ctx: &RequestCtx) -> HandlerResult {
+pub async fn unload(app: &App, session: &mut Session, ctx: &RequestCtx) -> HandlerResult {
     let (_, obj) = object_body(app, session).await?;
     let name = obj
         .get("model")
@@ -333,6 +337,9 @@ pub async fn unload(app: &App, session: &mut Session, _ctx: &RequestCtx) -> Hand
         .filter(|s| !s.is_empty())
         .ok_or_else(|| ApiError::bad_request("model is required"))?
         .to_string();
+    if !identity(ctx)?.may_use_model(&name) {
+        return Err(ApiError::forbidden(msg::MODEL_NOT_FOUND));
+    }
     let entry = ollama_model(app, &name)
         .await
         .ok_or_else(|| not_found_model(&name))?;
