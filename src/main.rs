@@ -42,8 +42,13 @@ fn runtime() -> tokio::runtime::Runtime {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::ExtractWorker) {
+        // No logging set-up: the child's stdout is its answer, stderr its crash report.
+        return ragway::extract::isolate::worker_main();
+    }
     init_logging();
     match cli.command {
+        Command::ExtractWorker => unreachable!("handled above"),
         Command::Serve(args) => {
             let app = match open_app(&Overrides::from(&args)) {
                 Ok(a) => a,
