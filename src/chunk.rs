@@ -117,14 +117,14 @@ pub fn split(doc: &Document, cfg: &ChunkConfig) -> Vec<Chunk> {
             let config = text_splitter::ChunkConfig::new(size)
                 .with_overlap(overlap)
                 .expect("overlap is clamped below size");
-            split_with(doc, cfg.markdown_headers, &TextSplitter::new(config))
+            split_with(doc, cfg.markdown_headers, &TextSplitter::new(config), size)
         }
         Splitter::Token(tokenizer) => {
             let config = text_splitter::ChunkConfig::new(size)
                 .with_sizer(TokenCounter::new(tokenizer))
                 .with_overlap(overlap)
                 .expect("overlap is clamped below size");
-            split_with(doc, cfg.markdown_headers, &TextSplitter::new(config))
+            split_with(doc, cfg.markdown_headers, &TextSplitter::new(config), size)
         }
     }
 }
@@ -133,7 +133,9 @@ fn split_with<S: ChunkSizer>(
     doc: &Document,
     markdown_headers: bool,
     splitter: &TextSplitter<S>,
+    size: usize,
 ) -> Vec<Chunk> {
+    let window_bytes = size.max(256).saturating_mul(WINDOW_CHUNKS);
     let mut chunks = Vec::new();
     for page in &doc.pages {
         let text = page.text.as_str();
@@ -149,22 +151,66 @@ fn split_with<S: ChunkSizer>(
         // Character offset of `byte_pos`, advanced section by section to stay linear.
         let (mut byte_pos, mut char_pos) = (0usize, 0usize);
         for section in sections {
-            char_pos += text[byte_pos..section.start].chars().count();
-            byte_pos = section.start;
-            for piece in splitter.chunk_char_indices(&text[section.start..section.end]) {
-                if piece.chunk.trim().is_empty() {
-                    continue;
+            for (start, window) in windows(&text[section.start..section.end], window_bytes) {
+                let start = section.start + start;
+                char_pos += text[byte_pos..start].chars().count();
+                byte_pos = start;
+                for piece in splitter.chunk_char_indices(window) {
+                    if piece.chunk.trim().is_empty() {
+                        continue;
+                    }
+                    chunks.push(Chunk {
+                        text: piece.chunk.to_owned(),
+                        start_index: char_pos + piece.char_offset,
+                        page: page.page,
+                        headers: section.headers.to_vec(),
+                    });
                 }
-                chunks.push(Chunk {
-                    text: piece.chunk.to_owned(),
-                    start_index: char_pos + piece.char_offset,
-                    page: page.page,
-                    headers: section.headers.to_vec(),
-                });
             }
         }
     }
     chunks
+}
+
+/// Sections are handed to the splitter in windows of about this many chunks (of the largest
+/// size in bytes). The splitter's cost grows faster than linearly with the length of text
+/// without separators it is given (a 900 KB single line took minutes), so one huge line or
+/// paragraph is cut first, at a line break or else a space in the window's second half. Only
+/// text longer than a window is affected: a chunk never spans two windows.
+const WINDOW_CHUNKS: usize = 64;
+
+/// `text` in pieces of at most `max` bytes (unless no cut point exists), with their offsets.
+fn windows(text: &str, max: usize) -> impl Iterator<Item = (usize, &str)> {
+    let mut start = 0;
+    std::iter::from_fn(move || {
+        if start >= text.len() {
+            return None;
+        }
+        let rest = &text[start..];
+        let mut end = rest.len();
+        if rest.len() > max {
+            let mut limit = max;
+            while !rest.is_char_boundary(limit) {
+                limit -= 1;
+            }
+            let mut half = limit / 2;
+            while !rest.is_char_boundary(half) {
+                half -= 1;
+            }
+            let head = &rest[..limit];
+            end = head[half..]
+                .rfind('\n')
+                .or_else(|| head[half..].rfind(char::is_whitespace))
+                .map_or(limit, |i| half + i + 1);
+            // Stay on a character boundary after a multi-byte whitespace.
+            while !rest.is_char_boundary(end) {
+                end += 1;
+            }
+        }
+        let piece = (start, &rest[..end]);
+        start += end;
+        Some(piece)
+    })
 }
 
 /// A byte range of a page under one header path.
@@ -692,6 +738,30 @@ mod tests {
         let last = chunks.last().unwrap();
         assert_eq!(last.headers.len(), 2, "both levels fit in the path budget");
         assert_eq!(last.headers[1].len(), MAX_HEADER_BYTES);
+    }
+
+    #[test]
+    fn windows_cut_long_text_at_separators() {
+        let text = "aaaa bbbb\ncccc dddd eeee";
+        let pieces: Vec<(usize, &str)> = windows(text, 12).collect();
+        assert_eq!(
+            pieces,
+            vec![(0, "aaaa bbbb\n"), (10, "cccc dddd "), (20, "eeee")]
+        );
+        let solid = "é".repeat(20);
+        let pieces: Vec<&str> = windows(&solid, 7).map(|(_, p)| p).collect();
+        assert_eq!(pieces.concat(), solid);
+        assert!(pieces.iter().all(|p| p.len() <= 7));
+        // A long single line is chunked piecewise, offsets still exact.
+        let line = format!("# {}", "word ".repeat(8_000));
+        let cfg = ChunkConfig {
+            size: 100,
+            overlap: 10,
+            ..Default::default()
+        };
+        let d = doc(&[&line]);
+        let chunks = split(&d, &cfg);
+        check_invariants(&d, &cfg, &chunks);
     }
 
     #[test]

@@ -68,7 +68,9 @@ fn pdf(dict: &str, content: &[u8], extra: &[(&str, &[u8])]) -> Vec<u8> {
         out.extend_from_slice(b"\nendobj\n");
     }
     let xref = out.len();
-    out.extend_from_slice(format!("xref\n0 {}\n0000000000 65535 f \n", objects.len() + 1).as_bytes());
+    out.extend_from_slice(
+        format!("xref\n0 {}\n0000000000 65535 f \n", objects.len() + 1).as_bytes(),
+    );
     for o in offsets {
         out.extend_from_slice(format!("{o:010} 00000 n \n").as_bytes());
     }
@@ -92,8 +94,13 @@ fn too_large(bytes: &[u8], name: &str) -> String {
 #[test]
 fn compressed_pdf_within_limits_still_reads() {
     let text = b"BT /F1 12 Tf 72 720 Td (Compressed hello) Tj ET";
-    let doc = extract_with(&pdf("/Filter /FlateDecode", &zlib(text), &[]), "a.pdf", None, &SMALL)
-        .unwrap();
+    let doc = extract_with(
+        &pdf("/Filter /FlateDecode", &zlib(text), &[]),
+        "a.pdf",
+        None,
+        &SMALL,
+    )
+    .unwrap();
     assert!(doc.full_text().contains("Compressed hello"), "{doc:?}");
     let stacked = ascii85(&zlib(text));
     let doc = extract_with(
@@ -120,10 +127,16 @@ fn stacked_filters_are_followed() {
     // Each layer is small; only the last inflates.
     let inner = zlib(&vec![b' '; 8 * MIB]);
     let twice = zlib(&inner);
-    let err = too_large(&pdf("/Filter [/FlateDecode /FlateDecode]", &twice, &[]), "s.pdf");
+    let err = too_large(
+        &pdf("/Filter [/FlateDecode /FlateDecode]", &twice, &[]),
+        "s.pdf",
+    );
     assert_eq!(err, "PDF stream inflates beyond the limit of 1 MiB");
     let armoured = ascii85(&inner);
-    let err = too_large(&pdf("/Filter [/ASCII85Decode /FlateDecode]", &armoured, &[]), "a.pdf");
+    let err = too_large(
+        &pdf("/Filter [/ASCII85Decode /FlateDecode]", &armoured, &[]),
+        "a.pdf",
+    );
     assert_eq!(err, "PDF stream inflates beyond the limit of 1 MiB");
     let mut lzw = weezl::encode::Encoder::with_tiff_size_switch(weezl::BitOrder::Msb, 8);
     let lzw = lzw.encode(&vec![b'a'; 8 * MIB]).unwrap();
@@ -170,9 +183,14 @@ fn object_stream_bomb_at_load_time() {
 fn many_streams_hit_the_total_limit() {
     // Five streams of 900 KiB each: every one under the stream limit, 4.4 MiB together.
     let part = zlib(&vec![b'x'; 900 * 1024]);
-    let extra: Vec<(&str, &[u8])> = (0..5).map(|_| ("/Filter /FlateDecode", &part[..])).collect();
+    let extra: Vec<(&str, &[u8])> = (0..5)
+        .map(|_| ("/Filter /FlateDecode", &part[..]))
+        .collect();
     let err = too_large(&pdf("", b"BT ET", &extra), "m.pdf");
-    assert_eq!(err, "PDF streams inflate beyond the total limit of 4 MiB per file");
+    assert_eq!(
+        err,
+        "PDF streams inflate beyond the total limit of 4 MiB per file"
+    );
 }
 
 fn zip(members: &[(&str, &[u8])], method: zip::CompressionMethod) -> Vec<u8> {
@@ -189,7 +207,10 @@ fn zip(members: &[(&str, &[u8])], method: zip::CompressionMethod) -> Vec<u8> {
 fn docx_body_bomb() {
     let mut body = b"<w:document xmlns:w=\"urn:w\"><w:body><w:p><w:r><w:t>".to_vec();
     body.resize(8 * MIB, b'a');
-    let bytes = zip(&[("word/document.xml", &body)], zip::CompressionMethod::Deflated);
+    let bytes = zip(
+        &[("word/document.xml", &body)],
+        zip::CompressionMethod::Deflated,
+    );
     assert!(bytes.len() < 64 * 1024);
     assert_eq!(
         too_large(&bytes, "b.docx"),
@@ -199,7 +220,9 @@ fn docx_body_bomb() {
 
 #[test]
 fn zip_with_too_many_members() {
-    let names: Vec<String> = (0..=super::MAX_ZIP_MEMBERS).map(|i| format!("m{i}")).collect();
+    let names: Vec<String> = (0..=super::MAX_ZIP_MEMBERS)
+        .map(|i| format!("m{i}"))
+        .collect();
     let members: Vec<(&str, &[u8])> = names.iter().map(|n| (n.as_str(), &b""[..])).collect();
     let bytes = zip(&members, zip::CompressionMethod::Stored);
     assert_eq!(

@@ -239,9 +239,11 @@ fn crash_message(status: std::process::ExitStatus, stderr: &str, options: &Optio
 }
 
 fn static_kind(kind: &str) -> Option<&'static str> {
-    ["pdf", "docx", "html", "markdown", "csv", "json", "xml", "text"]
-        .into_iter()
-        .find(|k| *k == kind)
+    [
+        "pdf", "docx", "html", "markdown", "csv", "json", "xml", "text",
+    ]
+    .into_iter()
+    .find(|k| *k == kind)
 }
 
 /// Sets a resource limit of this process (soft and hard).
@@ -320,8 +322,8 @@ mod tests {
         std::fs::write(&path, "hello").unwrap();
         let doc = extract_file(&path, "a.txt", None, &Options::default()).unwrap();
         assert_eq!(doc.full_text(), "hello");
-        let err = extract_file(&dir.path().join("gone"), "a.txt", None, &Options::default())
-            .unwrap_err();
+        let err =
+            extract_file(&dir.path().join("gone"), "a.txt", None, &Options::default()).unwrap_err();
         assert!(err.starts_with("cannot read the stored file"), "{err}");
     }
 

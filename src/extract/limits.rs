@@ -210,7 +210,10 @@ mod tests {
         let bomb = zlib(&vec![0u8; 4 * 1024 * 1024]);
         assert!(bomb.len() < 16 * 1024);
         assert_eq!(inflate_flate(&bomb, 1024 * 1024), Err(Exceeded));
-        assert_eq!(inflate_flate(&bomb, 4 * 1024 * 1024).unwrap().len(), 4 * 1024 * 1024);
+        assert_eq!(
+            inflate_flate(&bomb, 4 * 1024 * 1024).unwrap().len(),
+            4 * 1024 * 1024
+        );
         // Raw deflate behind a broken zlib header, as lopdf retries it.
         let mut raw = flate2::write::DeflateEncoder::new(vec![b'?', b'?'], Compression::best());
         raw.write_all(&vec![7u8; 2 * 1024 * 1024]).unwrap();
@@ -226,7 +229,10 @@ mod tests {
         let lzw = enc.encode(&vec![b'a'; 1024 * 1024]).unwrap();
         assert!(lzw.len() < 64 * 1024, "{}", lzw.len());
         assert_eq!(inflate_lzw(&lzw, 64 * 1024, true), Err(Exceeded));
-        assert_eq!(inflate_lzw(&lzw, 1024 * 1024, true).unwrap().len(), 1024 * 1024);
+        assert_eq!(
+            inflate_lzw(&lzw, 1024 * 1024, true).unwrap().len(),
+            1024 * 1024
+        );
         let zs = vec![b'z'; 10_000];
         assert_eq!(decode_ascii85(&zs, 1000), Err(Exceeded));
         assert_eq!(decode_ascii85(&zs, 40_000).unwrap().len(), 40_000);

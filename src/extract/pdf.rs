@@ -50,7 +50,11 @@ impl Filter {
             Filter::Lzw => {
                 let early = inflate_lzw(input, cap, true)?;
                 let late = inflate_lzw(input, cap, false)?;
-                Ok(if late.len() > early.len() { late } else { early })
+                Ok(if late.len() > early.len() {
+                    late
+                } else {
+                    early
+                })
             }
             Filter::Ascii85 => decode_ascii85(input, cap),
         }

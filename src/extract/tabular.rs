@@ -150,9 +150,12 @@ mod tests {
             max_total_bytes: 1 << 20,
         };
         // 5000 rows of a 256-byte name: about 1.3 MB, over the 1 MiB limit.
-        let err =
-            crate::extract::extract_with(csv.as_bytes(), "t.csv", None, &limits).unwrap_err();
-        assert!(err.to_string().starts_with("CSV expands beyond the limit of 1 MiB"), "{err}");
+        let err = crate::extract::extract_with(csv.as_bytes(), "t.csv", None, &limits).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("CSV expands beyond the limit of 1 MiB"),
+            "{err}"
+        );
         let small = format!("{header}\n{}", "x\n".repeat(100));
         let doc = crate::extract::extract_with(small.as_bytes(), "t.csv", None, &limits).unwrap();
         let first = doc.full_text().lines().next().unwrap().to_owned();

@@ -2,5 +2,5 @@
 pub mod fake;
 pub mod gateway;
 pub mod raw;
-pub mod upload;
 pub mod release;
+pub mod upload;

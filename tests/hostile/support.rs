@@ -16,9 +16,14 @@ pub async fn clear_error(r: Response, status: u16) -> Value {
         .to_string();
     let text = r.text().await.unwrap_or_default();
     assert_eq!(got, status, "status (body: {text})");
-    assert!(ct.starts_with("application/json"), "JSON error, got {ct:?}: {text}");
+    assert!(
+        ct.starts_with("application/json"),
+        "JSON error, got {ct:?}: {text}"
+    );
     let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
-    let detail = v["detail"].as_str().unwrap_or_else(|| panic!("no detail in {v}"));
+    let detail = v["detail"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no detail in {v}"));
     assert!(!detail.is_empty(), "empty detail");
     assert_eq!(v["error"]["message"], v["detail"], "error.message = detail");
     v
