@@ -9,11 +9,12 @@
 //! the document as JSON on stdout. The parent kills it at the wall-clock timeout and turns any
 //! crash into a message for the file's `error`.
 //!
-//! Cost, measured on the release binary (2-core VM, `scripts`-free: 200 sequential
-//! extractions of a 2 KiB text file): about 2.5 ms per file in a child (spawn, exec, dynamic
-//! loading, JSON both ways) against about 0.05 ms in a thread. Against chunking and
-//! embedding (tens of milliseconds per file at least) the child's cost does not show, so it
-//! is the default whenever the extractor binary is known.
+//! Cost, measured on the release binary on the shared 2-core VM: 200 sequential
+//! `ragway extract-worker` runs on a 2 KiB text file took 1.36 s, about 7 ms per file (spawn,
+//! exec, dynamic loading, JSON both ways, and the shell loop that drove it), where extracting
+//! the same file in a thread takes well under a millisecond. Against embedding (tens of
+//! milliseconds per file at least) the child's cost does not show, so it is the default
+//! whenever the extractor binary is known.
 //!
 //! When no extractor binary is available (tests running the gateway in-process, whose
 //! executable is the test binary, or `rag.extractor = "in-process"`), extraction runs in the
