@@ -13,6 +13,11 @@
 //!    `add_start_index`, which counts Python characters, i.e. code points).
 //!
 //! Chunks are trimmed slices of the page text, never empty or whitespace-only.
+//!
+//! Header metadata is bounded: each recorded header is cut to [`MAX_HEADER_BYTES`] and the
+//! header path of a chunk holds at most [`MAX_HEADER_PATH_BYTES`], so a hostile document (one
+//! 20 MB `# ` line) costs a few hundred bytes per chunk, not a copy of the line per chunk.
+//! Sections share their header path, so memory stays linear in the input.
 
 use std::fmt;
 use std::sync::Arc;
@@ -20,6 +25,12 @@ use std::sync::Arc;
 use text_splitter::{ChunkSizer, TextSplitter};
 
 use crate::extract::Document;
+
+/// Longest header text kept in a chunk's metadata, in bytes (cut at a character boundary).
+pub const MAX_HEADER_BYTES: usize = 256;
+/// Most header bytes kept per chunk, all levels together (six levels of
+/// [`MAX_HEADER_BYTES`] would not fit: the innermost headers are dropped first).
+pub const MAX_HEADER_PATH_BYTES: usize = 1024;
 
 /// How chunk sizes are measured (Open WebUI's `RAG_TEXT_SPLITTER`).
 #[derive(Clone)]
@@ -106,14 +117,14 @@ pub fn split(doc: &Document, cfg: &ChunkConfig) -> Vec<Chunk> {
             let config = text_splitter::ChunkConfig::new(size)
                 .with_overlap(overlap)
                 .expect("overlap is clamped below size");
-            split_with(doc, cfg.markdown_headers, &TextSplitter::new(config))
+            split_with(doc, cfg.markdown_headers, &TextSplitter::new(config), size)
         }
         Splitter::Token(tokenizer) => {
             let config = text_splitter::ChunkConfig::new(size)
                 .with_sizer(TokenCounter::new(tokenizer))
                 .with_overlap(overlap)
                 .expect("overlap is clamped below size");
-            split_with(doc, cfg.markdown_headers, &TextSplitter::new(config))
+            split_with(doc, cfg.markdown_headers, &TextSplitter::new(config), size)
         }
     }
 }
@@ -122,7 +133,9 @@ fn split_with<S: ChunkSizer>(
     doc: &Document,
     markdown_headers: bool,
     splitter: &TextSplitter<S>,
+    size: usize,
 ) -> Vec<Chunk> {
+    let window_bytes = size.max(256).saturating_mul(WINDOW_CHUNKS);
     let mut chunks = Vec::new();
     for page in &doc.pages {
         let text = page.text.as_str();
@@ -132,28 +145,72 @@ fn split_with<S: ChunkSizer>(
             vec![Section {
                 start: 0,
                 end: text.len(),
-                headers: Vec::new(),
+                headers: Arc::from(Vec::new()),
             }]
         };
         // Character offset of `byte_pos`, advanced section by section to stay linear.
         let (mut byte_pos, mut char_pos) = (0usize, 0usize);
         for section in sections {
-            char_pos += text[byte_pos..section.start].chars().count();
-            byte_pos = section.start;
-            for piece in splitter.chunk_char_indices(&text[section.start..section.end]) {
-                if piece.chunk.trim().is_empty() {
-                    continue;
+            for (start, window) in windows(&text[section.start..section.end], window_bytes) {
+                let start = section.start + start;
+                char_pos += text[byte_pos..start].chars().count();
+                byte_pos = start;
+                for piece in splitter.chunk_char_indices(window) {
+                    if piece.chunk.trim().is_empty() {
+                        continue;
+                    }
+                    chunks.push(Chunk {
+                        text: piece.chunk.to_owned(),
+                        start_index: char_pos + piece.char_offset,
+                        page: page.page,
+                        headers: section.headers.to_vec(),
+                    });
                 }
-                chunks.push(Chunk {
-                    text: piece.chunk.to_owned(),
-                    start_index: char_pos + piece.char_offset,
-                    page: page.page,
-                    headers: section.headers.clone(),
-                });
             }
         }
     }
     chunks
+}
+
+/// Sections are handed to the splitter in windows of about this many chunks (of the largest
+/// size in bytes). The splitter's cost grows faster than linearly with the length of text
+/// without separators it is given (a 900 KB single line took minutes), so one huge line or
+/// paragraph is cut first, at a line break or else a space in the window's second half. Only
+/// text longer than a window is affected: a chunk never spans two windows.
+const WINDOW_CHUNKS: usize = 64;
+
+/// `text` in pieces of at most `max` bytes (unless no cut point exists), with their offsets.
+fn windows(text: &str, max: usize) -> impl Iterator<Item = (usize, &str)> {
+    let mut start = 0;
+    std::iter::from_fn(move || {
+        if start >= text.len() {
+            return None;
+        }
+        let rest = &text[start..];
+        let mut end = rest.len();
+        if rest.len() > max {
+            let mut limit = max;
+            while !rest.is_char_boundary(limit) {
+                limit -= 1;
+            }
+            let mut half = limit / 2;
+            while !rest.is_char_boundary(half) {
+                half -= 1;
+            }
+            let head = &rest[..limit];
+            end = head[half..]
+                .rfind('\n')
+                .or_else(|| head[half..].rfind(char::is_whitespace))
+                .map_or(limit, |i| half + i + 1);
+            // Stay on a character boundary after a multi-byte whitespace.
+            while !rest.is_char_boundary(end) {
+                end += 1;
+            }
+        }
+        let piece = (start, &rest[..end]);
+        start += end;
+        Some(piece)
+    })
 }
 
 /// A byte range of a page under one header path.
@@ -161,7 +218,8 @@ fn split_with<S: ChunkSizer>(
 struct Section {
     start: usize,
     end: usize,
-    headers: Vec<String>,
+    /// Shared by every section under the same header path.
+    headers: Arc<[String]>,
 }
 
 /// Cuts `text` before every ATX header line outside fenced code. Each section runs from its
@@ -170,7 +228,7 @@ struct Section {
 fn markdown_sections(text: &str) -> Vec<Section> {
     let mut sections = Vec::new();
     let mut stack: Vec<(usize, String)> = Vec::new();
-    let mut current = (0usize, Vec::new());
+    let mut current: (usize, Arc<[String]>) = (0usize, Arc::from(Vec::new()));
     let mut fence: Option<(u8, usize)> = None;
     let mut offset = 0usize;
     for line in text.split_inclusive('\n') {
@@ -194,8 +252,8 @@ fn markdown_sections(text: &str) -> Vec<Section> {
         while stack.last().is_some_and(|(l, _)| *l >= level) {
             stack.pop();
         }
-        stack.push((level, content.trim().to_owned()));
-        current = (line_start, stack.iter().map(|(_, h)| h.clone()).collect());
+        stack.push((level, truncate_header(content.trim()).to_owned()));
+        current = (line_start, header_path(&stack));
     }
     push_section(&mut sections, text, current.0, text.len(), &current.1);
     sections
@@ -206,15 +264,41 @@ fn push_section(
     text: &str,
     start: usize,
     end: usize,
-    headers: &[String],
+    headers: &Arc<[String]>,
 ) {
     if !text[start..end].trim().is_empty() {
         sections.push(Section {
             start,
             end,
-            headers: headers.to_vec(),
+            headers: Arc::clone(headers),
         });
     }
+}
+
+/// `header` cut to at most [`MAX_HEADER_BYTES`], at a character boundary.
+fn truncate_header(header: &str) -> &str {
+    if header.len() <= MAX_HEADER_BYTES {
+        return header;
+    }
+    let mut end = MAX_HEADER_BYTES;
+    while !header.is_char_boundary(end) {
+        end -= 1;
+    }
+    &header[..end]
+}
+
+/// The outermost headers of `stack` that fit in [`MAX_HEADER_PATH_BYTES`].
+fn header_path(stack: &[(usize, String)]) -> Arc<[String]> {
+    let mut used = 0;
+    stack
+        .iter()
+        .map(|(_, h)| h)
+        .take_while(|h| {
+            used += h.len();
+            used <= MAX_HEADER_PATH_BYTES
+        })
+        .cloned()
+        .collect()
 }
 
 /// Up to three spaces of indentation are allowed before a header or a fence; four make an
@@ -444,7 +528,7 @@ mod tests {
         let sections = markdown_sections(text);
         let got: Vec<(&str, Vec<String>)> = sections
             .iter()
-            .map(|s| (&text[s.start..s.end], s.headers.clone()))
+            .map(|s| (&text[s.start..s.end], s.headers.to_vec()))
             .collect();
         let h = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         assert_eq!(
@@ -633,6 +717,123 @@ mod tests {
                     chars_at(&text, chunk.start_index, chunk.text.chars().count()),
                     chunk.text
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn huge_header_line_is_truncated_in_every_chunk() {
+        // Scaled down from the 20 MB line of the report (debug builds chunk slowly); the
+        // release-binary test in tests/memory_extract.rs uploads the full size.
+        let line = format!("# {}", "héader ".repeat(3000));
+        let text = format!("{line}\n## {}\nbody", "x".repeat(5000));
+        let chunks = split(&doc(&[&text]), &ChunkConfig::default());
+        assert!(chunks.len() > 20, "{} chunks", chunks.len());
+        for chunk in &chunks {
+            let bytes: usize = chunk.headers.iter().map(String::len).sum();
+            assert!(bytes <= MAX_HEADER_PATH_BYTES, "{bytes} header bytes");
+            assert!(chunk.headers.iter().all(|h| h.len() <= MAX_HEADER_BYTES));
+            assert!(chunk.headers[0].starts_with("# héader"));
+        }
+        let last = chunks.last().unwrap();
+        assert_eq!(last.headers.len(), 2, "both levels fit in the path budget");
+        assert_eq!(last.headers[1].len(), MAX_HEADER_BYTES);
+    }
+
+    #[test]
+    fn windows_cut_long_text_at_separators() {
+        let text = "aaaa bbbb\ncccc dddd eeee";
+        let pieces: Vec<(usize, &str)> = windows(text, 12).collect();
+        assert_eq!(
+            pieces,
+            vec![(0, "aaaa bbbb\n"), (10, "cccc dddd "), (20, "eeee")]
+        );
+        let solid = "é".repeat(20);
+        let pieces: Vec<&str> = windows(&solid, 7).map(|(_, p)| p).collect();
+        assert_eq!(pieces.concat(), solid);
+        assert!(pieces.iter().all(|p| p.len() <= 7));
+        // A long single line is chunked piecewise, offsets still exact.
+        let line = format!("# {}", "word ".repeat(8_000));
+        let cfg = ChunkConfig {
+            size: 100,
+            overlap: 10,
+            ..Default::default()
+        };
+        let d = doc(&[&line]);
+        let chunks = split(&d, &cfg);
+        check_invariants(&d, &cfg, &chunks);
+    }
+
+    #[test]
+    fn header_truncation_respects_char_boundaries() {
+        let header = "é".repeat(MAX_HEADER_BYTES);
+        let cut = truncate_header(&header);
+        assert!(cut.len() <= MAX_HEADER_BYTES && cut.len() >= MAX_HEADER_BYTES - 1);
+        assert!(cut.chars().all(|c| c == 'é'));
+        assert_eq!(truncate_header("# short"), "# short");
+        // Six long levels: the path keeps the outermost ones that fit.
+        let text: String = (1..=6)
+            .map(|l| format!("{} {}\n", "#".repeat(l), "y".repeat(1000)))
+            .collect::<String>()
+            + "text";
+        let chunks = split(&doc(&[&text]), &ChunkConfig::default());
+        let path = &chunks.last().unwrap().headers;
+        assert_eq!(path.len(), MAX_HEADER_PATH_BYTES / MAX_HEADER_BYTES);
+        assert!(path[0].starts_with("# y"));
+    }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Markdown-ish lines: headers (some very long), fences, text, blank lines.
+        fn markdownish() -> impl Strategy<Value = String> {
+            let line = prop_oneof![
+                "#{1,7}[ \t]?[a-zé世 ]{0,40}",
+                "#{1,6} [x]{200,700}",
+                "(```|~~~)[a-z]{0,5}",
+                "[ ]{0,5}[a-zA-Z0-9 .,é世🦀]{0,80}",
+                Just(String::new()),
+                "\\PC{0,30}",
+            ];
+            proptest::collection::vec(line, 0..60).prop_map(|lines| lines.join("\n"))
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(96))]
+
+            #[test]
+            fn chunk_output_is_linear_in_the_input(
+                text in markdownish(),
+                size in 20usize..400,
+                overlap_pct in 0usize..50,
+                markdown_headers in any::<bool>(),
+            ) {
+                let overlap = size * overlap_pct / 100;
+                let cfg = ChunkConfig { size, overlap, markdown_headers, splitter: Splitter::Character };
+                let d = doc(&[&text]);
+                let chunks = split(&d, &cfg);
+                let input = text.len();
+                let text_bytes: usize = chunks.iter().map(|c| c.text.len()).sum();
+                let header_bytes: usize =
+                    chunks.iter().flat_map(|c| &c.headers).map(String::len).sum();
+                // Overlap is under half a chunk, so each byte is in at most two chunks.
+                prop_assert!(text_bytes <= 2 * input, "{text_bytes} > 2 x {input}");
+                prop_assert!(chunks.len() <= input, "{} chunks for {input} bytes", chunks.len());
+                prop_assert!(header_bytes <= MAX_HEADER_PATH_BYTES * chunks.len());
+                for c in &chunks {
+                    prop_assert!(c.headers.iter().all(|h| h.len() <= MAX_HEADER_BYTES));
+                }
+                if !chunks.is_empty() {
+                    check_invariants(&d, &cfg, &chunks);
+                }
+            }
+
+            #[test]
+            fn arbitrary_text_never_panics(text in "\\PC{0,400}", size in 1usize..50) {
+                let cfg = ChunkConfig { size, overlap: size / 3, ..Default::default() };
+                let chunks = split(&doc(&[&text]), &cfg);
+                prop_assert!(chunks.iter().map(|c| c.text.len()).sum::<usize>() <= 2 * text.len());
             }
         }
     }

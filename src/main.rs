@@ -55,8 +55,13 @@ fn tune_allocator() {
 fn main() -> ExitCode {
     tune_allocator();
     let cli = Cli::parse();
+    if matches!(cli.command, Command::ExtractWorker) {
+        // No logging set-up: the child's stdout is its answer, stderr its crash report.
+        return ragway::extract::isolate::worker_main();
+    }
     init_logging();
     match cli.command {
+        Command::ExtractWorker => unreachable!("handled above"),
         Command::Serve(args) => {
             let app = match open_app(&Overrides::from(&args)) {
                 Ok(a) => a,

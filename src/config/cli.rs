@@ -100,6 +100,10 @@ pub enum Command {
         #[arg(long)]
         user: Option<String>,
     },
+    /// Internal: extracts one file in a memory-capped child process (a JSON request on
+    /// stdin, the document as JSON on stdout). Started by the gateway itself.
+    #[command(name = "extract-worker", hide = true)]
+    ExtractWorker,
 }
 
 #[derive(Debug, Subcommand)]

@@ -77,6 +77,17 @@ pub struct RagFile {
     pub workers: Option<usize>,
     /// Inline-processing uploads waiting at once.
     pub inline_queue: Option<usize>,
+    /// Total bytes one file may inflate to, as a multiple of the upload limit.
+    pub extract_inflate_ratio: Option<u64>,
+    /// Largest inflated PDF stream or DOCX member, in MB (default: the upload limit).
+    pub extract_stream_max_mb: Option<u64>,
+    /// Address-space limit of the extraction child process, in MB.
+    pub extract_memory_mb: Option<u64>,
+    /// Wall-clock (and CPU-time) limit of extracting one file.
+    pub extract_timeout: Option<String>,
+    /// The `ragway` binary run as the extraction child, `in-process`, or unset (our own
+    /// executable when it is `ragway`).
+    pub extractor: Option<String>,
     /// How long `file/add` waits for a file that is still processing.
     pub file_add_wait: Option<String>,
     /// Collections with more vectors than this get an HNSW graph; smaller ones are searched

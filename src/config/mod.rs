@@ -117,6 +117,8 @@ pub struct RagConfig {
     /// Uploads with `process_in_background=false` that may wait for their result at once;
     /// more get a 503.
     pub inline_queue: usize,
+    /// How files are extracted: inflation limits, child process, memory and time limits.
+    pub extraction: crate::extract::isolate::Options,
     pub file_add_wait: Duration,
     pub hnsw_threshold: usize,
     pub vector_index: crate::index::GraphKind,
@@ -538,6 +540,68 @@ pub fn build(
     })
 }
 
+/// The `rag.extract-*` and `rag.extractor` settings of the file.
+struct ExtractFile {
+    inflate_ratio: Option<u64>,
+    stream_max_mb: Option<u64>,
+    memory_mb: Option<u64>,
+    timeout: Option<String>,
+    extractor: Option<String>,
+}
+
+/// `rag.extract-*` and `rag.extractor` (env `RAGWAY_EXTRACTOR`).
+fn extraction_options(
+    r: ExtractFile,
+    env: &dyn EnvSource,
+    file_max_bytes: u64,
+) -> Result<crate::extract::isolate::Options, ConfigError> {
+    const MB: u64 = 1024 * 1024;
+    let ratio = r.inflate_ratio.unwrap_or(4);
+    if ratio == 0 {
+        return err("rag.extract-inflate-ratio: must be at least 1");
+    }
+    let stream = r
+        .stream_max_mb
+        .map_or(file_max_bytes, |mb| mb.saturating_mul(MB));
+    if stream == 0 {
+        return err("rag.extract-stream-max-mb: must be at least 1");
+    }
+    let memory_mb = r.memory_mb.unwrap_or(1024);
+    if memory_mb < 64 {
+        return err("rag.extract-memory-mb: must be at least 64");
+    }
+    let timeout = duration(
+        "rag.extract-timeout",
+        r.timeout.as_deref().unwrap_or("300s"),
+    )?;
+    if timeout.is_zero() {
+        return err("rag.extract-timeout: must be positive");
+    }
+    let extractor = match env.get("RAGWAY_EXTRACTOR").or(r.extractor) {
+        None => crate::extract::isolate::default_extractor(),
+        Some(v) if v.trim() == "in-process" => None,
+        Some(v) => {
+            let path = PathBuf::from(v.trim());
+            if !path.is_file() {
+                return err(format!(
+                    "rag.extractor (RAGWAY_EXTRACTOR): {} is not a file",
+                    path.display()
+                ));
+            }
+            Some(path)
+        }
+    };
+    Ok(crate::extract::isolate::Options {
+        limits: crate::extract::Limits {
+            max_stream_bytes: stream,
+            max_total_bytes: file_max_bytes.saturating_mul(ratio),
+        },
+        extractor,
+        memory_bytes: memory_mb.saturating_mul(MB),
+        timeout,
+    })
+}
+
 fn parse_usize(name: &str, v: &str) -> Result<usize, ConfigError> {
     v.trim()
         .parse()
@@ -648,6 +712,17 @@ fn rag_config(
     if max_mb == 0 {
         return err("rag.file-max-size-mb: must be at least 1");
     }
+    let extraction = extraction_options(
+        ExtractFile {
+            inflate_ratio: r.extract_inflate_ratio,
+            stream_max_mb: r.extract_stream_max_mb,
+            memory_mb: r.extract_memory_mb,
+            timeout: r.extract_timeout,
+            extractor: r.extractor,
+        },
+        env,
+        max_mb * 1024 * 1024,
+    )?;
     let mut allowed = r.allowed_extensions.unwrap_or_default();
     if let Some(v) = env.get("RAG_ALLOWED_FILE_EXTENSIONS") {
         allowed = v.split(',').map(String::from).collect();
@@ -760,6 +835,7 @@ fn rag_config(
             allowed_extensions,
             workers,
             inline_queue,
+            extraction,
             file_add_wait,
             hnsw_threshold,
             vector_index,

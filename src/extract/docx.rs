@@ -8,21 +8,37 @@
 //! not `w:t` and are skipped. Headers, footers, footnotes and comments live in other parts and
 //! are not read.
 
-use std::io::{Cursor, Read};
+use std::io::Cursor;
 
 use quick_xml::Reader;
 use quick_xml::events::Event;
 
 use super::ExtractError;
+use super::limits::{Budget, Limits, read_capped};
 use super::xml::resolve_entity;
 
-/// Largest `word/document.xml` we inflate: protects against ZIP bombs. Real documents with
-/// hundreds of pages stay well below it.
-const MAX_DOCUMENT_XML: u64 = 256 * 1024 * 1024;
+/// Most members a DOCX may have. The ZIP reader keeps a record per member of the central
+/// directory, so a file of millions of tiny members would cost far more memory than its
+/// size; real documents have a few dozen parts (a few thousand with many images).
+pub const MAX_ZIP_MEMBERS: usize = 10_000;
 
-/// Extracts the body text of a DOCX file.
-pub(super) fn extract(bytes: &[u8]) -> Result<String, ExtractError> {
+/// Counts central-directory records (`PK\x01\x02`) in the raw bytes, before the ZIP reader
+/// allocates anything for them. Compressed data could hold the signature by chance; at one
+/// chance in 2^32 per byte that never comes near the limit.
+fn zip_members(bytes: &[u8]) -> usize {
+    bytes.windows(4).filter(|w| *w == b"PK\x01\x02").count()
+}
+
+/// Extracts the body text of a DOCX file; `word/document.xml` inflates within `limits`.
+pub(super) fn extract(bytes: &[u8], limits: &Limits) -> Result<String, ExtractError> {
     let corrupt = |msg: String| ExtractError::corrupt("docx", msg);
+    if zip_members(bytes) > MAX_ZIP_MEMBERS {
+        return Err(ExtractError::TooLarge {
+            kind: "docx",
+            message: format!("DOCX has more than {MAX_ZIP_MEMBERS} ZIP members"),
+        });
+    }
+    let mut budget = Budget::new(*limits);
     let mut archive = zip::ZipArchive::new(Cursor::new(bytes))
         .map_err(|e| corrupt(format!("DOCX is not a valid ZIP archive: {e}")))?;
     let mut part = archive.by_name("word/document.xml").map_err(|e| match e {
@@ -31,17 +47,13 @@ pub(super) fn extract(bytes: &[u8]) -> Result<String, ExtractError> {
         }
         e => corrupt(format!("DOCX word/document.xml cannot be read: {e}")),
     })?;
-    let mut raw = Vec::new();
-    (&mut part)
-        .take(MAX_DOCUMENT_XML + 1)
-        .read_to_end(&mut raw)
-        .map_err(|e| corrupt(format!("DOCX word/document.xml cannot be read: {e}")))?;
-    if raw.len() as u64 > MAX_DOCUMENT_XML {
-        return Err(corrupt(format!(
-            "DOCX body is larger than {} MiB uncompressed",
-            MAX_DOCUMENT_XML / (1024 * 1024)
-        )));
+    // The declared size is the attacker's word; only the capped read counts.
+    if part.size() > limits.max_stream_bytes {
+        return Err(budget.stream_error("docx", "DOCX word/document.xml"));
     }
+    let raw = read_capped(&mut part, limits.max_stream_bytes)
+        .map_err(|_| budget.stream_error("docx", "DOCX word/document.xml"))?;
+    budget.charge("docx", "DOCX members", raw.len())?;
     let xml = String::from_utf8(raw)
         .map_err(|_| corrupt("DOCX word/document.xml is not UTF-8".to_owned()))?;
     body_text(&xml).map_err(|e| corrupt(format!("DOCX word/document.xml is not valid XML: {e}")))

@@ -9,12 +9,46 @@ use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
 
 use super::ExtractError;
 
-/// Parses `text` as one JSON value and pretty-prints it.
-pub(super) fn extract(text: &str) -> Result<String, ExtractError> {
+/// Parses `text` as one JSON value and pretty-prints it, refusing output beyond `max_bytes`:
+/// indentation grows with depth, so deeply nested short values multiply in size.
+pub(super) fn extract(text: &str, max_bytes: u64) -> Result<String, ExtractError> {
     let value: Json = serde_json::from_str(text)
         .map_err(|e| ExtractError::corrupt("json", format!("invalid JSON: {e}")))?;
-    serde_json::to_string_pretty(&value)
-        .map_err(|e| ExtractError::corrupt("json", format!("invalid JSON: {e}")))
+    let mut out = Capped {
+        out: Vec::new(),
+        max: usize::try_from(max_bytes).unwrap_or(usize::MAX),
+    };
+    if serde_json::to_writer_pretty(&mut out, &value).is_err() {
+        return Err(ExtractError::TooLarge {
+            kind: "json",
+            message: format!(
+                "JSON expands beyond the limit of {} when indented",
+                super::limits::size_label(max_bytes)
+            ),
+        });
+    }
+    // serde_json writes valid UTF-8 from `String`s.
+    Ok(String::from_utf8(out.out).expect("serde_json writes UTF-8"))
+}
+
+/// A writer that fails past `max` bytes.
+struct Capped {
+    out: Vec<u8>,
+    max: usize,
+}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.out.len() + buf.len() > self.max {
+            return Err(std::io::Error::other("output limit"));
+        }
+        self.out.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// A JSON value whose objects keep their key order.

@@ -21,12 +21,19 @@
 //! a 400 before it is stored ([`is_supported`]).
 
 mod docx;
+#[cfg(test)]
+mod hostile_tests;
 mod html;
+pub mod isolate;
 mod json;
+pub mod limits;
 mod pdf;
 mod tabular;
 mod text;
 mod xml;
+
+pub use docx::MAX_ZIP_MEMBERS;
+pub use limits::Limits;
 
 /// A page of extracted text.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,6 +100,15 @@ pub enum ExtractError {
     /// A PDF whose pages carry no text (typically scanned images; we do no OCR).
     #[error("PDF has no text layer (scanned images?)")]
     NoTextLayer,
+    /// A decompression bomb: a stream or archive member inflates beyond [`Limits`], e.g.
+    /// `PDF stream inflates beyond the limit of 100 MiB`.
+    #[error("{message}")]
+    TooLarge {
+        /// The loader that stopped.
+        kind: &'static str,
+        /// The full user-facing message.
+        message: String,
+    },
     /// Nothing to index: `None` for a zero-byte file, else the loader that found no text.
     #[error("{}", empty_message(*.kind))]
     Empty {
@@ -337,6 +353,17 @@ pub fn extract(
     filename: &str,
     content_type: Option<&str>,
 ) -> Result<Document, ExtractError> {
+    extract_with(bytes, filename, content_type, &Limits::default())
+}
+
+/// [`extract`] with explicit decompression limits (see [`Limits`]): a PDF stream or DOCX
+/// member inflating beyond them fails with [`ExtractError::TooLarge`].
+pub fn extract_with(
+    bytes: &[u8],
+    filename: &str,
+    content_type: Option<&str>,
+    limits: &Limits,
+) -> Result<Document, ExtractError> {
     let loader = choose_loader(filename, content_type)?;
     if bytes.is_empty() {
         return Err(ExtractError::Empty { kind: None });
@@ -346,16 +373,24 @@ pub fn extract(
         None => "the".to_owned(),
     };
     let pages = match loader {
-        Loader::Pdf => pdf::extract(bytes)?,
-        Loader::Docx => single(docx::extract(bytes)?),
+        Loader::Pdf => pdf::extract(bytes, limits)?,
+        Loader::Docx => single(docx::extract(bytes, limits)?),
         Loader::Html => single(html::extract(&text::decode(bytes, &file_type)?)),
         Loader::Markdown | Loader::Text => single(text::decode(bytes, &file_type)?),
-        Loader::Csv => single(tabular::extract(&text::decode(bytes, &file_type)?, None)?),
+        Loader::Csv => single(tabular::extract(
+            &text::decode(bytes, &file_type)?,
+            None,
+            limits.max_total_bytes,
+        )?),
         Loader::Tsv => single(tabular::extract(
             &text::decode(bytes, &file_type)?,
             Some(b'\t'),
+            limits.max_total_bytes,
         )?),
-        Loader::Json => single(json::extract(&text::decode(bytes, &file_type)?)?),
+        Loader::Json => single(json::extract(
+            &text::decode(bytes, &file_type)?,
+            limits.max_total_bytes,
+        )?),
         Loader::Xml => single(xml::extract(&text::decode(bytes, &file_type)?)?),
     };
     let pages: Vec<Page> = pages

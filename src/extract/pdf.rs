@@ -3,17 +3,185 @@
 //! `pdf-extract` (and `lopdf` below it) panic on some malformed files, so all parsing runs
 //! under `catch_unwind` and a panic becomes [`ExtractError::Corrupt`]. The default panic hook
 //! still prints the panic to stderr. Stack overflows and runaway loops cannot be caught here;
-//! callers bound extraction with a timeout.
+//! callers bound extraction with a timeout (and run it in a child process, see
+//! [`crate::extract::isolate`]).
+//!
+//! lopdf inflates streams without any limit: cross-reference and object streams while it
+//! loads the file, content and font streams when pdf-extract reads pages. Before lopdf sees
+//! the file, [`check_streams`] inflates every stream of the raw bytes with capped decoders
+//! (a worst case of what lopdf can inflate, see there); encrypted files, whose stream bytes
+//! are only readable after decryption, are checked again once decrypted.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use pdf_extract::{Document as PdfDocument, PlainTextOutput, output_doc_page};
 
+use super::limits::{Budget, Exceeded, Limits, decode_ascii85, inflate_flate, inflate_lzw};
 use super::{ExtractError, Page};
 
 /// Extracts one [`Page`] per PDF page, numbered from 1, blank pages included.
-pub(super) fn extract(bytes: &[u8]) -> Result<Vec<Page>, ExtractError> {
-    catch_panics(|| extract_pages(bytes))
+pub(super) fn extract(bytes: &[u8], limits: &Limits) -> Result<Vec<Page>, ExtractError> {
+    catch_panics(|| extract_pages(bytes, limits))
+}
+
+/// The decoding filters lopdf implements; it refuses streams with any other filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Filter {
+    Flate,
+    Lzw,
+    Ascii85,
+}
+
+impl Filter {
+    fn from_name(name: &[u8]) -> Option<Filter> {
+        match name {
+            b"FlateDecode" => Some(Filter::Flate),
+            b"LZWDecode" => Some(Filter::Lzw),
+            b"ASCII85Decode" => Some(Filter::Ascii85),
+            _ => None,
+        }
+    }
+
+    /// Decodes with a cap. For LZW both code-width conventions are tried and the larger
+    /// output kept, since `/EarlyChange` could say either.
+    fn decode(self, input: &[u8], cap: u64) -> Result<Vec<u8>, Exceeded> {
+        match self {
+            Filter::Flate => inflate_flate(input, cap),
+            Filter::Lzw => {
+                let early = inflate_lzw(input, cap, true)?;
+                let late = inflate_lzw(input, cap, false)?;
+                Ok(if late.len() > early.len() {
+                    late
+                } else {
+                    early
+                })
+            }
+            Filter::Ascii85 => decode_ascii85(input, cap),
+        }
+    }
+}
+
+/// Most filter names considered for one stream: each combination is decoded.
+const MAX_FILTERS: usize = 6;
+/// How far back from `stream` we look for the stream's dictionary.
+const DICT_WINDOW: usize = 64 * 1024;
+/// Streams inside inflated streams (object streams) are scanned this deep.
+const MAX_NESTING: u8 = 2;
+
+/// Inflates every stream of `data` with capped decoders, failing when one stream or all
+/// together inflate beyond `budget`.
+///
+/// The scan does not depend on a parser agreeing with lopdf: every `stream` keyword starts a
+/// candidate, read up to the end of the data (decoders stop at their own end, so a lying
+/// `/Length` can only make lopdf read less). The filter names are every known filter name in
+/// the dictionary text before the keyword, and every subsequence of them is decoded: the
+/// `/Filter` array lopdf will apply is one of them, whatever decoy names a crafted file adds.
+/// Every decoded byte counts against the per-file budget, which also bounds the work.
+fn check_streams(data: &[u8], budget: &mut Budget, depth: u8) -> Result<(), ExtractError> {
+    let mut from = 0;
+    while let Some(found) = find(&data[from..], b"stream") {
+        let at = from + found;
+        // The dictionary lies after the previous keyword: looking no further back keeps the
+        // scan linear however many `stream` words the data holds.
+        let previous = from;
+        from = at + b"stream".len();
+        if data[..at].ends_with(b"end") {
+            continue;
+        }
+        let mut start = from;
+        if data.get(start) == Some(&b'\r') {
+            start += 1;
+        }
+        if data.get(start) == Some(&b'\n') {
+            start += 1;
+        }
+        let window = &data[at.saturating_sub(DICT_WINDOW).max(previous)..at];
+        let dict = match rfind(window, b"obj") {
+            Some(i) => &window[i..],
+            None => window,
+        };
+        let filters = filter_names(dict);
+        if filters.is_empty() {
+            continue;
+        }
+        if filters.len() > MAX_FILTERS {
+            return Err(ExtractError::corrupt(
+                "pdf",
+                format!("PDF stream has more than {MAX_FILTERS} filters"),
+            ));
+        }
+        decode_all_chains(&data[start..], &filters, budget, depth)?;
+    }
+    Ok(())
+}
+
+/// Decodes `input` through every subsequence of `filters` (see [`check_streams`]).
+fn decode_all_chains(
+    input: &[u8],
+    filters: &[Filter],
+    budget: &mut Budget,
+    depth: u8,
+) -> Result<(), ExtractError> {
+    for (i, filter) in filters.iter().enumerate() {
+        let out = filter
+            .decode(input, budget.limits.max_stream_bytes)
+            .map_err(|Exceeded| budget.stream_error("pdf", "PDF stream"))?;
+        if out.is_empty() {
+            continue;
+        }
+        budget.charge("pdf", "PDF streams", out.len())?;
+        if depth < MAX_NESTING {
+            check_streams(&out, budget, depth + 1)?;
+        }
+        decode_all_chains(&out, &filters[i + 1..], budget, depth)?;
+    }
+    Ok(())
+}
+
+/// The known filter names in a dictionary's text, in order.
+fn filter_names(dict: &[u8]) -> Vec<Filter> {
+    let mut names = Vec::new();
+    for (i, _) in dict.iter().enumerate().filter(|(_, b)| **b == b'/') {
+        let name = &dict[i + 1..];
+        let end = name
+            .iter()
+            .position(|b| !b.is_ascii_alphanumeric())
+            .unwrap_or(name.len());
+        if let Some(f) = Filter::from_name(&name[..end]) {
+            names.push(f);
+        }
+    }
+    names
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+fn rfind(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).rposition(|w| w == needle)
+}
+
+/// After decryption the stream bytes are plain: check what lopdf will inflate, with the
+/// filters it parsed.
+fn check_loaded_streams(doc: &PdfDocument, budget: &mut Budget) -> Result<(), ExtractError> {
+    for object in doc.objects.values() {
+        let Ok(stream) = object.as_stream() else {
+            continue;
+        };
+        let Ok(names) = stream.filters() else {
+            continue;
+        };
+        let filters: Vec<Filter> = names.iter().filter_map(|n| Filter::from_name(n)).collect();
+        if filters.len() > MAX_FILTERS {
+            return Err(ExtractError::corrupt(
+                "pdf",
+                format!("PDF stream has more than {MAX_FILTERS} filters"),
+            ));
+        }
+        decode_all_chains(&stream.content, &filters, budget, MAX_NESTING)?;
+    }
+    Ok(())
 }
 
 /// Runs `parse`, turning a panic into [`ExtractError::Corrupt`].
@@ -35,7 +203,7 @@ fn catch_panics<T>(parse: impl FnOnce() -> Result<T, ExtractError>) -> Result<T,
     }
 }
 
-fn extract_pages(bytes: &[u8]) -> Result<Vec<Page>, ExtractError> {
+fn extract_pages(bytes: &[u8], limits: &Limits) -> Result<Vec<Page>, ExtractError> {
     // Readers accept the header anywhere in the first KiB; lopdf's own message for a missing
     // one ("invalid file header") would not tell a user that this is not a PDF at all.
     let head = &bytes[..bytes.len().min(1024)];
@@ -45,12 +213,17 @@ fn extract_pages(bytes: &[u8]) -> Result<Vec<Page>, ExtractError> {
             "not a PDF file (no %PDF- header)",
         ));
     }
+    let mut budget = Budget::new(*limits);
+    check_streams(bytes, &mut budget, 0)?;
     let mut doc = PdfDocument::load_mem(bytes)
         .map_err(|e| ExtractError::corrupt("pdf", format!("PDF is damaged: {e}")))?;
     // Many PDFs are "encrypted" with an empty user password only to restrict printing or
     // copying; those open without asking anyone for a password.
-    if doc.is_encrypted() && doc.decrypt("").is_err() {
-        return Err(ExtractError::Encrypted);
+    if doc.is_encrypted() {
+        if doc.decrypt("").is_err() {
+            return Err(ExtractError::Encrypted);
+        }
+        check_loaded_streams(&doc, &mut Budget::new(*limits))?;
     }
     let numbers: Vec<u32> = doc.get_pages().into_keys().collect();
     if numbers.is_empty() {
@@ -221,7 +394,7 @@ pub(super) mod tests {
     #[test]
     fn blank_page_kept_between_text_pages() {
         let pdf = make_pdf(&[&["first"], &[], &["third"]]);
-        let doc = extract(&pdf).unwrap();
+        let doc = extract(&pdf, &Limits::default()).unwrap();
         assert_eq!(doc.len(), 3);
         assert_eq!(doc[1].text, "");
         assert_eq!(doc[2].page, Some(3));
@@ -272,7 +445,7 @@ pub(super) mod tests {
     fn truncated_and_mutated_pdfs_never_panic() {
         let good = make_pdf(&[&["Alpha beta gamma"], &["Delta epsilon"]]);
         for cut in (0..good.len()).step_by(23) {
-            let _ = extract(&good[..cut]);
+            let _ = extract(&good[..cut], &Limits::default());
         }
         let mut seed = 7u32;
         for _ in 0..60 {
@@ -282,7 +455,7 @@ pub(super) mod tests {
                 let at = (seed as usize >> 4) % bytes.len();
                 bytes[at] = (seed >> 20) as u8;
             }
-            let _ = extract(&bytes);
+            let _ = extract(&bytes, &Limits::default());
         }
     }
 

@@ -9,9 +9,21 @@
 //! and `|` (spreadsheets in many locales export `;`).
 
 use super::ExtractError;
+use super::limits::size_label;
+
+/// Longest column name repeated in every row, in bytes (cut at a character boundary).
+const MAX_HEADER_BYTES: usize = 256;
 
 /// Renders a CSV text. `delimiter` forces one (TSV); `None` sniffs it.
-pub(super) fn extract(text: &str, delimiter: Option<u8>) -> Result<String, ExtractError> {
+///
+/// Every row repeats the column names, so a CSV with long headers and many short rows would
+/// multiply in size: the output is refused beyond `max_bytes` (the per-file inflation limit)
+/// and each header is cut to [`MAX_HEADER_BYTES`].
+pub(super) fn extract(
+    text: &str,
+    delimiter: Option<u8>,
+    max_bytes: u64,
+) -> Result<String, ExtractError> {
     let delimiter = delimiter.unwrap_or_else(|| sniff_delimiter(text));
     let mut reader = csv::ReaderBuilder::new()
         .delimiter(delimiter)
@@ -23,7 +35,7 @@ pub(super) fn extract(text: &str, delimiter: Option<u8>) -> Result<String, Extra
         .headers()
         .map_err(invalid)?
         .iter()
-        .map(|h| h.trim().to_owned())
+        .map(|h| truncate(h.trim(), MAX_HEADER_BYTES).to_owned())
         .collect();
     let mut out = String::new();
     for record in reader.records() {
@@ -49,9 +61,29 @@ pub(super) fn extract(text: &str, delimiter: Option<u8>) -> Result<String, Extra
             out.push('\n');
         }
         out.push_str(&row);
+        if out.len() as u64 > max_bytes {
+            return Err(ExtractError::TooLarge {
+                kind: "csv",
+                message: format!(
+                    "CSV expands beyond the limit of {} (a column name repeated in every row)",
+                    size_label(max_bytes)
+                ),
+            });
+        }
     }
     out.truncate(out.trim_end().len());
     Ok(out)
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 /// The candidate that occurs most often in the first line outside quotes; `,` on ties.
@@ -107,6 +139,27 @@ mod tests {
     fn header_only_is_empty() {
         let err = crate::extract::extract(b"a,b,c\n", "t.csv", None).unwrap_err();
         assert_eq!(err.to_string(), "no text found in the CSV file");
+    }
+
+    #[test]
+    fn repeated_headers_are_bounded() {
+        let header = "h".repeat(10_000);
+        let csv = format!("{header}\n{}", "x\n".repeat(5000));
+        let limits = crate::extract::Limits {
+            max_stream_bytes: 1 << 20,
+            max_total_bytes: 1 << 20,
+        };
+        // 5000 rows of a 256-byte name: about 1.3 MB, over the 1 MiB limit.
+        let err = crate::extract::extract_with(csv.as_bytes(), "t.csv", None, &limits).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("CSV expands beyond the limit of 1 MiB"),
+            "{err}"
+        );
+        let small = format!("{header}\n{}", "x\n".repeat(100));
+        let doc = crate::extract::extract_with(small.as_bytes(), "t.csv", None, &limits).unwrap();
+        let first = doc.full_text().lines().next().unwrap().to_owned();
+        assert_eq!(first, format!("{}: x", "h".repeat(MAX_HEADER_BYTES)));
     }
 
     #[test]

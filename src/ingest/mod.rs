@@ -29,9 +29,6 @@ use vectors::VectorStore;
 /// Longest client-chosen part of a blob's file name, in bytes (names are limited to 255).
 const BLOB_NAME_MAX: usize = 128;
 
-/// Longest time text extraction of one file may take.
-const EXTRACT_TIMEOUT: Duration = Duration::from_secs(300);
-
 /// A content type for a file extension, for uploads that send none (or a generic one).
 pub fn content_type_for(ext: &str) -> &'static str {
     match ext {
@@ -56,6 +53,8 @@ pub struct Ingest {
     pub embedder: Result<Arc<dyn Embedder>, String>,
     pub engine: EmbeddingEngine,
     pub chunking: ChunkConfig,
+    /// Inflation limits and process isolation of text extraction.
+    pub extraction: crate::extract::isolate::Options,
     pub upload_dir: PathBuf,
     pub workers: usize,
     /// Bumped on every status change; status streams and waiters watch it.
@@ -125,6 +124,7 @@ impl Ingest {
                 markdown_headers: rag.markdown_headers,
                 splitter,
             },
+            extraction: rag.extraction.clone(),
             upload_dir: config.data_dir.join("uploads"),
             workers: rag.workers,
             status,
@@ -402,29 +402,29 @@ impl Ingest {
         file: &FileRecord,
     ) -> Result<(String, Vec<ChunkRecord>, Vec<Vec<f32>>, EmbeddingInfo), String> {
         let embedder = self.embedder.clone()?;
-        let bytes = tokio::fs::read(&file.path)
-            .await
-            .map_err(|e| format!("cannot read the stored file: {e}"))?;
+        let path = PathBuf::from(&file.path);
         let name = file.filename.clone();
         let content_type = file.meta["content_type"].as_str().map(String::from);
         let cfg = self.chunking.clone();
+        let options = self.extraction.clone();
+        let timeout = options.timeout;
+        // With an extractor binary the child is killed at the timeout and this thread returns
+        // with it; in process, a stuck parser keeps its thread, but the file fails and the
+        // worker moves on (the extra second lets the child's own timeout answer first).
         let work = tokio::task::spawn_blocking(move || {
-            let doc = crate::extract::extract(&bytes, &name, content_type.as_deref())
-                .map_err(|e| e.to_string())?;
+            let doc = crate::extract::isolate::extract_file(
+                &path,
+                &name,
+                content_type.as_deref(),
+                &options,
+            )?;
             let text = doc.full_text();
             let chunks = chunk::split(&doc, &cfg);
             Ok::<_, String>((text, chunks))
         });
-        // A pathological document (a parser stuck in a loop) must not hold its worker for
-        // ever; the thread cannot be killed, but the file fails and the worker moves on.
-        let (text, chunks) = tokio::time::timeout(EXTRACT_TIMEOUT, work)
+        let (text, chunks) = tokio::time::timeout(timeout + Duration::from_secs(1), work)
             .await
-            .map_err(|_| {
-                format!(
-                    "text extraction took longer than {}s",
-                    EXTRACT_TIMEOUT.as_secs()
-                )
-            })?
+            .map_err(|_| format!("text extraction took longer than {}s", timeout.as_secs()))?
             .map_err(|_| "text extraction crashed".to_string())??;
         if chunks.is_empty() {
             return Err("the file contains no text".into());

@@ -8,6 +8,7 @@ mod common;
 mod access;
 mod auth;
 mod chat;
+mod extract;
 mod files;
 mod support;
 mod wire;
