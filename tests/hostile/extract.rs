@@ -304,7 +304,8 @@ async fn path_traversal_file_name_is_stored_inside_the_upload_dir() {
         "..",
     ] {
         let file = process(&gw, &admin, name, b"just some text").await;
-        let path = std::path::PathBuf::from(file["path"].as_str().unwrap());
+        // `path` is a storage key relative to the data dir.
+        let path = gw.dir.path().join(file["path"].as_str().unwrap());
         let uploads = gw.dir.path().join("uploads").canonicalize().unwrap();
         let stored = path.canonicalize().unwrap();
         assert_eq!(

@@ -10,5 +10,6 @@ mod auth;
 mod chat;
 mod extract;
 mod files;
+mod multipart_prop;
 mod support;
 mod wire;
