@@ -35,17 +35,7 @@ fn client() -> reqwest::Client {
 
 /// Signs the admin up and returns an API key.
 async fn admin_key(c: &reqwest::Client, url: &str) -> String {
-    let r = c
-        .post(format!("{url}/api/v1/auths/signup"))
-        .json(&json!({"name": "a", "email": "admin@example.com", "password": "pw-123456"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let token = r.json::<Value>().await.unwrap()["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let token = Server::signup_at(c, url).await;
     let r = c
         .post(format!("{url}/api/v1/auths/api_key"))
         .bearer_auth(&token)

@@ -18,17 +18,7 @@ async fn server(up: &FakeUpstream) -> (Server, String, reqwest::Client) {
     );
     let server = Server::start(&toml, &[]).await;
     let client = common::fake::http_client();
-    let r = client
-        .post(format!("{}/api/v1/auths/signup", server.url))
-        .json(&json!({"name": "a", "email": "a@example.com", "password": "pw-123456"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let token = r.json::<Value>().await.unwrap()["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let token = server.signup(&client).await;
     (server, token, client)
 }
 

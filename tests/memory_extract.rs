@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use common::release::Server;
 use common::upload::{BOUNDARY, file_body};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 const MIB: usize = 1024 * 1024;
 /// Largest growth of the gateway's peak RSS over the whole sequence of hostile uploads.
@@ -117,17 +117,7 @@ impl Client {
             .timeout(Duration::from_secs(600))
             .build()
             .unwrap();
-        let r = http
-            .post(format!("{}/api/v1/auths/signup", server.url))
-            .json(&json!({"name": "a", "email": "a@example.com", "password": "pw-123456"}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
-        let token = r.json::<Value>().await.unwrap()["token"]
-            .as_str()
-            .unwrap()
-            .to_owned();
+        let token = server.signup(&http).await;
         Client {
             http,
             url: server.url.clone(),

@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::raw::parse_answers;
 use common::release::Server;
 use common::upload::BOUNDARY;
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const MIB: usize = 1024 * 1024;
@@ -96,17 +96,7 @@ async fn chunked_oversized_uploads_stay_bounded_in_memory() {
     common::fake::install_crypto_provider();
     let mut server = Server::start("[rag]\nfile-max-size-mb = 10\n", &[]).await;
     let client = common::fake::http_client();
-    let r = client
-        .post(format!("{}/api/v1/auths/signup", server.url))
-        .json(&json!({"name": "a", "email": "a@example.com", "password": "pw-123456"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let token = r.json::<Value>().await.unwrap()["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let token = server.signup(&client).await;
     let uploads = server.dir.path().join("data").join("uploads");
     let before: Vec<String> = files_under(&uploads);
     // Start-up (the embedding model) may have set a high-water mark far above the resident

@@ -73,6 +73,26 @@ impl Server {
         server
     }
 
+    /// Signs up the first account (the admin) and returns its session token.
+    pub async fn signup(&self, client: &reqwest::Client) -> String {
+        Self::signup_at(client, &self.url).await
+    }
+
+    /// [`Server::signup`] on a server known by its URL.
+    pub async fn signup_at(client: &reqwest::Client, url: &str) -> String {
+        let r = client
+            .post(format!("{url}/api/v1/auths/signup"))
+            .json(&serde_json::json!({"name": "a", "email": "admin@example.com", "password": "pw-123456"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "sign-up on the release binary");
+        r.json::<serde_json::Value>().await.unwrap()["token"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
