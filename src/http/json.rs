@@ -13,7 +13,7 @@
 //!   with more than a configured number.
 //!
 //! The pass allocates only the keys of the object being visited (to find duplicates), and
-//! serde_json's recursion limit (128) bounds nesting.
+//! `serde_json`'s recursion limit (128) bounds nesting.
 
 use std::borrow::Cow;
 use std::collections::HashSet;
@@ -29,6 +29,9 @@ pub const DEFAULT_MAX_VALUES: usize = 100_000;
 /// Refuses malformed, ambiguous or too complex JSON. Ambiguous means: a key that appears
 /// twice in one object, or two top-level keys that differ only in letter case (Go's
 /// case-insensitive matching would pick either).
+///
+/// # Errors
+/// 400 for malformed or ambiguous JSON, 413 beyond `max_values` values.
 pub fn check(body: &[u8], max_values: usize) -> Result<(), ApiError> {
     let mut state = State {
         values: 0,
@@ -153,22 +156,22 @@ struct Keys<'de> {
 
 impl<'de> Keys<'de> {
     fn insert(&mut self, key: Cow<'de, str>, fold: bool) -> Option<String> {
-        let probe = if fold {
-            Cow::Owned(fold_case(&key))
-        } else {
-            key.clone()
-        };
-        if self.seen.insert(probe) {
-            return None;
-        }
-        Some(if fold {
-            format!(
+        if fold {
+            if self.seen.insert(Cow::Owned(fold_case(&key))) {
+                return None;
+            }
+            return Some(format!(
                 "Ambiguous JSON body: the top-level key {key:?} appears more than once \
                  (keys that differ only in letter case count as the same)"
-            )
-        } else {
-            format!("Ambiguous JSON body: the key {key:?} appears twice in one object")
-        })
+            ));
+        }
+        if self.seen.contains(&key) {
+            return Some(format!(
+                "Ambiguous JSON body: the key {key:?} appears twice in one object"
+            ));
+        }
+        self.seen.insert(key);
+        None
     }
 }
 
