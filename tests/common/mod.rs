@@ -1,4 +1,5 @@
 #![allow(dead_code)]
+pub mod bombs;
 pub mod fake;
 pub mod faulty;
 pub mod gateway;
