@@ -5,73 +5,14 @@
 
 mod common;
 
-use std::time::Duration;
-
-use common::raw::parse_answers;
+use common::raw::chunked_upload;
 use common::release::Server;
 use common::upload::BOUNDARY;
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const MIB: usize = 1024 * 1024;
 /// Allowed growth of peak resident memory over the whole test, in KiB.
 const PEAK_GROWTH_MAX_KIB: u64 = 64 * 1024;
-
-/// Sends `head` then `filler` bytes (generated 64 KiB at a time, never held whole) as one
-/// chunked request body, reading the answer meanwhile: the gateway answers early and stops
-/// reading. Returns the answer's status and body.
-async fn chunked_upload(url: &str, token: &str, head: &[u8], filler: usize) -> (u16, String) {
-    let addr = url.trim_start_matches("http://").to_string();
-    let stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    let (mut rd, mut wr) = stream.into_split();
-    let reader = tokio::spawn(async move {
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 8192];
-        loop {
-            if let Some(a) = parse_answers(&buf).into_iter().next() {
-                return Some((a.status, a.body));
-            }
-            match tokio::time::timeout(Duration::from_secs(120), rd.read(&mut chunk)).await {
-                Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
-                _ => return None,
-            }
-        }
-    });
-    let request = format!(
-        "POST /api/v1/files/ HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\
-         Content-Type: multipart/form-data; boundary={BOUNDARY}\r\nTransfer-Encoding: chunked\r\n\r\n"
-    );
-    let mut piece = vec![0u8; 64 * 1024];
-    let write = async {
-        wr.write_all(request.as_bytes()).await?;
-        wr.write_all(format!("{:x}\r\n", head.len()).as_bytes())
-            .await?;
-        wr.write_all(head).await?;
-        wr.write_all(b"\r\n").await?;
-        let mut sent = 0usize;
-        while sent < filler {
-            let n = (filler - sent).min(piece.len());
-            // Printable, varied bytes that never contain the boundary.
-            for (k, b) in piece[..n].iter_mut().enumerate() {
-                *b = b'a' + ((sent + k) % 26) as u8;
-            }
-            wr.write_all(format!("{n:x}\r\n").as_bytes()).await?;
-            wr.write_all(&piece[..n]).await?;
-            wr.write_all(b"\r\n").await?;
-            sent += n;
-        }
-        wr.write_all(b"0\r\n\r\n").await
-    };
-    // The gateway closes its side once it has answered and drained what it will: a failed
-    // write is the expected end.
-    let _ = write.await;
-    let answer = reader
-        .await
-        .unwrap()
-        .expect("an answer before the connection closed");
-    drop(wr);
-    answer
-}
 
 /// Every name under `dir`, recursively.
 fn files_under(dir: &std::path::Path) -> Vec<String> {

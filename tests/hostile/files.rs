@@ -5,10 +5,9 @@ use std::time::Duration;
 
 use reqwest::{Method, Response};
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::common::gateway::{Gateway, Setup};
-use super::common::raw::parse_answers;
+use super::common::raw::chunked_upload;
 use super::common::upload::{BOUNDARY, Part, file_body, multipart};
 use super::support;
 
@@ -43,58 +42,6 @@ async fn gateway() -> (Gateway, String) {
         .await;
     let admin = gw.admin().await;
     (gw, admin)
-}
-
-/// Sends a chunked (no `Content-Length`) upload of `head` then `filler` bytes produced in
-/// 64 KiB pieces, reading the answer while writing (the gateway may answer early and stop
-/// reading). Returns the answer's status and body.
-async fn chunked_upload(gw: &Gateway, token: &str, head: &[u8], filler: usize) -> (u16, String) {
-    let addr = gw.url.trim_start_matches("http://").to_string();
-    let stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    let (mut rd, mut wr) = stream.into_split();
-    let reader = tokio::spawn(async move {
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 8192];
-        loop {
-            if let Some(a) = parse_answers(&buf).into_iter().next() {
-                return Some((a.status, a.body));
-            }
-            match tokio::time::timeout(Duration::from_secs(60), rd.read(&mut chunk)).await {
-                Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
-                _ => return None,
-            }
-        }
-    });
-    let request = format!(
-        "POST /api/v1/files/ HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\
-         Content-Type: {}\r\nTransfer-Encoding: chunked\r\n\r\n",
-        multipart_ct()
-    );
-    let piece = vec![b'a'; 64 * 1024];
-    let write = async {
-        wr.write_all(request.as_bytes()).await?;
-        wr.write_all(format!("{:x}\r\n", head.len()).as_bytes())
-            .await?;
-        wr.write_all(head).await?;
-        wr.write_all(b"\r\n").await?;
-        let mut left = filler;
-        while left > 0 {
-            let n = left.min(piece.len());
-            wr.write_all(format!("{n:x}\r\n").as_bytes()).await?;
-            wr.write_all(&piece[..n]).await?;
-            wr.write_all(b"\r\n").await?;
-            left -= n;
-        }
-        wr.write_all(b"0\r\n\r\n").await
-    };
-    // The gateway may close its side once it has answered: a failed write is expected.
-    let _ = write.await;
-    let answer = reader
-        .await
-        .unwrap()
-        .expect("an answer before the connection closed");
-    drop(wr);
-    answer
 }
 
 fn file_head(filename: &str) -> Vec<u8> {
@@ -207,7 +154,7 @@ async fn huge_part_headers_are_413() {
     )
     .into_bytes();
     head.extend_from_slice(b"y");
-    let (status, body) = chunked_upload(&gw, &admin, &head, 4 * 1024 * 1024).await;
+    let (status, body) = chunked_upload(&gw.url, &admin, &head, 4 * 1024 * 1024).await;
     assert_eq!(status, 413, "{body}");
     // A preamble before the first boundary is bounded too.
     let mut pre = vec![b'p'; 64 * 1024];
@@ -232,7 +179,7 @@ async fn oversized_metadata_is_413() {
     assert!(v["detail"].as_str().unwrap().contains("metadata"), "{v}");
     // Chunked, metadata first, 8 MiB long: stopped while streaming.
     let head = format!("--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"metadata\"\r\n\r\n");
-    let (status, body) = chunked_upload(&gw, &admin, head.as_bytes(), 8 * 1024 * 1024).await;
+    let (status, body) = chunked_upload(&gw.url, &admin, head.as_bytes(), 8 * 1024 * 1024).await;
     assert_eq!(status, 413, "{body}");
     assert!(uploads(&gw).is_empty(), "{:?}", uploads(&gw));
     support::alive(&gw).await;
@@ -290,7 +237,8 @@ async fn oversized_file_is_413_with_and_without_content_length() {
         "{v}"
     );
     // Chunked: nothing announces the size; the file field is stopped at the limit.
-    let (status, body) = chunked_upload(&gw, &admin, &file_head("big.txt"), 3 * 1024 * 1024).await;
+    let (status, body) =
+        chunked_upload(&gw.url, &admin, &file_head("big.txt"), 3 * 1024 * 1024).await;
     assert_eq!(status, 413, "{body}");
     let v: Value = serde_json::from_str(&body).unwrap();
     assert!(
