@@ -103,7 +103,18 @@ async fn metrics_are_exposed_on_their_own_listener() {
         .await;
     assert_eq!(r.status(), 200);
     r.bytes().await.unwrap();
-    let m = gw.metrics().await;
+    // A request is counted in the gateway's logging phase, which runs just after the client
+    // has the whole answer: scrape until the last one is in (bounded), then assert.
+    let mut m = gw.metrics().await;
+    for _ in 0..100 {
+        if m.contains("ragway_http_request_duration_seconds_bucket{group=\"ollama\"")
+            && m.contains("ragway_streamed_bytes_total{group=\"ollama\"}")
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        m = gw.metrics().await;
+    }
     for needle in [
         "ragway_http_requests_total{group=\"models\",method=\"GET\",status=\"200\"}",
         "ragway_http_requests_total{group=\"models\",method=\"GET\",status=\"401\"}",
