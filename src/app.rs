@@ -154,24 +154,33 @@ impl App {
         config: Config,
         embedder: Option<Arc<dyn Embedder>>,
     ) -> Result<App, StartError> {
-        // reqwest is built without its own TLS provider; it uses pingora's (ring).
+        Self::open_staged(config, embedder, std::time::Duration::ZERO, || {})
+    }
+
+    /// Opens the app for `serve --upgrade`: everything that does not need the database
+    /// (the embedding model above all) is loaded first, then `before_store` runs (it takes
+    /// the listening sockets over from the running process, which then releases the
+    /// database), then the database is opened, waiting up to `store_wait` for the release.
+    pub fn open_upgrading(
+        config: Config,
+        store_wait: std::time::Duration,
+        before_store: impl FnOnce(),
+    ) -> Result<App, StartError> {
+        Self::open_staged(config, None, store_wait, before_store)
+    }
+
+    fn open_staged(
+        config: Config,
+        embedder: Option<Arc<dyn Embedder>>,
+        store_wait: std::time::Duration,
+        before_store: impl FnOnce(),
+    ) -> Result<App, StartError> {
         pingora::tls::install_default_crypto_provider();
         crate::metrics::init();
         std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
             path: config.data_dir.display().to_string(),
             source,
         })?;
-        let db_path = config.data_dir.join("ragway.redb");
-        let store = Arc::new(Store::open(&db_path).map_err(|source| StartError::Store {
-            path: db_path.display().to_string(),
-            source,
-        })?);
-        let secret = match &config.auth.secret_key {
-            Some(s) => s.as_bytes().to_vec(),
-            None => load_or_create_secret(&config.data_dir)?,
-        };
-        let auth = Auth::new(config.auth.clone(), &secret, store.clone());
-        let upstreams = Arc::new(Upstreams::new(&config));
         let http = reqwest::Client::builder()
             .connect_timeout(config.connect_timeout)
             .timeout(std::cmp::max(
@@ -182,6 +191,24 @@ impl App {
             .tcp_nodelay(true)
             .build()
             .expect("reqwest client with static settings");
+        let (embedder, tokenizer) = match embedder {
+            Some(e) => (Ok(e), None),
+            None => build_embedder(&config, &http),
+        };
+        before_store();
+        let db_path = config.data_dir.join("ragway.redb");
+        let store = Arc::new(Store::open_waiting(&db_path, store_wait).map_err(|source| {
+            StartError::Store {
+                path: db_path.display().to_string(),
+                source,
+            }
+        })?);
+        let secret = match &config.auth.secret_key {
+            Some(s) => s.as_bytes().to_vec(),
+            None => load_or_create_secret(&config.data_dir)?,
+        };
+        let auth = Auth::new(config.auth.clone(), &secret, store.clone());
+        let upstreams = Arc::new(Upstreams::new(&config));
         let models = ModelRegistry::new(
             upstreams.clone(),
             http.clone(),
@@ -189,10 +216,6 @@ impl App {
             config.models_list_timeout,
         );
         let docs = config.dev.then(crate::openapi::docs);
-        let (embedder, tokenizer) = match embedder {
-            Some(e) => (Ok(e), None),
-            None => build_embedder(&config, &http),
-        };
         let ingest = Arc::new(Ingest::new(&config, store.clone(), embedder, tokenizer));
         ingest.start_up().map_err(StartError::Index)?;
         let app = App {

@@ -71,6 +71,11 @@ impl std::fmt::Display for ApiError {
 
 impl From<crate::store::StoreError> for ApiError {
     fn from(e: crate::store::StoreError) -> Self {
+        if matches!(e, crate::store::StoreError::Released) {
+            // Only a request still in flight in a process being upgraded gets here; the
+            // new process (already accepting) answers the retry.
+            return ApiError::new(503, "ragway is restarting; retry the request");
+        }
         tracing::error!(error = %e, "store failure");
         ApiError::internal("Internal storage error; see the server log")
     }

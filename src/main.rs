@@ -33,6 +33,39 @@ fn open_app(overrides: &Overrides) -> Result<ragway::app::App, String> {
     ragway::app::App::open(config).map_err(|e| e.to_string())
 }
 
+/// `serve --upgrade`: takes the listening sockets, then the database, over from the ragway
+/// running on the same data dir (it is sent SIGQUIT once this one waits), then serves.
+fn serve_upgrading(overrides: &Overrides) -> ExitCode {
+    let config = match config::load(&ProcessEnv, overrides) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let socket = ragway::server::upgrade_socket(&config);
+    let mut server = None;
+    let app = ragway::app::App::open_upgrading(
+        config.clone(),
+        ragway::server::UPGRADE_WAIT,
+        || {
+            tracing::info!(socket = %socket.display(), "waiting for the running ragway's sockets (send it SIGQUIT)");
+            server = Some(ragway::server::new_server(&config, true));
+            let marker = ragway::server::upgrade_marker(&config);
+            if let Err(e) = std::fs::write(&marker, std::process::id().to_string()) {
+                tracing::error!(error = %e, path = %marker.display(), "cannot tell the old process the sockets arrived");
+            }
+            tracing::info!("sockets taken over; waiting for the database");
+        },
+    );
+    let (app, server) = match (app, server) {
+        (Ok(app), Some(server)) => (app, server),
+        (Err(e), _) => return fail(e),
+        (Ok(_), None) => return fail("the upgrade hand-over did not run"),
+    };
+    let _ = std::fs::remove_file(ragway::server::upgrade_marker(&app.config));
+    tracing::info!(listen = %app.config.listen, "ragway took over; serving");
+    ragway::server::run_on(server, Arc::new(app));
+    ExitCode::SUCCESS
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -62,6 +95,7 @@ fn main() -> ExitCode {
     init_logging();
     match cli.command {
         Command::ExtractWorker => unreachable!("handled above"),
+        Command::Serve(args) if args.upgrade => serve_upgrading(&Overrides::from(&args)),
         Command::Serve(args) => {
             let app = match open_app(&Overrides::from(&args)) {
                 Ok(a) => a,

@@ -8,8 +8,17 @@
 //! none is left — or when `shutdown-grace` runs out, whichever comes first. Background work
 //! (file processing, graph builds, model-list refreshes) never holds the exit back: it is
 //! resumed or redone at the next start.
+//!
+//! Upgrade without downtime (pingora's socket hand-over): `ragway serve --upgrade` starts,
+//! waits on the upgrade socket in the data directory, and the running process is sent
+//! SIGQUIT. The old process then hands its listening sockets over, stops accepting (the
+//! kernel queues new connections on the shared sockets for the new process), waits until
+//! none of its requests can still touch the database — requests already streaming from an
+//! upstream never do — and releases the database, which the new process opens before it
+//! accepts. Its streams in flight finish; queued files are processed by the new process.
 
 use std::net::TcpStream;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -17,7 +26,7 @@ use async_trait::async_trait;
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use pingora::proxy::http_proxy_service_with_name;
-use pingora::server::configuration::ServerConf;
+use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{
     ListenFds, RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch,
 };
@@ -25,6 +34,7 @@ use pingora::services::listening::Service;
 use tokio::sync::watch;
 
 use crate::app::App;
+use crate::config::Config;
 use crate::proxy::Gateway;
 
 /// Serves the Prometheus text format of the default registry.
@@ -74,6 +84,8 @@ impl pingora::services::background::BackgroundService for IngestWorkers {
 struct Drained<S> {
     inner: S,
     stop: watch::Receiver<bool>,
+    /// Where pingora's table of listening sockets is shared, for the upgrade hand-over.
+    fds: Arc<Mutex<Option<ListenFds>>>,
 }
 
 #[async_trait]
@@ -84,6 +96,7 @@ impl<S: pingora::services::Service> pingora::services::Service for Drained<S> {
         _pingora_shutdown: ShutdownWatch,
         listeners_per_fd: usize,
     ) {
+        (*self.fds.lock().expect("fds lock")).clone_from(&fds);
         pingora::services::Service::start_service(
             &mut self.inner,
             fds,
@@ -108,19 +121,62 @@ impl<S: pingora::services::Service> pingora::services::Service for Drained<S> {
 
 /// Tells the gateway to stop accepting connections. Must outlive the server: dropping it
 /// would end the listeners as if with an error.
-pub struct Drain(watch::Sender<bool>);
+pub struct Drain {
+    stop: watch::Sender<bool>,
+    fds: Arc<Mutex<Option<ListenFds>>>,
+}
 
 impl Drain {
     fn start(&self) {
-        self.0.send_replace(true);
+        self.stop.send_replace(true);
+    }
+
+    /// Sends the listening sockets to a process waiting on `path` (`serve --upgrade`).
+    async fn hand_over(&self, path: &Path) -> Result<(), String> {
+        let fds = self
+            .fds
+            .lock()
+            .expect("fds lock")
+            .clone()
+            .ok_or("no listening sockets to hand over")?;
+        let path = path.display().to_string();
+        tokio::task::spawn_blocking(move || {
+            fds.lock()
+                .send_to_sock(path.as_str())
+                .map(|_| ())
+                .map_err(|e| format!("cannot send the listening sockets to {path}: {e}"))
+        })
+        .await
+        .map_err(|e| e.to_string())?
     }
 }
 
+/// The socket a new process (`serve --upgrade`) waits on for the listening sockets: in the
+/// data directory, so that only processes sharing the data can take them.
+pub fn upgrade_socket(config: &Config) -> PathBuf {
+    config.data_dir.join("upgrade.sock")
+}
+
+/// Written by the new process once it holds the sockets: until then the old one keeps
+/// accepting (pingora's receiver polls once a second, and nobody would accept meanwhile).
+pub fn upgrade_marker(config: &Config) -> PathBuf {
+    config.data_dir.join("upgrade.taken")
+}
+
+/// How long a process started with `--upgrade` waits for the old one: for its sockets, and
+/// then for its database.
+pub const UPGRADE_WAIT: Duration = Duration::from_secs(30);
+
 /// Waits until no request is in flight, for at most `grace`. `false` when the grace ran out.
 async fn drained(grace: Duration) -> bool {
+    settled(grace, || crate::metrics::IN_FLIGHT.get() <= 0).await
+}
+
+/// Polls `done` until it holds, for at most `grace`. `false` when the grace ran out.
+async fn settled(grace: Duration, done: impl Fn() -> bool) -> bool {
     let deadline = tokio::time::Instant::now() + grace;
     loop {
-        if crate::metrics::IN_FLIGHT.get() <= 0 {
+        if done() {
             return true;
         }
         if tokio::time::Instant::now() >= deadline {
@@ -130,11 +186,52 @@ async fn drained(grace: Duration) -> bool {
     }
 }
 
-/// The binary's signals: SIGTERM (and SIGQUIT: ragway does not hand sockets over to a new
-/// process) drain, SIGINT — or a second SIGINT while draining — stops at once.
+/// The binary's signals: SIGTERM drains, SIGQUIT hands the sockets and the database over to
+/// a new process (`serve --upgrade`) and drains, SIGINT — or a second SIGINT while draining —
+/// stops at once.
 struct Signals {
+    app: Arc<App>,
     drain: Drain,
     grace: Duration,
+}
+
+impl Signals {
+    /// The old half of an upgrade. `false` when the sockets could not be handed over: the
+    /// process keeps serving.
+    async fn upgrade(&self) -> bool {
+        let path = upgrade_socket(&self.app.config);
+        let marker = upgrade_marker(&self.app.config);
+        let _ = std::fs::remove_file(&marker);
+        if let Err(e) = self.drain.hand_over(&path).await {
+            tracing::error!(error = %e, "upgrade failed; still serving (start `ragway serve --upgrade` first)");
+            return false;
+        }
+        if !settled(UPGRADE_WAIT, || marker.exists()).await {
+            tracing::error!("the new process did not take the sockets; still serving");
+            return false;
+        }
+        self.drain.start();
+        tracing::info!(
+            in_flight = crate::metrics::IN_FLIGHT.get(),
+            "listening sockets handed over; releasing the database"
+        );
+        // Idle keep-alive connections are closed when pingora sees the stop, but a request
+        // read on one just before counts itself a moment later: give that moment.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Requests still in a phase that can touch the database finish first (authentication,
+        // handlers: milliseconds); streams already relaying an upstream never touch it again.
+        if !settled(self.grace, || {
+            crate::proxy::ctx::requests_in_store_phase() <= 0
+        })
+        .await
+        {
+            tracing::warn!("requests still using the database at the end of the grace period");
+        }
+        self.app.ingest.stop();
+        self.app.store.release();
+        tracing::info!("database released to the new process");
+        true
+    }
 }
 
 #[async_trait]
@@ -144,13 +241,19 @@ impl ShutdownSignalWatch for Signals {
         let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
         let mut quit = signal(SignalKind::quit()).expect("SIGQUIT handler");
         let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-        tokio::select! {
-            _ = int.recv() => {
-                tracing::info!("SIGINT: stopping now");
-                return ShutdownSignal::FastShutdown;
+        loop {
+            tokio::select! {
+                _ = int.recv() => {
+                    tracing::info!("SIGINT: stopping now");
+                    return ShutdownSignal::FastShutdown;
+                }
+                _ = term.recv() => break,
+                _ = quit.recv() => {
+                    if self.upgrade().await {
+                        break;
+                    }
+                }
             }
-            _ = term.recv() => {}
-            _ = quit.recv() => {}
         }
         tracing::info!(
             in_flight = crate::metrics::IN_FLIGHT.get(),
@@ -176,9 +279,9 @@ impl ShutdownSignalWatch for Signals {
     }
 }
 
-/// Builds the pingora server for `app`, and the switch that makes its gateway stop accepting.
-pub fn build(app: Arc<App>) -> (Server, Drain) {
-    let config = app.config.clone();
+/// A bootstrapped pingora server for `config`. With `upgrade`, bootstrapping waits (up to
+/// [`UPGRADE_WAIT`]) for a running ragway to hand its listening sockets over.
+pub fn new_server(config: &Config, upgrade: bool) -> Server {
     let conf = ServerConf {
         threads: config.threads,
         // ragway has drained before it tells pingora to shut down (`Signals`), so pingora
@@ -186,11 +289,26 @@ pub fn build(app: Arc<App>) -> (Server, Drain) {
         // second before the process leaves them behind.
         grace_period_seconds: Some(0),
         graceful_shutdown_timeout_seconds: Some(1),
+        upgrade_sock: upgrade_socket(config).display().to_string(),
+        // Retries are 1 s apart, on both sides of the hand-over.
+        upgrade_sock_connect_accept_max_retries: Some(
+            usize::try_from(UPGRADE_WAIT.as_secs()).unwrap_or(30),
+        ),
         ..ServerConf::default()
     };
-    let mut server =
-        Server::new_with_opt_and_conf(None::<pingora::server::configuration::Opt>, conf);
+    let opt = Opt {
+        upgrade,
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
     server.bootstrap();
+    server
+}
+
+/// Adds ragway's services to a bootstrapped server; returns the switch that makes its gateway
+/// stop accepting.
+pub fn add_services(server: &mut Server, app: Arc<App>) -> Drain {
+    let config = app.config.clone();
     let workers = pingora::services::background::background_service(
         "ingest workers",
         IngestWorkers(app.ingest.clone()),
@@ -200,9 +318,11 @@ pub fn build(app: Arc<App>) -> (Server, Drain) {
         http_proxy_service_with_name(&server.configuration, Gateway { app }, "ragway gateway");
     gateway.add_tcp(&config.listen);
     let (stop_tx, stop_rx) = watch::channel(false);
+    let fds = Arc::new(Mutex::new(None));
     server.add_service(Drained {
         inner: gateway,
         stop: stop_rx,
+        fds: fds.clone(),
     });
     if let Some(addr) = &config.metrics_listen {
         let mut metrics = Service::new("ragway metrics".to_string(), MetricsApp);
@@ -210,7 +330,14 @@ pub fn build(app: Arc<App>) -> (Server, Drain) {
         metrics.add_tcp(addr);
         server.add_service(metrics);
     }
-    (server, Drain(stop_tx))
+    Drain { stop: stop_tx, fds }
+}
+
+/// Builds the pingora server for `app`, and the switch that makes its gateway stop accepting.
+pub fn build(app: Arc<App>) -> (Server, Drain) {
+    let mut server = new_server(&app.config, false);
+    let drain = add_services(&mut server, app);
+    (server, drain)
 }
 
 /// Stops a server started with [`spawn`].
@@ -305,11 +432,18 @@ pub fn spawn(app: Arc<App>, wait: Duration) -> std::io::Result<Handle> {
     }
 }
 
-/// Runs in the foreground until SIGTERM (drain, then exit) or SIGINT (exit now).
+/// Runs in the foreground until SIGTERM (drain, then exit), SIGQUIT (hand over to a process
+/// started with `serve --upgrade`, drain, exit) or SIGINT (exit now).
 pub fn run_forever(app: Arc<App>) {
+    let server = new_server(&app.config, false);
+    run_on(server, app);
+}
+
+/// Runs an app on a bootstrapped server (see [`new_server`]) until a signal ends it.
+pub fn run_on(mut server: Server, app: Arc<App>) {
     let grace = app.config.shutdown_grace;
-    let (server, drain) = build(app);
+    let drain = add_services(&mut server, app.clone());
     server.run(RunArgs {
-        shutdown_signal: Box::new(Signals { drain, grace }),
+        shutdown_signal: Box::new(Signals { app, drain, grace }),
     });
 }

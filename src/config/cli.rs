@@ -40,6 +40,10 @@ pub struct ServeArgs {
     /// OpenAI-compatible base URL; repeat for several upstreams.
     #[arg(long = "openai-url")]
     pub openai_urls: Vec<String>,
+    /// Take over from the ragway running on the same data dir without dropping a request:
+    /// start this, then send SIGQUIT to the old process (see `deploy/systemd`).
+    #[arg(long)]
+    pub upgrade: bool,
 }
 
 #[derive(Debug, Subcommand)]

@@ -174,10 +174,20 @@ impl Ingest {
         self.wake.notify_one();
     }
 
-    /// Worker loop: runs until the process stops. Picks queued files that nobody is
-    /// processing, at most `workers` at a time.
+    /// Stops picking queued files (the database goes to a new process at an upgrade). Files
+    /// being processed stay queued, so the process that owns the database next takes them.
+    pub fn stop(&self) {
+        self.permits.close();
+        self.wake.notify_one();
+    }
+
+    /// Worker loop: runs until the process stops or [`Ingest::stop`]. Picks queued files
+    /// that nobody is processing, at most `workers` at a time.
     pub async fn run_workers(self: Arc<Self>) {
         loop {
+            if self.permits.is_closed() {
+                return;
+            }
             let queued = match self.store.queued_files() {
                 Ok(q) => q,
                 Err(e) => {

@@ -1,6 +1,7 @@
 //! Per-request state carried through the proxy phases.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::auth::Identity;
@@ -15,6 +16,31 @@ pub struct ProxyTarget {
     pub path: String,
     /// Held for the life of the request.
     pub _in_flight: InFlight,
+}
+
+/// Requests that may still touch the database: from their start until they relay an
+/// upstream (or end). A process handing its database over at an upgrade waits for none.
+static STORE_PHASE: AtomicI64 = AtomicI64::new(0);
+
+/// How many requests may still touch the database.
+pub fn requests_in_store_phase() -> i64 {
+    STORE_PHASE.load(Ordering::Acquire)
+}
+
+/// Counts the request in [`STORE_PHASE`] until dropped.
+struct StorePhase;
+
+impl StorePhase {
+    fn new() -> Self {
+        STORE_PHASE.fetch_add(1, Ordering::AcqRel);
+        StorePhase
+    }
+}
+
+impl Drop for StorePhase {
+    fn drop(&mut self) {
+        STORE_PHASE.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Counts the request in the in-flight gauge until it is dropped.
@@ -46,6 +72,7 @@ pub struct RequestCtx {
     pub streamed_bytes: u64,
     /// Status of a response written by the forward engine or a local handler.
     pub status: Option<u16>,
+    store_phase: Option<StorePhase>,
     _in_flight: InFlightRequest,
 }
 
@@ -59,8 +86,14 @@ impl RequestCtx {
             first_byte: None,
             streamed_bytes: 0,
             status: None,
+            store_phase: Some(StorePhase::new()),
             _in_flight: InFlightRequest::new(),
         }
+    }
+
+    /// The request is past every database access (it relays an upstream or streams a blob).
+    pub fn leave_store_phase(&mut self) {
+        self.store_phase = None;
     }
 
     pub fn group_label(&self) -> &'static str {

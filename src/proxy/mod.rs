@@ -160,14 +160,19 @@ impl ProxyHttp for Gateway {
                 Ok(true)
             }
             Ok(Outcome::Forward(plan)) => {
+                ctx.leave_store_phase();
                 forward::forward(&self.app, session, ctx, plan).await?;
                 Ok(true)
             }
             Ok(Outcome::Stream(streamer)) => {
+                // A status stream reads the database again; during an upgrade it ends and
+                // the client reconnects to the new process.
+                ctx.leave_store_phase();
                 ctx.status = Some(streamer.write(&self.app, session).await?);
                 Ok(true)
             }
             Ok(Outcome::Proxy(target)) => {
+                ctx.leave_store_phase();
                 ctx.proxy = Some(target);
                 Ok(false)
             }

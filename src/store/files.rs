@@ -3,7 +3,7 @@
 //! A file's chunks, vectors, text and final status are written in ONE transaction, so after
 //! a crash a file is either completed with everything searchable, or still queued.
 
-use redb::{ReadableDatabase, ReadableTable, WriteTransaction};
+use redb::{ReadableTable, WriteTransaction};
 
 use super::{
     CHUNKS, COUNTERS, FILE_CHUNKS, FILE_KNOWLEDGE, FILE_TEXT, FILES, KNOWLEDGE_FILES, QUEUE,

@@ -1,6 +1,6 @@
 //! Knowledge collections and their file memberships.
 
-use redb::{ReadableDatabase, ReadableTable};
+use redb::ReadableTable;
 
 use super::{FILE_KNOWLEDGE, FILES, KNOWLEDGE, KNOWLEDGE_FILES, Result, Store, decode, encode};
 use crate::store::KnowledgeRecord;

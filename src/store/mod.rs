@@ -10,10 +10,12 @@ mod knowledge;
 mod records;
 
 use std::path::Path;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use redb::{
-    Database, MultimapTableDefinition, ReadableDatabase, ReadableTable, ReadableTableMetadata,
-    TableDefinition,
+    Database, MultimapTableDefinition, ReadTransaction, ReadableDatabase, ReadableTable,
+    ReadableTableMetadata, TableDefinition, WriteTransaction,
 };
 
 pub use records::{
@@ -76,6 +78,9 @@ pub enum StoreError {
     NoSuchUser,
     #[error("not found")]
     NotFound,
+    /// This process handed the database over to its successor (graceful upgrade).
+    #[error("the database was handed over to a newer ragway process")]
+    Released,
 }
 
 macro_rules! from_redb {
@@ -99,7 +104,30 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 /// The metadata database. Cheap to share behind an `Arc`; redb serialises writers itself.
 pub struct Store {
-    db: Database,
+    db: Db,
+}
+
+/// The redb handle. redb locks its file for one process, so at a graceful upgrade the old
+/// process gives the handle up ([`Store::release`]) for the new one to open the file, while
+/// its own streams in flight finish without it.
+struct Db(RwLock<Option<Arc<Database>>>);
+
+impl Db {
+    fn get(&self) -> Result<Arc<Database>> {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+            .ok_or(StoreError::Released)
+    }
+
+    fn begin_read(&self) -> Result<ReadTransaction> {
+        Ok(self.get()?.begin_read()?)
+    }
+
+    fn begin_write(&self) -> Result<WriteTransaction> {
+        Ok(self.get()?.begin_write()?)
+    }
 }
 
 fn decode<T: serde::de::DeserializeOwned>(table: &'static str, s: &str) -> Result<T> {
@@ -114,7 +142,22 @@ impl Store {
     /// Opens (or creates) the database file and makes sure every table exists, so that read
     /// transactions never meet a missing table.
     pub fn open(path: &Path) -> Result<Store> {
-        let db = Database::create(path)?;
+        Self::open_waiting(path, Duration::ZERO)
+    }
+
+    /// Like [`Store::open`], but while another process holds the file (the one being
+    /// upgraded, which releases it once it stops accepting), retries for up to `wait`.
+    pub fn open_waiting(path: &Path, wait: Duration) -> Result<Store> {
+        let deadline = Instant::now() + wait;
+        let db = loop {
+            match Database::create(path) {
+                Ok(db) => break db,
+                Err(redb::DatabaseError::DatabaseAlreadyOpen) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
         let txn = db.begin_write()?;
         txn.open_table(USERS)?;
         txn.open_table(USER_EMAILS)?;
@@ -134,7 +177,35 @@ impl Store {
         txn.open_multimap_table(FILE_KNOWLEDGE)?;
         txn.open_table(COUNTERS)?;
         txn.commit()?;
-        Ok(Store { db })
+        Ok(Store {
+            db: Db(RwLock::new(Some(Arc::new(db)))),
+        })
+    }
+
+    /// Gives the database up so that another process can open it. Later calls fail with
+    /// [`StoreError::Released`]; the file is unlocked once a write transaction in progress
+    /// ends.
+    pub fn release(&self) {
+        let db = self
+            .db
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(db) = db.and_then(|db| Arc::try_unwrap(db).ok())
+            && let Err(e) = db.close()
+        {
+            tracing::info!(error = %e, "database closes when its last write ends");
+        }
+    }
+
+    /// Whether [`Store::release`] was called.
+    pub fn released(&self) -> bool {
+        self.db
+            .0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_none()
     }
 
     /// Whether a read transaction can be opened: the `/ready` probe.
