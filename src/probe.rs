@@ -16,6 +16,9 @@ pub const MAX_RESPONSE_HEAD: usize = 8 * 1024;
 /// The address to connect to for a configured listen address: a wildcard listener
 /// (`0.0.0.0`, `[::]`) is reached on the matching loopback address, since the probe runs on
 /// the same machine (inside the same container).
+///
+/// # Errors
+/// `listen` is not an IP address with a port.
 pub fn target(listen: &str) -> Result<SocketAddr, String> {
     let mut addr: SocketAddr = listen
         .trim()
@@ -33,6 +36,10 @@ pub fn target(listen: &str) -> Result<SocketAddr, String> {
 /// GETs `path` on `addr` and returns the status code when it is 2xx; every other outcome
 /// (refused, timed out, non-2xx, not HTTP) is an error naming what happened. `timeout` bounds
 /// the whole exchange, not each step.
+///
+/// # Errors
+/// A message naming what went wrong: a bad path, no connection, no or a non-2xx answer in
+/// time, or something that is not HTTP.
 pub fn check(addr: SocketAddr, path: &str, timeout: Duration) -> Result<u16, String> {
     if !path.starts_with('/') || path.bytes().any(|b| b.is_ascii_whitespace() || b < 0x20) {
         return Err(format!(

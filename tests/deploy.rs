@@ -10,7 +10,7 @@ use std::process::{Command, Output};
 use common::fake::FakeUpstream;
 use common::gateway::{Setup, free_port};
 
-/// The probe as a child process, with no Open WebUI variables leaking in from the test's own
+/// The probe as a child process, with no configuration variables leaking in from the test's own
 /// environment (they would change the address it derives).
 fn probe(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut c = Command::new(env!("CARGO_BIN_EXE_ragway"));
