@@ -144,8 +144,9 @@ for p in dash["panels"]:
             used.add(re.sub(r"_(bucket|sum|count)$", "", m))
 for m in sorted(used - exported):
     errors.append(f"grafana dashboard: {m} is not a metric ragway exports")
+# A metric added to the code without a panel is worth a note, not a red build.
 for m in sorted(exported - used):
-    errors.append(f"grafana dashboard: metric {m} has no panel")
+    print(f"deploy check: warning: grafana dashboard: metric {m} has no panel", file=sys.stderr)
 
 # --- Kubernetes -------------------------------------------------------------------------------
 for variant in ("sidecar", "standalone", "monitoring"):

@@ -1,8 +1,9 @@
 """Runs the release binary the way deploy/Dockerfile's image runs it, without a container
 engine (none runs on the build machines): the final stage's ENV, ENTRYPOINT + CMD and
 HEALTHCHECK are read from the Dockerfile itself, image paths are mapped onto the local build
-(/usr/local/bin/ragway → target/release/ragway, /opt/ragway → models/), the process runs as the
-image's non-root user when this runs as root, listens on 0.0.0.0, and talks to a fake Ollama.
+(/usr/local/bin/ragway → target/release/ragway, /opt/ragway → models/; copied into a
+world-readable temporary tree when this runs as root), the process runs as the image's non-root
+user when this runs as root, listens on 0.0.0.0, and talks to a fake Ollama.
 
 Checks /health, /ready, /metrics, the admin bootstrap from the environment, an upload embedded
 with the image's ONNX Runtime and model paths, the HEALTHCHECK command's exit code while up
@@ -14,6 +15,7 @@ Usage: python smoke.py REPO_ROOT RELEASE_BINARY MODELS_DIR
 import json
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -124,6 +126,25 @@ health_cmd = health.split(" CMD ", 1)[1].strip()
 health_cmd = json.loads(health_cmd) if health_cmd.startswith("[") else shlex.split(health_cmd)
 
 
+data = tempfile.mkdtemp(prefix="ragway-smoke-")
+os.chmod(data, 0o700)
+as_image_user = os.geteuid() == 0
+if as_image_user:
+    os.chown(data, IMAGE_UID, IMAGE_UID)
+    # The image's layout in a world-readable copy: the checkout may sit below a directory the
+    # unprivileged user cannot enter (/root), and the copy is what the image would hold.
+    image_root = tempfile.mkdtemp(prefix="ragway-image-")
+    os.chmod(image_root, 0o755)
+    os.makedirs(os.path.join(image_root, "usr/local/bin"))
+    shutil.copy2(BINARY, os.path.join(image_root, "usr/local/bin/ragway"))
+    shutil.copytree(MODELS, os.path.join(image_root, "opt/ragway"), symlinks=True)
+    subprocess.run(["chmod", "-R", "a+rX", image_root], check=True)
+    BINARY = os.path.join(image_root, "usr/local/bin/ragway")
+    MODELS = os.path.join(image_root, "opt/ragway")
+else:
+    image_root = None
+
+
 def image_path(p):
     if p == "/usr/local/bin/ragway":
         return BINARY
@@ -131,19 +152,6 @@ def image_path(p):
         return os.path.join(MODELS, p[len("/opt/ragway/"):])
     return p
 
-
-data = tempfile.mkdtemp(prefix="ragway-smoke-")
-os.chmod(data, 0o700)
-as_image_user = os.geteuid() == 0
-if as_image_user:
-    os.chown(data, IMAGE_UID, IMAGE_UID)
-    # The binary and models must be reachable by the unprivileged user, as in the image.
-    for p in (BINARY, MODELS):
-        d = os.path.dirname(p)
-        while d != "/":
-            if not os.stat(d).st_mode & 0o001:
-                fail(f"{d} is not searchable by uid {IMAGE_UID}; cannot run as the image user")
-            d = os.path.dirname(d)
 
 port, mport, oport = free_port(), free_port(), free_port()
 ollama = ThreadingHTTPServer(("127.0.0.1", oport), FakeOllama)
@@ -172,7 +180,7 @@ drop = (["setpriv", f"--reuid={IMAGE_UID}", f"--regid={IMAGE_UID}", "--clear-gro
         if as_image_user else [])
 
 
-def run_image(argv, **kw):
+def run_image(argv):
     return [*drop, image_path(argv[0]), *argv[1:]]
 
 
@@ -279,4 +287,6 @@ finally:
         server.kill()
         server.wait()
     ollama.shutdown()
-    subprocess.run(["rm", "-rf", data], check=False)
+    for d in (data, image_root):
+        if d:
+            shutil.rmtree(d, ignore_errors=True)
