@@ -18,6 +18,7 @@
 //! - [`extract`], [`chunk`], [`embed`], [`index`]: text extraction, chunking, embedding
 //!   engines (ONNX, Ollama, OpenAI) and vector search (exact, HNSW).
 //! - [`metrics`], [`openapi`], [`error`]: cross-cutting pieces, each in one place.
+//! - [`probe`]: `ragway probe`, the health check a distroless image can run.
 //!
 //! ```
 //! let config = ragway::config::build(
@@ -43,6 +44,7 @@ pub mod ingest;
 pub mod metrics;
 pub mod models;
 pub mod openapi;
+pub mod probe;
 pub mod proxy;
 pub mod rag;
 pub mod server;

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use ragway::config::cli::{Cli, Command, KeyAction, UserAction};
+use ragway::config::cli::{Cli, Command, CommonArgs, KeyAction, UserAction};
 use ragway::config::{self, Overrides, ProcessEnv};
 use ragway::store::Role;
 
@@ -85,6 +85,33 @@ fn tune_allocator() {
     }
 }
 
+/// `ragway probe`: the address comes from the same layers `serve` reads, so a HEALTHCHECK
+/// in an image configured through the environment needs no arguments.
+fn probe(common: &CommonArgs, listen: Option<String>, path: &str, timeout: &str) -> ExitCode {
+    let timeout = match config::duration::parse_finite(timeout) {
+        Ok(t) => t,
+        Err(e) => return fail(format!("--timeout: {e}")),
+    };
+    let listen = match listen {
+        Some(l) => l,
+        None => match config::load(&ProcessEnv, &Overrides::from(common)) {
+            Ok(c) => c.listen,
+            Err(e) => return fail(e),
+        },
+    };
+    let addr = match ragway::probe::target(&listen) {
+        Ok(a) => a,
+        Err(e) => return fail(format!("--listen: {e}")),
+    };
+    match ragway::probe::check(addr, path, timeout) {
+        Ok(code) => {
+            println!("GET {path} on {addr}: {code}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
+    }
+}
+
 fn main() -> ExitCode {
     tune_allocator();
     let cli = Cli::parse();
@@ -112,6 +139,12 @@ fn main() -> ExitCode {
             ragway::server::run_forever(Arc::new(app));
             ExitCode::SUCCESS
         }
+        Command::Probe {
+            common,
+            listen,
+            path,
+            timeout,
+        } => probe(&common, listen, &path, &timeout),
         Command::CheckConfig { file } => match config::check_file(&file) {
             Ok(_) => {
                 println!("{}: ok", file.display());

@@ -104,6 +104,22 @@ pub enum Command {
         #[arg(long)]
         user: Option<String>,
     },
+    /// Exit 0 when the gateway on this machine answers GET /health with 2xx, else 1 (for
+    /// container HEALTHCHECKs and supervisors: no shell or curl needed).
+    Probe {
+        #[command(flatten)]
+        common: CommonArgs,
+        /// Address to probe (default: the configured listen address, from `--config`,
+        /// `RAGWAY_LISTEN` or `HOST`/`PORT`; 0.0.0.0 and [::] are probed on loopback).
+        #[arg(long)]
+        listen: Option<String>,
+        /// Path to request.
+        #[arg(long, default_value = "/health")]
+        path: String,
+        /// Longest the whole check may take ("5s", "500ms", or seconds).
+        #[arg(long, default_value = "5s")]
+        timeout: String,
+    },
     /// Internal: extracts one file in a memory-capped child process (a JSON request on
     /// stdin, the document as JSON on stdout). Started by the gateway itself.
     #[command(name = "extract-worker", hide = true)]
