@@ -153,12 +153,14 @@ impl Drain {
 
 /// The socket a new process (`serve --upgrade`) waits on for the listening sockets: in the
 /// data directory, so that only processes sharing the data can take them.
+#[must_use]
 pub fn upgrade_socket(config: &Config) -> PathBuf {
     config.data_dir.join("upgrade.sock")
 }
 
 /// Written by the new process once it holds the sockets: until then the old one keeps
 /// accepting (pingora's receiver polls once a second, and nobody would accept meanwhile).
+#[must_use]
 pub fn upgrade_marker(config: &Config) -> PathBuf {
     config.data_dir.join("upgrade.taken")
 }
@@ -281,6 +283,7 @@ impl ShutdownSignalWatch for Signals {
 
 /// A bootstrapped pingora server for `config`. With `upgrade`, bootstrapping waits (up to
 /// [`UPGRADE_WAIT`]) for a running ragway to hand its listening sockets over.
+#[must_use]
 pub fn new_server(config: &Config, upgrade: bool) -> Server {
     let conf = ServerConf {
         threads: config.threads,

@@ -517,3 +517,130 @@ async fn an_upgrade_under_load_fails_no_request_and_finishes_every_stream() {
     assert!(String::from_utf8_lossy(&body).contains("\"done\":true"));
     assert!(new.child.try_wait().unwrap().is_none(), "new process alive");
 }
+
+/// An Ollama embedding endpoint whose first request never gets an answer (the file is being
+/// processed when the upgrade comes) and whose later ones are answered.
+async fn embed_once_stuck() -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                loop {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    let (head_end, length) = loop {
+                        let Ok(n) = s.read(&mut chunk).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head = String::from_utf8_lossy(&buf[..i]).to_ascii_lowercase();
+                            let length = head
+                                .lines()
+                                .find_map(|l| l.strip_prefix("content-length:"))
+                                .and_then(|v| v.trim().parse::<usize>().ok())
+                                .unwrap_or(0);
+                            break (i + 4, length);
+                        }
+                    };
+                    while buf.len() < head_end + length {
+                        let Ok(n) = s.read(&mut chunk).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                    }
+                    if seen.fetch_add(1, std::sync::atomic::Ordering::AcqRel) == 0 {
+                        // Hold the connection open without answering.
+                        std::future::pending::<()>().await;
+                    }
+                    let body: Value = serde_json::from_slice(&buf[head_end..head_end + length])
+                        .unwrap_or_default();
+                    let inputs = match &body["input"] {
+                        Value::Array(a) => a.len(),
+                        _ => 1,
+                    };
+                    let answer = json!({
+                        "model": "m",
+                        "embeddings": vec![vec![0.5_f32, 0.25, 0.125, 0.0625]; inputs],
+                    })
+                    .to_string();
+                    let reply = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{answer}",
+                        answer.len()
+                    );
+                    if s.write_all(reply.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    url
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_being_processed_at_an_upgrade_is_completed_by_the_new_process() {
+    let up = FaultyUpstream::start(Fault::Hang).await;
+    let embed = embed_once_stuck().await;
+    let extra = format!("[embedding]\nengine = \"ollama\"\nurl = \"{embed}\"\nmodel = \"m\"");
+    let mut old = Serve::start(&up.url, "30s", &extra).await;
+    let token = old.token().await;
+    let body = common::upload::file_body("notes.txt", "text/plain", b"some text to embed", None);
+    let r = http_client()
+        .post(format!("{}/api/v1/files/", old.url))
+        .bearer_auth(&token)
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={}", common::upload::BOUNDARY),
+        )
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let id = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Give the old process's worker time to get stuck on the first embedding request.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let new = old.start_upgrade().await;
+    old.signal("-QUIT");
+    old.exited(Duration::from_secs(30)).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = http_client()
+            .get(format!("{}/api/v1/files/{id}/process/status", new.url))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let status = r.json::<Value>().await.unwrap()["status"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        if status == "completed" {
+            break;
+        }
+        assert_ne!(status, "failed", "the file failed in the new process");
+        assert!(
+            Instant::now() < deadline,
+            "file still {status} after the upgrade"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

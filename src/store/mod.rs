@@ -147,6 +147,9 @@ impl Store {
 
     /// Like [`Store::open`], but while another process holds the file (the one being
     /// upgraded, which releases it once it stops accepting), retries for up to `wait`.
+    ///
+    /// # Errors
+    /// The database cannot be created or opened, or is still held after `wait`.
     pub fn open_waiting(path: &Path, wait: Duration) -> Result<Store> {
         let deadline = Instant::now() + wait;
         let db = loop {
