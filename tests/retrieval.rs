@@ -223,8 +223,8 @@ async fn query_collection_merges_names_best_first() {
     .await;
     let docs = v["documents"][0].as_array().unwrap();
     assert_eq!(docs.len(), 4);
-    let mut unique: Vec<&Value> = docs.iter().collect();
-    unique.dedup();
+    let unique: std::collections::HashSet<&str> =
+        docs.iter().map(|d| d.as_str().unwrap()).collect();
     assert_eq!(
         unique.len(),
         4,
