@@ -496,19 +496,37 @@ async fn a_deletion_interrupted_by_a_crash_is_finished_at_the_next_start() {
     let kb = collection(&gw, &token, "Gone's", &[&fid]).await;
     // The crash: the user's row is removed (and the deletion recorded), nothing else yet.
     gw.app().store.delete_user(&id).unwrap().unwrap();
+    // Another user's upload lands after their deletion's sweep already finished.
+    let late = gw.user(&admin, "late@example.com").await;
+    let late_id = id_of(&gw, &late).await;
+    let lf = upload_text(
+        &gw,
+        &late,
+        "late.txt",
+        "Stored by a request already admitted.",
+    )
+    .await;
+    let lf = lf["id"].as_str().unwrap().to_string();
+    gw.app().store.delete_user(&late_id).unwrap().unwrap();
+    gw.app().store.finish_user_deletion(&late_id).unwrap();
+    let survivor = upload_text(&gw, &admin, "admin.txt", "The admin's text stays.").await;
+    let survivor = survivor["id"].as_str().unwrap().to_string();
     let dir = gw.stop().await;
 
     let gw = Setup::new().start_in(dir).await;
+    let store = &gw.app().store;
+    assert!(store.file(&fid).unwrap().is_none(), "file removed at start");
     assert!(
-        gw.app().store.file(&fid).unwrap().is_none(),
-        "file removed at start"
-    );
-    assert!(
-        gw.app().store.knowledge(&kb).unwrap().is_none(),
+        store.knowledge(&kb).unwrap().is_none(),
         "collection removed"
     );
-    assert!(gw.app().store.pending_user_deletions().unwrap().is_empty());
-    assert_eq!(blobs(&gw), 0);
+    assert!(store.file(&lf).unwrap().is_none(), "late orphan removed");
+    assert!(
+        store.file(&survivor).unwrap().is_some(),
+        "others' files kept"
+    );
+    assert!(store.pending_user_deletions().unwrap().is_empty());
+    assert_eq!(blobs(&gw), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
