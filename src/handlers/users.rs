@@ -303,10 +303,14 @@ pub fn remove_user_data(app: &App, user_id: &str) -> Result<(), ApiError> {
             delete_everywhere(app, &f.id)?;
         }
     }
-    for kb in app.store.knowledges()? {
+    for mut kb in app.store.knowledges()? {
         if kb.user_id == user_id {
             app.store.delete_knowledge(&kb.id)?;
             app.ingest.vectors.drop_collection(&kb.id);
+        } else if kb.access_grants.iter().any(|g| g.principal_id == user_id) {
+            // Grants to a user who no longer exists would only clutter the sharing lists.
+            kb.access_grants.retain(|g| g.principal_id != user_id);
+            app.store.put_knowledge(&kb)?;
         }
     }
     app.store.finish_user_deletion(user_id)?;
