@@ -1,7 +1,7 @@
 //! User administration: updates that keep the email index consistent, deletion with a
 //! crash-safe record of what is left to clean up, and the primary admin.
 
-use redb::{ReadableDatabase, ReadableTable};
+use redb::ReadableTable;
 
 use super::{
     API_KEYS, Result, Store, StoreError, USER_API_KEY, USER_DELETIONS, USER_EMAILS, USERS, decode,
