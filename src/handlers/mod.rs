@@ -94,7 +94,7 @@ pub async fn handle(
         HealthDb => system::health_db(app),
         Ready => system::ready(app).await,
         Version => system::version(),
-        Docs => system::docs(app, &req.tail),
+        Docs => system::docs(app, session, &req.tail),
         OpenApi => system::openapi(app),
         Signup => auths::signup(app, session).await,
         Signin => auths::signin(app, session).await,
@@ -143,6 +143,9 @@ pub async fn handle(
         KnowledgeFileRemove => knowledge::remove_file(app, session, ctx, req).await,
         KnowledgeReset => knowledge::reset(app, ctx, req),
         KnowledgeDelete => knowledge::delete(app, ctx, req),
+        // The web page (issue 13).
+        UiIndex => crate::ui::serve(""),
+        UiAsset => crate::ui::serve(&req.tail),
     }
 }
 

@@ -29,6 +29,8 @@ pub enum Group {
     Ollama,
     Files,
     Knowledge,
+    /// The web page (issue 13).
+    Ui,
 }
 
 impl Group {
@@ -41,6 +43,7 @@ impl Group {
             Group::Ollama => "ollama",
             Group::Files => "files",
             Group::Knowledge => "knowledge",
+            Group::Ui => "ui",
         }
     }
 }
@@ -100,6 +103,9 @@ pub enum Endpoint {
     KnowledgeFileRemove,
     KnowledgeReset,
     KnowledgeDelete,
+    // The web page (issue 13): its HTML at `/` and `/ui/`, assets under `/ui/`.
+    UiIndex,
+    UiAsset,
 }
 
 /// One row of the route table.
@@ -192,6 +198,9 @@ routes! {
     POST "/api/v1/knowledge/{id}/file/remove" => KnowledgeFileRemove, Verified, Knowledge, false, false, "Remove a file (?delete_file=true deletes it too)";
     POST "/api/v1/knowledge/{id}/reset" => KnowledgeReset, Verified, Knowledge, false, false, "Remove every file from a collection";
     DELETE "/api/v1/knowledge/{id}/delete" => KnowledgeDelete, Verified, Knowledge, false, false, "Delete a collection";
+    // The web page (issue 13). It signs in through the public API like any client.
+    GET "/" => UiIndex, Public, Ui, false, false, "The web page";
+    GET "/ui" => UiAsset, Public, Ui, false, true, "The web page and its embedded assets";
 }
 
 /// The result of matching a request line.
