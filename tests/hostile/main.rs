@@ -12,4 +12,5 @@ mod extract;
 mod files;
 mod multipart_prop;
 mod support;
+mod ui;
 mod wire;
