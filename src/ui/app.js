@@ -420,7 +420,8 @@ async function collectionCard(kb) {
 async function loadCollections() {
   await fetchFiles();
   if (state.me.role === "admin") {
-    await fetchUsers();
+    // Only suggestions for the share box: a failure here must not hide the collections.
+    await fetchUsers().catch(() => { state.users = []; });
     $("user-ids").replaceChildren(...state.users.filter((u) => u.id !== state.me.id)
       .map((u) => el("option", { value: u.id }, u.name + " <" + u.email + ">")));
   }
