@@ -54,6 +54,8 @@ pub enum StartError {
     },
     #[error("cannot create the bootstrap admin: {0}")]
     Admin(String),
+    #[error("cannot finish an interrupted user deletion: {0}")]
+    UserDeletion(String),
     #[error("cannot load the vector index: {0}")]
     Index(crate::store::StoreError),
 }
@@ -208,6 +210,9 @@ impl App {
             started: Instant::now(),
         };
         app.bootstrap_admin()?;
+        // A user deletion interrupted by a crash leaves files and collections behind.
+        crate::handlers::users::finish_deletions(&app)
+            .map_err(|e| StartError::UserDeletion(e.to_string()))?;
         Ok(app)
     }
 

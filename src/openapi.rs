@@ -48,6 +48,13 @@ fn body_schema(endpoint: Endpoint) -> Option<&'static str> {
         Endpoint::ChatCompletions => "ChatCompletionRequest",
         Endpoint::KnowledgeCreate | Endpoint::KnowledgeUpdate => "KnowledgeForm",
         Endpoint::KnowledgeFileAdd | Endpoint::KnowledgeFileRemove => "FileIdForm",
+        // Issue 13: user administration, self-service accounts, retrieval API.
+        Endpoint::UserUpdate => "UserUpdateForm",
+        Endpoint::UpdatePassword => "UpdatePasswordForm",
+        Endpoint::UpdateProfile => "UpdateProfileForm",
+        Endpoint::RetrievalQueryDoc => "QueryDocForm",
+        Endpoint::RetrievalQueryCollection => "QueryCollectionsForm",
+        Endpoint::RetrievalProcessText => "ProcessTextForm",
         _ => return None,
     })
 }
@@ -185,6 +192,12 @@ pub fn document() -> OpenApi {
         .schema_from::<forms::KnowledgeForm>()
         .schema_from::<forms::GrantForm>()
         .schema_from::<forms::FileIdForm>()
+        .schema_from::<forms::UserUpdateForm>()
+        .schema_from::<forms::UpdatePasswordForm>()
+        .schema_from::<forms::UpdateProfileForm>()
+        .schema_from::<forms::QueryDocForm>()
+        .schema_from::<forms::QueryCollectionsForm>()
+        .schema_from::<forms::ProcessTextForm>()
         .build();
     OpenApiBuilder::new()
         .info(

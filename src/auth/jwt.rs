@@ -16,6 +16,15 @@ pub struct Claims {
     pub jti: String,
     #[serde(default)]
     pub iat: u64,
+    /// The user's session epoch at issue time (ragway's own claim; absent = 0). A token
+    /// from an older epoch was revoked by a role change or a password reset.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub ep: u64,
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 /// Keys derived once from the secret.
@@ -41,6 +50,16 @@ impl JwtKeys {
 
     /// Signs a token for `user_id`; returns it with its expiry (epoch seconds).
     pub fn issue(&self, user_id: &str, lifetime: Option<Duration>) -> (String, Option<u64>) {
+        self.issue_in_epoch(user_id, 0, lifetime)
+    }
+
+    /// Signs a token for `user_id` under session epoch `ep`.
+    pub fn issue_in_epoch(
+        &self,
+        user_id: &str,
+        ep: u64,
+        lifetime: Option<Duration>,
+    ) -> (String, Option<u64>) {
         let iat = now_secs();
         let exp = lifetime.map(|d| iat + d.as_secs().max(1));
         let claims = Claims {
@@ -48,6 +67,7 @@ impl JwtKeys {
             exp,
             jti: uuid::Uuid::new_v4().to_string(),
             iat,
+            ep,
         };
         let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
             .expect("HS256 signing cannot fail");
@@ -86,6 +106,7 @@ mod tests {
                 exp: Some(now_secs() - 10),
                 jti: "j".into(),
                 iat: 0,
+                ep: 0,
             },
             &EncodingKey::from_secret(b"secret"),
         )

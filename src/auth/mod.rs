@@ -309,6 +309,10 @@ impl Auth {
             metrics::auth_failure("unknown_user");
             return Err(ApiError::unauthorized(msg::SESSION_EXPIRED));
         };
+        if !user.session_valid(claims.ep, &claims.jti) {
+            metrics::auth_failure("revoked_session");
+            return Err(ApiError::unauthorized(msg::SESSION_EXPIRED));
+        }
         let allowed_models = self.allowed_models(&user, &[]);
         Ok(Identity {
             user,

@@ -59,7 +59,7 @@ const MAX_EMAIL_LEN: usize = 254;
 const BUSY_RETRY_AFTER: Duration = Duration::from_secs(2);
 
 /// A refusal, possibly with a `Retry-After` (rate limits, hashing overload).
-enum Refusal {
+pub(crate) enum Refusal {
     Error(ApiError),
     RetryAfter(ApiError, Duration),
 }
@@ -85,7 +85,7 @@ impl Refusal {
 }
 
 /// A refusal with `Retry-After` is an answer of its own (the error type carries no headers).
-fn answer(result: Result<Outcome, Refusal>) -> HandlerResult {
+pub(crate) fn answer(result: Result<Outcome, Refusal>) -> HandlerResult {
     match result {
         Ok(o) => Ok(o),
         Err(Refusal::Error(e)) => Err(e),
@@ -106,7 +106,7 @@ fn rate_limited(wait: Duration) -> Refusal {
 }
 
 /// Runs password work through the hashing gate.
-async fn hashed<T, F>(app: &App, work: F) -> Result<T, Refusal>
+pub(crate) async fn hashed<T, F>(app: &App, work: F) -> Result<T, Refusal>
 where
     T: Send + 'static,
     F: FnOnce() -> T + Send + 'static,
@@ -145,7 +145,7 @@ fn check_address(app: &App, session: &Session) -> Result<(), Refusal> {
     })
 }
 
-fn validate_email(email: &str) -> Result<String, ApiError> {
+pub(crate) fn validate_email(email: &str) -> Result<String, ApiError> {
     let e = email.trim().to_lowercase();
     let valid = e.len() <= MAX_EMAIL_LEN
         && e.split_once('@').is_some_and(|(local, domain)| {
@@ -162,7 +162,7 @@ fn validate_email(email: &str) -> Result<String, ApiError> {
     }
 }
 
-fn validate_password(p: &str) -> Result<(), ApiError> {
+pub(crate) fn validate_password(p: &str) -> Result<(), ApiError> {
     if p.is_empty() {
         return Err(ApiError::bad_request("Password must not be empty"));
     }
@@ -236,7 +236,10 @@ fn clear_csrf_cookie() -> String {
 
 /// A new session for `user`, without cookies (an admin creating a user must keep their own).
 fn new_session(app: &App, user: &User) -> (Reply, String, Option<u64>) {
-    let (token, exp) = app.auth.jwt.issue(&user.id, app.config.auth.jwt_expires_in);
+    let (token, exp) =
+        app.auth
+            .jwt
+            .issue_in_epoch(&user.id, user.session_epoch, app.config.auth.jwt_expires_in);
     (
         Reply::ok(&session_body(user, Some(&token), exp)),
         token,
@@ -254,6 +257,36 @@ fn session_reply(app: &App, user: &User) -> Reply {
 
 /// Longest display name accepted.
 const MAX_NAME_LEN: usize = 256;
+/// Longest `profile_image_url` (Open WebUI's UI sends small data URLs).
+const MAX_IMAGE_URL_LEN: usize = 16 * 1024;
+
+/// A trimmed, non-empty display name of bounded size.
+pub(crate) fn validate_name(name: &str) -> Result<String, ApiError> {
+    let name = name.trim();
+    if name.is_empty() {
+        return Err(ApiError::bad_request("Name must not be empty"));
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(ApiError::bad_request(format!(
+            "Name is too long ({MAX_NAME_LEN} bytes at most)"
+        )));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(ApiError::bad_request(
+            "Name must not contain control characters",
+        ));
+    }
+    Ok(name.to_string())
+}
+
+pub(crate) fn validate_image_url(url: &str) -> Result<(), ApiError> {
+    if url.len() > MAX_IMAGE_URL_LEN {
+        return Err(ApiError::bad_request(
+            "profile_image_url is too long (16 KiB at most)",
+        ));
+    }
+    Ok(())
+}
 
 /// Creates a user with a hashed password. Hashing goes through the hashing gate: argon2 is
 /// deliberately slow and memory-hard and must neither stall the event loop nor run unbounded.
@@ -290,21 +323,10 @@ async fn create_user_gated(
 ) -> Result<User, Refusal> {
     let email = validate_email(email)?;
     validate_password(password)?;
-    let name = name.trim();
-    if name.is_empty() {
-        return Err(ApiError::bad_request("Name must not be empty").into());
-    }
-    if name.len() > MAX_NAME_LEN {
-        return Err(ApiError::bad_request(format!(
-            "Name is too long ({MAX_NAME_LEN} bytes at most)"
-        ))
-        .into());
-    }
-    if profile_image_url
-        .as_ref()
-        .is_some_and(|u| u.len() > 16 * 1024)
-    {
-        return Err(ApiError::bad_request("profile_image_url is too long (16 KiB at most)").into());
+    let name = validate_name(name)?;
+    let name = name.as_str();
+    if let Some(u) = &profile_image_url {
+        validate_image_url(u)?;
     }
     if app.store.user_by_email(&email)?.is_some() {
         // Answered before hashing: a taken email costs no argon2 run.
@@ -529,4 +551,123 @@ pub fn delete_api_key(app: &App, ctx: &crate::proxy::ctx::RequestCtx) -> Handler
     let removed = app.store.delete_api_key_of_user(&id.user.id)?.is_some();
     app.auth.forget_cached_keys();
     Ok(Outcome::Reply(Reply::ok(&removed)))
+}
+
+/// Body of `POST /auths/update/password`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdatePasswordForm {
+    pub password: String,
+    pub new_password: String,
+}
+
+/// Body of `POST /auths/update/profile`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateProfileForm {
+    pub name: String,
+    #[serde(default)]
+    pub profile_image_url: Option<String>,
+}
+
+/// Profile and password changes need a session or an unrestricted key: a key limited to
+/// some models must not take over the account it belongs to.
+fn may_change_account(ctx: &crate::proxy::ctx::RequestCtx) -> Result<&auth::Identity, ApiError> {
+    let id = identity(ctx)?;
+    if id.restricted_key {
+        crate::metrics::auth_failure("restricted_key");
+        return Err(ApiError::forbidden(auth::RESTRICTED_KEY));
+    }
+    Ok(id)
+}
+
+/// `POST /auths/update/password`: checks the current password (limited and hashed as a
+/// sign-in is), sets the new one and ends every other session of the user.
+pub async fn update_password(
+    app: &App,
+    session: &mut Session,
+    ctx: &crate::proxy::ctx::RequestCtx,
+) -> HandlerResult {
+    answer(update_password_inner(app, session, ctx).await)
+}
+
+async fn update_password_inner(
+    app: &App,
+    session: &mut Session,
+    ctx: &crate::proxy::ctx::RequestCtx,
+) -> Result<Outcome, Refusal> {
+    let id = may_change_account(ctx)?.clone();
+    let body = http::read_body(session, 64 * 1024).await?;
+    let form: UpdatePasswordForm = http::parse_json(&body)?;
+    validate_password(&form.password)?;
+    validate_password(&form.new_password)?;
+    check_address(app, session)?;
+    app.auth
+        .limiter
+        .allow(&id.user.email)
+        .map_err(rate_limited)?;
+    let phc = id.user.password_hash.clone();
+    let (old, new) = (form.password, form.new_password);
+    let hash = hashed(app, move || {
+        password::verify(&old, &phc).then(|| password::hash(&new))
+    })
+    .await?;
+    let Some(hash) = hash else {
+        crate::metrics::auth_failure("bad_password");
+        return Err(ApiError::bad_request("Incorrect password").into());
+    };
+    let keep = match &id.credential {
+        Credential::Jwt { jti, .. } => Some(jti.clone()),
+        Credential::ApiKey => None,
+    };
+    match app.store.update_user(&id.user.id, |u| {
+        u.password_hash = hash;
+        u.revoke_sessions(keep);
+        Ok::<(), ApiError>(())
+    }) {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => return Err(e.into()),
+        Err(StoreError::NoSuchUser) => {
+            return Err(ApiError::unauthorized(msg::SESSION_EXPIRED).into());
+        }
+        Err(e) => return Err(e.into()),
+    }
+    app.auth.forget_cached_keys();
+    tracing::info!(user = %id.user.id, "password changed; other sessions revoked");
+    Ok(Outcome::Reply(Reply::ok(&true)))
+}
+
+/// `POST /auths/update/profile`: name and picture; returns the user.
+pub async fn update_profile(
+    app: &App,
+    session: &mut Session,
+    ctx: &crate::proxy::ctx::RequestCtx,
+) -> HandlerResult {
+    let id = may_change_account(ctx)?.clone();
+    let body = http::read_body(session, 64 * 1024).await?;
+    let form: UpdateProfileForm = http::parse_json(&body)?;
+    let name = validate_name(&form.name)?;
+    if let Some(u) = &form.profile_image_url {
+        validate_image_url(u)?;
+    }
+    let user = match app.store.update_user(&id.user.id, |u| {
+        u.name = name;
+        if let Some(url) = form.profile_image_url.filter(|u| !u.is_empty()) {
+            u.profile_image_url = url;
+        }
+        Ok::<(), ApiError>(())
+    }) {
+        Ok(Ok(u)) => u,
+        Ok(Err(e)) => return Err(e),
+        Err(StoreError::NoSuchUser) => return Err(ApiError::unauthorized(msg::SESSION_EXPIRED)),
+        Err(e) => return Err(e.into()),
+    };
+    app.auth.forget_cached_keys();
+    Ok(Outcome::Reply(Reply::ok(&json!({
+        "id": user.id,
+        "email": user.email,
+        "name": user.name,
+        "role": user.role.as_str(),
+        "profile_image_url": user.profile_image_url,
+    }))))
 }

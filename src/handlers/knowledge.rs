@@ -176,7 +176,7 @@ fn with_files(app: &App, kb: &KnowledgeRecord, user: &User) -> Result<Value, Api
 }
 
 /// A collection the caller can read; otherwise a 404 that does not reveal it exists.
-fn readable(app: &App, user: &User, id: &str) -> Result<KnowledgeRecord, ApiError> {
+pub(crate) fn readable(app: &App, user: &User, id: &str) -> Result<KnowledgeRecord, ApiError> {
     match app.store.knowledge(id)? {
         Some(kb) if access::can_read_kb(user, &kb) => Ok(kb),
         _ => Err(ApiError::not_found(msg::NOT_FOUND)),
@@ -185,7 +185,7 @@ fn readable(app: &App, user: &User, id: &str) -> Result<KnowledgeRecord, ApiErro
 
 /// A collection the caller can write: 404 when they cannot even read it, 400 (Open
 /// WebUI's status for write denials) when they can read but not write.
-fn writable(app: &App, user: &User, id: &str) -> Result<KnowledgeRecord, ApiError> {
+pub(crate) fn writable(app: &App, user: &User, id: &str) -> Result<KnowledgeRecord, ApiError> {
     match app.store.knowledge(id)? {
         // Write is checked on its own: a write grant suffices without a read grant.
         Some(kb) if access::can_write_kb(user, &kb) => Ok(kb),
@@ -342,22 +342,37 @@ pub async fn add_file(
     let user = identity(ctx)?.user.clone();
     let mut kb = writable(app, &user, req.id())?;
     let file_id = file_id_form(session).await?;
+    add_one(app, &user, &kb, &file_id, app.config.rag.file_add_wait).await?;
+    kb.updated_at = now_secs();
+    app.store.put_knowledge(&kb)?;
+    Ok(Outcome::Reply(Reply::ok(&with_files(app, &kb, &user)?)))
+}
+
+/// Adds one file to a collection the caller may write: the checks of `file/add`, shared
+/// by the batch and by `retrieval/process/text`. Waits at most `wait` for a file still
+/// being processed. Returns false when the file was already in the collection.
+pub(crate) async fn add_one(
+    app: &App,
+    user: &User,
+    kb: &KnowledgeRecord,
+    file_id: &str,
+    wait: std::time::Duration,
+) -> Result<bool, ApiError> {
     let not_found = || ApiError::bad_request(format!("File {file_id} not found"));
-    let mut file = app.store.file(&file_id)?.ok_or_else(not_found)?;
-    if !access::can_read_file(&app.store, &user, &file) {
+    let mut file = app.store.file(file_id)?.ok_or_else(not_found)?;
+    if !access::can_read_file(&app.store, user, &file) {
         return Err(not_found());
     }
-    if !access::can_add_file_to(&app.store, &user, &file, &kb) {
+    if !access::can_add_file_to(&app.store, user, &file, kb) {
         return Err(ApiError::forbidden(format!(
             "File {file_id} belongs to another user who cannot write this collection: only \
              its owner or an admin can add it here"
         )));
     }
     if file.status == Some(FileStatus::Pending) {
-        let wait = app.config.rag.file_add_wait;
         file = app
             .ingest
-            .wait_done(&file_id, wait)
+            .wait_done(file_id, wait)
             .await
             .ok_or_else(not_found)?;
     }
@@ -396,12 +411,76 @@ pub async fn add_file(
             ));
         }
     }
-    if app.store.link_file(&kb.id, &file.id)? {
+    let added = app.store.link_file(&kb.id, &file.id)?;
+    if added {
         app.ingest.vectors.link(&kb.id, &file.id);
+    }
+    Ok(added)
+}
+
+/// Most files in one `files/batch/add`.
+pub const MAX_BATCH: usize = 256;
+
+/// `POST /knowledge/{id}/files/batch/add` with `[{"file_id"}, ...]`: adds each file as
+/// `file/add` would and answers once, with each file's outcome in `results` (and Open
+/// WebUI's `warnings` when some failed). Waiting for files still processing shares one
+/// `rag.file-add-wait` for the whole batch.
+pub async fn batch_add(
+    app: &App,
+    session: &mut Session,
+    ctx: &RequestCtx,
+    req: &Req,
+) -> HandlerResult {
+    let user = identity(ctx)?.user.clone();
+    let mut kb = writable(app, &user, req.id())?;
+    let body = http::read_body(session, 256 * 1024).await?;
+    let form: Vec<FileIdForm> = http::parse_json(&body)?;
+    if form.is_empty() {
+        return Err(ApiError::new(422, "The list of files is empty"));
+    }
+    if form.len() > MAX_BATCH {
+        return Err(ApiError::new(
+            413,
+            format!("Too many files: at most {MAX_BATCH} per batch"),
+        ));
+    }
+    let deadline = tokio::time::Instant::now() + app.config.rag.file_add_wait;
+    let mut results = Vec::with_capacity(form.len());
+    let mut errors = Vec::new();
+    for item in form {
+        let id = item.file_id;
+        if id.is_empty() || id.len() > 128 {
+            let e = ApiError::new(422, "file_id must be 1 to 128 bytes long");
+            results.push(
+                json!({"file_id": null, "status": "error", "code": e.status, "error": e.detail}),
+            );
+            errors.push(e.detail);
+            continue;
+        }
+        let wait = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match add_one(app, &user, &kb, &id, wait).await {
+            Ok(added) => results.push(json!({
+                "file_id": id,
+                "status": if added { "added" } else { "already_added" },
+            })),
+            Err(e) => {
+                errors.push(format!("{id}: {}", e.detail));
+                results.push(
+                    json!({"file_id": id, "status": "error", "code": e.status, "error": e.detail}),
+                );
+            }
+        }
     }
     kb.updated_at = now_secs();
     app.store.put_knowledge(&kb)?;
-    Ok(Outcome::Reply(Reply::ok(&with_files(app, &kb, &user)?)))
+    let mut v = with_files(app, &kb, &user)?;
+    v["results"] = json!(results);
+    v["warnings"] = if errors.is_empty() {
+        Value::Null
+    } else {
+        json!({"message": "Some files failed to add", "errors": errors})
+    };
+    Ok(Outcome::Reply(Reply::ok(&v)))
 }
 
 pub async fn remove_file(

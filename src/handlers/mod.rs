@@ -5,7 +5,10 @@ pub(crate) mod auths;
 /// Request bodies, shared with the OpenAPI document.
 pub mod forms {
     pub use super::auths::{AddUserForm, ApiKeyForm, SigninForm, SignupForm};
+    pub use super::auths::{UpdatePasswordForm, UpdateProfileForm};
     pub use super::knowledge::{FileIdForm, GrantForm, KnowledgeForm};
+    pub use super::retrieval::{ProcessTextForm, QueryCollectionsForm, QueryDocForm};
+    pub use super::users::UserUpdateForm;
 }
 pub(crate) mod access;
 mod chat;
@@ -13,7 +16,9 @@ mod files;
 mod knowledge;
 mod models;
 mod ollama;
+mod retrieval;
 mod system;
+pub(crate) mod users;
 
 use pingora::proxy::Session;
 
@@ -143,6 +148,18 @@ pub async fn handle(
         KnowledgeFileRemove => knowledge::remove_file(app, session, ctx, req).await,
         KnowledgeReset => knowledge::reset(app, ctx, req),
         KnowledgeDelete => knowledge::delete(app, ctx, req),
+        // User administration, self-service accounts and the retrieval API (issue 13).
+        UserList => users::list(app, session),
+        UserAll => users::all(app),
+        UserGet => users::get(app, req),
+        UserUpdate => users::update(app, session, ctx, req).await,
+        UserDelete => users::delete(app, ctx, req),
+        UpdatePassword => auths::update_password(app, session, ctx).await,
+        UpdateProfile => auths::update_profile(app, session, ctx).await,
+        RetrievalQueryDoc => retrieval::query_doc(app, session, ctx).await,
+        RetrievalQueryCollection => retrieval::query_collection(app, session, ctx).await,
+        RetrievalProcessText => retrieval::process_text(app, session, ctx).await,
+        KnowledgeBatchAdd => knowledge::batch_add(app, session, ctx, req).await,
         // The web page (issue 13).
         UiIndex => crate::ui::serve(""),
         UiAsset => crate::ui::serve(&req.tail),

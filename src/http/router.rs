@@ -103,6 +103,18 @@ pub enum Endpoint {
     KnowledgeFileRemove,
     KnowledgeReset,
     KnowledgeDelete,
+    // User administration, self-service accounts and the retrieval API (issue 13).
+    UserList,
+    UserAll,
+    UserGet,
+    UserUpdate,
+    UserDelete,
+    UpdatePassword,
+    UpdateProfile,
+    RetrievalQueryDoc,
+    RetrievalQueryCollection,
+    RetrievalProcessText,
+    KnowledgeBatchAdd,
     // The web page (issue 13): its HTML at `/` and `/ui/`, assets under `/ui/`.
     UiIndex,
     UiAsset,
@@ -198,6 +210,18 @@ routes! {
     POST "/api/v1/knowledge/{id}/file/remove" => KnowledgeFileRemove, Verified, Knowledge, false, false, "Remove a file (?delete_file=true deletes it too)";
     POST "/api/v1/knowledge/{id}/reset" => KnowledgeReset, Verified, Knowledge, false, false, "Remove every file from a collection";
     DELETE "/api/v1/knowledge/{id}/delete" => KnowledgeDelete, Verified, Knowledge, false, false, "Delete a collection";
+    // User administration, self-service accounts and the retrieval API (issue 13).
+    GET "/api/v1/users/" => UserList, Admin, Auth, false, false, "Users, 30 per page (?query=&order_by=&direction=&page=)";
+    GET "/api/v1/users/all" => UserAll, Admin, Auth, false, false, "Every user";
+    GET "/api/v1/users/{id}" => UserGet, Verified, Auth, false, false, "A user's name and picture";
+    POST "/api/v1/users/{id}/update" => UserUpdate, Admin, Auth, false, false, "Approve, change role, rename, change email or reset password";
+    DELETE "/api/v1/users/{id}" => UserDelete, Admin, Auth, false, false, "Delete a user with their keys, sessions, files and collections";
+    POST "/api/v1/auths/update/password" => UpdatePassword, Session, Auth, false, false, "Change your password (ends your other sessions)";
+    POST "/api/v1/auths/update/profile" => UpdateProfile, Session, Auth, false, false, "Change your name and picture";
+    POST "/api/v1/retrieval/query/doc" => RetrievalQueryDoc, Verified, Knowledge, false, false, "Search one file (file-{id}) or collection";
+    POST "/api/v1/retrieval/query/collection" => RetrievalQueryCollection, Verified, Knowledge, false, false, "Search several files or collections, merged";
+    POST "/api/v1/retrieval/process/text" => RetrievalProcessText, Verified, Knowledge, false, false, "Store and process a text (optionally into a collection)";
+    POST "/api/v1/knowledge/{id}/files/batch/add" => KnowledgeBatchAdd, Verified, Knowledge, false, false, "Add several files; each file's outcome in one answer";
     // The web page (issue 13). It signs in through the public API like any client.
     GET "/" => UiIndex, Public, Ui, false, false, "The web page";
     GET "/ui" => UiAsset, Public, Ui, false, true, "The web page and its embedded assets";

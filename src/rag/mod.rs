@@ -181,7 +181,7 @@ fn chunk_meta(app: &App, file: &FileRecord, chunk: &ChunkRecord, score: f32) -> 
 
 /// A file the caller may read and that is processed, waiting (bounded) for one still
 /// being processed: asking right after an upload must not see an empty context.
-async fn usable_file(app: &App, identity: &Identity, id: &str) -> Result<FileRecord, ApiError> {
+pub async fn usable_file(app: &App, identity: &Identity, id: &str) -> Result<FileRecord, ApiError> {
     let missing = || ApiError::not_found(format!("File {id} not found"));
     let mut f = app.store.file(id)?.ok_or_else(missing)?;
     if !access::can_read_file(&app.store, &identity.user, &f) {
@@ -356,31 +356,26 @@ pub async fn retrieve(
             .zip(&targets)
             .any(|(item, t)| !full(item) && !matches!(t, Target::Text(_)));
     let vector = if needs_vector {
-        let embedder = app
-            .ingest
-            .embedder
-            .as_ref()
-            .map_err(|e| ApiError::new(503, format!("Embedding engine unavailable: {e}")))?;
-        let mut v = embedder
-            .embed(vec![query.to_string()])
-            .await
-            .map_err(|e| ApiError::new(502, format!("Embedding the query failed: {e}")))?;
-        v.pop()
+        embed_query(app, query).await?
     } else {
         None
     };
 
     let search = |item: &Value, scope: Scope| {
-        let ranked = rank(
+        let limits = Limits {
+            k: cfg.top_k,
+            threshold: cfg.relevance_threshold,
+        };
+        search(
             app,
+            echo(item),
             scope,
             query,
             vector.as_deref(),
             mode,
             fuse,
-            candidates(cfg.top_k),
-        );
-        select(app, item, ranked, vector.as_deref(), cfg)
+            limits,
+        )
     };
     let mut sources = Vec::with_capacity(targets.len());
     for (item, target) in items.iter().zip(&targets) {
@@ -405,6 +400,20 @@ pub async fn retrieve(
         sources.push(source);
     }
     Ok(sources)
+}
+
+/// The query's embedding, as every search of chat and the retrieval API gets it.
+pub async fn embed_query(app: &App, query: &str) -> Result<Option<Vec<f32>>, ApiError> {
+    let embedder = app
+        .ingest
+        .embedder
+        .as_ref()
+        .map_err(|e| ApiError::new(503, format!("Embedding engine unavailable: {e}")))?;
+    let mut v = embedder
+        .embed(vec![query.to_string()])
+        .await
+        .map_err(|e| ApiError::new(502, format!("Embedding the query failed: {e}")))?;
+    Ok(v.pop())
 }
 
 /// Whole documents for `context: "full"`.
@@ -437,27 +446,51 @@ fn whole_files(
     Ok(s)
 }
 
+/// How many chunks one search keeps, and the least relevance (cosine) they need.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub k: usize,
+    pub threshold: f32,
+}
+
+/// Searches one file or collection: the ranking, de-duplication and scoring of chat's
+/// retrieval, and of the retrieval API, which calls this same function.
+#[allow(clippy::too_many_arguments)]
+pub fn search(
+    app: &App,
+    source: Value,
+    scope: Scope,
+    query: &str,
+    vector: Option<&[f32]>,
+    mode: Mode,
+    fuse: Fuse,
+    limits: Limits,
+) -> Result<Source, ApiError> {
+    let ranked = rank(app, scope, query, vector, mode, fuse, candidates(limits.k));
+    select(app, source, ranked, vector, limits)
+}
+
 /// Top `k` distinct chunk texts of a ranking, scored by cosine to the query when known,
 /// filtered by the relevance threshold.
 fn select(
     app: &App,
-    item: &Value,
+    source: Value,
     ranked: Vec<(u64, f32)>,
     vector: Option<&[f32]>,
-    cfg: &RagConfig,
+    limits: Limits,
 ) -> Result<Source, ApiError> {
     let ids: Vec<u64> = ranked.iter().map(|r| r.0).collect();
     let chunks = app.store.chunks(&ids)?;
     let mut files: HashMap<String, Option<FileRecord>> = HashMap::new();
     let mut seen: HashSet<String> = HashSet::new();
     let mut s = Source {
-        source: echo(item),
+        source,
         document: Vec::new(),
         metadata: Vec::new(),
         distances: Vec::new(),
     };
     for (id, chunk) in chunks {
-        if s.document.len() >= cfg.top_k {
+        if s.document.len() >= limits.k {
             break;
         }
         let score = match vector {
@@ -469,7 +502,7 @@ fn select(
                 .unwrap_or(0.0),
             None => ranked.iter().find(|r| r.0 == id).map_or(0.0, |r| r.1),
         };
-        if vector.is_some() && score < cfg.relevance_threshold {
+        if vector.is_some() && score < limits.threshold {
             continue;
         }
         if !seen.insert(chunk.text.clone()) {

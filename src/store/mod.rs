@@ -8,6 +8,8 @@ mod files;
 pub use files::FileIndexData;
 mod knowledge;
 mod records;
+mod users;
+pub use users::PRIMARY_ADMIN;
 
 use std::path::Path;
 
@@ -59,6 +61,9 @@ const FILE_KNOWLEDGE: MultimapTableDefinition<&str, &str> =
     MultimapTableDefinition::new("file_knowledge");
 /// Named counters (`chunk_id`).
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
+/// user id → deletion time, for deleted users whose files and collections are not all
+/// removed yet. Written with the user's removal, so a crash mid-way is finished at start-up.
+const USER_DELETIONS: TableDefinition<&str, u64> = TableDefinition::new("user_deletions");
 
 /// Failures of the store. Messages say what to do.
 #[derive(Debug, thiserror::Error)]
@@ -133,6 +138,7 @@ impl Store {
         txn.open_multimap_table(KNOWLEDGE_FILES)?;
         txn.open_multimap_table(FILE_KNOWLEDGE)?;
         txn.open_table(COUNTERS)?;
+        txn.open_table(USER_DELETIONS)?;
         txn.commit()?;
         Ok(Store { db })
     }
@@ -163,6 +169,8 @@ impl Store {
             let mut users = txn.open_table(USERS)?;
             if first_is_admin && users.len()? == 0 {
                 user.role = Role::Admin;
+                txn.open_table(SETTINGS)?
+                    .insert(PRIMARY_ADMIN, user.id.as_str())?;
             }
             emails.insert(user.email.as_str(), user.id.as_str())?;
             users.insert(user.id.as_str(), encode(&user).as_str())?;

@@ -51,6 +51,13 @@ pub struct User {
     pub profile_image_url: String,
     pub created_at: u64,
     pub updated_at: u64,
+    /// Sessions (JWTs) carry the epoch they were issued under; bumping it revokes them all
+    /// at once (role change, password reset) without listing every token ever issued.
+    #[serde(default)]
+    pub session_epoch: u64,
+    /// One session kept across an epoch bump: the one that changed its own password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kept_session: Option<String>,
 }
 
 impl User {
@@ -66,7 +73,20 @@ impl User {
             password_hash,
             created_at: now,
             updated_at: now,
+            session_epoch: 0,
+            kept_session: None,
         }
+    }
+
+    /// Revokes every session of this user, except `keep` (a JWT id) when given.
+    pub fn revoke_sessions(&mut self, keep: Option<String>) {
+        self.session_epoch += 1;
+        self.kept_session = keep;
+    }
+
+    /// Whether a session issued under `epoch` with id `jti` is still valid.
+    pub fn session_valid(&self, epoch: u64, jti: &str) -> bool {
+        epoch == self.session_epoch || self.kept_session.as_deref() == Some(jti)
     }
 }
 
