@@ -516,7 +516,7 @@ function userRow(u) {
   const self = u.id === state.me.id;
   const role = el("select", { id: base + "-role", "aria-label": "Role of " + u.email, disabled: self },
     ...["pending", "user", "admin"].map((r) => el("option", { value: r, selected: r === u.role }, r)));
-  const actions = el("td", { class: "row" });
+  const actions = el("div", { class: "row" });
   if (u.role === "pending") {
     actions.append(el("button", { type: "button", "data-action": "approve", onclick: action(async () => {
       await updateUser(u, { role: "user" });
@@ -545,7 +545,7 @@ function userRow(u) {
     }) }, "Delete"));
   }
   return el("tr", { "data-user-email": u.email },
-    el("td", {}, u.name), el("td", {}, u.email), el("td", {}, role), actions);
+    el("td", {}, u.name), el("td", {}, u.email), el("td", {}, role), el("td", {}, actions));
 }
 
 async function loadUsers() {
