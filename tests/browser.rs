@@ -1,5 +1,5 @@
 //! The web page in a real headless browser: Debian's `chromium`, driven through
-//! `chromedriver` with a small WebDriver client (plain HTTP + JSON, no network beyond
+//! `chromedriver` with a small `WebDriver` client (plain HTTP + JSON, no network beyond
 //! 127.0.0.1). Runs the scenario a new team goes through: the first user signs up (admin),
 //! a second signs up and waits for approval, the admin approves them, creates an API key,
 //! uploads a file and waits for `completed`, makes a collection, asks a question and sees
@@ -292,6 +292,8 @@ async fn sign_out(b: &Browser) {
     b.find("#signin-form").await;
 }
 
+// One scenario, in order: each step needs the state the previous ones made.
+#[allow(clippy::too_many_lines)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_team_uses_the_web_page_in_a_real_browser() {
     let up = FakeUpstream::ollama(&["m:latest"]).await;

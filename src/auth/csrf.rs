@@ -35,6 +35,7 @@ pub struct Csrf {
 }
 
 impl Csrf {
+    #[must_use]
     pub fn new(secret: &[u8]) -> Csrf {
         let mut h = Sha256::new();
         h.update(b"ragway csrf key\0");
@@ -46,6 +47,7 @@ impl Csrf {
 
     /// The token bound to one session credential. The credential sits inside a signed JWT, so
     /// an attacker cannot choose it, and without the key cannot compute its token.
+    #[must_use]
     pub fn token(&self, credential: &str) -> String {
         let mut h = Sha256::new();
         h.update(self.key);
@@ -57,6 +59,10 @@ impl Csrf {
     /// Checks a request. `cookie_credential` is the `token` cookie's value when that cookie
     /// is what authenticates the request (no `Authorization: Bearer`); `public` routes
     /// (sign-in, sign-up) are not authenticated by it and need only the origin check.
+    ///
+    /// # Errors
+    /// A 403 for a cross-site write, or a cookie-authenticated write without the matching
+    /// token.
     pub fn check(
         &self,
         method: &Method,

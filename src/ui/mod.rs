@@ -30,6 +30,9 @@ fn asset(tail: &str) -> Option<(&'static str, &'static str)> {
 }
 
 /// Answers `/`, `/ui/` and `/ui/{asset}`.
+///
+/// # Errors
+/// A 404 for any other path under `/ui/`.
 pub fn serve(tail: &str) -> HandlerResult {
     let Some((body, content_type)) = asset(tail) else {
         return Err(ApiError::not_found("Not Found"));
