@@ -81,6 +81,15 @@ function action(fn) {
   };
 }
 
+// Views reload after every action and on navigation, so two loads of one view can overlap;
+// only the newest may render, or an older answer would paint over a newer one.
+const generations = {};
+function latest(view) {
+  const g = (generations[view] || 0) + 1;
+  generations[view] = g;
+  return () => generations[view] === g;
+}
+
 function el(tag, attrs, ...children) {
   const n = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs || {})) {
@@ -244,7 +253,9 @@ async function fetchFiles() {
 
 async function loadFiles() {
   const rows = $("file-rows");
+  const current = latest("files");
   const files = await fetchFiles();
+  if (!current()) return;
   rows.replaceChildren(...files.map((f) => el("tr", { "data-file-id": f.id },
     el("td", {}, f.filename),
     el("td", {}, statusCell(fileStatus(f)), f.data && f.data.error ? el("div", { class: "error" }, f.data.error) : null),
@@ -418,6 +429,7 @@ async function collectionCard(kb) {
 }
 
 async function loadCollections() {
+  const current = latest("collections");
   await fetchFiles();
   if (state.me.role === "admin") {
     // Only suggestions for the share box: a failure here must not hide the collections.
@@ -428,6 +440,7 @@ async function loadCollections() {
   const kbs = await fetchCollections();
   const cards = [];
   for (const kb of kbs) cards.push(await collectionCard(kb));
+  if (!current()) return;
   $("kb-list").replaceChildren(...cards);
   if (!kbs.length) $("kb-list").append(el("p", {}, "No collections yet."));
 }
@@ -549,7 +562,9 @@ function userRow(u) {
 }
 
 async function loadUsers() {
+  const current = latest("users");
   const users = await fetchUsers();
+  if (!current()) return;
   $("user-rows").replaceChildren(...users.map(userRow));
 }
 
