@@ -414,6 +414,18 @@ async fn a_deleted_user_is_locked_out_at_once_and_their_data_is_gone() {
     json_ok(gw.get("/api/v1/knowledge/", Some(&key)).await).await; // cached now
 
     let kept = upload_text(&gw, &friend, "friend.txt", "The friend's own notes stay.").await;
+    // The friend shares a collection with Eve: that grant goes with her.
+    let friends_kb = collection(&gw, &friend, "Friend's", &[]).await;
+    json_ok(
+        gw.post(
+            &format!("/api/v1/knowledge/{friends_kb}/update"),
+            Some(&friend),
+            json!({"name": "Friend's", "access_grants": [
+                {"principal_type": "user", "principal_id": eve_id, "permission": "write"}]}),
+        )
+        .await,
+    )
+    .await;
     let kept_id = kept["id"].as_str().unwrap();
     let f = upload_text(&gw, &eve, "eve.txt", "Eve's secret plans for the weekend.").await;
     let fid = f["id"].as_str().unwrap().to_string();
@@ -429,7 +441,7 @@ async fn a_deleted_user_is_locked_out_at_once_and_their_data_is_gone() {
     )
     .await;
     let listed = json_ok(gw.get("/api/v1/knowledge/", Some(&friend)).await).await;
-    assert_eq!(listed["total"], 1, "shared with the friend");
+    assert_eq!(listed["total"], 2, "shared with the friend, and their own");
     assert_eq!(blobs(&gw), 2);
     let chunks = gw.app().store.file_chunk_ids(&fid).unwrap();
     assert!(!chunks.is_empty());
@@ -471,7 +483,7 @@ async fn a_deleted_user_is_locked_out_at_once_and_their_data_is_gone() {
     .await;
     let listed = json_ok(gw.get("/api/v1/knowledge/", Some(&friend)).await).await;
     assert_eq!(
-        listed["total"], 0,
+        listed["total"], 1,
         "the shared collection left the friend's list"
     );
     json_ok(
@@ -480,6 +492,16 @@ async fn a_deleted_user_is_locked_out_at_once_and_their_data_is_gone() {
     )
     .await;
     assert!(gw.app().store.pending_user_deletions().unwrap().is_empty());
+    let fk = json_ok(
+        gw.get(&format!("/api/v1/knowledge/{friends_kb}"), Some(&friend))
+            .await,
+    )
+    .await;
+    assert_eq!(
+        fk["access_grants"],
+        json!([]),
+        "grants to the deleted user removed"
+    );
     // Deleting again is a 404; the email is free again.
     assert_error(delete(&gw, &admin, &eve_id).await, 404, NOT_FOUND).await;
     gw.user(&admin, "eve@example.com").await;
@@ -496,19 +518,37 @@ async fn a_deletion_interrupted_by_a_crash_is_finished_at_the_next_start() {
     let kb = collection(&gw, &token, "Gone's", &[&fid]).await;
     // The crash: the user's row is removed (and the deletion recorded), nothing else yet.
     gw.app().store.delete_user(&id).unwrap().unwrap();
+    // Another user's upload lands after their deletion's sweep already finished.
+    let late = gw.user(&admin, "late@example.com").await;
+    let late_id = id_of(&gw, &late).await;
+    let lf = upload_text(
+        &gw,
+        &late,
+        "late.txt",
+        "Stored by a request already admitted.",
+    )
+    .await;
+    let lf = lf["id"].as_str().unwrap().to_string();
+    gw.app().store.delete_user(&late_id).unwrap().unwrap();
+    gw.app().store.finish_user_deletion(&late_id).unwrap();
+    let survivor = upload_text(&gw, &admin, "admin.txt", "The admin's text stays.").await;
+    let survivor = survivor["id"].as_str().unwrap().to_string();
     let dir = gw.stop().await;
 
     let gw = Setup::new().start_in(dir).await;
+    let store = &gw.app().store;
+    assert!(store.file(&fid).unwrap().is_none(), "file removed at start");
     assert!(
-        gw.app().store.file(&fid).unwrap().is_none(),
-        "file removed at start"
-    );
-    assert!(
-        gw.app().store.knowledge(&kb).unwrap().is_none(),
+        store.knowledge(&kb).unwrap().is_none(),
         "collection removed"
     );
-    assert!(gw.app().store.pending_user_deletions().unwrap().is_empty());
-    assert_eq!(blobs(&gw), 0);
+    assert!(store.file(&lf).unwrap().is_none(), "late orphan removed");
+    assert!(
+        store.file(&survivor).unwrap().is_some(),
+        "others' files kept"
+    );
+    assert!(store.pending_user_deletions().unwrap().is_empty());
+    assert_eq!(blobs(&gw), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

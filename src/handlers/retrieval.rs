@@ -193,7 +193,7 @@ async fn search_all(
 }
 
 /// Open WebUI's query result: one list per query (ragway answers one query).
-fn result_json(documents: Vec<String>, metadatas: Vec<Value>, distances: Vec<f32>) -> Value {
+fn result_json(documents: &[String], metadatas: &[Value], distances: &[f32]) -> Value {
     json!({
         "distances": [distances],
         "documents": [documents],
@@ -224,9 +224,9 @@ pub async fn query_doc(app: &App, session: &mut Session, ctx: &RequestCtx) -> Ha
     .await?;
     let src = sources.pop().expect("one name, one source");
     Ok(Outcome::Reply(Reply::ok(&result_json(
-        src.document,
-        src.metadata,
-        src.distances,
+        &src.document,
+        &src.metadata,
+        &src.distances,
     ))))
 }
 
@@ -286,7 +286,7 @@ pub async fn query_collection(app: &App, session: &mut Session, ctx: &RequestCtx
         }
     }
     Ok(Outcome::Reply(Reply::ok(&result_json(
-        documents, metadatas, distances,
+        &documents, &metadatas, &distances,
     ))))
 }
 
@@ -304,17 +304,8 @@ fn text_filename(name: &str) -> String {
     }
 }
 
-/// `POST /retrieval/process/text`: stores `content` as a text file owned by the caller,
-/// processes it through the upload pipeline (inline, bounded like inline uploads), and
-/// adds it to `collection_name` (a collection the caller can write) when given.
-pub async fn process_text(app: &App, session: &mut Session, ctx: &RequestCtx) -> HandlerResult {
-    let id = identity(ctx)?.clone();
-    let limit =
-        MAX_TEXT_BYTES.min(usize::try_from(app.config.rag.file_max_bytes).unwrap_or(usize::MAX));
-    // JSON escaping can double the text; the content itself is checked after parsing.
-    let body = http::read_body(session, limit * 2 + 64 * 1024).await?;
-    let form: ProcessTextForm = http::parse_json(&body)?;
-    drop(body);
+/// Checks `process/text`'s name and content; returns the trimmed name.
+fn check_text(form: &ProcessTextForm, limit: usize) -> Result<&str, ApiError> {
     let name = form.name.trim();
     if name.is_empty() || name.len() > MAX_TEXT_NAME_BYTES {
         return Err(ApiError::new(
@@ -339,6 +330,21 @@ pub async fn process_text(app: &App, session: &mut Session, ctx: &RequestCtx) ->
             format!("content is larger than {} KiB", limit / 1024),
         ));
     }
+    Ok(name)
+}
+
+/// `POST /retrieval/process/text`: stores `content` as a text file owned by the caller,
+/// processes it through the upload pipeline (inline, bounded like inline uploads), and
+/// adds it to `collection_name` (a collection the caller can write) when given.
+pub async fn process_text(app: &App, session: &mut Session, ctx: &RequestCtx) -> HandlerResult {
+    let id = identity(ctx)?.clone();
+    let limit =
+        MAX_TEXT_BYTES.min(usize::try_from(app.config.rag.file_max_bytes).unwrap_or(usize::MAX));
+    // JSON escaping can double the text; the content itself is checked after parsing.
+    let body = http::read_body(session, limit * 2 + 64 * 1024).await?;
+    let form: ProcessTextForm = http::parse_json(&body)?;
+    drop(body);
+    let name = check_text(&form, limit)?;
     let kb = match form.collection_name.as_deref().filter(|c| !c.is_empty()) {
         Some(c) => Some(writable(app, &id.user, c)?),
         None => None,

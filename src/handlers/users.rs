@@ -303,21 +303,43 @@ pub fn remove_user_data(app: &App, user_id: &str) -> Result<(), ApiError> {
             delete_everywhere(app, &f.id)?;
         }
     }
-    for kb in app.store.knowledges()? {
+    for mut kb in app.store.knowledges()? {
         if kb.user_id == user_id {
             app.store.delete_knowledge(&kb.id)?;
             app.ingest.vectors.drop_collection(&kb.id);
+        } else if kb.access_grants.iter().any(|g| g.principal_id == user_id) {
+            // Grants to a user who no longer exists would only clutter the sharing lists.
+            kb.access_grants.retain(|g| g.principal_id != user_id);
+            app.store.put_knowledge(&kb)?;
         }
     }
     app.store.finish_user_deletion(user_id)?;
     Ok(())
 }
 
-/// Finishes deletions a crash interrupted (called at start-up).
+/// Finishes deletions a crash interrupted, then removes files and collections whose owner
+/// no longer exists: a request already past its access check when its user was deleted
+/// (an upload, a collection being created) can store them after the deletion's sweep.
+/// Called at start-up.
 pub fn finish_deletions(app: &App) -> Result<(), ApiError> {
     for id in app.store.pending_user_deletions()? {
         tracing::info!(user = %id, "finishing an interrupted user deletion");
         remove_user_data(app, &id)?;
+    }
+    let users: std::collections::HashSet<String> =
+        app.store.users()?.into_iter().map(|u| u.id).collect();
+    for f in app.store.files()? {
+        if !users.contains(&f.user_id) {
+            tracing::warn!(file = %f.id, user = %f.user_id, "removing a file of a deleted user");
+            delete_everywhere(app, &f.id)?;
+        }
+    }
+    for kb in app.store.knowledges()? {
+        if !users.contains(&kb.user_id) {
+            tracing::warn!(knowledge = %kb.id, user = %kb.user_id, "removing a collection of a deleted user");
+            app.store.delete_knowledge(&kb.id)?;
+            app.ingest.vectors.drop_collection(&kb.id);
+        }
     }
     Ok(())
 }

@@ -147,13 +147,13 @@ pub async fn send_file(
 /// buffering them (from `Content-Length` when present, while reading otherwise).
 pub async fn read_body(session: &mut Session, limit: usize) -> Result<Bytes, ApiError> {
     let too_large = || {
-        ApiError::new(
-            413,
-            format!(
-                "Request body too large: the limit is {} MiB",
-                limit / (1024 * 1024)
-            ),
-        )
+        // Small forms have KiB limits: "0 MiB" would say nothing.
+        let shown = if limit >= 1024 * 1024 {
+            format!("{} MiB", limit / (1024 * 1024))
+        } else {
+            format!("{} KiB", limit / 1024)
+        };
+        ApiError::new(413, format!("Request body too large: the limit is {shown}"))
     };
     if let Some(len) = session
         .req_header()

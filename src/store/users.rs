@@ -32,7 +32,7 @@ impl Store {
             if let Err(e) = change(&mut user) {
                 return Ok(Err(e));
             }
-            user.id = old.id.clone();
+            user.id.clone_from(&old.id);
             user.updated_at = now_secs();
             if user.email != old.email {
                 let mut emails = txn.open_table(USER_EMAILS)?;

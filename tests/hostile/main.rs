@@ -13,4 +13,5 @@ mod files;
 mod multipart_prop;
 mod support;
 mod ui;
+mod users;
 mod wire;
