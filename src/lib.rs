@@ -49,4 +49,5 @@ pub mod proxy;
 pub mod rag;
 pub mod server;
 pub mod store;
+pub mod ui;
 pub mod upstream;

@@ -433,6 +433,7 @@ async fn restricted_key_cannot_escalate() {
     let r = gw
         .req(Method::POST, "/api/v1/auths/api_key", None)
         .header("cookie", format!("token={key}"))
+        .header("x-csrf-token", gw.app().auth.csrf.token(&key))
         .send()
         .await
         .unwrap();

@@ -633,7 +633,13 @@ async fn upstream_statuses_and_bodies_pass_through() {
 // 4. Credentials
 // ---------------------------------------------------------------------------
 
-const CLIENT_HEADERS: [&str; 4] = ["cookie", "x-api-key", "x-ragway-key", "proxy-authorization"];
+const CLIENT_HEADERS: [&str; 5] = [
+    "cookie",
+    "x-api-key",
+    "x-ragway-key",
+    "proxy-authorization",
+    "x-csrf-token",
+];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_credentials_never_reach_the_upstream_and_the_configured_key_does() {
@@ -651,6 +657,7 @@ async fn client_credentials_never_reach_the_upstream_and_the_configured_key_does
         .await;
     let admin = gw.admin().await;
     let key = gw.key(&admin).await;
+    let csrf = gw.app().auth.csrf.token(&admin);
 
     // Every way a client can authenticate, plus credential-looking extras.
     let callers: Vec<Box<dyn Fn(reqwest::RequestBuilder) -> reqwest::RequestBuilder>> = vec![
@@ -660,7 +667,11 @@ async fn client_credentials_never_reach_the_upstream_and_the_configured_key_does
                 .header("x-api-key", "sk-client-extra")
                 .header("proxy-authorization", "Basic dXNlcjpwdw==")
         }),
-        Box::new(|r| r.header("cookie", format!("theme=dark; token={admin}"))),
+        // The web page's way: the session cookie plus its CSRF token.
+        Box::new(|r| {
+            r.header("cookie", format!("theme=dark; token={admin}"))
+                .header("x-csrf-token", &csrf)
+        }),
         Box::new(|r| r.header("x-ragway-key", &key)),
         Box::new(|r| r.bearer_auth(&key)),
     ];

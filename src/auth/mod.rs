@@ -4,6 +4,7 @@
 //! configured API-key header (Open WebUI's order). A credential starting with `sk-` is an
 //! API key, anything else a JWT.
 
+pub mod csrf;
 pub mod jwt;
 pub mod password;
 pub mod ratelimit;
@@ -89,10 +90,30 @@ pub struct LoadedKey {
     user: User,
 }
 
+/// The first non-empty value of cookie `name`.
+pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    for header in headers.get_all(http::header::COOKIE) {
+        let Ok(header) = header.to_str() else {
+            continue;
+        };
+        for pair in header.split(';') {
+            if let Some((k, v)) = pair.trim().split_once('=')
+                && k.trim() == name
+                && !v.trim().is_empty()
+            {
+                return Some(v.trim());
+            }
+        }
+    }
+    None
+}
+
 /// The authentication service, shared by all requests.
 pub struct Auth {
     pub config: AuthConfig,
     pub jwt: jwt::JwtKeys,
+    /// Tokens that prove a cookie-authenticated write came from the gateway's own page.
+    pub csrf: csrf::Csrf,
     pub store: Arc<Store>,
     /// Sign-in attempts per email.
     pub limiter: ratelimit::SigninLimiter,
@@ -122,6 +143,7 @@ impl Auth {
             ),
             config,
             jwt: jwt::JwtKeys::new(secret),
+            csrf: csrf::Csrf::new(secret),
             store,
             key_cache: RwLock::new(HashMap::new()),
             key_generation: AtomicU64::new(0),
@@ -138,6 +160,12 @@ impl Auth {
 
     /// The raw credential of a request, if any.
     pub fn credential<'a>(&self, headers: &'a HeaderMap) -> Option<&'a str> {
+        self.credential_source(headers).map(|(c, _)| c)
+    }
+
+    /// The raw credential and whether it came from the `token` cookie (which a browser
+    /// attaches on its own, so writes authenticated by it need a CSRF token).
+    pub fn credential_source<'a>(&self, headers: &'a HeaderMap) -> Option<(&'a str, bool)> {
         if let Some(v) = headers
             .get(http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
@@ -145,25 +173,17 @@ impl Auth {
             && scheme.eq_ignore_ascii_case("bearer")
             && !cred.trim().is_empty()
         {
-            return Some(cred.trim());
+            return Some((cred.trim(), false));
         }
-        for cookie in headers.get_all(http::header::COOKIE) {
-            let Ok(cookie) = cookie.to_str() else {
-                continue;
-            };
-            for pair in cookie.split(';') {
-                if let Some(v) = pair.trim().strip_prefix("token=").map(str::trim)
-                    && !v.is_empty()
-                {
-                    return Some(v);
-                }
-            }
+        if let Some(v) = cookie(headers, "token") {
+            return Some((v, true));
         }
         headers
             .get(self.config.api_key_header.as_str())
             .and_then(|v| v.to_str().ok())
             .map(str::trim)
             .filter(|v| !v.is_empty())
+            .map(|v| (v, false))
     }
 
     /// Authenticates a request and checks it against the route's access level.

@@ -213,14 +213,46 @@ fn clear_cookie() -> String {
     "token=; Path=/; HttpOnly; SameSite=Lax; Max-Age=0".to_string()
 }
 
-/// Issues a session for `user` with its cookie.
-fn session_reply(app: &App, user: &User) -> Reply {
+/// The CSRF token of a session, readable by the page (so not `HttpOnly`); it lives as long
+/// as the session cookie.
+fn csrf_cookie(app: &App, token: &str, expires_at: Option<u64>) -> String {
+    let mut c = format!(
+        "{}={}; Path=/; SameSite=Strict",
+        auth::csrf::COOKIE,
+        app.auth.csrf.token(token)
+    );
+    if let Some(exp) = expires_at {
+        c.push_str(&format!("; Max-Age={}", exp.saturating_sub(now_secs())));
+    }
+    c
+}
+
+fn clear_csrf_cookie() -> String {
+    format!(
+        "{}=; Path=/; SameSite=Strict; Max-Age=0",
+        auth::csrf::COOKIE
+    )
+}
+
+/// A new session for `user`, without cookies (an admin creating a user must keep their own).
+fn new_session(app: &App, user: &User) -> (Reply, String, Option<u64>) {
     let (token, exp) =
         app.auth
             .jwt
             .issue_in_epoch(&user.id, user.session_epoch, app.config.auth.jwt_expires_in);
-    Reply::ok(&session_body(user, Some(&token), exp))
+    (
+        Reply::ok(&session_body(user, Some(&token), exp)),
+        token,
+        exp,
+    )
+}
+
+/// Issues a session for `user` with its cookies (the session and its CSRF token).
+fn session_reply(app: &App, user: &User) -> Reply {
+    let (reply, token, exp) = new_session(app, user);
+    reply
         .with_header(::http::header::SET_COOKIE, token_cookie(&token, exp))
+        .with_header(::http::header::SET_COOKIE, csrf_cookie(app, &token, exp))
 }
 
 /// Longest display name accepted.
@@ -392,6 +424,15 @@ pub fn session_user(
         Credential::ApiKey => (None, None),
     };
     let mut body = session_body(&id.user, token, exp);
+    // A page loaded with a session cookie gets its CSRF token (again), so a session made
+    // before the token existed, or whose token cookie was lost, can still write.
+    let csrf = match (
+        &id.credential,
+        app.auth.credential_source(&session.req_header().headers),
+    ) {
+        (Credential::Jwt { exp, .. }, Some((cred, true))) => Some(csrf_cookie(app, cred, *exp)),
+        _ => None,
+    };
     for k in [
         "bio",
         "gender",
@@ -402,7 +443,11 @@ pub fn session_user(
     ] {
         body[k] = Value::Null;
     }
-    Ok(Outcome::Reply(Reply::ok(&body)))
+    let reply = Reply::ok(&body);
+    Ok(Outcome::Reply(match csrf {
+        Some(c) => reply.with_header(::http::header::SET_COOKIE, c),
+        None => reply,
+    }))
 }
 
 pub fn signout(app: &App, ctx: &crate::proxy::ctx::RequestCtx) -> HandlerResult {
@@ -411,7 +456,9 @@ pub fn signout(app: &App, ctx: &crate::proxy::ctx::RequestCtx) -> HandlerResult 
         app.store.revoke_token(jti, *exp)?;
     }
     Ok(Outcome::Reply(
-        Reply::ok(&json!({"status": true})).with_header(::http::header::SET_COOKIE, clear_cookie()),
+        Reply::ok(&json!({"status": true}))
+            .with_header(::http::header::SET_COOKIE, clear_cookie())
+            .with_header(::http::header::SET_COOKIE, clear_csrf_cookie()),
     ))
 }
 
@@ -434,7 +481,7 @@ pub async fn add_user(app: &App, session: &mut Session) -> HandlerResult {
         false,
     )
     .await?;
-    Ok(Outcome::Reply(session_reply(app, &user)))
+    Ok(Outcome::Reply(new_session(app, &user).0))
 }
 
 /// Key management needs a session or an unrestricted key: a key limited to some models

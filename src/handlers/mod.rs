@@ -99,7 +99,7 @@ pub async fn handle(
         HealthDb => system::health_db(app),
         Ready => system::ready(app).await,
         Version => system::version(),
-        Docs => system::docs(app, &req.tail),
+        Docs => system::docs(app, session, &req.tail),
         OpenApi => system::openapi(app),
         Signup => auths::signup(app, session).await,
         Signin => auths::signin(app, session).await,
@@ -160,6 +160,9 @@ pub async fn handle(
         RetrievalQueryCollection => retrieval::query_collection(app, session, ctx).await,
         RetrievalProcessText => retrieval::process_text(app, session, ctx).await,
         KnowledgeBatchAdd => knowledge::batch_add(app, session, ctx, req).await,
+        // The web page (issue 13).
+        UiIndex => crate::ui::serve(""),
+        UiAsset => crate::ui::serve(&req.tail),
     }
 }
 

@@ -42,10 +42,23 @@ pub fn version() -> HandlerResult {
     }))))
 }
 
-pub fn docs(app: &App, tail: &str) -> HandlerResult {
+pub fn docs(app: &App, session: &pingora::proxy::Session, tail: &str) -> HandlerResult {
     let Some(docs) = &app.docs else {
         return Err(ApiError::not_found("Not Found"));
     };
+    if tail.is_empty() && !session.req_header().uri.path().ends_with('/') {
+        // Swagger UI's page loads its assets by relative URLs (`./swagger-ui.css`), which
+        // from `/docs` resolve to `/swagger-ui.css`: send browsers to `/docs/`. The
+        // relative target keeps working behind a proxy that mounts ragway under a prefix.
+        return Ok(Outcome::Reply(
+            Reply::bytes(
+                308,
+                "text/plain; charset=utf-8",
+                Bytes::from_static(b"See docs/\n"),
+            )
+            .with_header(::http::header::LOCATION, "docs/".to_string()),
+        ));
+    }
     match utoipa_swagger_ui::serve(tail, docs.swagger.clone()) {
         Ok(Some(file)) => {
             let ct = match file.content_type.as_str() {

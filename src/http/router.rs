@@ -29,6 +29,8 @@ pub enum Group {
     Ollama,
     Files,
     Knowledge,
+    /// The web page (issue 13).
+    Ui,
 }
 
 impl Group {
@@ -41,6 +43,7 @@ impl Group {
             Group::Ollama => "ollama",
             Group::Files => "files",
             Group::Knowledge => "knowledge",
+            Group::Ui => "ui",
         }
     }
 }
@@ -112,6 +115,9 @@ pub enum Endpoint {
     RetrievalQueryCollection,
     RetrievalProcessText,
     KnowledgeBatchAdd,
+    // The web page (issue 13): its HTML at `/` and `/ui/`, assets under `/ui/`.
+    UiIndex,
+    UiAsset,
 }
 
 /// One row of the route table.
@@ -216,6 +222,9 @@ routes! {
     POST "/api/v1/retrieval/query/collection" => RetrievalQueryCollection, Verified, Knowledge, false, false, "Search several files or collections, merged";
     POST "/api/v1/retrieval/process/text" => RetrievalProcessText, Verified, Knowledge, false, false, "Store and process a text (optionally into a collection)";
     POST "/api/v1/knowledge/{id}/files/batch/add" => KnowledgeBatchAdd, Verified, Knowledge, false, false, "Add several files; each file's outcome in one answer";
+    // The web page (issue 13). It signs in through the public API like any client.
+    GET "/" => UiIndex, Public, Ui, false, false, "The web page";
+    GET "/ui" => UiAsset, Public, Ui, false, true, "The web page and its embedded assets";
 }
 
 /// The result of matching a request line.

@@ -75,6 +75,8 @@ const HOP_BY_HOP: &[&str] = &[
 const PROVIDER_HEADERS: &[&str] = &[
     "authorization",
     "cookie",
+    // The web page's CSRF token (src/auth/csrf.rs): proof meant for the gateway only.
+    "x-csrf-token",
     "x-api-key",
     "api-key",
     "x-goog-api-key",

@@ -139,6 +139,23 @@ impl ProxyHttp for Gateway {
             }
         };
         ctx.group = Some(route.group);
+        // Before authentication: a forged write is refused without any store work.
+        {
+            let headers = &session.req_header().headers;
+            let cookie_credential = self
+                .app
+                .auth
+                .credential_source(headers)
+                .and_then(|(cred, from_cookie)| from_cookie.then_some(cred));
+            if let Err(e) = self.app.auth.csrf.check(
+                &method,
+                headers,
+                cookie_credential,
+                route.access == router::Access::Public,
+            ) {
+                return self.answer_error(session, ctx, e).await;
+            }
+        }
         match self
             .app
             .auth

@@ -12,5 +12,6 @@ mod extract;
 mod files;
 mod multipart_prop;
 mod support;
+mod ui;
 mod users;
 mod wire;
