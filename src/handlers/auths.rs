@@ -561,9 +561,10 @@ pub struct UpdatePasswordForm {
     pub new_password: String,
 }
 
-/// Body of `POST /auths/update/profile`.
+/// Body of `POST /auths/update/profile`. Open WebUI's form also carries `bio`, `gender`
+/// and `date_of_birth`, which ragway does not keep: other fields are ignored, not refused,
+/// so its clients keep working.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct UpdateProfileForm {
     pub name: String,
     #[serde(default)]

@@ -161,6 +161,28 @@ mod tests {
     }
 
     #[test]
+    fn primary_admin_falls_back_to_the_earliest_admin_without_a_record() {
+        let (_d, s) = store();
+        let mut old = User::new("old@x.io", "Old", Role::Admin, "h".into());
+        old.created_at = 10;
+        let mut new = User::new("new@x.io", "New", Role::Admin, "h".into());
+        new.created_at = 20;
+        let mut first_user = User::new("u@x.io", "U", Role::User, "h".into());
+        first_user.created_at = 1;
+        for u in [new, old.clone(), first_user] {
+            // Not via the first-user path: a store made before the record existed.
+            s.create_user(u, false).unwrap();
+        }
+        assert_eq!(s.primary_admin().unwrap(), Some(old.id.clone()));
+        s.set_setting(PRIMARY_ADMIN, "gone").unwrap();
+        assert_eq!(
+            s.primary_admin().unwrap(),
+            Some(old.id),
+            "a stale record is ignored"
+        );
+    }
+
+    #[test]
     fn deletion_removes_login_and_key_and_is_recorded_until_finished() {
         let (_d, s) = store();
         let u = s
