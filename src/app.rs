@@ -32,6 +32,9 @@ pub struct App {
     /// Files, chunks, embeddings and the vector index.
     pub ingest: Arc<Ingest>,
     pub started: Instant,
+    /// Set while this process hands over to a new one (upgrade): every answer closes its
+    /// connection, so clients reconnect to the new process instead of reusing this one.
+    pub handing_over: std::sync::atomic::AtomicBool,
 }
 
 /// Start-up failures, with what to do about them.
@@ -231,6 +234,7 @@ impl App {
             docs,
             ingest,
             started: Instant::now(),
+            handing_over: std::sync::atomic::AtomicBool::new(false),
         };
         app.bootstrap_admin()?;
         // A user deletion interrupted by a crash leaves files and collections behind.

@@ -24,8 +24,10 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use pingora::apps::http_app::ServeHttp;
+use pingora::apps::{HttpServerApp, HttpServerOptions, ReusedHttpStream};
 use pingora::protocols::http::ServerSession;
-use pingora::proxy::http_proxy_service_with_name;
+use pingora::protocols::http::v2::server::H2Options;
+use pingora::proxy::http_proxy;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{
     ListenFds, RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch,
@@ -62,6 +64,42 @@ impl ServeHttp for MetricsApp {
             .header("content-length", body.len().to_string())
             .body(body)
             .expect("static response")
+    }
+}
+
+/// The gateway's HTTP application with pingora's clean-up deferred. When a listener stops,
+/// pingora closes every connection that waits for a request — idle keep-alive ones, and ones
+/// just accepted whose request is still on its way. Waiting a moment first lets those
+/// requests arrive and be answered (with `Connection: close`) instead of meeting a reset.
+struct DeferredCleanup<A> {
+    app: Arc<A>,
+    delay: Duration,
+}
+
+/// How long a stopped listener's waiting connections may still bring a request.
+const CLEANUP_DELAY: Duration = Duration::from_millis(150);
+
+#[async_trait]
+impl<A: HttpServerApp + Send + Sync + 'static> HttpServerApp for DeferredCleanup<A> {
+    async fn process_new_http(
+        self: &Arc<Self>,
+        session: ServerSession,
+        shutdown: &ShutdownWatch,
+    ) -> Option<ReusedHttpStream> {
+        self.app.process_new_http(session, shutdown).await
+    }
+
+    fn h2_options(&self) -> Option<H2Options> {
+        self.app.h2_options()
+    }
+
+    fn server_options(&self) -> Option<&HttpServerOptions> {
+        self.app.server_options()
+    }
+
+    async fn http_cleanup(&self) {
+        tokio::time::sleep(self.delay).await;
+        self.app.http_cleanup().await;
     }
 }
 
@@ -212,14 +250,19 @@ impl Signals {
             tracing::error!("the new process did not take the sockets; still serving");
             return false;
         }
+        // Busy keep-alive connections close after their answer in progress; the clients
+        // reconnect, and the new process accepts them.
+        self.app
+            .handing_over
+            .store(true, std::sync::atomic::Ordering::Release);
         self.drain.start();
         tracing::info!(
             in_flight = crate::metrics::IN_FLIGHT.get(),
             "listening sockets handed over; releasing the database"
         );
-        // Idle keep-alive connections are closed when pingora sees the stop, but a request
-        // read on one just before counts itself a moment later: give that moment.
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Connections waiting for a request may still bring one until pingora's clean-up
+        // (see `DeferredCleanup`); such a request counts itself a moment after it is read.
+        tokio::time::sleep(CLEANUP_DELAY + Duration::from_millis(50)).await;
         // Requests still in a phase that can touch the database finish first (authentication,
         // handlers: milliseconds); streams already relaying an upstream never touch it again.
         if !settled(self.grace, || {
@@ -317,8 +360,14 @@ pub fn add_services(server: &mut Server, app: Arc<App>) -> Drain {
         IngestWorkers(app.ingest.clone()),
     );
     server.add_service(workers);
-    let mut gateway =
-        http_proxy_service_with_name(&server.configuration, Gateway { app }, "ragway gateway");
+    let proxy = http_proxy(&server.configuration, Gateway { app });
+    let mut gateway = Service::new(
+        "ragway gateway".to_string(),
+        DeferredCleanup {
+            app: Arc::new(proxy),
+            delay: CLEANUP_DELAY,
+        },
+    );
     gateway.add_tcp(&config.listen);
     let (stop_tx, stop_rx) = watch::channel(false);
     let fds = Arc::new(Mutex::new(None));

@@ -107,6 +107,13 @@ impl ProxyHttp for Gateway {
         // error and drops the connection (the client sees "connection closed before message
         // completed"). With it, those bytes are kept for the next request.
         session.downstream_session.set_pipelining_enabled(true);
+        if self
+            .app
+            .handing_over
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            session.set_keepalive(None);
+        }
         if let Some(e) = oversized_head(session.req_header()) {
             // The body was not read: do not try to find the next request after it.
             session.set_keepalive(None);
