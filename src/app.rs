@@ -32,6 +32,8 @@ pub struct App {
     /// Files, chunks, embeddings and the vector index.
     pub ingest: Arc<Ingest>,
     pub started: Instant,
+    /// Per-key and per-user limits and usage metering.
+    pub usage: crate::usage::Usage,
 }
 
 /// Start-up failures, with what to do about them.
@@ -195,7 +197,9 @@ impl App {
         };
         let ingest = Arc::new(Ingest::new(&config, store.clone(), embedder, tokenizer));
         ingest.start_up().map_err(StartError::Index)?;
+        let usage = crate::usage::Usage::new(config.limits.clone(), store.clone());
         let app = App {
+            usage,
             config: Arc::new(config),
             store,
             auth,
@@ -250,6 +254,6 @@ impl App {
             .store
             .user_by_email(&email.trim().to_lowercase())?
             .ok_or_else(|| ApiError::not_found(format!("No user with email {email}")))?;
-        crate::handlers::auths::issue_key(self, &user.id, models)
+        crate::handlers::auths::issue_key(self, &user.id, models, crate::limits::Limits::default())
     }
 }

@@ -143,6 +143,10 @@ pub async fn handle(
         KnowledgeFileRemove => knowledge::remove_file(app, session, ctx, req).await,
         KnowledgeReset => knowledge::reset(app, ctx, req),
         KnowledgeDelete => knowledge::delete(app, ctx, req),
+        // Limits and usage metering.
+        Usage => crate::usage::api::list(app, session, ctx).await,
+        UsageLimits => crate::usage::api::get_limits(app, req.id()),
+        SetUsageLimits => crate::usage::api::set_limits(app, session, req.id()).await,
     }
 }
 

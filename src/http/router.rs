@@ -29,6 +29,8 @@ pub enum Group {
     Ollama,
     Files,
     Knowledge,
+    /// Limits and usage metering.
+    Usage,
 }
 
 impl Group {
@@ -41,6 +43,7 @@ impl Group {
             Group::Ollama => "ollama",
             Group::Files => "files",
             Group::Knowledge => "knowledge",
+            Group::Usage => "usage",
         }
     }
 }
@@ -100,6 +103,10 @@ pub enum Endpoint {
     KnowledgeFileRemove,
     KnowledgeReset,
     KnowledgeDelete,
+    // Limits and usage metering.
+    Usage,
+    UsageLimits,
+    SetUsageLimits,
 }
 
 /// One row of the route table.
@@ -192,6 +199,10 @@ routes! {
     POST "/api/v1/knowledge/{id}/file/remove" => KnowledgeFileRemove, Verified, Knowledge, false, false, "Remove a file (?delete_file=true deletes it too)";
     POST "/api/v1/knowledge/{id}/reset" => KnowledgeReset, Verified, Knowledge, false, false, "Remove every file from a collection";
     DELETE "/api/v1/knowledge/{id}/delete" => KnowledgeDelete, Verified, Knowledge, false, false, "Delete a collection";
+    // Limits and usage metering.
+    GET "/api/v1/usage" => Usage, Verified, Usage, false, false, "Token usage by user, key and model (?user_id, key_prefix, model, since, until)";
+    GET "/api/v1/usage/limits/{id}" => UsageLimits, Admin, Usage, false, false, "A user's and their API key's limits (admin)";
+    POST "/api/v1/usage/limits/{id}" => SetUsageLimits, Admin, Usage, false, false, "Set a user's and/or their API key's limits (admin)";
 }
 
 /// The result of matching a request line.

@@ -46,6 +46,8 @@ pub struct RequestCtx {
     pub streamed_bytes: u64,
     /// Status of a response written by the forward engine or a local handler.
     pub status: Option<u16>,
+    /// Limits and usage metering of a model request.
+    pub usage: crate::usage::Tracking,
     _in_flight: InFlightRequest,
 }
 
@@ -59,6 +61,7 @@ impl RequestCtx {
             first_byte: None,
             streamed_bytes: 0,
             status: None,
+            usage: crate::usage::Tracking::default(),
             _in_flight: InFlightRequest::new(),
         }
     }

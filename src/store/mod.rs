@@ -8,6 +8,8 @@ mod files;
 pub use files::FileIndexData;
 mod knowledge;
 mod records;
+mod usage;
+pub use usage::{UsageCounts, UsageKey};
 
 use std::path::Path;
 
@@ -133,6 +135,7 @@ impl Store {
         txn.open_multimap_table(KNOWLEDGE_FILES)?;
         txn.open_multimap_table(FILE_KNOWLEDGE)?;
         txn.open_table(COUNTERS)?;
+        txn.open_table(usage::USAGE)?;
         txn.commit()?;
         Ok(Store { db })
     }
@@ -346,6 +349,7 @@ mod tests {
                 prefix: p.into(),
                 created_at: 1,
                 models: vec![],
+                limits: crate::limits::Limits::default(),
             };
             s.put_api_key("h1", &rec("sk-1")).unwrap();
             s.put_api_key("h2", &rec("sk-2")).unwrap();

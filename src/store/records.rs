@@ -51,6 +51,9 @@ pub struct User {
     pub profile_image_url: String,
     pub created_at: u64,
     pub updated_at: u64,
+    /// Limits on all of this user's traffic, set by an admin; unset fields use the defaults.
+    #[serde(default, skip_serializing_if = "crate::limits::Limits::is_empty")]
+    pub limits: crate::limits::Limits,
 }
 
 impl User {
@@ -66,6 +69,7 @@ impl User {
             password_hash,
             created_at: now,
             updated_at: now,
+            limits: crate::limits::Limits::default(),
         }
     }
 }
@@ -80,6 +84,9 @@ pub struct ApiKeyRecord {
     /// Models this key may use; empty means the user's own access applies.
     #[serde(default)]
     pub models: Vec<String>,
+    /// This key's own limits; unset fields use the defaults.
+    #[serde(default, skip_serializing_if = "crate::limits::Limits::is_empty")]
+    pub limits: crate::limits::Limits,
 }
 
 /// Processing state of an uploaded file.
