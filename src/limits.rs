@@ -371,10 +371,12 @@ impl Limiter {
                 let cap = limit as f64;
                 // A request needs one whole request of room; tokens only a bucket not yet
                 // exhausted (their count is unknown until the answer ends).
-                let need = if k.tokens() { 0.0 } else { 1.0 };
-                let over = b.used[i] + need - cap;
-                let over = if k.tokens() { over + 1e-9 } else { over };
-                if over > 0.0 {
+                let (refused, over) = if k.tokens() {
+                    (b.used[i] >= cap, b.used[i] - cap)
+                } else {
+                    (b.used[i] + 1.0 > cap, b.used[i] + 1.0 - cap)
+                };
+                if refused {
                     let wait = Duration::from_secs_f64(over * k.window().as_secs_f64() / cap);
                     if worst.as_ref().is_none_or(|w| wait > w.retry_after) {
                         #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]

@@ -12,7 +12,7 @@ pub mod scan;
 pub mod time;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
@@ -177,6 +177,7 @@ impl Usage {
                 pending: Mutex::new(HashMap::new()),
                 flushing: AtomicBool::new(false),
                 write: Mutex::new(()),
+                jobs: Arc::new(AtomicUsize::new(0)),
                 retention_hours,
             }),
             config,
@@ -399,7 +400,38 @@ pub struct Recorder {
     flushing: AtomicBool,
     /// Held while writing, so a reader that flushes sees every earlier row committed.
     write: Mutex<()>,
+    /// Background writes that still hold the recorder (and so the store).
+    jobs: Arc<AtomicUsize>,
     retention_hours: u64,
+}
+
+/// A background write's hold on the recorder. Released (run or not: a runtime shutting down
+/// drops queued jobs) before it stops counting, so once none counts, nothing but the owner
+/// holds the store and it can be reopened at once.
+struct FlushJob {
+    recorder: Option<Arc<Recorder>>,
+    jobs: Arc<AtomicUsize>,
+}
+
+impl FlushJob {
+    fn new(r: &Arc<Recorder>) -> FlushJob {
+        r.jobs.fetch_add(1, Ordering::AcqRel);
+        FlushJob {
+            recorder: Some(r.clone()),
+            jobs: r.jobs.clone(),
+        }
+    }
+
+    fn recorder(&self) -> &Recorder {
+        self.recorder.as_ref().expect("held until dropped")
+    }
+}
+
+impl Drop for FlushJob {
+    fn drop(&mut self) {
+        self.recorder.take();
+        self.jobs.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Recorder {
@@ -415,8 +447,9 @@ impl Recorder {
         if self.flushing.swap(true, Ordering::AcqRel) {
             return;
         }
-        let me = self.clone();
+        let job = FlushJob::new(self);
         let run = move || {
+            let me = job.recorder();
             loop {
                 me.flush();
                 me.flushing.store(false, Ordering::Release);
@@ -466,5 +499,18 @@ impl Recorder {
 impl Drop for Recorder {
     fn drop(&mut self) {
         self.flush();
+    }
+}
+
+impl Drop for Usage {
+    /// Waits (bounded) for background writes, then writes what is left: a gateway that
+    /// stops loses no acknowledged row, and its store can be reopened at once.
+    fn drop(&mut self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while self.recorder.jobs.load(Ordering::Acquire) > 0 && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        self.recorder.flush();
     }
 }

@@ -490,7 +490,7 @@ mod tests {
     fn overlong_lines_are_skipped_and_bounded() {
         let long = format!(
             "data: {{\"usage\":{{\"prompt_tokens\":1}},\"pad\":\"{}\"}}\n\n",
-            "y".repeat(MAX_LINE + 10)
+            "y".repeat(MAX_LINE + 100_000)
         );
         let input = format!("{long}{USAGE_EVENT}");
         let mut s = Scanner::new(Format::Sse, false);
