@@ -30,8 +30,8 @@ pub const MAX_LIMIT: u64 = 1_000_000_000_000;
 /// Buckets tracked at most (each is a user id and 56 bytes of state).
 pub const DEFAULT_CAPACITY: usize = 100_000;
 
-const MINUTE: Duration = Duration::from_secs(60);
-const DAY: Duration = Duration::from_secs(86_400);
+const MINUTE: Duration = Duration::from_mins(1);
+const DAY: Duration = Duration::from_hours(24);
 
 /// A set of limits; `None` fields are unlimited.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -91,6 +91,7 @@ impl Kind {
 }
 
 impl Limits {
+    #[must_use]
     pub fn is_empty(&self) -> bool {
         self.rpm.is_none() && self.tpm.is_none() && self.rpd.is_none() && self.tpd.is_none()
     }
@@ -297,6 +298,7 @@ pub struct Applied {
 }
 
 impl Applied {
+    #[must_use]
     pub fn is_empty(&self) -> bool {
         self.key.is_none() && self.user.is_none()
     }
@@ -310,6 +312,7 @@ pub struct Limiter {
 }
 
 impl Limiter {
+    #[must_use]
     pub fn new(capacity: usize) -> Limiter {
         Limiter {
             capacity: capacity.max(1),

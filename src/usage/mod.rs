@@ -152,7 +152,7 @@ impl Default for LimitsConfig {
             key: Limits::default(),
             user: Limits::default(),
             max_tracked: crate::limits::DEFAULT_CAPACITY,
-            retention: Duration::from_secs(400 * 86_400),
+            retention: Duration::from_hours(400 * 24),
         }
     }
 }
@@ -167,6 +167,7 @@ pub struct Usage {
 }
 
 impl Usage {
+    #[must_use]
     pub fn new(config: LimitsConfig, store: Arc<Store>) -> Usage {
         init_metrics();
         let retention_hours = (config.retention.as_secs() / 3600).max(1);
@@ -205,19 +206,19 @@ struct Meter {
 }
 
 /// Routes whose answers are model work: limited and metered.
+#[must_use]
 pub fn metered(endpoint: Endpoint) -> bool {
-    use Endpoint::*;
     matches!(
         endpoint,
-        ChatCompletions
-            | OllamaGenerate
-            | OllamaChat
-            | OllamaEmbed
-            | OllamaEmbeddings
-            | OllamaV1Completions
-            | OllamaV1ChatCompletions
-            | OllamaV1Messages
-            | OllamaV1Responses
+        Endpoint::ChatCompletions
+            | Endpoint::OllamaGenerate
+            | Endpoint::OllamaChat
+            | Endpoint::OllamaEmbed
+            | Endpoint::OllamaEmbeddings
+            | Endpoint::OllamaV1Completions
+            | Endpoint::OllamaV1ChatCompletions
+            | Endpoint::OllamaV1Messages
+            | Endpoint::OllamaV1Responses
     )
 }
 

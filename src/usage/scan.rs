@@ -28,6 +28,7 @@ pub enum Format {
 }
 
 impl Format {
+    #[must_use]
     pub fn of(content_type: &str) -> Option<Format> {
         let ct = content_type.to_ascii_lowercase();
         if ct.starts_with("text/event-stream") {
@@ -152,6 +153,7 @@ impl Counts {
 }
 
 impl Scanner {
+    #[must_use]
     pub fn new(format: Format, strip: bool) -> Scanner {
         Scanner {
             format,
@@ -162,12 +164,14 @@ impl Scanner {
         }
     }
 
+    #[must_use]
     pub fn counts(&self) -> Counts {
         self.counts
     }
 
     /// Whether the bytes sent on may differ from the upstream's (framing must then be
     /// chunked, not the upstream's `Content-Length`).
+    #[must_use]
     pub fn rewrites(&self) -> bool {
         self.strip
     }
