@@ -220,3 +220,74 @@ async fn an_upstream_reporting_absurd_token_counts() {
     support::clear_error(r, 429).await;
     support::alive(&gw).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restricted_key_reaching_for_the_limits_route() {
+    let (_up, gw, admin, _user) = setup().await;
+    let admin_id = user_id(&gw, &admin).await;
+    // An admin's own key, restricted to one model: it may not act as the admin.
+    let r = gw
+        .post(
+            "/api/v1/auths/api_key",
+            Some(&admin),
+            json!({"models": ["gpt-x"]}),
+        )
+        .await;
+    let key = r.json::<Value>().await.unwrap()["api_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = gw
+        .post(
+            &format!("/api/v1/usage/limits/{admin_id}"),
+            Some(&key),
+            json!({"api_key": null}),
+        )
+        .await;
+    support::clear_error(r, 403).await;
+    let r = gw
+        .get(&format!("/api/v1/usage/limits/{admin_id}"), Some(&key))
+        .await;
+    support::clear_error(r, 403).await;
+    // Its own usage it may read.
+    assert_eq!(gw.get("/api/v1/usage", Some(&key)).await.status(), 200);
+    support::alive(&gw).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_nested_or_repeated_to_confuse_the_parser() {
+    let (_up, gw, admin, user) = setup().await;
+    let uid = user_id(&gw, &user).await;
+    for raw in [
+        r#"{"limits": {"rpm": {"rpm": 1}}}"#,
+        r#"{"limits": {"rpm": 5, "rpm": 1000000}}"#,
+        r#"{"limits": {"rpm": 5}, "limits": null}"#,
+        r#"{"limits": {"RPM": 5}}"#,
+    ] {
+        let r = gw
+            .req(reqwest::Method::POST, "/api/v1/auths/api_key", Some(&user))
+            .header("content-type", "application/json")
+            .body(raw)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        assert!(status == 400 || status == 422, "{raw}: {status}");
+        support::clear_error(r, status).await;
+    }
+    let r = gw
+        .req(
+            reqwest::Method::POST,
+            &format!("/api/v1/usage/limits/{uid}"),
+            Some(&admin),
+        )
+        .header("content-type", "application/json")
+        .body(r#"{"user": {"tpm": 10}, "user": null}"#)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    assert!(status == 400 || status == 422, "{status}");
+    support::clear_error(r, status).await;
+    support::alive(&gw).await;
+}
