@@ -583,3 +583,15 @@ mod tests {
         assert!(Limits::default().within(&ceiling).is_ok());
     }
 }
+
+#[cfg(test)]
+mod docs {
+    /// The key-creation form documents its limits inline (no dangling schema reference).
+    #[test]
+    fn api_key_form_documents_limits() {
+        let doc = serde_json::to_string(&crate::openapi::document()).unwrap();
+        assert!(!doc.contains("#/components/schemas/Limits"), "dangling ref");
+        let form = doc.find("\"ApiKeyForm\"").expect("form documented");
+        assert!(doc[form..].contains("\"rpm\""), "limits fields documented");
+    }
+}

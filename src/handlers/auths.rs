@@ -53,7 +53,7 @@ pub struct ApiKeyForm {
     /// The key's limits, e.g. `{"rpm": 60, "tpm": 100000}` (`rpd`, `tpd` too); a user who is
     /// not an admin may only set limits at or below the configured defaults.
     #[serde(default)]
-    #[schema(value_type = Option<crate::limits::Limits>)]
+    #[schema(value_type = Option<crate::limits::Limits>, inline)]
     pub limits: Option<Value>,
 }
 
