@@ -67,7 +67,8 @@ pub async fn list(app: &App, session: &Session, ctx: &RequestCtx) -> HandlerResu
     let model = filter(q, "model")?;
     let now = crate::store::now_secs();
     let since = instant(q, "since")?.unwrap_or(0);
-    let until = instant(q, "until")?.unwrap_or(now);
+    // Past `now`, so the current hour is included even on its first second.
+    let until = instant(q, "until")?.unwrap_or(now + 1);
     if since > until {
         return Err(ApiError::bad_request("since must not be after until"));
     }

@@ -515,3 +515,89 @@ impl Drop for Usage {
         self.recorder.flush();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metric_labels_are_capped() {
+        let l = Labels::new(2);
+        assert_eq!(l.get("a"), "a");
+        assert_eq!(l.get("b"), "b");
+        assert_eq!(l.get("c"), "other");
+        assert_eq!(l.get("a"), "a", "admitted values stay");
+        assert_eq!(l.seen.lock().unwrap().len(), 2);
+    }
+
+    fn config(toml: &str) -> Result<crate::config::Config, crate::config::ConfigError> {
+        let file: crate::config::file::FileConfig = toml::from_str(toml).unwrap();
+        crate::config::build(
+            file,
+            &HashMap::<String, String>::new(),
+            &crate::config::Overrides::default(),
+        )
+    }
+
+    #[test]
+    fn limits_configuration() {
+        let c =
+            config("[limits]\nkey-rpm = 60\nkey-tpm = 0\nuser-tpd = 5\nusage-retention = \"30d\"")
+                .unwrap();
+        assert_eq!(c.limits.key.rpm, Some(60));
+        assert_eq!(c.limits.key.tpm, None, "0 is no limit");
+        assert_eq!(c.limits.user.tpd, Some(5));
+        assert_eq!(c.limits.retention, Duration::from_hours(30 * 24));
+        let d = config("").unwrap();
+        assert!(d.limits.key.is_empty() && d.limits.user.is_empty());
+        for bad in [
+            "[limits]\nkey-rpm = 1000000000001",
+            "[limits]\nusage-retention = \"10m\"",
+            "[limits]\nmax-tracked = 0",
+        ] {
+            assert!(config(bad).is_err(), "{bad}");
+        }
+    }
+
+    /// Rows recorded without a runtime are written at once; the store sums them.
+    #[test]
+    fn recorded_rows_reach_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("t.redb")).unwrap());
+        let usage = Usage::new(LimitsConfig::default(), store.clone());
+        let key = UsageKey {
+            hour: crate::store::now_secs() / 3600,
+            user_id: "u".into(),
+            key_prefix: String::new(),
+            model: "m".into(),
+        };
+        for _ in 0..3 {
+            usage.recorder.record(
+                key.clone(),
+                UsageCounts {
+                    requests: 1,
+                    prompt_tokens: 2,
+                    completion_tokens: 3,
+                },
+            );
+        }
+        assert_eq!(usage.recorder.pending(), 0);
+        drop(usage);
+        let mut rows = Vec::new();
+        store
+            .scan_usage(0, u64::MAX / 2, |k, c| {
+                rows.push((k, c));
+                true
+            })
+            .unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(
+            rows[0].1,
+            UsageCounts {
+                requests: 3,
+                prompt_tokens: 6,
+                completion_tokens: 9
+            }
+        );
+    }
+}
