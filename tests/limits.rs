@@ -257,3 +257,27 @@ async fn no_limits_no_state() {
         "unset limits touch no bucket"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limiter_state_is_capped() {
+    let up = FakeUpstream::openai(&["gpt-x"]).await;
+    let gw = Setup::new()
+        .openai(&up.url)
+        .toml("[limits]\nuser-rpd = 100\nmax-tracked = 3")
+        .start()
+        .await;
+    let admin = gw.admin().await;
+    for i in 0..8 {
+        let u = gw.user(&admin, &format!("u{i}@example.com")).await;
+        assert_eq!(
+            gw.post(CHAT, Some(&u), chat("gpt-x", false)).await.status(),
+            200
+        );
+        assert!(
+            gw.app().usage.limiter.len() <= 3,
+            "{}",
+            gw.app().usage.limiter.len()
+        );
+    }
+    assert_eq!(gw.app().usage.limiter.len(), 3);
+}
