@@ -35,6 +35,8 @@ pub struct App {
     /// Set while this process hands over to a new one (upgrade): every answer closes its
     /// connection, so clients reconnect to the new process instead of reusing this one.
     pub handing_over: std::sync::atomic::AtomicBool,
+    /// Per-key and per-user limits and usage metering.
+    pub usage: crate::usage::Usage,
 }
 
 /// Start-up failures, with what to do about them.
@@ -223,7 +225,9 @@ impl App {
         let docs = config.dev.then(crate::openapi::docs);
         let ingest = Arc::new(Ingest::new(&config, store.clone(), embedder, tokenizer));
         ingest.start_up().map_err(StartError::Index)?;
+        let usage = crate::usage::Usage::new(config.limits.clone(), store.clone());
         let app = App {
+            usage,
             config: Arc::new(config),
             store,
             auth,
@@ -282,6 +286,6 @@ impl App {
             .store
             .user_by_email(&email.trim().to_lowercase())?
             .ok_or_else(|| ApiError::not_found(format!("No user with email {email}")))?;
-        crate::handlers::auths::issue_key(self, &user.id, models)
+        crate::handlers::auths::issue_key(self, &user.id, models, crate::limits::Limits::default())
     }
 }

@@ -354,10 +354,12 @@ async fn large_bodies_are_forwarded_intact() {
     assert!(text.len() > 200_000);
     let messages = json!([{"role": "user", "content": text}]);
 
-    // Unchanged body, streamed answer.
-    let raw =
-        serde_json::to_vec(&json!({"model": "m:latest", "messages": messages, "stream": true}))
-            .unwrap();
+    // Unchanged body, streamed answer (asking for usage itself, so ragway need not add it).
+    let raw = serde_json::to_vec(
+        &json!({"model": "m:latest", "messages": messages, "stream": true,
+        "stream_options": {"include_usage": true}}),
+    )
+    .unwrap();
     let r = post_raw(&gw, &admin, raw.clone()).await;
     assert_eq!(r.status(), 200);
     assert!(r.bytes().await.unwrap().ends_with(b"data: [DONE]\n\n"));

@@ -40,6 +40,16 @@ pub struct Identity {
     /// An API key created with its own model list. Such a key may use those models and
     /// nothing that could widen its rights: no key management, no admin routes.
     pub restricted_key: bool,
+    /// The API key used, when the credential is one (for limits and usage metering).
+    pub key: Option<KeyMeta>,
+}
+
+/// What limits and metering need of an API key.
+#[derive(Debug, Clone)]
+pub struct KeyMeta {
+    /// `sk-` and the first hex characters, as listed by `GET /auths/api_key`.
+    pub prefix: String,
+    pub limits: crate::limits::Limits,
 }
 
 impl Identity {
@@ -256,6 +266,10 @@ impl Auth {
             credential: Credential::ApiKey,
             allowed_models,
             restricted_key: !record.models.is_empty(),
+            key: Some(KeyMeta {
+                prefix: record.prefix,
+                limits: record.limits,
+            }),
         })
     }
 
@@ -322,6 +336,7 @@ impl Auth {
             },
             allowed_models,
             restricted_key: false,
+            key: None,
         })
     }
 
@@ -382,6 +397,7 @@ mod tests {
             prefix: key.plaintext[..11].to_string(),
             created_at: 0,
             models,
+            limits: crate::limits::Limits::default(),
         };
         auth.store.put_api_key(&key.hash, &record).unwrap();
         auth.forget_cached_keys();
@@ -418,6 +434,7 @@ mod tests {
                 prefix: k.plaintext[..11].to_string(),
                 created_at: 0,
                 models: Vec::new(),
+                limits: crate::limits::Limits::default(),
             };
             auth.store.put_api_key(&k.hash, &record).unwrap();
             auth.forget_cached_keys();

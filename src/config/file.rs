@@ -39,6 +39,27 @@ pub struct FileConfig {
     pub embedding: Option<EmbeddingFile>,
     /// Files, chunking and the vector index.
     pub rag: Option<RagFile>,
+    /// Per-key and per-user limits, usage retention.
+    pub limits: Option<LimitsFile>,
+}
+
+/// `[limits]`: defaults for every API key (`key-*`) and every user (`user-*`); 0 or unset
+/// means unlimited.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct LimitsFile {
+    pub key_rpm: Option<u64>,
+    pub key_tpm: Option<u64>,
+    pub key_rpd: Option<u64>,
+    pub key_tpd: Option<u64>,
+    pub user_rpm: Option<u64>,
+    pub user_tpm: Option<u64>,
+    pub user_rpd: Option<u64>,
+    pub user_tpd: Option<u64>,
+    /// Limiter buckets kept in memory at most.
+    pub max_tracked: Option<usize>,
+    /// How long hourly usage rows are kept.
+    pub usage_retention: Option<String>,
 }
 
 /// `[embedding]`

@@ -168,6 +168,8 @@ pub struct Config {
     pub read_idle_timeout: Duration,
     pub embedding: EmbeddingConfig,
     pub rag: RagConfig,
+    /// `[limits]`: per-key and per-user limits, usage retention.
+    pub limits: crate::usage::LimitsConfig,
 }
 
 /// A configuration problem, with the setting it concerns.
@@ -504,6 +506,7 @@ pub fn build(
         &openai,
         &data_dir,
     )?;
+    let limits = limits_config(file.limits.unwrap_or_default())?;
 
     Ok(Config {
         listen,
@@ -537,6 +540,47 @@ pub fn build(
         read_idle_timeout,
         embedding,
         rag,
+        limits,
+    })
+}
+
+/// `[limits]`. A limit of 0 means none; values are bounded like those set through the API.
+fn limits_config(f: file::LimitsFile) -> Result<crate::usage::LimitsConfig, ConfigError> {
+    use crate::limits::{Limits, MAX_LIMIT};
+    let one = |name: &str, v: Option<u64>| -> Result<Option<u64>, ConfigError> {
+        match v {
+            None | Some(0) => Ok(None),
+            Some(n) if n > MAX_LIMIT => err(format!("limits.{name}: at most {MAX_LIMIT}")),
+            Some(n) => Ok(Some(n)),
+        }
+    };
+    let defaults = crate::usage::LimitsConfig::default();
+    let max_tracked = f.max_tracked.unwrap_or(defaults.max_tracked);
+    if max_tracked == 0 {
+        return err("limits.max-tracked: must be at least 1");
+    }
+    let retention = match f.usage_retention {
+        Some(v) => duration("limits.usage-retention", &v)?,
+        None => defaults.retention,
+    };
+    if retention < std::time::Duration::from_secs(3600) {
+        return err("limits.usage-retention: at least 1h (usage is kept per hour)");
+    }
+    Ok(crate::usage::LimitsConfig {
+        key: Limits {
+            rpm: one("key-rpm", f.key_rpm)?,
+            tpm: one("key-tpm", f.key_tpm)?,
+            rpd: one("key-rpd", f.key_rpd)?,
+            tpd: one("key-tpd", f.key_tpd)?,
+        },
+        user: Limits {
+            rpm: one("user-rpm", f.user_rpm)?,
+            tpm: one("user-tpm", f.user_tpm)?,
+            rpd: one("user-rpd", f.user_rpd)?,
+            tpd: one("user-tpd", f.user_tpd)?,
+        },
+        max_tracked,
+        retention,
     })
 }
 

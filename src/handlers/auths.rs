@@ -50,6 +50,11 @@ pub struct ApiKeyForm {
     /// Restrict the key to these model ids.
     #[serde(default)]
     pub models: Vec<String>,
+    /// The key's limits, e.g. `{"rpm": 60, "tpm": 100000}` (`rpd`, `tpd` too); a user who is
+    /// not an admin may only set limits at or below the configured defaults.
+    #[serde(default)]
+    #[schema(value_type = Option<crate::limits::Limits>, inline)]
+    pub limits: Option<Value>,
 }
 
 /// Longest email accepted (RFC 5321's path limit).
@@ -512,18 +517,28 @@ pub async fn create_api_key(
         http::parse_json(&body)?
     };
     let id = identity(ctx)?;
-    let key = issue_key(app, &id.user.id, form.models)?;
+    let limits = crate::limits::Limits::parse(form.limits.as_ref().unwrap_or(&Value::Null))?;
+    if id.user.role != Role::Admin {
+        limits.within(&app.usage.config.key)?;
+    }
+    let key = issue_key(app, &id.user.id, form.models, limits)?;
     Ok(Outcome::Reply(Reply::ok(&json!({"api_key": key}))))
 }
 
 /// Stores a new key for `user_id` and returns its plaintext.
-pub fn issue_key(app: &App, user_id: &str, models: Vec<String>) -> Result<String, ApiError> {
+pub fn issue_key(
+    app: &App,
+    user_id: &str,
+    models: Vec<String>,
+    limits: crate::limits::Limits,
+) -> Result<String, ApiError> {
     let key = auth::generate_key();
     let record = ApiKeyRecord {
         user_id: user_id.to_string(),
         prefix: key.plaintext[..11].to_string(),
         created_at: now_secs(),
         models,
+        limits,
     };
     app.store.put_api_key(&key.hash, &record)?;
     app.auth.forget_cached_keys();
@@ -540,6 +555,7 @@ pub fn get_api_key(app: &App, ctx: &crate::proxy::ctx::RequestCtx) -> HandlerRes
             "prefix": rec.prefix,
             "created_at": rec.created_at,
             "models": rec.models,
+            "limits": rec.limits,
         })))),
         None => Err(ApiError::not_found(msg::API_KEY_NOT_FOUND)),
     }

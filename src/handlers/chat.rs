@@ -137,6 +137,7 @@ pub async fn completions(app: &App, session: &mut Session, ctx: &mut RequestCtx)
         .resolve(&model)
         .await
         .ok_or_else(|| ApiError::bad_request(msg::MODEL_NOT_FOUND))?;
+    crate::usage::note_model(ctx, &entry.id);
 
     let mut changed = entry.upstream_id != model;
     for field in OPEN_WEBUI_ONLY {
@@ -155,10 +156,16 @@ pub async fn completions(app: &App, session: &mut Session, ctx: &mut RequestCtx)
             changed = true;
             let items = rag::distinct_items(&items, app.config.rag.max_items)?;
             if !items.is_empty() {
+                let started = std::time::Instant::now();
                 sources = augment(app, ctx, &mut body, &items, &model, &entry).await?;
+                ctx.usage.rag = started.elapsed();
+                crate::usage::overhead("rag", ctx.usage.rag);
             }
         }
         Some(_) => return Err(ApiError::new(422, "files must be a list")),
+    }
+    if crate::usage::ask_for_usage(ctx, &mut body) {
+        changed = true;
     }
     let payload = if changed {
         body.insert("model".into(), Value::String(entry.upstream_id.clone()));

@@ -163,6 +163,10 @@ pub async fn handle(
         // The web page (issue 13).
         UiIndex => crate::ui::serve(""),
         UiAsset => crate::ui::serve(&req.tail),
+        // Limits and usage metering.
+        Usage => crate::usage::api::list(app, session, ctx).await,
+        UsageLimits => crate::usage::api::get_limits(app, req.id()),
+        SetUsageLimits => crate::usage::api::set_limits(app, session, req.id()).await,
     }
 }
 

@@ -101,10 +101,10 @@ fn rewrite_model(
 pub async fn model_route(
     app: &App,
     session: &mut Session,
-    ctx: &RequestCtx,
+    ctx: &mut RequestCtx,
     req: &Req,
 ) -> HandlerResult {
-    let (raw, obj) = object_body(app, session).await?;
+    let (raw, mut obj) = object_body(app, session).await?;
     let name = match obj.get("model").or_else(|| obj.get("name")) {
         Some(Value::String(m)) if !m.is_empty() => m.clone(),
         Some(Value::String(_)) | None => return Err(ApiError::bad_request("model is required")),
@@ -133,7 +133,17 @@ pub async fn model_route(
     } else {
         "name"
     };
-    let body = rewrite_model(raw, obj, field, &entry);
+    crate::usage::note_model(ctx, &entry.id);
+    let openai_style = matches!(
+        req.route.endpoint,
+        Endpoint::OllamaV1ChatCompletions | Endpoint::OllamaV1Completions
+    );
+    let body = if openai_style && crate::usage::ask_for_usage(ctx, &mut obj) {
+        obj.insert(field.to_string(), Value::String(entry.upstream_id.clone()));
+        bytes::Bytes::from(serde_json::to_vec(&obj).expect("json"))
+    } else {
+        rewrite_model(raw, obj, field, &entry)
+    };
     Ok(Outcome::Forward(Plan {
         candidates,
         method: ::http::Method::POST,

@@ -31,6 +31,8 @@ pub enum Group {
     Knowledge,
     /// The web page (issue 13).
     Ui,
+    /// Limits and usage metering.
+    Usage,
 }
 
 impl Group {
@@ -44,6 +46,7 @@ impl Group {
             Group::Files => "files",
             Group::Knowledge => "knowledge",
             Group::Ui => "ui",
+            Group::Usage => "usage",
         }
     }
 }
@@ -118,6 +121,10 @@ pub enum Endpoint {
     // The web page (issue 13): its HTML at `/` and `/ui/`, assets under `/ui/`.
     UiIndex,
     UiAsset,
+    // Limits and usage metering.
+    Usage,
+    UsageLimits,
+    SetUsageLimits,
 }
 
 /// One row of the route table.
@@ -225,6 +232,10 @@ routes! {
     // The web page (issue 13). It signs in through the public API like any client.
     GET "/" => UiIndex, Public, Ui, false, false, "The web page";
     GET "/ui" => UiAsset, Public, Ui, false, true, "The web page and its embedded assets";
+    // Limits and usage metering.
+    GET "/api/v1/usage" => Usage, Verified, Usage, false, false, "Token usage by user, key and model (?user_id, key_prefix, model, since, until)";
+    GET "/api/v1/usage/limits/{id}" => UsageLimits, Admin, Usage, false, false, "A user's and their API key's limits (admin)";
+    POST "/api/v1/usage/limits/{id}" => SetUsageLimits, Admin, Usage, false, false, "Set a user's and/or their API key's limits (admin)";
 }
 
 /// The result of matching a request line.

@@ -73,6 +73,8 @@ pub struct RequestCtx {
     /// Status of a response written by the forward engine or a local handler.
     pub status: Option<u16>,
     store_phase: Option<StorePhase>,
+    /// Limits and usage metering of a model request.
+    pub usage: crate::usage::Tracking,
     _in_flight: InFlightRequest,
 }
 
@@ -87,6 +89,7 @@ impl RequestCtx {
             streamed_bytes: 0,
             status: None,
             store_phase: Some(StorePhase::new()),
+            usage: crate::usage::Tracking::default(),
             _in_flight: InFlightRequest::new(),
         }
     }

@@ -278,6 +278,7 @@ pub async fn forward(
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
             .to_ascii_lowercase();
+        crate::usage::start_body(ctx, status, &content_type);
         let sources = plan.sources.filter(|_| head.status.is_success());
         if let Some(src) = &sources
             && content_type.starts_with("application/json")
@@ -299,6 +300,8 @@ pub async fn forward(
                 }
                 body.extend_from_slice(&chunk);
             }
+            crate::usage::scan_whole(ctx, &body);
+            crate::usage::finish(app, ctx);
             let merged = match serde_json::from_slice::<serde_json::Value>(&body) {
                 Ok(serde_json::Value::Object(mut o)) => {
                     o.insert("sources".into(), src.json.clone());
@@ -318,10 +321,11 @@ pub async fn forward(
             .map(|s| s.sse_event);
         let mut resp = ResponseHeader::build(head.status, Some(head.headers.len()))?;
         let listed = connection_listed(&head.headers);
+        let rewritten = prelude.is_some() || crate::usage::rewrites_body(ctx);
         for (name, value) in &head.headers {
-            // With a prelude the length changes, so framing falls back to chunked.
-            if HOP_BY_HOP.contains(&name.as_str())
-                && (name != header::CONTENT_LENGTH || prelude.is_some())
+            // With a prelude (or a usage chunk dropped) the length changes, so framing falls
+            // back to chunked.
+            if HOP_BY_HOP.contains(&name.as_str()) && (name != header::CONTENT_LENGTH || rewritten)
             {
                 continue;
             }
@@ -359,6 +363,10 @@ pub async fn forward(
             };
             match chunk {
                 Ok(Some(bytes)) => {
+                    let bytes = crate::usage::relay(ctx, bytes);
+                    if bytes.is_empty() {
+                        continue;
+                    }
                     ctx.streamed_bytes += bytes.len() as u64;
                     // Dropping `upstream` on error closes that connection, which is how
                     // the upstream learns the client is gone.
@@ -373,6 +381,14 @@ pub async fn forward(
                 }
             }
         }
+        let held = crate::usage::relay_end(ctx);
+        if !held.is_empty() {
+            ctx.streamed_bytes += held.len() as u64;
+            session.write_response_body(Some(held), false).await?;
+        }
+        // Recorded before the end is sent: a client that has the whole answer finds it in
+        // its usage.
+        crate::usage::finish(app, ctx);
         session.write_response_body(None, true).await?;
         app.connector
             .release_http_session(upstream, &peer, Some(Duration::from_secs(60)))

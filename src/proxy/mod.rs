@@ -163,21 +163,37 @@ impl ProxyHttp for Gateway {
                 return self.answer_error(session, ctx, e).await;
             }
         }
-        match self
+        let auth_started = std::time::Instant::now();
+        let checked = self
             .app
             .auth
-            .check(&session.req_header().headers, route.access)
-        {
+            .check(&session.req_header().headers, route.access);
+        crate::usage::overhead("auth", auth_started.elapsed());
+        match checked {
             Ok(identity) => ctx.identity = identity,
             Err(e) => return self.answer_error(session, ctx, e).await,
         }
+        // Limits are checked before the body is read or any upstream is contacted.
+        if let Some(refusal) = crate::usage::admit(&self.app, ctx, route.endpoint) {
+            ctx.status = Some(refusal.status);
+            crate::http::send(session, refusal).await?;
+            return Ok(true);
+        }
+        let handler_started = std::time::Instant::now();
         let req = handlers::Req {
             route,
             url_idx,
             tail,
             params,
         };
-        match handlers::handle(&self.app, session, ctx, &req).await {
+        let outcome = handlers::handle(&self.app, session, ctx, &req).await;
+        if matches!(outcome, Ok(Outcome::Forward(_) | Outcome::Proxy(_))) {
+            // Routing: the handler's own work before the upstream is contacted (body read
+            // and parse, model resolution, rewriting), RAG retrieval excluded.
+            let routing = handler_started.elapsed().saturating_sub(ctx.usage.rag);
+            crate::usage::overhead("routing", routing);
+        }
+        match outcome {
             Ok(Outcome::Reply(reply)) => {
                 ctx.status = Some(reply.status);
                 crate::http::send(session, reply).await?;
@@ -359,6 +375,8 @@ impl ProxyHttp for Gateway {
     /// Metrics and the access log, for every request, errors included. Never logs
     /// credentials: only method, path (no query), status, user id and timings.
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        // Usage of an answer that did not end normally (the forward engine records the rest).
+        crate::usage::finish(&self.app, ctx);
         let status = session
             .response_written()
             .map(|r| r.status.as_u16())

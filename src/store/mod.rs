@@ -10,6 +10,8 @@ mod knowledge;
 mod records;
 mod users;
 pub use users::PRIMARY_ADMIN;
+mod usage;
+pub use usage::{UsageCounts, UsageKey};
 
 use std::path::Path;
 use std::sync::{Arc, RwLock};
@@ -185,6 +187,7 @@ impl Store {
         txn.open_multimap_table(FILE_KNOWLEDGE)?;
         txn.open_table(COUNTERS)?;
         txn.open_table(USER_DELETIONS)?;
+        txn.open_table(usage::USAGE)?;
         txn.commit()?;
         Ok(Store {
             db: Db(RwLock::new(Some(Arc::new(db)))),
@@ -428,6 +431,7 @@ mod tests {
                 prefix: p.into(),
                 created_at: 1,
                 models: vec![],
+                limits: crate::limits::Limits::default(),
             };
             s.put_api_key("h1", &rec("sk-1")).unwrap();
             s.put_api_key("h2", &rec("sk-2")).unwrap();

@@ -58,6 +58,9 @@ pub struct User {
     /// One session kept across an epoch bump: the one that changed its own password.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kept_session: Option<String>,
+    /// Limits on all of this user's traffic, set by an admin; unset fields use the defaults.
+    #[serde(default, skip_serializing_if = "crate::limits::Limits::is_empty")]
+    pub limits: crate::limits::Limits,
 }
 
 impl User {
@@ -75,6 +78,7 @@ impl User {
             updated_at: now,
             session_epoch: 0,
             kept_session: None,
+            limits: crate::limits::Limits::default(),
         }
     }
 
@@ -100,6 +104,9 @@ pub struct ApiKeyRecord {
     /// Models this key may use; empty means the user's own access applies.
     #[serde(default)]
     pub models: Vec<String>,
+    /// This key's own limits; unset fields use the defaults.
+    #[serde(default, skip_serializing_if = "crate::limits::Limits::is_empty")]
+    pub limits: crate::limits::Limits,
 }
 
 /// Processing state of an uploaded file.

@@ -193,6 +193,7 @@ mod tests {
             prefix: "sk-1".into(),
             created_at: 0,
             models: vec![],
+            limits: crate::limits::Limits::default(),
         };
         s.put_api_key("h1", &rec).unwrap();
         assert!(s.delete_user(&u.id).unwrap().is_some());

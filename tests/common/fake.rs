@@ -130,6 +130,9 @@ struct State {
     list_delay: Duration,
     api_key: Option<String>,
     requests: Vec<RecordedRequest>,
+    /// Token counts reported by inference answers (prompt, completion), as JSON values so
+    /// tests can make the fake lie; `None`: 1 and 2.
+    usage: Option<(Value, Value)>,
 }
 
 struct Shared {
@@ -166,6 +169,14 @@ impl Shared {
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
+    }
+
+    /// The token counts inference answers report.
+    fn usage(&self) -> (Value, Value) {
+        self.lock()
+            .usage
+            .clone()
+            .unwrap_or_else(|| (json!(1), json!(2)))
     }
 
     /// Whether an API key is configured and the request does not carry it.
@@ -233,6 +244,7 @@ impl FakeUpstream {
                 list_delay: Duration::ZERO,
                 api_key: None,
                 requests: Vec::new(),
+                usage: None,
             }),
             open_connections: AtomicUsize::new(0),
         });
@@ -253,6 +265,12 @@ impl FakeUpstream {
     pub fn with_api_key(self, key: &str) -> Self {
         self.shared.lock().api_key = Some(key.to_owned());
         self
+    }
+
+    /// Sets the token counts inference answers report: OpenAI's `usage.prompt_tokens` and
+    /// `usage.completion_tokens`, Ollama's `prompt_eval_count` and `eval_count`.
+    pub fn set_usage(&self, prompt: Value, completion: Value) {
+        self.shared.lock().usage = Some((prompt, completion));
     }
 
     /// Sets the version reported by Ollama's `/api/version`.
@@ -816,13 +834,14 @@ async fn ollama_infer(shared: &Shared, req: &RecordedRequest, chat: bool) -> Res
             value["response"] = json!(content);
         }
         if done {
+            let (prompt, completion) = shared.usage();
             let stats = json!({
                 "done_reason": "stop",
                 "total_duration": 1,
                 "load_duration": 1,
-                "prompt_eval_count": 1,
+                "prompt_eval_count": prompt,
                 "prompt_eval_duration": 1,
-                "eval_count": 2,
+                "eval_count": completion,
                 "eval_duration": 1,
             });
             for (k, v) in stats.as_object().expect("object") {
@@ -1130,8 +1149,13 @@ fn openai_model_request(
     Ok((body, model))
 }
 
-fn openai_usage() -> Value {
-    json!({ "prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3 })
+fn openai_usage(shared: &Shared) -> Value {
+    let (prompt, completion) = shared.usage();
+    let total = match (prompt.as_u64(), completion.as_u64()) {
+        (Some(p), Some(c)) => json!(p.saturating_add(c)),
+        _ => Value::Null,
+    };
+    json!({ "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total })
 }
 
 /// `/chat/completions` (`chat == true`) and legacy `/completions`.
@@ -1173,7 +1197,7 @@ async fn openai_infer(shared: &Shared, req: &RecordedRequest, chat: bool) -> Res
             "created": CREATED,
             "model": model,
             "choices": [choice],
-            "usage": openai_usage(),
+            "usage": openai_usage(shared),
         });
         return whole_reply(behaviour, value, openai_error).await;
     }
@@ -1222,7 +1246,7 @@ async fn openai_infer(shared: &Shared, req: &RecordedRequest, chat: bool) -> Res
         .unwrap_or(false);
     if include_usage {
         let mut usage_chunk = chunk(json!([]));
-        usage_chunk["usage"] = openai_usage();
+        usage_chunk["usage"] = openai_usage(shared);
         trailer.push(sse_event(&usage_chunk));
     }
     trailer.push(Bytes::from_static(b"data: [DONE]\n\n"));

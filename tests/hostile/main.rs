@@ -10,6 +10,7 @@ mod auth;
 mod chat;
 mod extract;
 mod files;
+mod limits;
 mod multipart_prop;
 mod support;
 mod ui;

@@ -1,0 +1,603 @@
+//! Usage metering, per-key and per-user limits, and the gateway-overhead histogram.
+//!
+//! The gateway calls in at a few points only: [`admit`] right after authentication (before
+//! the body is read or any upstream is contacted), [`note_model`] and [`ask_for_usage`] in
+//! the model handlers, [`start_body`]/[`relay`]/[`relay_end`] as the forward engine streams
+//! the answer, and [`finish`] when it ends. Counts come from the upstream's own reports,
+//! read as they stream past ([`scan`]); rows are written to the store at once, in the
+//! background, grouped when several wait ([`Recorder`]).
+
+pub mod api;
+pub mod scan;
+pub mod time;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounterVec, Opts, register_histogram_vec,
+    register_int_counter_vec,
+};
+use serde_json::{Map, Value};
+
+use crate::app::App;
+use crate::http::Reply;
+use crate::http::router::Endpoint;
+use crate::limits::{Applied, Limiter, Limits};
+use crate::proxy::ctx::RequestCtx;
+use crate::store::{Store, UsageCounts, UsageKey};
+
+/// Buckets of the overhead histogram: ragway's own work is micro- to milliseconds; RAG
+/// retrieval (embedding the query) can take longer.
+const OVERHEAD_BUCKETS: &[f64] = &[
+    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025,
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+pub static OVERHEAD: LazyLock<HistogramVec> = LazyLock::new(|| {
+    register_histogram_vec!(
+        HistogramOpts::new(
+            "ragway_overhead_seconds",
+            "Time spent in ragway itself, not waiting for an upstream, by phase (auth, routing, rag)"
+        )
+        .buckets(OVERHEAD_BUCKETS.to_vec()),
+        &["phase"]
+    )
+    .expect("metric registers once")
+});
+
+/// `model` is a model id of the catalog (else `other`), `key` an API key prefix (else
+/// `session` or `other`): both sets are capped, see [`Labels`].
+pub static USAGE_REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        Opts::new(
+            "ragway_usage_requests_total",
+            "Successful model requests, by model and API key prefix"
+        ),
+        &["model", "key"]
+    )
+    .expect("metric registers once")
+});
+
+pub static USAGE_TOKENS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        Opts::new(
+            "ragway_usage_tokens_total",
+            "Tokens reported by upstreams, by model, API key prefix and type (prompt, completion)"
+        ),
+        &["model", "key", "type"]
+    )
+    .expect("metric registers once")
+});
+
+pub static RATE_LIMITED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        Opts::new(
+            "ragway_rate_limited_total",
+            "Requests refused by a per-key or per-user limit, by limit type (requests, tokens)"
+        ),
+        &["type"]
+    )
+    .expect("metric registers once")
+});
+
+/// Registers the metrics so they show before the first request.
+pub fn init_metrics() {
+    LazyLock::force(&OVERHEAD);
+    LazyLock::force(&USAGE_REQUESTS);
+    LazyLock::force(&USAGE_TOKENS);
+    LazyLock::force(&RATE_LIMITED);
+}
+
+/// Records time spent in one phase of ragway's own work.
+pub fn overhead(phase: &'static str, d: Duration) {
+    OVERHEAD
+        .with_label_values(&[phase])
+        .observe(d.as_secs_f64());
+}
+
+/// Distinct label values admitted to a metric; past the cap every new value is `other`.
+struct Labels {
+    cap: usize,
+    seen: Mutex<HashSet<String>>,
+}
+
+impl Labels {
+    fn new(cap: usize) -> Labels {
+        Labels {
+            cap,
+            seen: Mutex::new(HashSet::new()),
+        }
+    }
+
+    fn get(&self, v: &str) -> String {
+        let mut seen = self.seen.lock().expect("labels poisoned");
+        if seen.contains(v) {
+            return v.to_string();
+        }
+        if seen.len() < self.cap {
+            seen.insert(v.to_string());
+            return v.to_string();
+        }
+        "other".to_string()
+    }
+}
+
+/// Distinct models and keys labelled in the usage metrics.
+const MODEL_LABELS: usize = 256;
+const KEY_LABELS: usize = 1024;
+/// Usage rows waiting for the store at most; beyond (a store failing for long) new rows are
+/// dropped and logged rather than held without bound.
+const MAX_PENDING: usize = 100_000;
+
+/// Settings of `[limits]`.
+#[derive(Debug, Clone)]
+pub struct LimitsConfig {
+    /// Defaults for every API key.
+    pub key: Limits,
+    /// Defaults for every user (all their traffic).
+    pub user: Limits,
+    /// Limiter buckets tracked at most.
+    pub max_tracked: usize,
+    /// How long hourly usage rows are kept.
+    pub retention: Duration,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            key: Limits::default(),
+            user: Limits::default(),
+            max_tracked: crate::limits::DEFAULT_CAPACITY,
+            retention: Duration::from_hours(400 * 24),
+        }
+    }
+}
+
+/// Limits and metering, shared by all requests.
+pub struct Usage {
+    pub config: LimitsConfig,
+    pub limiter: Limiter,
+    pub recorder: Arc<Recorder>,
+    models: Labels,
+    keys: Labels,
+}
+
+impl Usage {
+    #[must_use]
+    pub fn new(config: LimitsConfig, store: Arc<Store>) -> Usage {
+        init_metrics();
+        let retention_hours = (config.retention.as_secs() / 3600).max(1);
+        Usage {
+            limiter: Limiter::new(config.max_tracked),
+            recorder: Arc::new(Recorder {
+                store,
+                pending: Mutex::new(HashMap::new()),
+                flushing: AtomicBool::new(false),
+                write: Mutex::new(()),
+                jobs: Arc::new(AtomicUsize::new(0)),
+                retention_hours,
+            }),
+            config,
+            models: Labels::new(MODEL_LABELS),
+            keys: Labels::new(KEY_LABELS),
+        }
+    }
+}
+
+/// Per-request metering state (in the request context).
+#[derive(Default)]
+pub struct Tracking {
+    meter: Option<Meter>,
+    /// Time spent retrieving RAG context, excluded from the routing phase.
+    pub rag: Duration,
+}
+
+struct Meter {
+    applied: Applied,
+    key_prefix: String,
+    model: Option<String>,
+    /// ragway asked for a usage chunk the client did not: drop it from the answer.
+    strip: bool,
+    scanner: Option<scan::Scanner>,
+}
+
+/// Routes whose answers are model work: limited and metered.
+#[must_use]
+pub fn metered(endpoint: Endpoint) -> bool {
+    matches!(
+        endpoint,
+        Endpoint::ChatCompletions
+            | Endpoint::OllamaGenerate
+            | Endpoint::OllamaChat
+            | Endpoint::OllamaEmbed
+            | Endpoint::OllamaEmbeddings
+            | Endpoint::OllamaV1Completions
+            | Endpoint::OllamaV1ChatCompletions
+            | Endpoint::OllamaV1Messages
+            | Endpoint::OllamaV1Responses
+    )
+}
+
+/// Checks the caller's limits for a model route and starts metering it. `Some` is the 429
+/// to answer instead.
+pub fn admit(app: &App, ctx: &mut RequestCtx, endpoint: Endpoint) -> Option<Reply> {
+    if !metered(endpoint) {
+        return None;
+    }
+    let id = ctx.identity.as_ref()?;
+    let cfg = &app.usage.config;
+    let key = id
+        .key
+        .as_ref()
+        .map(|k| k.limits.or(cfg.key))
+        .filter(|l| !l.is_empty());
+    let user = Some(id.user.limits.or(cfg.user)).filter(|l| !l.is_empty());
+    let applied = Applied {
+        user_id: id.user.id.clone(),
+        key,
+        user,
+    };
+    let key_prefix = id
+        .key
+        .as_ref()
+        .map(|k| k.prefix.clone())
+        .unwrap_or_default();
+    if !applied.is_empty()
+        && let Err(refused) = app.usage.limiter.admit(&applied)
+    {
+        let kind = if refused.kind_tokens {
+            "tokens"
+        } else {
+            "requests"
+        };
+        RATE_LIMITED.with_label_values(&[kind]).inc();
+        tracing::debug!(user = %applied.user_id, kind, "request over a limit");
+        return Some(refused.reply(id.key.as_ref().map(|k| k.prefix.as_str())));
+    }
+    ctx.usage.meter = Some(Meter {
+        applied,
+        key_prefix,
+        model: None,
+        strip: false,
+        scanner: None,
+    });
+    None
+}
+
+/// The model a metered request uses (its public id).
+pub fn note_model(ctx: &mut RequestCtx, model: &str) {
+    if let Some(m) = ctx.usage.meter.as_mut() {
+        m.model = Some(model.to_string());
+    }
+}
+
+/// For an OpenAI-style streaming request: asks the upstream for the final usage chunk when
+/// the client did not (`stream_options.include_usage`), and remembers to drop that chunk
+/// from the answer. Returns whether the body changed.
+pub fn ask_for_usage(ctx: &mut RequestCtx, body: &mut Map<String, Value>) -> bool {
+    let Some(m) = ctx.usage.meter.as_mut() else {
+        return false;
+    };
+    if body.get("stream") != Some(&Value::Bool(true)) {
+        return false;
+    }
+    let opts = body
+        .entry("stream_options")
+        .or_insert_with(|| Value::Object(Map::new()));
+    if !opts.is_object() {
+        *opts = Value::Object(Map::new());
+    }
+    let opts = opts.as_object_mut().expect("made an object");
+    if opts.get("include_usage") == Some(&Value::Bool(true)) {
+        return false;
+    }
+    opts.insert("include_usage".into(), Value::Bool(true));
+    m.strip = true;
+    true
+}
+
+/// The upstream answered: meter a successful answer of a known format.
+pub fn start_body(ctx: &mut RequestCtx, status: u16, content_type: &str) {
+    let Some(m) = ctx.usage.meter.as_mut() else {
+        return;
+    };
+    if !(200..300).contains(&status) {
+        return;
+    }
+    m.scanner = scan::Format::of(content_type).map(|f| scan::Scanner::new(f, m.strip));
+}
+
+/// Whether the answer sent on may differ in length from the upstream's.
+pub fn rewrites_body(ctx: &RequestCtx) -> bool {
+    ctx.usage
+        .meter
+        .as_ref()
+        .and_then(|m| m.scanner.as_ref())
+        .is_some_and(scan::Scanner::rewrites)
+}
+
+/// One chunk of the answer; returns what to send on.
+pub fn relay(ctx: &mut RequestCtx, chunk: Bytes) -> Bytes {
+    match ctx.usage.meter.as_mut().and_then(|m| m.scanner.as_mut()) {
+        Some(s) => s.relay(chunk),
+        None => chunk,
+    }
+}
+
+/// The end of the answer; returns what was held back.
+pub fn relay_end(ctx: &mut RequestCtx) -> Bytes {
+    match ctx.usage.meter.as_mut().and_then(|m| m.scanner.as_mut()) {
+        Some(s) => s.finish(),
+        None => Bytes::new(),
+    }
+}
+
+/// A whole answer the forward engine buffered anyway (JSON with RAG sources): its end is
+/// where the usage is.
+pub fn scan_whole(ctx: &mut RequestCtx, body: &[u8]) {
+    let tail = &body[body.len().saturating_sub(64 * 1024)..];
+    let _ = relay(ctx, Bytes::copy_from_slice(tail));
+    let _ = relay_end(ctx);
+}
+
+/// The request is over: records it (once) when it was a successful model answer, and charges
+/// its tokens to the limits that admitted it.
+pub fn finish(app: &App, ctx: &mut RequestCtx) {
+    let Some(m) = ctx.usage.meter.take() else {
+        return;
+    };
+    let (Some(model), Some(status)) = (m.model, ctx.status) else {
+        return;
+    };
+    if !(200..300).contains(&status) {
+        return;
+    }
+    let counts = m.scanner.map(|s| s.counts()).unwrap_or_default();
+    app.usage
+        .limiter
+        .charge(&m.applied, counts.prompt.saturating_add(counts.completion));
+    let model_label = app.usage.models.get(&model);
+    let key_label = if m.key_prefix.is_empty() {
+        "session".to_string()
+    } else {
+        app.usage.keys.get(&m.key_prefix)
+    };
+    USAGE_REQUESTS
+        .with_label_values(&[&model_label, &key_label])
+        .inc();
+    for (kind, n) in [("prompt", counts.prompt), ("completion", counts.completion)] {
+        if n > 0 {
+            USAGE_TOKENS
+                .with_label_values(&[&model_label, &key_label, kind])
+                .inc_by(n);
+        }
+    }
+    let key = UsageKey {
+        hour: crate::store::now_secs() / 3600,
+        user_id: m.applied.user_id,
+        key_prefix: m.key_prefix,
+        model,
+    };
+    app.usage.recorder.record(
+        key,
+        UsageCounts {
+            requests: 1,
+            prompt_tokens: counts.prompt,
+            completion_tokens: counts.completion,
+        },
+    );
+}
+
+/// Writes usage rows to the store as soon as they come, in the background, one durable
+/// transaction for all the rows waiting.
+pub struct Recorder {
+    store: Arc<Store>,
+    pending: Mutex<HashMap<UsageKey, UsageCounts>>,
+    /// A background write is scheduled or running.
+    flushing: AtomicBool,
+    /// Held while writing, so a reader that flushes sees every earlier row committed.
+    write: Mutex<()>,
+    /// Background writes that still hold the recorder (and so the store).
+    jobs: Arc<AtomicUsize>,
+    retention_hours: u64,
+}
+
+/// A background write's hold on the recorder. Released (run or not: a runtime shutting down
+/// drops queued jobs) before it stops counting, so once none counts, nothing but the owner
+/// holds the store and it can be reopened at once.
+struct FlushJob {
+    recorder: Option<Arc<Recorder>>,
+    jobs: Arc<AtomicUsize>,
+}
+
+impl FlushJob {
+    fn new(r: &Arc<Recorder>) -> FlushJob {
+        r.jobs.fetch_add(1, Ordering::AcqRel);
+        FlushJob {
+            recorder: Some(r.clone()),
+            jobs: r.jobs.clone(),
+        }
+    }
+
+    fn recorder(&self) -> &Recorder {
+        self.recorder.as_ref().expect("held until dropped")
+    }
+}
+
+impl Drop for FlushJob {
+    fn drop(&mut self) {
+        self.recorder.take();
+        self.jobs.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Recorder {
+    fn record(self: &Arc<Self>, key: UsageKey, counts: UsageCounts) {
+        {
+            let mut p = self.pending.lock().expect("usage poisoned");
+            if !p.contains_key(&key) && p.len() >= MAX_PENDING {
+                tracing::error!("usage rows are not reaching the store; dropping one");
+                return;
+            }
+            p.entry(key).or_default().add(counts);
+        }
+        if self.flushing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let job = FlushJob::new(self);
+        let run = move || {
+            let me = job.recorder();
+            loop {
+                me.flush();
+                me.flushing.store(false, Ordering::Release);
+                // A row that came after the last take but before the flag cleared.
+                let more = !me.pending.lock().expect("usage poisoned").is_empty();
+                if !more || me.flushing.swap(true, Ordering::AcqRel) {
+                    break;
+                }
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => {
+                h.spawn_blocking(run);
+            }
+            Err(_) => run(),
+        }
+    }
+
+    /// Writes every waiting row now. On a store failure the rows go back to wait.
+    pub fn flush(&self) {
+        let _w = self.write.lock().expect("usage writer poisoned");
+        let rows: Vec<(UsageKey, UsageCounts)> =
+            std::mem::take(&mut *self.pending.lock().expect("usage poisoned"))
+                .into_iter()
+                .collect();
+        if rows.is_empty() {
+            return;
+        }
+        let keep_from = (crate::store::now_secs() / 3600).saturating_sub(self.retention_hours);
+        if let Err(e) = self.store.add_usage(&rows, keep_from) {
+            tracing::error!(error = %e, "cannot write usage rows; keeping them to retry");
+            let mut p = self.pending.lock().expect("usage poisoned");
+            for (k, c) in rows {
+                if p.len() < MAX_PENDING || p.contains_key(&k) {
+                    p.entry(k).or_default().add(c);
+                }
+            }
+        }
+    }
+
+    /// Rows waiting to be written (tests of the bound).
+    pub fn pending(&self) -> usize {
+        self.pending.lock().expect("usage poisoned").len()
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
+impl Drop for Usage {
+    /// Waits (bounded) for background writes, then writes what is left: a gateway that
+    /// stops loses no acknowledged row, and its store can be reopened at once.
+    fn drop(&mut self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while self.recorder.jobs.load(Ordering::Acquire) > 0 && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        self.recorder.flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metric_labels_are_capped() {
+        let l = Labels::new(2);
+        assert_eq!(l.get("a"), "a");
+        assert_eq!(l.get("b"), "b");
+        assert_eq!(l.get("c"), "other");
+        assert_eq!(l.get("a"), "a", "admitted values stay");
+        assert_eq!(l.seen.lock().unwrap().len(), 2);
+    }
+
+    fn config(toml: &str) -> Result<crate::config::Config, crate::config::ConfigError> {
+        let file: crate::config::file::FileConfig = toml::from_str(toml).unwrap();
+        crate::config::build(
+            file,
+            &HashMap::<String, String>::new(),
+            &crate::config::Overrides::default(),
+        )
+    }
+
+    #[test]
+    fn limits_configuration() {
+        let c =
+            config("[limits]\nkey-rpm = 60\nkey-tpm = 0\nuser-tpd = 5\nusage-retention = \"30d\"")
+                .unwrap();
+        assert_eq!(c.limits.key.rpm, Some(60));
+        assert_eq!(c.limits.key.tpm, None, "0 is no limit");
+        assert_eq!(c.limits.user.tpd, Some(5));
+        assert_eq!(c.limits.retention, Duration::from_hours(30 * 24));
+        let d = config("").unwrap();
+        assert!(d.limits.key.is_empty() && d.limits.user.is_empty());
+        for bad in [
+            "[limits]\nkey-rpm = 1000000000001",
+            "[limits]\nusage-retention = \"10m\"",
+            "[limits]\nmax-tracked = 0",
+        ] {
+            assert!(config(bad).is_err(), "{bad}");
+        }
+    }
+
+    /// Rows recorded without a runtime are written at once; the store sums them.
+    #[test]
+    fn recorded_rows_reach_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("t.redb")).unwrap());
+        let usage = Usage::new(LimitsConfig::default(), store.clone());
+        let key = UsageKey {
+            hour: crate::store::now_secs() / 3600,
+            user_id: "u".into(),
+            key_prefix: String::new(),
+            model: "m".into(),
+        };
+        for _ in 0..3 {
+            usage.recorder.record(
+                key.clone(),
+                UsageCounts {
+                    requests: 1,
+                    prompt_tokens: 2,
+                    completion_tokens: 3,
+                },
+            );
+        }
+        assert_eq!(usage.recorder.pending(), 0);
+        drop(usage);
+        let mut rows = Vec::new();
+        store
+            .scan_usage(0, u64::MAX / 2, |k, c| {
+                rows.push((k, c));
+                true
+            })
+            .unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(
+            rows[0].1,
+            UsageCounts {
+                requests: 3,
+                prompt_tokens: 6,
+                completion_tokens: 9
+            }
+        );
+    }
+}

@@ -1,0 +1,516 @@
+//! Reads the upstream's own token counts out of an answer while it streams through.
+//!
+//! Nothing is held back except, when ragway asked for a usage chunk the client did not ask
+//! for, the one SSE event being received (an SSE client cannot use half an event anyway),
+//! so that event can be dropped whole. Only lines that can carry counts are parsed:
+//! `"usage"` (OpenAI, Anthropic, Responses API) and `"eval_count"` (Ollama). Each partial
+//! line or event kept is bounded; past the bound the scanner stops looking (the answer still
+//! flows untouched).
+
+use bytes::{Bytes, BytesMut};
+use serde_json::Value;
+
+/// Longest SSE event or NDJSON line looked into (a usage event is a few hundred bytes).
+const MAX_LINE: usize = 1024 * 1024;
+/// The end of a whole JSON answer kept to find its `usage` (which OpenAI and Ollama put
+/// last).
+const JSON_TAIL: usize = 64 * 1024;
+/// Largest count taken from one answer: a trillion tokens. More is a broken or lying
+/// upstream, and sums of clamped counts cannot overflow in any realistic lifetime.
+pub const MAX_TOKENS: u64 = 1_000_000_000_000;
+
+/// How the answer is framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Sse,
+    Ndjson,
+    Json,
+}
+
+impl Format {
+    #[must_use]
+    pub fn of(content_type: &str) -> Option<Format> {
+        let ct = content_type.to_ascii_lowercase();
+        if ct.starts_with("text/event-stream") {
+            Some(Format::Sse)
+        } else if ct.starts_with("application/x-ndjson") || ct.starts_with("application/jsonl") {
+            Some(Format::Ndjson)
+        } else if ct.starts_with("application/json") {
+            Some(Format::Json)
+        } else {
+            None
+        }
+    }
+}
+
+/// Token counts seen so far (the latest report of each wins).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub prompt: u64,
+    pub completion: u64,
+}
+
+pub struct Scanner {
+    format: Format,
+    /// Drop the usage-only SSE event (ragway asked for it, the client did not).
+    strip: bool,
+    /// Partial line (pass-through), the event being received (strip) or the JSON tail.
+    buf: BytesMut,
+    /// A line over [`MAX_LINE`] is being skipped up to its end.
+    skipping: bool,
+    counts: Counts,
+}
+
+/// A count as the upstream wrote it: non-negative whole numbers, clamped; anything else
+/// (negative, fractional garbage, strings) is not a count.
+fn count(v: &Value) -> Option<u64> {
+    if let Some(n) = v.as_u64() {
+        return Some(n.min(MAX_TOKENS));
+    }
+    let f = v.as_f64()?;
+    if f.is_finite() && f >= 0.0 {
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            clippy::cast_precision_loss
+        )]
+        return Some(f.min(MAX_TOKENS as f64) as u64);
+    }
+    None
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+fn rfind(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).rposition(|w| w == needle)
+}
+
+/// The JSON value after `"key":` at the last occurrence of the key in `hay`.
+fn value_after(hay: &[u8], key: &[u8]) -> Option<Value> {
+    let at = rfind(hay, key)? + key.len();
+    let rest = &hay[at..];
+    let rest = &rest[rest.iter().position(|b| !b.is_ascii_whitespace())?..];
+    let rest = rest.strip_prefix(b":")?;
+    let rest = &rest[rest.iter().position(|b| !b.is_ascii_whitespace())?..];
+    serde_json::Deserializer::from_slice(rest)
+        .into_iter::<Value>()
+        .next()?
+        .ok()
+}
+
+impl Counts {
+    /// An OpenAI (`prompt_tokens`/`completion_tokens`) or Anthropic and Responses
+    /// (`input_tokens`/`output_tokens`) usage object.
+    fn take_usage(&mut self, u: &Value) -> bool {
+        let mut any = false;
+        if let Some(p) = u
+            .get("prompt_tokens")
+            .or_else(|| u.get("input_tokens"))
+            .and_then(count)
+        {
+            self.prompt = p;
+            any = true;
+        }
+        if let Some(c) = u
+            .get("completion_tokens")
+            .or_else(|| u.get("output_tokens"))
+            .and_then(count)
+        {
+            self.completion = c;
+            any = true;
+        }
+        any
+    }
+
+    /// Ollama's final object.
+    fn take_ollama(&mut self, v: &Value) {
+        if let Some(p) = v.get("prompt_eval_count").and_then(count) {
+            self.prompt = p;
+        }
+        if let Some(c) = v.get("eval_count").and_then(count) {
+            self.completion = c;
+        }
+    }
+
+    /// Any of the shapes above in one parsed event or line.
+    fn take_any(&mut self, v: &Value) {
+        for u in [
+            v.get("usage"),
+            v.pointer("/response/usage"),
+            v.pointer("/message/usage"),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if u.is_object() {
+                self.take_usage(u);
+            }
+        }
+        self.take_ollama(v);
+    }
+}
+
+impl Scanner {
+    #[must_use]
+    pub fn new(format: Format, strip: bool) -> Scanner {
+        Scanner {
+            format,
+            strip: strip && format == Format::Sse,
+            buf: BytesMut::new(),
+            skipping: false,
+            counts: Counts::default(),
+        }
+    }
+
+    #[must_use]
+    pub fn counts(&self) -> Counts {
+        self.counts
+    }
+
+    /// Whether the bytes sent on may differ from the upstream's (framing must then be
+    /// chunked, not the upstream's `Content-Length`).
+    #[must_use]
+    pub fn rewrites(&self) -> bool {
+        self.strip
+    }
+
+    /// Looks at one chunk; returns what to send on now.
+    pub fn relay(&mut self, chunk: Bytes) -> Bytes {
+        match self.format {
+            Format::Json => {
+                self.buf.extend_from_slice(&chunk);
+                if self.buf.len() > 2 * JSON_TAIL {
+                    let cut = self.buf.len() - JSON_TAIL;
+                    let _ = self.buf.split_to(cut);
+                }
+                chunk
+            }
+            _ if self.strip => self.relay_events(&chunk),
+            _ => {
+                self.scan_lines(&chunk);
+                chunk
+            }
+        }
+    }
+
+    /// The end of the answer: what was still held back.
+    pub fn finish(&mut self) -> Bytes {
+        match self.format {
+            Format::Json => {
+                let tail = std::mem::take(&mut self.buf);
+                if let Some(u) = value_after(&tail, b"\"usage\"") {
+                    self.counts.take_usage(&u);
+                }
+                if let Some(p) = value_after(&tail, b"\"prompt_eval_count\"")
+                    .as_ref()
+                    .and_then(count)
+                {
+                    self.counts.prompt = p;
+                }
+                if let Some(c) = value_after(&tail, b"\"eval_count\"")
+                    .as_ref()
+                    .and_then(count)
+                {
+                    self.counts.completion = c;
+                }
+                Bytes::new()
+            }
+            _ if self.strip => {
+                // An unterminated last event is passed on as it came.
+                let rest = self.buf.split().freeze();
+                self.line_group(&rest);
+                rest
+            }
+            _ => {
+                let rest = self.buf.split().freeze();
+                if !self.skipping {
+                    self.line(&rest);
+                }
+                Bytes::new()
+            }
+        }
+    }
+
+    /// Pass-through: every complete line is looked at; a partial one is kept for the next
+    /// chunk.
+    fn scan_lines(&mut self, chunk: &[u8]) {
+        let mut start = 0;
+        while let Some(nl) = chunk[start..].iter().position(|b| *b == b'\n') {
+            let end = start + nl;
+            if self.skipping {
+                self.skipping = false;
+            } else if self.buf.is_empty() {
+                self.line(&chunk[start..end]);
+            } else {
+                self.buf.extend_from_slice(&chunk[start..end]);
+                let line = self.buf.split().freeze();
+                self.line(&line);
+            }
+            start = end + 1;
+        }
+        let rest = &chunk[start..];
+        if self.skipping {
+            return;
+        }
+        if self.buf.len() + rest.len() > MAX_LINE {
+            self.buf.clear();
+            self.skipping = true;
+        } else {
+            self.buf.extend_from_slice(rest);
+        }
+    }
+
+    /// One line of SSE or NDJSON.
+    fn line(&mut self, line: &[u8]) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let payload = match self.format {
+            Format::Sse => match line.strip_prefix(b"data:") {
+                Some(p) => p,
+                None => return,
+            },
+            _ => line,
+        };
+        if find(payload, b"\"usage\"").is_none() && find(payload, b"\"eval_count\"").is_none() {
+            return;
+        }
+        if let Ok(v) = serde_json::from_slice::<Value>(payload.trim_ascii()) {
+            self.counts.take_any(&v);
+        }
+    }
+
+    /// The lines of one SSE event; `true` when it is a usage-only chunk (no choices).
+    fn line_group(&mut self, event: &[u8]) -> bool {
+        let mut usage_only = false;
+        for line in event.split(|b| *b == b'\n') {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            let Some(payload) = line.strip_prefix(b"data:") else {
+                continue;
+            };
+            if find(payload, b"\"usage\"").is_none() {
+                continue;
+            }
+            if let Ok(v) = serde_json::from_slice::<Value>(payload.trim_ascii()) {
+                self.counts.take_any(&v);
+                let no_choices = v
+                    .get("choices")
+                    .and_then(Value::as_array)
+                    .is_some_and(Vec::is_empty);
+                usage_only |= no_choices && v.get("usage").is_some_and(Value::is_object);
+            }
+        }
+        usage_only
+    }
+
+    /// Strip mode: whole events are sent on, except the usage-only one.
+    fn relay_events(&mut self, chunk: &[u8]) -> Bytes {
+        self.buf.extend_from_slice(chunk);
+        let Some(end) = last_boundary(&self.buf) else {
+            if self.buf.len() > MAX_LINE {
+                // No event boundary within the bound: stop holding anything back.
+                self.strip = false;
+                self.skipping = true;
+                return self.buf.split().freeze();
+            }
+            return Bytes::new();
+        };
+        let complete = self.buf.split_to(end).freeze();
+        let mut kept: Option<BytesMut> = None;
+        let mut at = 0;
+        while at < complete.len() {
+            let stop = next_boundary(&complete, at).unwrap_or(complete.len());
+            let event = &complete[at..stop];
+            if self.line_group(event) {
+                kept.get_or_insert_with(|| {
+                    let mut b = BytesMut::with_capacity(complete.len());
+                    b.extend_from_slice(&complete[..at]);
+                    b
+                });
+            } else if let Some(k) = kept.as_mut() {
+                k.extend_from_slice(event);
+            }
+            at = stop;
+        }
+        match kept {
+            Some(k) => k.freeze(),
+            None => complete,
+        }
+    }
+}
+
+/// The index just past the first blank line (`\n\n` or `\r\n\r\n`) at or after `from`.
+fn next_boundary(b: &[u8], from: usize) -> Option<usize> {
+    let hay = &b[from..];
+    let lf = find(hay, b"\n\n").map(|i| i + 2);
+    let crlf = find(hay, b"\r\n\r\n").map(|i| i + 4);
+    match (lf, crlf) {
+        (Some(a), Some(c)) => Some(from + a.min(c)),
+        (a, c) => a.or(c).map(|i| from + i),
+    }
+}
+
+/// The index just past the last blank line.
+fn last_boundary(b: &[u8]) -> Option<usize> {
+    let lf = rfind(b, b"\n\n").map(|i| i + 2);
+    let crlf = rfind(b, b"\r\n\r\n").map(|i| i + 4);
+    lf.max(crlf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const USAGE_EVENT: &str = "data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":11,\"completion_tokens\":22,\"total_tokens\":33}}\n\n";
+
+    fn sse() -> String {
+        format!(
+            "data: {{\"choices\":[{{\"delta\":{{\"content\":\"Hi\"}}}}],\"usage\":null}}\n\n{USAGE_EVENT}data: [DONE]\n\n"
+        )
+    }
+
+    /// Feeds `input` in chunks of every size; returns what was sent on and the counts.
+    fn run(format: Format, strip: bool, input: &str, size: usize) -> (String, Counts) {
+        let mut s = Scanner::new(format, strip);
+        let mut out = Vec::new();
+        for c in input.as_bytes().chunks(size) {
+            out.extend_from_slice(&s.relay(Bytes::copy_from_slice(c)));
+        }
+        out.extend_from_slice(&s.finish());
+        (String::from_utf8(out).unwrap(), s.counts())
+    }
+
+    #[test]
+    fn sse_usage_is_read_and_stripped_whatever_the_chunking() {
+        let input = sse();
+        for size in 1..=input.len() {
+            let (out, c) = run(Format::Sse, false, &input, size);
+            assert_eq!(out, input);
+            assert_eq!(
+                c,
+                Counts {
+                    prompt: 11,
+                    completion: 22
+                },
+                "size {size}"
+            );
+            let (out, c) = run(Format::Sse, true, &input, size);
+            assert_eq!(out, input.replace(USAGE_EVENT, ""), "size {size}");
+            assert_eq!(
+                c,
+                Counts {
+                    prompt: 11,
+                    completion: 22
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn usage_inside_a_content_chunk_is_counted_but_kept() {
+        let input = "data: {\"choices\":[{\"delta\":{\"content\":\"x\"}}],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4}}\n\ndata: [DONE]\n\n";
+        let (out, c) = run(Format::Sse, true, input, 7);
+        assert_eq!(out, input);
+        assert_eq!(
+            c,
+            Counts {
+                prompt: 3,
+                completion: 4
+            }
+        );
+    }
+
+    #[test]
+    fn ndjson_and_json_answers() {
+        let nd = "{\"message\":{\"content\":\"\\\"usage\\\": 5\"},\"done\":false}\n{\"done\":true,\"prompt_eval_count\":7,\"eval_count\":9}\n";
+        for size in 1..=nd.len() {
+            let (out, c) = run(Format::Ndjson, false, nd, size);
+            assert_eq!(out, nd);
+            assert_eq!(
+                c,
+                Counts {
+                    prompt: 7,
+                    completion: 9
+                }
+            );
+        }
+        let big = "x".repeat(300_000);
+        let json = format!(
+            "{{\"choices\":[{{\"message\":{{\"content\":\"{big}\"}}}}],\"usage\": {{\"prompt_tokens\":5,\"completion_tokens\":6}}}}"
+        );
+        let (out, c) = run(Format::Json, false, &json, 4096);
+        assert_eq!(out.len(), json.len());
+        assert_eq!(
+            c,
+            Counts {
+                prompt: 5,
+                completion: 6
+            }
+        );
+        let ollama = "{\"response\":\"hi\",\"done\":true,\"context\":[1,2],\"prompt_eval_count\":2,\"eval_count\":3}";
+        assert_eq!(
+            run(Format::Json, false, ollama, 5).1,
+            Counts {
+                prompt: 2,
+                completion: 3
+            }
+        );
+    }
+
+    #[test]
+    fn hostile_counts_are_clamped_or_ignored() {
+        let cases = [
+            (
+                "{\"usage\":{\"prompt_tokens\":18446744073709551615,\"completion_tokens\":1e300}}",
+                MAX_TOKENS,
+                MAX_TOKENS,
+            ),
+            (
+                "{\"usage\":{\"prompt_tokens\":-5,\"completion_tokens\":\"7\"}}",
+                0,
+                0,
+            ),
+            (
+                "{\"usage\":{\"prompt_tokens\":99999999999999999999999999,\"completion_tokens\":null}}",
+                MAX_TOKENS,
+                0,
+            ),
+            ("{\"usage\":[1,2]}", 0, 0),
+            ("{\"usage\":", 0, 0),
+        ];
+        for (body, p, c) in cases {
+            assert_eq!(
+                run(Format::Json, false, body, 3).1,
+                Counts {
+                    prompt: p,
+                    completion: c
+                },
+                "{body}"
+            );
+        }
+    }
+
+    #[test]
+    fn overlong_lines_are_skipped_and_bounded() {
+        let long = format!(
+            "data: {{\"usage\":{{\"prompt_tokens\":1}},\"pad\":\"{}\"}}\n\n",
+            "y".repeat(MAX_LINE + 100_000)
+        );
+        let input = format!("{long}{USAGE_EVENT}");
+        let mut s = Scanner::new(Format::Sse, false);
+        for c in input.as_bytes().chunks(64 * 1024) {
+            s.relay(Bytes::copy_from_slice(c));
+            assert!(s.buf.len() <= MAX_LINE);
+        }
+        s.finish();
+        assert_eq!(
+            s.counts(),
+            Counts {
+                prompt: 11,
+                completion: 22
+            }
+        );
+        let (out, _) = run(Format::Sse, true, &input, 64 * 1024);
+        assert_eq!(out.len(), input.len(), "gave up stripping, nothing lost");
+    }
+}
