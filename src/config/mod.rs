@@ -168,6 +168,18 @@ pub struct Config {
     pub read_idle_timeout: Duration,
     pub embedding: EmbeddingConfig,
     pub rag: RagConfig,
+    pub presets: PresetsConfig,
+}
+
+/// Model presets: the bounds of stored ones, and those declared in the file.
+#[derive(Debug, Clone)]
+pub struct PresetsConfig {
+    /// Presets one user may create through the API.
+    pub max_per_user: usize,
+    /// Presets stored in all.
+    pub max_total: usize,
+    /// `[[presets.declared]]`, validated; read-only through the API.
+    pub declared: Vec<crate::store::PresetRecord>,
 }
 
 /// A configuration problem, with the setting it concerns.
@@ -505,6 +517,18 @@ pub fn build(
         &data_dir,
     )?;
 
+    // --- model presets
+    let presets_file = file.presets.unwrap_or_default();
+    let presets = PresetsConfig {
+        max_per_user: presets_file.max_per_user.unwrap_or(50),
+        max_total: presets_file.max_total.unwrap_or(500),
+        declared: crate::presets::declared(
+            presets_file.declared.unwrap_or_default(),
+            rag.max_items,
+        )
+        .map_err(|e| ConfigError(format!("presets.declared: {e}")))?,
+    };
+
     Ok(Config {
         listen,
         metrics_listen,
@@ -537,6 +561,7 @@ pub fn build(
         read_idle_timeout,
         embedding,
         rag,
+        presets,
     })
 }
 

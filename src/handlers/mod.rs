@@ -13,6 +13,7 @@ mod files;
 mod knowledge;
 mod models;
 mod ollama;
+mod presets;
 mod system;
 
 use pingora::proxy::Session;
@@ -143,6 +144,14 @@ pub async fn handle(
         KnowledgeFileRemove => knowledge::remove_file(app, session, ctx, req).await,
         KnowledgeReset => knowledge::reset(app, ctx, req),
         KnowledgeDelete => knowledge::delete(app, ctx, req),
+        // Model presets.
+        PresetCreate => presets::create(app, session, ctx).await,
+        PresetListAll => presets::list_all(app, ctx),
+        PresetList => presets::list(app, session, ctx),
+        PresetGet => presets::get(app, session, ctx),
+        PresetUpdate => presets::update(app, session, ctx).await,
+        PresetDelete => presets::delete(app, session, ctx),
+        PresetToggle => presets::toggle(app, session, ctx),
     }
 }
 

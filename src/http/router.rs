@@ -100,6 +100,14 @@ pub enum Endpoint {
     KnowledgeFileRemove,
     KnowledgeReset,
     KnowledgeDelete,
+    // Model presets (src/presets, src/handlers/presets.rs).
+    PresetCreate,
+    PresetListAll,
+    PresetList,
+    PresetGet,
+    PresetUpdate,
+    PresetDelete,
+    PresetToggle,
 }
 
 /// One row of the route table.
@@ -192,7 +200,19 @@ routes! {
     POST "/api/v1/knowledge/{id}/file/remove" => KnowledgeFileRemove, Verified, Knowledge, false, false, "Remove a file (?delete_file=true deletes it too)";
     POST "/api/v1/knowledge/{id}/reset" => KnowledgeReset, Verified, Knowledge, false, false, "Remove every file from a collection";
     DELETE "/api/v1/knowledge/{id}/delete" => KnowledgeDelete, Verified, Knowledge, false, false, "Delete a collection";
+    // Model presets: Open WebUI's workspace models (ids are query parameters, as there).
+    POST "/api/v1/models/create" => PresetCreate, Verified, Models, false, false, "Create a model preset (Open WebUI's model form)";
+    GET "/api/v1/models/" => PresetListAll, Verified, Models, false, false, "Model presets you can read, as one list (Open WebUI ≤0.6)";
+    GET "/api/v1/models/list" => PresetList, Verified, Models, false, false, "Model presets you can read (paginated, Open WebUI 0.10)";
+    GET "/api/v1/models/model" => PresetGet, Verified, Models, false, false, "A model preset (?id=)";
+    POST "/api/v1/models/model/update" => PresetUpdate, Verified, Models, false, false, "Update a model preset (?id=)";
+    DELETE "/api/v1/models/model/delete" => PresetDelete, Verified, Models, false, false, "Delete a model preset (?id=)";
+    POST "/api/v1/models/model/toggle" => PresetToggle, Verified, Models, false, false, "Turn a model preset on or off (?id=)";
 }
+
+/// Paths where a trailing slash matters: Open WebUI serves the model list at
+/// `/api/v1/models` and (≤0.6) its workspace models at `/api/v1/models/`.
+const SLASH_SENSITIVE: &[&str] = &["/api/v1/models/"];
 
 /// The result of matching a request line.
 #[derive(Debug)]
@@ -241,9 +261,25 @@ fn match_template(template: &str, path: &str) -> Option<Vec<String>> {
 
 /// Finds the route for `method` and `path` (without query).
 pub fn find(method: &Method, path: &str) -> Match {
+    if SLASH_SENSITIVE.contains(&path) {
+        let routes = ROUTES.iter().filter(|r| r.path == path);
+        let mut allowed: Vec<&'static str> = Vec::new();
+        for route in routes {
+            if route.method == method || (route.method == Method::GET && method == Method::HEAD) {
+                return Match::Found {
+                    route,
+                    url_idx: None,
+                    tail: String::new(),
+                    params: Vec::new(),
+                };
+            }
+            allowed.push(route.method.as_str());
+        }
+        return Match::MethodNotAllowed(allowed);
+    }
     let path = trim(path);
     let mut allowed: Vec<&'static str> = Vec::new();
-    for route in ROUTES {
+    for route in ROUTES.iter().filter(|r| !SLASH_SENSITIVE.contains(&r.path)) {
         let base = trim(route.path);
         if base.contains('{') {
             let Some(params) = match_template(base, path) else {
@@ -353,6 +389,18 @@ mod tests {
         );
         assert!(matches!(
             find(&Method::PUT, "/api/v1/files/x"),
+            Match::MethodNotAllowed(_)
+        ));
+        match find(&Method::GET, "/api/v1/models/") {
+            Match::Found { route, .. } => assert_eq!(route.endpoint, Endpoint::PresetListAll),
+            other => panic!("{other:?}"),
+        }
+        match find(&Method::GET, "/api/v1/models") {
+            Match::Found { route, .. } => assert_eq!(route.endpoint, Endpoint::Models),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            find(&Method::POST, "/api/v1/models/"),
             Match::MethodNotAllowed(_)
         ));
         match find(&Method::GET, "/docs/swagger-ui.css") {

@@ -7,6 +7,8 @@
 mod files;
 pub use files::FileIndexData;
 mod knowledge;
+mod presets;
+pub use presets::{PresetRecord, PresetRefusal};
 mod records;
 
 use std::path::Path;
@@ -133,6 +135,7 @@ impl Store {
         txn.open_multimap_table(KNOWLEDGE_FILES)?;
         txn.open_multimap_table(FILE_KNOWLEDGE)?;
         txn.open_table(COUNTERS)?;
+        txn.open_table(presets::PRESETS)?;
         txn.commit()?;
         Ok(Store { db })
     }
