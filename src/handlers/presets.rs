@@ -118,6 +118,7 @@ pub async fn create(app: &App, session: &mut Session, ctx: &RequestCtx) -> Handl
         ));
     }
     presets::check_base_usable(app, who, &c.id, &c.base_model_id).await?;
+    presets::check_knowledge(app, &user, &c.id, &c.meta)?;
     let now = now_secs();
     let rec = PresetRecord {
         id: c.id,
@@ -267,6 +268,7 @@ pub async fn update(app: &App, session: &mut Session, ctx: &RequestCtx) -> Handl
     if c.base_model_id != p.base_model_id {
         presets::check_base_usable(app, who, &p.id, &c.base_model_id).await?;
     }
+    presets::check_knowledge(app, &user, &p.id, &c.meta)?;
     p.base_model_id = c.base_model_id;
     p.name = c.name;
     p.params = c.params;

@@ -111,6 +111,50 @@ fn merge_under(into: &mut Map<String, Value>, from: &Map<String, Value>) {
     }
 }
 
+/// Checks that each `meta.knowledge` item of preset `id` exists and that `user` can read
+/// it; the error names the missing item.
+pub fn check_knowledge(
+    app: &App,
+    user: &User,
+    id: &str,
+    meta: &Map<String, Value>,
+) -> Result<(), ApiError> {
+    for item in meta
+        .get("knowledge")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let item_id = item["id"].as_str().unwrap_or_default();
+        let label = match item.get("name").and_then(Value::as_str) {
+            Some(n) if !n.is_empty() => format!("{n:?} ({item_id})"),
+            _ => item_id.to_string(),
+        };
+        let (kind, ok) = if item["type"] == "collection" {
+            (
+                "knowledge collection",
+                app.store
+                    .knowledge(item_id)?
+                    .is_some_and(|kb| access::can_read_kb(user, &kb)),
+            )
+        } else {
+            (
+                "file",
+                app.store
+                    .file(item_id)?
+                    .is_some_and(|f| access::can_read_file(&app.store, user, &f)),
+            )
+        };
+        if !ok {
+            return Err(ApiError::not_found(format!(
+                "Model preset {id:?} uses the {kind} {label}, which was deleted or which you \
+                 cannot read"
+            )));
+        }
+    }
+    Ok(())
+}
+
 impl Resolved {
     pub(super) fn new(id: &str, chain: Vec<PresetRecord>, base: Arc<ModelEntry>) -> Self {
         Resolved {
@@ -172,41 +216,7 @@ impl Resolved {
     /// preset never lends its owner's access, and never silently loses knowledge.
     pub(super) fn check_knowledge(&self, app: &App, who: &Identity) -> Result<(), ApiError> {
         for p in &self.chain {
-            for item in p
-                .meta
-                .get("knowledge")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-            {
-                let id = item["id"].as_str().unwrap_or_default();
-                let label = match item.get("name").and_then(Value::as_str) {
-                    Some(n) if !n.is_empty() => format!("{n:?} ({id})"),
-                    _ => id.to_string(),
-                };
-                let ok = match item["type"].as_str() {
-                    Some("collection") => app
-                        .store
-                        .knowledge(id)?
-                        .is_some_and(|kb| access::can_read_kb(&who.user, &kb)),
-                    _ => app
-                        .store
-                        .file(id)?
-                        .is_some_and(|f| access::can_read_file(&app.store, &who.user, &f)),
-                };
-                if !ok {
-                    let kind = if item["type"] == "collection" {
-                        "knowledge collection"
-                    } else {
-                        "file"
-                    };
-                    return Err(ApiError::not_found(format!(
-                        "Model preset {:?} uses the {kind} {label}, which was deleted or \
-                         which you cannot read",
-                        p.id
-                    )));
-                }
-            }
+            check_knowledge(app, &who.user, &p.id, &p.meta)?;
         }
         Ok(())
     }

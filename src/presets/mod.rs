@@ -16,7 +16,7 @@ use std::collections::HashSet;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-pub use apply::Resolved;
+pub use apply::{Resolved, check_knowledge};
 
 use crate::app::App;
 use crate::auth::Identity;
@@ -570,8 +570,10 @@ pub fn model_entries(
     catalog: &crate::models::Catalog,
 ) -> Result<Vec<Value>, ApiError> {
     let presets = all(app)?;
+    let mut shown: Vec<&PresetRecord> = presets.iter().filter(|p| visible(who, p)).collect();
+    shown.sort_by(|a, b| a.name.cmp(&b.name).then_with(|| a.id.cmp(&b.id)));
     let mut out = Vec::new();
-    for p in presets.iter().filter(|p| visible(who, p)) {
+    for p in shown {
         let base = final_base(&presets, p);
         let base_entry = catalog.by_id.get(base);
         let mut info = model_json(p);
