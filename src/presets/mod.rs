@@ -103,6 +103,14 @@ pub fn check_id(id: &str) -> Result<(), ApiError> {
             "id may contain only letters, digits and . _ - : / @ + (found {c:?})"
         )));
     }
+    if id
+        .split('/')
+        .any(|seg| seg.is_empty() || seg == "." || seg == "..")
+    {
+        return Err(invalid(
+            "id: `/` separates non-empty names, none of them `.` or `..`",
+        ));
+    }
     Ok(())
 }
 
@@ -698,6 +706,10 @@ mod tests {
             "a\u{202E}b",
             "a\u{200B}b",
             "<script>",
+            "../x",
+            "/x",
+            "x//y",
+            "x/",
         ] {
             assert_eq!(check_id(bad).unwrap_err().status, 422, "{bad:?}");
         }

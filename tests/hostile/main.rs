@@ -11,5 +11,6 @@ mod chat;
 mod extract;
 mod files;
 mod multipart_prop;
+mod presets;
 mod support;
 mod wire;
