@@ -48,6 +48,7 @@ fn body_schema(endpoint: Endpoint) -> Option<&'static str> {
         Endpoint::ChatCompletions => "ChatCompletionRequest",
         Endpoint::KnowledgeCreate | Endpoint::KnowledgeUpdate => "KnowledgeForm",
         Endpoint::KnowledgeFileAdd | Endpoint::KnowledgeFileRemove => "FileIdForm",
+        Endpoint::PresetCreate | Endpoint::PresetUpdate => "PresetForm",
         _ => return None,
     })
 }
@@ -185,6 +186,8 @@ pub fn document() -> OpenApi {
         .schema_from::<forms::KnowledgeForm>()
         .schema_from::<forms::GrantForm>()
         .schema_from::<forms::FileIdForm>()
+        .schema_from::<crate::presets::PresetForm>()
+        .schema_from::<crate::presets::PresetGrantForm>()
         .build();
     OpenApiBuilder::new()
         .info(

@@ -46,8 +46,8 @@ const RESERVED_PARAMS: &[&str] = &["model", "messages", "stream", "files", "para
 
 /// A grant as clients send it. Open WebUI's exports carry the stored grant objects (with
 /// `id`, `resource_type`, ...), so unknown keys are ignored here.
-#[derive(Debug, Deserialize)]
-pub struct GrantForm {
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+pub struct PresetGrantForm {
     pub principal_type: String,
     pub principal_id: String,
     pub permission: String,
@@ -55,7 +55,7 @@ pub struct GrantForm {
 
 /// Open WebUI's `ModelForm`. Unknown fields are ignored, as Open WebUI does
 /// (`extra='ignore'`), so an exported model row is a valid form.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct PresetForm {
     pub id: String,
     #[serde(default)]
@@ -67,7 +67,7 @@ pub struct PresetForm {
     pub params: Option<Value>,
     /// `null` or absent: private to the owner (on update: unchanged).
     #[serde(default)]
-    pub access_grants: Option<Vec<GrantForm>>,
+    pub access_grants: Option<Vec<PresetGrantForm>>,
     #[serde(default)]
     pub is_active: Option<bool>,
 }
@@ -283,7 +283,7 @@ fn check_base(id: &str, base: Option<&str>) -> Result<String, ApiError> {
 }
 
 /// Validates grants (Open WebUI's rules: `user` or `group`, `read` or `write`).
-pub fn parse_grants(form: Vec<GrantForm>) -> Result<Vec<Grant>, ApiError> {
+pub fn parse_grants(form: Vec<PresetGrantForm>) -> Result<Vec<Grant>, ApiError> {
     if form.len() > MAX_GRANTS {
         return Err(invalid(format!(
             "access_grants: at most {MAX_GRANTS} grants per preset"
@@ -385,7 +385,7 @@ pub fn declared(
             .access_grants
             .unwrap_or_default()
             .into_iter()
-            .map(|g| GrantForm {
+            .map(|g| PresetGrantForm {
                 principal_type: g.principal_type,
                 principal_id: g.principal_id,
                 permission: g.permission,
