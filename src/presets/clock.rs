@@ -35,13 +35,13 @@ pub fn at(epoch_secs: u64) -> Now {
     let secs = i64::try_from(epoch_secs).unwrap_or(i64::MAX);
     let days = secs.div_euclid(86_400);
     let of_day = secs.rem_euclid(86_400);
-    let (y, m, d) = civil(days);
-    let (h, min, s) = (of_day / 3600, of_day % 3600 / 60, of_day % 60);
-    let h12 = if h % 12 == 0 { 12 } else { h % 12 };
-    let ampm = if h < 12 { "AM" } else { "PM" };
+    let (year, month, day) = civil(days);
+    let (hour, minute, second) = (of_day / 3600, of_day % 3600 / 60, of_day % 60);
+    let h12 = if hour % 12 == 0 { 12 } else { hour % 12 };
+    let ampm = if hour < 12 { "AM" } else { "PM" };
     Now {
-        date: format!("{y:04}-{m:02}-{d:02}"),
-        time: format!("{h12:02}:{min:02}:{s:02} {ampm}"),
+        date: format!("{year:04}-{month:02}-{day:02}"),
+        time: format!("{h12:02}:{minute:02}:{second:02} {ampm}"),
         weekday: WEEKDAYS[usize::try_from(days.rem_euclid(7)).unwrap_or(0)],
     }
 }

@@ -118,6 +118,13 @@ fn json_len(v: &impl serde::Serialize) -> usize {
     serde_json::to_vec(v).map_or(usize::MAX, |b| b.len())
 }
 
+fn system_fits(params: &Map<String, Value>) -> bool {
+    params
+        .get("system")
+        .and_then(Value::as_str)
+        .is_none_or(|s| s.len() <= MAX_SYSTEM_BYTES)
+}
+
 /// Validates `params`: an object whose `system` (if any) is a string, within the bounds,
 /// and without keys that belong to the request.
 fn check_params(params: Option<Value>) -> Result<Map<String, Value>, ApiError> {
@@ -133,8 +140,8 @@ fn check_params(params: Option<Value>) -> Result<Map<String, Value>, ApiError> {
         ));
     }
     match params.get("system") {
-        None | Some(Value::Null) => {}
-        Some(Value::String(s)) if s.len() > MAX_SYSTEM_BYTES => {
+        None | Some(Value::Null | Value::String(_)) if system_fits(&params) => {}
+        None | Some(Value::Null | Value::String(_)) => {
             return Err(ApiError::new(
                 413,
                 format!(
@@ -143,7 +150,6 @@ fn check_params(params: Option<Value>) -> Result<Map<String, Value>, ApiError> {
                 ),
             ));
         }
-        Some(Value::String(_)) => {}
         Some(_) => return Err(invalid("params.system must be a string")),
     }
     match params.get("custom_params") {
