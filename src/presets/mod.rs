@@ -759,6 +759,32 @@ mod tests {
         );
     }
 
+    /// The commented example in `conf/ragway.toml` is a valid declaration.
+    #[test]
+    fn documented_example_parses() {
+        let conf = include_str!("../../conf/ragway.toml");
+        let start = conf
+            .find("# [[presets.declared]]")
+            .expect("example present");
+        let example: String = conf[start..]
+            .lines()
+            .take_while(|l| l.starts_with('#'))
+            .filter(|l| !l.starts_with("# #"))
+            .map(|l| format!("{}\n", l.trim_start_matches("# ")))
+            .collect();
+        let file: crate::config::file::FileConfig = toml::from_str(&example).unwrap();
+        let declared = file.presets.unwrap().declared.unwrap();
+        let out = super::declared(declared, 32).unwrap();
+        assert_eq!(out[0].id, "docs-assistant");
+        assert_eq!(out[0].access_grants[0].principal_id, "*");
+        assert!(
+            out[0].params["system"]
+                .as_str()
+                .unwrap()
+                .contains("{{USER_NAME}}")
+        );
+    }
+
     #[test]
     fn declared_presets_refuse_duplicates_and_cycles() {
         let p = |id: &str, base: &str| DeclaredPresetFile {
