@@ -832,3 +832,53 @@ async fn native_ollama_routes_take_a_preset() {
         "{prompt}"
     );
 }
+
+/// Presets live in the store: a restart keeps them, with their grants and state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presets_survive_a_restart() {
+    let (up, gw, admin) = setup().await;
+    let mut f = json!({"id": "kept", "name": "Kept", "base_model_id": "m:latest",
+                       "params": {"system": "Still here."}, "access_grants": public()});
+    create(&gw, &admin, f.clone()).await;
+    f["id"] = json!("off");
+    create(&gw, &admin, f).await;
+    let r = gw
+        .post(
+            "/api/v1/models/model/toggle?id=off",
+            Some(&admin),
+            json!({}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let dir = gw.stop().await;
+    let gw = Setup::new().ollama(&up.url).start_in(dir).await;
+    let r = gw
+        .post(
+            "/api/v1/auths/signin",
+            None,
+            json!({"email": "admin@example.com", "password": "pw-123456"}),
+        )
+        .await;
+    let admin = r.json::<Value>().await.unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let got: Value = gw
+        .get("/api/v1/models/model?id=kept", Some(&admin))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(got["params"]["system"], "Still here.");
+    assert_eq!(got["access_grants"][0]["principal_id"], "*");
+    let off: Value = gw
+        .get("/api/v1/models/model?id=off", Some(&admin))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(off["is_active"], false);
+    assert_eq!(chat(&gw, &admin, "kept", "hi").await.status(), 200);
+    let (b, _) = last_body(&up, "/v1/chat/completions");
+    assert_eq!(b["messages"][0]["content"], "Still here.");
+}
