@@ -12,6 +12,7 @@
 //! - [`handlers`]: one module per API family (auths, models, chat, ollama, system).
 //! - [`auth`]: credentials, JWT, API keys, passwords, sign-in rate limit.
 //! - [`models`]: the merged model catalog and model resolution.
+//! - [`presets`]: model presets (Open WebUI's workspace models) and how chat applies them.
 //! - [`upstream`]: upstream addresses, health and balancing.
 //! - [`store`]: redb schema and records.
 //! - [`ingest`]: the file pipeline (queue, workers) and the in-memory vector index.
@@ -45,6 +46,7 @@ pub mod limits;
 pub mod metrics;
 pub mod models;
 pub mod openapi;
+pub mod presets;
 pub mod probe;
 pub mod proxy;
 pub mod rag;

@@ -55,6 +55,7 @@ fn body_schema(endpoint: Endpoint) -> Option<&'static str> {
         Endpoint::RetrievalQueryDoc => "QueryDocForm",
         Endpoint::RetrievalQueryCollection => "QueryCollectionsForm",
         Endpoint::RetrievalProcessText => "ProcessTextForm",
+        Endpoint::PresetCreate | Endpoint::PresetUpdate => "PresetForm",
         _ => return None,
     })
 }
@@ -198,6 +199,8 @@ pub fn document() -> OpenApi {
         .schema_from::<forms::QueryDocForm>()
         .schema_from::<forms::QueryCollectionsForm>()
         .schema_from::<forms::ProcessTextForm>()
+        .schema_from::<crate::presets::PresetForm>()
+        .schema_from::<crate::presets::PresetGrantForm>()
         .build();
     OpenApiBuilder::new()
         .info(

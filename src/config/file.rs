@@ -41,6 +41,8 @@ pub struct FileConfig {
     pub rag: Option<RagFile>,
     /// Per-key and per-user limits, usage retention.
     pub limits: Option<LimitsFile>,
+    /// Model presets: bounds, and presets declared here (read-only through the API).
+    pub presets: Option<PresetsFile>,
 }
 
 /// `[limits]`: defaults for every API key (`key-*`) and every user (`user-*`); 0 or unset
@@ -60,6 +62,49 @@ pub struct LimitsFile {
     pub max_tracked: Option<usize>,
     /// How long hourly usage rows are kept.
     pub usage_retention: Option<String>,
+}
+
+/// `[presets]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct PresetsFile {
+    /// Presets one user may create through the API.
+    pub max_per_user: Option<usize>,
+    /// Presets stored in all (declared ones not counted).
+    pub max_total: Option<usize>,
+    /// `[[presets.declared]]`
+    pub declared: Option<Vec<DeclaredPresetFile>>,
+}
+
+/// One `[[presets.declared]]` entry.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct DeclaredPresetFile {
+    pub id: String,
+    pub name: Option<String>,
+    pub base_model_id: String,
+    /// System prompt (`params.system`).
+    pub system: Option<String>,
+    /// Default model parameters (`temperature`, `top_p`, `custom_params`, ...).
+    pub params: Option<serde_json::Map<String, serde_json::Value>>,
+    pub description: Option<String>,
+    pub tags: Option<Vec<String>>,
+    /// `{ type = "collection" | "file", id = "...", name = "..." }`
+    pub knowledge: Option<Vec<serde_json::Map<String, serde_json::Value>>>,
+    pub access_grants: Option<Vec<DeclaredGrantFile>>,
+    pub is_active: Option<bool>,
+}
+
+/// An access grant of a declared preset.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct DeclaredGrantFile {
+    /// `user` or `group`.
+    pub principal_type: String,
+    /// A user id, or `*` for everyone.
+    pub principal_id: String,
+    /// `read` or `write` (declared presets are read-only through the API either way).
+    pub permission: String,
 }
 
 /// `[embedding]`

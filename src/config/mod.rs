@@ -170,6 +170,18 @@ pub struct Config {
     pub rag: RagConfig,
     /// `[limits]`: per-key and per-user limits, usage retention.
     pub limits: crate::usage::LimitsConfig,
+    pub presets: PresetsConfig,
+}
+
+/// Model presets: the bounds of stored ones, and those declared in the file.
+#[derive(Debug, Clone)]
+pub struct PresetsConfig {
+    /// Presets one user may create through the API.
+    pub max_per_user: usize,
+    /// Presets stored in all.
+    pub max_total: usize,
+    /// `[[presets.declared]]`, validated; read-only through the API.
+    pub declared: Vec<crate::store::PresetRecord>,
 }
 
 /// A configuration problem, with the setting it concerns.
@@ -508,6 +520,18 @@ pub fn build(
     )?;
     let limits = limits_config(file.limits.unwrap_or_default())?;
 
+    // --- model presets
+    let presets_file = file.presets.unwrap_or_default();
+    let presets = PresetsConfig {
+        max_per_user: presets_file.max_per_user.unwrap_or(50),
+        max_total: presets_file.max_total.unwrap_or(500),
+        declared: crate::presets::declared(
+            presets_file.declared.unwrap_or_default(),
+            rag.max_items,
+        )
+        .map_err(|e| ConfigError(format!("presets.declared: {e}")))?,
+    };
+
     Ok(Config {
         listen,
         metrics_listen,
@@ -541,6 +565,7 @@ pub fn build(
         embedding,
         rag,
         limits,
+        presets,
     })
 }
 

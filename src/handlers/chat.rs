@@ -129,40 +129,62 @@ pub async fn completions(app: &App, session: &mut Session, ctx: &mut RequestCtx)
         Some(_) => return Err(ApiError::new(422, "messages must be a list")),
     }
     let id = identity(ctx)?;
-    if !id.may_use_model(&model) {
+    // Model presets (src/presets): a preset name runs on its base model, with the preset's
+    // defaults applied under the request's own values below.
+    let preset = crate::presets::resolve(app, id, &model).await?;
+    if preset.is_none() && !id.may_use_model(&model) {
         return Err(ApiError::bad_request(msg::MODEL_NOT_FOUND));
     }
-    let entry = app
-        .models
-        .resolve(&model)
-        .await
-        .ok_or_else(|| ApiError::bad_request(msg::MODEL_NOT_FOUND))?;
-    crate::usage::note_model(ctx, &entry.id);
+    let entry = match &preset {
+        Some(p) => p.base.clone(),
+        None => app
+            .models
+            .resolve(&model)
+            .await
+            .ok_or_else(|| ApiError::bad_request(msg::MODEL_NOT_FOUND))?,
+    };
 
-    let mut changed = entry.upstream_id != model;
+    let mut changed = entry.upstream_id != model || preset.is_some();
     for field in OPEN_WEBUI_ONLY {
         if body.remove(*field).is_some() {
             changed = true;
         }
     }
+    let request_system = body
+        .get("params")
+        .and_then(|p| p.get("system"))
+        .and_then(Value::as_str)
+        .is_some_and(|s| !s.is_empty());
     if let Some(params) = body.remove("params") {
         changed = true;
         apply_params(&mut body, params)?;
     }
+    // The preset's knowledge comes first, then the request's own `files`.
+    let mut items = match &preset {
+        Some(p) => {
+            p.apply_openai(&mut body, request_system, &id.user);
+            p.knowledge()
+        }
+        None => Vec::new(),
+    };
+    crate::usage::note_model(ctx, &entry.id);
     let mut sources = None;
     match body.remove("files") {
         None | Some(Value::Null) => {}
-        Some(Value::Array(items)) => {
+        Some(Value::Array(files)) => {
             changed = true;
-            let items = rag::distinct_items(&items, app.config.rag.max_items)?;
-            if !items.is_empty() {
-                let started = std::time::Instant::now();
-                sources = augment(app, ctx, &mut body, &items, &model, &entry).await?;
-                ctx.usage.rag = started.elapsed();
-                crate::usage::overhead("rag", ctx.usage.rag);
-            }
+            items.extend(files);
         }
         Some(_) => return Err(ApiError::new(422, "files must be a list")),
+    }
+    if !items.is_empty() {
+        let items = rag::distinct_items(&items, app.config.rag.max_items)?;
+        if !items.is_empty() {
+            let started = std::time::Instant::now();
+            sources = augment(app, ctx, &mut body, &items, &model, &entry).await?;
+            ctx.usage.rag = started.elapsed();
+            crate::usage::overhead("rag", ctx.usage.rag);
+        }
     }
     if crate::usage::ask_for_usage(ctx, &mut body) {
         changed = true;

@@ -16,6 +16,7 @@ mod files;
 mod knowledge;
 mod models;
 mod ollama;
+mod presets;
 mod retrieval;
 mod system;
 pub(crate) mod users;
@@ -167,6 +168,14 @@ pub async fn handle(
         Usage => crate::usage::api::list(app, session, ctx).await,
         UsageLimits => crate::usage::api::get_limits(app, req.id()),
         SetUsageLimits => crate::usage::api::set_limits(app, session, req.id()).await,
+        // Model presets.
+        PresetCreate => presets::create(app, session, ctx).await,
+        PresetListAll => presets::list_all(app, ctx),
+        PresetList => presets::list(app, session, ctx),
+        PresetGet => presets::get(app, session, ctx),
+        PresetUpdate => presets::update(app, session, ctx).await,
+        PresetDelete => presets::delete(app, session, ctx),
+        PresetToggle => presets::toggle(app, session, ctx),
     }
 }
 

@@ -12,11 +12,16 @@ pub async fn list(app: &App, session: &Session, ctx: &RequestCtx) -> HandlerResu
     let refresh = http::query_bool(query(session).as_deref(), "refresh")?.unwrap_or(false);
     let id = identity(ctx)?;
     let catalog = app.models.catalog(refresh).await;
+    // Model presets (src/presets) beside the base models; a preset shadows a base model
+    // of the same id, as in Open WebUI.
+    let presets = crate::presets::model_entries(app, id, &catalog)?;
     let data: Vec<&Value> = catalog
         .list
         .iter()
         .filter(|m| id.may_use_model(&m.id))
+        .filter(|m| !presets.iter().any(|p| p["id"] == m.id.as_str()))
         .map(|m| &m.json)
+        .chain(presets.iter())
         .collect();
     Ok(Outcome::Reply(Reply::ok(&json!({ "data": data }))))
 }

@@ -111,12 +111,31 @@ pub async fn model_route(
         Some(_) => return Err(ApiError::new(422, "model must be a string")),
     };
     let id = identity(ctx)?;
-    if !id.may_use_model(&name) {
+    // Model presets (src/presets) on `/api/chat` and `/api/generate`: the preset's base
+    // model, with its defaults and knowledge applied to the body below.
+    let endpoint = req.route.endpoint;
+    let preset = match endpoint {
+        Endpoint::OllamaChat | Endpoint::OllamaGenerate => {
+            crate::presets::resolve(app, id, &name).await?
+        }
+        _ => None,
+    };
+    if preset.is_none() && !id.may_use_model(&name) {
         return Err(ApiError::forbidden(msg::MODEL_NOT_FOUND));
     }
-    let entry = ollama_model(app, &name)
-        .await
-        .ok_or_else(|| not_found_model(&name))?;
+    let entry = match &preset {
+        Some(p) if p.base.kind == UpstreamKind::Ollama => p.base.clone(),
+        Some(p) => {
+            return Err(ApiError::bad_request(format!(
+                "Model preset '{name}' is based on '{}', which is not an Ollama model: use \
+                 /api/chat/completions",
+                p.base.id
+            )));
+        }
+        None => ollama_model(app, &name)
+            .await
+            .ok_or_else(|| not_found_model(&name))?,
+    };
     let candidates = match req.url_idx {
         Some(i) => {
             if id.user.role != Role::Admin && !entry.urls.contains(&i) {
@@ -133,21 +152,29 @@ pub async fn model_route(
     } else {
         "name"
     };
-    crate::usage::note_model(ctx, &entry.id);
     let openai_style = matches!(
         req.route.endpoint,
         Endpoint::OllamaV1ChatCompletions | Endpoint::OllamaV1Completions
     );
-    let body = if openai_style && crate::usage::ask_for_usage(ctx, &mut obj) {
-        obj.insert(field.to_string(), Value::String(entry.upstream_id.clone()));
-        bytes::Bytes::from(serde_json::to_vec(&obj).expect("json"))
-    } else {
-        rewrite_model(raw, obj, field, &entry)
+    let body = match preset {
+        Some(p) => {
+            let generate = endpoint == Endpoint::OllamaGenerate;
+            p.apply_ollama(&mut obj, generate, &id.user);
+            p.inject_native(app, id, &mut obj, generate).await?;
+            obj.insert(field.to_string(), Value::String(entry.upstream_id.clone()));
+            bytes::Bytes::from(serde_json::to_vec(&obj).expect("json"))
+        }
+        None if openai_style && crate::usage::ask_for_usage(ctx, &mut obj) => {
+            obj.insert(field.to_string(), Value::String(entry.upstream_id.clone()));
+            bytes::Bytes::from(serde_json::to_vec(&obj).expect("json"))
+        }
+        None => rewrite_model(raw, obj, field, &entry),
     };
+    crate::usage::note_model(ctx, &entry.id);
     Ok(Outcome::Forward(Plan {
         candidates,
         method: ::http::Method::POST,
-        path: with_query(upstream_path(req.route.endpoint), session),
+        path: with_query(upstream_path(endpoint), session),
         body,
         replace_success_body: None,
         sources: None,

@@ -125,6 +125,14 @@ pub enum Endpoint {
     Usage,
     UsageLimits,
     SetUsageLimits,
+    // Model presets (src/presets, src/handlers/presets.rs).
+    PresetCreate,
+    PresetListAll,
+    PresetList,
+    PresetGet,
+    PresetUpdate,
+    PresetDelete,
+    PresetToggle,
 }
 
 /// One row of the route table.
@@ -236,7 +244,19 @@ routes! {
     GET "/api/v1/usage" => Usage, Verified, Usage, false, false, "Token usage by user, key and model (?user_id, key_prefix, model, since, until)";
     GET "/api/v1/usage/limits/{id}" => UsageLimits, Admin, Usage, false, false, "A user's and their API key's limits (admin)";
     POST "/api/v1/usage/limits/{id}" => SetUsageLimits, Admin, Usage, false, false, "Set a user's and/or their API key's limits (admin)";
+    // Model presets: Open WebUI's workspace models (ids are query parameters, as there).
+    POST "/api/v1/models/create" => PresetCreate, Verified, Models, false, false, "Create a model preset (Open WebUI's model form)";
+    GET "/api/v1/models/" => PresetListAll, Verified, Models, false, false, "Model presets you can read, as one list (Open WebUI ≤0.6)";
+    GET "/api/v1/models/list" => PresetList, Verified, Models, false, false, "Model presets you can read (paginated, Open WebUI 0.10)";
+    GET "/api/v1/models/model" => PresetGet, Verified, Models, false, false, "A model preset (?id=)";
+    POST "/api/v1/models/model/update" => PresetUpdate, Verified, Models, false, false, "Update a model preset (?id=)";
+    DELETE "/api/v1/models/model/delete" => PresetDelete, Verified, Models, false, false, "Delete a model preset (?id=)";
+    POST "/api/v1/models/model/toggle" => PresetToggle, Verified, Models, false, false, "Turn a model preset on or off (?id=)";
 }
+
+/// Paths where a trailing slash matters: Open WebUI serves the model list at
+/// `/api/v1/models` and (≤0.6) its workspace models at `/api/v1/models/`.
+const SLASH_SENSITIVE: &[&str] = &["/api/v1/models/"];
 
 /// The result of matching a request line.
 #[derive(Debug)]
@@ -285,9 +305,25 @@ fn match_template(template: &str, path: &str) -> Option<Vec<String>> {
 
 /// Finds the route for `method` and `path` (without query).
 pub fn find(method: &Method, path: &str) -> Match {
+    if SLASH_SENSITIVE.contains(&path) {
+        let routes = ROUTES.iter().filter(|r| r.path == path);
+        let mut allowed: Vec<&'static str> = Vec::new();
+        for route in routes {
+            if route.method == method || (route.method == Method::GET && method == Method::HEAD) {
+                return Match::Found {
+                    route,
+                    url_idx: None,
+                    tail: String::new(),
+                    params: Vec::new(),
+                };
+            }
+            allowed.push(route.method.as_str());
+        }
+        return Match::MethodNotAllowed(allowed);
+    }
     let path = trim(path);
     let mut allowed: Vec<&'static str> = Vec::new();
-    for route in ROUTES {
+    for route in ROUTES.iter().filter(|r| !SLASH_SENSITIVE.contains(&r.path)) {
         let base = trim(route.path);
         if base.contains('{') {
             let Some(params) = match_template(base, path) else {
@@ -397,6 +433,18 @@ mod tests {
         );
         assert!(matches!(
             find(&Method::PUT, "/api/v1/files/x"),
+            Match::MethodNotAllowed(_)
+        ));
+        match find(&Method::GET, "/api/v1/models/") {
+            Match::Found { route, .. } => assert_eq!(route.endpoint, Endpoint::PresetListAll),
+            other => panic!("{other:?}"),
+        }
+        match find(&Method::GET, "/api/v1/models") {
+            Match::Found { route, .. } => assert_eq!(route.endpoint, Endpoint::Models),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            find(&Method::POST, "/api/v1/models/"),
             Match::MethodNotAllowed(_)
         ));
         match find(&Method::GET, "/docs/swagger-ui.css") {

@@ -7,6 +7,8 @@
 mod files;
 pub use files::FileIndexData;
 mod knowledge;
+mod presets;
+pub use presets::{PresetRecord, PresetRefusal};
 mod records;
 mod users;
 pub use users::PRIMARY_ADMIN;
@@ -188,6 +190,7 @@ impl Store {
         txn.open_table(COUNTERS)?;
         txn.open_table(USER_DELETIONS)?;
         txn.open_table(usage::USAGE)?;
+        txn.open_table(presets::PRESETS)?;
         txn.commit()?;
         Ok(Store {
             db: Db(RwLock::new(Some(Arc::new(db)))),

@@ -12,6 +12,7 @@ mod extract;
 mod files;
 mod limits;
 mod multipart_prop;
+mod presets;
 mod support;
 mod ui;
 mod users;
