@@ -32,6 +32,8 @@ pub struct App {
     /// Files, chunks, embeddings and the vector index.
     pub ingest: Arc<Ingest>,
     pub started: Instant,
+    /// Token counting and model context windows for the context budget of RAG requests.
+    pub context: crate::rag::budget::ContextBudget,
 }
 
 /// Start-up failures, with what to do about them.
@@ -195,6 +197,10 @@ impl App {
         };
         let ingest = Arc::new(Ingest::new(&config, store.clone(), embedder, tokenizer));
         ingest.start_up().map_err(StartError::Index)?;
+        let context = crate::rag::budget::ContextBudget::new(
+            &config.embedding.model_dir,
+            config.models_cache_ttl,
+        );
         let app = App {
             config: Arc::new(config),
             store,
@@ -206,6 +212,7 @@ impl App {
             docs,
             ingest,
             started: Instant::now(),
+            context,
         };
         app.bootstrap_admin()?;
         Ok(app)

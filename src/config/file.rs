@@ -39,6 +39,20 @@ pub struct FileConfig {
     pub embedding: Option<EmbeddingFile>,
     /// Files, chunking and the vector index.
     pub rag: Option<RagFile>,
+    /// The context budget of RAG requests.
+    pub context: Option<ContextFile>,
+}
+
+/// `[context]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ContextFile {
+    pub budget: Option<bool>,
+    pub ollama_default_window: Option<u32>,
+    pub answer_reserve: Option<u32>,
+    pub max_window: Option<u32>,
+    pub native_num_ctx: Option<bool>,
+    pub cache_entries: Option<usize>,
 }
 
 /// `[embedding]`
@@ -156,6 +170,10 @@ pub struct UpstreamFile {
     pub tags: Option<Vec<String>>,
     pub connection_type: Option<String>,
     pub enable: Option<bool>,
+    /// Context window of this connection's models, in tokens.
+    pub context_length: Option<u32>,
+    /// Per-model context windows: upstream model id → tokens.
+    pub context_lengths: Option<BTreeMap<String, u32>>,
 }
 
 /// `[models]`

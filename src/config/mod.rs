@@ -38,6 +38,10 @@ pub struct UpstreamConfig {
     pub tags: Vec<String>,
     /// `local` / `external`, reported on each model.
     pub connection_type: String,
+    /// Context window (tokens) of this connection's models, for the context budget.
+    pub context_length: Option<u32>,
+    /// Per-model context windows (upstream model id → tokens); win over `context_length`.
+    pub context_lengths: BTreeMap<String, u32>,
 }
 
 /// Authentication settings.
@@ -168,6 +172,25 @@ pub struct Config {
     pub read_idle_timeout: Duration,
     pub embedding: EmbeddingConfig,
     pub rag: RagConfig,
+    pub context: ContextConfig,
+}
+
+/// The context budget (`[context]`): fitting retrieved context into a model's window.
+#[derive(Debug, Clone)]
+pub struct ContextConfig {
+    /// Fit RAG context into the model's context window (off: inject as retrieved).
+    pub budget: bool,
+    /// Ollama's runtime window for a model that sets no `num_ctx` (`OLLAMA_CONTEXT_LENGTH`).
+    pub ollama_default_window: u32,
+    /// Tokens kept free for the answer when a request states no `max_tokens`.
+    pub answer_reserve: u32,
+    /// The largest window ragway ever asks for or believes an upstream about.
+    pub max_window: u32,
+    /// Send Ollama RAG requests that need more than the runtime window to `/api/chat` with
+    /// `options.num_ctx` (Ollama's `/v1` endpoint has no way to set it).
+    pub native_num_ctx: bool,
+    /// Models whose context window is remembered at once.
+    pub cache_entries: usize,
 }
 
 /// A configuration problem, with the setting it concerns.
@@ -504,6 +527,7 @@ pub fn build(
         &openai,
         &data_dir,
     )?;
+    let context = context_config(file.context.unwrap_or_default())?;
 
     Ok(Config {
         listen,
@@ -537,6 +561,37 @@ pub fn build(
         read_idle_timeout,
         embedding,
         rag,
+        context,
+    })
+}
+
+/// `[context]`: the context budget.
+fn context_config(c: file::ContextFile) -> Result<ContextConfig, ConfigError> {
+    let max_window = c.max_window.unwrap_or(131_072);
+    if max_window < 256 {
+        return err("context.max-window: must be at least 256");
+    }
+    let ollama_default_window = c.ollama_default_window.unwrap_or(2048);
+    if !(256..=max_window).contains(&ollama_default_window) {
+        return err(format!(
+            "context.ollama-default-window: must be between 256 and context.max-window ({max_window})"
+        ));
+    }
+    let answer_reserve = c.answer_reserve.unwrap_or(512);
+    if answer_reserve >= max_window {
+        return err("context.answer-reserve: must be smaller than context.max-window");
+    }
+    let cache_entries = c.cache_entries.unwrap_or(1024);
+    if cache_entries == 0 {
+        return err("context.cache-entries: must be at least 1");
+    }
+    Ok(ContextConfig {
+        budget: c.budget.unwrap_or(true),
+        ollama_default_window,
+        answer_reserve,
+        max_window,
+        native_num_ctx: c.native_num_ctx.unwrap_or(true),
+        cache_entries,
     })
 }
 
@@ -974,6 +1029,8 @@ fn upstreams(
             connection_type: e
                 .connection_type
                 .unwrap_or_else(|| default_type.to_string()),
+            context_length: e.context_length,
+            context_lengths: e.context_lengths.unwrap_or_default(),
         });
     }
     Ok(out)

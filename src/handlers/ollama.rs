@@ -141,6 +141,8 @@ pub async fn model_route(
         body,
         replace_success_body: None,
         sources: None,
+        convert: None,
+        headers: Vec::new(),
     }))
 }
 
@@ -202,6 +204,8 @@ pub async fn admin_model_op(
         body,
         replace_success_body: replace,
         sources: None,
+        convert: None,
+        headers: Vec::new(),
     }))
 }
 
