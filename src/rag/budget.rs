@@ -29,6 +29,9 @@ use crate::models::ModelEntry;
 /// Tokens a chat template adds around each message (role markers, separators). Llama 3's
 /// template adds 4-5, ChatML 4-5, Gemma 5; the larger figure keeps the estimate on the safe side.
 const PER_MESSAGE_TOKENS: usize = 6;
+/// Kept free on top of the reserve: counting the parts of a message separately can differ
+/// from counting it whole by a token or two at each seam.
+const SLACK_TOKENS: usize = 16;
 /// A chunk shorter than this after cutting is not worth injecting.
 const MIN_SHORTENED_TOKENS: usize = 32;
 /// Largest `/api/show` answer read: without `verbose` it is a few KiB; more is hostile.
@@ -387,7 +390,7 @@ pub async fn fit(
     let frame = budget.count(&prompt::fill(&rag.template, "", query)) + PER_MESSAGE_TOKENS;
     let base = messages_tokens(budget, messages) + frame * copies;
     let limit = capacity as usize;
-    if base + reserve as usize > limit {
+    if base + reserve as usize + SLACK_TOKENS > limit {
         metrics::CONTEXT_BUDGET
             .with_label_values(&["refused"])
             .inc();
@@ -398,9 +401,10 @@ pub async fn fit(
             entry.id
         )));
     }
-    let mut left = limit - base - reserve as usize;
+    let mut left = limit - base - reserve as usize - SLACK_TOKENS;
+    let room = left;
     let (kept, dropped, shortened) = select(budget, sources, &mut left, copies);
-    let prompt_tokens = limit - reserve as usize - left;
+    let prompt_tokens = base + (room - left);
     let need = u32::try_from(prompt_tokens + reserve as usize).unwrap_or(u32::MAX);
     let num_ctx = match (entry.kind, asked) {
         (UpstreamKind::Ollama, Some(n)) => Some(n),
