@@ -39,6 +39,9 @@ const MAX_SHOW_BYTES: usize = 4 * 1024 * 1024;
 /// `num_ctx` asked for is rounded up to this, so nearby prompts share one loaded runner
 /// (Ollama reloads a model whenever `num_ctx` changes).
 const NUM_CTX_STEP: u32 = 1024;
+/// Text is tokenised in pieces of about this size: the memory of one encoding is ~100 bytes
+/// a token, so a 4 MiB document counted whole would briefly take ~100 MiB.
+const PIECE_BYTES: usize = 16 * 1024;
 /// Whole name of the response header that reports what the budget did.
 pub const HEADER: &str = "x-ragway-context";
 
@@ -88,36 +91,60 @@ impl ContextBudget {
         }
     }
 
-    /// Tokens of `text`. Without a tokenizer: one per 3 bytes, which over-counts English
-    /// and code for the BPE tokenizers of chat models (about 4 bytes per token).
-    pub fn count(&self, text: &str) -> usize {
-        if text.is_empty() {
+    /// Tokens of one piece (at most [`PIECE_BYTES`]). Without a tokenizer: one per 3 bytes,
+    /// which over-counts English and code for chat models' BPE tokenizers (~4 bytes a token).
+    fn count_piece(&self, piece: &str) -> usize {
+        if piece.is_empty() {
             return 0;
         }
         match &self.tokenizer {
             Some(t) => t
-                .encode_fast(text, false)
-                .map_or_else(|_| text.len().div_ceil(3), |e| e.len()),
-            None => text.len().div_ceil(3),
+                .encode_fast(piece, false)
+                .map_or_else(|_| piece.len().div_ceil(3), |e| e.len()),
+            None => piece.len().div_ceil(3),
         }
+    }
+
+    /// Tokens of `text`, counted piece by piece so memory stays bounded whatever its size.
+    pub fn count(&self, text: &str) -> usize {
+        pieces(text).map(|r| self.count_piece(&text[r])).sum()
+    }
+
+    /// Tokens of `text` when at most `limit`, else `None`: counting stops at the first piece
+    /// past the limit, so a huge document is not tokenised whole to learn it does not fit.
+    pub fn count_upto(&self, text: &str, limit: usize) -> Option<usize> {
+        let mut n = 0;
+        for r in pieces(text) {
+            n += self.count_piece(&text[r]);
+            if n > limit {
+                return None;
+            }
+        }
+        Some(n)
     }
 
     /// The longest prefix of `text` with at most `tokens` tokens, cut on a char boundary.
     fn prefix<'a>(&self, text: &'a str, tokens: usize) -> &'a str {
-        let end = match self
-            .tokenizer
-            .as_ref()
-            .and_then(|t| t.encode(text, false).ok())
-        {
-            Some(e) if e.len() > tokens => e.get_offsets().get(tokens).map_or(0, |o| o.0),
-            Some(_) => text.len(),
-            None => tokens.saturating_mul(3).min(text.len()),
-        };
-        let mut end = end.min(text.len());
-        while !text.is_char_boundary(end) {
-            end -= 1;
+        let mut used = 0;
+        for r in pieces(text) {
+            let piece = &text[r.clone()];
+            let n = self.count_piece(piece);
+            if used + n <= tokens {
+                used += n;
+                continue;
+            }
+            let want = tokens - used;
+            let cut = match self
+                .tokenizer
+                .as_ref()
+                .and_then(|t| t.encode(piece, false).ok())
+            {
+                Some(e) => e.get_offsets().get(want).map_or(piece.len(), |o| o.0),
+                None => want.saturating_mul(3),
+            };
+            return &text[..floor_char(text, r.start + cut.min(piece.len()))];
         }
-        &text[..end]
+        text
     }
 
     fn cached(&self, key: &str) -> Option<Window> {
@@ -153,6 +180,43 @@ impl ContextBudget {
             .unwrap_or_else(PoisonError::into_inner)
             .len()
     }
+}
+
+/// The largest char boundary at or before `i`.
+fn floor_char(text: &str, mut i: usize) -> usize {
+    i = i.min(text.len());
+    while !text.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+/// Consecutive byte ranges covering `text`, each at most [`PIECE_BYTES`], cut after the last
+/// whitespace in a piece's second half when there is one (tokenisers split words at
+/// whitespace, so the sum of the pieces' counts is the count of the whole, or within a
+/// token per cut).
+fn pieces(text: &str) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
+    let mut start = 0;
+    std::iter::from_fn(move || {
+        if start >= text.len() {
+            return None;
+        }
+        let mut end = floor_char(text, start + PIECE_BYTES);
+        if end < text.len() {
+            let half = floor_char(text, start + PIECE_BYTES / 2);
+            if let Some(ws) = text[half..end].rfind(char::is_whitespace) {
+                end = half + ws + 1;
+            }
+            if end <= start {
+                // A single char longer than the piece size cannot happen (4 bytes at most),
+                // but never loop forever.
+                end = text.ceil_char_boundary(start + 1);
+            }
+        }
+        let r = start..end;
+        start = end;
+        Some(r)
+    })
 }
 
 /// An upstream's claim about a token count, believed only when it is a positive integer;
@@ -323,17 +387,18 @@ impl Decision {
     }
 }
 
-/// Tokens of the messages as an upstream template renders them (approximately).
-fn messages_tokens(budget: &ContextBudget, messages: &[Value]) -> usize {
-    messages
-        .iter()
-        .map(|m| {
-            PER_MESSAGE_TOKENS
-                + budget.count(&prompt::content_text(
-                    m.get("content").unwrap_or(&Value::Null),
-                ))
-        })
-        .sum()
+/// Tokens of the messages as an upstream template renders them (approximately), when at
+/// most `limit`.
+fn messages_tokens(budget: &ContextBudget, messages: &[Value], limit: usize) -> Option<usize> {
+    let mut n = 0;
+    for m in messages {
+        let text = prompt::content_text(m.get("content").unwrap_or(&Value::Null));
+        n += PER_MESSAGE_TOKENS + budget.count_upto(&text, limit.saturating_sub(n))?;
+        if n > limit {
+            return None;
+        }
+    }
+    Some(n)
 }
 
 /// Fits `sources` into the window of `entry` for the request `body` (before injection).
@@ -386,22 +451,27 @@ pub async fn fit(
         .map_or(&[][..], Vec::as_slice);
     let copies = prompt::injection_count(messages, rag.system_context).max(1);
     let budget = &app.context;
-    // The template around an empty context, plus the message it may add.
-    let frame = budget.count(&prompt::fill(&rag.template, "", query)) + PER_MESSAGE_TOKENS;
-    let base = messages_tokens(budget, messages) + frame * copies;
     let limit = capacity as usize;
-    if base + reserve as usize + SLACK_TOKENS > limit {
+    // What must fit whatever the context: the messages, and the template around an empty
+    // context (plus the message it may add) once per copy, with the answer's reserve.
+    let must = limit.saturating_sub(reserve as usize + SLACK_TOKENS);
+    let base = messages_tokens(budget, messages, must).and_then(|m| {
+        let frame = budget.count_upto(&prompt::fill(&rag.template, "", query), must)?;
+        Some(m + (frame + PER_MESSAGE_TOKENS) * copies).filter(|b| *b <= must)
+    });
+    let Some(base) = base else {
         metrics::CONTEXT_BUDGET
             .with_label_values(&["refused"])
             .inc();
         return Err(ApiError::bad_request(format!(
             "The conversation does not fit model {}'s context window even without retrieved \
-             context: about {base} tokens plus {reserve} reserved for the answer, the window \
-             is {limit} tokens. Shorten the conversation or lower max_tokens",
+             context: the window is {limit} tokens and {reserve} are reserved for the answer \
+             (max_tokens, or context.answer-reserve). Shorten the conversation or lower \
+             max_tokens",
             entry.id
         )));
-    }
-    let mut left = limit - base - reserve as usize - SLACK_TOKENS;
+    };
+    let mut left = must - base;
     let room = left;
     let (kept, dropped, shortened) = select(budget, sources, &mut left, copies);
     let prompt_tokens = base + (room - left);
@@ -481,15 +551,14 @@ fn select(
             if full {
                 break 'ranks;
             }
-            let cost = (budget.count(doc) + tags[si]) * copies;
-            if cost <= *left {
-                *left -= cost;
+            let room = (*left / copies).saturating_sub(tags[si]);
+            if let Some(n) = budget.count_upto(doc, room) {
+                *left -= (n + tags[si]) * copies;
                 keep[si][rank] = true;
                 continue;
             }
             // Room for part of it: a shortened chunk beats none (its start usually
             // carries the heading and the sentence that matched).
-            let room = (*left / copies).saturating_sub(tags[si]);
             if room >= MIN_SHORTENED_TOKENS {
                 shortened_at = Some((si, rank, room));
                 keep[si][rank] = true;
@@ -660,6 +729,55 @@ mod tests {
         let mut left = 10;
         assert_eq!(select(&b, &mut s, &mut left, 1), (0, 1, 0));
         assert!(s[0].document.is_empty() && s[0].metadata.is_empty());
+    }
+
+    /// The provisioned embedding tokenizer (`scripts/` fetch it, as for the ONNX tests).
+    fn real() -> ContextBudget {
+        let dir = std::env::var("RAGWAY_MODEL_DIR").map_or_else(
+            |_| Path::new(env!("CARGO_MANIFEST_DIR")).join("models/all-MiniLM-L6-v2"),
+            std::path::PathBuf::from,
+        );
+        let b = ContextBudget::new(&dir, Duration::from_secs(60));
+        assert!(
+            b.tokenizer.is_some(),
+            "no tokenizer.json in {}",
+            dir.display()
+        );
+        b
+    }
+
+    #[test]
+    fn counting_in_pieces_matches_counting_whole() {
+        let b = real();
+        let text = "The gateway counts tokens in pieces, so a large document never costs \
+                    more memory than one piece. Überraschung: naïve café! "
+            .repeat(1100);
+        assert!(text.len() > 8 * PIECE_BYTES);
+        let whole = b
+            .tokenizer
+            .as_ref()
+            .unwrap()
+            .encode_fast(text.as_str(), false)
+            .unwrap()
+            .len();
+        assert_eq!(b.count(&text), whole);
+        let covered: usize = pieces(&text).map(|r| r.len()).sum();
+        assert_eq!(covered, text.len());
+        assert!(pieces(&text).all(|r| r.len() <= PIECE_BYTES));
+        assert_eq!(b.count_upto(&text, whole), Some(whole));
+        assert_eq!(b.count_upto(&text, whole - 1), None);
+        // A prefix of n tokens has n tokens (give or take the word split at the cut).
+        for n in [1, 100, 5000, whole - 3] {
+            let p = b.prefix(&text, n);
+            let got = b.count(p);
+            assert!(got <= n && got + 2 >= n, "{got} for {n}");
+        }
+        assert_eq!(b.prefix(&text, whole + 10), text);
+        // Without a tokenizer: 3 bytes a token, cut on char boundaries.
+        let est = ContextBudget::new(Path::new("/nonexistent"), Duration::from_secs(60));
+        assert_eq!(est.count("ééé"), 2);
+        assert_eq!(est.prefix("ééé", 1), "é");
+        assert_eq!(pieces("").count(), 0);
     }
 
     #[test]
