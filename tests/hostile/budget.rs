@@ -234,3 +234,40 @@ async fn an_upstream_error_status_keeps_its_status_and_message() {
     );
     alive(&gw).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_whole_answer_is_a_502_not_unbounded_memory() {
+    // 33 MiB of JSON-ish bytes for a non-streamed answer (the bound is 32 MiB).
+    let blob = vec![b' '; 1024 * 1024];
+    let mut script = vec![Step::raw(b"{\"message\": {\"content\": \"")];
+    script.extend((0..33).map(|_| Step::raw(&blob)));
+    let (_up, gw, admin) = scripted(200, script).await;
+    let v = clear_error(gw.post(CHAT, Some(&admin), long_rag(false)).await, 502).await;
+    assert!(v["detail"].as_str().unwrap().contains("too large"), "{v}");
+    alive(&gw).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_model_description_is_not_believed() {
+    // A 5 MiB /api/show answer claiming a huge window: over the 4 MiB bound, so ragway
+    // assumes the default runtime window and fits the context into it instead.
+    let up = Scripted::start(
+        MODEL,
+        json!({"model_info": {"llama.context_length": 131_072}, "license": "x".repeat(5 << 20)}),
+        200,
+        vec![],
+    )
+    .await;
+    let gw = Setup::new().ollama(&up.url).start().await;
+    let admin = gw.admin().await;
+    // A 2048-token window, and more than that asked for the answer: refused.
+    let v = clear_error(
+        gw.post(CHAT, Some(&admin), rag(json!({"max_tokens": 4096})))
+            .await,
+        400,
+    )
+    .await;
+    assert!(v["detail"].as_str().unwrap().contains("2048"), "{v}");
+    assert!(up.chats().is_empty());
+    alive(&gw).await;
+}
