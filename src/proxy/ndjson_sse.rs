@@ -259,7 +259,7 @@ fn tool_calls_out(calls: Option<&Value>) -> Vec<Value> {
                 "type": "function",
                 "function": {
                     "name": f.get("name").cloned().unwrap_or(json!("")),
-                    "arguments": f.get("arguments").map(Value::to_string).unwrap_or_else(|| "{}".into()),
+                    "arguments": f.get("arguments").map_or_else(|| "{}".into(), Value::to_string),
                 },
             })
         })
@@ -373,6 +373,7 @@ pub enum StreamError {
 }
 
 impl StreamError {
+    #[must_use]
     pub fn message(&self) -> String {
         match self {
             StreamError::Malformed(why) => format!("Upstream sent an invalid stream line: {why}"),
@@ -382,6 +383,7 @@ impl StreamError {
     }
 
     /// The SSE event carrying this error, as OpenAI streams report errors.
+    #[must_use]
     pub fn event(&self) -> Bytes {
         let v = json!({"error": {"message": self.message(), "type": "upstream_error", "param": null, "code": null}});
         Bytes::from(format!("data: {v}\n\n"))
@@ -398,6 +400,7 @@ pub struct SseConverter {
 }
 
 impl SseConverter {
+    #[must_use]
     pub fn new(id: String, include_usage: bool) -> SseConverter {
         SseConverter {
             id,
@@ -406,11 +409,6 @@ impl SseConverter {
             tool_call_sent: false,
             done: false,
         }
-    }
-
-    /// Whether the `done` line has been seen.
-    pub fn is_done(&self) -> bool {
-        self.done
     }
 
     /// Converts every complete line in `bytes` (plus what was left of the previous call);
@@ -575,12 +573,9 @@ pub async fn relay(
             }
             body.extend_from_slice(&chunk);
         }
-        let r: Value = match serde_json::from_slice(&body) {
-            Ok(v @ Value::Object(_)) => v,
-            _ => {
-                let err = ApiError::new(502, "Upstream sent an answer that is not a JSON object");
-                return send_error(session, ctx, err).await;
-            }
+        let Ok(r @ Value::Object(_)) = serde_json::from_slice::<Value>(&body) else {
+            let err = ApiError::new(502, "Upstream sent an answer that is not a JSON object");
+            return send_error(session, ctx, err).await;
         };
         if let Some(e) = r.get("error") {
             let m = e.as_str().map_or_else(|| e.to_string(), String::from);
