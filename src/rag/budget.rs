@@ -267,11 +267,14 @@ pub fn window_from_show(show: &Value, runtime_default: u32, cfg: &ContextConfig)
 /// OpenAI-compatible connection without `context-length`).
 pub async fn window(app: &App, entry: &ModelEntry) -> Option<Window> {
     let cfg = &app.config.context;
-    let up = app
-        .upstreams
-        .rank(entry.kind, &entry.urls)
-        .into_iter()
-        .next()?;
+    // The first healthy host (not `rank`, which would advance the round-robin).
+    let family = app.upstreams.family(entry.kind);
+    let hosts: Vec<_> = entry.urls.iter().filter_map(|i| family.get(*i)).collect();
+    let up = hosts
+        .iter()
+        .find(|u| !u.recently_failed())
+        .or(hosts.first())
+        .map(|u| (*u).clone())?;
     let configured = up
         .config
         .context_lengths
