@@ -1133,4 +1133,40 @@ mod tests {
         assert!(bad("", &[("DEFAULT_USER_ROLE", "god")]).contains("default-user-role"));
         assert!(toml::from_str::<FileConfig>("lisen = \"x\"").is_err());
     }
+
+    #[test]
+    fn context_budget_keys() {
+        let c = build(FileConfig::default(), &env(&[]), &Overrides::default()).unwrap();
+        assert!(c.context.budget && c.context.native_num_ctx);
+        assert_eq!(
+            (
+                c.context.ollama_default_window,
+                c.context.answer_reserve,
+                c.context.max_window
+            ),
+            (2048, 512, 131_072)
+        );
+        let c = build(
+            file("[[openai]]\nurl = \"http://x/v1\"\ncontext-length = 8000\ncontext-lengths = { \"a\" = 9000 }\n\
+                  [context]\nbudget = false\nmax-window = 9000"),
+            &env(&[]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert!(!c.context.budget);
+        assert_eq!(c.openai[0].context_length, Some(8000));
+        assert_eq!(c.openai[0].context_lengths["a"], 9000);
+        let bad = |f: &str| {
+            build(file(f), &env(&[]), &Overrides::default())
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(bad("[context]\nmax-window = 10").contains("context.max-window"));
+        assert!(
+            bad("[context]\nollama-default-window = 9999999").contains("ollama-default-window")
+        );
+        assert!(bad("[context]\nanswer-reserve = 200000").contains("answer-reserve"));
+        assert!(bad("[context]\ncache-entries = 0").contains("cache-entries"));
+        assert!(toml::from_str::<FileConfig>("[context]\nbudgett = true").is_err());
+    }
 }
