@@ -37,6 +37,8 @@ pub struct App {
     pub handing_over: std::sync::atomic::AtomicBool,
     /// Per-key and per-user limits and usage metering.
     pub usage: crate::usage::Usage,
+    /// Token counting and model context windows for the context budget of RAG requests.
+    pub context: crate::rag::budget::ContextBudget,
 }
 
 /// Start-up failures, with what to do about them.
@@ -226,6 +228,10 @@ impl App {
         let ingest = Arc::new(Ingest::new(&config, store.clone(), embedder, tokenizer));
         ingest.start_up().map_err(StartError::Index)?;
         let usage = crate::usage::Usage::new(config.limits.clone(), store.clone());
+        let context = crate::rag::budget::ContextBudget::new(
+            &config.embedding.model_dir,
+            config.models_cache_ttl,
+        );
         let app = App {
             usage,
             config: Arc::new(config),
@@ -239,6 +245,7 @@ impl App {
             ingest,
             started: Instant::now(),
             handing_over: std::sync::atomic::AtomicBool::new(false),
+            context,
         };
         app.bootstrap_admin()?;
         // A user deletion interrupted by a crash leaves files and collections behind.

@@ -115,6 +115,43 @@ pub static MODEL_LIST_DURATION: LazyLock<Histogram> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+// Context budget (RAG requests fitted into a model's window).
+pub static CONTEXT_BUDGET: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        Opts::new(
+            "ragway_context_budget_requests_total",
+            "RAG requests by what the context budget did: fit (all context kept), trimmed \
+             (chunks dropped or shortened), refused (too long even without context), \
+             unknown_window (no window known: injected as retrieved)"
+        ),
+        &["outcome"]
+    )
+    .expect("metric registers once")
+});
+
+pub static CONTEXT_CHUNKS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        Opts::new(
+            "ragway_context_budget_chunks_total",
+            "Retrieved chunks (or whole documents) of RAG requests: kept, shortened or dropped \
+             to fit the model's window"
+        ),
+        &["action"]
+    )
+    .expect("metric registers once")
+});
+
+pub static CONTEXT_NUM_CTX: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        Opts::new(
+            "ragway_context_native_requests_total",
+            "RAG requests sent to Ollama's /api/chat with a larger num_ctx, by stream mode"
+        ),
+        &["mode"]
+    )
+    .expect("metric registers once")
+});
+
 /// `reason` is a literal: a failure reason must never carry request data into a label.
 pub fn auth_failure(reason: &'static str) {
     AUTH_FAILURES.with_label_values(&[reason]).inc();
@@ -174,6 +211,9 @@ pub fn init() {
     LazyLock::force(&AUTH_FAILURES);
     LazyLock::force(&STREAMED_BYTES);
     LazyLock::force(&MODEL_LIST_DURATION);
+    LazyLock::force(&CONTEXT_BUDGET);
+    LazyLock::force(&CONTEXT_CHUNKS);
+    LazyLock::force(&CONTEXT_NUM_CTX);
 }
 
 #[cfg(test)]

@@ -12,8 +12,12 @@ const MIB: u64 = 1024;
 
 async fn server(up: &FakeUpstream) -> (Server, String, reqwest::Client) {
     // Embeddings from the fake's /api/embed: the bombs are about chat, not the model.
+    // A window large enough for the bombs, so the context budget counts every token of
+    // them (its memory is part of what is measured) and lets them through.
+    up.set_show("m:latest", json!({}), "num_ctx 4194304");
     let toml = format!(
-        "[[ollama]]\nurl = {:?}\n[embedding]\nengine = \"ollama\"\nmodel = \"m:latest\"\n",
+        "[[ollama]]\nurl = {:?}\n[embedding]\nengine = \"ollama\"\nmodel = \"m:latest\"\n\
+         [context]\nmax-window = 4194304\n",
         up.url
     );
     let server = Server::start(&toml, &[]).await;

@@ -43,6 +43,8 @@ pub struct FileConfig {
     pub limits: Option<LimitsFile>,
     /// Model presets: bounds, and presets declared here (read-only through the API).
     pub presets: Option<PresetsFile>,
+    /// The context budget of RAG requests.
+    pub context: Option<ContextFile>,
 }
 
 /// `[limits]`: defaults for every API key (`key-*`) and every user (`user-*`); 0 or unset
@@ -105,6 +107,18 @@ pub struct DeclaredGrantFile {
     pub principal_id: String,
     /// `read` or `write` (declared presets are read-only through the API either way).
     pub permission: String,
+}
+
+/// `[context]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ContextFile {
+    pub budget: Option<bool>,
+    pub ollama_default_window: Option<u32>,
+    pub answer_reserve: Option<u32>,
+    pub max_window: Option<u32>,
+    pub native_num_ctx: Option<bool>,
+    pub cache_entries: Option<usize>,
 }
 
 /// `[embedding]`
@@ -222,6 +236,10 @@ pub struct UpstreamFile {
     pub tags: Option<Vec<String>>,
     pub connection_type: Option<String>,
     pub enable: Option<bool>,
+    /// Context window of this connection's models, in tokens.
+    pub context_length: Option<u32>,
+    /// Per-model context windows: upstream model id → tokens.
+    pub context_lengths: Option<BTreeMap<String, u32>>,
 }
 
 /// `[models]`

@@ -38,6 +38,10 @@ pub struct UpstreamConfig {
     pub tags: Vec<String>,
     /// `local` / `external`, reported on each model.
     pub connection_type: String,
+    /// Context window (tokens) of this connection's models, for the context budget.
+    pub context_length: Option<u32>,
+    /// Per-model context windows (upstream model id → tokens); win over `context_length`.
+    pub context_lengths: BTreeMap<String, u32>,
 }
 
 /// Authentication settings.
@@ -171,6 +175,7 @@ pub struct Config {
     /// `[limits]`: per-key and per-user limits, usage retention.
     pub limits: crate::usage::LimitsConfig,
     pub presets: PresetsConfig,
+    pub context: ContextConfig,
 }
 
 /// Model presets: the bounds of stored ones, and those declared in the file.
@@ -182,6 +187,24 @@ pub struct PresetsConfig {
     pub max_total: usize,
     /// `[[presets.declared]]`, validated; read-only through the API.
     pub declared: Vec<crate::store::PresetRecord>,
+}
+
+/// The context budget (`[context]`): fitting retrieved context into a model's window.
+#[derive(Debug, Clone)]
+pub struct ContextConfig {
+    /// Fit RAG context into the model's context window (off: inject as retrieved).
+    pub budget: bool,
+    /// Ollama's runtime window for a model that sets no `num_ctx` (`OLLAMA_CONTEXT_LENGTH`).
+    pub ollama_default_window: u32,
+    /// Tokens kept free for the answer when a request states no `max_tokens`.
+    pub answer_reserve: u32,
+    /// The largest window ragway ever asks for or believes an upstream about.
+    pub max_window: u32,
+    /// Send Ollama RAG requests that need more than the runtime window to `/api/chat` with
+    /// `options.num_ctx` (Ollama's `/v1` endpoint has no way to set it).
+    pub native_num_ctx: bool,
+    /// Models whose context window is remembered at once.
+    pub cache_entries: usize,
 }
 
 /// A configuration problem, with the setting it concerns.
@@ -531,6 +554,7 @@ pub fn build(
         )
         .map_err(|e| ConfigError(format!("presets.declared: {e}")))?,
     };
+    let context = context_config(file.context.unwrap_or_default())?;
 
     Ok(Config {
         listen,
@@ -566,6 +590,7 @@ pub fn build(
         rag,
         limits,
         presets,
+        context,
     })
 }
 
@@ -606,6 +631,36 @@ fn limits_config(f: file::LimitsFile) -> Result<crate::usage::LimitsConfig, Conf
         },
         max_tracked,
         retention,
+    })
+}
+
+/// `[context]`: the context budget.
+fn context_config(c: file::ContextFile) -> Result<ContextConfig, ConfigError> {
+    let max_window = c.max_window.unwrap_or(131_072);
+    if max_window < 256 {
+        return err("context.max-window: must be at least 256");
+    }
+    let ollama_default_window = c.ollama_default_window.unwrap_or(2048);
+    if !(256..=max_window).contains(&ollama_default_window) {
+        return err(format!(
+            "context.ollama-default-window: must be between 256 and context.max-window ({max_window})"
+        ));
+    }
+    let answer_reserve = c.answer_reserve.unwrap_or(512);
+    if answer_reserve >= max_window {
+        return err("context.answer-reserve: must be smaller than context.max-window");
+    }
+    let cache_entries = c.cache_entries.unwrap_or(1024);
+    if cache_entries == 0 {
+        return err("context.cache-entries: must be at least 1");
+    }
+    Ok(ContextConfig {
+        budget: c.budget.unwrap_or(true),
+        ollama_default_window,
+        answer_reserve,
+        max_window,
+        native_num_ctx: c.native_num_ctx.unwrap_or(true),
+        cache_entries,
     })
 }
 
@@ -1043,6 +1098,8 @@ fn upstreams(
             connection_type: e
                 .connection_type
                 .unwrap_or_else(|| default_type.to_string()),
+            context_length: e.context_length,
+            context_lengths: e.context_lengths.unwrap_or_default(),
         });
     }
     Ok(out)
@@ -1144,5 +1201,41 @@ mod tests {
         assert!(bad("[timeouts]\nconnect = \"5 parsecs\"", &[]).contains("timeouts.connect"));
         assert!(bad("", &[("DEFAULT_USER_ROLE", "god")]).contains("default-user-role"));
         assert!(toml::from_str::<FileConfig>("lisen = \"x\"").is_err());
+    }
+
+    #[test]
+    fn context_budget_keys() {
+        let c = build(FileConfig::default(), &env(&[]), &Overrides::default()).unwrap();
+        assert!(c.context.budget && c.context.native_num_ctx);
+        assert_eq!(
+            (
+                c.context.ollama_default_window,
+                c.context.answer_reserve,
+                c.context.max_window
+            ),
+            (2048, 512, 131_072)
+        );
+        let c = build(
+            file("[[openai]]\nurl = \"http://x/v1\"\ncontext-length = 8000\ncontext-lengths = { \"a\" = 9000 }\n\
+                  [context]\nbudget = false\nmax-window = 9000"),
+            &env(&[]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert!(!c.context.budget);
+        assert_eq!(c.openai[0].context_length, Some(8000));
+        assert_eq!(c.openai[0].context_lengths["a"], 9000);
+        let bad = |f: &str| {
+            build(file(f), &env(&[]), &Overrides::default())
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(bad("[context]\nmax-window = 10").contains("context.max-window"));
+        assert!(
+            bad("[context]\nollama-default-window = 9999999").contains("ollama-default-window")
+        );
+        assert!(bad("[context]\nanswer-reserve = 200000").contains("answer-reserve"));
+        assert!(bad("[context]\ncache-entries = 0").contains("cache-entries"));
+        assert!(toml::from_str::<FileConfig>("[context]\nbudgett = true").is_err());
     }
 }

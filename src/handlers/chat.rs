@@ -16,6 +16,7 @@ use crate::error::{ApiError, msg};
 use crate::http;
 use crate::proxy::ctx::RequestCtx;
 use crate::proxy::forward::{Plan, SourcesReply};
+use crate::proxy::ndjson_sse;
 use crate::rag::{self, prompt};
 
 /// Request fields that only mean something to Open WebUI's UI and are never forwarded.
@@ -169,6 +170,7 @@ pub async fn completions(app: &App, session: &mut Session, ctx: &mut RequestCtx)
     };
     crate::usage::note_model(ctx, &entry.id);
     let mut sources = None;
+    let mut budget = None;
     match body.remove("files") {
         None | Some(Value::Null) => {}
         Some(Value::Array(files)) => {
@@ -181,10 +183,47 @@ pub async fn completions(app: &App, session: &mut Session, ctx: &mut RequestCtx)
         let items = rag::distinct_items(&items, app.config.rag.max_items)?;
         if !items.is_empty() {
             let started = std::time::Instant::now();
-            sources = augment(app, ctx, &mut body, &items, &model, &entry).await?;
+            sources = augment(app, ctx, &mut body, &items, &model, &entry, &mut budget).await?;
             ctx.usage.rag = started.elapsed();
             crate::usage::overhead("rag", ctx.usage.rag);
         }
+    }
+    // Context budget: a window larger than Ollama's runtime one is only reachable through
+    // its native API (its /v1 endpoint ignores num_ctx).
+    let num_ctx = budget
+        .as_ref()
+        .and_then(|d: &rag::budget::Decision| d.num_ctx);
+    let headers = budget.map_or_else(Vec::new, |d| {
+        vec![(
+            ::http::HeaderName::from_static(rag::budget::HEADER),
+            d.header(),
+        )]
+    });
+    if let Some(n) = num_ctx {
+        body.insert("model".into(), Value::String(entry.upstream_id.clone()));
+        let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
+        let include_usage = body
+            .get("stream_options")
+            .and_then(|o| o.get("include_usage"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let native = ndjson_sse::native_body(&body, n)?;
+        crate::metrics::CONTEXT_NUM_CTX
+            .with_label_values(&[if stream { "stream" } else { "json" }])
+            .inc();
+        return Ok(Outcome::Forward(Plan {
+            candidates: app.upstreams.rank(entry.kind, &entry.urls),
+            method: ::http::Method::POST,
+            path: "/api/chat".to_string(),
+            body: bytes::Bytes::from(serde_json::to_vec(&native).expect("json")),
+            replace_success_body: None,
+            sources,
+            convert: Some(ndjson_sse::Convert {
+                stream,
+                include_usage,
+            }),
+            headers,
+        }));
     }
     if crate::usage::ask_for_usage(ctx, &mut body) {
         changed = true;
@@ -214,6 +253,8 @@ pub async fn completions(app: &App, session: &mut Session, ctx: &mut RequestCtx)
         body: payload,
         replace_success_body: None,
         sources,
+        convert: None,
+        headers,
     }))
 }
 
@@ -226,6 +267,7 @@ async fn augment(
     items: &[Value],
     model: &str,
     entry: &crate::models::ModelEntry,
+    decision: &mut Option<rag::budget::Decision>,
 ) -> Result<Option<SourcesReply>, ApiError> {
     let id = identity(ctx)?;
     let cfg = &app.config.rag;
@@ -252,7 +294,11 @@ async fn augment(
         query.clone()
     };
     let mut budget = rag::Budget::new(cfg.max_context_bytes);
-    let sources = rag::retrieve(app, id, items, &retrieval_query, &mut budget).await?;
+    let mut sources = rag::retrieve(app, id, items, &retrieval_query, &mut budget).await?;
+    if sources.iter().any(|s| !s.document.is_empty()) && !query.trim().is_empty() {
+        // Context budget: fewer or shorter chunks rather than a prompt the model truncates.
+        *decision = rag::budget::fit(app, entry, body, &mut sources, &query).await?;
+    }
     if sources.iter().any(|s| !s.document.is_empty()) && !query.trim().is_empty() {
         let context = prompt::context_string(&sources);
         let filled = prompt::fill(&cfg.template, &context, &query);

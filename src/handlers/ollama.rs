@@ -178,6 +178,8 @@ pub async fn model_route(
         body,
         replace_success_body: None,
         sources: None,
+        convert: None,
+        headers: Vec::new(),
     }))
 }
 
@@ -239,6 +241,8 @@ pub async fn admin_model_op(
         body,
         replace_success_body: replace,
         sources: None,
+        convert: None,
+        headers: Vec::new(),
     }))
 }
 

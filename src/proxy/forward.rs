@@ -36,6 +36,11 @@ pub struct Plan {
     /// RAG sources to return with a successful answer: as a first SSE event for streams,
     /// as a top-level `sources` key for JSON.
     pub sources: Option<SourcesReply>,
+    /// Context budget: the upstream answers in Ollama's native NDJSON/JSON, converted back
+    /// to OpenAI's format (see [`super::ndjson_sse`]).
+    pub convert: Option<super::ndjson_sse::Convert>,
+    /// Headers added to a successful answer (the context budget's report).
+    pub headers: Vec<(http::HeaderName, String)>,
 }
 
 /// How sources reach the client.
@@ -255,6 +260,23 @@ pub async fn forward(
             return send_error(session, ctx, err).await;
         }
         ctx.first_byte = Some(ctx.start.elapsed());
+        if let Some(convert) = &plan.convert {
+            let reusable = super::ndjson_sse::relay(
+                session,
+                ctx,
+                &mut upstream,
+                convert,
+                plan.sources.as_ref(),
+                &plan.headers,
+            )
+            .await?;
+            if reusable {
+                app.connector
+                    .release_http_session(upstream, &peer, Some(Duration::from_secs(60)))
+                    .await;
+            }
+            return Ok(());
+        }
         let head = upstream.response_header().expect("header was read").clone();
         let status = head.status.as_u16();
         ctx.status = Some(status);
@@ -313,7 +335,10 @@ pub async fn forward(
             app.connector
                 .release_http_session(upstream, &peer, Some(Duration::from_secs(60)))
                 .await;
-            let reply = crate::http::Reply::bytes(status, "application/json", merged);
+            let mut reply = crate::http::Reply::bytes(status, "application/json", merged);
+            for (n, v) in &plan.headers {
+                reply = reply.with_header(n.clone(), v.clone());
+            }
             return crate::http::send(session, reply).await;
         }
         let prelude = sources
@@ -333,6 +358,11 @@ pub async fn forward(
                 continue;
             }
             resp.append_header(name.clone(), value.clone())?;
+        }
+        if head.status.is_success() {
+            for (n, v) in &plan.headers {
+                resp.append_header(n.clone(), v.as_str())?;
+            }
         }
         let no_body = upstream.response_done() || plan.method == Method::HEAD;
         if !no_body && resp.headers.get(header::CONTENT_LENGTH).is_none() {

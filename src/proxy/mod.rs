@@ -8,6 +8,7 @@
 
 pub mod ctx;
 pub mod forward;
+pub mod ndjson_sse;
 
 use std::sync::Arc;
 

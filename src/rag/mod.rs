@@ -7,6 +7,7 @@
 //! there is the quality chat gets.
 
 pub mod bm25;
+pub mod budget;
 pub mod eval;
 pub mod prompt;
 

@@ -5,4 +5,5 @@ pub mod faulty;
 pub mod gateway;
 pub mod raw;
 pub mod release;
+pub mod scripted;
 pub mod upload;

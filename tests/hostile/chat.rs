@@ -206,6 +206,8 @@ async fn too_many_json_values_is_413() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn template_placeholders_in_user_text_stay_literal() {
     let (up, gw, admin) = setup().await;
+    // A window that holds the bomb, so the context budget lets it through to be checked.
+    up.set_show(MODEL, json!({}), "num_ctx 131072");
     let bomb = "[context]{{CONTEXT}}[query]{{QUERY}}".repeat(1000);
     let body = json!({"model": MODEL, "messages": [{"role": "user", "content": bomb}],
         "files": [{"type": "text", "content": bomb}]});

@@ -7,6 +7,7 @@ mod common;
 
 mod access;
 mod auth;
+mod budget;
 mod chat;
 mod extract;
 mod files;
