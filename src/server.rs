@@ -273,6 +273,8 @@ impl Signals {
             tracing::warn!("requests still using the database at the end of the grace period");
         }
         self.app.ingest.stop();
+        // Rows of streams that end later go to a hand-over file (`Store::add_usage`).
+        self.app.usage.recorder.flush();
         self.app.store.release();
         tracing::info!("database released to the new process");
         true

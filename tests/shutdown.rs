@@ -518,6 +518,33 @@ async fn an_upgrade_under_load_fails_no_request_and_finishes_every_stream() {
     let r = new.stream(&key).await;
     let body = rest(r).await.expect("a stream through the new process");
     assert!(String::from_utf8_lossy(&body).contains("\"done\":true"));
+    // Usage of the streams that ended in the old process, after it had released the
+    // database, reached the new one: 3 streams there, 1 here.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = http_client()
+            .get(format!("{}/api/v1/usage", new.url))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let rows = r.json::<Value>().await.unwrap();
+        let requests: u64 = rows["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|row| row["requests"].as_u64())
+            .sum();
+        if requests == 4 {
+            break;
+        }
+        assert!(
+            requests < 4 && Instant::now() < deadline,
+            "metered requests across the upgrade: {rows}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(new.child.try_wait().unwrap().is_none(), "new process alive");
 }
 

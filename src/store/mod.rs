@@ -114,6 +114,9 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 /// The metadata database. Cheap to share behind an `Arc`; redb serialises writers itself.
 pub struct Store {
     db: Db,
+    /// The database's directory: usage rows that arrive after a hand-over wait here in a
+    /// file for the process that owns the database (see `usage`).
+    dir: std::path::PathBuf,
 }
 
 /// The redb handle. redb locks its file for one process, so at a graceful upgrade the old
@@ -194,6 +197,9 @@ impl Store {
         txn.commit()?;
         Ok(Store {
             db: Db(RwLock::new(Some(Arc::new(db)))),
+            dir: path
+                .parent()
+                .map_or_else(std::path::PathBuf::new, Path::to_path_buf),
         })
     }
 

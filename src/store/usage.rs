@@ -60,6 +60,9 @@ impl UsageCounts {
     }
 }
 
+/// Names of the usage hand-over files (see [`Store::add_usage`]).
+const SPOOL_PREFIX: &str = "usage-handover-";
+
 fn hour_key(hour: u64) -> String {
     format!("{hour:012}")
 }
@@ -153,11 +156,22 @@ impl Store {
 
     /// Adds `rows` to the stored counts in one durable transaction, and deletes rows from
     /// hours before `keep_from_hour`.
+    ///
+    /// After [`Store::release`] (a graceful upgrade), the rows of the streams this process
+    /// still finishes go to a hand-over file next to the database instead; the process that
+    /// owns the database adds them with its next rows.
     pub fn add_usage(&self, rows: &[(UsageKey, UsageCounts)], keep_from_hour: u64) -> Result<()> {
-        let txn = self.db.begin_write()?;
+        let txn = match self.db.begin_write() {
+            Err(StoreError::Released) => return self.spool_usage(rows),
+            other => other?,
+        };
+        let spooled = self.spooled_usage();
         {
             let mut t = txn.open_table(USAGE)?;
-            for (k, c) in rows {
+            for (k, c) in rows
+                .iter()
+                .chain(spooled.iter().flat_map(|(_, r)| r.iter()))
+            {
                 let key = k.encode();
                 let mut total = match t.get(key.as_str())? {
                     Some(v) => UsageCounts::decode(v.value()).unwrap_or_default(),
@@ -170,7 +184,84 @@ impl Store {
             t.retain_in(..cutoff.as_str(), |_, _| false)?;
         }
         txn.commit()?;
+        // A crash between the commit and the removal would count a hand-over file twice:
+        // a window of one `unlink`, once per upgrade.
+        for (path, _) in spooled {
+            let _ = std::fs::remove_file(path);
+        }
         Ok(())
+    }
+
+    /// Writes rows to a new hand-over file (one line per row: key, then the three counts).
+    fn spool_usage(&self, rows: &[(UsageKey, UsageCounts)]) -> Result<()> {
+        use std::fmt::Write as _;
+        let mut text = String::new();
+        for (k, c) in rows {
+            let _ = writeln!(
+                text,
+                "{}\t{}\t{}\t{}",
+                k.encode(),
+                c.requests,
+                c.prompt_tokens,
+                c.completion_tokens
+            );
+        }
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let name = format!("{SPOOL_PREFIX}{}-{nanos}", std::process::id());
+        let tmp = self.dir.join(format!(".{name}"));
+        let io = |e: std::io::Error| StoreError::Db(redb::Error::Io(e));
+        std::fs::write(&tmp, text).map_err(io)?;
+        std::fs::rename(&tmp, self.dir.join(name)).map_err(io)?;
+        Ok(())
+    }
+
+    /// Whether a previous process left usage rows in hand-over files.
+    #[must_use]
+    pub fn usage_spooled(&self) -> bool {
+        std::fs::read_dir(&self.dir).is_ok_and(|d| {
+            d.flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with(SPOOL_PREFIX))
+        })
+    }
+
+    /// Hand-over files left by a previous process, with their rows (unreadable lines skipped).
+    fn spooled_usage(&self) -> Vec<(std::path::PathBuf, Vec<(UsageKey, UsageCounts)>)> {
+        let Ok(dir) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for entry in dir.flatten() {
+            if !entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with(SPOOL_PREFIX)
+            {
+                continue;
+            }
+            let Ok(text) = std::fs::read_to_string(entry.path()) else {
+                continue;
+            };
+            let rows = text
+                .lines()
+                .filter_map(|l| {
+                    let mut f = l.split('\t');
+                    let key = UsageKey::decode(f.next()?)?;
+                    let mut n = || f.next()?.parse::<u64>().ok();
+                    Some((
+                        key,
+                        UsageCounts {
+                            requests: n()?,
+                            prompt_tokens: n()?,
+                            completion_tokens: n()?,
+                        },
+                    ))
+                })
+                .collect();
+            out.push((entry.path(), rows));
+        }
+        out
     }
 
     /// Rows with `from_hour <= hour < to_hour`, in key order, passed to `visit` until it

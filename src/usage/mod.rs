@@ -476,7 +476,7 @@ impl Recorder {
             std::mem::take(&mut *self.pending.lock().expect("usage poisoned"))
                 .into_iter()
                 .collect();
-        if rows.is_empty() {
+        if rows.is_empty() && !self.store.usage_spooled() {
             return;
         }
         let keep_from = (crate::store::now_secs() / 3600).saturating_sub(self.retention_hours);
