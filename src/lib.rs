@@ -53,5 +53,6 @@ pub mod rag;
 pub mod server;
 pub mod store;
 pub mod ui;
+pub mod upgrade;
 pub mod upstream;
 pub mod usage;

@@ -47,7 +47,14 @@ fn serve_upgrading(overrides: &Overrides) -> ExitCode {
         ragway::server::UPGRADE_WAIT,
         || {
             tracing::info!(socket = %socket.display(), "waiting for the running ragway's sockets (send it SIGQUIT)");
-            server = Some(ragway::server::new_server(&config, true));
+            match ragway::server::new_server(&config, true) {
+                Ok(s) => server = Some(s),
+                // Nothing was handed over: the running process keeps serving.
+                Err(e) => {
+                    eprintln!("ragway: {e}");
+                    std::process::exit(1);
+                }
+            }
             let marker = ragway::server::upgrade_marker(&config);
             if let Err(e) = std::fs::write(&marker, std::process::id().to_string()) {
                 tracing::error!(error = %e, path = %marker.display(), "cannot tell the old process the sockets arrived");

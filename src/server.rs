@@ -135,6 +135,14 @@ impl<S: pingora::services::Service> pingora::services::Service for Drained<S> {
         listeners_per_fd: usize,
     ) {
         (*self.fds.lock().expect("fds lock")).clone_from(&fds);
+        // After `serve --upgrade`, the services listen on the sockets taken over. Every
+        // wrapped service adds them all before its listeners are built, so none binds anew.
+        if let Some(table) = &fds {
+            let mut table = table.lock();
+            for (bind, fd) in crate::upgrade::inherited() {
+                table.add(bind.clone(), *fd);
+            }
+        }
         pingora::services::Service::start_service(
             &mut self.inner,
             fds,
@@ -326,10 +334,12 @@ impl ShutdownSignalWatch for Signals {
     }
 }
 
-/// A bootstrapped pingora server for `config`. With `upgrade`, bootstrapping waits (up to
+/// A bootstrapped pingora server for `config`. With `upgrade`, first waits (up to
 /// [`UPGRADE_WAIT`]) for a running ragway to hand its listening sockets over.
-#[must_use]
-pub fn new_server(config: &Config, upgrade: bool) -> Server {
+///
+/// # Errors
+/// With `upgrade`: no sockets arrived.
+pub fn new_server(config: &Config, upgrade: bool) -> Result<Server, String> {
     let conf = ServerConf {
         threads: config.threads,
         // ragway has drained before it tells pingora to shut down (`Signals`), so pingora
@@ -338,19 +348,17 @@ pub fn new_server(config: &Config, upgrade: bool) -> Server {
         grace_period_seconds: Some(0),
         graceful_shutdown_timeout_seconds: Some(1),
         upgrade_sock: upgrade_socket(config).display().to_string(),
-        // Retries are 1 s apart, on both sides of the hand-over.
-        upgrade_sock_connect_accept_max_retries: Some(
-            usize::try_from(UPGRADE_WAIT.as_secs()).unwrap_or(30),
-        ),
         ..ServerConf::default()
     };
-    let opt = Opt {
-        upgrade,
-        ..Opt::default()
-    };
-    let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
+    if upgrade {
+        // pingora's receiver polls once a second; ragway's takes the sockets at once.
+        let n = crate::upgrade::take_over(&upgrade_socket(config), UPGRADE_WAIT)
+            .map_err(|e| format!("upgrade: {e}"))?;
+        tracing::info!(sockets = n, "listening sockets taken over");
+    }
+    let mut server = Server::new_with_opt_and_conf(Some(Opt::default()), conf);
     server.bootstrap();
-    server
+    Ok(server)
 }
 
 /// Adds ragway's services to a bootstrapped server; returns the switch that makes its gateway
@@ -382,14 +390,19 @@ pub fn add_services(server: &mut Server, app: Arc<App>) -> Drain {
         let mut metrics = Service::new("ragway metrics".to_string(), MetricsApp);
         metrics.threads = Some(1);
         metrics.add_tcp(addr);
-        server.add_service(metrics);
+        // Wrapped for the sockets taken over at an upgrade; it stops with the gateway.
+        server.add_service(Drained {
+            inner: metrics,
+            stop: stop_tx.subscribe(),
+            fds: Arc::new(Mutex::new(None)),
+        });
     }
     Drain { stop: stop_tx, fds }
 }
 
 /// Builds the pingora server for `app`, and the switch that makes its gateway stop accepting.
 pub fn build(app: Arc<App>) -> (Server, Drain) {
-    let mut server = new_server(&app.config, false);
+    let mut server = new_server(&app.config, false).expect("no upgrade, nothing to wait for");
     let drain = add_services(&mut server, app);
     (server, drain)
 }
@@ -489,7 +502,7 @@ pub fn spawn(app: Arc<App>, wait: Duration) -> std::io::Result<Handle> {
 /// Runs in the foreground until SIGTERM (drain, then exit), SIGQUIT (hand over to a process
 /// started with `serve --upgrade`, drain, exit) or SIGINT (exit now).
 pub fn run_forever(app: Arc<App>) {
-    let server = new_server(&app.config, false);
+    let server = new_server(&app.config, false).expect("no upgrade, nothing to wait for");
     run_on(server, app);
 }
 
