@@ -101,6 +101,8 @@ fn receive(fd: RawFd) -> io::Result<Vec<(String, RawFd)>> {
         let mut cmsg = libc::CMSG_FIRSTHDR(&raw const msg);
         while !cmsg.is_null() {
             if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                // Read with `read_unaligned`: the pointer's alignment does not matter.
+                #[allow(clippy::cast_ptr_alignment)]
                 let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
                 let len = (*cmsg).cmsg_len - libc::CMSG_LEN(0) as usize;
                 for i in 0..len / std::mem::size_of::<RawFd>() {
