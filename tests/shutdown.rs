@@ -137,6 +137,28 @@ impl Serve {
             .to_string()
     }
 
+    /// Uploads a small text file for background processing; returns its id.
+    async fn upload(&self, token: &str) -> String {
+        let body =
+            common::upload::file_body("notes.txt", "text/plain", b"some text to embed", None);
+        let r = http_client()
+            .post(format!("{}/api/v1/files/", self.url))
+            .bearer_auth(token)
+            .header(
+                "content-type",
+                format!("multipart/form-data; boundary={}", common::upload::BOUNDARY),
+            )
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.json::<Value>().await.unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
     fn sigterm(&self) {
         self.signal("-TERM");
     }
@@ -290,19 +312,7 @@ async fn background_file_processing_does_not_hold_the_exit_back() {
     );
     let mut serve = Serve::start(&up.url, "30s", &extra).await;
     let token = serve.token().await;
-    let body = common::upload::file_body("notes.txt", "text/plain", b"some text to embed", None);
-    let r = http_client()
-        .post(format!("{}/api/v1/files/", serve.url))
-        .bearer_auth(&token)
-        .header(
-            "content-type",
-            format!("multipart/form-data; boundary={}", common::upload::BOUNDARY),
-        )
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    serve.upload(&token).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     while up.requests() == 0 {
         assert!(
@@ -645,23 +655,7 @@ async fn a_file_being_processed_at_an_upgrade_is_completed_by_the_new_process() 
     let extra = format!("[embedding]\nengine = \"ollama\"\nurl = \"{embed}\"\nmodel = \"m\"");
     let mut old = Serve::start(&up.url, "30s", &extra).await;
     let token = old.token().await;
-    let body = common::upload::file_body("notes.txt", "text/plain", b"some text to embed", None);
-    let r = http_client()
-        .post(format!("{}/api/v1/files/", old.url))
-        .bearer_auth(&token)
-        .header(
-            "content-type",
-            format!("multipart/form-data; boundary={}", common::upload::BOUNDARY),
-        )
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
-    let id = r.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = old.upload(&token).await;
     // Give the old process's worker time to get stuck on the first embedding request.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let new = old.start_upgrade().await;
