@@ -2,7 +2,8 @@
 exercise ragway-upgrade.sh's PID-file and signal handling without systemd:
 
   serve            serves at once; on SIGQUIT marks the sockets handed over, drains, exits
-  serve --upgrade  waits for the handover, then serves (exits 1 at once if FAKE_FAIL=1)
+  serve --upgrade  listens on $DATA_DIR/upgrade.sock (after 1.5 s if FAKE_SLOW=1), waits
+                   for the handover, then serves (exits 1 at once if FAKE_FAIL=1)
   probe            exit 0 while a live process is serving, else 1
 
 State lives in $FAKE_STATE: `serving` holds the PID that serves, `handed` marks a handover.
@@ -10,6 +11,7 @@ State lives in $FAKE_STATE: `serving` holds the PID that serves, `handed` marks 
 
 import os
 import signal
+import socket
 import sys
 import time
 
@@ -52,12 +54,22 @@ if args[:1] == ["probe"]:
 if args[:1] == ["serve"] and "--upgrade" in args:
     if os.environ.get("FAKE_FAIL") == "1":
         sys.exit(1)
+    # Like the real binary: the upgrade socket exists only while waiting for the hand-over.
+    path = os.path.join(os.environ.get("DATA_DIR", "./data"), "upgrade.sock")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if os.environ.get("FAKE_SLOW") == "1":
+        time.sleep(1.5)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    sock.listen(1)
     deadline = time.monotonic() + 30
     while not os.path.exists(handed):
         if time.monotonic() > deadline:
             sys.exit(1)
         time.sleep(0.05)
     os.remove(handed)
+    sock.close()
+    os.remove(path)
     serve_until_signalled()
 if args[:1] == ["serve"]:
     serve_until_signalled()

@@ -16,13 +16,17 @@
 # Environment: RAGWAY_BIN (default /usr/local/bin/ragway); RAGWAY_PIDFILE (default
 # $RUNTIME_DIRECTORY/ragway.pid); RAGWAY_START_TIMEOUT (s, default 30): how long the new
 # process may take to serve; RAGWAY_DRAIN_TIMEOUT (s, default 60): how long the old one may
-# take to drain. Everything else (DATA_DIR, RAGWAY_LISTEN, ...) is passed to ragway unchanged.
+# take to drain; RAGWAY_UPGRADE_SOCKET (default $DATA_DIR/upgrade.sock, DATA_DIR defaulting to
+# ./data as ragway's does): where the new process waits for the sockets — set it when the data
+# directory comes from the config file instead. Everything else (DATA_DIR, RAGWAY_LISTEN, ...)
+# is passed to ragway unchanged.
 set -eu
 
 BIN=${RAGWAY_BIN:-/usr/local/bin/ragway}
 PIDFILE=${RAGWAY_PIDFILE:-${RUNTIME_DIRECTORY:-/run/ragway}/ragway.pid}
 START_TIMEOUT=${RAGWAY_START_TIMEOUT:-30}
 DRAIN_TIMEOUT=${RAGWAY_DRAIN_TIMEOUT:-60}
+UPGRADE_SOCKET=${RAGWAY_UPGRADE_SOCKET:-${DATA_DIR:-./data}/upgrade.sock}
 
 say() { echo "ragway-upgrade: $*" >&2; }
 die() {
@@ -42,6 +46,24 @@ wait_gone() {
   n=$(($2 * 5))
   while alive "$1"; do
     [ "$n" -gt 0 ] || return 1
+    n=$((n - 1))
+    sleep 0.2
+  done
+}
+
+# wait_listening PID: 0 once the new process waits on the upgrade socket (it exists only
+# while the process waits for the hand-over); fails if PID dies or the start timeout passes.
+wait_listening() {
+  n=$((START_TIMEOUT * 5))
+  until [ -S "$UPGRADE_SOCKET" ]; do
+    alive "$1" || {
+      say "ragway (pid $1) exited"
+      return 1
+    }
+    [ "$n" -gt 0 ] || {
+      say "ragway (pid $1) did not open $UPGRADE_SOCKET within ${START_TIMEOUT}s"
+      return 1
+    }
     n=$((n - 1))
     sleep 0.2
   done
@@ -86,10 +108,12 @@ case $cmd in
     alive "$old" || die "ragway (pid $old from $PIDFILE) is not running"
     "$BIN" serve --upgrade "$@" &
     new=$!
-    # A new binary that cannot start (bad config, missing library) exits at once: notice it
-    # before the old process gives anything away.
-    sleep 1
-    alive "$new" || die "the new ragway exited before taking over; pid $old keeps serving"
+    # A new binary that cannot start (bad config, missing library, model) exits before it
+    # opens the upgrade socket: notice it before the old process gives anything away.
+    if ! wait_listening "$new"; then
+      kill -TERM "$new" 2>/dev/null || true
+      die "the new ragway is not ready to take over; pid $old keeps serving"
+    fi
     write_pid "$new"
     if ! kill -QUIT "$old"; then
       write_pid "$old"
