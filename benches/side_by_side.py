@@ -15,7 +15,7 @@ with a session JWT.
 ragway runs without the ONNX embedding model (`[embedding] engine = "ollama"`), as the
 memory goal asks.
 
-    benches/side-by-side.sh [--quick] [--rounds N] [--seconds S] [--only SUBSTRING,...]
+    benches/side-by-side.sh [--quick] [--rounds N] [--seconds S] [--only SUBSTRING]...
 
 Needs the release ragway, benches/harness built in release and Debian's nginx and wrk;
 benches/side-by-side.sh installs and builds all of it, then runs this script.
@@ -98,9 +98,9 @@ def family(pid):
     return out
 
 
-def cpu_ns(pids):
-    """On-CPU time of every thread of pids, in ns (schedstat: finer than stat's ticks)."""
-    total = 0
+def cpu_snapshot(pids):
+    """On-CPU ns of every thread of pids (schedstat: finer than /proc/PID/stat's ticks)."""
+    snap = {}
     for p in pids:
         try:
             tasks = os.listdir(f"/proc/{p}/task")
@@ -109,10 +109,16 @@ def cpu_ns(pids):
         for t in tasks:
             try:
                 with open(f"/proc/{p}/task/{t}/schedstat") as f:
-                    total += int(f.read().split()[0])
+                    snap[(p, t)] = int(f.read().split()[0])
             except (OSError, ValueError, IndexError):
                 pass
-    return total
+    return snap
+
+
+def cpu_used_ns(before, after):
+    """CPU time between two snapshots. Threads come and go (idle pool threads exit after a
+    while): a thread gone by the second snapshot counts 0, a new one all of its time."""
+    return sum(v - before.get(k, 0) for k, v in after.items())
 
 
 def status_kib(pids, field):
@@ -264,9 +270,9 @@ http {{
         }
 
     def measure(self, port, path, method, body, token, conns, seconds, pids, label):
-        before = cpu_ns(pids)
+        before = cpu_snapshot(pids)
         n, errors, secs = wrk(port, path, method, body, token, conns, seconds, self.work)
-        used = cpu_ns(pids) - before
+        used = cpu_used_ns(before, cpu_snapshot(pids))
         if errors:
             self.notes.append(f"{label}: {errors} errors of {n} requests")
         if n == 0:
@@ -276,15 +282,20 @@ http {{
     def run(self):
         a = self.a
         order = ["direct", "nginx", "ragway"]
-        scenarios = [s for s in SCENARIOS if a.only is None or any(o in s[0] for o in a.only)]
-        slow = a.only is None or any(o in SLOW[0] for o in a.only)
-        auth = a.only is None or any(o in "auth" for o in a.only)
+        def chosen(name):
+            return a.only is None or any(o in name for o in a.only)
+        scenarios = [s for s in SCENARIOS if chosen(s[0])]
+        slow, auth = chosen(SLOW[0]), chosen("auth")
         results, slow_cpu, auth_res, rss_rounds = {}, {}, {}, []
-        # Warm-up: connections, the model cache, the key cache; not recorded.
+        # Warm-up of the proxies: upstream connections, the model cache, the key cache; not
+        # recorded.
         for name, method, ppath, dpath, body, conns in scenarios:
-            for t in order:
-                port, tok, _, direct = self.targets[t]
-                wrk(port, dpath if direct else ppath, method, body, tok, min(conns, 16), 1, self.work)
+            for t in ("nginx", "ragway"):
+                port, tok, _, _ = self.targets[t]
+                wrk(port, ppath, method, body, tok, min(conns, 16), 1, self.work)
+        if auth:
+            for tok in (None, self.key, self.jwt):
+                wrk(self.rw_port, AUTH_PATH, "GET", None, tok, 16, 1, self.work)
         started = time.time()
         for r in range(a.rounds):
             for i, (name, method, ppath, dpath, body, conns) in enumerate(scenarios):
@@ -298,9 +309,10 @@ http {{
                 k = r % 2
                 for t in (["nginx", "ragway"][k:] + ["nginx", "ragway"][:k]):
                     port, tok, pids, _ = self.targets[t]
-                    before = cpu_ns(pids)
+                    before = cpu_snapshot(pids)
                     self.latency("full", a.slow_requests, SLOW[3], [(t, port, SLOW[1], tok)], warm=0)
-                    slow_cpu.setdefault(t, []).append((cpu_ns(pids) - before) / 1e6 / a.slow_requests)
+                    used = cpu_used_ns(before, cpu_snapshot(pids))
+                    slow_cpu.setdefault(t, []).append(used / 1e6 / a.slow_requests)
             if auth:
                 creds = [("none", None), ("API key", self.key), ("JWT", self.jwt)]
                 k = r % 3
@@ -314,7 +326,7 @@ http {{
             rss_rounds.append(status_kib([self.rw.pid], "VmRSS"))
             print(f"round {r + 1}/{a.rounds} done after {time.time() - started:.0f} s", file=sys.stderr, flush=True)
         lat = {}
-        if a.only is None or any(o in "latency" for o in a.only):
+        if chosen("latency"):
             targets = [("direct", self.up_port, "/api/generate", None),
                        ("nginx", self.ng_port, "/ollama/api/generate", NGINX_KEY),
                        ("ragway", self.rw_port, "/ollama/api/generate", self.key)]
@@ -401,8 +413,9 @@ def main():
     ap.add_argument("--slow-requests", type=int, help="whole 5 ms-per-chunk streams per round and proxy")
     ap.add_argument("--ttfb-requests", type=int)
     ap.add_argument("--json-requests", type=int)
-    ap.add_argument("--only", type=lambda s: s.split(","),
-                    help="comma-separated substrings of scenario names; 'auth' and 'latency' select those tables")
+    ap.add_argument("--only", action="append",
+                    help="run only the scenarios whose names contain this string (repeatable); "
+                         "'auth' and 'latency' select those tables")
     ap.add_argument("--out", default=os.path.join(ROOT, "benches", "results", "side-by-side.md"))
     ap.add_argument("--ragway", default=os.path.join(ROOT, "target", "release", "ragway"))
     harness = os.path.join(ROOT, "target", "bench-harness", "release")
