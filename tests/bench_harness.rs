@@ -20,7 +20,12 @@ fn row(table: &str, label: &str) -> Vec<f64> {
         .unwrap_or_else(|| panic!("no row {label:?} in:\n{table}"));
     line.split('|')
         .skip(2)
-        .map(|c| c.trim().trim_start_matches('+').trim_end_matches('×').replace(',', ""))
+        .map(|c| {
+            c.trim()
+                .trim_start_matches('+')
+                .trim_end_matches('×')
+                .replace(',', "")
+        })
         .filter(|c| !c.is_empty() && !c.starts_with('—'))
         .map(|c| {
             c.parse::<f64>()
@@ -35,7 +40,10 @@ fn quick_run_produces_the_tables() {
     let ragway = common::release::binary();
     for tool in ["nginx", "wrk", "python3"] {
         let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool} || test -x /usr/sbin/{tool}")])
+            .args([
+                "-c",
+                &format!("command -v {tool} || test -x /usr/sbin/{tool}"),
+            ])
             .status()
             .expect("sh runs")
             .success();
@@ -60,7 +68,10 @@ fn quick_run_produces_the_tables() {
     let out = dir.path().join("side-by-side.md");
     let run = Command::new("python3")
         .current_dir(root)
-        .env("PATH", format!("{}:/usr/sbin", std::env::var("PATH").unwrap_or_default()))
+        .env(
+            "PATH",
+            format!("{}:/usr/sbin", std::env::var("PATH").unwrap_or_default()),
+        )
         .arg("benches/side_by_side.py")
         .args(["--rounds", "1", "--seconds", "1", "--slow-requests", "1"])
         .args(["--ttfb-requests", "10", "--json-requests", "50"])
@@ -79,7 +90,11 @@ fn quick_run_produces_the_tables() {
         String::from_utf8_lossy(&run.stderr)
     );
     let table = std::fs::read_to_string(&out).expect("the table file is written");
-    assert_eq!(table, stdout.trim_end().to_string() + "\n", "stdout carries the table");
+    assert_eq!(
+        table,
+        stdout.trim_end().to_string() + "\n",
+        "stdout carries the table"
+    );
 
     // Throughput: direct, nginx, ragway req/s, two ratios, CPU ms per request and its ratio.
     for label in [
@@ -97,8 +112,14 @@ fn quick_run_produces_the_tables() {
     // busy machine, so only present and numeric).
     let ttfb = row(&table, "time to first chunk");
     assert_eq!(ttfb.len(), 5, "{ttfb:?}");
-    assert!(ttfb[..3].iter().all(|v| *v >= 4.0), "5 ms before the first chunk: {ttfb:?}");
-    for label in ["`/api/chat/completions` JSON, p50", "`/api/chat/completions` JSON, p99"] {
+    assert!(
+        ttfb[..3].iter().all(|v| *v >= 4.0),
+        "5 ms before the first chunk: {ttfb:?}"
+    );
+    for label in [
+        "`/api/chat/completions` JSON, p50",
+        "`/api/chat/completions` JSON, p99",
+    ] {
         let cells = row(&table, label);
         assert_eq!(cells.len(), 5, "{label}: {cells:?}");
         assert!(cells[..3].iter().all(|v| *v > 0.0), "{label}: {cells:?}");
