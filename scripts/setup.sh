@@ -11,6 +11,10 @@ command -v unzip >/dev/null 2>&1 || need+=(unzip)
 # The web page's browser test (tests/browser.rs) drives Debian's Chromium over WebDriver.
 [ -x /usr/bin/chromium ] || need+=(chromium)
 [ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
+# The side-by-side benchmark (benches/side-by-side.sh, tests/bench_harness.rs) puts Debian's
+# nginx in front of the same upstream as ragway and drives both with wrk.
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
+command -v wrk >/dev/null 2>&1 || need+=(wrk)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]} (Debian packages)" >&2
