@@ -269,6 +269,25 @@ pub struct Storage {
     pub signals: Arc<dyn Signals>,
 }
 
+/// Refuses to start on a backend the server does not serve from yet, saying so, rather
+/// than silently using the embedded store while the operator believes replicas share a
+/// database.
+///
+/// # Errors
+/// `[storage] backend = "postgres"` (or a PostgreSQL `DATABASE_URL`) is configured.
+pub fn check_wired(config: &crate::config::StorageConfig) -> Result<(), String> {
+    match config.backend {
+        crate::config::StorageBackend::Embedded => Ok(()),
+        crate::config::StorageBackend::Postgres => Err(
+            "storage backend \"postgres\" is configured (storage.backend or DATABASE_URL), but \
+             this ragway does not serve from PostgreSQL yet: the backend exists and passes its \
+             tests (ragway::storage::postgres), the request handlers are not wired to it. \
+             Remove [storage] backend / DATABASE_URL, or set backend = \"embedded\"."
+                .to_string(),
+        ),
+    }
+}
+
 /// Signals buffered per subscriber before it lags.
 pub const SIGNAL_CAPACITY: usize = 1024;
 

@@ -76,6 +76,11 @@ pub fn parse_url(url: &str) -> Result<tokio_postgres::Config, String> {
     if url.is_empty() {
         return Err("the PostgreSQL URL is empty".into());
     }
+    // A control character is a pasting accident or an attempt to smuggle something into
+    // a log line; no real host, user or database name has one.
+    if url.chars().any(char::is_control) {
+        return Err("the PostgreSQL URL contains control characters".into());
+    }
     let cfg = tokio_postgres::Config::from_str(url).map_err(|e| {
         format!("not a PostgreSQL URL ({e}); expected postgres://user:password@host:5432/database")
     })?;
