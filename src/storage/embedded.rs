@@ -385,6 +385,7 @@ pub struct DirBlobs {
 }
 
 impl DirBlobs {
+    #[must_use]
     pub fn new(dir: PathBuf) -> DirBlobs {
         DirBlobs { dir }
     }
@@ -431,6 +432,7 @@ pub struct MemoryCounters {
 }
 
 impl MemoryCounters {
+    #[must_use]
     pub fn new(capacity: usize) -> MemoryCounters {
         MemoryCounters {
             capacity: capacity.max(1),
@@ -497,6 +499,7 @@ pub struct LocalSignals {
 }
 
 impl LocalSignals {
+    #[must_use]
     pub fn new() -> LocalSignals {
         LocalSignals {
             tx: broadcast::channel(SIGNAL_CAPACITY).0,

@@ -296,6 +296,9 @@ pub const MAX_KEY_LEN: usize = 512;
 
 /// Refuses keys that are empty, too long, or could address something else (a path,
 /// control characters).
+///
+/// # Errors
+/// [`StorageError::InvalidKey`], saying what keys may be.
 pub fn check_key(key: &str) -> Result<()> {
     let bad = key.is_empty()
         || key.len() > MAX_KEY_LEN

@@ -9,6 +9,9 @@ use crate::store::now_secs;
 impl Store {
     /// Queues an existing file, keeping the place of one already queued. False when there
     /// is no such file.
+    ///
+    /// # Errors
+    /// The database failed.
     pub fn enqueue_file_id(&self, id: &str) -> Result<bool> {
         let txn = self.db.begin_write()?;
         {
@@ -25,6 +28,9 @@ impl Store {
     }
 
     /// Takes a file off the queue; false when it was not queued.
+    ///
+    /// # Errors
+    /// The database failed.
     pub fn dequeue_file_id(&self, id: &str) -> Result<bool> {
         let txn = self.db.begin_write()?;
         let removed = txn.open_table(QUEUE)?.remove(id)?.is_some();

@@ -307,14 +307,14 @@ impl Pg {
         let (tx, _) = broadcast::channel(SIGNAL_CAPACITY);
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let listener = tokio::spawn(listen(cfg, tx.clone(), Some(ready_tx)));
-        match tokio::time::timeout(Duration::from_secs(30), ready_rx).await {
-            Ok(Ok(())) => {}
-            _ => {
-                listener.abort();
-                return Err(StorageError::Postgres(
-                    "the LISTEN connection for signals did not start".into(),
-                ));
-            }
+        if !matches!(
+            tokio::time::timeout(Duration::from_secs(30), ready_rx).await,
+            Ok(Ok(()))
+        ) {
+            listener.abort();
+            return Err(StorageError::Postgres(
+                "the LISTEN connection for signals did not start".into(),
+            ));
         }
         Ok(Pg {
             pool,
