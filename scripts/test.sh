@@ -6,6 +6,13 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 scripts/fetch-model.sh
 scripts/python-env.sh
+# A throwaway PostgreSQL + pgvector for the storage tests (tests/storage_conformance.rs),
+# unless the caller points at one already; stopped and removed on exit.
+if [ -z "${RAGWAY_TEST_POSTGRES_URL:-}" ]; then
+  pg_env=$(scripts/postgres.sh start)
+  eval "$pg_env"
+  trap 'scripts/postgres.sh stop "$RAGWAY_TEST_POSTGRES_DIR"' EXIT
+fi
 # Memory-bound tests run the release binary (tests/common/release.rs).
 cargo build --release --locked
 if cargo nextest --version >/dev/null 2>&1; then

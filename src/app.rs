@@ -44,6 +44,9 @@ pub struct App {
 /// Start-up failures, with what to do about them.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    /// The configured storage backend cannot serve yet (see `storage::check_wired`).
+    #[error("{0}")]
+    Storage(String),
     #[error("cannot create data directory {path}: {source}")]
     DataDir {
         path: String,
@@ -184,6 +187,7 @@ impl App {
         store_wait: std::time::Duration,
         before_store: impl FnOnce(),
     ) -> Result<App, StartError> {
+        crate::storage::check_wired(&config.storage).map_err(StartError::Storage)?;
         pingora::tls::install_default_crypto_provider();
         crate::metrics::init();
         std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {

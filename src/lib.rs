@@ -15,6 +15,7 @@
 //! - [`presets`]: model presets (Open WebUI's workspace models) and how chat applies them.
 //! - [`upstream`]: upstream addresses, health and balancing.
 //! - [`store`]: redb schema and records.
+//! - [`storage`]: the storage seams (traits) and their embedded and PostgreSQL backends.
 //! - [`ingest`]: the file pipeline (queue, workers) and the in-memory vector index.
 //! - [`extract`], [`chunk`], [`embed`], [`index`]: text extraction, chunking, embedding
 //!   engines (ONNX, Ollama, OpenAI) and vector search (exact, HNSW).
@@ -51,6 +52,7 @@ pub mod probe;
 pub mod proxy;
 pub mod rag;
 pub mod server;
+pub mod storage;
 pub mod store;
 pub mod ui;
 pub mod upgrade;

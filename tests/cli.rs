@@ -14,6 +14,7 @@ fn ragway() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_ragway"));
     // Keep the process environment from leaking Open WebUI variables into the test.
     for v in [
+        "DATABASE_URL",
         "OLLAMA_BASE_URL",
         "OLLAMA_BASE_URLS",
         "WEBUI_SECRET_KEY",

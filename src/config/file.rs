@@ -45,6 +45,20 @@ pub struct FileConfig {
     pub presets: Option<PresetsFile>,
     /// The context budget of RAG requests.
     pub context: Option<ContextFile>,
+    /// Where state is kept: the embedded store or PostgreSQL.
+    pub storage: Option<StorageFile>,
+}
+
+/// `[storage]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct StorageFile {
+    /// "embedded" or "postgres".
+    pub backend: Option<String>,
+    /// PostgreSQL URL (env DATABASE_URL overrides).
+    pub url: Option<String>,
+    /// Connections per replica.
+    pub pool_size: Option<usize>,
 }
 
 /// `[limits]`: defaults for every API key (`key-*`) and every user (`user-*`); 0 or unset

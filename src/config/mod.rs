@@ -176,6 +176,36 @@ pub struct Config {
     pub limits: crate::usage::LimitsConfig,
     pub presets: PresetsConfig,
     pub context: ContextConfig,
+    pub storage: StorageConfig,
+}
+
+/// `[storage]`: which backend keeps users, keys, files, vectors and the queue.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StorageConfig {
+    pub backend: StorageBackend,
+    /// The PostgreSQL URL, checked (`postgres` only).
+    pub url: Option<String>,
+    /// Pooled connections per replica (`postgres` only).
+    pub pool_size: usize,
+}
+
+/// Not derived: the URL may hold a password, and configs get logged.
+impl std::fmt::Debug for StorageConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StorageConfig")
+            .field("backend", &self.backend)
+            .field("url", &self.url.as_ref().map(|_| "<redacted>"))
+            .field("pool_size", &self.pool_size)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StorageBackend {
+    /// redb + in-process indexes in `data-dir`: one process.
+    Embedded,
+    /// PostgreSQL + pgvector, shared by replicas.
+    Postgres,
 }
 
 /// Model presets: the bounds of stored ones, and those declared in the file.
@@ -555,6 +585,7 @@ pub fn build(
         .map_err(|e| ConfigError(format!("presets.declared: {e}")))?,
     };
     let context = context_config(file.context.unwrap_or_default())?;
+    let storage = storage_config(file.storage.unwrap_or_default(), env)?;
 
     Ok(Config {
         listen,
@@ -591,6 +622,59 @@ pub fn build(
         limits,
         presets,
         context,
+        storage,
+    })
+}
+
+/// `[storage]` with Open WebUI's `DATABASE_URL`, which overrides `url`. A PostgreSQL URL
+/// selects the postgres backend unless `backend` says otherwise; a `sqlite:` one (Open
+/// WebUI's default) is ignored: the embedded store is ragway's counterpart.
+fn storage_config(f: file::StorageFile, env: &dyn EnvSource) -> Result<StorageConfig, ConfigError> {
+    let (mut url, mut url_name) = (f.url, "storage.url");
+    if let Some(v) = env.get("DATABASE_URL") {
+        let scheme = v
+            .split_once(':')
+            .map_or("", |(s, _)| s)
+            .to_ascii_lowercase();
+        if !scheme.starts_with("sqlite") {
+            url = Some(v);
+            url_name = "DATABASE_URL";
+        }
+    }
+    let backend = match f.backend.as_deref().map(str::trim) {
+        None | Some("") if url.is_some() => StorageBackend::Postgres,
+        None | Some("" | "embedded") => StorageBackend::Embedded,
+        Some("postgres" | "postgresql") => StorageBackend::Postgres,
+        Some(other) => {
+            return err(format!(
+                "storage.backend: {other:?} is not a backend; use \"embedded\" or \"postgres\""
+            ));
+        }
+    };
+    let pool_size = f.pool_size.unwrap_or(16);
+    if !(1..=1000).contains(&pool_size) {
+        return err(format!(
+            "storage.pool-size: {pool_size} is out of range (1 to 1000)"
+        ));
+    }
+    if backend == StorageBackend::Embedded {
+        return Ok(StorageConfig {
+            backend,
+            url: None,
+            pool_size,
+        });
+    }
+    let Some(url) = url else {
+        return err(
+            "storage.backend = \"postgres\" needs storage.url or DATABASE_URL (postgres://user:password@host:5432/database)",
+        );
+    };
+    crate::storage::postgres::parse_url(&url)
+        .map_err(|e| ConfigError(format!("{url_name}: {e}")))?;
+    Ok(StorageConfig {
+        backend,
+        url: Some(url),
+        pool_size,
     })
 }
 

@@ -8,6 +8,7 @@ mod files;
 pub use files::FileIndexData;
 mod knowledge;
 mod presets;
+mod queue;
 pub use presets::{PresetRecord, PresetRefusal};
 mod records;
 mod users;

@@ -1,0 +1,1507 @@
+//! The PostgreSQL backend: every seam on one database that any number of ragway replicas
+//! share. tokio-postgres with a deadpool pool (see README, "Storage backends", for why not
+//! sqlx); vectors in pgvector with HNSW (cosine), lexical search with `tsvector` and
+//! `ts_rank_cd`, the queue with `FOR UPDATE SKIP LOCKED` and leases, counters as upserts,
+//! signals with `LISTEN/NOTIFY`, blobs in a `bytea` table.
+//!
+//! The schema is created and migrated at connect ([`migrate`]): versioned SQL files embedded
+//! in the binary, applied in order under an advisory lock, so replicas starting together
+//! apply each migration once.
+
+use std::collections::HashSet;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use futures_util::StreamExt;
+use tokio::sync::broadcast;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::{FromSql, IsNull, Json, ToSql, Type, to_sql_checked};
+use tokio_postgres::{AsyncMessage, NoTls};
+
+use super::{
+    Blobs, Chunks, Counters, Hit, Job, Metadata, Result, Retry, SIGNAL_CAPACITY, Scope, Signal,
+    Signals, Storage, StorageError, UserChange, WorkQueue, check_key,
+};
+use crate::store::{
+    ApiKeyRecord, ChunkRecord, FileRecord, KnowledgeRecord, PRIMARY_ADMIN, Role, UsageCounts,
+    UsageKey, User, now_secs,
+};
+
+/// Versioned migrations, applied in order; never edit one that shipped, add the next.
+const MIGRATIONS: &[(i32, &str, &str)] = &[(1, "init", include_str!("migrations/0001_init.sql"))];
+
+/// Advisory lock key serialising migrations (and index creation) across replicas:
+/// "ragway" in ASCII.
+const MIGRATION_LOCK: i64 = 0x7261_6777_6179;
+
+/// The NOTIFY channel of [`Signal`]s.
+const CHANNEL: &str = "ragway_signals";
+
+/// NOTIFY payloads must stay under 8000 bytes.
+const MAX_SIGNAL_BYTES: usize = 7900;
+
+/// Words of a lexical query used (the rest is ignored): bounds the query PostgreSQL plans.
+const MAX_QUERY_TERMS: usize = 64;
+
+/// Connection options.
+#[derive(Debug, Clone)]
+pub struct PgOptions {
+    /// Pool size per replica (connections = replicas × this, plus one listener each).
+    pub pool_size: usize,
+    /// Scopes with at most this many chunks are searched exactly (every chunk scored);
+    /// larger ones go through the HNSW index, whose filter applies after the graph walk.
+    pub exact_scan_limit: u64,
+}
+
+impl Default for PgOptions {
+    fn default() -> Self {
+        PgOptions {
+            pool_size: 16,
+            exact_scan_limit: 20_000,
+        }
+    }
+}
+
+/// Parses and checks a PostgreSQL URL (`postgres://user:pass@host:port/db` or the
+/// `key=value` form). Errors never repeat the URL: it may hold a password.
+///
+/// # Errors
+/// A message saying what is wrong with the URL.
+pub fn parse_url(url: &str) -> Result<tokio_postgres::Config, String> {
+    let url = url.trim();
+    if url.is_empty() {
+        return Err("the PostgreSQL URL is empty".into());
+    }
+    // A control character is a pasting accident or an attempt to smuggle something into
+    // a log line; no real host, user or database name has one.
+    if url.chars().any(char::is_control) {
+        return Err("the PostgreSQL URL contains control characters".into());
+    }
+    let cfg = tokio_postgres::Config::from_str(url).map_err(|e| {
+        format!("not a PostgreSQL URL ({e}); expected postgres://user:password@host:5432/database")
+    })?;
+    if cfg.get_hosts().is_empty() {
+        return Err("the PostgreSQL URL names no host".into());
+    }
+    if cfg.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+        return Err("sslmode=require: TLS to PostgreSQL is not supported yet; connect over a private network or a local TLS proxy with sslmode=disable".into());
+    }
+    if cfg.get_dbname().is_none() {
+        return Err("the PostgreSQL URL names no database (postgres://host/DATABASE)".into());
+    }
+    Ok(cfg)
+}
+
+fn pg_err(e: &tokio_postgres::Error) -> StorageError {
+    // The database's own message (with its detail) says more than the driver's summary.
+    match e.as_db_error() {
+        Some(db) => StorageError::Postgres(match db.detail() {
+            Some(d) => format!("{} ({d})", db.message()),
+            None => db.message().to_string(),
+        }),
+        None => StorageError::Postgres(e.to_string()),
+    }
+}
+
+impl From<tokio_postgres::Error> for StorageError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        pg_err(&e)
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for StorageError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        match e {
+            deadpool_postgres::PoolError::Backend(e) => pg_err(&e),
+            other => StorageError::Postgres(format!("connection pool: {other}")),
+        }
+    }
+}
+
+fn is(e: &tokio_postgres::Error, state: &SqlState) -> bool {
+    e.code() == Some(state)
+}
+
+fn to_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn to_u64(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
+
+/// A pgvector value in its binary form: dimension (i16), unused (i16), f32s big-endian.
+#[derive(Debug)]
+struct PgVector<'a>(&'a [f32]);
+
+impl ToSql for PgVector<'_> {
+    fn to_sql(
+        &self,
+        _ty: &Type,
+        out: &mut bytes::BytesMut,
+    ) -> std::result::Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        use bytes::BufMut;
+        let dim = i16::try_from(self.0.len()).map_err(|_| "vector longer than 32767")?;
+        out.put_i16(dim);
+        out.put_i16(0);
+        for x in self.0 {
+            out.put_f32(*x);
+        }
+        Ok(IsNull::No)
+    }
+    fn accepts(ty: &Type) -> bool {
+        ty.name() == "vector"
+    }
+    to_sql_checked!();
+}
+
+/// A pgvector value read back.
+struct OwnedVector(Vec<f32>);
+
+impl<'a> FromSql<'a> for OwnedVector {
+    fn from_sql(
+        _ty: &Type,
+        raw: &'a [u8],
+    ) -> std::result::Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        let dim = raw
+            .get(..2)
+            .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
+            .ok_or("short vector")?;
+        let body = raw.get(4..4 + dim * 4).ok_or("short vector")?;
+        Ok(OwnedVector(
+            body.chunks_exact(4)
+                .map(|c| f32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        ))
+    }
+    fn accepts(ty: &Type) -> bool {
+        ty.name() == "vector"
+    }
+}
+
+/// Applies the migrations this database lacks, under an advisory lock.
+///
+/// # Errors
+/// A migration failed (it is rolled back), or the database was migrated by a newer ragway.
+pub async fn migrate(client: &mut tokio_postgres::Client) -> Result<Vec<i32>> {
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+        .await?;
+    let result = apply_migrations(client).await;
+    // Unlock even after a failure: the session may live on in a pool.
+    let unlocked = client
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+        .await;
+    let applied = result?;
+    unlocked?;
+    Ok(applied)
+}
+
+async fn apply_migrations(client: &mut tokio_postgres::Client) -> Result<Vec<i32>> {
+    client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
+                version integer PRIMARY KEY,
+                name text NOT NULL,
+                applied_at timestamptz NOT NULL DEFAULT now()
+            )",
+        )
+        .await?;
+    let done: HashSet<i32> = client
+        .query("SELECT version FROM schema_migrations", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let known = MIGRATIONS.last().map_or(0, |m| m.0);
+    if let Some(newer) = done.iter().copied().filter(|v| *v > known).max() {
+        return Err(StorageError::Postgres(format!(
+            "the database schema is at version {newer}, newer than this ragway knows ({known}): run a newer ragway"
+        )));
+    }
+    let mut applied = Vec::new();
+    for (version, name, sql) in MIGRATIONS {
+        if done.contains(version) {
+            continue;
+        }
+        let txn = client.transaction().await?;
+        txn.batch_execute(sql).await.map_err(|e| {
+            let e = pg_err(&e);
+            StorageError::Postgres(format!("migration {version} ({name}) failed: {e}"))
+        })?;
+        txn.execute(
+            "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+            &[version, name],
+        )
+        .await?;
+        txn.commit().await?;
+        tracing::info!(version, name, "database migrated");
+        applied.push(*version);
+    }
+    Ok(applied)
+}
+
+/// The backend: a pool, a listener task and the HNSW indexes known to exist.
+pub struct Pg {
+    pool: Pool,
+    options: PgOptions,
+    signals: broadcast::Sender<Signal>,
+    listener: tokio::task::JoinHandle<()>,
+    /// Dimensions whose HNSW expression index exists.
+    hnsw: Mutex<HashSet<usize>>,
+    /// Counter increments since expired counters were last deleted.
+    increments: AtomicU64,
+}
+
+impl Drop for Pg {
+    fn drop(&mut self) {
+        self.listener.abort();
+    }
+}
+
+/// Connects, migrates and starts listening for signals.
+///
+/// # Errors
+/// The URL is invalid, the database is unreachable, or a migration failed.
+pub async fn connect(url: &str, options: PgOptions) -> Result<Storage> {
+    let pg = Arc::new(Pg::connect(url, options).await?);
+    Ok(Storage {
+        meta: pg.clone(),
+        chunks: pg.clone(),
+        queue: pg.clone(),
+        blobs: pg.clone(),
+        counters: pg.clone(),
+        signals: pg,
+    })
+}
+
+impl Pg {
+    /// See [`connect`].
+    ///
+    /// # Errors
+    /// As [`connect`].
+    pub async fn connect(url: &str, options: PgOptions) -> Result<Pg> {
+        let cfg = parse_url(url).map_err(StorageError::Postgres)?;
+        let manager = Manager::from_config(
+            cfg.clone(),
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(options.pool_size.max(1))
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(Duration::from_secs(30)))
+            .create_timeout(Some(Duration::from_secs(10)))
+            .build()
+            .map_err(|e| StorageError::Postgres(format!("connection pool: {e}")))?;
+        {
+            let mut client = pool.get().await?;
+            migrate(&mut client).await?;
+        }
+        let (tx, _) = broadcast::channel(SIGNAL_CAPACITY);
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let listener = tokio::spawn(listen(cfg, tx.clone(), Some(ready_tx)));
+        if !matches!(
+            tokio::time::timeout(Duration::from_secs(30), ready_rx).await,
+            Ok(Ok(()))
+        ) {
+            listener.abort();
+            return Err(StorageError::Postgres(
+                "the LISTEN connection for signals did not start".into(),
+            ));
+        }
+        Ok(Pg {
+            pool,
+            options,
+            signals: tx,
+            listener,
+            hnsw: Mutex::new(HashSet::new()),
+            increments: AtomicU64::new(0),
+        })
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object> {
+        Ok(self.pool.get().await?)
+    }
+
+    /// Creates the HNSW index for vectors of `dim` once (per process; `IF NOT EXISTS` and
+    /// the migration lock make it once per database).
+    async fn ensure_hnsw(&self, dim: usize) -> Result<()> {
+        if dim == 0
+            || self
+                .hnsw
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .contains(&dim)
+        {
+            return Ok(());
+        }
+        let client = self.client().await?;
+        client
+            .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+            .await?;
+        // `dim` is a number, never user text: safe to put in the statement (a type
+        // modifier cannot be a parameter).
+        let made = client
+            .batch_execute(&format!(
+                "CREATE INDEX IF NOT EXISTS chunks_hnsw_{dim} ON chunks \
+                 USING hnsw ((embedding::vector({dim})) vector_cosine_ops) \
+                 WHERE vector_dims(embedding) = {dim}"
+            ))
+            .await;
+        client
+            .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+            .await?;
+        made?;
+        self.hnsw
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(dim);
+        Ok(())
+    }
+}
+
+/// Keeps a LISTEN connection open and forwards notifications; reconnects after a failure
+/// (signals sent meanwhile are lost, so subscribers are told with a `Lagged`-like gap:
+/// they must treat a reconnect as "drop every cache", see [`Signals::subscribe`]).
+async fn listen(
+    cfg: tokio_postgres::Config,
+    tx: broadcast::Sender<Signal>,
+    mut ready: Option<tokio::sync::oneshot::Sender<()>>,
+) {
+    loop {
+        match cfg.connect(NoTls).await {
+            Ok((client, mut conn)) => {
+                let (msg_tx, mut msg_rx) = tokio::sync::mpsc::unbounded_channel();
+                let stream = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+                let driver = tokio::spawn(async move {
+                    let mut stream = std::pin::pin!(stream);
+                    while let Some(m) = stream.next().await {
+                        match m {
+                            Ok(AsyncMessage::Notification(n)) => {
+                                if msg_tx.send(n.payload().to_string()).is_err() {
+                                    break;
+                                }
+                            }
+                            Ok(_) => {}
+                            Err(e) => {
+                                tracing::warn!(error = %e, "signal listener connection failed");
+                                break;
+                            }
+                        }
+                    }
+                });
+                if let Err(e) = client.batch_execute(&format!("LISTEN {CHANNEL}")).await {
+                    tracing::warn!(error = %e, "LISTEN failed");
+                } else {
+                    if let Some(r) = ready.take() {
+                        let _ = r.send(());
+                    }
+                    while let Some(payload) = msg_rx.recv().await {
+                        match serde_json::from_str::<Signal>(&payload) {
+                            Ok(s) => {
+                                let _ = tx.send(s);
+                            }
+                            Err(e) => tracing::warn!(error = %e, "unreadable signal ignored"),
+                        }
+                    }
+                }
+                driver.abort();
+                drop(client);
+            }
+            Err(e) => tracing::warn!(error = %e, "signal listener cannot connect"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+fn corrupt(table: &'static str, e: &tokio_postgres::Error) -> StorageError {
+    StorageError::Corrupt {
+        table,
+        message: e.to_string(),
+    }
+}
+
+fn json_col<T: serde::de::DeserializeOwned>(
+    row: &tokio_postgres::Row,
+    idx: usize,
+    table: &'static str,
+) -> Result<T> {
+    row.try_get::<_, Json<T>>(idx)
+        .map(|j| j.0)
+        .map_err(|e| corrupt(table, &e))
+}
+
+#[async_trait]
+impl Metadata for Pg {
+    async fn ping(&self) -> bool {
+        match self.client().await {
+            Ok(c) => c.simple_query("SELECT 1").await.is_ok(),
+            Err(_) => false,
+        }
+    }
+
+    async fn user_count(&self) -> Result<u64> {
+        let row = self
+            .client()
+            .await?
+            .query_one("SELECT count(*) FROM users", &[])
+            .await?;
+        Ok(to_u64(row.get(0)))
+    }
+
+    async fn create_user(&self, mut user: User, first_is_admin: bool) -> Result<User> {
+        let mut client = self.client().await?;
+        let txn = client.transaction().await?;
+        // Two first sign-ups at once must not both become admin: serialise on a lock
+        // taken before the count.
+        txn.execute("LOCK TABLE users IN SHARE ROW EXCLUSIVE MODE", &[])
+            .await?;
+        let n: i64 = txn
+            .query_one("SELECT count(*) FROM users", &[])
+            .await?
+            .get(0);
+        if first_is_admin && n == 0 {
+            user.role = Role::Admin;
+            txn.execute(
+                "INSERT INTO settings (key, value) VALUES ($1, $2)
+                 ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+                &[&PRIMARY_ADMIN, &user.id],
+            )
+            .await?;
+        }
+        let inserted = txn
+            .execute(
+                "INSERT INTO users (id, email, body, created_at) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (email) DO NOTHING",
+                &[
+                    &user.id,
+                    &user.email,
+                    &Json(&user),
+                    &to_i64(user.created_at),
+                ],
+            )
+            .await?;
+        if inserted == 0 {
+            return Err(StorageError::EmailTaken);
+        }
+        txn.commit().await?;
+        Ok(user)
+    }
+
+    async fn users(&self) -> Result<Vec<User>> {
+        let rows = self
+            .client()
+            .await?
+            .query("SELECT body FROM users ORDER BY id", &[])
+            .await?;
+        rows.iter().map(|r| json_col(r, 0, "users")).collect()
+    }
+
+    async fn user_by_id(&self, id: &str) -> Result<Option<User>> {
+        let row = self
+            .client()
+            .await?
+            .query_opt("SELECT body FROM users WHERE id = $1", &[&id])
+            .await?;
+        row.map(|r| json_col(&r, 0, "users")).transpose()
+    }
+
+    async fn user_by_email(&self, email: &str) -> Result<Option<User>> {
+        let row = self
+            .client()
+            .await?
+            .query_opt("SELECT body FROM users WHERE email = $1", &[&email])
+            .await?;
+        row.map(|r| json_col(&r, 0, "users")).transpose()
+    }
+
+    async fn update_user(&self, id: &str, change: UserChange) -> Result<Result<User, String>> {
+        let mut client = self.client().await?;
+        let txn = client.transaction().await?;
+        let Some(row) = txn
+            .query_opt("SELECT body FROM users WHERE id = $1 FOR UPDATE", &[&id])
+            .await?
+        else {
+            return Err(StorageError::NoSuchUser);
+        };
+        let old: User = json_col(&row, 0, "users")?;
+        let mut user = old.clone();
+        if let Err(e) = change(&mut user) {
+            return Ok(Err(e));
+        }
+        user.id.clone_from(&old.id);
+        user.updated_at = now_secs();
+        let r = txn
+            .execute(
+                "UPDATE users SET email = $2, body = $3 WHERE id = $1",
+                &[&id, &user.email, &Json(&user)],
+            )
+            .await;
+        match r {
+            Err(e) if is(&e, &SqlState::UNIQUE_VIOLATION) => return Err(StorageError::EmailTaken),
+            r => r?,
+        };
+        txn.commit().await?;
+        Ok(Ok(user))
+    }
+
+    async fn delete_user(&self, id: &str) -> Result<Option<User>> {
+        let mut client = self.client().await?;
+        let txn = client.transaction().await?;
+        // The API key goes with the user (ON DELETE CASCADE).
+        let Some(row) = txn
+            .query_opt("DELETE FROM users WHERE id = $1 RETURNING body", &[&id])
+            .await?
+        else {
+            return Ok(None);
+        };
+        let user: User = json_col(&row, 0, "users")?;
+        txn.execute(
+            "INSERT INTO user_deletions (id, deleted_at) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            &[&id, &to_i64(now_secs())],
+        )
+        .await?;
+        txn.commit().await?;
+        Ok(Some(user))
+    }
+
+    async fn pending_user_deletions(&self) -> Result<Vec<String>> {
+        let rows = self
+            .client()
+            .await?
+            .query("SELECT id FROM user_deletions ORDER BY id", &[])
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    async fn finish_user_deletion(&self, id: &str) -> Result<()> {
+        self.client()
+            .await?
+            .execute("DELETE FROM user_deletions WHERE id = $1", &[&id])
+            .await?;
+        Ok(())
+    }
+
+    async fn primary_admin(&self) -> Result<Option<String>> {
+        if let Some(id) = self.setting(PRIMARY_ADMIN).await?
+            && self.user_by_id(&id).await?.is_some()
+        {
+            return Ok(Some(id));
+        }
+        Ok(self
+            .users()
+            .await?
+            .into_iter()
+            .filter(|u| u.role == Role::Admin)
+            .min_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)))
+            .map(|u| u.id))
+    }
+
+    async fn put_api_key(&self, hash: &str, record: &ApiKeyRecord) -> Result<()> {
+        let mut client = self.client().await?;
+        let txn = client.transaction().await?;
+        txn.execute(
+            "DELETE FROM api_keys WHERE user_id = $1",
+            &[&record.user_id],
+        )
+        .await?;
+        let r = txn
+            .execute(
+                "INSERT INTO api_keys (hash, user_id, body) VALUES ($1, $2, $3)
+                 ON CONFLICT (hash) DO UPDATE SET user_id = EXCLUDED.user_id, body = EXCLUDED.body",
+                &[&hash, &record.user_id, &Json(record)],
+            )
+            .await;
+        match r {
+            Err(e) if is(&e, &SqlState::FOREIGN_KEY_VIOLATION) => {
+                return Err(StorageError::NoSuchUser);
+            }
+            r => r?,
+        };
+        txn.commit().await?;
+        Ok(())
+    }
+
+    async fn api_key_by_hash(&self, hash: &str) -> Result<Option<ApiKeyRecord>> {
+        let row = self
+            .client()
+            .await?
+            .query_opt("SELECT body FROM api_keys WHERE hash = $1", &[&hash])
+            .await?;
+        row.map(|r| json_col(&r, 0, "api_keys")).transpose()
+    }
+
+    async fn api_key_of_user(&self, user_id: &str) -> Result<Option<(String, ApiKeyRecord)>> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "SELECT hash, body FROM api_keys WHERE user_id = $1",
+                &[&user_id],
+            )
+            .await?;
+        row.map(|r| Ok((r.get(0), json_col(&r, 1, "api_keys")?)))
+            .transpose()
+    }
+
+    async fn delete_api_key_of_user(&self, user_id: &str) -> Result<Option<String>> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "DELETE FROM api_keys WHERE user_id = $1 RETURNING hash",
+                &[&user_id],
+            )
+            .await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    async fn revoke_token(&self, jti: &str, exp: Option<u64>) -> Result<()> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "DELETE FROM revoked_tokens WHERE expires_at <> 0 AND expires_at <= $1",
+                &[&to_i64(now_secs())],
+            )
+            .await?;
+        client
+            .execute(
+                "INSERT INTO revoked_tokens (jti, expires_at) VALUES ($1, $2)
+                 ON CONFLICT (jti) DO UPDATE SET expires_at = EXCLUDED.expires_at",
+                &[&jti, &to_i64(exp.unwrap_or(0))],
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn is_token_revoked(&self, jti: &str) -> Result<bool> {
+        Ok(self
+            .client()
+            .await?
+            .query_opt("SELECT 1 FROM revoked_tokens WHERE jti = $1", &[&jti])
+            .await?
+            .is_some())
+    }
+
+    async fn setting(&self, key: &str) -> Result<Option<String>> {
+        let row = self
+            .client()
+            .await?
+            .query_opt("SELECT value FROM settings WHERE key = $1", &[&key])
+            .await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    async fn set_setting(&self, key: &str, value: &str) -> Result<()> {
+        self.client()
+            .await?
+            .execute(
+                "INSERT INTO settings (key, value) VALUES ($1, $2)
+                 ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+                &[&key, &value],
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn insert_file(&self, file: &FileRecord) -> Result<()> {
+        self.client()
+            .await?
+            .execute(
+                "INSERT INTO files (id, user_id, body, created_at) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (id) DO UPDATE SET user_id = EXCLUDED.user_id, body = EXCLUDED.body",
+                &[
+                    &file.id,
+                    &file.user_id,
+                    &Json(file),
+                    &to_i64(file.created_at),
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn file(&self, id: &str) -> Result<Option<FileRecord>> {
+        let row = self
+            .client()
+            .await?
+            .query_opt("SELECT body FROM files WHERE id = $1", &[&id])
+            .await?;
+        row.map(|r| json_col(&r, 0, "files")).transpose()
+    }
+
+    async fn files(&self) -> Result<Vec<FileRecord>> {
+        let rows = self
+            .client()
+            .await?
+            .query("SELECT body FROM files ORDER BY id", &[])
+            .await?;
+        rows.iter().map(|r| json_col(r, 0, "files")).collect()
+    }
+
+    async fn update_file(&self, file: &FileRecord) -> Result<()> {
+        let n = self
+            .client()
+            .await?
+            .execute(
+                "UPDATE files SET body = $2 WHERE id = $1",
+                &[&file.id, &Json(file)],
+            )
+            .await?;
+        if n == 0 {
+            return Err(StorageError::NotFound);
+        }
+        Ok(())
+    }
+
+    async fn file_text(&self, id: &str) -> Result<Option<String>> {
+        let row = self
+            .client()
+            .await?
+            .query_opt("SELECT content FROM files WHERE id = $1", &[&id])
+            .await?;
+        Ok(row.and_then(|r| r.get(0)))
+    }
+
+    async fn delete_file(&self, id: &str) -> Result<Option<(FileRecord, Vec<String>)>> {
+        let mut client = self.client().await?;
+        let txn = client.transaction().await?;
+        let kbs: Vec<String> = txn
+            .query(
+                "SELECT knowledge_id FROM knowledge_files WHERE file_id = $1 ORDER BY knowledge_id",
+                &[&id],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        // Chunks, memberships and the queue entry go with the file (ON DELETE CASCADE).
+        let Some(row) = txn
+            .query_opt("DELETE FROM files WHERE id = $1 RETURNING body", &[&id])
+            .await?
+        else {
+            return Ok(None);
+        };
+        let rec: FileRecord = json_col(&row, 0, "files")?;
+        txn.commit().await?;
+        Ok(Some((rec, kbs)))
+    }
+
+    async fn put_knowledge(&self, kb: &KnowledgeRecord) -> Result<()> {
+        self.client()
+            .await?
+            .execute(
+                "INSERT INTO knowledge (id, body, created_at) VALUES ($1, $2, $3)
+                 ON CONFLICT (id) DO UPDATE SET body = EXCLUDED.body",
+                &[&kb.id, &Json(kb), &to_i64(kb.created_at)],
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn knowledge(&self, id: &str) -> Result<Option<KnowledgeRecord>> {
+        let row = self
+            .client()
+            .await?
+            .query_opt("SELECT body FROM knowledge WHERE id = $1", &[&id])
+            .await?;
+        row.map(|r| json_col(&r, 0, "knowledge")).transpose()
+    }
+
+    async fn knowledges(&self) -> Result<Vec<KnowledgeRecord>> {
+        let rows = self
+            .client()
+            .await?
+            .query("SELECT body FROM knowledge ORDER BY id", &[])
+            .await?;
+        rows.iter().map(|r| json_col(r, 0, "knowledge")).collect()
+    }
+
+    async fn knowledge_files(&self, id: &str) -> Result<Vec<String>> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT file_id FROM knowledge_files WHERE knowledge_id = $1 ORDER BY file_id",
+                &[&id],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    async fn file_knowledge(&self, file_id: &str) -> Result<Vec<String>> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT knowledge_id FROM knowledge_files WHERE file_id = $1 ORDER BY knowledge_id",
+                &[&file_id],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    async fn link_file(&self, kb: &str, file_id: &str) -> Result<bool> {
+        let r = self
+            .client()
+            .await?
+            .execute(
+                "INSERT INTO knowledge_files (knowledge_id, file_id) VALUES ($1, $2)
+                 ON CONFLICT DO NOTHING",
+                &[&kb, &file_id],
+            )
+            .await;
+        match r {
+            Ok(n) => Ok(n == 1),
+            Err(e) if is(&e, &SqlState::FOREIGN_KEY_VIOLATION) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn unlink_file(&self, kb: &str, file_id: &str) -> Result<bool> {
+        let n = self
+            .client()
+            .await?
+            .execute(
+                "DELETE FROM knowledge_files WHERE knowledge_id = $1 AND file_id = $2",
+                &[&kb, &file_id],
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
+    async fn delete_knowledge(&self, kb: &str) -> Result<bool> {
+        let mut client = self.client().await?;
+        let txn = client.transaction().await?;
+        txn.execute(
+            "DELETE FROM knowledge_files WHERE knowledge_id = $1",
+            &[&kb],
+        )
+        .await?;
+        let n = txn
+            .execute("DELETE FROM knowledge WHERE id = $1", &[&kb])
+            .await?;
+        txn.commit().await?;
+        Ok(n == 1)
+    }
+
+    async fn add_usage(&self, rows: &[(UsageKey, UsageCounts)], keep_from_hour: u64) -> Result<()> {
+        let mut client = self.client().await?;
+        let txn = client.transaction().await?;
+        let stmt = txn
+            .prepare(
+                "INSERT INTO usage (hour, user_id, key_prefix, model, requests, prompt_tokens, completion_tokens)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)
+                 ON CONFLICT (hour, user_id, key_prefix, model) DO UPDATE SET
+                   requests = LEAST(usage.requests::numeric + EXCLUDED.requests, 9223372036854775807)::bigint,
+                   prompt_tokens = LEAST(usage.prompt_tokens::numeric + EXCLUDED.prompt_tokens, 9223372036854775807)::bigint,
+                   completion_tokens = LEAST(usage.completion_tokens::numeric + EXCLUDED.completion_tokens, 9223372036854775807)::bigint",
+            )
+            .await?;
+        for (k, c) in rows {
+            txn.execute(
+                &stmt,
+                &[
+                    &to_i64(k.hour),
+                    &k.user_id,
+                    &k.key_prefix,
+                    &k.model,
+                    &to_i64(c.requests),
+                    &to_i64(c.prompt_tokens),
+                    &to_i64(c.completion_tokens),
+                ],
+            )
+            .await?;
+        }
+        txn.execute(
+            "DELETE FROM usage WHERE hour < $1",
+            &[&to_i64(keep_from_hour)],
+        )
+        .await?;
+        txn.commit().await?;
+        Ok(())
+    }
+
+    async fn scan_usage(
+        &self,
+        from_hour: u64,
+        to_hour: u64,
+        limit: usize,
+    ) -> Result<Vec<(UsageKey, UsageCounts)>> {
+        // Byte order of the text columns, as the embedded store's keys sort.
+        let rows = self
+            .client()
+            .await?
+            .query(
+                r#"SELECT hour, user_id, key_prefix, model, requests, prompt_tokens, completion_tokens
+                   FROM usage WHERE hour >= $1 AND hour < $2
+                   ORDER BY hour, user_id COLLATE "C", key_prefix COLLATE "C", model COLLATE "C"
+                   LIMIT $3"#,
+                &[
+                    &to_i64(from_hour),
+                    &to_i64(to_hour),
+                    &to_i64(limit as u64),
+                ],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                (
+                    UsageKey {
+                        hour: to_u64(r.get(0)),
+                        user_id: r.get(1),
+                        key_prefix: r.get(2),
+                        model: r.get(3),
+                    },
+                    UsageCounts {
+                        requests: to_u64(r.get(4)),
+                        prompt_tokens: to_u64(r.get(5)),
+                        completion_tokens: to_u64(r.get(6)),
+                    },
+                )
+            })
+            .collect())
+    }
+}
+
+/// The scope's file ids as a CTE over `$1` (files) and `$2` (collections).
+const SCOPE_CTE: &str = "WITH scope AS (
+    SELECT unnest($1::text[]) AS file_id
+    UNION
+    SELECT file_id FROM knowledge_files WHERE knowledge_id = ANY($2::text[])
+)";
+
+/// `s` with NUL (which PostgreSQL text cannot hold) replaced by U+FFFD.
+fn without_nul(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.contains('\0') {
+        std::borrow::Cow::Owned(s.replace('\0', "\u{fffd}"))
+    } else {
+        std::borrow::Cow::Borrowed(s)
+    }
+}
+
+/// Query words for `to_tsquery`: runs of letters and digits only, so nothing in them is
+/// tsquery syntax; joined with `|` (any word matches, as BM25 scores).
+fn or_query(query: &str) -> Option<String> {
+    let words: Vec<&str> = query
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .take(MAX_QUERY_TERMS)
+        .collect();
+    if words.is_empty() {
+        None
+    } else {
+        Some(words.join(" | "))
+    }
+}
+
+#[async_trait]
+impl Chunks for Pg {
+    async fn complete_file(
+        &self,
+        file: &FileRecord,
+        text: &str,
+        chunks: &[ChunkRecord],
+        vectors: &[Vec<f32>],
+    ) -> Result<Vec<u64>> {
+        if chunks.len() != vectors.len() {
+            return Err(StorageError::Corrupt {
+                table: "chunks",
+                message: format!("{} chunks but {} vectors", chunks.len(), vectors.len()),
+            });
+        }
+        let dims: HashSet<usize> = vectors.iter().map(Vec::len).collect();
+        for d in &dims {
+            self.ensure_hnsw(*d).await?;
+        }
+        // PostgreSQL text cannot hold NUL; the record and chunk bodies (JSON) keep it escaped.
+        let text = without_nul(text);
+        let mut client = self.client().await?;
+        let txn = client.transaction().await?;
+        let n = txn
+            .execute(
+                "UPDATE files SET body = $2, content = $3 WHERE id = $1",
+                &[&file.id, &Json(file), &text.as_ref()],
+            )
+            .await?;
+        if n == 0 {
+            return Err(StorageError::NotFound);
+        }
+        txn.execute("DELETE FROM chunks WHERE file_id = $1", &[&file.id])
+            .await?;
+        let stmt = txn
+            .prepare(
+                "INSERT INTO chunks (file_id, idx, body, embedding, tsv)
+                 VALUES ($1, $2, $3, $4, to_tsvector('english', $5)) RETURNING id",
+            )
+            .await?;
+        let mut ids = Vec::with_capacity(chunks.len());
+        for (i, (c, v)) in chunks.iter().zip(vectors).enumerate() {
+            let idx = i32::try_from(i).unwrap_or(i32::MAX);
+            let row = txn
+                .query_one(
+                    &stmt,
+                    &[
+                        &file.id,
+                        &idx,
+                        &Json(c),
+                        &PgVector(v),
+                        &without_nul(&c.text).as_ref(),
+                    ],
+                )
+                .await?;
+            ids.push(to_u64(row.get(0)));
+        }
+        txn.execute("DELETE FROM jobs WHERE file_id = $1", &[&file.id])
+            .await?;
+        txn.commit().await?;
+        Ok(ids)
+    }
+
+    async fn fail_file(&self, file: &FileRecord) -> Result<()> {
+        let mut client = self.client().await?;
+        let txn = client.transaction().await?;
+        let n = txn
+            .execute(
+                "UPDATE files SET body = $2, content = NULL WHERE id = $1",
+                &[&file.id, &Json(file)],
+            )
+            .await?;
+        if n == 0 {
+            return Err(StorageError::NotFound);
+        }
+        txn.execute("DELETE FROM chunks WHERE file_id = $1", &[&file.id])
+            .await?;
+        txn.execute("DELETE FROM jobs WHERE file_id = $1", &[&file.id])
+            .await?;
+        txn.commit().await?;
+        Ok(())
+    }
+
+    async fn file_chunk_ids(&self, file_id: &str) -> Result<Vec<u64>> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT id FROM chunks WHERE file_id = $1 ORDER BY idx",
+                &[&file_id],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| to_u64(r.get(0))).collect())
+    }
+
+    async fn chunks(&self, ids: &[u64]) -> Result<Vec<(u64, ChunkRecord)>> {
+        let wanted: Vec<i64> = ids.iter().map(|i| to_i64(*i)).collect();
+        let rows = self
+            .client()
+            .await?
+            .query("SELECT id, body FROM chunks WHERE id = ANY($1)", &[&wanted])
+            .await?;
+        let mut by_id = std::collections::HashMap::with_capacity(rows.len());
+        for r in &rows {
+            by_id.insert(to_u64(r.get(0)), json_col::<ChunkRecord>(r, 1, "chunks")?);
+        }
+        // In the order asked, as the embedded store answers.
+        Ok(ids
+            .iter()
+            .filter_map(|id| by_id.remove(id).map(|c| (*id, c)))
+            .collect())
+    }
+
+    async fn dense_search(&self, scope: &Scope, query: &[f32], k: usize) -> Result<Vec<Hit>> {
+        if k == 0 || query.is_empty() || (scope.files.is_empty() && scope.collections.is_empty()) {
+            return Ok(Vec::new());
+        }
+        let dim = query.len();
+        let dim_i32 = i32::try_from(dim).unwrap_or(i32::MAX);
+        let limit = to_i64(k as u64);
+        let mut client = self.client().await?;
+        let txn = client.transaction().await?;
+        let count: i64 = txn
+            .query_one(
+                &format!(
+                    "{SCOPE_CTE} SELECT count(*) FROM chunks c JOIN scope s ON s.file_id = c.file_id"
+                ),
+                &[&scope.files, &scope.collections],
+            )
+            .await?
+            .get(0);
+        let rows = if to_u64(count) <= self.options.exact_scan_limit {
+            // Every chunk of the scope scored: exact, and cheap at this size.
+            txn.query(
+                &format!(
+                    "{SCOPE_CTE} SELECT c.id, (1 - (c.embedding <=> $3))::float4
+                     FROM chunks c JOIN scope s ON s.file_id = c.file_id
+                     WHERE vector_dims(c.embedding) = $4
+                     ORDER BY c.embedding <=> $3, c.id LIMIT $5"
+                ),
+                &[
+                    &scope.files,
+                    &scope.collections,
+                    &PgVector(query),
+                    &dim_i32,
+                    &limit,
+                ],
+            )
+            .await?
+        } else {
+            // The HNSW walk returns ef_search candidates before the scope filter: widen it
+            // with k so a filtered scope still fills k (pgvector 0.6 has no iterative scan).
+            let ef = (k * 8).clamp(100, 1000);
+            txn.batch_execute(&format!("SET LOCAL hnsw.ef_search = {ef}"))
+                .await?;
+            txn.query(
+                &format!(
+                    "{SCOPE_CTE} SELECT c.id, (1 - (c.embedding::vector({dim}) <=> $3::vector({dim})))::float4
+                     FROM chunks c
+                     WHERE vector_dims(c.embedding) = {dim} AND c.file_id IN (SELECT file_id FROM scope)
+                     ORDER BY c.embedding::vector({dim}) <=> $3::vector({dim}) LIMIT $4"
+                ),
+                &[&scope.files, &scope.collections, &PgVector(query), &limit],
+            )
+            .await?
+        };
+        txn.commit().await?;
+        Ok(rows.iter().map(|r| (to_u64(r.get(0)), r.get(1))).collect())
+    }
+
+    async fn lexical_search(&self, scope: &Scope, query: &str, k: usize) -> Result<Vec<Hit>> {
+        let Some(q) = or_query(query) else {
+            return Ok(Vec::new());
+        };
+        if k == 0 || (scope.files.is_empty() && scope.collections.is_empty()) {
+            return Ok(Vec::new());
+        }
+        // Normalisation 1: rank / (1 + log(length)), BM25's length damping.
+        let rows = self
+            .client()
+            .await?
+            .query(
+                &format!(
+                    "{SCOPE_CTE}, q AS (SELECT to_tsquery('english', $3) AS q)
+                     SELECT c.id, ts_rank_cd(c.tsv, q.q, 1)::float4 AS score
+                     FROM chunks c JOIN scope s ON s.file_id = c.file_id, q
+                     WHERE c.tsv @@ q.q
+                     ORDER BY score DESC, c.id LIMIT $4"
+                ),
+                &[&scope.files, &scope.collections, &q, &to_i64(k as u64)],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| (to_u64(r.get(0)), r.get(1))).collect())
+    }
+}
+
+#[async_trait]
+impl WorkQueue for Pg {
+    async fn enqueue(&self, file_id: &str) -> Result<()> {
+        let r = self
+            .client()
+            .await?
+            .execute(
+                "INSERT INTO jobs (file_id) VALUES ($1) ON CONFLICT (file_id) DO NOTHING",
+                &[&file_id],
+            )
+            .await;
+        match r {
+            Err(e) if is(&e, &SqlState::FOREIGN_KEY_VIOLATION) => Err(StorageError::NotFound),
+            r => r.map(|_| ()).map_err(Into::into),
+        }
+    }
+
+    async fn claim(&self, lease: Duration) -> Result<Option<Job>> {
+        let token = uuid::Uuid::new_v4().to_string();
+        // SKIP LOCKED: replicas claiming at once each get a different row, none waits.
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "UPDATE jobs SET token = $1,
+                        lease_until = clock_timestamp() + make_interval(secs => $2),
+                        attempts = attempts + 1
+                 WHERE file_id = (
+                     SELECT file_id FROM jobs
+                     WHERE lease_until IS NULL OR lease_until <= clock_timestamp()
+                     ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED)
+                 RETURNING file_id, attempts",
+                &[&token, &lease.as_secs_f64()],
+            )
+            .await?;
+        Ok(row.map(|r| Job {
+            file_id: r.get(0),
+            attempts: u32::try_from(r.get::<_, i32>(1)).unwrap_or(0),
+            token,
+        }))
+    }
+
+    async fn heartbeat(&self, job: &Job, lease: Duration) -> Result<bool> {
+        let n = self
+            .client()
+            .await?
+            .execute(
+                "UPDATE jobs SET lease_until = clock_timestamp() + make_interval(secs => $3)
+                 WHERE file_id = $1 AND token = $2 AND lease_until > clock_timestamp()",
+                &[&job.file_id, &job.token, &lease.as_secs_f64()],
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
+    async fn complete(&self, job: &Job) -> Result<bool> {
+        let client = self.client().await?;
+        let n = client
+            .execute(
+                "DELETE FROM jobs WHERE file_id = $1 AND token = $2 AND lease_until > clock_timestamp()",
+                &[&job.file_id, &job.token],
+            )
+            .await?;
+        if n == 1 {
+            return Ok(true);
+        }
+        // Gone already (complete_file / fail_file take the job off with the result): done.
+        Ok(client
+            .query_opt("SELECT 1 FROM jobs WHERE file_id = $1", &[&job.file_id])
+            .await?
+            .is_none())
+    }
+
+    async fn fail(&self, job: &Job, max_attempts: u32) -> Result<Retry> {
+        let mut client = self.client().await?;
+        let txn = client.transaction().await?;
+        let Some(row) = txn
+            .query_opt(
+                "SELECT attempts FROM jobs
+                 WHERE file_id = $1 AND token = $2 AND lease_until > clock_timestamp()
+                 FOR UPDATE",
+                &[&job.file_id, &job.token],
+            )
+            .await?
+        else {
+            return Ok(Retry::LeaseLost);
+        };
+        let attempts = u32::try_from(row.get::<_, i32>(0)).unwrap_or(0);
+        let out = if attempts >= max_attempts {
+            txn.execute("DELETE FROM jobs WHERE file_id = $1", &[&job.file_id])
+                .await?;
+            Retry::GaveUp
+        } else {
+            txn.execute(
+                "UPDATE jobs SET token = NULL, lease_until = NULL WHERE file_id = $1",
+                &[&job.file_id],
+            )
+            .await?;
+            Retry::Requeued
+        };
+        txn.commit().await?;
+        Ok(out)
+    }
+
+    async fn pending(&self, limit: usize) -> Result<Vec<String>> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT file_id FROM jobs ORDER BY seq LIMIT $1",
+                &[&to_i64(limit as u64)],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    async fn is_queued(&self, file_id: &str) -> Result<bool> {
+        Ok(self
+            .client()
+            .await?
+            .query_opt("SELECT 1 FROM jobs WHERE file_id = $1", &[&file_id])
+            .await?
+            .is_some())
+    }
+}
+
+#[async_trait]
+impl Blobs for Pg {
+    async fn put(&self, key: &str, data: &[u8]) -> Result<()> {
+        check_key(key)?;
+        self.client()
+            .await?
+            .execute(
+                "INSERT INTO blobs (key, data) VALUES ($1, $2)
+                 ON CONFLICT (key) DO UPDATE SET data = EXCLUDED.data",
+                &[&key, &data],
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        check_key(key)?;
+        let row = self
+            .client()
+            .await?
+            .query_opt("SELECT data FROM blobs WHERE key = $1", &[&key])
+            .await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    async fn delete(&self, key: &str) -> Result<bool> {
+        check_key(key)?;
+        let n = self
+            .client()
+            .await?
+            .execute("DELETE FROM blobs WHERE key = $1", &[&key])
+            .await?;
+        Ok(n == 1)
+    }
+}
+
+/// Increments between sweeps of expired counters: keeps the table at about the keys live
+/// in their windows without a sweep per request.
+const COUNTER_SWEEP_EVERY: u64 = 1024;
+
+#[async_trait]
+impl Counters for Pg {
+    async fn increment(&self, key: &str, window: Duration) -> Result<(u64, Duration)> {
+        check_key(key)?;
+        let client = self.client().await?;
+        if self.increments.fetch_add(1, Ordering::Relaxed) % COUNTER_SWEEP_EVERY
+            == COUNTER_SWEEP_EVERY - 1
+        {
+            client
+                .execute(
+                    "DELETE FROM counters WHERE window_end <= clock_timestamp()",
+                    &[],
+                )
+                .await?;
+        }
+        let row = client
+            .query_one(
+                "INSERT INTO counters (key, count, window_end)
+                 VALUES ($1, 1, clock_timestamp() + make_interval(secs => $2))
+                 ON CONFLICT (key) DO UPDATE SET
+                   count = CASE WHEN counters.window_end <= clock_timestamp() THEN 1
+                                ELSE counters.count + 1 END,
+                   window_end = CASE WHEN counters.window_end <= clock_timestamp()
+                                THEN clock_timestamp() + make_interval(secs => $2)
+                                ELSE counters.window_end END
+                 RETURNING count, GREATEST(EXTRACT(EPOCH FROM (window_end - clock_timestamp())), 0)::float8",
+                &[&key, &window.as_secs_f64()],
+            )
+            .await?;
+        let left: f64 = row.get(1);
+        Ok((
+            to_u64(row.get(0)),
+            Duration::try_from_secs_f64(left).unwrap_or_default(),
+        ))
+    }
+
+    async fn get(&self, key: &str) -> Result<u64> {
+        check_key(key)?;
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "SELECT count FROM counters WHERE key = $1 AND window_end > clock_timestamp()",
+                &[&key],
+            )
+            .await?;
+        Ok(row.map_or(0, |r| to_u64(r.get(0))))
+    }
+}
+
+#[async_trait]
+impl Signals for Pg {
+    async fn publish(&self, signal: &Signal) -> Result<()> {
+        let payload = serde_json::to_string(signal).expect("signals serialise");
+        if payload.len() > MAX_SIGNAL_BYTES {
+            return Err(StorageError::InvalidKey(format!(
+                "signal of {} bytes (at most {MAX_SIGNAL_BYTES})",
+                payload.len()
+            )));
+        }
+        self.client()
+            .await?
+            .execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &payload])
+            .await?;
+        Ok(())
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<Signal> {
+        self.signals.subscribe()
+    }
+}
+
+impl Pg {
+    /// A stored vector, for tests and `ragway migrate` checks.
+    ///
+    /// # Errors
+    /// The database failed.
+    pub async fn vector(&self, chunk: u64) -> Result<Option<Vec<f32>>> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "SELECT embedding FROM chunks WHERE id = $1",
+                &[&to_i64(chunk)],
+            )
+            .await?;
+        Ok(row.map(|r| r.get::<_, OwnedVector>(0).0))
+    }
+
+    /// Applied migration versions, in order.
+    ///
+    /// # Errors
+    /// The database failed.
+    pub async fn schema_versions(&self) -> Result<Vec<i32>> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT version FROM schema_migrations ORDER BY version",
+                &[],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_checked_without_echoing_them() {
+        assert!(parse_url("postgres://u:secret@127.0.0.1:5432/db").is_ok());
+        assert!(parse_url("host=127.0.0.1 dbname=db user=u").is_ok());
+        for bad in [
+            "",
+            "   ",
+            "mysql://u:secret@h/db",
+            "postgres://u:secret@h:notaport/db",
+            "postgres://u:secret@h/db?sslmode=require",
+            "postgres://u:secret@h:5432",
+        ] {
+            let e = parse_url(bad).unwrap_err();
+            assert!(!e.contains("secret"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn lexical_queries_keep_only_words() {
+        assert_eq!(
+            or_query("what's new? (a|b) & !c:*").as_deref(),
+            Some("what | s | new | a | b | c")
+        );
+        assert_eq!(or_query("&|!():*'\""), None);
+        assert_eq!(
+            or_query(&"w ".repeat(1000)).unwrap().matches('w').count(),
+            MAX_QUERY_TERMS
+        );
+    }
+}

@@ -1,0 +1,173 @@
+//! `[storage]` and `DATABASE_URL`: hostile and mistaken values are refused at start-up with
+//! a message naming the key and never echoing a password; a PostgreSQL backend, valid but
+//! not wired to the handlers yet, is refused by `serve` saying so.
+
+use std::collections::HashMap;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn ragway() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ragway"));
+    for v in [
+        "DATABASE_URL",
+        "OLLAMA_BASE_URL",
+        "OLLAMA_BASE_URLS",
+        "WEBUI_SECRET_KEY",
+        "ENV",
+        "DATA_DIR",
+        "PORT",
+        "HOST",
+    ] {
+        c.env_remove(v);
+    }
+    c
+}
+
+/// Validates `toml` with `DATABASE_URL` = `database_url`: (success, error). A file alone
+/// goes through `ragway check-config` (which reads no environment); with the variable, the
+/// configuration is built as `serve` builds it.
+fn check(toml: &str, database_url: Option<&str>) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, toml).unwrap();
+    let Some(u) = database_url else {
+        let out = ragway().arg("check-config").arg(&path).output().unwrap();
+        return (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        );
+    };
+    let env: HashMap<String, String> = [("DATABASE_URL".to_string(), u.to_string())].into();
+    let file = ragway::config::read_file(&path).unwrap();
+    match ragway::config::build(file, &env, &Default::default()) {
+        Ok(c) => {
+            assert!(
+                !format!("{c:?}").contains("pw@"),
+                "URL in the config's Debug"
+            );
+            (true, String::new())
+        }
+        Err(e) => (false, e.to_string()),
+    }
+}
+
+#[test]
+fn hostile_storage_settings_are_refused_naming_the_key() {
+    let cases: &[(&str, Option<&str>, &str)] = &[
+        (
+            "[storage]\nbackend = \"mongodb\"\n",
+            None,
+            "storage.backend",
+        ),
+        (
+            "[storage]\nbackend = \"postgres\"\n",
+            None,
+            "needs storage.url or DATABASE_URL",
+        ),
+        (
+            "[storage]\nurl = \"mysql://root:secret@db/app\"\n",
+            None,
+            "storage.url",
+        ),
+        (
+            "[storage]\nurl = \"postgres://u:secret@db:99999999/app\"\n",
+            None,
+            "storage.url: not a PostgreSQL URL",
+        ),
+        (
+            "[storage]\nurl = \"postgres://u:secret@db/app?sslmode=require\"\n",
+            None,
+            "TLS",
+        ),
+        (
+            "[storage]\nurl = \"postgres://u:secret@db\"\n",
+            None,
+            "no database",
+        ),
+        ("[storage]\nurl = \"   \"\n", None, "storage.url"),
+        ("[storage]\npool-size = 0\n", None, "storage.pool-size"),
+        (
+            "[storage]\npool-size = 100000000\n",
+            None,
+            "storage.pool-size",
+        ),
+        ("[storage]\npasword = \"x\"\n", None, "pasword"),
+        ("[storage]\nbackend = 5\n", None, "backend"),
+        (
+            "",
+            Some("postgres://u:secret@db:notaport/app"),
+            "DATABASE_URL",
+        ),
+        (
+            "",
+            Some("postgres://u:secret@db/app?sslmode=require"),
+            "DATABASE_URL",
+        ),
+        (
+            "",
+            Some("postgres://u:secret@db/app\u{1}x?options=%00"),
+            "DATABASE_URL",
+        ),
+    ];
+    for (toml, env, says) in cases {
+        let (ok, err) = check(toml, *env);
+        assert!(!ok, "accepted: {toml:?} {env:?}");
+        assert!(err.contains(says), "{toml:?} {env:?}: {err}");
+        assert!(!err.contains("secret"), "password echoed: {err}");
+    }
+}
+
+#[test]
+fn valid_storage_settings_pass_and_sqlite_database_url_is_left_to_open_webui() {
+    for (toml, env) in [
+        ("", None),
+        ("[storage]\nbackend = \"embedded\"\npool-size = 4\n", None),
+        ("", Some("sqlite:///app/backend/data/webui.db")),
+        (
+            "[storage]\nbackend = \"postgres\"\nurl = \"postgres://u:pw@127.0.0.1:5432/ragway\"\n",
+            None,
+        ),
+        ("", Some("postgresql://u:pw@db.internal:5432/ragway")),
+        (
+            "[storage]\nbackend = \"embedded\"\n",
+            Some("postgres://u:pw@db.internal:5432/ragway"),
+        ),
+    ] {
+        let (ok, err) = check(toml, env);
+        assert!(ok, "{toml:?} {env:?}: {err}");
+    }
+}
+
+#[test]
+fn serve_refuses_postgres_until_it_is_wired_saying_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = ragway()
+        .args([
+            "serve",
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .env("DATABASE_URL", "postgres://u:secret@127.0.0.1:1/ragway")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("serve with an unwired backend kept running");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success());
+    assert!(err.contains("does not serve from PostgreSQL yet"), "{err}");
+    assert!(!err.contains("secret"), "{err}");
+}

@@ -1,0 +1,1235 @@
+//! One conformance suite for every storage backend (`ragway::storage`): each case runs
+//! unchanged on the embedded backend (redb + in-process indexes) and on PostgreSQL +
+//! pgvector, plus cases only a shared database has (two "replicas" on one database).
+//!
+//! PostgreSQL comes from `RAGWAY_TEST_POSTGRES_URL` (scripts/test.sh starts a throwaway
+//! cluster with scripts/postgres.sh); each test gets a database of its own. Without the
+//! URL the PostgreSQL cases fail under CI (CI=true) and are reported as not run elsewhere.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ragway::index::GraphKind;
+use ragway::ingest::vectors::VectorStore;
+use ragway::storage::postgres::{self, PgOptions};
+use ragway::storage::{Job, Retry, Scope, Signal, Storage, StorageError, embedded};
+use ragway::store::{
+    ApiKeyRecord, ChunkRecord, FileRecord, FileStatus, KnowledgeRecord, Role, Store, UsageCounts,
+    UsageKey, User,
+};
+
+/// A backend under test and what must outlive it.
+struct Backend {
+    storage: Storage,
+    _dir: Option<tempfile::TempDir>,
+    db: Option<TestDb>,
+}
+
+/// A database created for one test, dropped at the end.
+struct TestDb {
+    admin_url: String,
+    name: String,
+    url: String,
+}
+
+fn postgres_url() -> Option<String> {
+    match std::env::var("RAGWAY_TEST_POSTGRES_URL") {
+        Ok(u) if !u.trim().is_empty() => Some(u),
+        _ => {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "RAGWAY_TEST_POSTGRES_URL is not set under CI: the PostgreSQL backend must be \
+                 tested (scripts/test.sh starts one with scripts/postgres.sh)"
+            );
+            eprintln!(
+                "RAGWAY_TEST_POSTGRES_URL not set: PostgreSQL case NOT RUN (start one with \
+                 `eval \"$(scripts/postgres.sh start)\"`)"
+            );
+            None
+        }
+    }
+}
+
+async fn admin(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect to RAGWAY_TEST_POSTGRES_URL");
+    tokio::spawn(conn);
+    client
+}
+
+impl TestDb {
+    async fn create() -> Option<TestDb> {
+        let admin_url = postgres_url()?;
+        let name = format!("ragway_t_{}", uuid::Uuid::new_v4().simple());
+        admin(&admin_url)
+            .await
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create test database");
+        let mut cfg: tokio_postgres::Config = admin_url.parse().expect("test URL parses");
+        cfg.dbname(&name);
+        let url = to_url(&cfg);
+        Some(TestDb {
+            admin_url,
+            name,
+            url,
+        })
+    }
+
+    async fn drop_db(&self) {
+        let _ = admin(&self.admin_url)
+            .await
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .await;
+    }
+}
+
+/// A key=value connection string for `cfg` (the URL form needs escaping).
+fn to_url(cfg: &tokio_postgres::Config) -> String {
+    let mut parts = Vec::new();
+    if let Some(tokio_postgres::config::Host::Tcp(h)) = cfg.get_hosts().first() {
+        parts.push(format!("host={h}"));
+    }
+    if let Some(p) = cfg.get_ports().first() {
+        parts.push(format!("port={p}"));
+    }
+    if let Some(u) = cfg.get_user() {
+        parts.push(format!("user={u}"));
+    }
+    if let Some(pw) = cfg.get_password() {
+        parts.push(format!("password={}", String::from_utf8_lossy(pw)));
+    }
+    parts.push(format!("dbname={}", cfg.get_dbname().unwrap_or("postgres")));
+    parts.join(" ")
+}
+
+impl Backend {
+    fn embedded() -> Backend {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("ragway.redb")).unwrap());
+        let index = Arc::new(VectorStore::new(10_000, GraphKind::Usearch, None));
+        index.load(&store).unwrap();
+        let storage = embedded::storage(store, index, dir.path().join("uploads"), 10_000);
+        Backend {
+            storage,
+            _dir: Some(dir),
+            db: None,
+        }
+    }
+
+    async fn postgres() -> Option<Backend> {
+        Self::postgres_with(PgOptions {
+            pool_size: 4,
+            ..PgOptions::default()
+        })
+        .await
+    }
+
+    async fn postgres_with(options: PgOptions) -> Option<Backend> {
+        let db = TestDb::create().await?;
+        let storage = postgres::connect(&db.url, options)
+            .await
+            .expect("connect and migrate");
+        Some(Backend {
+            storage,
+            _dir: None,
+            db: Some(db),
+        })
+    }
+
+    async fn finish(self) {
+        let Backend { storage, db, .. } = self;
+        drop(storage);
+        if let Some(db) = db {
+            db.drop_db().await;
+        }
+    }
+}
+
+macro_rules! conformance {
+    ($($case:ident),* $(,)?) => {
+        mod embedded_backend {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let b = super::Backend::embedded();
+                    super::$case(&b.storage).await;
+                    b.finish().await;
+                }
+            )*
+        }
+        mod postgres_backend {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let Some(b) = super::Backend::postgres().await else { return };
+                    super::$case(&b.storage).await;
+                    b.finish().await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    users_first_admin_emails_and_updates,
+    user_deletion_is_recorded_until_finished,
+    api_keys_tokens_and_settings,
+    files_and_collection_memberships,
+    chunks_are_replaced_and_searched_in_scope,
+    lexical_search_matches_word_forms_and_ignores_syntax,
+    failed_and_deleted_files_leave_search,
+    queue_claims_leases_retries_and_gives_up,
+    expired_lease_is_claimed_again,
+    blobs_round_trip_and_refuse_path_keys,
+    counters_count_per_window,
+    signals_reach_subscribers_in_order,
+    usage_rows_add_prune_and_scan_in_order,
+);
+
+fn user(email: &str) -> User {
+    User::new(email, "Name", Role::Pending, "phc".into())
+}
+
+fn file(user_id: &str, name: &str) -> FileRecord {
+    FileRecord {
+        id: uuid::Uuid::new_v4().to_string(),
+        user_id: user_id.into(),
+        filename: name.into(),
+        path: format!("/uploads/{name}"),
+        hash: None,
+        status: Some(FileStatus::Pending),
+        error: None,
+        meta: serde_json::json!({"name": name, "content_type": "text/plain", "size": 10}),
+        embedding: None,
+        chunk_count: 0,
+        created_at: 1,
+        updated_at: 1,
+    }
+}
+
+fn knowledge(name: &str) -> KnowledgeRecord {
+    KnowledgeRecord {
+        id: uuid::Uuid::new_v4().to_string(),
+        user_id: "u".into(),
+        name: name.into(),
+        description: String::new(),
+        meta: serde_json::json!({}),
+        access_grants: vec![],
+        created_at: 1,
+        updated_at: 1,
+    }
+}
+
+fn chunk(file_id: &str, index: usize, text: &str) -> ChunkRecord {
+    ChunkRecord {
+        file_id: file_id.into(),
+        index,
+        text: text.into(),
+        start_index: index * 100,
+        page: None,
+        headers: vec![],
+    }
+}
+
+/// A unit vector along axis `i` of 8, tilted a little towards axis 7 (so no two are equal).
+fn axis(i: usize, tilt: f32) -> Vec<f32> {
+    let mut v = [0.0; 8];
+    v[i] = 1.0;
+    v[7] += tilt;
+    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    v.iter().map(|x| x / n).collect()
+}
+
+fn completed(mut f: FileRecord, n: usize) -> FileRecord {
+    f.status = Some(FileStatus::Completed);
+    f.chunk_count = n;
+    f
+}
+
+/// Stores a processed file with one chunk per (text, vector).
+async fn processed(s: &Storage, owner: &str, parts: &[(&str, Vec<f32>)]) -> (FileRecord, Vec<u64>) {
+    let f = file(owner, "doc.txt");
+    s.meta.insert_file(&f).await.unwrap();
+    let chunks: Vec<ChunkRecord> = parts
+        .iter()
+        .enumerate()
+        .map(|(i, (t, _))| chunk(&f.id, i, t))
+        .collect();
+    let vectors: Vec<Vec<f32>> = parts.iter().map(|(_, v)| v.clone()).collect();
+    let text: String = parts.iter().map(|p| p.0).collect::<Vec<_>>().join("\n");
+    let f = completed(f, parts.len());
+    let ids = s
+        .chunks
+        .complete_file(&f, &text, &chunks, &vectors)
+        .await
+        .unwrap();
+    (f, ids)
+}
+
+fn ids(hits: &[(u64, f32)]) -> Vec<u64> {
+    hits.iter().map(|h| h.0).collect()
+}
+
+fn scope_files(files: &[&str]) -> Scope {
+    Scope {
+        files: files.iter().map(|s| (*s).to_string()).collect(),
+        collections: vec![],
+    }
+}
+
+async fn users_first_admin_emails_and_updates(s: &Storage) {
+    let m = &s.meta;
+    assert!(m.ping().await);
+    assert_eq!(m.primary_admin().await.unwrap(), None);
+    let a = m.create_user(user("a@x.io"), true).await.unwrap();
+    assert_eq!(a.role, Role::Admin, "the first user becomes admin");
+    let b = m.create_user(user("b@x.io"), true).await.unwrap();
+    assert_eq!(b.role, Role::Pending);
+    assert!(matches!(
+        m.create_user(user("a@x.io"), true).await,
+        Err(StorageError::EmailTaken)
+    ));
+    assert_eq!(m.user_count().await.unwrap(), 2);
+    assert_eq!(
+        m.primary_admin().await.unwrap().as_deref(),
+        Some(a.id.as_str())
+    );
+    assert_eq!(m.user_by_email("b@x.io").await.unwrap().unwrap().id, b.id);
+    assert!(m.user_by_email("nobody@x.io").await.unwrap().is_none());
+    let mut listed: Vec<String> = m.users().await.unwrap().into_iter().map(|u| u.id).collect();
+    listed.sort();
+    let mut want = vec![a.id.clone(), b.id.clone()];
+    want.sort();
+    assert_eq!(listed, want);
+
+    let changed = m
+        .update_user(
+            &b.id,
+            Box::new(|u| {
+                u.name = "Bea".into();
+                u.email = "bea@x.io".into();
+                u.revoke_sessions(Some("jti-keep".into()));
+                Ok(())
+            }),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(changed.name, "Bea");
+    let read = m.user_by_id(&b.id).await.unwrap().unwrap();
+    assert_eq!((read.email.as_str(), read.session_epoch), ("bea@x.io", 1));
+    assert!(read.session_valid(0, "jti-keep") && !read.session_valid(0, "other"));
+    assert!(
+        m.user_by_email("b@x.io").await.unwrap().is_none(),
+        "old email freed"
+    );
+    m.create_user(user("b@x.io"), false).await.unwrap();
+
+    let refused = m
+        .update_user(&b.id, Box::new(|_| Err("no".to_string())))
+        .await
+        .unwrap();
+    assert_eq!(refused.unwrap_err(), "no");
+    assert!(matches!(
+        m.update_user(
+            &b.id,
+            Box::new(|u| {
+                u.email = "a@x.io".into();
+                Ok(())
+            })
+        )
+        .await,
+        Err(StorageError::EmailTaken)
+    ));
+    assert_eq!(
+        m.user_by_id(&b.id).await.unwrap().unwrap().email,
+        "bea@x.io"
+    );
+    assert!(matches!(
+        m.update_user("missing", Box::new(|_| Ok(()))).await,
+        Err(StorageError::NoSuchUser)
+    ));
+}
+
+async fn user_deletion_is_recorded_until_finished(s: &Storage) {
+    let m = &s.meta;
+    let u = m.create_user(user("d@x.io"), false).await.unwrap();
+    let rec = ApiKeyRecord {
+        user_id: u.id.clone(),
+        prefix: "sk-d".into(),
+        created_at: 1,
+        models: vec![],
+        limits: Default::default(),
+    };
+    m.put_api_key("hash-d", &rec).await.unwrap();
+    assert_eq!(m.delete_user(&u.id).await.unwrap().unwrap().email, "d@x.io");
+    assert!(
+        m.api_key_by_hash("hash-d").await.unwrap().is_none(),
+        "key goes with the user"
+    );
+    assert!(m.user_by_email("d@x.io").await.unwrap().is_none());
+    assert_eq!(
+        m.pending_user_deletions().await.unwrap(),
+        vec![u.id.clone()]
+    );
+    m.finish_user_deletion(&u.id).await.unwrap();
+    assert!(m.pending_user_deletions().await.unwrap().is_empty());
+    assert!(m.delete_user(&u.id).await.unwrap().is_none());
+}
+
+async fn api_keys_tokens_and_settings(s: &Storage) {
+    let m = &s.meta;
+    let u = m.create_user(user("k@x.io"), false).await.unwrap();
+    let rec = |p: &str| ApiKeyRecord {
+        user_id: u.id.clone(),
+        prefix: p.into(),
+        created_at: 1,
+        models: vec!["llama3".into()],
+        limits: Default::default(),
+    };
+    m.put_api_key("h1", &rec("sk-1")).await.unwrap();
+    m.put_api_key("h2", &rec("sk-2")).await.unwrap();
+    assert!(
+        m.api_key_by_hash("h1").await.unwrap().is_none(),
+        "one key per user"
+    );
+    let got = m.api_key_by_hash("h2").await.unwrap().unwrap();
+    assert_eq!((got.prefix.as_str(), got.models.len()), ("sk-2", 1));
+    let (hash, of_user) = m.api_key_of_user(&u.id).await.unwrap().unwrap();
+    assert_eq!((hash.as_str(), of_user.prefix.as_str()), ("h2", "sk-2"));
+    let orphan = ApiKeyRecord {
+        user_id: "missing".into(),
+        ..rec("sk-x")
+    };
+    assert!(matches!(
+        m.put_api_key("hx", &orphan).await,
+        Err(StorageError::NoSuchUser)
+    ));
+    assert_eq!(
+        m.delete_api_key_of_user(&u.id).await.unwrap().as_deref(),
+        Some("h2")
+    );
+    assert!(m.api_key_by_hash("h2").await.unwrap().is_none());
+    assert!(m.delete_api_key_of_user(&u.id).await.unwrap().is_none());
+
+    assert!(!m.is_token_revoked("jti-1").await.unwrap());
+    m.revoke_token("jti-1", None).await.unwrap();
+    m.revoke_token("jti-2", Some(ragway::store::now_secs() + 3600))
+        .await
+        .unwrap();
+    m.revoke_token("jti-old", Some(1)).await.unwrap();
+    // An expired entry is pruned by the next revocation.
+    m.revoke_token("jti-3", None).await.unwrap();
+    assert!(m.is_token_revoked("jti-1").await.unwrap());
+    assert!(m.is_token_revoked("jti-2").await.unwrap());
+    assert!(!m.is_token_revoked("jti-old").await.unwrap());
+
+    assert!(m.setting("s").await.unwrap().is_none());
+    m.set_setting("s", "1").await.unwrap();
+    m.set_setting("s", "2").await.unwrap();
+    assert_eq!(m.setting("s").await.unwrap().as_deref(), Some("2"));
+}
+
+async fn files_and_collection_memberships(s: &Storage) {
+    let m = &s.meta;
+    let f = file("u", "a.txt");
+    let g = file("u", "b.txt");
+    m.insert_file(&f).await.unwrap();
+    m.insert_file(&g).await.unwrap();
+    let read = m.file(&f.id).await.unwrap().unwrap();
+    assert_eq!(read.meta, f.meta, "meta reads back as written");
+    assert_eq!(m.files().await.unwrap().len(), 2);
+    assert!(m.file_text(&f.id).await.unwrap().is_none());
+    let mut f2 = f.clone();
+    f2.error = Some("e".into());
+    m.update_file(&f2).await.unwrap();
+    assert_eq!(
+        m.file(&f.id).await.unwrap().unwrap().error.as_deref(),
+        Some("e")
+    );
+    assert!(matches!(
+        m.update_file(&file("u", "ghost")).await,
+        Err(StorageError::NotFound)
+    ));
+
+    let kb = knowledge("kb");
+    let kb2 = knowledge("kb2");
+    m.put_knowledge(&kb).await.unwrap();
+    m.put_knowledge(&kb2).await.unwrap();
+    let mut renamed = kb.clone();
+    renamed.name = "renamed".into();
+    m.put_knowledge(&renamed).await.unwrap();
+    assert_eq!(m.knowledge(&kb.id).await.unwrap().unwrap().name, "renamed");
+    assert_eq!(m.knowledges().await.unwrap().len(), 2);
+    assert!(m.link_file(&kb.id, &f.id).await.unwrap());
+    assert!(!m.link_file(&kb.id, &f.id).await.unwrap(), "already linked");
+    assert!(!m.link_file(&kb.id, "no-such-file").await.unwrap());
+    assert!(m.link_file(&kb.id, &g.id).await.unwrap());
+    assert!(m.link_file(&kb2.id, &f.id).await.unwrap());
+    let mut in_kb = m.knowledge_files(&kb.id).await.unwrap();
+    in_kb.sort();
+    let mut want = vec![f.id.clone(), g.id.clone()];
+    want.sort();
+    assert_eq!(in_kb, want);
+    assert!(m.unlink_file(&kb.id, &g.id).await.unwrap());
+    assert!(!m.unlink_file(&kb.id, &g.id).await.unwrap());
+    let mut of_f = m.file_knowledge(&f.id).await.unwrap();
+    of_f.sort();
+    let mut want = vec![kb.id.clone(), kb2.id.clone()];
+    want.sort();
+    assert_eq!(of_f, want);
+
+    assert!(m.delete_knowledge(&kb2.id).await.unwrap());
+    assert!(!m.delete_knowledge(&kb2.id).await.unwrap());
+    assert_eq!(m.file_knowledge(&f.id).await.unwrap(), vec![kb.id.clone()]);
+    let (rec, kbs) = m.delete_file(&f.id).await.unwrap().unwrap();
+    assert_eq!((rec.id.as_str(), kbs), (f.id.as_str(), vec![kb.id.clone()]));
+    assert!(m.file(&f.id).await.unwrap().is_none());
+    assert!(m.knowledge_files(&kb.id).await.unwrap().is_empty());
+    assert!(m.delete_file(&f.id).await.unwrap().is_none());
+}
+
+async fn chunks_are_replaced_and_searched_in_scope(s: &Storage) {
+    let (a, a_ids) = processed(
+        s,
+        "u",
+        &[
+            ("alpha one", axis(0, 0.1)),
+            ("alpha two", axis(1, 0.1)),
+            ("alpha three", axis(2, 0.1)),
+        ],
+    )
+    .await;
+    let (b, b_ids) = processed(s, "u", &[("beta", axis(0, 0.3)), ("beta2", axis(3, 0.0))]).await;
+    assert_eq!(a_ids.len(), 3);
+    assert_eq!(s.chunks.file_chunk_ids(&a.id).await.unwrap(), a_ids);
+    let read = s.meta.file(&a.id).await.unwrap().unwrap();
+    assert_eq!(read.status, Some(FileStatus::Completed));
+    assert_eq!(
+        s.meta.file_text(&a.id).await.unwrap().as_deref(),
+        Some("alpha one\nalpha two\nalpha three")
+    );
+    let wanted = [a_ids[2], 999_999, a_ids[0]];
+    let got = s.chunks.chunks(&wanted).await.unwrap();
+    assert_eq!(
+        ids_of(&got),
+        vec![a_ids[2], a_ids[0]],
+        "asked order, missing skipped"
+    );
+    assert_eq!(got[0].1.text, "alpha three");
+
+    // Dense: within file a only, nearest to axis 1 first.
+    let hits = s
+        .chunks
+        .dense_search(&scope_files(&[&a.id]), &axis(1, 0.0), 2)
+        .await
+        .unwrap();
+    assert_eq!(hits[0].0, a_ids[1]);
+    assert!(
+        hits[0].1 > 0.9 && hits[0].1 <= 1.0001,
+        "cosine similarity: {hits:?}"
+    );
+    assert_eq!(hits.len(), 2);
+    assert!(ids(&hits).iter().all(|i| a_ids.contains(i)));
+
+    // Through a collection: only its files.
+    let kb = knowledge("kb");
+    s.meta.put_knowledge(&kb).await.unwrap();
+    assert!(s.meta.link_file(&kb.id, &b.id).await.unwrap());
+    let in_kb = Scope {
+        collections: vec![kb.id.clone()],
+        files: vec![],
+    };
+    let hits = s
+        .chunks
+        .dense_search(&in_kb, &axis(0, 0.0), 10)
+        .await
+        .unwrap();
+    let mut got = ids(&hits);
+    got.sort_unstable();
+    assert_eq!(got, b_ids);
+    // Collection and file together, each chunk once.
+    let both = Scope {
+        collections: vec![kb.id.clone()],
+        files: vec![a.id.clone(), b.id.clone()],
+    };
+    let hits = s
+        .chunks
+        .dense_search(&both, &axis(0, 0.0), 10)
+        .await
+        .unwrap();
+    assert_eq!(hits.len(), 5);
+    assert_eq!(ids(&hits)[..2], [a_ids[0], b_ids[0]]);
+    assert!(hits.windows(2).all(|w| w[0].1 >= w[1].1), "best first");
+
+    // Re-processing replaces the chunks, in the file and in its collections.
+    let new_chunks = vec![chunk(&b.id, 0, "gamma")];
+    let new_ids = s
+        .chunks
+        .complete_file(
+            &completed(b.clone(), 1),
+            "gamma",
+            &new_chunks,
+            &[axis(5, 0.0)],
+        )
+        .await
+        .unwrap();
+    assert!(
+        s.chunks.chunks(&b_ids).await.unwrap().is_empty(),
+        "old chunks gone"
+    );
+    let hits = s
+        .chunks
+        .dense_search(&in_kb, &axis(5, 0.0), 10)
+        .await
+        .unwrap();
+    assert_eq!(ids(&hits), new_ids);
+    // Unlinked: out of the collection's results.
+    assert!(s.meta.unlink_file(&kb.id, &b.id).await.unwrap());
+    assert!(
+        s.chunks
+            .dense_search(&in_kb, &axis(5, 0.0), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        s.chunks
+            .dense_search(&Scope::default(), &axis(5, 0.0), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // Mismatched input is refused, not half-written.
+    assert!(
+        s.chunks
+            .complete_file(&b, "x", &[chunk(&b.id, 0, "x")], &[])
+            .await
+            .is_err()
+    );
+}
+
+fn ids_of(rows: &[(u64, ChunkRecord)]) -> Vec<u64> {
+    rows.iter().map(|r| r.0).collect()
+}
+
+async fn lexical_search_matches_word_forms_and_ignores_syntax(s: &Storage) {
+    let (a, a_ids) = processed(
+        s,
+        "u",
+        &[
+            ("The cats are running across the garden", axis(0, 0.0)),
+            (
+                "Quarterly revenue grew in the northern region",
+                axis(1, 0.0),
+            ),
+            ("Nothing relevant here at all", axis(2, 0.0)),
+        ],
+    )
+    .await;
+    let (other, _) = processed(s, "u", &[("cat running everywhere", axis(0, 0.0))]).await;
+    // Extracted text may hold NUL bytes (PostgreSQL text cannot): still stored and found.
+    let (nul, nul_ids) = processed(s, "u", &[("nul\0byte zebra", axis(0, 0.0))]).await;
+    let hits = s
+        .chunks
+        .lexical_search(&scope_files(&[&nul.id]), "zebra", 5)
+        .await
+        .unwrap();
+    assert_eq!(ids(&hits), nul_ids);
+    assert_eq!(
+        s.chunks.chunks(&nul_ids).await.unwrap()[0].1.text,
+        "nul\0byte zebra"
+    );
+    let scope = scope_files(&[&a.id]);
+    let hits = s
+        .chunks
+        .lexical_search(&scope, "cat runs", 5)
+        .await
+        .unwrap();
+    assert_eq!(
+        ids(&hits),
+        vec![a_ids[0]],
+        "stemmed match, scoped: {hits:?}"
+    );
+    assert!(hits[0].1 > 0.0);
+    let hits = s
+        .chunks
+        .lexical_search(&scope, "revenue of the garden", 5)
+        .await
+        .unwrap();
+    let mut got = ids(&hits);
+    got.sort_unstable();
+    assert_eq!(got, vec![a_ids[0], a_ids[1]], "any word matches");
+    for hostile in ["", "&|!():*", "' OR 1=1 --", "\\x00 \u{0}", "a:* & !b"] {
+        let hits = s.chunks.lexical_search(&scope, hostile, 5).await.unwrap();
+        assert!(hits.iter().all(|h| a_ids.contains(&h.0)), "{hostile:?}");
+    }
+    let long = "garden ".repeat(5000);
+    let hits = s.chunks.lexical_search(&scope, &long, 5).await.unwrap();
+    assert_eq!(ids(&hits), vec![a_ids[0]]);
+    let both = scope_files(&[&a.id, &other.id]);
+    assert_eq!(
+        s.chunks
+            .lexical_search(&both, "cats", 5)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+}
+
+async fn failed_and_deleted_files_leave_search(s: &Storage) {
+    let (a, _) = processed(s, "u", &[("kept words", axis(0, 0.0))]).await;
+    let (b, b_ids) = processed(s, "u", &[("kept too", axis(0, 0.1))]).await;
+    let kb = knowledge("kb");
+    s.meta.put_knowledge(&kb).await.unwrap();
+    s.meta.link_file(&kb.id, &a.id).await.unwrap();
+    s.meta.link_file(&kb.id, &b.id).await.unwrap();
+    let in_kb = Scope {
+        collections: vec![kb.id.clone()],
+        files: vec![],
+    };
+    assert_eq!(
+        s.chunks
+            .lexical_search(&in_kb, "kept", 5)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+
+    let mut failed = b.clone();
+    failed.status = Some(FileStatus::Failed);
+    failed.error = Some("bad".into());
+    s.chunks.fail_file(&failed).await.unwrap();
+    assert_eq!(
+        s.meta.file(&b.id).await.unwrap().unwrap().status,
+        Some(FileStatus::Failed)
+    );
+    assert!(s.meta.file_text(&b.id).await.unwrap().is_none());
+    assert!(s.chunks.chunks(&b_ids).await.unwrap().is_empty());
+    assert!(s.chunks.file_chunk_ids(&b.id).await.unwrap().is_empty());
+    assert_eq!(
+        s.chunks
+            .lexical_search(&in_kb, "kept", 5)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+
+    s.meta.delete_file(&a.id).await.unwrap().unwrap();
+    assert!(
+        s.chunks
+            .lexical_search(&in_kb, "kept", 5)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        s.chunks
+            .dense_search(&in_kb, &axis(0, 0.0), 5)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    s.meta.delete_knowledge(&kb.id).await.unwrap();
+    assert!(
+        s.chunks
+            .dense_search(&in_kb, &axis(0, 0.0), 5)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+async fn queue_claims_leases_retries_and_gives_up(s: &Storage) {
+    let q = &s.queue;
+    let lease = Duration::from_secs(60);
+    assert!(matches!(
+        q.enqueue("no-such-file").await,
+        Err(StorageError::NotFound)
+    ));
+    assert!(q.claim(lease).await.unwrap().is_none());
+    let a = file("u", "a");
+    let b = file("u", "b");
+    s.meta.insert_file(&a).await.unwrap();
+    s.meta.insert_file(&b).await.unwrap();
+    q.enqueue(&a.id).await.unwrap();
+    // Distinct enqueue times where the backend orders by second.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    q.enqueue(&b.id).await.unwrap();
+    q.enqueue(&a.id).await.unwrap(); // keeps its place
+    assert_eq!(
+        q.pending(10).await.unwrap(),
+        vec![a.id.clone(), b.id.clone()]
+    );
+    assert_eq!(q.pending(1).await.unwrap(), vec![a.id.clone()]);
+    assert!(q.is_queued(&a.id).await.unwrap());
+
+    let ja = q.claim(lease).await.unwrap().unwrap();
+    assert_eq!((ja.file_id.as_str(), ja.attempts), (a.id.as_str(), 1));
+    let jb = q.claim(lease).await.unwrap().unwrap();
+    assert_eq!(jb.file_id, b.id);
+    assert!(q.claim(lease).await.unwrap().is_none(), "both leased");
+    assert!(q.heartbeat(&ja, lease).await.unwrap());
+    let forged = Job {
+        token: "forged".into(),
+        ..ja.clone()
+    };
+    assert!(!q.heartbeat(&forged, lease).await.unwrap());
+    assert!(q.complete(&ja).await.unwrap());
+    assert!(!q.is_queued(&a.id).await.unwrap());
+
+    assert_eq!(q.fail(&jb, 2).await.unwrap(), Retry::Requeued);
+    let jb2 = q.claim(lease).await.unwrap().unwrap();
+    assert_eq!((jb2.file_id.as_str(), jb2.attempts), (b.id.as_str(), 2));
+    assert_eq!(q.fail(&jb, 2).await.unwrap(), Retry::LeaseLost, "old lease");
+    assert_eq!(q.fail(&jb2, 2).await.unwrap(), Retry::GaveUp);
+    assert!(!q.is_queued(&b.id).await.unwrap());
+    assert!(q.claim(lease).await.unwrap().is_none());
+
+    // complete_file takes the job off the queue with the result.
+    q.enqueue(&a.id).await.unwrap();
+    let j = q.claim(lease).await.unwrap().unwrap();
+    s.chunks
+        .complete_file(
+            &completed(a.clone(), 1),
+            "t",
+            &[chunk(&a.id, 0, "t")],
+            &[axis(0, 0.0)],
+        )
+        .await
+        .unwrap();
+    assert!(!q.is_queued(&a.id).await.unwrap());
+    assert!(q.complete(&j).await.unwrap());
+    // A deleted file leaves the queue.
+    q.enqueue(&b.id).await.unwrap();
+    s.meta.delete_file(&b.id).await.unwrap();
+    assert!(q.pending(10).await.unwrap().is_empty());
+}
+
+async fn expired_lease_is_claimed_again(s: &Storage) {
+    let q = &s.queue;
+    let f = file("u", "a");
+    s.meta.insert_file(&f).await.unwrap();
+    q.enqueue(&f.id).await.unwrap();
+    let dead = q.claim(Duration::from_millis(300)).await.unwrap().unwrap();
+    // The holder "dies": no heartbeat. Well past the lease, anyone may claim it.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let again = q.claim(Duration::from_secs(60)).await.unwrap().unwrap();
+    assert_eq!((again.file_id.as_str(), again.attempts), (f.id.as_str(), 2));
+    assert!(!q.heartbeat(&dead, Duration::from_secs(60)).await.unwrap());
+    assert!(
+        !q.complete(&dead).await.unwrap(),
+        "the dead holder cannot complete"
+    );
+    assert_eq!(q.fail(&dead, 5).await.unwrap(), Retry::LeaseLost);
+    assert!(q.complete(&again).await.unwrap());
+}
+
+async fn blobs_round_trip_and_refuse_path_keys(s: &Storage) {
+    let b = &s.blobs;
+    assert!(b.get("k1").await.unwrap().is_none());
+    b.put("k1", b"hello").await.unwrap();
+    b.put("k1", b"hello again").await.unwrap();
+    let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    b.put("big", &big).await.unwrap();
+    assert_eq!(b.get("k1").await.unwrap().unwrap(), b"hello again");
+    assert_eq!(b.get("big").await.unwrap().unwrap(), big);
+    assert!(b.delete("k1").await.unwrap());
+    assert!(!b.delete("k1").await.unwrap());
+    let long = "x".repeat(600);
+    for bad in [
+        "",
+        "..",
+        "../etc/passwd",
+        "a/b",
+        "a\\b",
+        "a\0b",
+        "a\nb",
+        long.as_str(),
+    ] {
+        assert!(
+            matches!(b.put(bad, b"x").await, Err(StorageError::InvalidKey(_))),
+            "{bad:?}"
+        );
+        assert!(matches!(b.get(bad).await, Err(StorageError::InvalidKey(_))));
+        assert!(matches!(
+            b.delete(bad).await,
+            Err(StorageError::InvalidKey(_))
+        ));
+    }
+}
+
+async fn counters_count_per_window(s: &Storage) {
+    let c = &s.counters;
+    let minute = Duration::from_secs(60);
+    assert_eq!(c.get("signin:a").await.unwrap(), 0);
+    for n in 1..=3 {
+        let (count, left) = c.increment("signin:a", minute).await.unwrap();
+        assert_eq!(count, n);
+        assert!(left <= minute && left > Duration::from_secs(30), "{left:?}");
+    }
+    assert_eq!(c.increment("signin:b", minute).await.unwrap().0, 1);
+    assert_eq!(c.get("signin:a").await.unwrap(), 3);
+    assert_eq!(
+        c.increment("short", Duration::from_millis(300))
+            .await
+            .unwrap()
+            .0,
+        1
+    );
+    assert_eq!(
+        c.increment("short", Duration::from_millis(300))
+            .await
+            .unwrap()
+            .0,
+        2
+    );
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(c.get("short").await.unwrap(), 0, "window over");
+    assert_eq!(
+        c.increment("short", Duration::from_millis(300))
+            .await
+            .unwrap()
+            .0,
+        1
+    );
+    assert!(matches!(
+        c.increment("", minute).await,
+        Err(StorageError::InvalidKey(_))
+    ));
+}
+
+async fn signals_reach_subscribers_in_order(s: &Storage) {
+    let mut rx = s.signals.subscribe();
+    let sent = vec![
+        Signal::KeyDeleted { hash: "h".into() },
+        Signal::ModelsChanged,
+        Signal::FileStatus {
+            id: "f".into(),
+            status: FileStatus::Completed,
+        },
+        Signal::UserChanged { id: "u".into() },
+    ];
+    for sig in &sent {
+        s.signals.publish(sig).await.unwrap();
+    }
+    for want in &sent {
+        let got = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+            .await
+            .expect("signal delivered")
+            .unwrap();
+        assert_eq!(&got, want);
+    }
+}
+
+async fn usage_rows_add_prune_and_scan_in_order(s: &Storage) {
+    let m = &s.meta;
+    let key = |hour, user: &str, model: &str| UsageKey {
+        hour,
+        user_id: user.into(),
+        key_prefix: String::new(),
+        model: model.into(),
+    };
+    let c = |r, p, q| UsageCounts {
+        requests: r,
+        prompt_tokens: p,
+        completion_tokens: q,
+    };
+    m.add_usage(
+        &[
+            (key(10, "u2", "m"), c(1, 10, 20)),
+            (key(10, "u1", "m"), c(1, 1, 1)),
+            (key(11, "u1", "Z"), c(2, 2, 2)),
+            (key(9, "u1", "m"), c(1, 1, 1)),
+        ],
+        0,
+    )
+    .await
+    .unwrap();
+    m.add_usage(&[(key(10, "u2", "m"), c(1, 5, u64::MAX))], 0)
+        .await
+        .unwrap();
+    let rows = m.scan_usage(0, 100, 100).await.unwrap();
+    let keys: Vec<(u64, &str)> = rows
+        .iter()
+        .map(|(k, _)| (k.hour, k.user_id.as_str()))
+        .collect();
+    assert_eq!(keys, vec![(9, "u1"), (10, "u1"), (10, "u2"), (11, "u1")]);
+    assert_eq!(rows[2].1.requests, 2);
+    assert_eq!(rows[2].1.prompt_tokens, 15);
+    assert!(rows[2].1.completion_tokens >= i64::MAX as u64, "saturates");
+    assert_eq!(m.scan_usage(10, 11, 100).await.unwrap().len(), 2);
+    assert_eq!(m.scan_usage(0, 100, 1).await.unwrap().len(), 1);
+    assert!(m.scan_usage(11, 10, 100).await.unwrap().is_empty());
+    m.add_usage(&[], 10).await.unwrap();
+    assert_eq!(
+        m.scan_usage(0, 100, 100).await.unwrap().len(),
+        3,
+        "hour 9 pruned"
+    );
+}
+
+// ---- PostgreSQL only: what a shared database adds -------------------------------------
+
+/// Two "replicas": two pools (and listeners) on one database.
+async fn two_replicas() -> Option<(Backend, Storage)> {
+    let a = Backend::postgres().await?;
+    let url = a.db.as_ref().unwrap().url.clone();
+    let b = postgres::connect(
+        &url,
+        PgOptions {
+            pool_size: 4,
+            ..PgOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    Some((a, b))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_never_claim_one_job_twice() {
+    let Some((a, b)) = two_replicas().await else {
+        return;
+    };
+    let mut want = HashSet::new();
+    for i in 0..40 {
+        let f = file("u", &format!("f{i}"));
+        a.storage.meta.insert_file(&f).await.unwrap();
+        a.storage.queue.enqueue(&f.id).await.unwrap();
+        want.insert(f.id);
+    }
+    let mut tasks = Vec::new();
+    for s in [a.storage.clone(), b.clone()] {
+        for _ in 0..4 {
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut got = Vec::new();
+                while let Some(j) = s.queue.claim(Duration::from_secs(120)).await.unwrap() {
+                    got.push(j.file_id);
+                }
+                got
+            }));
+        }
+    }
+    let mut seen = Vec::new();
+    for t in tasks {
+        seen.extend(t.await.unwrap());
+    }
+    let unique: HashSet<String> = seen.iter().cloned().collect();
+    assert_eq!(seen.len(), unique.len(), "a job was claimed twice");
+    assert_eq!(unique, want, "every job claimed once");
+    drop(b);
+    a.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_leases_keys_counters_and_signals() {
+    let Some((a, b)) = two_replicas().await else {
+        return;
+    };
+    let sa = &a.storage;
+    // A dead replica's job is retried by the other.
+    let f = file("u", "f");
+    sa.meta.insert_file(&f).await.unwrap();
+    sa.queue.enqueue(&f.id).await.unwrap();
+    let dead = sa
+        .queue
+        .claim(Duration::from_millis(300))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        b.queue
+            .claim(Duration::from_secs(60))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let taken = b
+        .queue
+        .claim(Duration::from_secs(60))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((taken.file_id.as_str(), taken.attempts), (f.id.as_str(), 2));
+    assert!(!sa.queue.complete(&dead).await.unwrap());
+    // A result committed on one replica is visible on the other at once.
+    b.chunks
+        .complete_file(
+            &completed(f.clone(), 1),
+            "t",
+            &[chunk(&f.id, 0, "shared text")],
+            &[axis(0, 0.0)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        sa.meta.file(&f.id).await.unwrap().unwrap().status,
+        Some(FileStatus::Completed)
+    );
+    assert_eq!(
+        sa.chunks
+            .lexical_search(&scope_files(&[&f.id]), "shared", 3)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // A key deleted on A is gone on B, and B hears of it.
+    let u = sa.meta.create_user(user("r@x.io"), false).await.unwrap();
+    let rec = ApiKeyRecord {
+        user_id: u.id.clone(),
+        prefix: "sk-r".into(),
+        created_at: 1,
+        models: vec![],
+        limits: Default::default(),
+    };
+    sa.meta.put_api_key("hr", &rec).await.unwrap();
+    assert!(b.meta.api_key_by_hash("hr").await.unwrap().is_some());
+    let mut heard = b.signals.subscribe();
+    sa.meta.delete_api_key_of_user(&u.id).await.unwrap();
+    sa.signals
+        .publish(&Signal::KeyDeleted { hash: "hr".into() })
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(20), heard.recv())
+        .await
+        .expect("NOTIFY crossed to the other pool")
+        .unwrap();
+    assert_eq!(got, Signal::KeyDeleted { hash: "hr".into() });
+    assert!(b.meta.api_key_by_hash("hr").await.unwrap().is_none());
+
+    // Sign-in attempts counted across replicas.
+    let w = Duration::from_secs(60);
+    assert_eq!(
+        sa.counters.increment("signin:r@x.io", w).await.unwrap().0,
+        1
+    );
+    assert_eq!(b.counters.increment("signin:r@x.io", w).await.unwrap().0, 2);
+    assert_eq!(sa.counters.get("signin:r@x.io").await.unwrap(), 2);
+    drop(b);
+    a.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_starts_migrate_once_and_restarts_are_idempotent() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let starts: Vec<_> = (0..3)
+        .map(|_| {
+            let url = db.url.clone();
+            tokio::spawn(async move { postgres::Pg::connect(&url, PgOptions::default()).await })
+        })
+        .collect();
+    let mut pgs = Vec::new();
+    for s in starts {
+        pgs.push(s.await.unwrap().expect("every replica starts"));
+    }
+    assert_eq!(pgs[0].schema_versions().await.unwrap(), vec![1]);
+    drop(pgs);
+    let again = postgres::Pg::connect(&db.url, PgOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(again.schema_versions().await.unwrap(), vec![1]);
+    drop(again);
+    // A database migrated by a newer ragway is refused with a clear message.
+    let c = admin(&db.url).await;
+    c.batch_execute("INSERT INTO schema_migrations (version, name) VALUES (999, 'future')")
+        .await
+        .unwrap();
+    let Err(e) = postgres::Pg::connect(&db.url, PgOptions::default()).await else {
+        panic!("a newer schema must be refused");
+    };
+    assert!(e.to_string().contains("newer than this ragway"), "{e}");
+    drop(c);
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hnsw_path_finds_the_same_neighbours_and_vectors_round_trip() {
+    // exact_scan_limit 0: every search goes through the HNSW expression index.
+    let Some(b) = Backend::postgres_with(PgOptions {
+        pool_size: 2,
+        exact_scan_limit: 0,
+    })
+    .await
+    else {
+        return;
+    };
+    let exact = postgres::connect(&b.db.as_ref().unwrap().url, PgOptions::default())
+        .await
+        .unwrap();
+    // 60 pseudo-random unit vectors: no ties, so exact and approximate orders agree.
+    let mut seed = 0x2545_f491_u64;
+    let mut next = move || {
+        seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+        ((seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+    };
+    let parts: Vec<(String, Vec<f32>)> = (0..60)
+        .map(|i| {
+            let v: Vec<f32> = (0..8).map(|_| next()).collect();
+            let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+            (format!("part {i}"), v.iter().map(|x| x / n).collect())
+        })
+        .collect();
+    let borrowed: Vec<(&str, Vec<f32>)> =
+        parts.iter().map(|(t, v)| (t.as_str(), v.clone())).collect();
+    let (f, ids_) = processed(&b.storage, "u", &borrowed).await;
+    let scope = scope_files(&[&f.id]);
+    for (i, want) in ids_.iter().enumerate().step_by(7) {
+        let q = &parts[i].1;
+        let approx = b.storage.chunks.dense_search(&scope, q, 3).await.unwrap();
+        let exact_hits = exact.chunks.dense_search(&scope, q, 3).await.unwrap();
+        assert_eq!(ids(&approx), ids(&exact_hits), "query {i}");
+        assert_eq!(approx[0].0, *want, "a vector is its own nearest neighbour");
+        assert!((approx[0].1 - 1.0).abs() < 1e-4, "{approx:?}");
+    }
+    // Vectors read back exactly as written.
+    let pg = postgres::Pg::connect(&b.db.as_ref().unwrap().url, PgOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(pg.vector(ids_[3]).await.unwrap().unwrap(), parts[3].1);
+    drop(pg);
+    drop(exact);
+    b.finish().await;
+}
+
+#[tokio::test]
+async fn bad_urls_fail_with_a_clear_error_before_connecting() {
+    for (url, says) in [
+        ("", "empty"),
+        ("postgres://u:secret@h:notaport/db", "not a PostgreSQL URL"),
+        ("postgres://u:secret@h/db?sslmode=require", "TLS"),
+        ("postgres://u:secret@h:5432", "no database"),
+    ] {
+        let Err(e) = postgres::connect(url, PgOptions::default()).await else {
+            panic!("{url} accepted");
+        };
+        let e = e.to_string();
+        assert!(e.contains(says), "{url}: {e}");
+        assert!(!e.contains("secret"), "the password leaked: {e}");
+    }
+    // Nothing listens on port 1: a connection error, not a hang.
+    let Err(e) = tokio::time::timeout(
+        Duration::from_secs(60),
+        postgres::connect("postgres://u@127.0.0.1:1/db", PgOptions::default()),
+    )
+    .await
+    .expect("fails in time") else {
+        panic!("connected to nothing");
+    };
+    assert!(e.to_string().contains("PostgreSQL"), "{e}");
+}
