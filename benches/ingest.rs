@@ -76,7 +76,11 @@ fn small_files(n: usize) -> Vec<(String, String)> {
                 let v: Value = serde_json::from_str(l).unwrap();
                 (
                     format!("{}.txt", v["_id"].as_str().unwrap()),
-                    format!("{}\n\n{}\n", v["title"].as_str().unwrap(), v["text"].as_str().unwrap()),
+                    format!(
+                        "{}\n\n{}\n",
+                        v["title"].as_str().unwrap(),
+                        v["text"].as_str().unwrap()
+                    ),
                 )
             })
             .collect();
@@ -89,7 +93,10 @@ fn small_files(n: usize) -> Vec<(String, String)> {
         while !rest.is_char_boundary(cut) {
             cut -= 1;
         }
-        out.push((format!("piece-{:04}.txt", out.len()), rest[..cut].to_string()));
+        out.push((
+            format!("piece-{:04}.txt", out.len()),
+            rest[..cut].to_string(),
+        ));
         rest = &rest[cut..];
     }
     out
@@ -159,7 +166,13 @@ impl Server {
         )
         .unwrap();
         let mut cmd = Command::new(bin);
-        for v in ["CHUNK_SIZE", "CHUNK_OVERLAP", "RAG_EMBEDDING_ENGINE", "DATA_DIR", "PORT"] {
+        for v in [
+            "CHUNK_SIZE",
+            "CHUNK_OVERLAP",
+            "RAG_EMBEDDING_ENGINE",
+            "DATA_DIR",
+            "PORT",
+        ] {
             cmd.env_remove(v);
         }
         let child = cmd
@@ -237,13 +250,19 @@ impl Server {
             .client
             .post(format!("{}/api/v1/files/", self.url))
             .bearer_auth(&self.token)
-            .header("content-type", format!("multipart/form-data; boundary={BOUNDARY}"))
+            .header(
+                "content-type",
+                format!("multipart/form-data; boundary={BOUNDARY}"),
+            )
             .body(body)
             .send()
             .await
             .unwrap();
         assert_eq!(r.status(), 200, "upload {name}");
-        r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string()
+        r.json::<Value>().await.unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
     }
 
     async fn wait_completed(&self, id: &str) {
@@ -321,9 +340,19 @@ fn loadavg() -> String {
 fn main() {
     let bin = std::env::var_os("RAGWAY_RELEASE_BIN")
         .map_or_else(|| root().join("target/release/ragway"), PathBuf::from);
-    assert!(bin.exists(), "{} missing: run benches/ingest.sh", bin.display());
-    let rounds: usize = std::env::var("ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
-    let small_n: usize = std::env::var("SMALL").ok().and_then(|v| v.parse().ok()).unwrap_or(400);
+    assert!(
+        bin.exists(),
+        "{} missing: run benches/ingest.sh",
+        bin.display()
+    );
+    let rounds: usize = std::env::var("ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let small_n: usize = std::env::var("SMALL")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(400);
     let variants: Vec<String> = std::env::var("VARIANTS")
         .unwrap_or_else(|_| "before,after".into())
         .split(',')

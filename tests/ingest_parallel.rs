@@ -16,7 +16,6 @@ use serde_json::{Value, json};
 use common::fake::http_client;
 use common::gateway::{Gateway, Setup, free_port};
 use common::upload::{BOUNDARY, file_body};
-use ragway::embed::Embedder;
 use ragway::store::{FileStatus, Store};
 
 /// Generous: CI runs many test binaries on two cores.
@@ -27,10 +26,10 @@ const LIMIT: Duration = Duration::from_secs(600);
 /// splitter keeps each paragraph as one chunk (two never fit together).
 fn document(doc: usize, paragraphs: usize) -> String {
     const WORDS: &[&str] = &[
-        "river", "engine", "garden", "signal", "harbor", "lantern", "protein", "market",
-        "glacier", "violin", "orbit", "ledger", "meadow", "circuit", "thunder", "pepper",
-        "archive", "compass", "velvet", "quarry", "canyon", "beacon", "turbine", "saddle",
-        "mosaic", "falcon", "cobalt", "harvest", "tundra", "sonata", "pixel", "walnut",
+        "river", "engine", "garden", "signal", "harbor", "lantern", "protein", "market", "glacier",
+        "violin", "orbit", "ledger", "meadow", "circuit", "thunder", "pepper", "archive",
+        "compass", "velvet", "quarry", "canyon", "beacon", "turbine", "saddle", "mosaic", "falcon",
+        "cobalt", "harvest", "tundra", "sonata", "pixel", "walnut",
     ];
     let mut state = (doc as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     let mut next = move || {
@@ -138,7 +137,14 @@ async fn twenty_uploads_in_flight_end_like_a_sequential_run_and_are_all_searchab
     let admin = sequential.admin().await;
     let mut expected: HashMap<String, Vec<(String, Vec<f32>)>> = HashMap::new();
     for (name, text) in &docs {
-        let v = upload(&sequential, &admin, name, text, "?process_in_background=false").await;
+        let v = upload(
+            &sequential,
+            &admin,
+            name,
+            text,
+            "?process_in_background=false",
+        )
+        .await;
         assert_eq!(v["data"]["status"], "completed", "{v}");
         let id = v["id"].as_str().unwrap();
         expected.insert(name.clone(), indexed(&sequential, id));
@@ -162,8 +168,7 @@ async fn twenty_uploads_in_flight_end_like_a_sequential_run_and_are_all_searchab
             )
         })
         .collect();
-    futures_util::future::join_all(ids.iter().map(|(_, id)| wait_completed(&gw, &admin, id)))
-        .await;
+    futures_util::future::join_all(ids.iter().map(|(_, id)| wait_completed(&gw, &admin, id))).await;
 
     let kb = {
         let r = gw
@@ -185,13 +190,25 @@ async fn twenty_uploads_in_flight_end_like_a_sequential_run_and_are_all_searchab
     for ((name, id), (_, text)) in ids.iter().zip(&docs) {
         let got = indexed(&gw, id);
         let want = &expected[name];
-        assert_eq!(got.len(), text.matches("\n\n").count(), "{name}: a chunk per paragraph");
-        assert_eq!(got.len(), want.len(), "{name}: chunk count as in the sequential run");
+        assert_eq!(
+            got.len(),
+            text.matches("\n\n").count(),
+            "{name}: a chunk per paragraph"
+        );
+        assert_eq!(
+            got.len(),
+            want.len(),
+            "{name}: chunk count as in the sequential run"
+        );
         for ((gt, gv), (wt, wv)) in got.iter().zip(want) {
             assert_eq!(gt, wt, "{name}: same chunk text");
             // Batches of other lengths pad differently; masked padding changes nothing
             // beyond float rounding.
-            let diff = gv.iter().zip(wv).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            let diff = gv
+                .iter()
+                .zip(wv)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
             assert!(diff < 1e-4, "{name}: vector differs by {diff}");
         }
         let r = gw
@@ -211,7 +228,10 @@ async fn twenty_uploads_in_flight_end_like_a_sequential_run_and_are_all_searchab
         let q = embedder.embed(vec![last.clone()]).await.unwrap();
         let hits = app.ingest.vectors.search_collection(&kb, &q[0], 1);
         let top = app.store.chunks(&[hits[0].0]).unwrap();
-        assert_eq!(&top[0].1.file_id, id, "{name}: its last paragraph is its own top hit");
+        assert_eq!(
+            &top[0].1.file_id, id,
+            "{name}: its last paragraph is its own top hit"
+        );
         assert_eq!(top[0].1.text.trim(), last.trim());
     }
 }
@@ -370,8 +390,8 @@ impl Drop for Serve {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_during_parallel_embedding_leaves_every_file_completed_or_requeued() {
-    const FILES: usize = 16;
-    const PARAGRAPHS: usize = 20;
+    const FILES: usize = 10;
+    const PARAGRAPHS: usize = 12;
     let dir = tempfile::tempdir().unwrap();
     let mut serve = Serve::start(dir.path()).await;
     let token = serve.token().await;
@@ -430,7 +450,10 @@ async fn a_crash_during_parallel_embedding_leaves_every_file_completed_or_requeu
         None,
     );
     vectors.load(&store).unwrap();
-    assert!(store.queued_files().unwrap().is_empty(), "nothing left queued");
+    assert!(
+        store.queued_files().unwrap().is_empty(),
+        "nothing left queued"
+    );
     for id in &ids {
         let rec = store.file(id).unwrap().unwrap();
         assert_eq!(rec.status, Some(FileStatus::Completed));
@@ -441,6 +464,10 @@ async fn a_crash_during_parallel_embedding_leaves_every_file_completed_or_requeu
         let mut chunks = store.chunks(&chunk_ids).unwrap();
         chunks.sort_by_key(|(_, c)| c.index);
         let indexes: Vec<usize> = chunks.iter().map(|(_, c)| c.index).collect();
-        assert_eq!(indexes, (0..PARAGRAPHS).collect::<Vec<_>>(), "{id}: no chunk twice");
+        assert_eq!(
+            indexes,
+            (0..PARAGRAPHS).collect::<Vec<_>>(),
+            "{id}: no chunk twice"
+        );
     }
 }
