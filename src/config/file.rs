@@ -147,7 +147,7 @@ pub struct EmbeddingFile {
     pub model_dir: Option<String>,
     /// Path of libonnxruntime.so (onnx engine).
     pub onnxruntime: Option<String>,
-    /// Concurrent ONNX sessions (each single-threaded).
+    /// Concurrent ONNX sessions (each single-threaded); 0 or unset = one per core.
     pub sessions: Option<usize>,
     /// Base URL and key of the remote engine (defaults: first Ollama / OpenAI connection).
     pub url: Option<String>,
@@ -167,7 +167,7 @@ pub struct RagFile {
     pub file_max_size_mb: Option<u64>,
     /// Allowed extensions (without dot); empty = all supported.
     pub allowed_extensions: Option<Vec<String>>,
-    /// Files processed concurrently.
+    /// Files processed concurrently; 0 or unset = two per core (2 to 16).
     pub workers: Option<usize>,
     /// Inline-processing uploads waiting at once.
     pub inline_queue: Option<usize>,

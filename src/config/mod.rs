@@ -242,6 +242,25 @@ pub struct ContextConfig {
 #[error("{0}")]
 pub struct ConfigError(pub String);
 
+/// Most ONNX sessions (`embedding.sessions`): each keeps its own working memory, so a typo
+/// must not allocate hundreds of them at start-up.
+pub const MAX_SESSIONS: usize = 64;
+/// Most files processed at once (`rag.workers`): each holds its text, chunks and vectors.
+pub const MAX_WORKERS: usize = 256;
+
+/// Cores this process may use (cgroup and affinity limits included), at least 1.
+pub fn machine_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+}
+
+/// Files processed at once when `rag.workers` is not set: two per core, so that while one
+/// file is embedded on every session the next ones are already extracted and chunked (and
+/// small files, whose commit is a large share of their time, keep the sessions busy), but
+/// at most 16 so a big machine does not hold many large files in memory at once.
+pub fn default_workers(cores: usize) -> usize {
+    (cores * 2).clamp(2, 16)
+}
+
 fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
     Err(ConfigError(msg.into()))
 }
@@ -855,10 +874,17 @@ fn rag_config(
             .or(e.onnxruntime)
             .unwrap_or_else(|| "./models/onnxruntime/libonnxruntime.so".into()),
     );
-    let sessions = e.sessions.unwrap_or(1);
-    if sessions == 0 {
-        return err("embedding.sessions: must be at least 1");
-    }
+    // 0 (the default) sizes the pool from the machine: one single-threaded session per core.
+    let sessions = match e.sessions.unwrap_or(0) {
+        0 => machine_cores(),
+        n if n > MAX_SESSIONS => {
+            return err(format!(
+                "embedding.sessions: at most {MAX_SESSIONS} (each session is a copy of the \
+                 model's working memory); 0 means one per core"
+            ));
+        }
+        n => n,
+    };
     let (url, key) = match engine {
         EmbeddingEngine::Onnx => (None, None),
         EmbeddingEngine::Ollama => (
@@ -940,10 +966,16 @@ fn rag_config(
         .map(|x| x.trim().trim_start_matches('.').to_ascii_lowercase())
         .filter(|x| !x.is_empty())
         .collect();
-    let workers = r.workers.unwrap_or(2);
-    if workers == 0 {
-        return err("rag.workers: must be at least 1");
-    }
+    let workers = match r.workers.unwrap_or(0) {
+        0 => default_workers(machine_cores()),
+        n if n > MAX_WORKERS => {
+            return err(format!(
+                "rag.workers: at most {MAX_WORKERS} files at once (each holds its text, chunks \
+                 and vectors in memory); 0 means sized from the cores"
+            ));
+        }
+        n => n,
+    };
     let inline_queue = r.inline_queue.unwrap_or(32);
     if inline_queue == 0 {
         return err("rag.inline-queue: must be at least 1");
@@ -1321,5 +1353,40 @@ mod tests {
         assert!(bad("[context]\nanswer-reserve = 200000").contains("answer-reserve"));
         assert!(bad("[context]\ncache-entries = 0").contains("cache-entries"));
         assert!(toml::from_str::<FileConfig>("[context]\nbudgett = true").is_err());
+    }
+
+    #[test]
+    fn ingestion_parallelism_is_sized_from_the_machine_unless_set() {
+        let c = build(FileConfig::default(), &env(&[]), &Overrides::default()).unwrap();
+        assert_eq!(c.embedding.sessions, machine_cores());
+        assert_eq!(c.rag.workers, default_workers(machine_cores()));
+        assert_eq!(default_workers(1), 2, "extraction overlaps embedding");
+        assert_eq!(default_workers(2), 4);
+        assert_eq!(default_workers(64), 16, "bounded on big machines");
+
+        let c = build(
+            file("[embedding]\nsessions = 3\n[rag]\nworkers = 5\n"),
+            &env(&[]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!((c.embedding.sessions, c.rag.workers), (3, 5));
+        let c = build(
+            file("[embedding]\nsessions = 0\n[rag]\nworkers = 0\n"),
+            &env(&[]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.embedding.sessions, machine_cores(), "0 means per core");
+
+        let bad = |f: &str| {
+            build(file(f), &env(&[]), &Overrides::default())
+                .unwrap_err()
+                .to_string()
+        };
+        let e = bad("[embedding]\nsessions = 65\n");
+        assert!(e.contains("embedding.sessions") && e.contains("64"), "{e}");
+        let e = bad("[rag]\nworkers = 100000\n");
+        assert!(e.contains("rag.workers") && e.contains("256"), "{e}");
     }
 }

@@ -298,14 +298,18 @@ impl Ingest {
                             .expect("json")
                     })
                     .collect();
-                if let Err(e) = self.commit(&file, &text, &chunks, &vecs, &terms) {
+                let chunk_count = chunks.len();
+                let committed = self
+                    .commit_off_runtime(&file, text, chunks, vecs, terms)
+                    .await;
+                if let Err(e) = committed {
                     tracing::error!(file = %file.id, error = %e, "cannot store processed file");
                     file.status = Some(FileStatus::Failed);
                     file.error = Some(format!("storage error: {e}"));
                     file.hash = None;
                     let _ = self.store.fail_file(&file);
                 } else {
-                    tracing::info!(file = %file.id, chunks = chunks.len(), secs = started.elapsed().as_secs_f64(), "file processed");
+                    tracing::info!(file = %file.id, chunks = chunk_count, secs = started.elapsed().as_secs_f64(), "file processed");
                     self.auto_link(&file);
                 }
             }
@@ -347,31 +351,24 @@ impl Ingest {
         self.bump();
     }
 
-    /// Makes the chunks searchable in memory first, then commits: once the database says
-    /// "completed", every chunk can already be found. On failure the memory is rolled back.
-    fn commit(
+    /// [`commit`] on the blocking pool: indexing a large file and the database's fsync take
+    /// long enough to stall the runtime threads that serve requests and drive the other
+    /// files' embedding batches.
+    async fn commit_off_runtime(
         &self,
         file: &FileRecord,
-        text: &str,
-        chunks: &[ChunkRecord],
-        vecs: &[Vec<f32>],
-        terms: &[String],
-    ) -> crate::store::Result<()> {
-        let ids = self.store.reserve_chunk_ids(chunks.len())?;
-        let old = self.store.file_chunk_ids(&file.id)?;
-        let kbs = self.store.file_knowledge(&file.id)?;
-        self.vectors.put_file(&file.id, &ids, vecs, terms);
-        self.vectors.refresh_in_collections(&file.id, &old, &kbs);
-        match self
-            .store
-            .complete_file(file, text, &ids, chunks, vecs, terms)
-        {
-            Ok(_) => Ok(()),
-            Err(e) => {
-                self.vectors.remove_file(&file.id, &ids, &kbs);
-                Err(e)
-            }
-        }
+        text: String,
+        chunks: Vec<ChunkRecord>,
+        vecs: Vec<Vec<f32>>,
+        terms: Vec<String>,
+    ) -> Result<(), String> {
+        let (store, vectors, file) = (self.store.clone(), self.vectors.clone(), file.clone());
+        tokio::task::spawn_blocking(move || {
+            commit(&store, &vectors, &file, &text, &chunks, &vecs, &terms)
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| format!("commit task failed: {e}"))?
     }
 
     /// Open WebUI adds a processed upload to the collection named in its metadata
@@ -513,6 +510,31 @@ impl Ingest {
     }
 }
 
+/// Makes the chunks searchable in memory first, then commits: once the database says
+/// "completed", every chunk can already be found. On failure the memory is rolled back.
+fn commit(
+    store: &Store,
+    vectors: &VectorStore,
+    file: &FileRecord,
+    text: &str,
+    chunks: &[ChunkRecord],
+    vecs: &[Vec<f32>],
+    terms: &[String],
+) -> crate::store::Result<()> {
+    let ids = store.reserve_chunk_ids(chunks.len())?;
+    let old = store.file_chunk_ids(&file.id)?;
+    let kbs = store.file_knowledge(&file.id)?;
+    vectors.put_file(&file.id, &ids, vecs, terms);
+    vectors.refresh_in_collections(&file.id, &old, &kbs);
+    match store.complete_file(file, text, &ids, chunks, vecs, terms) {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            vectors.remove_file(&file.id, &ids, &kbs);
+            Err(e)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -588,5 +610,80 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(f.status, Some(FileStatus::Failed));
+    }
+
+    /// Counts embedding calls in flight (one per file) and remembers the most at once.
+    struct CountingEmbedder {
+        now: AtomicUsize,
+        most: AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl Embedder for CountingEmbedder {
+        fn model(&self) -> &'static str {
+            "counting"
+        }
+        fn dim(&self) -> usize {
+            4
+        }
+        async fn embed(
+            &self,
+            texts: Vec<String>,
+        ) -> Result<Vec<Vec<f32>>, crate::embed::EmbedError> {
+            let n = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most.fetch_max(n, Ordering::SeqCst);
+            // Stays in flight until the pool is full (or a while has passed), so the most
+            // seen at once does not depend on how fast extraction is on a busy machine.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+            while self.now.load(Ordering::SeqCst) < 3 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            self.most
+                .fetch_max(self.now.load(Ordering::SeqCst), Ordering::SeqCst);
+            self.now.fetch_sub(1, Ordering::SeqCst);
+            Ok(texts.iter().map(|_| vec![0.5; 4]).collect())
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn at_most_workers_files_are_processed_at_once_and_all_complete() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = crate::config::build(
+            crate::config::file::FileConfig::default(),
+            &std::collections::HashMap::<String, String>::new(),
+            &crate::config::Overrides::default(),
+        )
+        .unwrap();
+        config.data_dir = dir.path().to_path_buf();
+        config.rag.workers = 3;
+        let store = Arc::new(Store::open(&dir.path().join("t.redb")).unwrap());
+        let embedder = Arc::new(CountingEmbedder {
+            now: AtomicUsize::new(0),
+            most: AtomicUsize::new(0),
+        });
+        let ingest = Arc::new(Ingest::new(
+            &config,
+            store.clone(),
+            Ok(embedder.clone()),
+            None,
+        ));
+        let blob = dir.path().join("a.txt");
+        std::fs::write(&blob, "some text to embed").unwrap();
+        let ids: Vec<String> = (0..12).map(|i| format!("f{i}")).collect();
+        for id in &ids {
+            store.insert_file(&record(id, &blob), true).unwrap();
+        }
+        tokio::spawn(ingest.clone().run_workers());
+        for id in &ids {
+            let f = ingest
+                .wait_done(id, Duration::from_secs(120))
+                .await
+                .unwrap();
+            assert_eq!(f.status, Some(FileStatus::Completed), "{f:?}");
+            assert_eq!(f.chunk_count, 1);
+        }
+        assert!(store.queued_files().unwrap().is_empty());
+        // Twelve files on three workers: the pool fills up, and never beyond.
+        assert_eq!(embedder.most.load(Ordering::SeqCst), 3);
     }
 }
