@@ -380,37 +380,7 @@ pub async fn forward(
             ctx.streamed_bytes += event.len() as u64;
             session.write_response_body(Some(event), false).await?;
         }
-        loop {
-            let chunk = tokio::select! {
-                r = upstream.read_response_body() => r,
-                r = session.as_mut().read_body_or_idle(true) => {
-                    if r.is_err() {
-                        tracing::info!(upstream = %up.config.url, "client disconnected mid-stream; dropping the upstream request");
-                        return Err(pingora::Error::new(ErrorType::ConnectionClosed));
-                    }
-                    continue;
-                }
-            };
-            match chunk {
-                Ok(Some(bytes)) => {
-                    let bytes = crate::usage::relay(ctx, bytes);
-                    if bytes.is_empty() {
-                        continue;
-                    }
-                    ctx.streamed_bytes += bytes.len() as u64;
-                    // Dropping `upstream` on error closes that connection, which is how
-                    // the upstream learns the client is gone.
-                    session.write_response_body(Some(bytes), false).await?;
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    tracing::warn!(upstream = %up.config.url, error = %e, "upstream failed mid-stream");
-                    // Ending without the terminating chunk tells the client the body is
-                    // incomplete; a clean end would pass a truncated answer off as whole.
-                    return Err(e);
-                }
-            }
-        }
+        pump(session, ctx, &mut upstream, idle, &up.config.url).await?;
         let held = crate::usage::relay_end(ctx);
         if !held.is_empty() {
             ctx.streamed_bytes += held.len() as u64;
@@ -426,6 +396,144 @@ pub async fn forward(
         return Ok(());
     }
     send_error(session, ctx, last_error).await
+}
+
+/// Most bytes of upstream chunks, already in hand together, written to the client at once.
+/// A chunk is never held back to wait for another: only what the upstream has already
+/// delivered is joined, so a token stream stays unbuffered while a burst of tokens costs
+/// one write instead of one per token.
+pub const COALESCE_MAX: usize = 16 * 1024;
+
+/// Upstream chunks received but not yet written to the client.
+#[derive(Default)]
+pub struct Batch {
+    /// The only chunk so far, passed on without a copy.
+    first: Option<Bytes>,
+    /// Several chunks, joined.
+    joined: bytes::BytesMut,
+}
+
+impl Batch {
+    /// Adds a chunk after the ones in hand.
+    pub fn push(&mut self, chunk: Bytes) {
+        if self.first.is_none() && self.joined.is_empty() {
+            self.first = Some(chunk);
+            return;
+        }
+        if let Some(first) = self.first.take() {
+            self.joined.reserve(first.len() + chunk.len());
+            self.joined.extend_from_slice(&first);
+        }
+        self.joined.extend_from_slice(&chunk);
+    }
+
+    /// Bytes in hand.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.first.as_ref().map_or(0, Bytes::len) + self.joined.len()
+    }
+
+    /// Whether nothing is in hand.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Everything in hand, as one chunk.
+    pub fn take(&mut self) -> Option<Bytes> {
+        self.first
+            .take()
+            .or_else(|| (!self.joined.is_empty()).then(|| self.joined.split().freeze()))
+    }
+}
+
+/// Streams the upstream's body to the client until its end. `Err`: the client connection
+/// must close (the client left, or the upstream failed or stalled mid-stream, which the
+/// missing terminating chunk tells the client).
+///
+/// Costs per chunk are what limit a token stream, so: the upstream is read without waiting
+/// as long as it has data, and only when it has none does the loop wait on it and on the
+/// client's socket (for a hang-up) together; the idle bound is one timer for the whole
+/// stream, re-armed only when it fires, not one per read.
+async fn pump(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    upstream: &mut pingora::protocols::http::client::HttpSession,
+    idle: Duration,
+    url: &str,
+) -> pingora::Result<()> {
+    use futures_util::FutureExt;
+
+    upstream.set_read_timeout(None);
+    let timer = tokio::time::sleep(idle);
+    tokio::pin!(timer);
+    let mut batch = Batch::default();
+    loop {
+        let read = if let Some(r) = upstream.read_response_body().now_or_never() {
+            r
+        } else {
+            // Nothing more has arrived: what is in hand goes out before waiting.
+            if let Some(out) = batch.take() {
+                session.write_response_body(Some(out), false).await?;
+            }
+            let waiting_since = tokio::time::Instant::now();
+            loop {
+                tokio::select! {
+                    biased;
+                    r = upstream.read_response_body() => break r,
+                    r = session.as_mut().read_body_or_idle(true) => {
+                        if r.is_err() {
+                            tracing::info!(upstream = %url, "client disconnected mid-stream; dropping the upstream request");
+                            return Err(pingora::Error::new(ErrorType::ConnectionClosed));
+                        }
+                    }
+                    () = &mut timer => {
+                        let due = waiting_since + idle;
+                        if tokio::time::Instant::now() >= due {
+                            tracing::warn!(upstream = %url, "upstream went silent mid-stream");
+                            return Err(pingora::Error::explain(
+                                ErrorType::ReadTimedout,
+                                format!("upstream sent nothing for {idle:?}"),
+                            ));
+                        }
+                        timer.as_mut().reset(due);
+                    }
+                }
+            }
+        };
+        match read {
+            Ok(Some(bytes)) => {
+                let bytes = crate::usage::relay(ctx, bytes);
+                if bytes.is_empty() {
+                    continue;
+                }
+                ctx.streamed_bytes += bytes.len() as u64;
+                batch.push(bytes);
+                if batch.len() >= COALESCE_MAX
+                    && let Some(out) = batch.take()
+                {
+                    // Dropping `upstream` on error closes that connection, which is how
+                    // the upstream learns the client is gone.
+                    session.write_response_body(Some(out), false).await?;
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                tracing::warn!(upstream = %url, error = %e, "upstream failed mid-stream");
+                // What arrived before the failure is the client's; ending without the
+                // terminating chunk then tells it the body is incomplete (a clean end
+                // would pass a truncated answer off as whole).
+                if let Some(out) = batch.take() {
+                    session.write_response_body(Some(out), false).await?;
+                }
+                return Err(e);
+            }
+        }
+    }
+    if let Some(out) = batch.take() {
+        session.write_response_body(Some(out), false).await?;
+    }
+    Ok(())
 }
 
 /// Reads response headers, skipping interim 1xx answers (other than 101).

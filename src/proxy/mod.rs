@@ -384,7 +384,7 @@ impl ProxyHttp for Gateway {
             .or(ctx.status)
             .unwrap_or(0);
         let group = ctx.group_label();
-        let method = session.req_header().method.as_str().to_string();
+        let method = session.req_header().method.as_str();
         let elapsed = ctx.start.elapsed();
         metrics::REQUESTS
             .with_label_values(&[

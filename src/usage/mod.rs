@@ -392,7 +392,12 @@ pub fn finish(app: &App, ctx: &mut RequestCtx) {
     );
 }
 
-/// Writes usage rows to the store as soon as they come, in the background, one durable
+/// How long a usage row waits for others before they are written together. Readers of the
+/// usage (the API, the hand-over at an upgrade, shutdown) write what is waiting first, so
+/// this only bounds what a crash can lose.
+const FLUSH_DELAY: Duration = Duration::from_millis(250);
+
+/// Writes usage rows to the store shortly after they come, in the background, one durable
 /// transaction for all the rows waiting.
 pub struct Recorder {
     store: Arc<Store>,
@@ -463,7 +468,13 @@ impl Recorder {
         };
         match tokio::runtime::Handle::try_current() {
             Ok(h) => {
-                h.spawn_blocking(run);
+                // Rows of the requests that end meanwhile join this write: a durable commit
+                // per request or two (what an immediate write came to under load) cost more
+                // than the requests themselves.
+                h.spawn(async move {
+                    tokio::time::sleep(FLUSH_DELAY).await;
+                    drop(tokio::task::spawn_blocking(run));
+                });
             }
             Err(_) => run(),
         }
@@ -557,6 +568,48 @@ mod tests {
         ] {
             assert!(config(bad).is_err(), "{bad}");
         }
+    }
+
+    /// Inside a runtime, rows wait a moment for each other and are then written together.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn rows_are_written_together_shortly_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("t.redb")).unwrap());
+        let usage = Usage::new(LimitsConfig::default(), store.clone());
+        let key = UsageKey {
+            hour: crate::store::now_secs() / 3600,
+            user_id: "u".into(),
+            key_prefix: String::new(),
+            model: "m".into(),
+        };
+        for _ in 0..3 {
+            usage.recorder.record(
+                key.clone(),
+                UsageCounts {
+                    requests: 1,
+                    prompt_tokens: 2,
+                    completion_tokens: 3,
+                },
+            );
+        }
+        assert_eq!(usage.recorder.pending(), 1, "the rows wait, summed");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while usage.recorder.pending() > 0 || usage.recorder.jobs.load(Ordering::Acquire) > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the rows are written without a reader asking"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut rows = Vec::new();
+        store
+            .scan_usage(0, u64::MAX / 2, |k, c| {
+                rows.push((k, c));
+                true
+            })
+            .unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].1.requests, 3, "one write for the three rows");
     }
 
     /// Rows recorded without a runtime are written at once; the store sums them.

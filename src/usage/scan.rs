@@ -79,12 +79,52 @@ fn count(v: &Value) -> Option<u64> {
     None
 }
 
+// Every line of every answer is searched, so the search must be cheap: comparing a window
+// at each byte costs a `memcmp` call per byte, and a general substring searcher costs its
+// set-up per call. Instead the needle's rarest byte in JSON text is looked for (a plain byte
+// scan), and only there is the whole needle compared.
+
+/// Index of the needle byte least likely in JSON text (quotes and letters are everywhere).
+fn anchor(needle: &[u8]) -> usize {
+    const RARE: &[u8] = b"_\r\ngvkyp";
+    RARE.iter()
+        .find_map(|r| needle.iter().position(|b| b == r))
+        .unwrap_or(0)
+}
+
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
+    if needle.is_empty() || hay.len() < needle.len() {
+        return None;
+    }
+    let a = anchor(needle);
+    let last = hay.len() - needle.len();
+    let mut at = a;
+    while at <= last + a {
+        at += hay[at..=last + a].iter().position(|b| *b == needle[a])?;
+        let start = at - a;
+        if hay[start..start + needle.len()] == *needle {
+            return Some(start);
+        }
+        at += 1;
+    }
+    None
 }
 
 fn rfind(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).rposition(|w| w == needle)
+    if needle.is_empty() || hay.len() < needle.len() {
+        return None;
+    }
+    let a = anchor(needle);
+    let mut end = hay.len() - needle.len() + a + 1;
+    while end > a {
+        let at = a + hay[a..end].iter().rposition(|b| *b == needle[a])?;
+        let start = at - a;
+        if hay[start..start + needle.len()] == *needle {
+            return Some(start);
+        }
+        end = at;
+    }
+    None
 }
 
 /// The JSON value after `"key":` at the last occurrence of the key in `hay`.
@@ -360,6 +400,39 @@ fn last_boundary(b: &[u8]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The anchored search finds what a window-by-window comparison finds, first and last,
+    /// with needles at the edges, overlapping, repeated or absent.
+    #[test]
+    fn search_agrees_with_the_plain_comparison() {
+        let needles: [&[u8]; 6] = [
+            b"\"usage\"",
+            b"\"eval_count\"",
+            b"\"prompt_eval_count\"",
+            b"\n\n",
+            b"\r\n\r\n",
+            b"aa",
+        ];
+        let hays: Vec<Vec<u8>> = vec![
+            b"".to_vec(),
+            b"\"".to_vec(),
+            b"\"usage\"".to_vec(),
+            b"x\"usage\"x\"usage\"".to_vec(),
+            b"{\"prompt_eval_count\":3,\"eval_count\":5}".to_vec(),
+            b"\n\n\n\r\n\r\n\r\n".to_vec(),
+            b"aaaa_a".to_vec(),
+            b"\"usag\"usage\"\"eval_coun\"eval_count\"".to_vec(),
+            vec![0xff, b'_', 0xfe, b'\n', b'\n', 0xc3],
+        ];
+        for hay in &hays {
+            for needle in needles {
+                let plain = hay.windows(needle.len()).position(|w| w == needle);
+                let plain_last = hay.windows(needle.len()).rposition(|w| w == needle);
+                assert_eq!(find(hay, needle), plain, "{hay:?} {needle:?}");
+                assert_eq!(rfind(hay, needle), plain_last, "{hay:?} {needle:?}");
+            }
+        }
+    }
 
     const USAGE_EVENT: &str = "data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":11,\"completion_tokens\":22,\"total_tokens\":33}}\n\n";
 

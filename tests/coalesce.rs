@@ -1,0 +1,217 @@
+//! The forward engine's write coalescing: upstream chunks that are already in hand together go
+//! to the client in one chunk (one write) instead of one per token, while a chunk that is
+//! alone is sent at once. Checked on the wire: a raw upstream writes a whole stream in one
+//! TCP write, and a raw client counts the chunk frames ragway sends.
+
+mod common;
+
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use common::gateway::Setup;
+
+const MODEL: &str = "m:latest";
+/// Lines in the upstream's answer.
+const LINES: usize = 100;
+
+fn line(i: usize, done: bool) -> String {
+    format!(
+        "{{\"model\":\"{MODEL}\",\"message\":{{\"role\":\"assistant\",\"content\":\"t{i}\"}},\"done\":{done}{}}}\n",
+        if done {
+            ",\"prompt_eval_count\":3,\"eval_count\":100"
+        } else {
+            ""
+        }
+    )
+}
+
+/// The whole chat answer: a chunked head and [`LINES`] chunks, one line each.
+fn whole_answer() -> Vec<u8> {
+    let mut out =
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\ntransfer-encoding: chunked\r\n\r\n"
+            .to_vec();
+    for i in 0..LINES {
+        let l = line(i, i + 1 == LINES);
+        out.extend_from_slice(format!("{:x}\r\n{l}\r\n", l.len()).as_bytes());
+    }
+    out.extend_from_slice(b"0\r\n\r\n");
+    out
+}
+
+/// Reads one request (head and `Content-Length` body); returns its request line.
+async fn read_request(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
+    let mut chunk = [0u8; 8192];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let len = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            while buf.len() < end + 4 + len {
+                let n = s.read(&mut chunk).await.ok()?;
+                if n == 0 {
+                    return None;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            buf.drain(..end + 4 + len);
+            return head.lines().next().map(str::to_string);
+        }
+        let n = s.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// A raw Ollama: lists [`MODEL`] and answers every chat with [`whole_answer`] in one write.
+async fn upstream() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                while let Some(request_line) = read_request(&mut s, &mut buf).await {
+                    let answer = if request_line.contains("/api/tags") {
+                        let body = format!(
+                            "{{\"models\":[{{\"name\":\"{MODEL}\",\"model\":\"{MODEL}\",\"details\":{{}}}}]}}"
+                        );
+                        format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                            body.len()
+                        )
+                        .into_bytes()
+                    } else {
+                        whole_answer()
+                    };
+                    if s.write_all(&answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    url
+}
+
+/// Sends a chat request on a raw connection and returns the chunk sizes of the answer's
+/// body as framed on the wire (the terminating zero chunk excluded) and the body.
+async fn chunk_frames(gw_url: &str, token: &str) -> (Vec<usize>, Vec<u8>) {
+    let body = format!(
+        "{{\"model\":\"{MODEL}\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}"
+    );
+    let addr = gw_url.trim_start_matches("http://");
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "POST /ollama/api/chat HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {token}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut wire = Vec::new();
+    tokio::time::timeout(Duration::from_secs(60), s.read_to_end(&mut wire))
+        .await
+        .expect("the answer ends")
+        .unwrap();
+    let head_end = wire
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a response head")
+        + 4;
+    let head = String::from_utf8_lossy(&wire[..head_end]).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("transfer-encoding: chunked"), "{head}");
+    let mut rest = &wire[head_end..];
+    let mut sizes = Vec::new();
+    let mut payload = Vec::new();
+    loop {
+        let nl = rest
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .expect("a chunk size line");
+        let size = usize::from_str_radix(std::str::from_utf8(&rest[..nl]).unwrap().trim(), 16)
+            .expect("a hexadecimal chunk size");
+        rest = &rest[nl + 2..];
+        if size == 0 {
+            assert_eq!(rest, b"\r\n", "the body ends with the terminating chunk");
+            break;
+        }
+        payload.extend_from_slice(&rest[..size]);
+        assert_eq!(&rest[size..size + 2], b"\r\n");
+        rest = &rest[size + 2..];
+        sizes.push(size);
+    }
+    (sizes, payload)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunks_that_arrive_together_leave_together() {
+    let up = upstream().await;
+    let gw = Setup::new()
+        .ollama(&up)
+        .toml("[models]\ncache-ttl = \"1h\"")
+        .start()
+        .await;
+    let admin = gw.admin().await;
+    let r = gw.get("/api/models?refresh=true", Some(&admin)).await;
+    assert_eq!(r.status(), 200);
+    let (sizes, payload) = chunk_frames(&gw.url, &admin).await;
+    // Every line arrives, whole and in order.
+    let expected: String = (0..LINES).map(|i| line(i, i + 1 == LINES)).collect();
+    assert_eq!(String::from_utf8(payload).unwrap(), expected);
+    for l in expected.lines() {
+        let _: Value = serde_json::from_str(l).expect("each line is JSON");
+    }
+    // The upstream wrote all of them at once, so ragway had them in hand together: a few
+    // writes at most (a TCP read may split them), never one per line.
+    assert!(
+        sizes.len() <= LINES / 10,
+        "{} chunk frames for {LINES} lines that arrived in one write: {sizes:?}",
+        sizes.len()
+    );
+    // The usage scan still sees the final line (it counts tokens from it).
+    let usage = gw.get("/api/v1/usage", Some(&admin)).await;
+    assert_eq!(usage.status(), 200);
+    let v: Value = usage.json().await.unwrap();
+    let row = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["model"] == MODEL)
+        .unwrap_or_else(|| panic!("a usage row for {MODEL}: {v}"));
+    assert_eq!(row["prompt_tokens"], 3, "{row}");
+    assert_eq!(row["completion_tokens"], 100, "{row}");
+}
+
+#[test]
+fn a_batch_joins_chunks_and_keeps_a_lone_one_as_is() {
+    use bytes::Bytes;
+    use ragway::proxy::forward::Batch;
+
+    let mut b = Batch::default();
+    assert_eq!(b.len(), 0);
+    assert!(b.take().is_none());
+    let lone = Bytes::from_static(b"one\n");
+    b.push(lone.clone());
+    let out = b.take().unwrap();
+    // A lone chunk is passed on without a copy.
+    assert_eq!(out.as_ptr(), lone.as_ptr());
+    assert!(b.take().is_none());
+    b.push(Bytes::from_static(b"a\n"));
+    b.push(Bytes::from_static(b"b\n"));
+    b.push(Bytes::from_static(b"c\n"));
+    assert_eq!(b.len(), 6);
+    assert_eq!(b.take().unwrap(), Bytes::from_static(b"a\nb\nc\n"));
+    assert_eq!(b.len(), 0);
+    assert!(b.take().is_none());
+}
