@@ -34,11 +34,13 @@ pub const BATCH_SIZE: usize = 32;
 pub const MAX_TOKENS: usize = 256;
 
 /// Bound on one inference's shape, in rows × tokens² (attention holds rows × heads × tokens²
-/// scores per layer, and activations grow with rows × tokens): 8 texts of [`MAX_TOKENS`].
-/// At that shape one run of all-MiniLM-L6-v2 peaks at about 60 MB of activations (heaptrack);
-/// a full batch of 32 such texts needed four times that. Batches of short texts still run
-/// [`BATCH_SIZE`] at a time (32 × 90² is below the bound).
-pub const MAX_BATCH_CELLS: usize = 8 * MAX_TOKENS * MAX_TOKENS;
+/// scores per layer, and activations grow with rows × tokens): 2 texts of [`MAX_TOKENS`].
+/// Measured on the release binary: 8 texts of ~230 tokens per run took the process to a
+/// 384 MiB peak (~200 MiB of activations, heaptrack: all in `Session::run`), 32 per run (the
+/// old batches) to 1 GB. Splitting costs little: the work per token is the same, and a run
+/// of 2 × 256 tokens is still long enough to amortise the call. Batches of short texts
+/// still run [`BATCH_SIZE`] at a time (32 × 64² is the bound).
+pub const MAX_BATCH_CELLS: usize = 2 * MAX_TOKENS * MAX_TOKENS;
 
 /// Tokens beyond [`MAX_TOKENS`] a prefix of a long text must yield to encode like the whole
 /// text (see `Inner::encode_bounded`).
@@ -353,10 +355,10 @@ fn build_session(
     // Memory: with its defaults ONNX Runtime kept every activation it ever needed. Its CPU
     // arena grows by powers of two and never gives memory back, and memory-pattern planning
     // pre-allocates one block per distinct input shape; embedding a 1 MB file left the
-    // process at 1.66 GB (heaptrack: nearly all of it in `BFCArena::Extend`). Without both,
-    // activations are plain allocations freed after each run (large ones are mapped and
-    // unmapped, see `tune_allocator` in main.rs), so the peak is one batch's working set,
-    // which [`MAX_BATCH_CELLS`] bounds.
+    // process at 1 to 1.66 GB (heaptrack: blocks of 128 and 84 MiB allocated inside
+    // `Session::run` and never freed). Without both, activations are plain allocations
+    // freed after each run (large ones are mapped and unmapped, see `tune_allocator` in
+    // main.rs), so the peak is one run's working set, which [`MAX_BATCH_CELLS`] bounds.
     Session::builder(env)
         .map_err(|e| bad(e.to_string()))?
         .with_execution_providers([CPU::default().with_arena_allocator(false).build()])
@@ -381,6 +383,18 @@ fn length_order(lengths: impl Iterator<Item = usize>) -> Vec<usize> {
     let mut order: Vec<(usize, usize)> = lengths.enumerate().collect();
     order.sort_by_key(|&(_, len)| len);
     order.into_iter().map(|(i, _)| i).collect()
+}
+
+/// Gives the heap's free pages back to the kernel. Activations below the mmap threshold come
+/// from malloc's arenas, which otherwise keep a batch's worth of freed pages resident
+/// (~33 MiB after a 1 MB file); trimming takes about a millisecond after a batch that took
+/// hundreds.
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory; it is thread-safe.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// Splits a batch (texts of `lengths` tokens, in order) into consecutive ranges whose padded
@@ -421,6 +435,7 @@ impl Inner {
         for group in shape_groups(encodings.iter().map(Encoding::len), MAX_BATCH_CELLS) {
             vectors.extend(self.run_encoded(&encodings[group])?);
         }
+        release_free_memory();
         Ok(vectors)
     }
 
@@ -603,10 +618,10 @@ mod tests {
         assert_eq!(groups(&[1, 7, 2, 3], 100), vec![0..2, 2..4]);
         // A text wider than the bound alone still runs, alone.
         assert_eq!(groups(&[3, 20, 3], 100), vec![0..1, 1..2, 2..3]);
-        // The real bound: 32 texts of 90 tokens stay one batch, 32 of 256 become 4 runs.
-        assert_eq!(groups(&[90; 32], MAX_BATCH_CELLS), vec![0..32]);
+        // The real bound: 32 texts of 64 tokens stay one batch, 32 of 256 become 16 runs.
+        assert_eq!(groups(&[64; 32], MAX_BATCH_CELLS), vec![0..32]);
         let full = groups(&[MAX_TOKENS; 32], MAX_BATCH_CELLS);
-        assert_eq!(full.len(), 4);
+        assert_eq!(full.len(), 16);
         assert!(
             full.iter()
                 .all(|g| g.len() * MAX_TOKENS * MAX_TOKENS <= MAX_BATCH_CELLS)
