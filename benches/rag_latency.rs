@@ -1,6 +1,12 @@
 //! Added latency of a RAG chat request: the same `POST /api/chat/completions` with and
 //! without `files` (a collection of 10,000 chunks), through a real in-process gateway with
 //! the real ONNX query embedding, against a fake Ollama upstream on loopback.
+//! `PER_FILE` (default 100) sets the chunks per file: 2 makes a collection of many small
+//! documents, like a corpus of abstracts.
+//!
+//! Then each retrieval stage is timed on its own (query embedding, dense search, BM25,
+//! fusion, the whole search with its store reads). The same measurement through the API of
+//! the release binary, on a collection built by uploads: `benches/memory_rag.py latency`.
 //!
 //! Run: `cargo bench --bench rag_latency` (needs `scripts/fetch-model.sh`; env `CHUNKS`
 //! and `REQUESTS` change the collection size and the number of measured requests).
@@ -76,6 +82,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn main() {
     let chunks = env_usize("CHUNKS", 10_000);
     let requests = env_usize("REQUESTS", 200);
+    let per_file = env_usize("PER_FILE", 100).max(1);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -98,7 +105,7 @@ fn main() {
         let embedder = app.ingest.embedder.clone().expect("ONNX model: run scripts/fetch-model.sh");
         let dim = embedder.dim();
 
-        // A collection of `chunks` chunks in 100-chunk files.
+        // A collection of `chunks` chunks in files of `per_file` chunks.
         let started = Instant::now();
         let mut rng = Rng(0x9e3779b97f4a7c15);
         let kb = ragway::store::KnowledgeRecord {
@@ -107,8 +114,8 @@ fn main() {
         };
         app.store.put_knowledge(&kb).unwrap();
         let admin = app.add_user("bench@example.com", "pw-bench-1", "bench", ragway::store::Role::Admin).await.unwrap();
-        for f in 0..chunks.div_ceil(100) {
-            let n = 100.min(chunks - f * 100);
+        for f in 0..chunks.div_ceil(per_file) {
+            let n = per_file.min(chunks - f * per_file);
             let id = format!("file-{f}");
             let mut rec = ragway::store::FileRecord {
                 id: id.clone(), user_id: admin.id.clone(), filename: format!("{id}.txt"), path: String::new(),
@@ -187,10 +194,48 @@ fn main() {
             b.push(send(rag.clone()).await);
         }
         let (ma, mb) = (median(a), median(b));
-        println!("chunks {chunks}  requests {requests} each");
+        println!("chunks {chunks} in files of {per_file}  requests {requests} each");
         println!("median without files: {ma:.3} ms");
         println!("median with files:    {mb:.3} ms");
         println!("added by RAG (median difference): {:.3} ms   ratio {:.2}x", mb - ma, mb / ma);
+
+        // Where the added time goes: each stage of retrieval on its own, as chat runs it.
+        let query = plain["messages"][0]["content"].as_str().unwrap();
+        let cfg = &app.config.rag;
+        let k = cfg.top_k;
+        let n = (k * 4).max(20);
+        let fuse = ragway::rag::Fuse { fusion: cfg.fusion, bm25_weight: cfg.bm25_weight };
+        let limits = ragway::rag::Limits { k, threshold: cfg.relevance_threshold };
+        let vector = ragway::rag::embed_query(&app, query).await.unwrap().unwrap();
+        let mut stages: Vec<(&str, Vec<f64>)> = ["query embedding", "dense search", "BM25", "fusion", "search + store reads"]
+            .into_iter()
+            .map(|s| (s, Vec::new()))
+            .collect();
+        for _ in 0..requests {
+            let t = Instant::now();
+            ragway::rag::embed_query(&app, query).await.unwrap();
+            stages[0].1.push(t.elapsed().as_secs_f64() * 1000.0);
+            let t = Instant::now();
+            let d = app.ingest.vectors.search_collection("bench", &vector, n);
+            stages[1].1.push(t.elapsed().as_secs_f64() * 1000.0);
+            let t = Instant::now();
+            let l = app.ingest.vectors.bm25_collection("bench", query, n);
+            stages[2].1.push(t.elapsed().as_secs_f64() * 1000.0);
+            let t = Instant::now();
+            std::hint::black_box(ragway::rag::rrf(&d, &l, fuse.bm25_weight));
+            stages[3].1.push(t.elapsed().as_secs_f64() * 1000.0);
+            let t = Instant::now();
+            let mode = ragway::rag::Mode::from_config(cfg);
+            let scope = ragway::rag::Scope::Collection("bench");
+            std::hint::black_box(ragway::rag::search(&app, json!({}), scope, query, Some(&vector), mode, fuse, limits).unwrap());
+            stages[4].1.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        println!("breakdown (median of {requests}, in-process):");
+        for (name, times) in stages {
+            println!("  {name:<22} {:.3} ms", median(times));
+        }
+        let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+        println!("load average {}", load.split_whitespace().take(3).collect::<Vec<_>>().join(" "));
         tokio::task::spawn_blocking(move || handle.stop()).await.unwrap();
     });
 }

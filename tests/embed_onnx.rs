@@ -203,6 +203,35 @@ async fn long_texts_are_truncated() {
     assert!(cosine(&got[0], &long_ref.vector) >= 0.99);
 }
 
+/// A huge text (a 32 MB chat message as the query) is tokenised only as far as its first
+/// [`MAX_TOKENS`] tokens need, and embeds exactly like the whole text truncated: compared
+/// with a text short enough to be tokenised whole that has the same first tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_texts_embed_like_their_beginning() {
+    let e = embedder();
+    let words: String = (0..4000usize)
+        .map(|i| format!("{} ", &"abcdefghij".repeat(2)[i % 5..i % 5 + 3 + i % 9]))
+        .collect();
+    // Under the first prefix tried (4 KiB), and still more than MAX_TOKENS tokens.
+    let short = &words[..words[..4000].rfind(' ').unwrap()];
+    assert!(e.tokenizer().encode(short, true).unwrap().len() > MAX_TOKENS + 100);
+
+    let huge = words.repeat((8 << 20) / words.len());
+    assert!(huge.len() > 7 << 20);
+    let v = e.embed(vec![huge, short.to_string()]).await.unwrap();
+    assert!(
+        max_abs_diff(&v[0], &v[1]) <= 1e-6,
+        "huge text vs its beginning"
+    );
+
+    // A first word longer than the first prefix (one [UNK], as any word over 100 characters):
+    // the prefix grows until it holds enough tokens.
+    let giant = format!("{}{}", "z".repeat(5000), words.repeat(20));
+    let same_start = format!("{}{short}", "z".repeat(200));
+    let v = e.embed(vec![giant, same_start]).await.unwrap();
+    assert!(max_abs_diff(&v[0], &v[1]) <= 1e-6, "giant first word");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn empty_inputs() {
     let e = embedder();

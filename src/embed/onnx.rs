@@ -13,11 +13,12 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 use futures_util::StreamExt;
 use ort::environment::Environment;
+use ort::ep::CPU;
 use ort::session::Session;
 use ort::session::builder::{GraphOptimizationLevel, PrepackedWeights};
 use ort::value::{Tensor, TensorElementType, ValueType};
-use tokenizers::Tokenizer;
 use tokenizers::utils::truncation::{TruncationDirection, TruncationParams, TruncationStrategy};
+use tokenizers::{Encoding, Tokenizer};
 use tokio::sync::Semaphore;
 
 use super::{EmbedError, Embedder, l2_normalize};
@@ -31,6 +32,24 @@ pub const BATCH_SIZE: usize = 32;
 /// model's own `max_seq_length` in sentence-transformers (trained on 128, positions up to
 /// 512), so vectors match what sentence-transformers computes for the same text.
 pub const MAX_TOKENS: usize = 256;
+
+/// Bound on one inference's shape, in rows × tokens² (attention holds rows × heads × tokens²
+/// scores per layer, and activations grow with rows × tokens): 2 texts of [`MAX_TOKENS`].
+/// Measured on the release binary: 8 texts of ~230 tokens per run took the process to a
+/// 384 MiB peak (~200 MiB of activations, heaptrack: all in `Session::run`), 32 per run (the
+/// old batches) to 1 GB. Splitting costs little: the work per token is the same, and a run
+/// of 2 × 256 tokens is still long enough to amortise the call. Batches of short texts
+/// still run [`BATCH_SIZE`] at a time (32 × 64² is the bound).
+pub const MAX_BATCH_CELLS: usize = 2 * MAX_TOKENS * MAX_TOKENS;
+
+/// Tokens beyond [`MAX_TOKENS`] a prefix of a long text must yield to encode like the whole
+/// text (see `Inner::encode_bounded`).
+const PREFIX_MARGIN: usize = 100;
+/// First prefix tried for a long text, in bytes: English averages ~4.5 bytes per token, so
+/// this covers [`MAX_TOKENS`] + [`PREFIX_MARGIN`] tokens of ordinary prose in one step.
+const PREFIX_START: usize = 4096;
+/// Longest prefix tokenised for inference, in bytes.
+const PREFIX_MAX: usize = 256 * 1024;
 
 /// The ONNX Runtime library and environment of this process. ONNX Runtime can be loaded only
 /// once per process and `ort` allows only one environment, which must stay alive for as long
@@ -333,7 +352,18 @@ fn build_session(
         path: model_path.to_path_buf(),
         reason,
     };
+    // Memory: with its defaults ONNX Runtime kept every activation it ever needed. Its CPU
+    // arena grows by powers of two and never gives memory back, and memory-pattern planning
+    // pre-allocates one block per distinct input shape; embedding a 1 MB file left the
+    // process at 1 to 1.66 GB (heaptrack: blocks of 128 and 84 MiB allocated inside
+    // `Session::run` and never freed). Without both, activations are plain allocations
+    // freed after each run (large ones are mapped and unmapped, see `tune_allocator` in
+    // main.rs), so the peak is one run's working set, which [`MAX_BATCH_CELLS`] bounds.
     Session::builder(env)
+        .map_err(|e| bad(e.to_string()))?
+        .with_execution_providers([CPU::default().with_arena_allocator(false).build()])
+        .map_err(|e| bad(e.to_string()))?
+        .with_memory_pattern(false)
         .map_err(|e| bad(e.to_string()))?
         .with_optimization_level(GraphOptimizationLevel::Level3)
         .map_err(|e| bad(e.to_string()))?
@@ -353,6 +383,40 @@ fn length_order(lengths: impl Iterator<Item = usize>) -> Vec<usize> {
     let mut order: Vec<(usize, usize)> = lengths.enumerate().collect();
     order.sort_by_key(|&(_, len)| len);
     order.into_iter().map(|(i, _)| i).collect()
+}
+
+/// Gives the heap's free pages back to the kernel. Activations below the mmap threshold come
+/// from malloc's arenas, which otherwise keep a batch's worth of freed pages resident
+/// (~33 MiB after a 1 MB file); trimming takes about a millisecond after a batch that took
+/// hundreds.
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory; it is thread-safe.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Splits a batch (texts of `lengths` tokens, in order) into consecutive ranges whose padded
+/// shape, rows × longest², stays within `cells`; a single text is always its own range.
+fn shape_groups(lengths: impl Iterator<Item = usize>, cells: usize) -> Vec<std::ops::Range<usize>> {
+    let mut groups = Vec::new();
+    let (mut start, mut end, mut longest) = (0, 0, 0);
+    for len in lengths {
+        let wider = longest.max(len);
+        if end > start && (end - start + 1) * wider * wider > cells {
+            groups.push(start..end);
+            start = end;
+            longest = len;
+        } else {
+            longest = wider;
+        }
+        end += 1;
+    }
+    if end > start {
+        groups.push(start..end);
+    }
+    groups
 }
 
 impl Inner {
@@ -378,10 +442,47 @@ impl Inner {
         let fail = |e: &dyn std::fmt::Display| EmbedError::Inference(e.to_string());
         let encodings = texts
             .iter()
-            .map(|t| self.infer_tokenizer.encode_fast(*t, true))
+            .map(|t| self.encode_bounded(t))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| fail(&e))?;
+        let mut vectors = Vec::with_capacity(encodings.len());
+        for group in shape_groups(encodings.iter().map(Encoding::len), MAX_BATCH_CELLS) {
+            vectors.extend(self.run_encoded(&encodings[group])?);
+        }
+        release_free_memory();
+        Ok(vectors)
+    }
 
+    /// The inference encoding of `text`, tokenising only a prefix of a long text. The
+    /// tokenizer truncates only after encoding everything, and keeps ~100 bytes per input
+    /// byte while it does (alignments, offsets, token strings): a 32 MB chat message as the
+    /// query would have cost gigabytes. A prefix is enough once it yields
+    /// [`PREFIX_MARGIN`] tokens beyond [`MAX_TOKENS`]: only the last word of a cut prefix
+    /// can tokenise differently from the whole text, and a word yields at most 100 tokens
+    /// (longer ones are one `[UNK]`). Texts with fewer tokens than that in their first
+    /// [`PREFIX_MAX`] bytes (mostly whitespace, or giant words) are embedded from that
+    /// prefix.
+    fn encode_bounded(&self, text: &str) -> tokenizers::Result<Encoding> {
+        let mut cut = PREFIX_START;
+        while cut < text.len() {
+            let mut end = cut;
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            let prefix = &text[..end];
+            if cut >= PREFIX_MAX
+                || self.tokenizer.encode_fast(prefix, true)?.len() >= MAX_TOKENS + PREFIX_MARGIN
+            {
+                return self.infer_tokenizer.encode_fast(prefix, true);
+            }
+            cut *= 4;
+        }
+        self.infer_tokenizer.encode_fast(text, true)
+    }
+
+    /// Runs one inference on already tokenised texts.
+    fn run_encoded(&self, encodings: &[Encoding]) -> Result<Vec<Vec<f32>>, EmbedError> {
+        let fail = |e: &dyn std::fmt::Display| EmbedError::Inference(e.to_string());
         // Pad to the longest text of this batch (zeros: [PAD] id, mask 0, type 0).
         let rows = encodings.len();
         let len = encodings.iter().map(|e| e.len()).max().unwrap_or(0).max(1);
@@ -541,6 +642,26 @@ mod tests {
         let texts = ["1 2 3 4 5 6 7 8 9", "internationalization", "a"];
         assert_eq!(length_order(texts.iter().map(|t| t.len())), vec![2, 0, 1]);
         assert_eq!(e.inner.token_order(&texts), vec![2, 1, 0]);
+    }
+
+    #[test]
+    fn shape_groups_bound_rows_times_longest_squared() {
+        let groups = |lens: &[usize], cells| shape_groups(lens.iter().copied(), cells);
+        assert!(groups(&[], 100).is_empty());
+        // 4 × 5² = 100 fits; a fifth row does not.
+        assert_eq!(groups(&[5, 5, 5, 5, 5], 100), vec![0..4, 4..5]);
+        // A longer text narrows the group it joins: 2 × 7² ≤ 100 but 3 × 7² is not.
+        assert_eq!(groups(&[1, 7, 2, 3], 100), vec![0..2, 2..4]);
+        // A text wider than the bound alone still runs, alone.
+        assert_eq!(groups(&[3, 20, 3], 100), vec![0..1, 1..2, 2..3]);
+        // The real bound: 32 texts of 64 tokens stay one batch, 32 of 256 become 16 runs.
+        assert_eq!(groups(&[64; 32], MAX_BATCH_CELLS), vec![0..32]);
+        let full = groups(&[MAX_TOKENS; 32], MAX_BATCH_CELLS);
+        assert_eq!(full.len(), 16);
+        assert!(
+            full.iter()
+                .all(|g| g.len() * MAX_TOKENS * MAX_TOKENS <= MAX_BATCH_CELLS)
+        );
     }
 
     #[test]

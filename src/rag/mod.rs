@@ -305,6 +305,7 @@ pub async fn retrieve(
         Collection(crate::store::KnowledgeRecord, Vec<FileRecord>),
         Text(String),
     }
+    let full = |item: &Value| cfg.full_context || item_str(item, "context") == Some("full");
     let mut targets = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
         let kind = item_str(item, "type")
@@ -325,10 +326,14 @@ pub async fn retrieve(
                     .ok_or_else(|| {
                         ApiError::not_found(format!("Knowledge collection {id} not found"))
                     })?;
+                // Only full context needs the collection's file records: reading them for a
+                // search cost one store read per file (5,000 abstracts: several ms per request).
                 let mut files = Vec::new();
-                for f in app.store.knowledge_files(&kb.id)? {
-                    if let Some(rec) = app.store.file(&f)? {
-                        files.push(rec);
+                if full(item) {
+                    for f in app.store.knowledge_files(&kb.id)? {
+                        if let Some(rec) = app.store.file(&f)? {
+                            files.push(rec);
+                        }
                     }
                 }
                 Target::Collection(kb, files)
@@ -349,7 +354,6 @@ pub async fn retrieve(
         targets.push(target);
     }
 
-    let full = |item: &Value| cfg.full_context || item_str(item, "context") == Some("full");
     let needs_vector = mode != Mode::Bm25
         && !query.trim().is_empty()
         && items
