@@ -189,9 +189,12 @@ fn main() -> ExitCode {
         Command::Eval {
             common,
             dataset,
+            qrels,
             mode,
             bm25_weight,
             fusion,
+            candidates,
+            k,
             run_dir,
             json,
         } => {
@@ -202,7 +205,13 @@ fn main() -> ExitCode {
             let Some(modes) = modes else {
                 return fail("--mode: use dense, bm25 and/or hybrid");
             };
-            let ds = match ragway::rag::eval::Dataset::load(&dataset) {
+            if k == 0 || k > 1000 {
+                return fail("--k: between 1 and 1000");
+            }
+            if let Some(w) = bm25_weight.iter().find(|w| !(0.0..=1.0).contains(*w)) {
+                return fail(format!("--bm25-weight {w}: between 0 and 1"));
+            }
+            let ds = match ragway::rag::eval::Dataset::load(&dataset, &qrels) {
                 Ok(d) => d,
                 Err(e) => return fail(e),
             };
@@ -216,16 +225,25 @@ fn main() -> ExitCode {
                 Ok(a) => a,
                 Err(e) => return fail(e),
             };
-            let fusion = match fusion.as_deref() {
-                None => app.config.rag.fusion,
-                Some("rrf") => ragway::config::Fusion::Rrf,
-                Some("convex") => ragway::config::Fusion::Convex,
-                Some(other) => return fail(format!("--fusion {other:?}: use rrf or convex")),
-            };
-            let fuse = ragway::rag::Fuse {
-                fusion,
-                bm25_weight: bm25_weight.unwrap_or(app.config.rag.bm25_weight),
-            };
+            let mut fusions = Vec::new();
+            for f in &fusion {
+                match ragway::config::Fusion::parse(f.trim()) {
+                    Some(f) => fusions.push(f),
+                    None => {
+                        return fail(format!("--fusion {f:?}: use rrf, convex, minmax or zscore"));
+                    }
+                }
+            }
+            let variants = ragway::rag::eval::variants(
+                &modes,
+                &fusions,
+                &bm25_weight,
+                &candidates,
+                ragway::rag::Fuse {
+                    fusion: app.config.rag.fusion,
+                    bm25_weight: app.config.rag.bm25_weight,
+                },
+            );
             let bar = indicatif::ProgressBar::new(0);
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -234,8 +252,8 @@ fn main() -> ExitCode {
             let report = rt.block_on(ragway::rag::eval::run(
                 &app,
                 &ds,
-                &modes,
-                fuse,
+                &variants,
+                k,
                 run_dir.as_deref(),
                 &bar,
             ));

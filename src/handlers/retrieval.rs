@@ -128,7 +128,7 @@ fn settings(
             fusion: cfg.fusion,
             bm25_weight,
         },
-        limits: Limits { k, threshold },
+        limits: Limits::new(k, threshold),
     })
 }
 

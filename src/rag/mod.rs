@@ -85,18 +85,65 @@ pub fn rrf(dense: &[(u64, f32)], lexical: &[(u64, f32)], bm25_weight: f32) -> Ve
 /// Weighted sum of scores normalised to [0, 1] by each list's maximum (cosine is already
 /// in range; BM25 is unbounded).
 pub fn convex(dense: &[(u64, f32)], lexical: &[(u64, f32)], bm25_weight: f32) -> Vec<(u64, f32)> {
-    let mut scores: HashMap<u64, f32> = HashMap::new();
-    let dmax = dense.iter().map(|x| x.1).fold(f32::MIN, f32::max).max(1e-6);
-    let lmax = lexical
-        .iter()
-        .map(|x| x.1)
-        .fold(f32::MIN, f32::max)
-        .max(1e-6);
-    for (id, s) in dense {
-        *scores.entry(*id).or_default() += (1.0 - bm25_weight) * (s / dmax).max(0.0);
+    weighted(
+        &normalised(dense, Norm::Max),
+        &normalised(lexical, Norm::Max),
+        bm25_weight,
+    )
+}
+
+/// How a list's scores are put on a common scale before a weighted sum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Norm {
+    /// `s / max`: keeps cosine's offset, so dense scores bunch near 1 and BM25 decides.
+    Max,
+    /// `(s - min) / (max - min)` over the candidates: both lists span [0, 1].
+    MinMax,
+    /// `(s - mean) / sd` over the candidates.
+    ZScore,
+}
+
+/// Scores of one candidate list on the scale of `norm`. An empty or constant list maps to
+/// 1.0 for every entry (each is as good as the best).
+pub fn normalised(list: &[(u64, f32)], norm: Norm) -> Vec<(u64, f32)> {
+    if list.is_empty() {
+        return Vec::new();
     }
-    for (id, s) in lexical {
-        *scores.entry(*id).or_default() += bm25_weight * (s / lmax).max(0.0);
+    let n = list.len() as f32;
+    let max = list.iter().map(|x| x.1).fold(f32::MIN, f32::max);
+    let min = list.iter().map(|x| x.1).fold(f32::MAX, f32::min);
+    let scale = |s: f32| -> f32 {
+        match norm {
+            Norm::Max => (s / max.max(1e-6)).max(0.0),
+            Norm::MinMax if max - min > 1e-9 => (s - min) / (max - min),
+            Norm::ZScore => {
+                let mean = list.iter().map(|x| x.1).sum::<f32>() / n;
+                let var = list.iter().map(|x| (x.1 - mean).powi(2)).sum::<f32>() / n;
+                if var > 1e-12 {
+                    (s - mean) / var.sqrt()
+                } else {
+                    1.0
+                }
+            }
+            Norm::MinMax => 1.0,
+        }
+    };
+    list.iter().map(|(id, s)| (*id, scale(*s))).collect()
+}
+
+/// `(1 - w) * dense + w * lexical` over normalised lists; an id missing from one list gets
+/// that list's lowest normalised score (it ranked below every candidate there), or 0 when
+/// that is higher (max normalisation: absence is no evidence).
+pub fn weighted(dense: &[(u64, f32)], lexical: &[(u64, f32)], bm25_weight: f32) -> Vec<(u64, f32)> {
+    let floor = |l: &[(u64, f32)]| l.iter().map(|x| x.1).fold(0.0f32, f32::min);
+    let (dfloor, lfloor) = (floor(dense), floor(lexical));
+    let d: HashMap<u64, f32> = dense.iter().copied().collect();
+    let l: HashMap<u64, f32> = lexical.iter().copied().collect();
+    let mut scores: HashMap<u64, f32> = HashMap::with_capacity(d.len() + l.len());
+    for id in d.keys().chain(l.keys()) {
+        let ds = d.get(id).copied().unwrap_or(dfloor);
+        let ls = l.get(id).copied().unwrap_or(lfloor);
+        scores.insert(*id, (1.0 - bm25_weight) * ds + bm25_weight * ls);
     }
     sorted(scores)
 }
@@ -135,6 +182,16 @@ pub fn rank(
             let mut fused = match fuse.fusion {
                 Fusion::Rrf => rrf(&d, &l, fuse.bm25_weight),
                 Fusion::Convex => convex(&d, &l, fuse.bm25_weight),
+                Fusion::MinMax => weighted(
+                    &normalised(&d, Norm::MinMax),
+                    &normalised(&l, Norm::MinMax),
+                    fuse.bm25_weight,
+                ),
+                Fusion::ZScore => weighted(
+                    &normalised(&d, Norm::ZScore),
+                    &normalised(&l, Norm::ZScore),
+                    fuse.bm25_weight,
+                ),
             };
             fused.truncate(n);
             fused
@@ -363,10 +420,7 @@ pub async fn retrieve(
     };
 
     let search = |item: &Value, scope: Scope| {
-        let limits = Limits {
-            k: cfg.top_k,
-            threshold: cfg.relevance_threshold,
-        };
+        let limits = Limits::new(cfg.top_k, cfg.relevance_threshold);
         search(
             app,
             echo(item),
@@ -452,6 +506,19 @@ fn whole_files(
 pub struct Limits {
     pub k: usize,
     pub threshold: f32,
+    /// Chunks fetched from each ranking before fusion and de-duplication (>= `k`).
+    pub candidates: usize,
+}
+
+impl Limits {
+    /// `k` chunks from chat's number of candidates.
+    pub fn new(k: usize, threshold: f32) -> Limits {
+        Limits {
+            k,
+            threshold,
+            candidates: candidates(k),
+        }
+    }
 }
 
 /// Searches one file or collection: the ranking, de-duplication and scoring of chat's
@@ -467,7 +534,7 @@ pub fn search(
     fuse: Fuse,
     limits: Limits,
 ) -> Result<Source, ApiError> {
-    let ranked = rank(app, scope, query, vector, mode, fuse, candidates(limits.k));
+    let ranked = rank(app, scope, query, vector, mode, fuse, limits.candidates);
     select(app, source, ranked, vector, limits)
 }
 
