@@ -194,6 +194,10 @@ fn main() -> ExitCode {
             bm25_weight,
             fusion,
             candidates,
+            bm25_k1,
+            bm25_b,
+            file_weight,
+            prf,
             k,
             run_dir,
             json,
@@ -208,8 +212,16 @@ fn main() -> ExitCode {
             if k == 0 || k > 1000 {
                 return fail("--k: between 1 and 1000");
             }
-            if let Some(w) = bm25_weight.iter().find(|w| !(0.0..=1.0).contains(*w)) {
-                return fail(format!("--bm25-weight {w}: between 0 and 1"));
+            for (name, list, max) in [
+                ("--bm25-weight", &bm25_weight, 1.0),
+                ("--bm25-k1", &bm25_k1, 10.0),
+                ("--bm25-b", &bm25_b, 1.0),
+                ("--file-weight", &file_weight, 10.0),
+                ("--prf", &prf, 10.0),
+            ] {
+                if let Some(w) = list.iter().find(|w| !(0.0..=max).contains(*w)) {
+                    return fail(format!("{name} {w}: between 0 and {max}"));
+                }
             }
             let ds = match ragway::rag::eval::Dataset::load(&dataset, &qrels) {
                 Ok(d) => d,
@@ -234,15 +246,19 @@ fn main() -> ExitCode {
                     }
                 }
             }
+            let grid = ragway::rag::eval::Grid {
+                fusions,
+                weights: bm25_weight,
+                candidates,
+                k1: bm25_k1,
+                b: bm25_b,
+                file_weights: file_weight,
+                prf,
+            };
             let variants = ragway::rag::eval::variants(
                 &modes,
-                &fusions,
-                &bm25_weight,
-                &candidates,
-                ragway::rag::Fuse {
-                    fusion: app.config.rag.fusion,
-                    bm25_weight: app.config.rag.bm25_weight,
-                },
+                &grid,
+                ragway::rag::Fuse::from_config(&app.config.rag),
             );
             let bar = indicatif::ProgressBar::new(0);
             let rt = tokio::runtime::Builder::new_multi_thread()

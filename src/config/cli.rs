@@ -92,6 +92,18 @@ pub enum Command {
         /// Candidates per ranking before fusion (default: chat's); several compare.
         #[arg(long, value_delimiter = ',')]
         candidates: Vec<usize>,
+        /// BM25 k1 values to compare (default: the configured one).
+        #[arg(long, value_delimiter = ',')]
+        bm25_k1: Vec<f32>,
+        /// BM25 b values to compare (default: the configured one).
+        #[arg(long, value_delimiter = ',')]
+        bm25_b: Vec<f32>,
+        /// Weights of a file's other candidate chunks in a chunk's score to compare.
+        #[arg(long, value_delimiter = ',')]
+        file_weight: Vec<f32>,
+        /// Dense pseudo-relevance feedback weights to compare (0: off).
+        #[arg(long, value_delimiter = ',')]
+        prf: Vec<f32>,
         /// Chunks asked per query, as the retrieval API's `k`.
         #[arg(long, default_value_t = 100)]
         k: usize,

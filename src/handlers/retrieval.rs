@@ -125,8 +125,8 @@ fn settings(
     Ok(Settings {
         mode,
         fuse: Fuse {
-            fusion: cfg.fusion,
             bm25_weight,
+            ..Fuse::from_config(cfg)
         },
         limits: Limits::new(k, threshold),
     })

@@ -300,6 +300,19 @@ fn existing(
         chunks += rec.chunk_count;
         file_to_doc.insert(rec.id, doc.to_string());
     }
+    // An interrupted ingest leaves part of the corpus: measuring it would be meaningless.
+    let expected = ds
+        .corpus
+        .iter()
+        .filter(|(_, t, x)| !t.trim().is_empty() || !x.trim().is_empty())
+        .count();
+    if file_to_doc.len() < expected {
+        return Err(format!(
+            "the data dir holds {} of the dataset's {expected} documents (an interrupted \
+             ingest?); use a fresh --data-dir",
+            file_to_doc.len()
+        ));
+    }
     Ok(Some((kb.id, file_to_doc, chunks)))
 }
 
@@ -506,64 +519,105 @@ pub async fn run(
     })
 }
 
-/// The variants of a comparison: one per mode, hybrid once per fusion × weight ×
-/// candidates given (each list empty: the configured value). Hybrid is labelled `hybrid`
-/// when it is measured once, else by its settings.
-pub fn variants(
-    modes: &[Mode],
-    fusions: &[crate::config::Fusion],
-    weights: &[f32],
-    candidates: &[usize],
-    configured: Fuse,
-) -> Vec<Variant> {
-    let fusions = if fusions.is_empty() {
-        &[configured.fusion][..]
+/// Values to compare per ranking setting; an empty list means the configured value.
+#[derive(Debug, Clone, Default)]
+pub struct Grid {
+    pub fusions: Vec<crate::config::Fusion>,
+    pub weights: Vec<f32>,
+    pub candidates: Vec<usize>,
+    pub k1: Vec<f32>,
+    pub b: Vec<f32>,
+    pub file_weights: Vec<f32>,
+    pub prf: Vec<f32>,
+}
+
+fn or_one<T: Copy>(list: &[T], default: T) -> Vec<T> {
+    if list.is_empty() {
+        vec![default]
     } else {
-        fusions
-    };
-    let weights = if weights.is_empty() {
-        &[configured.bm25_weight][..]
-    } else {
-        weights
-    };
-    let cands: Vec<Option<usize>> = if candidates.is_empty() {
+        list.to_vec()
+    }
+}
+
+/// The variants of a comparison: one per mode and combination of the grid's values (BM25
+/// settings only matter to bm25 and hybrid, fusion settings only to hybrid). Labels name
+/// the settings that take several values, so a plain run keeps `dense`, `bm25`, `hybrid`.
+pub fn variants(modes: &[Mode], grid: &Grid, configured: Fuse) -> Vec<Variant> {
+    let fusions = or_one(&grid.fusions, configured.fusion);
+    let weights = or_one(&grid.weights, configured.bm25_weight);
+    let cands: Vec<Option<usize>> = if grid.candidates.is_empty() {
         vec![None]
     } else {
-        candidates.iter().copied().map(Some).collect()
+        grid.candidates.iter().copied().map(Some).collect()
     };
-    let several = fusions.len() * weights.len() * cands.len() > 1;
+    let k1s = or_one(&grid.k1, configured.bm25.k1);
+    let bs = or_one(&grid.b, configured.bm25.b);
+    let fws = or_one(&grid.file_weights, configured.file_weight);
+    let prfs = or_one(&grid.prf, configured.prf);
     let mut out = Vec::new();
     for &mode in modes {
-        if mode != Mode::Hybrid {
-            out.push(Variant {
-                label: mode_name(mode).to_string(),
-                mode,
-                fuse: configured,
-                candidates: cands[0],
-            });
-            continue;
-        }
-        for &fusion in fusions {
-            for &bm25_weight in weights {
-                for &c in &cands {
-                    let label = if several {
-                        let mut l = format!("hybrid-{}-w{bm25_weight}", fusion.name());
-                        if let Some(c) = c {
-                            l.push_str(&format!("-c{c}"));
+        let hybrid = mode == Mode::Hybrid;
+        let lexical = mode != Mode::Dense;
+        let dense = mode != Mode::Bm25;
+        let one = |v: &[f32]| v[..1].to_vec();
+        let fusions = if hybrid {
+            fusions.clone()
+        } else {
+            vec![fusions[0]]
+        };
+        let weights = if hybrid {
+            weights.clone()
+        } else {
+            one(&weights)
+        };
+        let k1s = if lexical { k1s.clone() } else { one(&k1s) };
+        let bs = if lexical { bs.clone() } else { one(&bs) };
+        let prfs = if dense { prfs.clone() } else { one(&prfs) };
+        for &fusion in &fusions {
+            for &bm25_weight in &weights {
+                for &k1 in &k1s {
+                    for &b in &bs {
+                        for &file_weight in &fws {
+                            for &prf in &prfs {
+                                for &c in &cands {
+                                    let mut label = mode_name(mode).to_string();
+                                    if fusions.len() > 1 {
+                                        label += &format!("-{}", fusion.name());
+                                    }
+                                    if weights.len() > 1 {
+                                        label += &format!("-w{bm25_weight}");
+                                    }
+                                    if k1s.len() > 1 {
+                                        label += &format!("-k1_{k1}");
+                                    }
+                                    if bs.len() > 1 {
+                                        label += &format!("-b{b}");
+                                    }
+                                    if fws.len() > 1 {
+                                        label += &format!("-fw{file_weight}");
+                                    }
+                                    if prfs.len() > 1 {
+                                        label += &format!("-prf{prf}");
+                                    }
+                                    if let (true, Some(c)) = (cands.len() > 1, c) {
+                                        label += &format!("-c{c}");
+                                    }
+                                    out.push(Variant {
+                                        label,
+                                        mode,
+                                        fuse: Fuse {
+                                            fusion,
+                                            bm25_weight,
+                                            bm25: super::bm25::Bm25Params { k1, b },
+                                            file_weight,
+                                            prf,
+                                        },
+                                        candidates: c,
+                                    });
+                                }
+                            }
                         }
-                        l
-                    } else {
-                        "hybrid".to_string()
-                    };
-                    out.push(Variant {
-                        label,
-                        mode,
-                        fuse: Fuse {
-                            fusion,
-                            bm25_weight,
-                        },
-                        candidates: c,
-                    });
+                    }
                 }
             }
         }

@@ -58,11 +58,86 @@ pub enum Scope<'a> {
     Collection(&'a str),
 }
 
-/// Fusion settings.
+/// Ranking settings.
 #[derive(Debug, Clone, Copy)]
 pub struct Fuse {
     pub fusion: Fusion,
     pub bm25_weight: f32,
+    pub bm25: bm25::Bm25Params,
+    /// Weight of a file's other candidate chunks in each chunk's score (0: best chunk only).
+    pub file_weight: f32,
+    /// Weight of the top dense hits' mean vector added to the query vector for a second
+    /// dense search (pseudo-relevance feedback; 0: off).
+    pub prf: f32,
+}
+
+impl Fuse {
+    pub fn from_config(cfg: &RagConfig) -> Fuse {
+        Fuse {
+            fusion: cfg.fusion,
+            bm25_weight: cfg.bm25_weight,
+            ..Fuse::default()
+        }
+    }
+}
+
+impl Default for Fuse {
+    fn default() -> Self {
+        Fuse {
+            fusion: Fusion::Convex,
+            bm25_weight: 0.5,
+            bm25: bm25::Bm25Params::default(),
+            file_weight: 0.0,
+            prf: 0.0,
+        }
+    }
+}
+
+/// Hits the dense feedback vector is built from.
+const PRF_DOCS: usize = 3;
+
+/// `q + weight * mean(hits)`, unit length again (cosine search expects unit vectors).
+pub fn feedback_vector(query: &[f32], hits: &[Vec<f32>], weight: f32) -> Vec<f32> {
+    let mut v = query.to_vec();
+    if !hits.is_empty() {
+        let w = weight / hits.len() as f32;
+        for h in hits {
+            for (x, y) in v.iter_mut().zip(h) {
+                *x += w * y;
+            }
+        }
+    }
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if norm > 0.0 {
+        v.iter_mut().for_each(|x| *x /= norm);
+    }
+    v
+}
+
+/// Each chunk's score plus `weight` times the (positive) scores of the other candidate
+/// chunks of its file, re-sorted: a file that matches in several places ranks above one
+/// that matches once as strongly.
+pub fn with_file_evidence(
+    ranked: &[(u64, f32)],
+    file_of: &HashMap<u64, String>,
+    weight: f32,
+) -> Vec<(u64, f32)> {
+    let mut per_file: HashMap<&str, f32> = HashMap::new();
+    for (id, s) in ranked {
+        if let Some(f) = file_of.get(id) {
+            *per_file.entry(f).or_default() += s.max(0.0);
+        }
+    }
+    let scores: HashMap<u64, f32> = ranked
+        .iter()
+        .map(|(id, s)| {
+            let others = file_of
+                .get(id)
+                .map_or(0.0, |f| per_file[f.as_str()] - s.max(0.0));
+            (*id, s + weight * others)
+        })
+        .collect();
+    sorted(scores)
 }
 
 /// Candidates fetched from each ranking before fusion and de-duplication.
@@ -165,14 +240,31 @@ pub fn rank(
     n: usize,
 ) -> Vec<(u64, f32)> {
     let vx = &app.ingest.vectors;
-    let dense = || match (scope, vector) {
-        (Scope::File(f), Some(v)) => vx.search_file(f, v, n),
-        (Scope::Collection(c), Some(v)) => vx.search_collection(c, v, n),
-        _ => Vec::new(),
+    let search = |v: &[f32]| match scope {
+        Scope::File(f) => vx.search_file(f, v, n),
+        Scope::Collection(c) => vx.search_collection(c, v, n),
+    };
+    let dense = || {
+        let Some(v) = vector else {
+            return Vec::new();
+        };
+        let first = search(v);
+        if fuse.prf <= 0.0 {
+            return first;
+        }
+        let top: Vec<u64> = first.iter().take(PRF_DOCS).map(|r| r.0).collect();
+        let hits: Vec<Vec<f32>> = app
+            .store
+            .chunks(&top)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|(id, c)| vx.vector(&c.file_id, *id))
+            .collect();
+        search(&feedback_vector(v, &hits, fuse.prf))
     };
     let lexical = || match scope {
-        Scope::File(f) => vx.bm25_file(f, query, n),
-        Scope::Collection(c) => vx.bm25_collection(c, query, n),
+        Scope::File(f) => vx.bm25_file(f, query, n, fuse.bm25),
+        Scope::Collection(c) => vx.bm25_collection(c, query, n, fuse.bm25),
     };
     match mode {
         Mode::Dense => dense(),
@@ -351,10 +443,7 @@ pub async fn retrieve(
 ) -> Result<Vec<Source>, ApiError> {
     let cfg = &app.config.rag;
     let mode = Mode::from_config(cfg);
-    let fuse = Fuse {
-        fusion: cfg.fusion,
-        bm25_weight: cfg.bm25_weight,
-    };
+    let fuse = Fuse::from_config(cfg);
     // Validate and resolve every item first, so nothing is embedded for a request that
     // will be refused.
     enum Target {
@@ -535,7 +624,7 @@ pub fn search(
     limits: Limits,
 ) -> Result<Source, ApiError> {
     let ranked = rank(app, scope, query, vector, mode, fuse, limits.candidates);
-    select(app, source, ranked, vector, limits)
+    select(app, source, ranked, vector, limits, fuse.file_weight)
 }
 
 /// Top `k` distinct chunk texts of a ranking, scored by cosine to the query when known,
@@ -546,9 +635,22 @@ fn select(
     ranked: Vec<(u64, f32)>,
     vector: Option<&[f32]>,
     limits: Limits,
+    file_weight: f32,
 ) -> Result<Source, ApiError> {
     let ids: Vec<u64> = ranked.iter().map(|r| r.0).collect();
-    let chunks = app.store.chunks(&ids)?;
+    let mut chunks = app.store.chunks(&ids)?;
+    let ranked = if file_weight > 0.0 {
+        let file_of: HashMap<u64, String> = chunks
+            .iter()
+            .map(|(id, c)| (*id, c.file_id.clone()))
+            .collect();
+        let ranked = with_file_evidence(&ranked, &file_of, file_weight);
+        let order: HashMap<u64, usize> = ranked.iter().enumerate().map(|(i, r)| (r.0, i)).collect();
+        chunks.sort_by_key(|(id, _)| order[id]);
+        ranked
+    } else {
+        ranked
+    };
     let mut files: HashMap<String, Option<FileRecord>> = HashMap::new();
     let mut seen: HashSet<String> = HashSet::new();
     let mut s = Source {
@@ -601,5 +703,74 @@ mod tests {
         assert_eq!(c.len(), 3);
         assert_eq!(rrf(&dense, &[], 0.0)[0].0, 1);
         assert_eq!(convex(&[], &lexical, 1.0)[0].0, 2);
+    }
+
+    #[test]
+    fn normalisations_match_hand_computation() {
+        let l = vec![(1, 4.0), (2, 2.0), (3, 0.0)];
+        assert_eq!(
+            normalised(&l, Norm::Max),
+            vec![(1, 1.0), (2, 0.5), (3, 0.0)]
+        );
+        let m = normalised(&[(1, 0.8), (2, 0.6), (3, 0.4)], Norm::MinMax);
+        assert!((m[0].1 - 1.0).abs() < 1e-6 && (m[1].1 - 0.5).abs() < 1e-6 && m[2].1.abs() < 1e-6);
+        // mean 2, population sd sqrt(8/3)
+        let z = normalised(&l, Norm::ZScore);
+        let sd = (8.0f32 / 3.0).sqrt();
+        assert!((z[0].1 - 2.0 / sd).abs() < 1e-6 && z[1].1.abs() < 1e-6);
+        assert!((z[2].1 + 2.0 / sd).abs() < 1e-6);
+        // A single candidate (or equal scores) is as good as the best.
+        assert_eq!(normalised(&[(9, 0.3)], Norm::MinMax), vec![(9, 1.0)]);
+        assert_eq!(normalised(&[(9, 0.3), (8, 0.3)], Norm::ZScore)[1].1, 1.0);
+        assert!(normalised(&[], Norm::MinMax).is_empty());
+    }
+
+    #[test]
+    fn weighted_sum_gives_a_missing_entry_the_lists_floor() {
+        let dense = vec![(1, 1.0), (2, 0.0)];
+        let lexical = vec![(2, 1.0), (3, 0.5)];
+        let r = weighted(&dense, &lexical, 0.25);
+        let get = |id| r.iter().find(|x| x.0 == id).unwrap().1;
+        assert!(
+            (get(1) - 0.75).abs() < 1e-6,
+            "absent from BM25: its floor 0"
+        );
+        assert!((get(2) - 0.25).abs() < 1e-6);
+        assert!((get(3) - 0.125).abs() < 1e-6);
+        assert_eq!(r[0].0, 1);
+        // z-scores go below zero: absence counts as the lowest candidate, not as 0.
+        let z = weighted(&[(1, 1.0), (2, -1.0)], &[(2, 1.0), (3, -1.0)], 0.5);
+        let get = |id| z.iter().find(|x| x.0 == id).unwrap().1;
+        assert!((get(1) - 0.0).abs() < 1e-6 && (get(2) - 0.0).abs() < 1e-6);
+        assert!((get(3) + 1.0).abs() < 1e-6);
+        // Convex with max normalisation is unchanged: 0.5 * 1 + 0.5 * (5 / 12).
+        let c = convex(&[(1, 0.9), (2, 0.45)], &[(2, 12.0), (3, 5.0)], 0.5);
+        assert!((c.iter().find(|x| x.0 == 3).unwrap().1 - 0.5 * 5.0 / 12.0).abs() < 1e-6);
+        assert!((c.iter().find(|x| x.0 == 2).unwrap().1 - 0.75).abs() < 1e-6);
+    }
+
+    #[test]
+    fn file_evidence_lifts_files_that_match_in_several_chunks() {
+        let ranked = vec![(1, 0.9), (2, 0.8), (3, 0.5), (4, -0.2)];
+        let file_of: HashMap<u64, String> = [(1, "a"), (2, "b"), (3, "b"), (4, "b")]
+            .iter()
+            .map(|(i, f)| (*i, (*f).to_string()))
+            .collect();
+        let r = with_file_evidence(&ranked, &file_of, 0.5);
+        // b: 0.8 + 0.5 * 0.5 = 1.05 > a: 0.9; negative scores add nothing.
+        assert_eq!(r[0], (2, 1.05));
+        assert_eq!(r[1], (3, 0.5 + 0.5 * 0.8));
+        assert_eq!(r[2], (1, 0.9));
+        assert_eq!(r[3], (4, -0.2 + 0.5 * 1.3));
+        assert_eq!(with_file_evidence(&ranked, &file_of, 0.0), ranked);
+    }
+
+    #[test]
+    fn feedback_moves_the_query_toward_the_hits_and_stays_unit() {
+        let q = [1.0, 0.0];
+        let v = feedback_vector(&q, &[vec![0.0, 1.0], vec![0.0, 1.0]], 1.0);
+        let h = std::f32::consts::FRAC_1_SQRT_2;
+        assert!((v[0] - h).abs() < 1e-6 && (v[1] - h).abs() < 1e-6);
+        assert_eq!(feedback_vector(&q, &[], 1.0), vec![1.0, 0.0]);
     }
 }
