@@ -756,12 +756,19 @@ mod tests {
             .iter()
             .map(|(i, f)| (*i, (*f).to_string()))
             .collect();
-        let r = with_file_evidence(&ranked, &file_of, 0.5);
-        // b: 0.8 + 0.5 * 0.5 = 1.05 > a: 0.9; negative scores add nothing.
-        assert_eq!(r[0], (2, 1.05));
-        assert_eq!(r[1], (3, 0.5 + 0.5 * 0.8));
-        assert_eq!(r[2], (1, 0.9));
-        assert_eq!(r[3], (4, -0.2 + 0.5 * 1.3));
+        let r = with_file_evidence(&ranked, &file_of, 0.6);
+        // b's chunks gain 0.6 × the others' positive scores (b's total is 1.3); a has none.
+        let want = [
+            (2, 0.8 + 0.6 * 0.5),
+            (3, 0.5 + 0.6 * 0.8),
+            (1, 0.9),
+            (4, -0.2 + 0.6 * 1.3),
+        ];
+        assert_eq!(r.len(), want.len());
+        for (got, want) in r.iter().zip(want) {
+            assert_eq!(got.0, want.0, "{r:?}");
+            assert!((got.1 - want.1).abs() < 1e-5, "{r:?}");
+        }
         assert_eq!(with_file_evidence(&ranked, &file_of, 0.0), ranked);
     }
 
