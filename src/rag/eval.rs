@@ -264,12 +264,12 @@ fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
     v[((v.len() - 1) as f64 * p).round() as usize]
 }
 
+/// An ingested collection: its id, file id → document id, and its number of chunks.
+type Ingested = (String, HashMap<String, String>, usize);
+
 /// The collection an earlier run left in this data dir, with its file → document map,
 /// when every document in it belongs to `ds` (a data dir is reused only for its dataset).
-fn existing(
-    app: &App,
-    ds: &Dataset,
-) -> Result<Option<(String, HashMap<String, String>, usize)>, String> {
+fn existing(app: &App, ds: &Dataset) -> Result<Option<Ingested>, String> {
     let Some(kb) = app
         .store
         .knowledges()
