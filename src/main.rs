@@ -189,9 +189,16 @@ fn main() -> ExitCode {
         Command::Eval {
             common,
             dataset,
+            qrels,
             mode,
             bm25_weight,
             fusion,
+            candidates,
+            bm25_k1,
+            bm25_b,
+            file_weight,
+            prf,
+            k,
             run_dir,
             json,
         } => {
@@ -202,7 +209,21 @@ fn main() -> ExitCode {
             let Some(modes) = modes else {
                 return fail("--mode: use dense, bm25 and/or hybrid");
             };
-            let ds = match ragway::rag::eval::Dataset::load(&dataset) {
+            if k == 0 || k > 1000 {
+                return fail("--k: between 1 and 1000");
+            }
+            for (name, list, max) in [
+                ("--bm25-weight", &bm25_weight, 1.0),
+                ("--bm25-k1", &bm25_k1, 10.0),
+                ("--bm25-b", &bm25_b, 1.0),
+                ("--file-weight", &file_weight, 10.0),
+                ("--prf", &prf, 10.0),
+            ] {
+                if let Some(w) = list.iter().find(|w| !(0.0..=max).contains(*w)) {
+                    return fail(format!("{name} {w}: between 0 and {max}"));
+                }
+            }
+            let ds = match ragway::rag::eval::Dataset::load(&dataset, &qrels) {
                 Ok(d) => d,
                 Err(e) => return fail(e),
             };
@@ -216,16 +237,29 @@ fn main() -> ExitCode {
                 Ok(a) => a,
                 Err(e) => return fail(e),
             };
-            let fusion = match fusion.as_deref() {
-                None => app.config.rag.fusion,
-                Some("rrf") => ragway::config::Fusion::Rrf,
-                Some("convex") => ragway::config::Fusion::Convex,
-                Some(other) => return fail(format!("--fusion {other:?}: use rrf or convex")),
+            let mut fusions = Vec::new();
+            for f in &fusion {
+                match ragway::config::Fusion::parse(f.trim()) {
+                    Some(f) => fusions.push(f),
+                    None => {
+                        return fail(format!("--fusion {f:?}: use rrf, convex, minmax or zscore"));
+                    }
+                }
+            }
+            let grid = ragway::rag::eval::Grid {
+                fusions,
+                weights: bm25_weight,
+                candidates,
+                k1: bm25_k1,
+                b: bm25_b,
+                file_weights: file_weight,
+                prf,
             };
-            let fuse = ragway::rag::Fuse {
-                fusion,
-                bm25_weight: bm25_weight.unwrap_or(app.config.rag.bm25_weight),
-            };
+            let variants = ragway::rag::eval::variants(
+                &modes,
+                &grid,
+                ragway::rag::Fuse::from_config(&app.config.rag),
+            );
             let bar = indicatif::ProgressBar::new(0);
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -234,8 +268,8 @@ fn main() -> ExitCode {
             let report = rt.block_on(ragway::rag::eval::run(
                 &app,
                 &ds,
-                &modes,
-                fuse,
+                &variants,
+                k,
                 run_dir.as_deref(),
                 &bar,
             ));

@@ -395,6 +395,7 @@ async fn bm25_wins_rare_terms_dense_wins_paraphrases() {
     let fuse = Fuse {
         fusion: ragway::config::Fusion::Rrf,
         bm25_weight: 0.5,
+        ..Fuse::default()
     };
     let top = |q: &str, v: &[f32], mode| {
         let ranked = rank(app, Scope::Collection(&kb), q, Some(v), mode, fuse, 5);
@@ -711,5 +712,62 @@ fn eval_command_reports_metrics_that_match_its_runs() {
             m["recall_at_10"].as_f64().unwrap() >= 0.75,
             "{mode} finds most answers: {m}"
         );
+    }
+}
+
+/// nDCG@10 of the default pipeline on the committed set (`tests/fixtures/eval-small`),
+/// recorded when the defaults were chosen: quality may rise, never fall below these.
+const RECORDED_NDCG: [(&str, f64); 3] = [("hybrid", 0.946), ("dense", 0.931), ("bm25", 0.860)];
+
+fn eval_small(extra: &[&str]) -> std::process::Output {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    Command::new(env!("CARGO_BIN_EXE_ragway"))
+        .current_dir(root)
+        .args(["eval", "--dataset", "tests/fixtures/eval-small", "--json"])
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn default_pipeline_keeps_its_recorded_quality_on_the_committed_set() {
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path().to_str().unwrap();
+    let first = eval_small(&["--mode", "hybrid,dense,bm25", "--data-dir", dir]);
+    assert!(
+        first.status.success(),
+        "eval failed:\n{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let report: Value = serde_json::from_slice(&first.stdout).unwrap();
+    assert_eq!(report["documents"], 48);
+    assert_eq!(report["reused"], false);
+    let results = report["results"].as_array().unwrap();
+    for (mode, floor) in RECORDED_NDCG {
+        let m = results.iter().find(|m| m["mode"] == mode).unwrap();
+        assert_eq!(m["queries"], 16, "the unjudged query is skipped");
+        let got = m["ndcg_at_10"].as_f64().unwrap();
+        assert!(got >= floor, "{mode}: nDCG@10 {got:.4} fell below {floor}");
+    }
+    // The first variant is the baseline; the others carry a paired comparison.
+    assert!(results[0].get("vs_first").is_none());
+    assert!(results[1]["vs_first"]["delta"].is_f64());
+
+    // The same data dir again: the same figures.
+    let again = eval_small(&["--mode", "hybrid,dense,bm25", "--data-dir", dir]);
+    assert!(again.status.success());
+    let again: Value = serde_json::from_slice(&again.stdout).unwrap();
+    for (a, b) in results.iter().zip(again["results"].as_array().unwrap()) {
+        assert_eq!(a["ndcg_at_10"], b["ndcg_at_10"], "{}", a["mode"]);
+    }
+}
+
+#[test]
+fn eval_refuses_a_missing_split_and_a_path_as_split() {
+    for (split, says) in [("dev", "dev.tsv"), ("../corpus", "name a split")] {
+        let out = eval_small(&["--qrels", split]);
+        assert!(!out.status.success(), "{split}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{split}: {err}");
     }
 }

@@ -66,23 +66,48 @@ pub enum Command {
         action: KeyAction,
     },
     /// Measure retrieval quality on a BEIR-layout dataset (corpus.jsonl, queries.jsonl,
-    /// qrels/test.tsv) through ragway's own ingestion and retrieval, in a temporary data dir.
+    /// qrels/<split>.tsv) through ragway's own ingestion and retrieval, in a temporary data
+    /// dir, or in --data-dir (kept, and reused by later runs on the same dataset).
     Eval {
         #[command(flatten)]
         common: CommonArgs,
         /// Dataset directory.
         #[arg(long)]
         dataset: PathBuf,
-        /// Modes to compare (dense, bm25, hybrid).
+        /// Judgments to evaluate: qrels/<split>.tsv (tune on dev, report on test); queries
+        /// without judgments there are skipped.
+        #[arg(long, default_value = "test")]
+        qrels: String,
+        /// Modes to compare (dense, bm25, hybrid). The first variant is the baseline of
+        /// the paired comparisons.
         #[arg(long, value_delimiter = ',', default_value = "dense,bm25,hybrid")]
         mode: Vec<String>,
-        /// Weight of BM25 in hybrid mode (default: the configured one).
-        #[arg(long)]
-        bm25_weight: Option<f32>,
-        /// Fusion for hybrid mode: rrf or convex (default: the configured one).
-        #[arg(long)]
-        fusion: Option<String>,
-        /// Write `<mode>.run` files (TREC format) into this directory.
+        /// Weights of BM25 in hybrid mode (default: the configured one); several compare.
+        #[arg(long, value_delimiter = ',')]
+        bm25_weight: Vec<f32>,
+        /// Fusions for hybrid mode: rrf, convex, minmax, zscore (default: the configured
+        /// one); several compare.
+        #[arg(long, value_delimiter = ',')]
+        fusion: Vec<String>,
+        /// Candidates per ranking before fusion (default: chat's); several compare.
+        #[arg(long, value_delimiter = ',')]
+        candidates: Vec<usize>,
+        /// BM25 k1 values to compare (default: the configured one).
+        #[arg(long, value_delimiter = ',')]
+        bm25_k1: Vec<f32>,
+        /// BM25 b values to compare (default: the configured one).
+        #[arg(long, value_delimiter = ',')]
+        bm25_b: Vec<f32>,
+        /// Weights of a file's other candidate chunks in a chunk's score to compare.
+        #[arg(long, value_delimiter = ',')]
+        file_weight: Vec<f32>,
+        /// Dense pseudo-relevance feedback weights to compare (0: off).
+        #[arg(long, value_delimiter = ',')]
+        prf: Vec<f32>,
+        /// Chunks asked per query, as the retrieval API's `k`.
+        #[arg(long, default_value_t = 100)]
+        k: usize,
+        /// Write `<variant>.run` files (TREC format) into this directory.
         #[arg(long)]
         run_dir: Option<PathBuf>,
         /// Print the report as JSON instead of a table.

@@ -148,6 +148,32 @@ pub enum Fusion {
     Rrf,
     /// Weighted sum of max-normalised scores.
     Convex,
+    /// Weighted sum of min-max-normalised scores.
+    MinMax,
+    /// Weighted sum of z-scores.
+    ZScore,
+}
+
+impl Fusion {
+    /// The configuration name (`rag.fusion`, `--fusion`).
+    pub fn parse(name: &str) -> Option<Fusion> {
+        match name {
+            "rrf" => Some(Fusion::Rrf),
+            "convex" => Some(Fusion::Convex),
+            "minmax" => Some(Fusion::MinMax),
+            "zscore" => Some(Fusion::ZScore),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Fusion::Rrf => "rrf",
+            Fusion::Convex => "convex",
+            Fusion::MinMax => "minmax",
+            Fusion::ZScore => "zscore",
+        }
+    }
 }
 
 /// The validated runtime configuration. Built once at start-up; shared read-only.
@@ -1022,10 +1048,11 @@ fn rag_config(
     if !(0.0..=1.0).contains(&bm25_weight) {
         return err("rag.bm25-weight (RAG_HYBRID_BM25_WEIGHT): must be between 0 and 1");
     }
-    let fusion = match r.fusion.as_deref().unwrap_or(DEFAULT_FUSION) {
-        "rrf" => Fusion::Rrf,
-        "convex" => Fusion::Convex,
-        other => return err(format!("rag.fusion: {other:?} is not rrf or convex")),
+    let fusion_name = r.fusion.as_deref().unwrap_or(DEFAULT_FUSION);
+    let Some(fusion) = Fusion::parse(fusion_name) else {
+        return err(format!(
+            "rag.fusion: {fusion_name:?} is not rrf, convex, minmax or zscore"
+        ));
     };
     let mut template = r
         .template

@@ -125,10 +125,10 @@ fn settings(
     Ok(Settings {
         mode,
         fuse: Fuse {
-            fusion: cfg.fusion,
             bm25_weight,
+            ..Fuse::from_config(cfg)
         },
-        limits: Limits { k, threshold },
+        limits: Limits::new(k, threshold),
     })
 }
 

@@ -282,16 +282,32 @@ impl VectorStore {
     }
 
     /// Best `k` chunks of one file by BM25.
-    pub fn bm25_file(&self, file_id: &str, query: &str, k: usize) -> Vec<(u64, f32)> {
+    pub fn bm25_file(
+        &self,
+        file_id: &str,
+        query: &str,
+        k: usize,
+        params: crate::rag::bm25::Bm25Params,
+    ) -> Vec<(u64, f32)> {
         self.file(file_id)
-            .map(|f| f.bm25.search(query, k))
+            .map(|f| f.bm25.search_with(query, k, params))
             .unwrap_or_default()
     }
 
     /// Best `k` chunks of a collection by BM25.
-    pub fn bm25_collection(&self, kb: &str, query: &str, k: usize) -> Vec<(u64, f32)> {
+    pub fn bm25_collection(
+        &self,
+        kb: &str,
+        query: &str,
+        k: usize,
+        params: crate::rag::bm25::Bm25Params,
+    ) -> Vec<(u64, f32)> {
         match self.collection(kb) {
-            Some(c) => c.read().expect("collection lock").bm25.search(query, k),
+            Some(c) => c
+                .read()
+                .expect("collection lock")
+                .bm25
+                .search_with(query, k, params),
             None => Vec::new(),
         }
     }

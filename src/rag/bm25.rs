@@ -10,9 +10,19 @@ use std::sync::LazyLock;
 
 use rust_stemmers::{Algorithm, Stemmer};
 
-/// Okapi BM25 parameters (the usual defaults, also LangChain's BM25Retriever via rank_bm25).
-const K1: f32 = 1.5;
-const B: f32 = 0.75;
+/// Okapi BM25 parameters: `k1` saturates term frequency, `b` normalises by chunk length.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Bm25Params {
+    pub k1: f32,
+    pub b: f32,
+}
+
+impl Default for Bm25Params {
+    /// The usual defaults, also LangChain's `BM25Retriever` (via `rank_bm25`).
+    fn default() -> Self {
+        Bm25Params { k1: 1.5, b: 0.75 }
+    }
+}
 
 static STEMMER: LazyLock<Stemmer> = LazyLock::new(|| Stemmer::create(Algorithm::English));
 
@@ -249,8 +259,14 @@ impl Bm25Index {
         }
     }
 
-    /// Best `k` chunks for `query` by BM25 (ties by id for determinism).
+    /// Best `k` chunks for `query` by BM25 with the default parameters.
     pub fn search(&self, query: &str, k: usize) -> Vec<(u64, f32)> {
+        self.search_with(query, k, Bm25Params::default())
+    }
+
+    /// Best `k` chunks for `query` by BM25 (ties by id for determinism).
+    pub fn search_with(&self, query: &str, k: usize, params: Bm25Params) -> Vec<(u64, f32)> {
+        let Bm25Params { k1, b } = params;
         let n = self.lens.len() as f32;
         if n == 0.0 || k == 0 {
             return Vec::new();
@@ -269,8 +285,8 @@ impl Bm25Index {
             let idf = ((n - df + 0.5) / (df + 0.5) + 1.0).ln();
             for (id, (tf, dl)) in p {
                 let tf = *tf as f32;
-                let norm = K1 * (1.0 - B + B * *dl as f32 / avgdl);
-                *scores.entry(*id).or_default() += idf * tf * (K1 + 1.0) / (tf + norm);
+                let norm = k1 * (1.0 - b + b * *dl as f32 / avgdl);
+                *scores.entry(*id).or_default() += idf * tf * (k1 + 1.0) / (tf + norm);
             }
         }
         let mut out: Vec<(u64, f32)> = scores.into_iter().collect();
@@ -316,6 +332,27 @@ mod tests {
         assert_eq!(
             idx.search("cat", 3).iter().map(|x| x.0).collect::<Vec<_>>(),
             vec![2]
+        );
+    }
+
+    #[test]
+    fn parameters_match_hand_computation() {
+        let mut idx = Bm25Index::new();
+        idx.insert(1, &TermCounts::of("apple apple pear"));
+        idx.insert(2, &TermCounts::of("pear plum"));
+        // n = 2, df(appl) = 1: idf = ln((2 - 1 + 0.5) / 1.5 + 1) = ln 2; avgdl = 2.5.
+        let idf = 2f32.ln();
+        for (k1, b) in [(1.5, 0.75), (0.9, 0.4), (1.2, 0.0)] {
+            let p = Bm25Params { k1, b };
+            let norm = k1 * (1.0 - b + b * 3.0 / 2.5);
+            let want = idf * 2.0 * (k1 + 1.0) / (2.0 + norm);
+            let got = idx.search_with("apple", 5, p);
+            assert_eq!(got.len(), 1);
+            assert!((got[0].1 - want).abs() < 1e-5, "k1 {k1} b {b}");
+        }
+        assert_eq!(
+            idx.search("apple", 5),
+            idx.search_with("apple", 5, Bm25Params::default())
         );
     }
 }

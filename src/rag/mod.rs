@@ -58,11 +58,86 @@ pub enum Scope<'a> {
     Collection(&'a str),
 }
 
-/// Fusion settings.
+/// Ranking settings.
 #[derive(Debug, Clone, Copy)]
 pub struct Fuse {
     pub fusion: Fusion,
     pub bm25_weight: f32,
+    pub bm25: bm25::Bm25Params,
+    /// Weight of a file's other candidate chunks in each chunk's score (0: best chunk only).
+    pub file_weight: f32,
+    /// Weight of the top dense hits' mean vector added to the query vector for a second
+    /// dense search (pseudo-relevance feedback; 0: off).
+    pub prf: f32,
+}
+
+impl Fuse {
+    pub fn from_config(cfg: &RagConfig) -> Fuse {
+        Fuse {
+            fusion: cfg.fusion,
+            bm25_weight: cfg.bm25_weight,
+            ..Fuse::default()
+        }
+    }
+}
+
+impl Default for Fuse {
+    fn default() -> Self {
+        Fuse {
+            fusion: Fusion::Convex,
+            bm25_weight: 0.5,
+            bm25: bm25::Bm25Params::default(),
+            file_weight: 0.0,
+            prf: 0.0,
+        }
+    }
+}
+
+/// Hits the dense feedback vector is built from.
+const PRF_DOCS: usize = 3;
+
+/// `q + weight * mean(hits)`, unit length again (cosine search expects unit vectors).
+pub fn feedback_vector(query: &[f32], hits: &[Vec<f32>], weight: f32) -> Vec<f32> {
+    let mut v = query.to_vec();
+    if !hits.is_empty() {
+        let w = weight / hits.len() as f32;
+        for h in hits {
+            for (x, y) in v.iter_mut().zip(h) {
+                *x += w * y;
+            }
+        }
+    }
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if norm > 0.0 {
+        v.iter_mut().for_each(|x| *x /= norm);
+    }
+    v
+}
+
+/// Each chunk's score plus `weight` times the (positive) scores of the other candidate
+/// chunks of its file, re-sorted: a file that matches in several places ranks above one
+/// that matches once as strongly.
+pub fn with_file_evidence(
+    ranked: &[(u64, f32)],
+    file_of: &HashMap<u64, String>,
+    weight: f32,
+) -> Vec<(u64, f32)> {
+    let mut per_file: HashMap<&str, f32> = HashMap::new();
+    for (id, s) in ranked {
+        if let Some(f) = file_of.get(id) {
+            *per_file.entry(f).or_default() += s.max(0.0);
+        }
+    }
+    let scores: HashMap<u64, f32> = ranked
+        .iter()
+        .map(|(id, s)| {
+            let others = file_of
+                .get(id)
+                .map_or(0.0, |f| per_file[f.as_str()] - s.max(0.0));
+            (*id, s + weight * others)
+        })
+        .collect();
+    sorted(scores)
 }
 
 /// Candidates fetched from each ranking before fusion and de-duplication.
@@ -85,18 +160,65 @@ pub fn rrf(dense: &[(u64, f32)], lexical: &[(u64, f32)], bm25_weight: f32) -> Ve
 /// Weighted sum of scores normalised to [0, 1] by each list's maximum (cosine is already
 /// in range; BM25 is unbounded).
 pub fn convex(dense: &[(u64, f32)], lexical: &[(u64, f32)], bm25_weight: f32) -> Vec<(u64, f32)> {
-    let mut scores: HashMap<u64, f32> = HashMap::new();
-    let dmax = dense.iter().map(|x| x.1).fold(f32::MIN, f32::max).max(1e-6);
-    let lmax = lexical
-        .iter()
-        .map(|x| x.1)
-        .fold(f32::MIN, f32::max)
-        .max(1e-6);
-    for (id, s) in dense {
-        *scores.entry(*id).or_default() += (1.0 - bm25_weight) * (s / dmax).max(0.0);
+    weighted(
+        &normalised(dense, Norm::Max),
+        &normalised(lexical, Norm::Max),
+        bm25_weight,
+    )
+}
+
+/// How a list's scores are put on a common scale before a weighted sum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Norm {
+    /// `s / max`: keeps cosine's offset, so dense scores bunch near 1 and BM25 decides.
+    Max,
+    /// `(s - min) / (max - min)` over the candidates: both lists span [0, 1].
+    MinMax,
+    /// `(s - mean) / sd` over the candidates.
+    ZScore,
+}
+
+/// Scores of one candidate list on the scale of `norm`. An empty or constant list maps to
+/// 1.0 for every entry (each is as good as the best).
+pub fn normalised(list: &[(u64, f32)], norm: Norm) -> Vec<(u64, f32)> {
+    if list.is_empty() {
+        return Vec::new();
     }
-    for (id, s) in lexical {
-        *scores.entry(*id).or_default() += bm25_weight * (s / lmax).max(0.0);
+    let n = list.len() as f32;
+    let max = list.iter().map(|x| x.1).fold(f32::MIN, f32::max);
+    let min = list.iter().map(|x| x.1).fold(f32::MAX, f32::min);
+    let scale = |s: f32| -> f32 {
+        match norm {
+            Norm::Max => (s / max.max(1e-6)).max(0.0),
+            Norm::MinMax if max - min > 1e-9 => (s - min) / (max - min),
+            Norm::ZScore => {
+                let mean = list.iter().map(|x| x.1).sum::<f32>() / n;
+                let var = list.iter().map(|x| (x.1 - mean).powi(2)).sum::<f32>() / n;
+                if var > 1e-12 {
+                    (s - mean) / var.sqrt()
+                } else {
+                    1.0
+                }
+            }
+            Norm::MinMax => 1.0,
+        }
+    };
+    list.iter().map(|(id, s)| (*id, scale(*s))).collect()
+}
+
+/// `(1 - w) * dense + w * lexical` over normalised lists; an id missing from one list gets
+/// that list's lowest normalised score (it ranked below every candidate there), or 0 when
+/// that is higher (max normalisation: absence is no evidence).
+pub fn weighted(dense: &[(u64, f32)], lexical: &[(u64, f32)], bm25_weight: f32) -> Vec<(u64, f32)> {
+    let floor = |l: &[(u64, f32)]| l.iter().map(|x| x.1).fold(0.0f32, f32::min);
+    let (dfloor, lfloor) = (floor(dense), floor(lexical));
+    let d: HashMap<u64, f32> = dense.iter().copied().collect();
+    let l: HashMap<u64, f32> = lexical.iter().copied().collect();
+    let mut scores: HashMap<u64, f32> = HashMap::with_capacity(d.len() + l.len());
+    for id in d.keys().chain(l.keys()) {
+        let ds = d.get(id).copied().unwrap_or(dfloor);
+        let ls = l.get(id).copied().unwrap_or(lfloor);
+        scores.insert(*id, (1.0 - bm25_weight) * ds + bm25_weight * ls);
     }
     sorted(scores)
 }
@@ -118,14 +240,31 @@ pub fn rank(
     n: usize,
 ) -> Vec<(u64, f32)> {
     let vx = &app.ingest.vectors;
-    let dense = || match (scope, vector) {
-        (Scope::File(f), Some(v)) => vx.search_file(f, v, n),
-        (Scope::Collection(c), Some(v)) => vx.search_collection(c, v, n),
-        _ => Vec::new(),
+    let search = |v: &[f32]| match scope {
+        Scope::File(f) => vx.search_file(f, v, n),
+        Scope::Collection(c) => vx.search_collection(c, v, n),
+    };
+    let dense = || {
+        let Some(v) = vector else {
+            return Vec::new();
+        };
+        let first = search(v);
+        if fuse.prf <= 0.0 {
+            return first;
+        }
+        let top: Vec<u64> = first.iter().take(PRF_DOCS).map(|r| r.0).collect();
+        let hits: Vec<Vec<f32>> = app
+            .store
+            .chunks(&top)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|(id, c)| vx.vector(&c.file_id, *id))
+            .collect();
+        search(&feedback_vector(v, &hits, fuse.prf))
     };
     let lexical = || match scope {
-        Scope::File(f) => vx.bm25_file(f, query, n),
-        Scope::Collection(c) => vx.bm25_collection(c, query, n),
+        Scope::File(f) => vx.bm25_file(f, query, n, fuse.bm25),
+        Scope::Collection(c) => vx.bm25_collection(c, query, n, fuse.bm25),
     };
     match mode {
         Mode::Dense => dense(),
@@ -135,6 +274,16 @@ pub fn rank(
             let mut fused = match fuse.fusion {
                 Fusion::Rrf => rrf(&d, &l, fuse.bm25_weight),
                 Fusion::Convex => convex(&d, &l, fuse.bm25_weight),
+                Fusion::MinMax => weighted(
+                    &normalised(&d, Norm::MinMax),
+                    &normalised(&l, Norm::MinMax),
+                    fuse.bm25_weight,
+                ),
+                Fusion::ZScore => weighted(
+                    &normalised(&d, Norm::ZScore),
+                    &normalised(&l, Norm::ZScore),
+                    fuse.bm25_weight,
+                ),
             };
             fused.truncate(n);
             fused
@@ -294,10 +443,7 @@ pub async fn retrieve(
 ) -> Result<Vec<Source>, ApiError> {
     let cfg = &app.config.rag;
     let mode = Mode::from_config(cfg);
-    let fuse = Fuse {
-        fusion: cfg.fusion,
-        bm25_weight: cfg.bm25_weight,
-    };
+    let fuse = Fuse::from_config(cfg);
     // Validate and resolve every item first, so nothing is embedded for a request that
     // will be refused.
     enum Target {
@@ -367,10 +513,7 @@ pub async fn retrieve(
     };
 
     let search = |item: &Value, scope: Scope| {
-        let limits = Limits {
-            k: cfg.top_k,
-            threshold: cfg.relevance_threshold,
-        };
+        let limits = Limits::new(cfg.top_k, cfg.relevance_threshold);
         search(
             app,
             echo(item),
@@ -456,6 +599,19 @@ fn whole_files(
 pub struct Limits {
     pub k: usize,
     pub threshold: f32,
+    /// Chunks fetched from each ranking before fusion and de-duplication (>= `k`).
+    pub candidates: usize,
+}
+
+impl Limits {
+    /// `k` chunks from chat's number of candidates.
+    pub fn new(k: usize, threshold: f32) -> Limits {
+        Limits {
+            k,
+            threshold,
+            candidates: candidates(k),
+        }
+    }
 }
 
 /// Searches one file or collection: the ranking, de-duplication and scoring of chat's
@@ -471,8 +627,8 @@ pub fn search(
     fuse: Fuse,
     limits: Limits,
 ) -> Result<Source, ApiError> {
-    let ranked = rank(app, scope, query, vector, mode, fuse, candidates(limits.k));
-    select(app, source, ranked, vector, limits)
+    let ranked = rank(app, scope, query, vector, mode, fuse, limits.candidates);
+    select(app, source, ranked, vector, limits, fuse.file_weight)
 }
 
 /// Top `k` distinct chunk texts of a ranking, scored by cosine to the query when known,
@@ -483,9 +639,22 @@ fn select(
     ranked: Vec<(u64, f32)>,
     vector: Option<&[f32]>,
     limits: Limits,
+    file_weight: f32,
 ) -> Result<Source, ApiError> {
     let ids: Vec<u64> = ranked.iter().map(|r| r.0).collect();
-    let chunks = app.store.chunks(&ids)?;
+    let mut chunks = app.store.chunks(&ids)?;
+    let ranked = if file_weight > 0.0 {
+        let file_of: HashMap<u64, String> = chunks
+            .iter()
+            .map(|(id, c)| (*id, c.file_id.clone()))
+            .collect();
+        let ranked = with_file_evidence(&ranked, &file_of, file_weight);
+        let order: HashMap<u64, usize> = ranked.iter().enumerate().map(|(i, r)| (r.0, i)).collect();
+        chunks.sort_by_key(|(id, _)| order[id]);
+        ranked
+    } else {
+        ranked
+    };
     let mut files: HashMap<String, Option<FileRecord>> = HashMap::new();
     let mut seen: HashSet<String> = HashSet::new();
     let mut s = Source {
@@ -538,5 +707,81 @@ mod tests {
         assert_eq!(c.len(), 3);
         assert_eq!(rrf(&dense, &[], 0.0)[0].0, 1);
         assert_eq!(convex(&[], &lexical, 1.0)[0].0, 2);
+    }
+
+    #[test]
+    fn normalisations_match_hand_computation() {
+        let l = vec![(1, 4.0), (2, 2.0), (3, 0.0)];
+        assert_eq!(
+            normalised(&l, Norm::Max),
+            vec![(1, 1.0), (2, 0.5), (3, 0.0)]
+        );
+        let m = normalised(&[(1, 0.8), (2, 0.6), (3, 0.4)], Norm::MinMax);
+        assert!((m[0].1 - 1.0).abs() < 1e-6 && (m[1].1 - 0.5).abs() < 1e-6 && m[2].1.abs() < 1e-6);
+        // mean 2, population sd sqrt(8/3)
+        let z = normalised(&l, Norm::ZScore);
+        let sd = (8.0f32 / 3.0).sqrt();
+        assert!((z[0].1 - 2.0 / sd).abs() < 1e-6 && z[1].1.abs() < 1e-6);
+        assert!((z[2].1 + 2.0 / sd).abs() < 1e-6);
+        // A single candidate (or equal scores) is as good as the best.
+        assert_eq!(normalised(&[(9, 0.3)], Norm::MinMax), vec![(9, 1.0)]);
+        assert_eq!(normalised(&[(9, 0.3), (8, 0.3)], Norm::ZScore)[1].1, 1.0);
+        assert!(normalised(&[], Norm::MinMax).is_empty());
+    }
+
+    #[test]
+    fn weighted_sum_gives_a_missing_entry_the_lists_floor() {
+        let dense = vec![(1, 1.0), (2, 0.0)];
+        let lexical = vec![(2, 1.0), (3, 0.5)];
+        let r = weighted(&dense, &lexical, 0.25);
+        let get = |id| r.iter().find(|x| x.0 == id).unwrap().1;
+        assert!(
+            (get(1) - 0.75).abs() < 1e-6,
+            "absent from BM25: its floor 0"
+        );
+        assert!((get(2) - 0.25).abs() < 1e-6);
+        assert!((get(3) - 0.125).abs() < 1e-6);
+        assert_eq!(r[0].0, 1);
+        // z-scores go below zero: absence counts as the lowest candidate, not as 0.
+        let z = weighted(&[(1, 1.0), (2, -1.0)], &[(2, 1.0), (3, -1.0)], 0.5);
+        let get = |id| z.iter().find(|x| x.0 == id).unwrap().1;
+        assert!((get(1) - 0.0).abs() < 1e-6 && (get(2) - 0.0).abs() < 1e-6);
+        assert!((get(3) + 1.0).abs() < 1e-6);
+        // Convex with max normalisation is unchanged: 0.5 * 1 + 0.5 * (5 / 12).
+        let c = convex(&[(1, 0.9), (2, 0.45)], &[(2, 12.0), (3, 5.0)], 0.5);
+        assert!((c.iter().find(|x| x.0 == 3).unwrap().1 - 0.5 * 5.0 / 12.0).abs() < 1e-6);
+        assert!((c.iter().find(|x| x.0 == 2).unwrap().1 - 0.75).abs() < 1e-6);
+    }
+
+    #[test]
+    fn file_evidence_lifts_files_that_match_in_several_chunks() {
+        let ranked = vec![(1, 0.9), (2, 0.8), (3, 0.5), (4, -0.2)];
+        let file_of: HashMap<u64, String> = [(1, "a"), (2, "b"), (3, "b"), (4, "b")]
+            .iter()
+            .map(|(i, f)| (*i, (*f).to_string()))
+            .collect();
+        let r = with_file_evidence(&ranked, &file_of, 0.6);
+        // b's chunks gain 0.6 × the others' positive scores (b's total is 1.3); a has none.
+        let want = [
+            (2, 0.8 + 0.6 * 0.5),
+            (3, 0.5 + 0.6 * 0.8),
+            (1, 0.9),
+            (4, -0.2 + 0.6 * 1.3),
+        ];
+        assert_eq!(r.len(), want.len());
+        for (got, want) in r.iter().zip(want) {
+            assert_eq!(got.0, want.0, "{r:?}");
+            assert!((got.1 - want.1).abs() < 1e-5, "{r:?}");
+        }
+        assert_eq!(with_file_evidence(&ranked, &file_of, 0.0), ranked);
+    }
+
+    #[test]
+    fn feedback_moves_the_query_toward_the_hits_and_stays_unit() {
+        let q = [1.0, 0.0];
+        let v = feedback_vector(&q, &[vec![0.0, 1.0], vec![0.0, 1.0]], 1.0);
+        let h = std::f32::consts::FRAC_1_SQRT_2;
+        assert!((v[0] - h).abs() < 1e-6 && (v[1] - h).abs() < 1e-6);
+        assert_eq!(feedback_vector(&q, &[], 1.0), vec![1.0, 0.0]);
     }
 }
