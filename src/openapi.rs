@@ -199,8 +199,8 @@ pub fn document() -> OpenApi {
         .schema_from::<forms::QueryDocForm>()
         .schema_from::<forms::QueryCollectionsForm>()
         .schema_from::<forms::ProcessTextForm>()
-        .schema_from::<crate::presets::PresetForm>()
-        .schema_from::<crate::presets::PresetGrantForm>()
+        .schema_from::<crate::presets::form::PresetForm>()
+        .schema_from::<crate::presets::form::PresetGrantForm>()
         .build();
     OpenApiBuilder::new()
         .info(

@@ -12,6 +12,7 @@ pub mod forms {
 }
 pub(crate) mod access;
 mod chat;
+mod errors;
 mod files;
 mod knowledge;
 mod models;

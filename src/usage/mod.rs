@@ -26,7 +26,7 @@ use serde_json::{Map, Value};
 use crate::app::App;
 use crate::http::Reply;
 use crate::http::router::Endpoint;
-use crate::limits::{Applied, Limiter, Limits};
+use crate::limits::{Applied, Limiter};
 use crate::proxy::ctx::RequestCtx;
 use crate::store::{Store, UsageCounts, UsageKey};
 
@@ -133,29 +133,7 @@ const KEY_LABELS: usize = 1024;
 /// dropped and logged rather than held without bound.
 const MAX_PENDING: usize = 100_000;
 
-/// Settings of `[limits]`.
-#[derive(Debug, Clone)]
-pub struct LimitsConfig {
-    /// Defaults for every API key.
-    pub key: Limits,
-    /// Defaults for every user (all their traffic).
-    pub user: Limits,
-    /// Limiter buckets tracked at most.
-    pub max_tracked: usize,
-    /// How long hourly usage rows are kept.
-    pub retention: Duration,
-}
-
-impl Default for LimitsConfig {
-    fn default() -> Self {
-        LimitsConfig {
-            key: Limits::default(),
-            user: Limits::default(),
-            max_tracked: crate::limits::DEFAULT_CAPACITY,
-            retention: Duration::from_hours(400 * 24),
-        }
-    }
-}
+pub use crate::config::LimitsConfig;
 
 /// Limits and metering, shared by all requests.
 pub struct Usage {
