@@ -197,12 +197,12 @@ fn main() -> ExitCode {
         } => {
             let modes: Option<Vec<_>> = mode
                 .iter()
-                .map(|m| ragway::rag::eval::parse_mode(m.trim()))
+                .map(|m| ragway::commands::eval::parse_mode(m.trim()))
                 .collect();
             let Some(modes) = modes else {
                 return fail("--mode: use dense, bm25 and/or hybrid");
             };
-            let ds = match ragway::rag::eval::Dataset::load(&dataset) {
+            let ds = match ragway::commands::eval::Dataset::load(&dataset) {
                 Ok(d) => d,
                 Err(e) => return fail(e),
             };
@@ -231,7 +231,7 @@ fn main() -> ExitCode {
                 .enable_all()
                 .build()
                 .expect("tokio runtime");
-            let report = rt.block_on(ragway::rag::eval::run(
+            let report = rt.block_on(ragway::commands::eval::run(
                 &app,
                 &ds,
                 &modes,
@@ -248,7 +248,7 @@ fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Ok(r) => {
-                    print!("{}", ragway::rag::eval::table(&r));
+                    print!("{}", ragway::commands::eval::table(&r));
                     ExitCode::SUCCESS
                 }
                 Err(e) => fail(e),
@@ -260,7 +260,7 @@ fn main() -> ExitCode {
             knowledge,
             user,
         } => {
-            let files = match ragway::ingest::bulk::collect(&paths) {
+            let files = match ragway::commands::bulk::collect(&paths) {
                 Ok(f) => f,
                 Err(e) => return fail(e),
             };
@@ -279,7 +279,7 @@ fn main() -> ExitCode {
                 .enable_all()
                 .build()
                 .expect("tokio runtime");
-            let result = rt.block_on(ragway::ingest::bulk::run(
+            let result = rt.block_on(ragway::commands::bulk::run(
                 &app,
                 files,
                 knowledge.as_deref(),

@@ -7,6 +7,7 @@
 pub mod cli;
 pub mod duration;
 pub mod file;
+pub(crate) mod presets;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -577,11 +578,8 @@ pub fn build(
     let presets = PresetsConfig {
         max_per_user: presets_file.max_per_user.unwrap_or(50),
         max_total: presets_file.max_total.unwrap_or(500),
-        declared: crate::presets::form::declared(
-            presets_file.declared.unwrap_or_default(),
-            rag.max_items,
-        )
-        .map_err(|e| ConfigError(format!("presets.declared: {e}")))?,
+        declared: presets::declared(presets_file.declared.unwrap_or_default(), rag.max_items)
+            .map_err(|e| ConfigError(format!("presets.declared: {e}")))?,
     };
     let context = context_config(file.context.unwrap_or_default())?;
 

@@ -1,47 +1,19 @@
 //! `/api/v1/knowledge/*`: collections of files, shaped as Open WebUI's.
 
+use crate::forms::{FileIdForm, GrantForm, KnowledgeForm};
 use pingora::proxy::Session;
-use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::files::{delete_everywhere, file_json, page_of, page_param};
+use super::files::{file_json, page_of, page_param};
 use super::{HandlerResult, Outcome, Req, access, identity, query};
 use crate::app::App;
 use crate::error::{ApiError, msg};
 use crate::http::{self, Reply};
-use crate::proxy::ctx::RequestCtx;
+use crate::library::Added;
+use crate::request::RequestCtx;
 use crate::store::{FileStatus, Grant, KnowledgeRecord, Role, User, now_secs};
 
 const PAGE_SIZE: usize = 30;
-
-/// A grant as clients send it.
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct GrantForm {
-    /// `user` or `group`.
-    pub principal_type: String,
-    /// A user id, a group id, or `*` for everyone.
-    pub principal_id: String,
-    /// `read` or `write`.
-    pub permission: String,
-}
-
-/// Body of `create` and `update` (Open WebUI's `KnowledgeForm`).
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
-pub struct KnowledgeForm {
-    pub name: String,
-    #[serde(default)]
-    pub description: String,
-    /// `null` or `[]`: private to the owner.
-    #[serde(default)]
-    pub access_grants: Option<Vec<GrantForm>>,
-}
-
-/// Body of `file/add` and `file/remove`.
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
-pub struct FileIdForm {
-    pub file_id: String,
-}
 
 /// Bounds of a collection's stored fields: a form is at most 1 MiB, but a record is read on
 /// every access check and listing, so it stays small.
@@ -149,11 +121,11 @@ fn kb_json(kb: &KnowledgeRecord) -> Value {
     })
 }
 
-fn user_json(app: &App, id: &str) -> Value {
-    match app.store.user_by_id(id).ok().flatten() {
+fn user_json(app: &App, id: &str) -> Result<Value, ApiError> {
+    Ok(match app.store.user_by_id(id)? {
         Some(u) => json!({"id": u.id, "name": u.name, "role": u.role.as_str(), "email": u.email}),
         None => Value::Null,
-    }
+    })
 }
 
 /// The `files` list of `KnowledgeFilesResponse`.
@@ -237,11 +209,11 @@ pub fn list(app: &App, session: &Session, ctx: &RequestCtx) -> HandlerResult {
         .iter()
         .map(|kb| {
             let mut v = kb_json(kb);
-            v["user"] = user_json(app, &kb.user_id);
+            v["user"] = user_json(app, &kb.user_id)?;
             v["write_access"] = json!(access::can_write_kb(user, kb));
-            v
+            Ok(v)
         })
-        .collect();
+        .collect::<Result<_, ApiError>>()?;
     Ok(Outcome::Reply(Reply::ok(
         &json!({"items": items, "total": total}),
     )))
@@ -276,10 +248,10 @@ pub fn files(app: &App, session: &Session, ctx: &RequestCtx, req: &Req) -> Handl
         .iter()
         .map(|f| {
             let mut v = file_json(f, None);
-            v["user"] = user_json(app, &f.user_id);
-            v
+            v["user"] = user_json(app, &f.user_id)?;
+            Ok(v)
         })
-        .collect();
+        .collect::<Result<_, ApiError>>()?;
     Ok(Outcome::Reply(Reply::ok(
         &json!({"items": items, "directories": [], "breadcrumbs": [], "total": total}),
     )))
@@ -360,10 +332,10 @@ pub(crate) async fn add_one(
 ) -> Result<bool, ApiError> {
     let not_found = || ApiError::bad_request(format!("File {file_id} not found"));
     let mut file = app.store.file(file_id)?.ok_or_else(not_found)?;
-    if !access::can_read_file(&app.store, user, &file) {
+    if !access::can_read_file(&app.store, user, &file)? {
         return Err(not_found());
     }
-    if !access::can_add_file_to(&app.store, user, &file, kb) {
+    if !access::can_add_file_to(&app.store, user, &file, kb)? {
         return Err(ApiError::forbidden(format!(
             "File {file_id} belongs to another user who cannot write this collection: only \
              its owner or an admin can add it here"
@@ -399,23 +371,14 @@ pub(crate) async fn add_one(
             ));
         }
     }
-    // Same content under another file id → Open WebUI's duplicate error.
-    for other in app.store.knowledge_files(&kb.id)? {
-        if other != file.id
-            && let Some(o) = app.store.file(&other)?
-            && o.hash.is_some()
-            && o.hash == file.hash
-        {
-            return Err(ApiError::bad_request(
-                "Duplicate content detected. Please provide unique content to proceed.",
-            ));
-        }
+    match app.library().add_file(&kb.id, &file)? {
+        Added::Added => Ok(true),
+        Added::AlreadyThere => Ok(false),
+        // Same content under another file id → Open WebUI's duplicate error.
+        Added::Duplicate => Err(ApiError::bad_request(
+            "Duplicate content detected. Please provide unique content to proceed.",
+        )),
     }
-    let added = app.store.link_file(&kb.id, &file.id)?;
-    if added {
-        app.ingest.vectors.link(&kb.id, &file.id);
-    }
-    Ok(added)
 }
 
 /// Most files in one `files/batch/add`.
@@ -498,13 +461,12 @@ pub async fn remove_file(
             "File {file_id} is not in this collection"
         )));
     }
-    app.ingest.vectors.unlink(&kb.id, &file_id);
-    app.store.unlink_file(&kb.id, &file_id)?;
+    app.library().unlink_file(&kb.id, &file_id)?;
     if delete_file
         && let Some(f) = app.store.file(&file_id)?
         && (user.role == Role::Admin || f.user_id == user.id)
     {
-        delete_everywhere(app, &file_id)?;
+        app.library().delete_file(&file_id)?;
     }
     kb.updated_at = now_secs();
     app.store.put_knowledge(&kb)?;
@@ -526,7 +488,6 @@ pub fn reset(app: &App, ctx: &RequestCtx, req: &Req) -> HandlerResult {
 pub fn delete(app: &App, ctx: &RequestCtx, req: &Req) -> HandlerResult {
     let user = identity(ctx)?.user.clone();
     let kb = writable(app, &user, req.id())?;
-    let existed = app.store.delete_knowledge(&kb.id)?;
-    app.ingest.vectors.drop_collection(&kb.id);
+    let existed = app.library().delete_collection(&kb.id)?;
     Ok(Outcome::Reply(Reply::ok(&existed)))
 }

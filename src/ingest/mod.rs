@@ -6,7 +6,6 @@
 //! are committed in one transaction; the in-memory index is updated only after that commit,
 //! so a crash can never leave a file half indexed.
 
-pub mod bulk;
 pub mod vectors;
 
 use std::collections::HashSet;
@@ -386,23 +385,18 @@ impl Ingest {
         ) else {
             return;
         };
-        if !crate::handlers::access::can_write_kb(&user, &kb) {
+        if !crate::auth::access::can_write_kb(&user, &kb) {
             tracing::info!(file = %file.id, knowledge = kb_id, "no write access; not added");
             return;
         }
-        let duplicate = self
-            .store
-            .knowledge_files(kb_id)
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|o| self.store.file(o).ok().flatten())
-            .any(|o| o.id != file.id && o.hash.is_some() && o.hash == file.hash);
-        if duplicate {
-            tracing::info!(file = %file.id, knowledge = kb_id, "duplicate content; not added");
-            return;
-        }
-        if self.store.link_file(kb_id, &file.id).unwrap_or(false) {
-            self.vectors.link(kb_id, &file.id);
+        match crate::library::Library::new(&self.store, &self.vectors).add_file(kb_id, file) {
+            Ok(crate::library::Added::Duplicate) => {
+                tracing::info!(file = %file.id, knowledge = kb_id, "duplicate content; not added");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(file = %file.id, knowledge = kb_id, error = %e, "store failure; not added");
+            }
         }
     }
 

@@ -10,22 +10,33 @@
 
 mod apply;
 mod clock;
-pub mod form;
 
 use std::collections::HashSet;
 
 use serde_json::{Value, json};
 
+pub use crate::forms::preset::*;
 pub use apply::{Resolved, check_knowledge};
-pub use form::*;
 
-use crate::app::App;
 use crate::auth::Identity;
+use crate::config::Config;
 use crate::error::ApiError;
-use crate::store::{PresetRecord, Role, User};
+use crate::models::ModelRegistry;
+use crate::rag::Retriever;
+use crate::store::{PresetRecord, Role, Store, User};
+
+/// What presets read: the settings (declared presets), the store, the model registry (a
+/// preset's base model) and retrieval (for presets that carry knowledge).
+#[derive(Clone, Copy)]
+pub struct Presets<'a> {
+    pub config: &'a Config,
+    pub store: &'a Store,
+    pub models: &'a ModelRegistry,
+    pub retriever: Retriever<'a>,
+}
 
 /// A preset by id: declared ones first (they shadow a stored preset of the same id).
-pub fn find(app: &App, id: &str) -> Result<Option<PresetRecord>, ApiError> {
+pub fn find(app: &Presets<'_>, id: &str) -> Result<Option<PresetRecord>, ApiError> {
     if let Some(p) = app.config.presets.declared.iter().find(|p| p.id == id) {
         return Ok(Some(p.clone()));
     }
@@ -33,7 +44,7 @@ pub fn find(app: &App, id: &str) -> Result<Option<PresetRecord>, ApiError> {
 }
 
 /// Every preset: declared ones, then stored ones not shadowed by them.
-pub fn all(app: &App) -> Result<Vec<PresetRecord>, ApiError> {
+pub fn all(app: &Presets<'_>) -> Result<Vec<PresetRecord>, ApiError> {
     let declared = &app.config.presets.declared;
     let mut out = declared.clone();
     out.extend(
@@ -76,7 +87,7 @@ pub fn visible(who: &Identity, p: &PresetRecord) -> bool {
 /// preset they can read (without forming a cycle back to `id`), or a model ragway serves
 /// that they may use.
 pub async fn check_base_usable(
-    app: &App,
+    app: &Presets<'_>,
     who: &Identity,
     id: &str,
     base: &str,
@@ -151,21 +162,24 @@ pub fn model_json(p: &PresetRecord) -> Value {
 }
 
 /// `ModelAccessResponse`: the model, its owner and whether the caller may change it.
-pub fn access_json(app: &App, user: &User, p: &PresetRecord) -> Value {
+///
+/// # Errors
+/// When the store fails (never shown as an owner-less preset).
+pub fn access_json(app: &Presets<'_>, user: &User, p: &PresetRecord) -> Result<Value, ApiError> {
     let mut v = model_json(p);
-    v["user"] = match app.store.user_by_id(&p.user_id).ok().flatten() {
+    v["user"] = match app.store.user_by_id(&p.user_id)? {
         Some(u) => json!({"id": u.id, "name": u.name, "role": u.role.as_str(), "email": u.email}),
         None => Value::Null,
     };
     v["write_access"] = json!(can_write(user, p));
-    v
+    Ok(v)
 }
 
 /// `/api/models` entries of the presets `who` may use, as Open WebUI lists workspace
 /// models: `owned_by` and `connection_type` of the base, `preset: true`, and `info` (the
 /// row without `params`, and without the profile image, which `/api/models` drops).
 pub fn model_entries(
-    app: &App,
+    app: &Presets<'_>,
     who: &Identity,
     catalog: &crate::models::Catalog,
 ) -> Result<Vec<Value>, ApiError> {
@@ -214,7 +228,11 @@ fn final_base<'a>(presets: &'a [PresetRecord], p: &'a PresetRecord) -> &'a str {
 /// Resolves a model name for a chat request: `Ok(None)` when the name is not a preset
 /// the caller may use (it is then a base model name, or unknown); the resolved chain
 /// otherwise, or a clear error naming what is missing.
-pub async fn resolve(app: &App, who: &Identity, model: &str) -> Result<Option<Resolved>, ApiError> {
+pub async fn resolve(
+    app: &Presets<'_>,
+    who: &Identity,
+    model: &str,
+) -> Result<Option<Resolved>, ApiError> {
     let Some(top) = find(app, model)? else {
         return Ok(None);
     };
@@ -270,6 +288,8 @@ pub async fn resolve(app: &App, who: &Identity, model: &str) -> Result<Option<Re
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::file::DeclaredPresetFile;
+    use crate::config::presets::declared;
 
     fn form(v: Value) -> Result<Checked, ApiError> {
         check_form(serde_json::from_value(v).unwrap(), 32)
@@ -360,7 +380,7 @@ mod tests {
             .collect();
         let file: crate::config::file::FileConfig = toml::from_str(&example).unwrap();
         let declared = file.presets.unwrap().declared.unwrap();
-        let out = super::declared(declared, 32).unwrap();
+        let out = crate::config::presets::declared(declared, 32).unwrap();
         assert_eq!(out[0].id, "docs-assistant");
         assert_eq!(out[0].access_grants[0].principal_id, "*");
         assert!(

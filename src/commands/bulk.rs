@@ -190,23 +190,13 @@ pub async fn run(
             Ok(f) if f.status == Some(FileStatus::Completed) => {
                 summary.completed += 1;
                 if let Some(kb) = &kb {
-                    let dup = app
-                        .store
-                        .knowledge_files(&kb.id)
-                        .map_err(|e| e.to_string())?
-                        .iter()
-                        .filter_map(|o| app.store.file(o).ok().flatten())
-                        .any(|o| o.id != f.id && o.hash.is_some() && o.hash == f.hash);
-                    if dup {
+                    let added = app
+                        .library()
+                        .add_file(&kb.id, &f)
+                        .map_err(|e| e.to_string())?;
+                    if added == crate::library::Added::Duplicate {
                         summary.duplicates += 1;
                         continue;
-                    }
-                    if app
-                        .store
-                        .link_file(&kb.id, &f.id)
-                        .map_err(|e| e.to_string())?
-                    {
-                        app.ingest.vectors.link(&kb.id, &f.id);
                     }
                 }
             }

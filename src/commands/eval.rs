@@ -12,8 +12,8 @@ use futures_util::StreamExt;
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use super::{Fuse, Mode, Scope, rank};
 use crate::app::App;
+use crate::rag::{Fuse, Mode, Scope, rank};
 use crate::store::{FileRecord, FileStatus, KnowledgeRecord, now_secs};
 
 /// A loaded BEIR dataset.
@@ -233,10 +233,9 @@ async fn ingest(
         match f.status {
             Some(FileStatus::Completed) => {
                 chunks += f.chunk_count;
-                app.store
+                app.library()
                     .link_file(&kb.id, &f.id)
                     .map_err(|e| e.to_string())?;
-                app.ingest.vectors.link(&kb.id, &f.id);
             }
             // Empty documents exist in public datasets; they simply cannot be retrieved.
             _ => tracing::debug!(file = %f.id, error = ?f.error, "document not indexed"),
@@ -296,7 +295,7 @@ pub async fn run(
         for q in &qids {
             let t = Instant::now();
             let ranked = rank(
-                app,
+                &app.retriever(),
                 Scope::Collection(&kb),
                 &ds.queries[*q],
                 Some(&vectors[q]),
