@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 
 use crate::app::App;
 use crate::rag::{Fuse, Mode, Scope, rank};
-use crate::store::{FileRecord, FileStatus, KnowledgeRecord, now_secs};
+use crate::store::FileStatus;
 
 /// A loaded BEIR dataset.
 pub struct Dataset {
@@ -179,18 +179,10 @@ async fn ingest(
     progress: &indicatif::ProgressBar,
 ) -> Result<(String, HashMap<String, String>, usize), String> {
     let owner = "eval".to_string();
-    let now = now_secs();
-    let kb = KnowledgeRecord {
-        id: uuid::Uuid::new_v4().to_string(),
-        user_id: owner.clone(),
-        name: "eval".into(),
-        description: String::new(),
-        meta: Value::Null,
-        access_grants: Vec::new(),
-        created_at: now,
-        updated_at: now,
-    };
-    app.store.put_knowledge(&kb).map_err(|e| e.to_string())?;
+    let kb = app
+        .library()
+        .create_collection(&owner, "eval".into(), String::new(), Vec::new())
+        .map_err(|e| e.to_string())?;
     std::fs::create_dir_all(&app.ingest.upload_dir).map_err(|e| e.to_string())?;
     let mut file_to_doc = HashMap::new();
     let mut ids = Vec::new();
@@ -204,20 +196,14 @@ async fn ingest(
             format!("{title}\n\n{text}")
         };
         std::fs::write(&path, body.as_bytes()).map_err(|e| e.to_string())?;
-        let rec = FileRecord {
-            id: id.clone(),
-            user_id: owner.clone(),
-            filename: name.clone(),
-            path: path.display().to_string(),
-            hash: None,
-            status: Some(FileStatus::Pending),
-            error: None,
-            meta: json!({"name": name, "content_type": "text/plain", "size": body.len(), "data": {"doc_id": doc_id}}),
-            embedding: None,
-            chunk_count: 0,
-            created_at: now,
-            updated_at: now,
-        };
+        let rec = crate::library::new_file(
+            id.clone(),
+            owner.clone(),
+            name.clone(),
+            &path,
+            json!({"name": name, "content_type": "text/plain", "size": body.len(), "data": {"doc_id": doc_id}}),
+            true,
+        );
         app.store
             .insert_file(&rec, true)
             .map_err(|e| e.to_string())?;

@@ -14,7 +14,7 @@ use crate::app::App;
 use crate::error::{ApiError, msg};
 use crate::http::{self, Reply};
 use crate::request::RequestCtx;
-use crate::store::{FileRecord, FileStatus, Role, now_secs};
+use crate::store::{FileRecord, FileStatus, Role};
 
 const PAGE_SIZE: usize = 50;
 /// Bytes of extracted text one listing page carries in total (`content=true`).
@@ -478,27 +478,20 @@ pub async fn upload(app: &App, session: &mut Session, ctx: &RequestCtx) -> Handl
         let _ = tokio::fs::remove_file(&up.tmp).await;
         return Err(ApiError::internal(format!("cannot store the upload: {e}")));
     }
-    let now = now_secs();
-    let record = FileRecord {
-        id: id.clone(),
+    let record = crate::library::new_file(
+        id.clone(),
         user_id,
-        filename: up.filename.clone(),
-        path: path.display().to_string(),
-        hash: None,
-        status: process.then_some(FileStatus::Pending),
-        error: None,
-        meta: json!({
+        up.filename.clone(),
+        &path,
+        json!({
             "name": up.filename,
             "content_type": up.content_type,
             "size": up.size,
             "file_hash": up.sha256,
             "data": up.metadata,
         }),
-        embedding: None,
-        chunk_count: 0,
-        created_at: now,
-        updated_at: now,
-    };
+        process,
+    );
     if let Err(e) = app.store.insert_file(&record, process) {
         let _ = tokio::fs::remove_file(&path).await;
         return Err(e.into());

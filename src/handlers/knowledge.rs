@@ -9,9 +9,10 @@ use super::{HandlerResult, Outcome, Req, access, identity, query};
 use crate::app::App;
 use crate::error::{ApiError, msg};
 use crate::http::{self, Reply};
+use crate::ingest::NotUsable;
 use crate::library::Added;
 use crate::request::RequestCtx;
-use crate::store::{FileStatus, Grant, KnowledgeRecord, Role, User, now_secs};
+use crate::store::{Grant, KnowledgeRecord, Role, User, now_secs};
 
 const PAGE_SIZE: usize = 30;
 
@@ -173,18 +174,13 @@ pub async fn create(app: &App, session: &mut Session, ctx: &RequestCtx) -> Handl
     let body = http::read_body(session, 1024 * 1024).await?;
     let form: KnowledgeForm = http::parse_json(&body)?;
     check_form(&form)?;
-    let now = now_secs();
-    let kb = KnowledgeRecord {
-        id: uuid::Uuid::new_v4().to_string(),
-        user_id: user.id.clone(),
-        name: form.name.trim().to_string(),
-        description: form.description,
-        meta: Value::Null,
-        access_grants: grants(form.access_grants, &user, &user.id)?,
-        created_at: now,
-        updated_at: now,
-    };
-    app.store.put_knowledge(&kb)?;
+    let access_grants = grants(form.access_grants, &user, &user.id)?;
+    let kb = app.library().create_collection(
+        &user.id,
+        form.name.trim().to_string(),
+        form.description,
+        access_grants,
+    )?;
     let mut v = kb_json(&kb);
     v["files"] = Value::Null;
     Ok(Outcome::Reply(Reply::ok(&v)))
@@ -331,7 +327,7 @@ pub(crate) async fn add_one(
     wait: std::time::Duration,
 ) -> Result<bool, ApiError> {
     let not_found = || ApiError::bad_request(format!("File {file_id} not found"));
-    let mut file = app.store.file(file_id)?.ok_or_else(not_found)?;
+    let file = app.store.file(file_id)?.ok_or_else(not_found)?;
     if !access::can_read_file(&app.store, user, &file)? {
         return Err(not_found());
     }
@@ -341,36 +337,27 @@ pub(crate) async fn add_one(
              its owner or an admin can add it here"
         )));
     }
-    if file.status == Some(FileStatus::Pending) {
-        file = app
-            .ingest
-            .wait_done(file_id, wait)
-            .await
-            .ok_or_else(not_found)?;
-    }
-    match file.status {
-        Some(FileStatus::Completed) => {}
-        Some(FileStatus::Pending) => {
-            return Err(ApiError::new(
+    let file = app
+        .ingest
+        .processed(file, wait)
+        .await
+        .map_err(|e| match e {
+            NotUsable::Gone => not_found(),
+            NotUsable::StillProcessing => ApiError::new(
                 409,
                 format!(
                     "File {file_id} is still being processed after {}s; try again later",
                     app.config.rag.file_add_wait.as_secs()
                 ),
-            ));
-        }
-        Some(FileStatus::Failed) => {
-            return Err(ApiError::bad_request(format!(
-                "File {file_id} could not be processed: {}",
-                file.error.as_deref().unwrap_or("unknown error")
-            )));
-        }
-        None => {
-            return Err(ApiError::bad_request(
+            ),
+            NotUsable::Failed(error) => {
+                ApiError::bad_request(format!("File {file_id} could not be processed: {error}"))
+            }
+            NotUsable::NotProcessed => ApiError::bad_request(
                 "Extracted content is not available for this file: it was uploaded with process=false",
-            ));
-        }
-    }
+            ),
+            NotUsable::Store(e) => e.into(),
+        })?;
     match app.library().add_file(&kb.id, &file)? {
         Added::Added => Ok(true),
         Added::AlreadyThere => Ok(false),

@@ -16,7 +16,7 @@ use crate::error::ApiError;
 use crate::http::{self, Reply};
 use crate::rag::{self, Fuse, Limits, Mode, Scope, Source};
 use crate::request::RequestCtx;
-use crate::store::{FileRecord, FileStatus, now_secs};
+use crate::store::{FileStatus, now_secs};
 
 /// Longest query: far beyond any question, and the embedder truncates long inputs anyway.
 const MAX_QUERY_BYTES: usize = 16 * 1024;
@@ -325,31 +325,24 @@ pub async fn process_text(app: &App, session: &mut Session, ctx: &RequestCtx) ->
     tokio::fs::write(&path, form.content.as_bytes())
         .await
         .map_err(io_err)?;
-    let now = now_secs();
     let hash = {
         use sha2::{Digest, Sha256};
         hex::encode(Sha256::digest(form.content.as_bytes()))
     };
-    let record = FileRecord {
-        id: file_id.clone(),
-        user_id: id.user.id.clone(),
-        filename: filename.clone(),
-        path: path.display().to_string(),
-        hash: None,
-        status: Some(FileStatus::Pending),
-        error: None,
-        meta: json!({
+    let record = crate::library::new_file(
+        file_id.clone(),
+        id.user.id.clone(),
+        filename.clone(),
+        &path,
+        json!({
             "name": name,
             "content_type": "text/plain",
             "size": form.content.len(),
             "file_hash": hash,
             "data": {},
         }),
-        embedding: None,
-        chunk_count: 0,
-        created_at: now,
-        updated_at: now,
-    };
+        true,
+    );
     if let Err(e) = app.store.insert_file(&record, true) {
         let _ = tokio::fs::remove_file(&path).await;
         return Err(e.into());

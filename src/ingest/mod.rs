@@ -25,6 +25,20 @@ use crate::embed::Embedder;
 use crate::store::{ChunkRecord, EmbeddingInfo, FileRecord, FileStatus, Store, now_secs};
 use vectors::VectorStore;
 
+/// Why a file gives no content (yet).
+#[derive(Debug)]
+pub enum NotUsable {
+    /// Deleted while waiting.
+    Gone,
+    /// Still pending after the wait.
+    StillProcessing,
+    /// Processing failed, with the file's error.
+    Failed(String),
+    /// Uploaded with `process=false`.
+    NotProcessed,
+    Store(crate::store::StoreError),
+}
+
 /// Longest client-chosen part of a blob's file name, in bytes (names are limited to 255).
 const BLOB_NAME_MAX: usize = 128;
 
@@ -478,6 +492,38 @@ impl Ingest {
                 Ok(Err(_)) => return Some(f),
                 Err(_) => return Some(f),
             }
+        }
+    }
+
+    /// `file` once processed, waiting at most `wait` for one still pending: the check that
+    /// chat retrieval and adding to a collection share (each words the refusal its way).
+    ///
+    /// # Errors
+    /// Why the file gives no content; a failing store is [`NotUsable::Store`].
+    pub async fn processed(
+        &self,
+        file: FileRecord,
+        wait: Duration,
+    ) -> Result<FileRecord, NotUsable> {
+        let file = if file.status == Some(FileStatus::Pending) {
+            match self.wait_done(&file.id, wait).await {
+                Some(f) => f,
+                // `wait_done` reads no failure: ask again so a failing store is not "gone".
+                None => match self.store.file(&file.id) {
+                    Err(e) => return Err(NotUsable::Store(e)),
+                    Ok(_) => return Err(NotUsable::Gone),
+                },
+            }
+        } else {
+            file
+        };
+        match file.status {
+            Some(FileStatus::Completed) => Ok(file),
+            Some(FileStatus::Pending) => Err(NotUsable::StillProcessing),
+            Some(FileStatus::Failed) => Err(NotUsable::Failed(
+                file.error.unwrap_or_else(|| "unknown error".into()),
+            )),
+            None => Err(NotUsable::NotProcessed),
         }
     }
 

@@ -6,9 +6,40 @@
 //! missing file or collection.
 
 use std::io;
+use std::path::Path;
+
+use serde_json::Value;
 
 use crate::ingest::vectors::VectorStore;
-use crate::store::{FileRecord, Store, StoreError};
+use crate::store::{FileRecord, FileStatus, Grant, KnowledgeRecord, Store, StoreError, now_secs};
+
+/// A new file's record, before any processing: the one place a `FileRecord` is made.
+/// `process` false: uploaded with `process=false`, never queued (no status).
+#[must_use]
+pub fn new_file(
+    id: String,
+    user_id: String,
+    filename: String,
+    path: &Path,
+    meta: Value,
+    process: bool,
+) -> FileRecord {
+    let now = now_secs();
+    FileRecord {
+        id,
+        user_id,
+        filename,
+        path: path.display().to_string(),
+        hash: None,
+        status: process.then_some(FileStatus::Pending),
+        error: None,
+        meta,
+        embedding: None,
+        chunk_count: 0,
+        created_at: now,
+        updated_at: now,
+    }
+}
 
 /// What adding a processed file to a collection did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,6 +62,32 @@ impl<'a> Library<'a> {
     #[must_use]
     pub fn new(store: &'a Store, vectors: &'a VectorStore) -> Self {
         Library { store, vectors }
+    }
+
+    /// Creates and stores an empty collection.
+    ///
+    /// # Errors
+    /// When the store fails.
+    pub fn create_collection(
+        &self,
+        user_id: &str,
+        name: String,
+        description: String,
+        access_grants: Vec<Grant>,
+    ) -> Result<KnowledgeRecord, StoreError> {
+        let now = now_secs();
+        let kb = KnowledgeRecord {
+            id: uuid::Uuid::new_v4().to_string(),
+            user_id: user_id.to_string(),
+            name,
+            description,
+            meta: Value::Null,
+            access_grants,
+            created_at: now,
+            updated_at: now,
+        };
+        self.store.put_knowledge(&kb)?;
+        Ok(kb)
     }
 
     /// Adds a processed file to a collection, in the store and then in the collection's

@@ -141,7 +141,7 @@ pub fn check_knowledge(
             (
                 "file",
                 match app.store.file(item_id)? {
-                    Some(f) => access::can_read_file(&app.store, user, &f)?,
+                    Some(f) => access::can_read_file(app.store, user, &f)?,
                     None => false,
                 },
             )

@@ -19,7 +19,7 @@ use crate::auth::Identity;
 use crate::auth::access;
 use crate::config::{Config, Fusion, RagConfig};
 use crate::error::ApiError;
-use crate::ingest::Ingest;
+use crate::ingest::{Ingest, NotUsable};
 use crate::store::{ChunkRecord, FileRecord, FileStatus, Store};
 
 /// Open WebUI's source object (spec 4.4): returned to the client and injected.
@@ -197,31 +197,26 @@ pub async fn usable_file(
     id: &str,
 ) -> Result<FileRecord, ApiError> {
     let missing = || ApiError::not_found(format!("File {id} not found"));
-    let mut f = app.store.file(id)?.ok_or_else(missing)?;
-    if !access::can_read_file(&app.store, &identity.user, &f)? {
+    let f = app.store.file(id)?.ok_or_else(missing)?;
+    if !access::can_read_file(app.store, &identity.user, &f)? {
         return Err(missing());
     }
-    if f.status == Some(FileStatus::Pending) {
-        f = app
-            .ingest
-            .wait_done(id, app.config.rag.file_add_wait)
-            .await
-            .ok_or_else(missing)?;
-    }
-    match f.status {
-        Some(FileStatus::Completed) => Ok(f),
-        Some(FileStatus::Pending) => Err(ApiError::new(
-            409,
-            format!("File {id} is still being processed"),
-        )),
-        Some(FileStatus::Failed) => Err(ApiError::bad_request(format!(
-            "File {id} could not be processed: {}",
-            f.error.as_deref().unwrap_or("unknown error")
-        ))),
-        None => Err(ApiError::bad_request(format!(
-            "File {id} was uploaded with process=false and has no content"
-        ))),
-    }
+    app.ingest
+        .processed(f, app.config.rag.file_add_wait)
+        .await
+        .map_err(|e| match e {
+            NotUsable::Gone => missing(),
+            NotUsable::StillProcessing => {
+                ApiError::new(409, format!("File {id} is still being processed"))
+            }
+            NotUsable::Failed(error) => {
+                ApiError::bad_request(format!("File {id} could not be processed: {error}"))
+            }
+            NotUsable::NotProcessed => ApiError::bad_request(format!(
+                "File {id} was uploaded with process=false and has no content"
+            )),
+            NotUsable::Store(e) => e.into(),
+        })
 }
 
 /// The context a request may still inject: every document text counts against it as it is
