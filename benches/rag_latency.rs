@@ -204,22 +204,23 @@ fn main() {
         let cfg = &app.config.rag;
         let k = cfg.top_k;
         let n = (k * 4).max(20);
-        let fuse = ragway::rag::Fuse { fusion: cfg.fusion, bm25_weight: cfg.bm25_weight };
-        let limits = ragway::rag::Limits { k, threshold: cfg.relevance_threshold };
-        let vector = ragway::rag::embed_query(&app, query).await.unwrap().unwrap();
+        let fuse = ragway::rag::Fuse::from_config(cfg);
+        let limits = ragway::rag::Limits::new(k, cfg.relevance_threshold);
+        let retriever = app.retriever();
+        let vector = ragway::rag::embed_query(&retriever, query).await.unwrap().unwrap();
         let mut stages: Vec<(&str, Vec<f64>)> = ["query embedding", "dense search", "BM25", "fusion", "search + store reads"]
             .into_iter()
             .map(|s| (s, Vec::new()))
             .collect();
         for _ in 0..requests {
             let t = Instant::now();
-            ragway::rag::embed_query(&app, query).await.unwrap();
+            ragway::rag::embed_query(&retriever, query).await.unwrap();
             stages[0].1.push(t.elapsed().as_secs_f64() * 1000.0);
             let t = Instant::now();
             let d = app.ingest.vectors.search_collection("bench", &vector, n);
             stages[1].1.push(t.elapsed().as_secs_f64() * 1000.0);
             let t = Instant::now();
-            let l = app.ingest.vectors.bm25_collection("bench", query, n);
+            let l = app.ingest.vectors.bm25_collection("bench", query, n, fuse.bm25);
             stages[2].1.push(t.elapsed().as_secs_f64() * 1000.0);
             let t = Instant::now();
             std::hint::black_box(ragway::rag::rrf(&d, &l, fuse.bm25_weight));
@@ -227,7 +228,7 @@ fn main() {
             let t = Instant::now();
             let mode = ragway::rag::Mode::from_config(cfg);
             let scope = ragway::rag::Scope::Collection("bench");
-            std::hint::black_box(ragway::rag::search(&app, json!({}), scope, query, Some(&vector), mode, fuse, limits).unwrap());
+            std::hint::black_box(ragway::rag::search(&retriever, json!({}), scope, query, Some(&vector), mode, fuse, limits).unwrap());
             stages[4].1.push(t.elapsed().as_secs_f64() * 1000.0);
         }
         println!("breakdown (median of {requests}, in-process):");

@@ -9,7 +9,6 @@ use pingora::connectors::http::Connector;
 use crate::auth::Auth;
 use crate::config::{Config, EmbeddingEngine};
 use crate::embed::Embedder;
-use crate::error::ApiError;
 use crate::ingest::Ingest;
 use crate::models::ModelRegistry;
 use crate::openapi::Docs;
@@ -253,9 +252,48 @@ impl App {
         };
         app.bootstrap_admin()?;
         // A user deletion interrupted by a crash leaves files and collections behind.
-        crate::handlers::users::finish_deletions(&app)
+        app.library()
+            .finish_deletions()
             .map_err(|e| StartError::UserDeletion(e.to_string()))?;
         Ok(app)
+    }
+
+    /// Retrieval over the library (chat with files, the retrieval API).
+    #[must_use]
+    pub fn retriever(&self) -> crate::rag::Retriever<'_> {
+        crate::rag::Retriever {
+            config: &self.config,
+            store: &self.store,
+            ingest: &self.ingest,
+        }
+    }
+
+    /// The context budget of RAG requests.
+    #[must_use]
+    pub fn budgeter(&self) -> crate::rag::budget::Budgeter<'_> {
+        crate::rag::budget::Budgeter {
+            config: &self.config,
+            upstreams: &self.upstreams,
+            http: &self.http,
+            context: &self.context,
+        }
+    }
+
+    /// Model presets: lookup, access and how chat applies them.
+    #[must_use]
+    pub fn presets(&self) -> crate::presets::Presets<'_> {
+        crate::presets::Presets {
+            config: &self.config,
+            store: &self.store,
+            models: &self.models,
+            retriever: self.retriever(),
+        }
+    }
+
+    /// Files and collections with their index entries, changed as one unit.
+    #[must_use]
+    pub fn library(&self) -> crate::library::Library<'_> {
+        crate::library::Library::new(&self.store, &self.ingest.vectors)
     }
 
     /// `WEBUI_ADMIN_EMAIL`/`WEBUI_ADMIN_PASSWORD`: create the admin when no user exists.
@@ -278,25 +316,5 @@ impl App {
             .map_err(|e| StartError::Admin(e.to_string()))?;
         tracing::info!(email = %email, "created the bootstrap admin");
         Ok(())
-    }
-
-    /// `ragway user add`: creates a user (the very first one becomes admin).
-    pub async fn add_user(
-        &self,
-        email: &str,
-        password: &str,
-        name: &str,
-        role: Role,
-    ) -> Result<User, ApiError> {
-        crate::handlers::auths::create_user(self, name, email, password, None, role, true).await
-    }
-
-    /// `ragway key create`: replaces the user's key and returns the plaintext.
-    pub fn create_key(&self, email: &str, models: Vec<String>) -> Result<String, ApiError> {
-        let user = self
-            .store
-            .user_by_email(&email.trim().to_lowercase())?
-            .ok_or_else(|| ApiError::not_found(format!("No user with email {email}")))?;
-        crate::handlers::auths::issue_key(self, &user.id, models, crate::limits::Limits::default())
     }
 }

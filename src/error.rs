@@ -69,18 +69,6 @@ impl std::fmt::Display for ApiError {
     }
 }
 
-impl From<crate::store::StoreError> for ApiError {
-    fn from(e: crate::store::StoreError) -> Self {
-        if matches!(e, crate::store::StoreError::Released) {
-            // Only a request still in flight in a process being upgraded gets here; the
-            // new process (already accepting) answers the retry.
-            return ApiError::new(503, "ragway is restarting; retry the request");
-        }
-        tracing::error!(error = %e, "store failure");
-        ApiError::internal("Internal storage error; see the server log")
-    }
-}
-
 /// Messages shared with Open WebUI, so clients matching on text keep working.
 pub mod msg {
     pub const NOT_AUTHENTICATED: &str = "Not authenticated";

@@ -5,22 +5,20 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: file → env (Open WebUI's names) → CLI, validated into one `Config`.
-//! - [`server`]: the pingora server: gateway service + metrics service.
-//! - [`proxy`]: the one `ProxyHttp` ([`proxy::Gateway`]) and the [`proxy::forward`] engine.
-//! - [`http`]: the route table ([`http::router`]), local replies, body reading.
-//! - [`handlers`]: one module per API family (auths, models, chat, ollama, system).
-//! - [`auth`]: credentials, JWT, API keys, passwords, sign-in rate limit.
-//! - [`models`]: the merged model catalog and model resolution.
-//! - [`presets`]: model presets (Open WebUI's workspace models) and how chat applies them.
-//! - [`upstream`]: upstream addresses, health and balancing.
-//! - [`store`]: redb schema and records.
-//! - [`storage`]: the storage seams (traits) and their embedded and PostgreSQL backends.
-//! - [`ingest`]: the file pipeline (queue, workers) and the in-memory vector index.
-//! - [`extract`], [`chunk`], [`embed`], [`index`]: text extraction, chunking, embedding
-//!   engines (ONNX, Ollama, OpenAI) and vector search (exact, HNSW).
-//! - [`metrics`], [`openapi`], [`error`]: cross-cutting pieces, each in one place.
-//! - [`probe`]: `ragway probe`, the health check a distroless image can run.
+//! Layered: a module uses only modules below it (see the README's "Code layout").
+//!
+//! - Wiring: [`app`] (builds the services and hands each the parts it needs), [`server`],
+//!   [`commands`] (bulk ingestion and evaluation over a whole `App`).
+//! - Edge: [`proxy`]: the one `ProxyHttp` ([`proxy::Gateway`]) and the [`proxy::forward`] engine.
+//! - HTTP: [`handlers`] (one module per API family, domain errors → HTTP errors in one place),
+//!   [`request`] (per-request state and the forward plan), [`openapi`], [`ui`].
+//! - Services: [`library`] (files + collections + index entries as one unit), [`rag`]
+//!   (the `Retriever`, context budget), [`presets`], [`ingest`], [`usage`], [`auth`]
+//!   (credentials and access rules), [`models`], [`upstream`].
+//! - Leaves: [`config`], [`store`] and [`storage`] (the storage seams and their embedded and
+//!   PostgreSQL backends), [`forms`] (request bodies), [`limits`], [`http`],
+//!   [`extract`], [`chunk`], [`embed`], [`index`], [`metrics`], [`error`], [`probe`],
+//!   [`upgrade`].
 //!
 //! ```
 //! let config = ragway::config::build(
@@ -35,14 +33,17 @@
 pub mod app;
 pub mod auth;
 pub mod chunk;
+pub mod commands;
 pub mod config;
 pub mod embed;
 pub mod error;
 pub mod extract;
+pub mod forms;
 pub mod handlers;
 pub mod http;
 pub mod index;
 pub mod ingest;
+pub mod library;
 pub mod limits;
 pub mod metrics;
 pub mod models;
@@ -51,6 +52,7 @@ pub mod presets;
 pub mod probe;
 pub mod proxy;
 pub mod rag;
+pub mod request;
 pub mod server;
 pub mod storage;
 pub mod store;

@@ -204,7 +204,7 @@ fn main() -> ExitCode {
         } => {
             let modes: Option<Vec<_>> = mode
                 .iter()
-                .map(|m| ragway::rag::eval::parse_mode(m.trim()))
+                .map(|m| ragway::commands::eval::parse_mode(m.trim()))
                 .collect();
             let Some(modes) = modes else {
                 return fail("--mode: use dense, bm25 and/or hybrid");
@@ -223,7 +223,7 @@ fn main() -> ExitCode {
                     return fail(format!("{name} {w}: between 0 and {max}"));
                 }
             }
-            let ds = match ragway::rag::eval::Dataset::load(&dataset, &qrels) {
+            let ds = match ragway::commands::eval::Dataset::load(&dataset, &qrels) {
                 Ok(d) => d,
                 Err(e) => return fail(e),
             };
@@ -246,7 +246,7 @@ fn main() -> ExitCode {
                     }
                 }
             }
-            let grid = ragway::rag::eval::Grid {
+            let grid = ragway::commands::eval::Grid {
                 fusions,
                 weights: bm25_weight,
                 candidates,
@@ -255,7 +255,7 @@ fn main() -> ExitCode {
                 file_weights: file_weight,
                 prf,
             };
-            let variants = ragway::rag::eval::variants(
+            let variants = ragway::commands::eval::variants(
                 &modes,
                 &grid,
                 ragway::rag::Fuse::from_config(&app.config.rag),
@@ -265,7 +265,7 @@ fn main() -> ExitCode {
                 .enable_all()
                 .build()
                 .expect("tokio runtime");
-            let report = rt.block_on(ragway::rag::eval::run(
+            let report = rt.block_on(ragway::commands::eval::run(
                 &app,
                 &ds,
                 &variants,
@@ -282,7 +282,7 @@ fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Ok(r) => {
-                    print!("{}", ragway::rag::eval::table(&r));
+                    print!("{}", ragway::commands::eval::table(&r));
                     ExitCode::SUCCESS
                 }
                 Err(e) => fail(e),
@@ -294,7 +294,7 @@ fn main() -> ExitCode {
             knowledge,
             user,
         } => {
-            let files = match ragway::ingest::bulk::collect(&paths) {
+            let files = match ragway::commands::bulk::collect(&paths) {
                 Ok(f) => f,
                 Err(e) => return fail(e),
             };
@@ -313,7 +313,7 @@ fn main() -> ExitCode {
                 .enable_all()
                 .build()
                 .expect("tokio runtime");
-            let result = rt.block_on(ragway::ingest::bulk::run(
+            let result = rt.block_on(ragway::commands::bulk::run(
                 &app,
                 files,
                 knowledge.as_deref(),

@@ -15,7 +15,7 @@ use utoipa::openapi::{
     Ref, ResponseBuilder,
 };
 
-use crate::handlers::forms;
+use crate::forms;
 use crate::http::router::{Access, Endpoint, ROUTES};
 
 /// Body of `POST /api/chat/completions` (OpenAI's shape plus Open WebUI's fields; any other
@@ -199,8 +199,8 @@ pub fn document() -> OpenApi {
         .schema_from::<forms::QueryDocForm>()
         .schema_from::<forms::QueryCollectionsForm>()
         .schema_from::<forms::ProcessTextForm>()
-        .schema_from::<crate::presets::PresetForm>()
-        .schema_from::<crate::presets::PresetGrantForm>()
+        .schema_from::<crate::forms::preset::PresetForm>()
+        .schema_from::<crate::forms::preset::PresetGrantForm>()
         .build();
     OpenApiBuilder::new()
         .info(

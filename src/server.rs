@@ -274,7 +274,7 @@ impl Signals {
         // Requests still in a phase that can touch the database finish first (authentication,
         // handlers: milliseconds); streams already relaying an upstream never touch it again.
         if !settled(self.grace, || {
-            crate::proxy::ctx::requests_in_store_phase() <= 0
+            crate::request::requests_in_store_phase() <= 0
         })
         .await
         {

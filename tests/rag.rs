@@ -398,7 +398,15 @@ async fn bm25_wins_rare_terms_dense_wins_paraphrases() {
         ..Fuse::default()
     };
     let top = |q: &str, v: &[f32], mode| {
-        let ranked = rank(app, Scope::Collection(&kb), q, Some(v), mode, fuse, 5);
+        let ranked = rank(
+            &app.retriever(),
+            Scope::Collection(&kb),
+            q,
+            Some(v),
+            mode,
+            fuse,
+            5,
+        );
         let chunks = app
             .store
             .chunks(&ranked.iter().map(|r| r.0).collect::<Vec<_>>())

@@ -4,6 +4,7 @@
 //! configured API-key header (Open WebUI's order). A credential starting with `sk-` is an
 //! API key, anything else a JWT.
 
+pub mod access;
 pub mod csrf;
 pub mod jwt;
 pub mod password;

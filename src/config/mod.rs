@@ -7,13 +7,43 @@
 pub mod cli;
 pub mod duration;
 pub mod file;
+pub(crate) mod presets;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::limits::Limits;
 use crate::store::Role;
 use file::{FileConfig, OwuiApiConfig, UpstreamFile};
+
+/// Open WebUI v0.10.2's default `RAG_TEMPLATE`, verbatim (ends with a newline). Kept with
+/// the configuration, whose default it is, so configuration needs nothing from `rag`.
+pub const DEFAULT_RAG_TEMPLATE: &str = include_str!("default_template.txt");
+
+/// Settings of `[limits]`.
+#[derive(Debug, Clone)]
+pub struct LimitsConfig {
+    /// Defaults for every API key.
+    pub key: Limits,
+    /// Defaults for every user (all their traffic).
+    pub user: Limits,
+    /// Limiter buckets tracked at most.
+    pub max_tracked: usize,
+    /// How long hourly usage rows are kept.
+    pub retention: Duration,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            key: Limits::default(),
+            user: Limits::default(),
+            max_tracked: crate::limits::DEFAULT_CAPACITY,
+            retention: Duration::from_hours(400 * 24),
+        }
+    }
+}
 
 /// Which API family an upstream speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -199,7 +229,7 @@ pub struct Config {
     pub embedding: EmbeddingConfig,
     pub rag: RagConfig,
     /// `[limits]`: per-key and per-user limits, usage retention.
-    pub limits: crate::usage::LimitsConfig,
+    pub limits: LimitsConfig,
     pub presets: PresetsConfig,
     pub context: ContextConfig,
     pub storage: StorageConfig,
@@ -623,11 +653,8 @@ pub fn build(
     let presets = PresetsConfig {
         max_per_user: presets_file.max_per_user.unwrap_or(50),
         max_total: presets_file.max_total.unwrap_or(500),
-        declared: crate::presets::declared(
-            presets_file.declared.unwrap_or_default(),
-            rag.max_items,
-        )
-        .map_err(|e| ConfigError(format!("presets.declared: {e}")))?,
+        declared: presets::declared(presets_file.declared.unwrap_or_default(), rag.max_items)
+            .map_err(|e| ConfigError(format!("presets.declared: {e}")))?,
     };
     let context = context_config(file.context.unwrap_or_default())?;
     let storage = storage_config(file.storage.unwrap_or_default(), env)?;
@@ -724,8 +751,8 @@ fn storage_config(f: file::StorageFile, env: &dyn EnvSource) -> Result<StorageCo
 }
 
 /// `[limits]`. A limit of 0 means none; values are bounded like those set through the API.
-fn limits_config(f: file::LimitsFile) -> Result<crate::usage::LimitsConfig, ConfigError> {
-    use crate::limits::{Limits, MAX_LIMIT};
+fn limits_config(f: file::LimitsFile) -> Result<LimitsConfig, ConfigError> {
+    use crate::limits::MAX_LIMIT;
     let one = |name: &str, v: Option<u64>| -> Result<Option<u64>, ConfigError> {
         match v {
             None | Some(0) => Ok(None),
@@ -733,7 +760,7 @@ fn limits_config(f: file::LimitsFile) -> Result<crate::usage::LimitsConfig, Conf
             Some(n) => Ok(Some(n)),
         }
     };
-    let defaults = crate::usage::LimitsConfig::default();
+    let defaults = LimitsConfig::default();
     let max_tracked = f.max_tracked.unwrap_or(defaults.max_tracked);
     if max_tracked == 0 {
         return err("limits.max-tracked: must be at least 1");
@@ -745,7 +772,7 @@ fn limits_config(f: file::LimitsFile) -> Result<crate::usage::LimitsConfig, Conf
     if retention < std::time::Duration::from_secs(3600) {
         return err("limits.usage-retention: at least 1h (usage is kept per hour)");
     }
-    Ok(crate::usage::LimitsConfig {
+    Ok(LimitsConfig {
         key: Limits {
             rpm: one("key-rpm", f.key_rpm)?,
             tpm: one("key-tpm", f.key_tpm)?,
@@ -900,8 +927,10 @@ fn rag_config(
             .or(e.onnxruntime)
             .unwrap_or_else(|| "./models/onnxruntime/libonnxruntime.so".into()),
     );
-    // 0 (the default) sizes the pool from the machine: one single-threaded session per core.
-    let sessions = match e.sessions.unwrap_or(0) {
+    // 1 by default: every session holds its own ~100 MiB copy of the model, and a second one
+    // would break the 200 MB idle bound for ~1.5x the embedding throughput (README, "Memory
+    // while embedding"). 0 sizes the pool from the machine: one single-threaded session per core.
+    let sessions = match e.sessions.unwrap_or(1) {
         0 => machine_cores(),
         n if n > MAX_SESSIONS => {
             return err(format!(
@@ -1056,7 +1085,7 @@ fn rag_config(
     };
     let mut template = r
         .template
-        .unwrap_or_else(|| crate::rag::prompt::DEFAULT_TEMPLATE.to_string());
+        .unwrap_or_else(|| DEFAULT_RAG_TEMPLATE.to_string());
     if let Some(v) = env.get("RAG_TEMPLATE") {
         template = v;
     }
@@ -1385,7 +1414,10 @@ mod tests {
     #[test]
     fn ingestion_parallelism_is_sized_from_the_machine_unless_set() {
         let c = build(FileConfig::default(), &env(&[]), &Overrides::default()).unwrap();
-        assert_eq!(c.embedding.sessions, machine_cores());
+        assert_eq!(
+            c.embedding.sessions, 1,
+            "one copy of the model unless asked"
+        );
         assert_eq!(c.rag.workers, default_workers(machine_cores()));
         assert_eq!(default_workers(1), 2, "extraction overlaps embedding");
         assert_eq!(default_workers(2), 4);

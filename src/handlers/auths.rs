@@ -1,9 +1,11 @@
 //! `/api/v1/auths/*`: sign-up, sign-in, session, sign-out, users and API keys.
 
+use crate::forms::{
+    AddUserForm, ApiKeyForm, SigninForm, SignupForm, UpdatePasswordForm, UpdateProfileForm,
+};
 use std::time::Duration;
 
 use pingora::proxy::Session;
-use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{HandlerResult, Outcome, identity};
@@ -13,49 +15,6 @@ use crate::auth::{self, Credential, password, ratelimit};
 use crate::error::{ApiError, msg};
 use crate::http::{self, Reply};
 use crate::store::{ApiKeyRecord, Role, StoreError, User, now_secs};
-
-/// Body of `POST /auths/signup`.
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
-pub struct SignupForm {
-    pub name: String,
-    pub email: String,
-    pub password: String,
-    #[serde(default)]
-    pub profile_image_url: Option<String>,
-}
-
-/// Body of `POST /auths/signin`.
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
-pub struct SigninForm {
-    pub email: String,
-    pub password: String,
-}
-
-/// Body of `POST /auths/add`.
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
-pub struct AddUserForm {
-    pub name: String,
-    pub email: String,
-    pub password: String,
-    #[serde(default)]
-    pub profile_image_url: Option<String>,
-    #[serde(default)]
-    pub role: Option<String>,
-}
-
-/// Optional body of `POST /auths/api_key`.
-#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct ApiKeyForm {
-    /// Restrict the key to these model ids.
-    #[serde(default)]
-    pub models: Vec<String>,
-    /// The key's limits, e.g. `{"rpm": 60, "tpm": 100000}` (`rpd`, `tpd` too); a user who is
-    /// not an admin may only set limits at or below the configured defaults.
-    #[serde(default)]
-    #[schema(value_type = Option<crate::limits::Limits>, inline)]
-    pub limits: Option<Value>,
-}
 
 /// Longest email accepted (RFC 5321's path limit).
 const MAX_EMAIL_LEN: usize = 254;
@@ -293,6 +252,30 @@ pub(crate) fn validate_image_url(url: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// Account commands of the command line (`ragway user add`, `ragway key create`): the same
+/// checks as the HTTP routes, so they are defined here rather than in the wiring.
+impl App {
+    /// `ragway user add`: creates a user (the very first one becomes admin).
+    pub async fn add_user(
+        &self,
+        email: &str,
+        password: &str,
+        name: &str,
+        role: Role,
+    ) -> Result<User, ApiError> {
+        create_user(self, name, email, password, None, role, true).await
+    }
+
+    /// `ragway key create`: replaces the user's key and returns the plaintext.
+    pub fn create_key(&self, email: &str, models: Vec<String>) -> Result<String, ApiError> {
+        let user = self
+            .store
+            .user_by_email(&email.trim().to_lowercase())?
+            .ok_or_else(|| ApiError::not_found(format!("No user with email {email}")))?;
+        issue_key(self, &user.id, models, crate::limits::Limits::default())
+    }
+}
+
 /// Creates a user with a hashed password. Hashing goes through the hashing gate: argon2 is
 /// deliberately slow and memory-hard and must neither stall the event loop nor run unbounded.
 pub(crate) async fn create_user(
@@ -415,7 +398,7 @@ async fn signin_inner(app: &App, session: &mut Session) -> Result<Outcome, Refus
 pub fn session_user(
     app: &App,
     session: &Session,
-    ctx: &crate::proxy::ctx::RequestCtx,
+    ctx: &crate::request::RequestCtx,
 ) -> HandlerResult {
     let id = identity(ctx)?;
     let (token, exp) = match &id.credential {
@@ -455,7 +438,7 @@ pub fn session_user(
     }))
 }
 
-pub fn signout(app: &App, ctx: &crate::proxy::ctx::RequestCtx) -> HandlerResult {
+pub fn signout(app: &App, ctx: &crate::request::RequestCtx) -> HandlerResult {
     let id = identity(ctx)?;
     if let Credential::Jwt { jti, exp } = &id.credential {
         app.store.revoke_token(jti, *exp)?;
@@ -491,7 +474,7 @@ pub async fn add_user(app: &App, session: &mut Session) -> HandlerResult {
 
 /// Key management needs a session or an unrestricted key: a key limited to some models
 /// must not mint, read or delete keys (it would mint itself an unrestricted one).
-fn may_manage_keys(app: &App, ctx: &crate::proxy::ctx::RequestCtx) -> Result<(), ApiError> {
+fn may_manage_keys(app: &App, ctx: &crate::request::RequestCtx) -> Result<(), ApiError> {
     let id = identity(ctx)?;
     if id.restricted_key {
         crate::metrics::auth_failure("restricted_key");
@@ -507,7 +490,7 @@ fn may_manage_keys(app: &App, ctx: &crate::proxy::ctx::RequestCtx) -> Result<(),
 pub async fn create_api_key(
     app: &App,
     session: &mut Session,
-    ctx: &crate::proxy::ctx::RequestCtx,
+    ctx: &crate::request::RequestCtx,
 ) -> HandlerResult {
     may_manage_keys(app, ctx)?;
     let body = http::read_body(session, 64 * 1024).await?;
@@ -546,7 +529,7 @@ pub fn issue_key(
 }
 
 /// The key's prefix and metadata; the secret itself is not stored and cannot be shown.
-pub fn get_api_key(app: &App, ctx: &crate::proxy::ctx::RequestCtx) -> HandlerResult {
+pub fn get_api_key(app: &App, ctx: &crate::request::RequestCtx) -> HandlerResult {
     may_manage_keys(app, ctx)?;
     let id = identity(ctx)?;
     match app.store.api_key_of_user(&id.user.id)? {
@@ -561,7 +544,7 @@ pub fn get_api_key(app: &App, ctx: &crate::proxy::ctx::RequestCtx) -> HandlerRes
     }
 }
 
-pub fn delete_api_key(app: &App, ctx: &crate::proxy::ctx::RequestCtx) -> HandlerResult {
+pub fn delete_api_key(app: &App, ctx: &crate::request::RequestCtx) -> HandlerResult {
     may_manage_keys(app, ctx)?;
     let id = identity(ctx)?;
     let removed = app.store.delete_api_key_of_user(&id.user.id)?.is_some();
@@ -569,27 +552,9 @@ pub fn delete_api_key(app: &App, ctx: &crate::proxy::ctx::RequestCtx) -> Handler
     Ok(Outcome::Reply(Reply::ok(&removed)))
 }
 
-/// Body of `POST /auths/update/password`.
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct UpdatePasswordForm {
-    pub password: String,
-    pub new_password: String,
-}
-
-/// Body of `POST /auths/update/profile`. Open WebUI's form also carries `bio`, `gender`
-/// and `date_of_birth`, which ragway does not keep: other fields are ignored, not refused,
-/// so its clients keep working.
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
-pub struct UpdateProfileForm {
-    pub name: String,
-    #[serde(default)]
-    pub profile_image_url: Option<String>,
-}
-
 /// Profile and password changes need a session or an unrestricted key: a key limited to
 /// some models must not take over the account it belongs to.
-fn may_change_account(ctx: &crate::proxy::ctx::RequestCtx) -> Result<&auth::Identity, ApiError> {
+fn may_change_account(ctx: &crate::request::RequestCtx) -> Result<&auth::Identity, ApiError> {
     let id = identity(ctx)?;
     if id.restricted_key {
         crate::metrics::auth_failure("restricted_key");
@@ -603,7 +568,7 @@ fn may_change_account(ctx: &crate::proxy::ctx::RequestCtx) -> Result<&auth::Iden
 pub async fn update_password(
     app: &App,
     session: &mut Session,
-    ctx: &crate::proxy::ctx::RequestCtx,
+    ctx: &crate::request::RequestCtx,
 ) -> HandlerResult {
     answer(update_password_inner(app, session, ctx).await)
 }
@@ -611,7 +576,7 @@ pub async fn update_password(
 async fn update_password_inner(
     app: &App,
     session: &mut Session,
-    ctx: &crate::proxy::ctx::RequestCtx,
+    ctx: &crate::request::RequestCtx,
 ) -> Result<Outcome, Refusal> {
     let id = may_change_account(ctx)?.clone();
     let body = http::read_body(session, 64 * 1024).await?;
@@ -658,7 +623,7 @@ async fn update_password_inner(
 pub async fn update_profile(
     app: &App,
     session: &mut Session,
-    ctx: &crate::proxy::ctx::RequestCtx,
+    ctx: &crate::request::RequestCtx,
 ) -> HandlerResult {
     let id = may_change_account(ctx)?.clone();
     let body = http::read_body(session, 64 * 1024).await?;

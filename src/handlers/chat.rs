@@ -14,10 +14,10 @@ use crate::app::App;
 use crate::config::UpstreamKind;
 use crate::error::{ApiError, msg};
 use crate::http;
-use crate::proxy::ctx::RequestCtx;
-use crate::proxy::forward::{Plan, SourcesReply};
 use crate::proxy::ndjson_sse;
 use crate::rag::{self, prompt};
+use crate::request::RequestCtx;
+use crate::request::{Convert, Plan, SourcesReply};
 
 /// Request fields that only mean something to Open WebUI's UI and are never forwarded.
 const OPEN_WEBUI_ONLY: &[&str] = &[
@@ -132,7 +132,7 @@ pub async fn completions(app: &App, session: &mut Session, ctx: &mut RequestCtx)
     let id = identity(ctx)?;
     // Model presets (src/presets): a preset name runs on its base model, with the preset's
     // defaults applied under the request's own values below.
-    let preset = crate::presets::resolve(app, id, &model).await?;
+    let preset = crate::presets::resolve(&app.presets(), id, &model).await?;
     if preset.is_none() && !id.may_use_model(&model) {
         return Err(ApiError::bad_request(msg::MODEL_NOT_FOUND));
     }
@@ -218,7 +218,7 @@ pub async fn completions(app: &App, session: &mut Session, ctx: &mut RequestCtx)
             body: bytes::Bytes::from(serde_json::to_vec(&native).expect("json")),
             replace_success_body: None,
             sources,
-            convert: Some(ndjson_sse::Convert {
+            convert: Some(Convert {
                 stream,
                 include_usage,
             }),
@@ -294,10 +294,11 @@ async fn augment(
         query.clone()
     };
     let mut budget = rag::Budget::new(cfg.max_context_bytes);
-    let mut sources = rag::retrieve(app, id, items, &retrieval_query, &mut budget).await?;
+    let mut sources =
+        rag::retrieve(&app.retriever(), id, items, &retrieval_query, &mut budget).await?;
     if sources.iter().any(|s| !s.document.is_empty()) && !query.trim().is_empty() {
         // Context budget: fewer or shorter chunks rather than a prompt the model truncates.
-        *decision = rag::budget::fit(app, entry, body, &mut sources, &query).await?;
+        *decision = rag::budget::fit(&app.budgeter(), entry, body, &mut sources, &query).await?;
     }
     if sources.iter().any(|s| !s.document.is_empty()) && !query.trim().is_empty() {
         let context = prompt::context_string(&sources);

@@ -13,8 +13,8 @@ use super::{HandlerResult, Outcome, Req, Streamer, access, identity, query};
 use crate::app::App;
 use crate::error::{ApiError, msg};
 use crate::http::{self, Reply};
-use crate::proxy::ctx::RequestCtx;
-use crate::store::{FileRecord, FileStatus, Role, now_secs};
+use crate::request::RequestCtx;
+use crate::store::{FileRecord, FileStatus, Role};
 
 const PAGE_SIZE: usize = 50;
 /// Bytes of extracted text one listing page carries in total (`content=true`).
@@ -69,7 +69,7 @@ pub fn file_json(f: &FileRecord, content: Option<String>) -> Value {
 pub fn readable_file(app: &App, ctx: &RequestCtx, id: &str) -> Result<FileRecord, ApiError> {
     let user = &identity(ctx)?.user;
     match app.store.file(id)? {
-        Some(f) if access::can_read_file(&app.store, user, &f) => Ok(f),
+        Some(f) if access::can_read_file(&app.store, user, &f)? => Ok(f),
         _ => Err(ApiError::not_found(msg::NOT_FOUND)),
     }
 }
@@ -478,27 +478,20 @@ pub async fn upload(app: &App, session: &mut Session, ctx: &RequestCtx) -> Handl
         let _ = tokio::fs::remove_file(&up.tmp).await;
         return Err(ApiError::internal(format!("cannot store the upload: {e}")));
     }
-    let now = now_secs();
-    let record = FileRecord {
-        id: id.clone(),
+    let record = crate::library::new_file(
+        id.clone(),
         user_id,
-        filename: up.filename.clone(),
-        path: path.display().to_string(),
-        hash: None,
-        status: process.then_some(FileStatus::Pending),
-        error: None,
-        meta: json!({
+        up.filename.clone(),
+        &path,
+        json!({
             "name": up.filename,
             "content_type": up.content_type,
             "size": up.size,
             "file_hash": up.sha256,
             "data": up.metadata,
         }),
-        embedding: None,
-        chunk_count: 0,
-        created_at: now,
-        updated_at: now,
-    };
+        process,
+    );
     if let Err(e) = app.store.insert_file(&record, process) {
         let _ = tokio::fs::remove_file(&path).await;
         return Err(e.into());
@@ -543,7 +536,7 @@ pub fn list(app: &App, session: &Session, ctx: &RequestCtx) -> HandlerResult {
         .iter()
         .map(|f| {
             let mut content = if with_content {
-                app.store.file_text(&f.id).ok().flatten()
+                app.store.file_text(&f.id)?
             } else {
                 None
             };
@@ -563,9 +556,9 @@ pub fn list(app: &App, session: &Session, ctx: &RequestCtx) -> HandlerResult {
             if truncated {
                 item["data"]["content_truncated"] = json!(true);
             }
-            item
+            Ok(item)
         })
-        .collect();
+        .collect::<Result<_, ApiError>>()?;
     Ok(Outcome::Reply(Reply::ok(
         &json!({"items": items, "total": total}),
     )))
@@ -623,13 +616,25 @@ pub async fn stream_status(app: &App, session: &mut Session, id: &str) -> pingor
     let deadline = tokio::time::Instant::now() + STATUS_STREAM_MAX;
     let mut last: Option<Value> = None;
     loop {
-        let record = app.store.file(id).ok().flatten();
+        // A failing store ends the stream with an error event: it must not read as a
+        // deleted file ("not_found").
+        let (record, failed) = match app.store.file(id) {
+            Ok(r) => (r, false),
+            Err(e) => {
+                tracing::error!(file = id, error = %e, "store failure while streaming a file status");
+                (None, true)
+            }
+        };
         let (mut event, done) = match &record {
             Some(f) => {
                 let e = status_json(f);
                 let done = e["status"] != "pending";
                 (e, done)
             }
+            None if failed => (
+                json!({"status": "error", "error": "Internal storage error; see the server log"}),
+                true,
+            ),
             None => (json!({"status": "not_found"}), true),
         };
         let stuck = match &record {
@@ -715,23 +720,10 @@ pub fn delete(app: &App, ctx: &RequestCtx, req: &Req) -> HandlerResult {
     if !access::can_write_file(user, &f) {
         return Err(ApiError::forbidden(msg::ACCESS_PROHIBITED));
     }
-    delete_everywhere(app, &f.id)?;
+    app.library().delete_file(&f.id)?;
     Ok(Outcome::Reply(Reply::ok(
         &json!({"message": "File deleted successfully"}),
     )))
-}
-
-/// Removes a file's record, chunks, vectors, memberships and blob.
-pub fn delete_everywhere(app: &App, id: &str) -> Result<(), ApiError> {
-    if let Some((rec, chunk_ids, kbs)) = app.store.delete_file(id)? {
-        app.ingest.vectors.remove_file(id, &chunk_ids, &kbs);
-        if let Err(e) = std::fs::remove_file(&rec.path)
-            && e.kind() != io::ErrorKind::NotFound
-        {
-            tracing::warn!(file = id, error = %e, "could not remove the stored blob");
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -1,47 +1,20 @@
 //! `/api/v1/knowledge/*`: collections of files, shaped as Open WebUI's.
 
+use crate::forms::{FileIdForm, GrantForm, KnowledgeForm};
 use pingora::proxy::Session;
-use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::files::{delete_everywhere, file_json, page_of, page_param};
+use super::files::{file_json, page_of, page_param};
 use super::{HandlerResult, Outcome, Req, access, identity, query};
 use crate::app::App;
 use crate::error::{ApiError, msg};
 use crate::http::{self, Reply};
-use crate::proxy::ctx::RequestCtx;
-use crate::store::{FileStatus, Grant, KnowledgeRecord, Role, User, now_secs};
+use crate::ingest::NotUsable;
+use crate::library::Added;
+use crate::request::RequestCtx;
+use crate::store::{Grant, KnowledgeRecord, Role, User, now_secs};
 
 const PAGE_SIZE: usize = 30;
-
-/// A grant as clients send it.
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct GrantForm {
-    /// `user` or `group`.
-    pub principal_type: String,
-    /// A user id, a group id, or `*` for everyone.
-    pub principal_id: String,
-    /// `read` or `write`.
-    pub permission: String,
-}
-
-/// Body of `create` and `update` (Open WebUI's `KnowledgeForm`).
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
-pub struct KnowledgeForm {
-    pub name: String,
-    #[serde(default)]
-    pub description: String,
-    /// `null` or `[]`: private to the owner.
-    #[serde(default)]
-    pub access_grants: Option<Vec<GrantForm>>,
-}
-
-/// Body of `file/add` and `file/remove`.
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
-pub struct FileIdForm {
-    pub file_id: String,
-}
 
 /// Bounds of a collection's stored fields: a form is at most 1 MiB, but a record is read on
 /// every access check and listing, so it stays small.
@@ -149,11 +122,11 @@ fn kb_json(kb: &KnowledgeRecord) -> Value {
     })
 }
 
-fn user_json(app: &App, id: &str) -> Value {
-    match app.store.user_by_id(id).ok().flatten() {
+fn user_json(app: &App, id: &str) -> Result<Value, ApiError> {
+    Ok(match app.store.user_by_id(id)? {
         Some(u) => json!({"id": u.id, "name": u.name, "role": u.role.as_str(), "email": u.email}),
         None => Value::Null,
-    }
+    })
 }
 
 /// The `files` list of `KnowledgeFilesResponse`.
@@ -201,18 +174,13 @@ pub async fn create(app: &App, session: &mut Session, ctx: &RequestCtx) -> Handl
     let body = http::read_body(session, 1024 * 1024).await?;
     let form: KnowledgeForm = http::parse_json(&body)?;
     check_form(&form)?;
-    let now = now_secs();
-    let kb = KnowledgeRecord {
-        id: uuid::Uuid::new_v4().to_string(),
-        user_id: user.id.clone(),
-        name: form.name.trim().to_string(),
-        description: form.description,
-        meta: Value::Null,
-        access_grants: grants(form.access_grants, &user, &user.id)?,
-        created_at: now,
-        updated_at: now,
-    };
-    app.store.put_knowledge(&kb)?;
+    let access_grants = grants(form.access_grants, &user, &user.id)?;
+    let kb = app.library().create_collection(
+        &user.id,
+        form.name.trim().to_string(),
+        form.description,
+        access_grants,
+    )?;
     let mut v = kb_json(&kb);
     v["files"] = Value::Null;
     Ok(Outcome::Reply(Reply::ok(&v)))
@@ -237,11 +205,11 @@ pub fn list(app: &App, session: &Session, ctx: &RequestCtx) -> HandlerResult {
         .iter()
         .map(|kb| {
             let mut v = kb_json(kb);
-            v["user"] = user_json(app, &kb.user_id);
+            v["user"] = user_json(app, &kb.user_id)?;
             v["write_access"] = json!(access::can_write_kb(user, kb));
-            v
+            Ok(v)
         })
-        .collect();
+        .collect::<Result<_, ApiError>>()?;
     Ok(Outcome::Reply(Reply::ok(
         &json!({"items": items, "total": total}),
     )))
@@ -276,10 +244,10 @@ pub fn files(app: &App, session: &Session, ctx: &RequestCtx, req: &Req) -> Handl
         .iter()
         .map(|f| {
             let mut v = file_json(f, None);
-            v["user"] = user_json(app, &f.user_id);
-            v
+            v["user"] = user_json(app, &f.user_id)?;
+            Ok(v)
         })
-        .collect();
+        .collect::<Result<_, ApiError>>()?;
     Ok(Outcome::Reply(Reply::ok(
         &json!({"items": items, "directories": [], "breadcrumbs": [], "total": total}),
     )))
@@ -359,63 +327,45 @@ pub(crate) async fn add_one(
     wait: std::time::Duration,
 ) -> Result<bool, ApiError> {
     let not_found = || ApiError::bad_request(format!("File {file_id} not found"));
-    let mut file = app.store.file(file_id)?.ok_or_else(not_found)?;
-    if !access::can_read_file(&app.store, user, &file) {
+    let file = app.store.file(file_id)?.ok_or_else(not_found)?;
+    if !access::can_read_file(&app.store, user, &file)? {
         return Err(not_found());
     }
-    if !access::can_add_file_to(&app.store, user, &file, kb) {
+    if !access::can_add_file_to(&app.store, user, &file, kb)? {
         return Err(ApiError::forbidden(format!(
             "File {file_id} belongs to another user who cannot write this collection: only \
              its owner or an admin can add it here"
         )));
     }
-    if file.status == Some(FileStatus::Pending) {
-        file = app
-            .ingest
-            .wait_done(file_id, wait)
-            .await
-            .ok_or_else(not_found)?;
-    }
-    match file.status {
-        Some(FileStatus::Completed) => {}
-        Some(FileStatus::Pending) => {
-            return Err(ApiError::new(
+    let file = app
+        .ingest
+        .processed(file, wait)
+        .await
+        .map_err(|e| match e {
+            NotUsable::Gone => not_found(),
+            NotUsable::StillProcessing => ApiError::new(
                 409,
                 format!(
                     "File {file_id} is still being processed after {}s; try again later",
                     app.config.rag.file_add_wait.as_secs()
                 ),
-            ));
-        }
-        Some(FileStatus::Failed) => {
-            return Err(ApiError::bad_request(format!(
-                "File {file_id} could not be processed: {}",
-                file.error.as_deref().unwrap_or("unknown error")
-            )));
-        }
-        None => {
-            return Err(ApiError::bad_request(
+            ),
+            NotUsable::Failed(error) => {
+                ApiError::bad_request(format!("File {file_id} could not be processed: {error}"))
+            }
+            NotUsable::NotProcessed => ApiError::bad_request(
                 "Extracted content is not available for this file: it was uploaded with process=false",
-            ));
-        }
+            ),
+            NotUsable::Store(e) => e.into(),
+        })?;
+    match app.library().add_file(&kb.id, &file)? {
+        Added::Added => Ok(true),
+        Added::AlreadyThere => Ok(false),
+        // Same content under another file id → Open WebUI's duplicate error.
+        Added::Duplicate => Err(ApiError::bad_request(
+            "Duplicate content detected. Please provide unique content to proceed.",
+        )),
     }
-    // Same content under another file id → Open WebUI's duplicate error.
-    for other in app.store.knowledge_files(&kb.id)? {
-        if other != file.id
-            && let Some(o) = app.store.file(&other)?
-            && o.hash.is_some()
-            && o.hash == file.hash
-        {
-            return Err(ApiError::bad_request(
-                "Duplicate content detected. Please provide unique content to proceed.",
-            ));
-        }
-    }
-    let added = app.store.link_file(&kb.id, &file.id)?;
-    if added {
-        app.ingest.vectors.link(&kb.id, &file.id);
-    }
-    Ok(added)
 }
 
 /// Most files in one `files/batch/add`.
@@ -498,13 +448,12 @@ pub async fn remove_file(
             "File {file_id} is not in this collection"
         )));
     }
-    app.ingest.vectors.unlink(&kb.id, &file_id);
-    app.store.unlink_file(&kb.id, &file_id)?;
+    app.library().unlink_file(&kb.id, &file_id)?;
     if delete_file
         && let Some(f) = app.store.file(&file_id)?
         && (user.role == Role::Admin || f.user_id == user.id)
     {
-        delete_everywhere(app, &file_id)?;
+        app.library().delete_file(&file_id)?;
     }
     kb.updated_at = now_secs();
     app.store.put_knowledge(&kb)?;
@@ -526,7 +475,6 @@ pub fn reset(app: &App, ctx: &RequestCtx, req: &Req) -> HandlerResult {
 pub fn delete(app: &App, ctx: &RequestCtx, req: &Req) -> HandlerResult {
     let user = identity(ctx)?.user.clone();
     let kb = writable(app, &user, req.id())?;
-    let existed = app.store.delete_knowledge(&kb.id)?;
-    app.ingest.vectors.drop_collection(&kb.id);
+    let existed = app.library().delete_collection(&kb.id)?;
     Ok(Outcome::Reply(Reply::ok(&existed)))
 }

@@ -2,16 +2,9 @@
 //! to the session except to read the request body.
 
 pub(crate) mod auths;
-/// Request bodies, shared with the OpenAPI document.
-pub mod forms {
-    pub use super::auths::{AddUserForm, ApiKeyForm, SigninForm, SignupForm};
-    pub use super::auths::{UpdatePasswordForm, UpdateProfileForm};
-    pub use super::knowledge::{FileIdForm, GrantForm, KnowledgeForm};
-    pub use super::retrieval::{ProcessTextForm, QueryCollectionsForm, QueryDocForm};
-    pub use super::users::UserUpdateForm;
-}
-pub(crate) mod access;
+use crate::auth::access;
 mod chat;
+mod errors;
 mod files;
 mod knowledge;
 mod models;
@@ -19,6 +12,7 @@ mod ollama;
 mod presets;
 mod retrieval;
 mod system;
+mod usage;
 pub(crate) mod users;
 
 use pingora::proxy::Session;
@@ -27,8 +21,7 @@ use crate::app::App;
 use crate::error::ApiError;
 use crate::http::Reply;
 use crate::http::router::{Endpoint, RouteSpec};
-use crate::proxy::ctx::{ProxyTarget, RequestCtx};
-use crate::proxy::forward::Plan;
+use crate::request::{Plan, ProxyTarget, RequestCtx};
 
 /// What the gateway should do with a request.
 pub enum Outcome {
@@ -162,12 +155,12 @@ pub async fn handle(
         RetrievalProcessText => retrieval::process_text(app, session, ctx).await,
         KnowledgeBatchAdd => knowledge::batch_add(app, session, ctx, req).await,
         // The web page (issue 13).
-        UiIndex => crate::ui::serve(""),
-        UiAsset => crate::ui::serve(&req.tail),
+        UiIndex => crate::ui::serve("").map(Outcome::Reply),
+        UiAsset => crate::ui::serve(&req.tail).map(Outcome::Reply),
         // Limits and usage metering.
-        Usage => crate::usage::api::list(app, session, ctx).await,
-        UsageLimits => crate::usage::api::get_limits(app, req.id()),
-        SetUsageLimits => crate::usage::api::set_limits(app, session, req.id()).await,
+        Usage => usage::list(app, session, ctx).await,
+        UsageLimits => usage::get_limits(app, req.id()),
+        SetUsageLimits => usage::set_limits(app, session, req.id()).await,
         // Model presets.
         PresetCreate => presets::create(app, session, ctx).await,
         PresetListAll => presets::list_all(app, ctx),

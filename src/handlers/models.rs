@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 use super::{HandlerResult, Outcome, identity, query};
 use crate::app::App;
 use crate::http::{self, Reply};
-use crate::proxy::ctx::RequestCtx;
+use crate::request::RequestCtx;
 
 pub async fn list(app: &App, session: &Session, ctx: &RequestCtx) -> HandlerResult {
     let refresh = http::query_bool(query(session).as_deref(), "refresh")?.unwrap_or(false);
@@ -14,7 +14,7 @@ pub async fn list(app: &App, session: &Session, ctx: &RequestCtx) -> HandlerResu
     let catalog = app.models.catalog(refresh).await;
     // Model presets (src/presets) beside the base models; a preset shadows a base model
     // of the same id, as in Open WebUI.
-    let presets = crate::presets::model_entries(app, id, &catalog)?;
+    let presets = crate::presets::model_entries(&app.presets(), id, &catalog)?;
     let data: Vec<&Value> = catalog
         .list
         .iter()

@@ -17,8 +17,8 @@ use crate::error::{ApiError, msg};
 use crate::http::router::Endpoint;
 use crate::http::{self, Reply};
 use crate::models::ModelEntry;
-use crate::proxy::ctx::{ProxyTarget, RequestCtx};
-use crate::proxy::forward::Plan;
+use crate::request::Plan;
+use crate::request::{ProxyTarget, RequestCtx};
 use crate::store::Role;
 use crate::upstream::Upstream;
 
@@ -116,7 +116,7 @@ pub async fn model_route(
     let endpoint = req.route.endpoint;
     let preset = match endpoint {
         Endpoint::OllamaChat | Endpoint::OllamaGenerate => {
-            crate::presets::resolve(app, id, &name).await?
+            crate::presets::resolve(&app.presets(), id, &name).await?
         }
         _ => None,
     };
@@ -160,7 +160,8 @@ pub async fn model_route(
         Some(p) => {
             let generate = endpoint == Endpoint::OllamaGenerate;
             p.apply_ollama(&mut obj, generate, &id.user);
-            p.inject_native(app, id, &mut obj, generate).await?;
+            p.inject_native(&app.presets(), id, &mut obj, generate)
+                .await?;
             obj.insert(field.to_string(), Value::String(entry.upstream_id.clone()));
             bytes::Bytes::from(serde_json::to_vec(&obj).expect("json"))
         }

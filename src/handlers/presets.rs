@@ -15,7 +15,7 @@ use crate::auth::Identity;
 use crate::error::{ApiError, msg};
 use crate::http::{self, Reply};
 use crate::presets::{self, PresetForm};
-use crate::proxy::ctx::RequestCtx;
+use crate::request::RequestCtx;
 use crate::store::{Grant, PresetRecord, PresetRefusal, Role, User, now_secs};
 
 const PAGE_SIZE: usize = 30;
@@ -74,7 +74,7 @@ fn may_set_grants(user: &User, owner_id: &str, grants: &[Grant]) -> Result<(), A
 
 /// A preset the caller can read; otherwise a 404 that does not reveal it exists.
 fn readable(app: &App, user: &User, id: &str) -> Result<PresetRecord, ApiError> {
-    match presets::find(app, id)? {
+    match presets::find(&app.presets(), id)? {
         Some(p) if presets::can_read(user, &p) => Ok(p),
         _ => Err(ApiError::not_found(format!(
             "Model preset {id:?} not found"
@@ -117,8 +117,8 @@ pub async fn create(app: &App, session: &mut Session, ctx: &RequestCtx) -> Handl
             ),
         ));
     }
-    presets::check_base_usable(app, who, &c.id, &c.base_model_id).await?;
-    presets::check_knowledge(app, &user, &c.id, &c.meta)?;
+    presets::check_base_usable(&app.presets(), who, &c.id, &c.base_model_id).await?;
+    presets::check_knowledge(&app.presets(), &user, &c.id, &c.meta)?;
     let now = now_secs();
     let rec = PresetRecord {
         id: c.id,
@@ -153,7 +153,7 @@ pub async fn create(app: &App, session: &mut Session, ctx: &RequestCtx) -> Handl
 
 /// Presets the caller can read, newest change first.
 fn readable_all(app: &App, user: &User) -> Result<Vec<PresetRecord>, ApiError> {
-    let mut all: Vec<PresetRecord> = presets::all(app)?
+    let mut all: Vec<PresetRecord> = presets::all(&app.presets())?
         .into_iter()
         .filter(|p| presets::can_read(user, p))
         .collect();
@@ -170,8 +170,8 @@ pub fn list_all(app: &App, ctx: &RequestCtx) -> HandlerResult {
     let user = &identity(ctx)?.user;
     let items: Vec<Value> = readable_all(app, user)?
         .iter()
-        .map(|p| presets::access_json(app, user, p))
-        .collect();
+        .map(|p| presets::access_json(&app.presets(), user, p))
+        .collect::<Result<_, _>>()?;
     Ok(Outcome::Reply(Reply::ok(&items)))
 }
 
@@ -223,8 +223,8 @@ pub fn list(app: &App, session: &Session, ctx: &RequestCtx) -> HandlerResult {
     let total = items.len();
     let page: Vec<Value> = page_of(&items, page, PAGE_SIZE)
         .iter()
-        .map(|p| presets::access_json(app, user, p))
-        .collect();
+        .map(|p| presets::access_json(&app.presets(), user, p))
+        .collect::<Result<_, _>>()?;
     Ok(Outcome::Reply(Reply::ok(
         &json!({"items": page, "total": total}),
     )))
@@ -234,8 +234,10 @@ pub fn get(app: &App, session: &Session, ctx: &RequestCtx) -> HandlerResult {
     let user = &identity(ctx)?.user;
     let p = readable(app, user, &id_param(session)?)?;
     Ok(Outcome::Reply(Reply::ok(&presets::access_json(
-        app, user, &p,
-    ))))
+        &app.presets(),
+        user,
+        &p,
+    )?)))
 }
 
 pub async fn update(app: &App, session: &mut Session, ctx: &RequestCtx) -> HandlerResult {
@@ -266,9 +268,9 @@ pub async fn update(app: &App, session: &mut Session, ctx: &RequestCtx) -> Handl
         }
     }
     if c.base_model_id != p.base_model_id {
-        presets::check_base_usable(app, who, &p.id, &c.base_model_id).await?;
+        presets::check_base_usable(&app.presets(), who, &p.id, &c.base_model_id).await?;
     }
-    presets::check_knowledge(app, &user, &p.id, &c.meta)?;
+    presets::check_knowledge(&app.presets(), &user, &p.id, &c.meta)?;
     p.base_model_id = c.base_model_id;
     p.name = c.name;
     p.params = c.params;
@@ -297,8 +299,10 @@ pub fn toggle(app: &App, session: &Session, ctx: &RequestCtx) -> HandlerResult {
         )));
     }
     Ok(Outcome::Reply(Reply::ok(&presets::access_json(
-        app, &user, &p,
-    ))))
+        &app.presets(),
+        &user,
+        &p,
+    )?)))
 }
 
 pub fn delete(app: &App, session: &Session, ctx: &RequestCtx) -> HandlerResult {

@@ -4,8 +4,8 @@
 //! collection. Access is checked per name (an unreadable or missing one is a 404, never an
 //! empty result), and ranking is [`rag::search`], the function chat retrieval uses.
 
+use crate::forms::{ProcessTextForm, QueryCollectionsForm, QueryDocForm};
 use pingora::proxy::Session;
-use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::knowledge::{add_one, writable};
@@ -14,9 +14,9 @@ use crate::app::App;
 use crate::auth::Identity;
 use crate::error::ApiError;
 use crate::http::{self, Reply};
-use crate::proxy::ctx::RequestCtx;
 use crate::rag::{self, Fuse, Limits, Mode, Scope, Source};
-use crate::store::{FileRecord, FileStatus, now_secs};
+use crate::request::RequestCtx;
+use crate::store::{FileStatus, now_secs};
 
 /// Longest query: far beyond any question, and the embedder truncates long inputs anyway.
 const MAX_QUERY_BYTES: usize = 16 * 1024;
@@ -28,51 +28,6 @@ const MAX_NAME_BYTES: usize = 256;
 const MAX_TEXT_BYTES: usize = 8 * 1024 * 1024;
 /// Longest `name` of `process/text` (it becomes a file name).
 const MAX_TEXT_NAME_BYTES: usize = 255;
-
-/// Body of `POST /retrieval/query/doc` (Open WebUI's `QueryDocForm`).
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
-pub struct QueryDocForm {
-    pub collection_name: String,
-    pub query: String,
-    #[serde(default)]
-    pub k: Option<usize>,
-    /// Accepted for compatibility; ragway has no reranker.
-    #[serde(default)]
-    pub k_reranker: Option<usize>,
-    /// Relevance threshold (cosine).
-    #[serde(default)]
-    pub r: Option<f32>,
-    #[serde(default)]
-    pub hybrid: Option<bool>,
-    #[serde(default)]
-    pub hybrid_bm25_weight: Option<f32>,
-}
-
-/// Body of `POST /retrieval/query/collection` (Open WebUI's `QueryCollectionsForm`).
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
-pub struct QueryCollectionsForm {
-    pub collection_names: Vec<String>,
-    pub query: String,
-    #[serde(default)]
-    pub k: Option<usize>,
-    #[serde(default)]
-    pub k_reranker: Option<usize>,
-    #[serde(default)]
-    pub r: Option<f32>,
-    #[serde(default)]
-    pub hybrid: Option<bool>,
-    #[serde(default)]
-    pub hybrid_bm25_weight: Option<f32>,
-}
-
-/// Body of `POST /retrieval/process/text` (Open WebUI's `ProcessTextForm`).
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
-pub struct ProcessTextForm {
-    pub name: String,
-    pub content: String,
-    #[serde(default)]
-    pub collection_name: Option<String>,
-}
 
 /// The search settings of one request, checked.
 struct Settings {
@@ -147,7 +102,9 @@ async fn resolve(app: &App, id: &Identity, name: &str) -> Result<Target, ApiErro
         ));
     }
     if let Some(file_id) = name.strip_prefix("file-") {
-        return Ok(Target::File(rag::usable_file(app, id, file_id).await?.id));
+        return Ok(Target::File(
+            rag::usable_file(&app.retriever(), id, file_id).await?.id,
+        ));
     }
     match app.store.knowledge(name)? {
         Some(kb) if access::can_read_kb(&id.user, &kb) => Ok(Target::Collection(kb.id)),
@@ -170,7 +127,7 @@ async fn search_all(
     let vector = if s.mode == Mode::Bm25 {
         None
     } else {
-        rag::embed_query(app, query).await?
+        rag::embed_query(&app.retriever(), query).await?
     };
     let mut out = Vec::with_capacity(targets.len());
     for (name, target) in names.iter().zip(&targets) {
@@ -179,7 +136,7 @@ async fn search_all(
             Target::Collection(kb) => Scope::Collection(kb),
         };
         out.push(rag::search(
-            app,
+            &app.retriever(),
             json!({"collection_name": name}),
             scope,
             query,
@@ -368,31 +325,24 @@ pub async fn process_text(app: &App, session: &mut Session, ctx: &RequestCtx) ->
     tokio::fs::write(&path, form.content.as_bytes())
         .await
         .map_err(io_err)?;
-    let now = now_secs();
     let hash = {
         use sha2::{Digest, Sha256};
         hex::encode(Sha256::digest(form.content.as_bytes()))
     };
-    let record = FileRecord {
-        id: file_id.clone(),
-        user_id: id.user.id.clone(),
-        filename: filename.clone(),
-        path: path.display().to_string(),
-        hash: None,
-        status: Some(FileStatus::Pending),
-        error: None,
-        meta: json!({
+    let record = crate::library::new_file(
+        file_id.clone(),
+        id.user.id.clone(),
+        filename.clone(),
+        &path,
+        json!({
             "name": name,
             "content_type": "text/plain",
             "size": form.content.len(),
             "file_hash": hash,
             "data": {},
         }),
-        embedding: None,
-        chunk_count: 0,
-        created_at: now,
-        updated_at: now,
-    };
+        true,
+    );
     if let Err(e) = app.store.insert_file(&record, true) {
         let _ = tokio::fs::remove_file(&path).await;
         return Err(e.into());
@@ -405,7 +355,7 @@ pub async fn process_text(app: &App, session: &mut Session, ctx: &RequestCtx) ->
     drop(ticket);
     if record.status == Some(FileStatus::Failed) {
         // Nothing searchable came of it: the failed file is not kept.
-        super::files::delete_everywhere(app, &file_id)?;
+        app.library().delete_file(&file_id)?;
         return Err(ApiError::bad_request(format!(
             "The text could not be processed: {}",
             record.error.as_deref().unwrap_or("unknown error")

@@ -1,18 +1,17 @@
 //! `/api/v1/users/*`: user administration, shaped as Open WebUI's (admin only, except
 //! `GET /users/{id}`, which any verified user may call for a name and picture).
 
+use crate::forms::UserUpdateForm;
 use pingora::proxy::Session;
-use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::auths::{self, Refusal};
-use super::files::delete_everywhere;
 use super::{HandlerResult, Outcome, Req, identity, query};
 use crate::app::App;
 use crate::auth::password;
 use crate::error::{ApiError, msg};
 use crate::http::{self, Reply};
-use crate::proxy::ctx::RequestCtx;
+use crate::request::RequestCtx;
 use crate::store::{Role, StoreError, User};
 
 /// Users per page of `GET /users/`, as Open WebUI.
@@ -22,23 +21,6 @@ const MAX_QUERY_BYTES: usize = 512;
 /// Why the primary admin cannot be changed by others or demoted.
 const PRIMARY_ADMIN_PROTECTED: &str =
     "The primary (first) admin cannot be demoted, deleted or changed by another admin";
-
-/// Body of `POST /users/{id}/update` (Open WebUI's `UserUpdateForm`). A missing field
-/// keeps its value; `password` resets the password when given.
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct UserUpdateForm {
-    #[serde(default)]
-    pub role: Option<String>,
-    #[serde(default)]
-    pub name: Option<String>,
-    #[serde(default)]
-    pub email: Option<String>,
-    #[serde(default)]
-    pub profile_image_url: Option<String>,
-    #[serde(default)]
-    pub password: Option<String>,
-}
 
 /// Open WebUI's `UserModel`. Fields ragway does not keep are `null`; `last_active_at` is
 /// the last change of the account (ragway writes nothing per request).
@@ -290,56 +272,6 @@ pub fn delete(app: &App, ctx: &RequestCtx, req: &Req) -> HandlerResult {
     };
     app.auth.forget_cached_keys();
     tracing::info!(admin = %caller.id, user = %user.id, "user deleted");
-    remove_user_data(app, id)?;
+    app.library().remove_user_data(id)?;
     Ok(Outcome::Reply(Reply::ok(&true)))
-}
-
-/// Removes a deleted user's files (with chunks, vectors and blobs, by the file-deletion
-/// path) and collections (which leaves every other user's list with them), then clears the
-/// deletion record. Safe to run again after a crash.
-pub fn remove_user_data(app: &App, user_id: &str) -> Result<(), ApiError> {
-    for f in app.store.files()? {
-        if f.user_id == user_id {
-            delete_everywhere(app, &f.id)?;
-        }
-    }
-    for mut kb in app.store.knowledges()? {
-        if kb.user_id == user_id {
-            app.store.delete_knowledge(&kb.id)?;
-            app.ingest.vectors.drop_collection(&kb.id);
-        } else if kb.access_grants.iter().any(|g| g.principal_id == user_id) {
-            // Grants to a user who no longer exists would only clutter the sharing lists.
-            kb.access_grants.retain(|g| g.principal_id != user_id);
-            app.store.put_knowledge(&kb)?;
-        }
-    }
-    app.store.finish_user_deletion(user_id)?;
-    Ok(())
-}
-
-/// Finishes deletions a crash interrupted, then removes files and collections whose owner
-/// no longer exists: a request already past its access check when its user was deleted
-/// (an upload, a collection being created) can store them after the deletion's sweep.
-/// Called at start-up.
-pub fn finish_deletions(app: &App) -> Result<(), ApiError> {
-    for id in app.store.pending_user_deletions()? {
-        tracing::info!(user = %id, "finishing an interrupted user deletion");
-        remove_user_data(app, &id)?;
-    }
-    let users: std::collections::HashSet<String> =
-        app.store.users()?.into_iter().map(|u| u.id).collect();
-    for f in app.store.files()? {
-        if !users.contains(&f.user_id) {
-            tracing::warn!(file = %f.id, user = %f.user_id, "removing a file of a deleted user");
-            delete_everywhere(app, &f.id)?;
-        }
-    }
-    for kb in app.store.knowledges()? {
-        if !users.contains(&kb.user_id) {
-            tracing::warn!(knowledge = %kb.id, user = %kb.user_id, "removing a collection of a deleted user");
-            app.store.delete_knowledge(&kb.id)?;
-            app.ingest.vectors.drop_collection(&kb.id);
-        }
-    }
-    Ok(())
 }

@@ -6,7 +6,6 @@
 //! are committed in one transaction; the in-memory index is updated only after that commit,
 //! so a crash can never leave a file half indexed.
 
-pub mod bulk;
 pub mod vectors;
 
 use std::collections::HashSet;
@@ -25,6 +24,20 @@ use crate::config::{Config, EmbeddingEngine};
 use crate::embed::Embedder;
 use crate::store::{ChunkRecord, EmbeddingInfo, FileRecord, FileStatus, Store, now_secs};
 use vectors::VectorStore;
+
+/// Why a file gives no content (yet).
+#[derive(Debug)]
+pub enum NotUsable {
+    /// Deleted while waiting.
+    Gone,
+    /// Still pending after the wait.
+    StillProcessing,
+    /// Processing failed, with the file's error.
+    Failed(String),
+    /// Uploaded with `process=false`.
+    NotProcessed,
+    Store(crate::store::StoreError),
+}
 
 /// Longest client-chosen part of a blob's file name, in bytes (names are limited to 255).
 const BLOB_NAME_MAX: usize = 128;
@@ -383,23 +396,18 @@ impl Ingest {
         ) else {
             return;
         };
-        if !crate::handlers::access::can_write_kb(&user, &kb) {
+        if !crate::auth::access::can_write_kb(&user, &kb) {
             tracing::info!(file = %file.id, knowledge = kb_id, "no write access; not added");
             return;
         }
-        let duplicate = self
-            .store
-            .knowledge_files(kb_id)
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|o| self.store.file(o).ok().flatten())
-            .any(|o| o.id != file.id && o.hash.is_some() && o.hash == file.hash);
-        if duplicate {
-            tracing::info!(file = %file.id, knowledge = kb_id, "duplicate content; not added");
-            return;
-        }
-        if self.store.link_file(kb_id, &file.id).unwrap_or(false) {
-            self.vectors.link(kb_id, &file.id);
+        match crate::library::Library::new(&self.store, &self.vectors).add_file(kb_id, file) {
+            Ok(crate::library::Added::Duplicate) => {
+                tracing::info!(file = %file.id, knowledge = kb_id, "duplicate content; not added");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(file = %file.id, knowledge = kb_id, error = %e, "store failure; not added");
+            }
         }
     }
 
@@ -481,6 +489,38 @@ impl Ingest {
                 Ok(Err(_)) => return Some(f),
                 Err(_) => return Some(f),
             }
+        }
+    }
+
+    /// `file` once processed, waiting at most `wait` for one still pending: the check that
+    /// chat retrieval and adding to a collection share (each words the refusal its way).
+    ///
+    /// # Errors
+    /// Why the file gives no content; a failing store is [`NotUsable::Store`].
+    pub async fn processed(
+        &self,
+        file: FileRecord,
+        wait: Duration,
+    ) -> Result<FileRecord, NotUsable> {
+        let file = if file.status == Some(FileStatus::Pending) {
+            match self.wait_done(&file.id, wait).await {
+                Some(f) => f,
+                // `wait_done` reads no failure: ask again so a failing store is not "gone".
+                None => match self.store.file(&file.id) {
+                    Err(e) => return Err(NotUsable::Store(e)),
+                    Ok(_) => return Err(NotUsable::Gone),
+                },
+            }
+        } else {
+            file
+        };
+        match file.status {
+            Some(FileStatus::Completed) => Ok(file),
+            Some(FileStatus::Pending) => Err(NotUsable::StillProcessing),
+            Some(FileStatus::Failed) => Err(NotUsable::Failed(
+                file.error.unwrap_or_else(|| "unknown error".into()),
+            )),
+            None => Err(NotUsable::NotProcessed),
         }
     }
 

@@ -4,11 +4,11 @@ use std::sync::Arc;
 
 use serde_json::{Map, Value, json};
 
+use super::Presets;
 use super::clock;
-use crate::app::App;
 use crate::auth::Identity;
+use crate::auth::access;
 use crate::error::ApiError;
-use crate::handlers::access;
 use crate::models::ModelEntry;
 use crate::rag::{self, prompt};
 use crate::store::{PresetRecord, User};
@@ -114,7 +114,7 @@ fn merge_under(into: &mut Map<String, Value>, from: &Map<String, Value>) {
 /// Checks that each `meta.knowledge` item of preset `id` exists and that `user` can read
 /// it; the error names the missing item.
 pub fn check_knowledge(
-    app: &App,
+    app: &Presets<'_>,
     user: &User,
     id: &str,
     meta: &Map<String, Value>,
@@ -140,9 +140,10 @@ pub fn check_knowledge(
         } else {
             (
                 "file",
-                app.store
-                    .file(item_id)?
-                    .is_some_and(|f| access::can_read_file(&app.store, user, &f)),
+                match app.store.file(item_id)? {
+                    Some(f) => access::can_read_file(app.store, user, &f)?,
+                    None => false,
+                },
             )
         };
         if !ok {
@@ -214,7 +215,11 @@ impl Resolved {
 
     /// Every attached collection and file must exist and be readable by the caller: a
     /// preset never lends its owner's access, and never silently loses knowledge.
-    pub(super) fn check_knowledge(&self, app: &App, who: &Identity) -> Result<(), ApiError> {
+    pub(super) fn check_knowledge(
+        &self,
+        app: &Presets<'_>,
+        who: &Identity,
+    ) -> Result<(), ApiError> {
         for p in &self.chain {
             check_knowledge(app, &who.user, &p.id, &p.meta)?;
         }
@@ -299,7 +304,7 @@ impl Resolved {
     /// the sources, so none are returned.
     pub async fn inject_native(
         &self,
-        app: &App,
+        app: &Presets<'_>,
         who: &Identity,
         body: &mut Map<String, Value>,
         generate: bool,
@@ -325,7 +330,7 @@ impl Resolved {
             return Ok(());
         }
         let mut budget = rag::Budget::new(cfg.max_context_bytes);
-        let sources = rag::retrieve(app, who, &items, &query, &mut budget).await?;
+        let sources = rag::retrieve(&app.retriever, who, &items, &query, &mut budget).await?;
         if sources.iter().all(|s| s.document.is_empty()) {
             return Ok(());
         }

@@ -13,433 +13,30 @@ mod clock;
 
 use std::collections::HashSet;
 
-use serde::Deserialize;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
+pub use crate::forms::preset::*;
 pub use apply::{Resolved, check_knowledge};
 
-use crate::app::App;
 use crate::auth::Identity;
-use crate::config::file::DeclaredPresetFile;
+use crate::config::Config;
 use crate::error::ApiError;
-use crate::store::{Grant, PresetRecord, Role, User, now_secs};
+use crate::models::ModelRegistry;
+use crate::rag::Retriever;
+use crate::store::{PresetRecord, Role, Store, User};
 
-/// Owner recorded on presets declared in the configuration file.
-pub const CONFIG_OWNER: &str = "config";
-
-/// Bounds of one preset. A preset is read on every `/api/models` listing and every chat
-/// request naming it, so it stays small; the per-user and total counts are configured.
-pub const MAX_ID_BYTES: usize = 256;
-pub const MAX_NAME_BYTES: usize = 256;
-/// `params` as JSON, system prompt included.
-pub const MAX_PARAMS_BYTES: usize = 64 * 1024;
-pub const MAX_SYSTEM_BYTES: usize = 32 * 1024;
-/// `meta` as JSON (description, tags, knowledge, profile image).
-pub const MAX_META_BYTES: usize = 64 * 1024;
-pub const MAX_TAGS: usize = 64;
-pub const MAX_GRANTS: usize = 256;
-/// Presets built on presets: deeper chains are refused.
-pub const MAX_DEPTH: usize = 8;
-
-/// Request fields a preset's `params` may not set: they belong to the client's request.
-const RESERVED_PARAMS: &[&str] = &["model", "messages", "stream", "files", "params"];
-
-/// A grant as clients send it. Open WebUI's exports carry the stored grant objects (with
-/// `id`, `resource_type`, ...), so unknown keys are ignored here.
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
-pub struct PresetGrantForm {
-    pub principal_type: String,
-    pub principal_id: String,
-    pub permission: String,
-}
-
-/// Open WebUI's `ModelForm`. Unknown fields are ignored, as Open WebUI does
-/// (`extra='ignore'`), so an exported model row is a valid form.
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
-pub struct PresetForm {
-    pub id: String,
-    #[serde(default)]
-    pub base_model_id: Option<String>,
-    pub name: String,
-    #[serde(default)]
-    pub meta: Option<Value>,
-    #[serde(default)]
-    pub params: Option<Value>,
-    /// `null` or absent: private to the owner (on update: unchanged).
-    #[serde(default)]
-    pub access_grants: Option<Vec<PresetGrantForm>>,
-    #[serde(default)]
-    pub is_active: Option<bool>,
-}
-
-fn invalid(detail: impl Into<String>) -> ApiError {
-    ApiError::new(422, detail)
-}
-
-fn has_control(s: &str) -> bool {
-    s.chars().any(|c| c.is_control() || is_invisible(c))
-}
-
-/// Bidirectional and zero-width format characters: an id that renders like another must
-/// not be accepted.
-fn is_invisible(c: char) -> bool {
-    matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}')
-}
-
-/// A preset id: 1 to 256 bytes of letters, digits and `. _ - : / @ +` (model names such
-/// as `llama3.2:latest` or `team/support-bot`). Ids travel in query strings and JSON, so
-/// nothing that needs escaping or renders invisibly is allowed.
-pub fn check_id(id: &str) -> Result<(), ApiError> {
-    if id.is_empty() || id.len() > MAX_ID_BYTES {
-        return Err(invalid(format!(
-            "id must be 1 to {MAX_ID_BYTES} bytes long"
-        )));
-    }
-    if let Some(c) = id
-        .chars()
-        .find(|c| !(c.is_alphanumeric() || "._-:/@+".contains(*c)) || is_invisible(*c))
-    {
-        return Err(invalid(format!(
-            "id may contain only letters, digits and . _ - : / @ + (found {c:?})"
-        )));
-    }
-    if id
-        .split('/')
-        .any(|seg| seg.is_empty() || seg == "." || seg == "..")
-    {
-        return Err(invalid(
-            "id: `/` separates non-empty names, none of them `.` or `..`",
-        ));
-    }
-    Ok(())
-}
-
-fn json_len(v: &impl serde::Serialize) -> usize {
-    serde_json::to_vec(v).map_or(usize::MAX, |b| b.len())
-}
-
-fn system_fits(params: &Map<String, Value>) -> bool {
-    params
-        .get("system")
-        .and_then(Value::as_str)
-        .is_none_or(|s| s.len() <= MAX_SYSTEM_BYTES)
-}
-
-/// Validates `params`: an object whose `system` (if any) is a string, within the bounds,
-/// and without keys that belong to the request.
-fn check_params(params: Option<Value>) -> Result<Map<String, Value>, ApiError> {
-    let params = match params {
-        None | Some(Value::Null) => return Ok(Map::new()),
-        Some(Value::Object(m)) => m,
-        Some(_) => return Err(invalid("params must be an object")),
-    };
-    if json_len(&params) > MAX_PARAMS_BYTES {
-        return Err(ApiError::new(
-            413,
-            format!("params is larger than {} KiB", MAX_PARAMS_BYTES / 1024),
-        ));
-    }
-    match params.get("system") {
-        None | Some(Value::Null | Value::String(_)) if system_fits(&params) => {}
-        None | Some(Value::Null | Value::String(_)) => {
-            return Err(ApiError::new(
-                413,
-                format!(
-                    "params.system (the system prompt) is longer than {} KiB",
-                    MAX_SYSTEM_BYTES / 1024
-                ),
-            ));
-        }
-        Some(_) => return Err(invalid("params.system must be a string")),
-    }
-    match params.get("custom_params") {
-        None | Some(Value::Null | Value::Object(_)) => {}
-        Some(_) => return Err(invalid("params.custom_params must be an object")),
-    }
-    let custom = params.get("custom_params").and_then(Value::as_object);
-    for key in RESERVED_PARAMS {
-        if params.contains_key(*key) || custom.is_some_and(|c| c.contains_key(*key)) {
-            return Err(invalid(format!(
-                "params.{key} cannot be set by a preset: it belongs to the chat request"
-            )));
-        }
-    }
-    Ok(params)
-}
-
-/// One attached knowledge item, checked: a collection or file id (Open WebUI's
-/// `meta.knowledge` entries carry more keys, which are kept).
-fn check_knowledge_item(i: usize, item: &Value) -> Result<(), ApiError> {
-    let Value::Object(o) = item else {
-        return Err(invalid(format!("meta.knowledge[{i}] must be an object")));
-    };
-    match o.get("type").and_then(Value::as_str) {
-        Some("collection" | "file") => {}
-        Some(other) => {
-            return Err(invalid(format!(
-                "meta.knowledge[{i}]: type {other:?} is not supported (use collection or file)"
-            )));
-        }
-        None => {
-            return Err(invalid(format!(
-                "meta.knowledge[{i}]: `type` (collection or file) is required"
-            )));
-        }
-    }
-    match o.get("id").and_then(Value::as_str) {
-        Some(id) if !id.is_empty() && id.len() <= MAX_ID_BYTES && !has_control(id) => Ok(()),
-        _ => Err(invalid(format!(
-            "meta.knowledge[{i}]: `id` must be a string of 1 to {MAX_ID_BYTES} bytes"
-        ))),
-    }
-}
-
-/// Validates `meta` and normalises its tags to Open WebUI's `[{"name": …}]`.
-fn check_meta(meta: Option<Value>, max_items: usize) -> Result<Map<String, Value>, ApiError> {
-    let mut meta = match meta {
-        None | Some(Value::Null) => return Ok(Map::new()),
-        Some(Value::Object(m)) => m,
-        Some(_) => return Err(invalid("meta must be an object")),
-    };
-    if json_len(&meta) > MAX_META_BYTES {
-        return Err(ApiError::new(
-            413,
-            format!(
-                "meta is larger than {} KiB (a profile image counts too)",
-                MAX_META_BYTES / 1024
-            ),
-        ));
-    }
-    match meta.get("description") {
-        None | Some(Value::Null | Value::String(_)) => {}
-        Some(_) => return Err(invalid("meta.description must be a string")),
-    }
-    if let Some(tags) = meta.get("tags") {
-        let tags = match tags {
-            Value::Null => Vec::new(),
-            Value::Array(t) => t.clone(),
-            _ => return Err(invalid("meta.tags must be a list")),
-        };
-        if tags.len() > MAX_TAGS {
-            return Err(invalid(format!("meta.tags: at most {MAX_TAGS} tags")));
-        }
-        let mut names = Vec::with_capacity(tags.len());
-        for t in &tags {
-            let name = match t {
-                Value::String(s) => s.as_str(),
-                Value::Object(o) => o.get("name").and_then(Value::as_str).unwrap_or_default(),
-                _ => "",
-            };
-            let name = name.trim();
-            if !name.is_empty() {
-                names.push(json!({ "name": name }));
-            }
-        }
-        meta.insert("tags".into(), Value::Array(names));
-    }
-    match meta.get("knowledge") {
-        None | Some(Value::Null) => {}
-        Some(Value::Array(items)) => {
-            if items.len() > max_items {
-                return Err(invalid(format!(
-                    "meta.knowledge: at most {max_items} items (rag.max-items)"
-                )));
-            }
-            for (i, item) in items.iter().enumerate() {
-                check_knowledge_item(i, item)?;
-            }
-        }
-        Some(_) => return Err(invalid("meta.knowledge must be a list")),
-    }
-    Ok(meta)
-}
-
-fn check_name(name: &str) -> Result<String, ApiError> {
-    let name = name.trim();
-    if name.is_empty() {
-        return Err(invalid("name must not be empty"));
-    }
-    if name.len() > MAX_NAME_BYTES || has_control(name) {
-        return Err(invalid(format!(
-            "name must be at most {MAX_NAME_BYTES} bytes, without control characters"
-        )));
-    }
-    Ok(name.to_string())
-}
-
-fn check_base(id: &str, base: Option<&str>) -> Result<String, ApiError> {
-    let base = base.map(str::trim).unwrap_or_default();
-    if base.is_empty() {
-        return Err(invalid(
-            "base_model_id is required: a preset is built on a model ragway serves \
-             (overriding a base model's own entry is not supported)",
-        ));
-    }
-    if base.len() > MAX_ID_BYTES || has_control(base) {
-        return Err(invalid(format!(
-            "base_model_id must be at most {MAX_ID_BYTES} bytes, without control characters"
-        )));
-    }
-    if base == id {
-        return Err(ApiError::bad_request(format!(
-            "Model preset {id:?} cannot be based on itself"
-        )));
-    }
-    Ok(base.to_string())
-}
-
-/// Validates grants (Open WebUI's rules: `user` or `group`, `read` or `write`).
-pub fn parse_grants(form: Vec<PresetGrantForm>) -> Result<Vec<Grant>, ApiError> {
-    if form.len() > MAX_GRANTS {
-        return Err(invalid(format!(
-            "access_grants: at most {MAX_GRANTS} grants per preset"
-        )));
-    }
-    let now = now_secs();
-    let mut seen = HashSet::new();
-    let mut out = Vec::with_capacity(form.len());
-    for g in form {
-        if g.principal_type != "user" && g.principal_type != "group" {
-            return Err(invalid(format!(
-                "principal_type must be user or group, got {:?}",
-                g.principal_type
-            )));
-        }
-        if g.permission != "read" && g.permission != "write" {
-            return Err(invalid(format!(
-                "permission must be read or write, got {:?}",
-                g.permission
-            )));
-        }
-        if g.principal_id.is_empty() || g.principal_id.len() > 128 || has_control(&g.principal_id) {
-            return Err(invalid("principal_id must be 1 to 128 bytes long"));
-        }
-        if seen.insert((
-            g.principal_type.clone(),
-            g.principal_id.clone(),
-            g.permission.clone(),
-        )) {
-            out.push(Grant {
-                id: uuid::Uuid::new_v4().to_string(),
-                principal_type: g.principal_type,
-                principal_id: g.principal_id,
-                permission: g.permission,
-                created_at: now,
-            });
-        }
-    }
-    Ok(out)
-}
-
-/// The validated fields of a form (grants are handled by the caller, who knows the owner).
-pub struct Checked {
-    pub id: String,
-    pub name: String,
-    pub base_model_id: String,
-    pub params: Map<String, Value>,
-    pub meta: Map<String, Value>,
-    pub is_active: Option<bool>,
-}
-
-pub fn check_form(form: PresetForm, max_items: usize) -> Result<Checked, ApiError> {
-    let id = form.id.trim().to_string();
-    check_id(&id)?;
-    Ok(Checked {
-        name: check_name(&form.name)?,
-        base_model_id: check_base(&id, form.base_model_id.as_deref())?,
-        params: check_params(form.params)?,
-        meta: check_meta(form.meta, max_items)?,
-        is_active: form.is_active,
-        id,
-    })
-}
-
-/// The `[[presets.declared]]` entries of the configuration, validated like API forms, with
-/// no id twice and no cycle among them.
-pub fn declared(
-    files: Vec<DeclaredPresetFile>,
-    max_items: usize,
-) -> Result<Vec<PresetRecord>, String> {
-    let mut out: Vec<PresetRecord> = Vec::with_capacity(files.len());
-    for f in files {
-        let id = f.id.clone();
-        let mut params = f.params.unwrap_or_default();
-        if let Some(system) = f.system {
-            params.insert("system".into(), Value::String(system));
-        }
-        let mut meta = Map::new();
-        if let Some(d) = f.description {
-            meta.insert("description".into(), Value::String(d));
-        }
-        if let Some(t) = f.tags {
-            meta.insert("tags".into(), json!(t));
-        }
-        if let Some(k) = f.knowledge {
-            meta.insert("knowledge".into(), json!(k));
-        }
-        let form = PresetForm {
-            name: f.name.unwrap_or_else(|| f.id.clone()),
-            id: f.id,
-            base_model_id: Some(f.base_model_id),
-            meta: Some(Value::Object(meta)),
-            params: Some(Value::Object(params)),
-            access_grants: None,
-            is_active: f.is_active,
-        };
-        let c = check_form(form, max_items).map_err(|e| format!("{id}: {}", e.detail))?;
-        let grants = f
-            .access_grants
-            .unwrap_or_default()
-            .into_iter()
-            .map(|g| PresetGrantForm {
-                principal_type: g.principal_type,
-                principal_id: g.principal_id,
-                permission: g.permission,
-            })
-            .collect();
-        let access_grants = parse_grants(grants).map_err(|e| format!("{id}: {}", e.detail))?;
-        if out.iter().any(|p| p.id == c.id) {
-            return Err(format!("{id}: declared twice"));
-        }
-        out.push(PresetRecord {
-            id: c.id,
-            user_id: CONFIG_OWNER.to_string(),
-            base_model_id: c.base_model_id,
-            name: c.name,
-            params: c.params,
-            meta: c.meta,
-            access_grants,
-            is_active: c.is_active.unwrap_or(true),
-            created_at: 0,
-            updated_at: 0,
-        });
-    }
-    for p in &out {
-        let mut seen = HashSet::from([p.id.as_str()]);
-        let mut base = p.base_model_id.as_str();
-        while let Some(next) = out.iter().find(|q| q.id == base) {
-            if !seen.insert(next.id.as_str()) {
-                return Err(format!("{}: its base models form a cycle", p.id));
-            }
-            base = next.base_model_id.as_str();
-        }
-        if seen.len() > MAX_DEPTH {
-            return Err(format!(
-                "{}: presets nested more than {MAX_DEPTH} deep",
-                p.id
-            ));
-        }
-    }
-    Ok(out)
-}
-
-/// Whether a preset was declared in the configuration file.
-pub fn is_declared(p: &PresetRecord) -> bool {
-    p.user_id == CONFIG_OWNER && p.created_at == 0
+/// What presets read: the settings (declared presets), the store, the model registry (a
+/// preset's base model) and retrieval (for presets that carry knowledge).
+#[derive(Clone, Copy)]
+pub struct Presets<'a> {
+    pub config: &'a Config,
+    pub store: &'a Store,
+    pub models: &'a ModelRegistry,
+    pub retriever: Retriever<'a>,
 }
 
 /// A preset by id: declared ones first (they shadow a stored preset of the same id).
-pub fn find(app: &App, id: &str) -> Result<Option<PresetRecord>, ApiError> {
+pub fn find(app: &Presets<'_>, id: &str) -> Result<Option<PresetRecord>, ApiError> {
     if let Some(p) = app.config.presets.declared.iter().find(|p| p.id == id) {
         return Ok(Some(p.clone()));
     }
@@ -447,7 +44,7 @@ pub fn find(app: &App, id: &str) -> Result<Option<PresetRecord>, ApiError> {
 }
 
 /// Every preset: declared ones, then stored ones not shadowed by them.
-pub fn all(app: &App) -> Result<Vec<PresetRecord>, ApiError> {
+pub fn all(app: &Presets<'_>) -> Result<Vec<PresetRecord>, ApiError> {
     let declared = &app.config.presets.declared;
     let mut out = declared.clone();
     out.extend(
@@ -490,7 +87,7 @@ pub fn visible(who: &Identity, p: &PresetRecord) -> bool {
 /// preset they can read (without forming a cycle back to `id`), or a model ragway serves
 /// that they may use.
 pub async fn check_base_usable(
-    app: &App,
+    app: &Presets<'_>,
     who: &Identity,
     id: &str,
     base: &str,
@@ -565,21 +162,24 @@ pub fn model_json(p: &PresetRecord) -> Value {
 }
 
 /// `ModelAccessResponse`: the model, its owner and whether the caller may change it.
-pub fn access_json(app: &App, user: &User, p: &PresetRecord) -> Value {
+///
+/// # Errors
+/// When the store fails (never shown as an owner-less preset).
+pub fn access_json(app: &Presets<'_>, user: &User, p: &PresetRecord) -> Result<Value, ApiError> {
     let mut v = model_json(p);
-    v["user"] = match app.store.user_by_id(&p.user_id).ok().flatten() {
+    v["user"] = match app.store.user_by_id(&p.user_id)? {
         Some(u) => json!({"id": u.id, "name": u.name, "role": u.role.as_str(), "email": u.email}),
         None => Value::Null,
     };
     v["write_access"] = json!(can_write(user, p));
-    v
+    Ok(v)
 }
 
 /// `/api/models` entries of the presets `who` may use, as Open WebUI lists workspace
 /// models: `owned_by` and `connection_type` of the base, `preset: true`, and `info` (the
 /// row without `params`, and without the profile image, which `/api/models` drops).
 pub fn model_entries(
-    app: &App,
+    app: &Presets<'_>,
     who: &Identity,
     catalog: &crate::models::Catalog,
 ) -> Result<Vec<Value>, ApiError> {
@@ -628,7 +228,11 @@ fn final_base<'a>(presets: &'a [PresetRecord], p: &'a PresetRecord) -> &'a str {
 /// Resolves a model name for a chat request: `Ok(None)` when the name is not a preset
 /// the caller may use (it is then a base model name, or unknown); the resolved chain
 /// otherwise, or a clear error naming what is missing.
-pub async fn resolve(app: &App, who: &Identity, model: &str) -> Result<Option<Resolved>, ApiError> {
+pub async fn resolve(
+    app: &Presets<'_>,
+    who: &Identity,
+    model: &str,
+) -> Result<Option<Resolved>, ApiError> {
     let Some(top) = find(app, model)? else {
         return Ok(None);
     };
@@ -684,6 +288,8 @@ pub async fn resolve(app: &App, who: &Identity, model: &str) -> Result<Option<Re
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::file::DeclaredPresetFile;
+    use crate::config::presets::declared;
 
     fn form(v: Value) -> Result<Checked, ApiError> {
         check_form(serde_json::from_value(v).unwrap(), 32)
@@ -774,7 +380,7 @@ mod tests {
             .collect();
         let file: crate::config::file::FileConfig = toml::from_str(&example).unwrap();
         let declared = file.presets.unwrap().declared.unwrap();
-        let out = super::declared(declared, 32).unwrap();
+        let out = crate::config::presets::declared(declared, 32).unwrap();
         assert_eq!(out[0].id, "docs-assistant");
         assert_eq!(out[0].access_grants[0].principal_id, "*");
         assert!(

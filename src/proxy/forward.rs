@@ -7,7 +7,6 @@
 //! connection pool, timeouts and zero-copy `Bytes` chunks, with every upstream chunk
 //! written to the client as soon as it arrives.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -16,40 +15,11 @@ use pingora::ErrorType;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::Session;
 
-use super::ctx::RequestCtx;
 use crate::app::App;
 use crate::error::ApiError;
+use crate::request::{Plan, RequestCtx};
 use crate::upstream::Upstream;
-
-/// A request ready to be forwarded.
-pub struct Plan {
-    /// Upstreams to try, best first. A second one is tried only when the first could not
-    /// be reached and nothing was sent.
-    pub candidates: Vec<Arc<Upstream>>,
-    pub method: Method,
-    /// Path and query on the upstream, base path included.
-    pub path: String,
-    pub body: Bytes,
-    /// Answer a 2xx upstream response with this body instead (Open WebUI returns `true` for
-    /// copy and delete, where Ollama answers an empty body).
-    pub replace_success_body: Option<&'static str>,
-    /// RAG sources to return with a successful answer: as a first SSE event for streams,
-    /// as a top-level `sources` key for JSON.
-    pub sources: Option<SourcesReply>,
-    /// Context budget: the upstream answers in Ollama's native NDJSON/JSON, converted back
-    /// to OpenAI's format (see [`super::ndjson_sse`]).
-    pub convert: Option<super::ndjson_sse::Convert>,
-    /// Headers added to a successful answer (the context budget's report).
-    pub headers: Vec<(http::HeaderName, String)>,
-}
-
-/// How sources reach the client.
-pub struct SourcesReply {
-    /// The first SSE event: a valid `chat.completion.chunk` with no choices and `sources`.
-    pub sse_event: Bytes,
-    /// The `sources` value for a JSON answer.
-    pub json: serde_json::Value,
-}
+pub use crate::upstream::upstream_failure;
 
 /// Largest whole JSON answer buffered to add `sources` to it; a chat completion is a few KiB
 /// to a few MiB, so more means a broken or hostile upstream, not an answer.
@@ -142,24 +112,6 @@ pub fn upstream_headers(
         req.insert_header(header::AUTHORIZATION, format!("Bearer {key}"))?;
     }
     Ok(())
-}
-
-/// Status and message for a failure to reach or hear from an upstream.
-pub fn upstream_failure(e: &pingora::Error) -> ApiError {
-    match e.etype() {
-        ErrorType::ConnectTimedout | ErrorType::TLSHandshakeTimedout => {
-            ApiError::new(504, "Upstream connection timed out")
-        }
-        ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
-            ApiError::new(504, "Upstream did not answer in time")
-        }
-        ErrorType::ConnectRefused => ApiError::new(502, "Upstream refused the connection"),
-        ErrorType::ConnectNoRoute => ApiError::new(502, "Upstream is unreachable"),
-        _ => ApiError::new(
-            502,
-            format!("Upstream connection failed: {}", e.etype().as_str()),
-        ),
-    }
 }
 
 fn is_connect_error(e: &pingora::Error) -> bool {
@@ -323,7 +275,7 @@ pub async fn forward(
                 body.extend_from_slice(&chunk);
             }
             crate::usage::scan_whole(ctx, &body);
-            crate::usage::finish(app, ctx);
+            crate::usage::finish(&app.usage, ctx);
             let merged = match serde_json::from_slice::<serde_json::Value>(&body) {
                 Ok(serde_json::Value::Object(mut o)) => {
                     o.insert("sources".into(), src.json.clone());
@@ -388,7 +340,7 @@ pub async fn forward(
         }
         // Recorded before the end is sent: a client that has the whole answer finds it in
         // its usage.
-        crate::usage::finish(app, ctx);
+        crate::usage::finish(&app.usage, ctx);
         session.write_response_body(None, true).await?;
         app.connector
             .release_http_session(upstream, &peer, Some(Duration::from_secs(60)))

@@ -3,10 +3,9 @@
 //! Every request enters `request_filter`, which finds the route, authenticates, and hands
 //! the request to its handler. A handler either answers locally, forwards through the
 //! [`forward`] engine (requests whose body ragway reads: model routing, rewriting), or
-//! returns a [`ctx::ProxyTarget`] so that pingora's proxy phases stream the request and
+//! returns a [`crate::request::ProxyTarget`] so that pingora's proxy phases stream the request and
 //! response through untouched. The phases below stay thin and only delegate.
 
-pub mod ctx;
 pub mod forward;
 pub mod ndjson_sse;
 
@@ -24,7 +23,7 @@ use crate::error::ApiError;
 use crate::handlers::{self, Outcome};
 use crate::http::router::{self, Match};
 use crate::metrics;
-use ctx::RequestCtx;
+use crate::request::RequestCtx;
 
 /// Largest request head ragway serves (request line and headers). pingora itself accepts
 /// up to 1 MiB and 256 headers; no client of this API needs a fraction of that, and every
@@ -175,7 +174,7 @@ impl ProxyHttp for Gateway {
             Err(e) => return self.answer_error(session, ctx, e).await,
         }
         // Limits are checked before the body is read or any upstream is contacted.
-        if let Some(refusal) = crate::usage::admit(&self.app, ctx, route.endpoint) {
+        if let Some(refusal) = crate::usage::admit(&self.app.usage, ctx, route.endpoint) {
             ctx.status = Some(refusal.status);
             crate::http::send(session, refusal).await?;
             return Ok(true);
@@ -377,7 +376,7 @@ impl ProxyHttp for Gateway {
     /// credentials: only method, path (no query), status, user id and timings.
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         // Usage of an answer that did not end normally (the forward engine records the rest).
-        crate::usage::finish(&self.app, ctx);
+        crate::usage::finish(&self.app.usage, ctx);
         let status = session
             .response_written()
             .map(|r| r.status.as_u16())

@@ -17,9 +17,9 @@ use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 use serde_json::{Map, Value, json};
 
-use super::ctx::RequestCtx;
-use super::forward::SourcesReply;
 use crate::error::ApiError;
+pub use crate::request::Convert;
+use crate::request::{RequestCtx, SourcesReply};
 
 /// Longest NDJSON line accepted from the upstream: one line is one token or one tool call,
 /// so more means a broken or hostile upstream, and it must not grow a buffer without end.
@@ -28,14 +28,6 @@ pub const MAX_LINE: usize = 1024 * 1024;
 const MAX_ANSWER: usize = 32 * 1024 * 1024;
 /// Largest error body read from a failing upstream.
 const MAX_ERROR_BODY: usize = 64 * 1024;
-
-/// How the answer of a converted request is shaped.
-#[derive(Debug, Clone)]
-pub struct Convert {
-    pub stream: bool,
-    /// `stream_options.include_usage`: a final usage chunk before `[DONE]`.
-    pub include_usage: bool,
-}
 
 fn text_parts(content: &Value) -> Result<Vec<Value>, ApiError> {
     let invalid = || ApiError::bad_request("invalid message format");
@@ -621,7 +613,7 @@ pub async fn relay(
             Ok(None) => conv.finish(),
             Err(e) => {
                 if !started {
-                    return send_error(session, ctx, super::forward::upstream_failure(&e)).await;
+                    return send_error(session, ctx, crate::upstream::upstream_failure(&e)).await;
                 }
                 // Ending without the terminating chunk tells the client the body is
                 // incomplete.

@@ -21,8 +21,7 @@ use serde_json::{Map, Value, json};
 
 use super::Source;
 use super::prompt;
-use crate::app::App;
-use crate::config::{ContextConfig, UpstreamKind};
+use crate::config::{Config, ContextConfig, UpstreamKind};
 use crate::error::ApiError;
 use crate::metrics;
 use crate::models::ModelEntry;
@@ -263,9 +262,19 @@ pub fn window_from_show(show: &Value, runtime_default: u32, cfg: &ContextConfig)
     Window { runtime, max }
 }
 
+/// What the context budget reads: the settings, the upstreams (and a client to ask Ollama
+/// for a model's window) and the token counter with its cache of windows.
+#[derive(Clone, Copy)]
+pub struct Budgeter<'a> {
+    pub config: &'a Config,
+    pub upstreams: &'a crate::upstream::Upstreams,
+    pub http: &'a reqwest::Client,
+    pub context: &'a ContextBudget,
+}
+
 /// The context window of `entry` on its preferred upstream, or `None` when unknown (an
 /// OpenAI-compatible connection without `context-length`).
-pub async fn window(app: &App, entry: &ModelEntry) -> Option<Window> {
+pub async fn window(app: &Budgeter<'_>, entry: &ModelEntry) -> Option<Window> {
     let cfg = &app.config.context;
     // The first healthy host (not `rank`, which would advance the round-robin).
     let family = app.upstreams.family(entry.kind);
@@ -307,7 +316,11 @@ pub async fn window(app: &App, entry: &ModelEntry) -> Option<Window> {
 }
 
 /// `POST /api/show`, bounded in time and size.
-async fn show(app: &App, up: &crate::upstream::Upstream, model: &str) -> Result<Value, String> {
+async fn show(
+    app: &Budgeter<'_>,
+    up: &crate::upstream::Upstream,
+    model: &str,
+) -> Result<Value, String> {
     let mut req = app
         .http
         .post(up.url("/api/show"))
@@ -410,7 +423,7 @@ fn messages_tokens(budget: &ContextBudget, messages: &[Value], limit: usize) -> 
 /// Drops and shortens chunks in place; the best-ranked chunks of every item are kept first,
 /// round-robin across items. `None`: the window is unknown or the budget is off.
 pub async fn fit(
-    app: &App,
+    app: &Budgeter<'_>,
     entry: &ModelEntry,
     body: &Map<String, Value>,
     sources: &mut [Source],

@@ -8,7 +8,6 @@
 
 pub mod bm25;
 pub mod budget;
-pub mod eval;
 pub mod prompt;
 
 use std::collections::{HashMap, HashSet};
@@ -16,12 +15,12 @@ use std::collections::{HashMap, HashSet};
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use crate::app::App;
 use crate::auth::Identity;
-use crate::config::{Fusion, RagConfig};
+use crate::auth::access;
+use crate::config::{Config, Fusion, RagConfig};
 use crate::error::ApiError;
-use crate::handlers::access;
-use crate::store::{ChunkRecord, FileRecord, FileStatus};
+use crate::ingest::{Ingest, NotUsable};
+use crate::store::{ChunkRecord, FileRecord, FileStatus, Store};
 
 /// Open WebUI's source object (spec 4.4): returned to the client and injected.
 #[derive(Debug, Clone, Serialize)]
@@ -229,9 +228,19 @@ fn sorted(scores: HashMap<u64, f32>) -> Vec<(u64, f32)> {
     v
 }
 
+/// What retrieval reads: the settings, the store (files, chunks) and the ingestion side
+/// (vector index, embedder). Built by the wiring ([`crate::app::App::retriever`]), so
+/// retrieval needs nothing above it.
+#[derive(Clone, Copy)]
+pub struct Retriever<'a> {
+    pub config: &'a Config,
+    pub store: &'a Store,
+    pub ingest: &'a Ingest,
+}
+
 /// Ranks chunk ids of `scope` for one query. `vector` is needed unless `mode` is BM25.
 pub fn rank(
-    app: &App,
+    app: &Retriever<'_>,
     scope: Scope,
     query: &str,
     vector: Option<&[f32]>,
@@ -306,7 +315,7 @@ fn echo(item: &Value) -> Value {
     v
 }
 
-fn chunk_meta(app: &App, file: &FileRecord, chunk: &ChunkRecord, score: f32) -> Value {
+fn chunk_meta(app: &Retriever<'_>, file: &FileRecord, chunk: &ChunkRecord, score: f32) -> Value {
     let mut m = json!({
         "file_id": file.id,
         "name": file.meta.get("name").cloned().unwrap_or(json!(file.filename)),
@@ -331,33 +340,32 @@ fn chunk_meta(app: &App, file: &FileRecord, chunk: &ChunkRecord, score: f32) -> 
 
 /// A file the caller may read and that is processed, waiting (bounded) for one still
 /// being processed: asking right after an upload must not see an empty context.
-pub async fn usable_file(app: &App, identity: &Identity, id: &str) -> Result<FileRecord, ApiError> {
+pub async fn usable_file(
+    app: &Retriever<'_>,
+    identity: &Identity,
+    id: &str,
+) -> Result<FileRecord, ApiError> {
     let missing = || ApiError::not_found(format!("File {id} not found"));
-    let mut f = app.store.file(id)?.ok_or_else(missing)?;
-    if !access::can_read_file(&app.store, &identity.user, &f) {
+    let f = app.store.file(id)?.ok_or_else(missing)?;
+    if !access::can_read_file(app.store, &identity.user, &f)? {
         return Err(missing());
     }
-    if f.status == Some(FileStatus::Pending) {
-        f = app
-            .ingest
-            .wait_done(id, app.config.rag.file_add_wait)
-            .await
-            .ok_or_else(missing)?;
-    }
-    match f.status {
-        Some(FileStatus::Completed) => Ok(f),
-        Some(FileStatus::Pending) => Err(ApiError::new(
-            409,
-            format!("File {id} is still being processed"),
-        )),
-        Some(FileStatus::Failed) => Err(ApiError::bad_request(format!(
-            "File {id} could not be processed: {}",
-            f.error.as_deref().unwrap_or("unknown error")
-        ))),
-        None => Err(ApiError::bad_request(format!(
-            "File {id} was uploaded with process=false and has no content"
-        ))),
-    }
+    app.ingest
+        .processed(f, app.config.rag.file_add_wait)
+        .await
+        .map_err(|e| match e {
+            NotUsable::Gone => missing(),
+            NotUsable::StillProcessing => {
+                ApiError::new(409, format!("File {id} is still being processed"))
+            }
+            NotUsable::Failed(error) => {
+                ApiError::bad_request(format!("File {id} could not be processed: {error}"))
+            }
+            NotUsable::NotProcessed => ApiError::bad_request(format!(
+                "File {id} was uploaded with process=false and has no content"
+            )),
+            NotUsable::Store(e) => e.into(),
+        })
 }
 
 /// The context a request may still inject: every document text counts against it as it is
@@ -435,7 +443,7 @@ pub fn distinct_items(items: &[Value], max: usize) -> Result<Vec<Value>, ApiErro
 /// an unreadable item is an error naming it, never silently skipped. Items must already be
 /// distinct ([`distinct_items`]); the injected text is bounded by `budget`.
 pub async fn retrieve(
-    app: &App,
+    app: &Retriever<'_>,
     identity: &Identity,
     items: &[Value],
     query: &str,
@@ -551,7 +559,7 @@ pub async fn retrieve(
 }
 
 /// The query's embedding, as every search of chat and the retrieval API gets it.
-pub async fn embed_query(app: &App, query: &str) -> Result<Option<Vec<f32>>, ApiError> {
+pub async fn embed_query(app: &Retriever<'_>, query: &str) -> Result<Option<Vec<f32>>, ApiError> {
     let embedder = app
         .ingest
         .embedder
@@ -566,7 +574,7 @@ pub async fn embed_query(app: &App, query: &str) -> Result<Option<Vec<f32>>, Api
 
 /// Whole documents for `context: "full"`.
 fn whole_files(
-    app: &App,
+    app: &Retriever<'_>,
     item: &Value,
     files: &[FileRecord],
     budget: &mut Budget,
@@ -618,7 +626,7 @@ impl Limits {
 /// retrieval, and of the retrieval API, which calls this same function.
 #[allow(clippy::too_many_arguments)]
 pub fn search(
-    app: &App,
+    app: &Retriever<'_>,
     source: Value,
     scope: Scope,
     query: &str,
@@ -634,7 +642,7 @@ pub fn search(
 /// Top `k` distinct chunk texts of a ranking, scored by cosine to the query when known,
 /// filtered by the relevance threshold.
 fn select(
-    app: &App,
+    app: &Retriever<'_>,
     source: Value,
     ranked: Vec<(u64, f32)>,
     vector: Option<&[f32]>,
@@ -682,9 +690,13 @@ fn select(
         if !seen.insert(chunk.text.clone()) {
             continue;
         }
-        let file = files
-            .entry(chunk.file_id.clone())
-            .or_insert_with(|| app.store.file(&chunk.file_id).ok().flatten());
+        let file = match files.entry(chunk.file_id.clone()) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            // A failing store is an error, not a file deleted meanwhile.
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(app.store.file(&chunk.file_id)?)
+            }
+        };
         let Some(file) = file else { continue };
         s.metadata.push(chunk_meta(app, file, &chunk, score));
         s.document.push(chunk.text);

@@ -7,8 +7,7 @@ use serde_json::{Value, json};
 
 use super::Source;
 
-/// Open WebUI v0.10.2's default `RAG_TEMPLATE`, verbatim (ends with a newline).
-pub const DEFAULT_TEMPLATE: &str = include_str!("default_template.txt");
+pub use crate::config::DEFAULT_RAG_TEMPLATE as DEFAULT_TEMPLATE;
 
 /// Escapes a value for a double-quoted XML-ish attribute.
 fn attr(v: &str) -> String {

@@ -18,7 +18,7 @@ use super::{
     Signals, Storage, StorageError, UserChange, WorkQueue, check_key,
 };
 use crate::ingest::vectors::VectorStore;
-use crate::rag::bm25::TermCounts;
+use crate::rag::bm25::{Bm25Params, TermCounts};
 use crate::store::{
     ApiKeyRecord, ChunkRecord, FileRecord, KnowledgeRecord, Store, UsageCounts, UsageKey, User,
 };
@@ -286,12 +286,15 @@ impl Chunks for Embedded {
         let lists = scope
             .collections
             .iter()
-            .map(|kb| self.index.bm25_collection(kb, query, k))
+            .map(|kb| {
+                self.index
+                    .bm25_collection(kb, query, k, Bm25Params::default())
+            })
             .chain(
                 scope
                     .files
                     .iter()
-                    .map(|f| self.index.bm25_file(f, query, k)),
+                    .map(|f| self.index.bm25_file(f, query, k, Bm25Params::default())),
             );
         Ok(merge(lists.collect::<Vec<_>>(), k))
     }

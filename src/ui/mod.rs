@@ -6,7 +6,6 @@
 use bytes::Bytes;
 
 use crate::error::ApiError;
-use crate::handlers::{HandlerResult, Outcome};
 use crate::http::Reply;
 
 const INDEX: &str = include_str!("index.html");
@@ -33,7 +32,7 @@ fn asset(tail: &str) -> Option<(&'static str, &'static str)> {
 ///
 /// # Errors
 /// A 404 for any other path under `/ui/`.
-pub fn serve(tail: &str) -> HandlerResult {
+pub fn serve(tail: &str) -> Result<Reply, ApiError> {
     let Some((body, content_type)) = asset(tail) else {
         return Err(ApiError::not_found("Not Found"));
     };
@@ -48,7 +47,7 @@ pub fn serve(tail: &str) -> HandlerResult {
         // The page is small and changes with the binary: revalidating costs little and a
         // stale script never talks to a newer API.
         .with_header(http::header::CACHE_CONTROL, "no-cache".to_string());
-    Ok(Outcome::Reply(reply))
+    Ok(reply)
 }
 
 #[cfg(test)]

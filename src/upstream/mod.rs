@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use pingora::upstreams::peer::HttpPeer;
 
 use crate::config::{Config, UpstreamConfig, UpstreamKind};
+use crate::error::ApiError;
 use crate::metrics;
 
 /// After a failed connection, an upstream is tried last for this long.
@@ -205,5 +206,23 @@ impl Upstreams {
             c.sort_by_key(|u| (u.recently_failed(), u.in_flight.load(Ordering::Relaxed)));
         }
         c
+    }
+}
+
+/// Status and message for a failure to reach or hear from an upstream.
+pub fn upstream_failure(e: &pingora::Error) -> ApiError {
+    match e.etype() {
+        pingora::ErrorType::ConnectTimedout | pingora::ErrorType::TLSHandshakeTimedout => {
+            ApiError::new(504, "Upstream connection timed out")
+        }
+        pingora::ErrorType::ReadTimedout | pingora::ErrorType::WriteTimedout => {
+            ApiError::new(504, "Upstream did not answer in time")
+        }
+        pingora::ErrorType::ConnectRefused => ApiError::new(502, "Upstream refused the connection"),
+        pingora::ErrorType::ConnectNoRoute => ApiError::new(502, "Upstream is unreachable"),
+        _ => ApiError::new(
+            502,
+            format!("Upstream connection failed: {}", e.etype().as_str()),
+        ),
     }
 }

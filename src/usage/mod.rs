@@ -7,7 +7,6 @@
 //! read as they stream past ([`scan`]); rows are written to the store at once, in the
 //! background, grouped when several wait ([`Recorder`]).
 
-pub mod api;
 pub mod scan;
 pub mod time;
 
@@ -23,11 +22,10 @@ use prometheus::{
 };
 use serde_json::{Map, Value};
 
-use crate::app::App;
+use crate::auth::Identity;
 use crate::http::Reply;
 use crate::http::router::Endpoint;
-use crate::limits::{Applied, Limiter, Limits};
-use crate::proxy::ctx::RequestCtx;
+use crate::limits::{Applied, Limiter};
 use crate::store::{Store, UsageCounts, UsageKey};
 
 /// Buckets of the overhead histogram: ragway's own work is micro- to milliseconds; RAG
@@ -133,29 +131,7 @@ const KEY_LABELS: usize = 1024;
 /// dropped and logged rather than held without bound.
 const MAX_PENDING: usize = 100_000;
 
-/// Settings of `[limits]`.
-#[derive(Debug, Clone)]
-pub struct LimitsConfig {
-    /// Defaults for every API key.
-    pub key: Limits,
-    /// Defaults for every user (all their traffic).
-    pub user: Limits,
-    /// Limiter buckets tracked at most.
-    pub max_tracked: usize,
-    /// How long hourly usage rows are kept.
-    pub retention: Duration,
-}
-
-impl Default for LimitsConfig {
-    fn default() -> Self {
-        LimitsConfig {
-            key: Limits::default(),
-            user: Limits::default(),
-            max_tracked: crate::limits::DEFAULT_CAPACITY,
-            retention: Duration::from_hours(400 * 24),
-        }
-    }
-}
+pub use crate::config::LimitsConfig;
 
 /// Limits and metering, shared by all requests.
 pub struct Usage {
@@ -222,14 +198,24 @@ pub fn metered(endpoint: Endpoint) -> bool {
     )
 }
 
+/// What metering needs of a request. The gateway's per-request context implements it, so
+/// metering depends on no layer above it.
+pub trait Metered {
+    fn identity(&self) -> Option<&Identity>;
+    /// Status of the answer, once known.
+    fn status(&self) -> Option<u16>;
+    fn tracking(&self) -> &Tracking;
+    fn tracking_mut(&mut self) -> &mut Tracking;
+}
+
 /// Checks the caller's limits for a model route and starts metering it. `Some` is the 429
 /// to answer instead.
-pub fn admit(app: &App, ctx: &mut RequestCtx, endpoint: Endpoint) -> Option<Reply> {
+pub fn admit(usage: &Usage, ctx: &mut impl Metered, endpoint: Endpoint) -> Option<Reply> {
     if !metered(endpoint) {
         return None;
     }
-    let id = ctx.identity.as_ref()?;
-    let cfg = &app.usage.config;
+    let id = ctx.identity()?;
+    let cfg = &usage.config;
     let key = id
         .key
         .as_ref()
@@ -247,7 +233,7 @@ pub fn admit(app: &App, ctx: &mut RequestCtx, endpoint: Endpoint) -> Option<Repl
         .map(|k| k.prefix.clone())
         .unwrap_or_default();
     if !applied.is_empty()
-        && let Err(refused) = app.usage.limiter.admit(&applied)
+        && let Err(refused) = usage.limiter.admit(&applied)
     {
         let kind = if refused.kind_tokens {
             "tokens"
@@ -258,7 +244,7 @@ pub fn admit(app: &App, ctx: &mut RequestCtx, endpoint: Endpoint) -> Option<Repl
         tracing::debug!(user = %applied.user_id, kind, "request over a limit");
         return Some(refused.reply(id.key.as_ref().map(|k| k.prefix.as_str())));
     }
-    ctx.usage.meter = Some(Meter {
+    ctx.tracking_mut().meter = Some(Meter {
         applied,
         key_prefix,
         model: None,
@@ -269,8 +255,8 @@ pub fn admit(app: &App, ctx: &mut RequestCtx, endpoint: Endpoint) -> Option<Repl
 }
 
 /// The model a metered request uses (its public id).
-pub fn note_model(ctx: &mut RequestCtx, model: &str) {
-    if let Some(m) = ctx.usage.meter.as_mut() {
+pub fn note_model(ctx: &mut impl Metered, model: &str) {
+    if let Some(m) = ctx.tracking_mut().meter.as_mut() {
         m.model = Some(model.to_string());
     }
 }
@@ -278,8 +264,8 @@ pub fn note_model(ctx: &mut RequestCtx, model: &str) {
 /// For an OpenAI-style streaming request: asks the upstream for the final usage chunk when
 /// the client did not (`stream_options.include_usage`), and remembers to drop that chunk
 /// from the answer. Returns whether the body changed.
-pub fn ask_for_usage(ctx: &mut RequestCtx, body: &mut Map<String, Value>) -> bool {
-    let Some(m) = ctx.usage.meter.as_mut() else {
+pub fn ask_for_usage(ctx: &mut impl Metered, body: &mut Map<String, Value>) -> bool {
+    let Some(m) = ctx.tracking_mut().meter.as_mut() else {
         return false;
     };
     if body.get("stream") != Some(&Value::Bool(true)) {
@@ -301,8 +287,8 @@ pub fn ask_for_usage(ctx: &mut RequestCtx, body: &mut Map<String, Value>) -> boo
 }
 
 /// The upstream answered: meter a successful answer of a known format.
-pub fn start_body(ctx: &mut RequestCtx, status: u16, content_type: &str) {
-    let Some(m) = ctx.usage.meter.as_mut() else {
+pub fn start_body(ctx: &mut impl Metered, status: u16, content_type: &str) {
+    let Some(m) = ctx.tracking_mut().meter.as_mut() else {
         return;
     };
     if !(200..300).contains(&status) {
@@ -312,8 +298,8 @@ pub fn start_body(ctx: &mut RequestCtx, status: u16, content_type: &str) {
 }
 
 /// Whether the answer sent on may differ in length from the upstream's.
-pub fn rewrites_body(ctx: &RequestCtx) -> bool {
-    ctx.usage
+pub fn rewrites_body(ctx: &impl Metered) -> bool {
+    ctx.tracking()
         .meter
         .as_ref()
         .and_then(|m| m.scanner.as_ref())
@@ -321,16 +307,26 @@ pub fn rewrites_body(ctx: &RequestCtx) -> bool {
 }
 
 /// One chunk of the answer; returns what to send on.
-pub fn relay(ctx: &mut RequestCtx, chunk: Bytes) -> Bytes {
-    match ctx.usage.meter.as_mut().and_then(|m| m.scanner.as_mut()) {
+pub fn relay(ctx: &mut impl Metered, chunk: Bytes) -> Bytes {
+    match ctx
+        .tracking_mut()
+        .meter
+        .as_mut()
+        .and_then(|m| m.scanner.as_mut())
+    {
         Some(s) => s.relay(chunk),
         None => chunk,
     }
 }
 
 /// The end of the answer; returns what was held back.
-pub fn relay_end(ctx: &mut RequestCtx) -> Bytes {
-    match ctx.usage.meter.as_mut().and_then(|m| m.scanner.as_mut()) {
+pub fn relay_end(ctx: &mut impl Metered) -> Bytes {
+    match ctx
+        .tracking_mut()
+        .meter
+        .as_mut()
+        .and_then(|m| m.scanner.as_mut())
+    {
         Some(s) => s.finish(),
         None => Bytes::new(),
     }
@@ -338,7 +334,7 @@ pub fn relay_end(ctx: &mut RequestCtx) -> Bytes {
 
 /// A whole answer the forward engine buffered anyway (JSON with RAG sources): its end is
 /// where the usage is.
-pub fn scan_whole(ctx: &mut RequestCtx, body: &[u8]) {
+pub fn scan_whole(ctx: &mut impl Metered, body: &[u8]) {
     let tail = &body[body.len().saturating_sub(64 * 1024)..];
     let _ = relay(ctx, Bytes::copy_from_slice(tail));
     let _ = relay_end(ctx);
@@ -346,25 +342,25 @@ pub fn scan_whole(ctx: &mut RequestCtx, body: &[u8]) {
 
 /// The request is over: records it (once) when it was a successful model answer, and charges
 /// its tokens to the limits that admitted it.
-pub fn finish(app: &App, ctx: &mut RequestCtx) {
-    let Some(m) = ctx.usage.meter.take() else {
+pub fn finish(usage: &Usage, ctx: &mut impl Metered) {
+    let Some(m) = ctx.tracking_mut().meter.take() else {
         return;
     };
-    let (Some(model), Some(status)) = (m.model, ctx.status) else {
+    let (Some(model), Some(status)) = (m.model, ctx.status()) else {
         return;
     };
     if !(200..300).contains(&status) {
         return;
     }
     let counts = m.scanner.map(|s| s.counts()).unwrap_or_default();
-    app.usage
+    usage
         .limiter
         .charge(&m.applied, counts.prompt.saturating_add(counts.completion));
-    let model_label = app.usage.models.get(&model);
+    let model_label = usage.models.get(&model);
     let key_label = if m.key_prefix.is_empty() {
         "session".to_string()
     } else {
-        app.usage.keys.get(&m.key_prefix)
+        usage.keys.get(&m.key_prefix)
     };
     USAGE_REQUESTS
         .with_label_values(&[&model_label, &key_label])
@@ -382,7 +378,7 @@ pub fn finish(app: &App, ctx: &mut RequestCtx) {
         key_prefix: m.key_prefix,
         model,
     };
-    app.usage.recorder.record(
+    usage.recorder.record(
         key,
         UsageCounts {
             requests: 1,
@@ -390,6 +386,18 @@ pub fn finish(app: &App, ctx: &mut RequestCtx) {
             completion_tokens: counts.completion,
         },
     );
+}
+
+impl Recorder {
+    /// Visits the stored usage rows of `[from_hour, to_hour)` until `visit` says stop.
+    pub fn store_scan(
+        &self,
+        from_hour: u64,
+        to_hour: u64,
+        visit: impl FnMut(crate::store::UsageKey, UsageCounts) -> bool,
+    ) -> Result<(), crate::store::StoreError> {
+        self.store.scan_usage(from_hour, to_hour, visit)
+    }
 }
 
 /// How long a usage row waits for others before they are written together. Readers of the

@@ -1,13 +1,57 @@
-//! Per-request state carried through the proxy phases.
+//! The request as it passes from the edge (`proxy`) through the handlers and back: its
+//! per-request state (pingora's `CTX`) and what a handler hands the forward engine. Both
+//! sides use these types, so they live below both.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use http::Method;
+
 use crate::auth::Identity;
 use crate::http::router::Group;
 use crate::metrics;
 use crate::upstream::{InFlight, Upstream};
+use crate::usage::{Metered, Tracking};
+
+/// A request ready to be forwarded.
+pub struct Plan {
+    /// Upstreams to try, best first. A second one is tried only when the first could not
+    /// be reached and nothing was sent.
+    pub candidates: Vec<Arc<Upstream>>,
+    pub method: Method,
+    /// Path and query on the upstream, base path included.
+    pub path: String,
+    pub body: Bytes,
+    /// Answer a 2xx upstream response with this body instead (Open WebUI returns `true` for
+    /// copy and delete, where Ollama answers an empty body).
+    pub replace_success_body: Option<&'static str>,
+    /// RAG sources to return with a successful answer: as a first SSE event for streams,
+    /// as a top-level `sources` key for JSON.
+    pub sources: Option<SourcesReply>,
+    /// Context budget: the upstream answers in Ollama's native NDJSON/JSON, converted back
+    /// to OpenAI's format (see `proxy::ndjson_sse`).
+    pub convert: Option<Convert>,
+    /// Headers added to a successful answer (the context budget's report).
+    pub headers: Vec<(http::HeaderName, String)>,
+}
+
+/// How sources reach the client.
+pub struct SourcesReply {
+    /// The first SSE event: a valid `chat.completion.chunk` with no choices and `sources`.
+    pub sse_event: Bytes,
+    /// The `sources` value for a JSON answer.
+    pub json: serde_json::Value,
+}
+
+/// How the answer of a converted request is shaped.
+#[derive(Debug, Clone)]
+pub struct Convert {
+    pub stream: bool,
+    /// `stream_options.include_usage`: a final usage chunk before `[DONE]`.
+    pub include_usage: bool,
+}
 
 /// Where the pingora proxy path sends a request that needs no body inspection.
 pub struct ProxyTarget {
@@ -74,7 +118,7 @@ pub struct RequestCtx {
     pub status: Option<u16>,
     store_phase: Option<StorePhase>,
     /// Limits and usage metering of a model request.
-    pub usage: crate::usage::Tracking,
+    pub usage: Tracking,
     _in_flight: InFlightRequest,
 }
 
@@ -89,7 +133,7 @@ impl RequestCtx {
             streamed_bytes: 0,
             status: None,
             store_phase: Some(StorePhase::new()),
-            usage: crate::usage::Tracking::default(),
+            usage: Tracking::default(),
             _in_flight: InFlightRequest::new(),
         }
     }
@@ -107,5 +151,20 @@ impl RequestCtx {
 impl Default for RequestCtx {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+impl Metered for RequestCtx {
+    fn identity(&self) -> Option<&Identity> {
+        self.identity.as_ref()
+    }
+    fn status(&self) -> Option<u16> {
+        self.status
+    }
+    fn tracking(&self) -> &Tracking {
+        &self.usage
+    }
+    fn tracking_mut(&mut self) -> &mut Tracking {
+        &mut self.usage
     }
 }

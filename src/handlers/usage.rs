@@ -5,12 +5,12 @@ use std::collections::BTreeMap;
 use pingora::proxy::Session;
 use serde_json::{Value, json};
 
+use super::{HandlerResult, Outcome};
 use crate::app::App;
 use crate::error::ApiError;
-use crate::handlers::{HandlerResult, Outcome};
 use crate::http::{self, Reply};
 use crate::limits::Limits;
-use crate::proxy::ctx::RequestCtx;
+use crate::request::RequestCtx;
 use crate::store::{Role, UsageCounts};
 
 /// Most rows in one answer; a query matching more says `"truncated": true`.
@@ -37,7 +37,7 @@ fn filter(query: Option<&str>, name: &str) -> Result<Option<String>, ApiError> {
 fn instant(query: Option<&str>, name: &str) -> Result<Option<u64>, ApiError> {
     filter(query, name)?
         .map(|v| {
-            super::time::parse_instant(&v).map_err(|e| {
+            crate::usage::time::parse_instant(&v).map_err(|e| {
                 ApiError::bad_request(format!(
                     "{name}: {e}; use Unix seconds or an RFC 3339 date such as 2025-01-31T00:00:00Z"
                 ))
@@ -120,17 +120,6 @@ pub async fn list(app: &App, session: &Session, ctx: &RequestCtx) -> HandlerResu
         "until": to_hour * 3600,
         "truncated": truncated,
     }))))
-}
-
-impl super::Recorder {
-    fn store_scan(
-        &self,
-        from_hour: u64,
-        to_hour: u64,
-        visit: impl FnMut(crate::store::UsageKey, UsageCounts) -> bool,
-    ) -> Result<(), ApiError> {
-        Ok(self.store.scan_usage(from_hour, to_hour, visit)?)
-    }
 }
 
 fn limits_body(app: &App, user_id: &str) -> Result<Value, ApiError> {

@@ -12,9 +12,9 @@ use futures_util::StreamExt;
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use super::{Fuse, Mode, Scope};
 use crate::app::App;
-use crate::store::{FileRecord, FileStatus, KnowledgeRecord, now_secs};
+use crate::rag::{Fuse, Limits, Mode, Scope, search};
+use crate::store::FileStatus;
 
 /// A loaded BEIR dataset.
 pub struct Dataset {
@@ -323,18 +323,10 @@ async fn ingest(
     progress: &indicatif::ProgressBar,
 ) -> Result<(String, HashMap<String, String>, usize), String> {
     let owner = "eval".to_string();
-    let now = now_secs();
-    let kb = KnowledgeRecord {
-        id: uuid::Uuid::new_v4().to_string(),
-        user_id: owner.clone(),
-        name: "eval".into(),
-        description: String::new(),
-        meta: Value::Null,
-        access_grants: Vec::new(),
-        created_at: now,
-        updated_at: now,
-    };
-    app.store.put_knowledge(&kb).map_err(|e| e.to_string())?;
+    let kb = app
+        .library()
+        .create_collection(&owner, "eval".into(), String::new(), Vec::new())
+        .map_err(|e| e.to_string())?;
     std::fs::create_dir_all(&app.ingest.upload_dir).map_err(|e| e.to_string())?;
     let mut file_to_doc = HashMap::new();
     let mut ids = Vec::new();
@@ -348,20 +340,14 @@ async fn ingest(
             format!("{title}\n\n{text}")
         };
         std::fs::write(&path, body.as_bytes()).map_err(|e| e.to_string())?;
-        let rec = FileRecord {
-            id: id.clone(),
-            user_id: owner.clone(),
-            filename: name.clone(),
-            path: path.display().to_string(),
-            hash: None,
-            status: Some(FileStatus::Pending),
-            error: None,
-            meta: json!({"name": name, "content_type": "text/plain", "size": body.len(), "data": {"doc_id": doc_id}}),
-            embedding: None,
-            chunk_count: 0,
-            created_at: now,
-            updated_at: now,
-        };
+        let rec = crate::library::new_file(
+            id.clone(),
+            owner.clone(),
+            name.clone(),
+            &path,
+            json!({"name": name, "content_type": "text/plain", "size": body.len(), "data": {"doc_id": doc_id}}),
+            true,
+        );
         app.store
             .insert_file(&rec, true)
             .map_err(|e| e.to_string())?;
@@ -377,10 +363,9 @@ async fn ingest(
         match f.status {
             Some(FileStatus::Completed) => {
                 chunks += f.chunk_count;
-                app.store
+                app.library()
                     .link_file(&kb.id, &f.id)
                     .map_err(|e| e.to_string())?;
-                app.ingest.vectors.link(&kb.id, &f.id);
             }
             // Empty documents exist in public datasets; they simply cannot be retrieved.
             _ => tracing::debug!(file = %f.id, error = ?f.error, "document not indexed"),
@@ -450,12 +435,12 @@ pub async fn run(
         let (mut per_query, mut r10, mut r100, mut times) = (Vec::new(), 0.0, 0.0, Vec::new());
         for q in &qids {
             let t = Instant::now();
-            let mut limits = super::Limits::new(k, app.config.rag.relevance_threshold);
+            let mut limits = Limits::new(k, app.config.rag.relevance_threshold);
             if let Some(c) = v.candidates {
                 limits.candidates = c.max(k);
             }
-            let source = super::search(
-                app,
+            let source = search(
+                &app.retriever(),
                 Value::Null,
                 Scope::Collection(&kb),
                 &ds.queries[*q],
@@ -608,7 +593,7 @@ pub fn variants(modes: &[Mode], grid: &Grid, configured: Fuse) -> Vec<Variant> {
                                         fuse: Fuse {
                                             fusion,
                                             bm25_weight,
-                                            bm25: super::bm25::Bm25Params { k1, b },
+                                            bm25: crate::rag::bm25::Bm25Params { k1, b },
                                             file_weight,
                                             prf,
                                         },

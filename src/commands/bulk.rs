@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 
 use crate::app::App;
-use crate::store::{FileRecord, FileStatus, KnowledgeRecord, Role, User, now_secs};
+use crate::store::{FileRecord, FileStatus, KnowledgeRecord, Role, User};
 
 /// What a bulk run did.
 #[derive(Debug, Default)]
@@ -76,19 +76,9 @@ fn knowledge(app: &App, user: &User, name: &str) -> Result<KnowledgeRecord, Stri
     if let Some(k) = existing {
         return Ok(k);
     }
-    let now = now_secs();
-    let kb = KnowledgeRecord {
-        id: uuid::Uuid::new_v4().to_string(),
-        user_id: user.id.clone(),
-        name: name.to_string(),
-        description: String::new(),
-        meta: serde_json::Value::Null,
-        access_grants: Vec::new(),
-        created_at: now,
-        updated_at: now,
-    };
-    app.store.put_knowledge(&kb).map_err(|e| e.to_string())?;
-    Ok(kb)
+    app.library()
+        .create_collection(&user.id, name.to_string(), String::new(), Vec::new())
+        .map_err(|e| e.to_string())
 }
 
 /// Copies one file into the upload dir, registers it, processes it and returns the record.
@@ -120,31 +110,24 @@ async fn one(app: &App, user: &User, path: &Path) -> Result<FileRecord, String> 
         size += n as u64;
         hasher.update(&buf[..n]);
     }
-    let now = now_secs();
     let ext = path
         .extension()
         .map(|e| e.to_string_lossy().to_ascii_lowercase())
         .unwrap_or_default();
-    let record = FileRecord {
-        id: id.clone(),
-        user_id: user.id.clone(),
-        filename: filename.clone(),
-        path: blob.display().to_string(),
-        hash: None,
-        status: Some(FileStatus::Pending),
-        error: None,
-        meta: json!({
+    let record = crate::library::new_file(
+        id.clone(),
+        user.id.clone(),
+        filename.clone(),
+        &blob,
+        json!({
             "name": filename,
             "content_type": crate::ingest::content_type_for(&ext),
             "size": size,
             "file_hash": hex::encode(hasher.finalize()),
             "data": {"source": path.display().to_string()},
         }),
-        embedding: None,
-        chunk_count: 0,
-        created_at: now,
-        updated_at: now,
-    };
+        true,
+    );
     app.store
         .insert_file(&record, true)
         .map_err(|e| e.to_string())?;
@@ -190,23 +173,13 @@ pub async fn run(
             Ok(f) if f.status == Some(FileStatus::Completed) => {
                 summary.completed += 1;
                 if let Some(kb) = &kb {
-                    let dup = app
-                        .store
-                        .knowledge_files(&kb.id)
-                        .map_err(|e| e.to_string())?
-                        .iter()
-                        .filter_map(|o| app.store.file(o).ok().flatten())
-                        .any(|o| o.id != f.id && o.hash.is_some() && o.hash == f.hash);
-                    if dup {
+                    let added = app
+                        .library()
+                        .add_file(&kb.id, &f)
+                        .map_err(|e| e.to_string())?;
+                    if added == crate::library::Added::Duplicate {
                         summary.duplicates += 1;
                         continue;
-                    }
-                    if app
-                        .store
-                        .link_file(&kb.id, &f.id)
-                        .map_err(|e| e.to_string())?
-                    {
-                        app.ingest.vectors.link(&kb.id, &f.id);
                     }
                 }
             }
