@@ -761,10 +761,12 @@ fn default_pipeline_keeps_its_recorded_quality_on_the_committed_set() {
     assert!(results[0].get("vs_first").is_none());
     assert!(results[1]["vs_first"]["delta"].is_f64());
 
-    // The same data dir again: the same figures.
+    // The same data dir again: nothing re-ingested (the start-up sweep keeps the
+    // evaluation's files), the same figures.
     let again = eval_small(&["--mode", "hybrid,dense,bm25", "--data-dir", dir]);
     assert!(again.status.success());
     let again: Value = serde_json::from_slice(&again.stdout).unwrap();
+    assert_eq!(again["reused"], true);
     for (a, b) in results.iter().zip(again["results"].as_array().unwrap()) {
         assert_eq!(a["ndcg_at_10"], b["ndcg_at_10"], "{}", a["mode"]);
     }

@@ -264,18 +264,43 @@ fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
     v[((v.len() - 1) as f64 * p).round() as usize]
 }
 
+/// The account that owns the evaluation's files. A real user: the start-up sweep removes
+/// files whose owner has no account, which would make a kept data dir useless.
+const EVAL_EMAIL: &str = "eval@ragway.invalid";
+
+async fn owner(app: &App) -> Result<String, String> {
+    if let Some(u) = app
+        .store
+        .user_by_email(EVAL_EMAIL)
+        .map_err(|e| e.to_string())?
+    {
+        return Ok(u.id);
+    }
+    // Nobody signs in as this account: its password is random and never shown.
+    let password = uuid::Uuid::new_v4().to_string();
+    app.add_user(
+        EVAL_EMAIL,
+        &password,
+        "ragway eval",
+        crate::store::Role::User,
+    )
+    .await
+    .map(|u| u.id)
+    .map_err(|e| e.detail.clone())
+}
+
 /// An ingested collection: its id, file id → document id, and its number of chunks.
 type Ingested = (String, HashMap<String, String>, usize);
 
 /// The collection an earlier run left in this data dir, with its file → document map,
 /// when every document in it belongs to `ds` (a data dir is reused only for its dataset).
-fn existing(app: &App, ds: &Dataset) -> Result<Option<Ingested>, String> {
+fn existing(app: &App, ds: &Dataset, owner: &str) -> Result<Option<Ingested>, String> {
     let Some(kb) = app
         .store
         .knowledges()
         .map_err(|e| e.to_string())?
         .into_iter()
-        .find(|k| k.user_id == "eval" && k.name == "eval")
+        .find(|k| k.user_id == owner && k.name == "eval")
     else {
         return Ok(None);
     };
@@ -320,9 +345,10 @@ fn existing(app: &App, ds: &Dataset) -> Result<Option<Ingested>, String> {
 async fn ingest(
     app: &App,
     ds: &Dataset,
+    owner: &str,
     progress: &indicatif::ProgressBar,
 ) -> Result<(String, HashMap<String, String>, usize), String> {
-    let owner = "eval".to_string();
+    let owner = owner.to_string();
     let kb = app
         .library()
         .create_collection(&owner, "eval".into(), String::new(), Vec::new())
@@ -395,10 +421,11 @@ pub async fn run(
         .map_err(|e| format!("embedding engine unavailable: {e}"))?;
     progress.set_length(ds.corpus.len() as u64);
     let started = Instant::now();
-    let (kb, file_to_doc, chunks, reused) = match existing(app, ds)? {
+    let owner = owner(app).await?;
+    let (kb, file_to_doc, chunks, reused) = match existing(app, ds, &owner)? {
         Some((kb, map, chunks)) => (kb, map, chunks, true),
         None => {
-            let (kb, map, chunks) = ingest(app, ds, progress).await?;
+            let (kb, map, chunks) = ingest(app, ds, &owner, progress).await?;
             (kb, map, chunks, false)
         }
     };
