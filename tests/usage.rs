@@ -253,7 +253,17 @@ async fn prometheus_series_have_bounded_labels_and_the_overhead_histogram() {
     let r = gw.post(CHAT, Some(&key), chat("gpt-x", false)).await;
     assert_eq!(r.status(), 200);
     let prefix = &key[..11];
-    let m = gw.metrics().await;
+    // The request is metered when pingora logs it, which may come just after the client has
+    // the whole answer: wait (bounded) for its series rather than race it.
+    let series = format!("ragway_usage_requests_total{{key=\"{prefix}\",model=\"gpt-x\"}}");
+    let mut m = gw.metrics().await;
+    for _ in 0..100 {
+        if m.contains(&series) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        m = gw.metrics().await;
+    }
     let line = |name: &str| {
         m.lines()
             .find(|l| l.starts_with(name))

@@ -19,9 +19,24 @@ pub struct Gateway {
     handle: Option<ragway::server::Handle>,
 }
 
-/// A free port on 127.0.0.1 (bound, read, released). The race with another process
-/// taking it meanwhile is tolerable in tests.
+/// A free port on 127.0.0.1 for a listener the gateway binds later. Picked at random below the
+/// kernel's ephemeral range: a port from that range (what binding port 0 returns) can be handed
+/// to another process's fake upstream or outgoing connection before the gateway binds it, and
+/// the test then talks to the wrong server. Below the range only another test's `free_port`
+/// can collide, and a random pick makes that rare.
 pub fn free_port() -> u16 {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    if low > 11_000 {
+        for _ in 0..200 {
+            let port = rand::random_range(10_000..low);
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
