@@ -42,6 +42,12 @@ async fn user_id(gw: &Gateway, token: &str) -> String {
 }
 
 /// Asserts a rate-limit refusal of `kind` (`requests` or `tokens`); returns `Retry-After`.
+/// Tokens are charged when pingora logs a request, which can come just after the client has
+/// read the whole answer; a test that sends the next request at once would race the charge.
+async fn charged() {
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+}
+
 async fn assert_429(r: Response, kind: &str) -> u64 {
     assert_eq!(r.status(), 429);
     let retry: u64 = r
@@ -122,6 +128,7 @@ async fn tokens_per_minute_are_charged_from_json_and_sse_answers() {
         let r = gw.post(CHAT, Some(&key), chat("gpt-x", stream)).await;
         assert_eq!(r.status(), 200);
         r.bytes().await.unwrap();
+        charged().await;
         let before = up.request_count();
         let r = gw.post(CHAT, Some(&key), chat("gpt-x", stream)).await;
         let retry = assert_429(r, "tokens").await;
@@ -156,6 +163,7 @@ async fn ndjson_tokens_count_against_a_user_limit_set_by_an_admin() {
         .await;
     assert_eq!(r.status(), 200);
     assert!(r.text().await.unwrap().contains("\"done\":true"));
+    charged().await;
     // The user limit holds whatever credential the user presents.
     let key = gw.key(&alice).await;
     let r = gw.post("/ollama/api/chat", Some(&key), body.clone()).await;
