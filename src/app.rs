@@ -18,6 +18,10 @@ use crate::upstream::Upstreams;
 /// Everything a request handler may use.
 pub struct App {
     pub config: Arc<Config>,
+    /// The storage seams (`crate::storage`): what handlers and services move to, call site
+    /// by call site, from `store` and `ingest.vectors`. On the embedded backend both views
+    /// share one redb store and one set of indexes, so mixed use stays consistent.
+    pub storage: crate::storage::Storage,
     pub store: Arc<Store>,
     pub auth: Auth,
     pub upstreams: Arc<Upstreams>,
@@ -235,7 +239,14 @@ impl App {
             &config.embedding.model_dir,
             config.models_cache_ttl,
         );
+        let storage = crate::storage::embedded::storage(
+            store.clone(),
+            ingest.vectors.clone(),
+            ingest.upload_dir.clone(),
+            crate::auth::ratelimit::DEFAULT_CAPACITY,
+        );
         let app = App {
+            storage,
             usage,
             config: Arc::new(config),
             store,
