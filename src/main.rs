@@ -152,6 +152,32 @@ fn main() -> ExitCode {
             path,
             timeout,
         } => probe(&common, listen, &path, &timeout),
+        Command::Migrate { common, to, resume } => {
+            let config = match config::load(&ProcessEnv, &Overrides::from(&common)) {
+                Ok(c) => c,
+                Err(e) => return fail(e),
+            };
+            let bar = indicatif::ProgressBar::new(0);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("files {bar:40} {pos}/{len} {elapsed}")
+                    .expect("static template"),
+            );
+            let result = runtime().block_on(ragway::commands::migrate::run(
+                &config.data_dir,
+                &to,
+                resume,
+                config.auth.secret_key.is_some(),
+                &bar,
+            ));
+            bar.finish_and_clear();
+            match result {
+                Ok(summary) => {
+                    print!("{summary}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            }
+        }
         Command::CheckConfig { file } => match config::check_file(&file) {
             Ok(_) => {
                 println!("{}: ok", file.display());

@@ -145,6 +145,20 @@ pub enum Command {
         #[arg(long, default_value = "5s")]
         timeout: String,
     },
+    /// Copy a stopped data dir (users, keys, files, chunks with their vectors,
+    /// collections, queue, usage, uploads) into PostgreSQL, then verify the copy. The
+    /// target must be empty unless --resume is given.
+    Migrate {
+        #[command(flatten)]
+        common: CommonArgs,
+        /// Target database: postgres://user:password@host:5432/database.
+        #[arg(long)]
+        to: String,
+        /// Continue an interrupted migration of this data dir into a non-empty target
+        /// (rows are upserted, so running it again is harmless).
+        #[arg(long)]
+        resume: bool,
+    },
     /// Internal: extracts one file in a memory-capped child process (a JSON request on
     /// stdin, the document as JSON on stdout). Started by the gateway itself.
     #[command(name = "extract-worker", hide = true)]

@@ -212,6 +212,14 @@ impl Metadata for Embedded {
         })?;
         Ok(out)
     }
+
+    // --- migrate slice ---
+    async fn all_settings(&self) -> Result<Vec<(String, String)>> {
+        Ok(self.store.settings()?)
+    }
+    async fn revoked_tokens(&self) -> Result<Vec<(String, Option<u64>)>> {
+        Ok(self.store.revoked_tokens()?)
+    }
 }
 
 /// Merges per-collection and per-file hit lists: best score per chunk, best first.
@@ -297,6 +305,53 @@ impl Chunks for Embedded {
                     .map(|f| self.index.bm25_file(f, query, k, Bm25Params::default())),
             );
         Ok(merge(lists.collect::<Vec<_>>(), k))
+    }
+
+    // --- migrate slice ---
+    async fn file_vectors(&self, file_id: &str) -> Result<Vec<(u64, Vec<f32>)>> {
+        Ok(self.store.file_vectors(file_id)?)
+    }
+    async fn import_file(
+        &self,
+        file: &FileRecord,
+        text: &str,
+        chunks: &[(u64, ChunkRecord)],
+        vectors: &[Vec<f32>],
+    ) -> Result<()> {
+        if chunks.len() != vectors.len() {
+            return Err(StorageError::Corrupt {
+                table: "chunks",
+                message: format!("{} chunks but {} vectors", chunks.len(), vectors.len()),
+            });
+        }
+        let ids: Vec<u64> = chunks.iter().map(|c| c.0).collect();
+        let records: Vec<ChunkRecord> = chunks.iter().map(|c| c.1.clone()).collect();
+        // An id already held by another file would make two chunks one.
+        let taken = self
+            .store
+            .chunks(&ids)?
+            .into_iter()
+            .find(|(_, c)| c.file_id != file.id);
+        if let Some((id, c)) = taken {
+            return Err(StorageError::Corrupt {
+                table: "chunks",
+                message: format!("chunk id {id} already belongs to file {}", c.file_id),
+            });
+        }
+        if let Some(max) = ids.iter().max() {
+            self.store.raise_chunk_ids(max.saturating_add(1))?;
+        }
+        let terms: Vec<String> = records
+            .iter()
+            .map(|c| serde_json::to_string(&TermCounts::of(&c.text)).expect("json"))
+            .collect();
+        let removed = self
+            .store
+            .complete_file(file, text, &ids, &records, vectors, &terms)?;
+        self.index.put_file(&file.id, &ids, vectors, &terms);
+        let kbs = self.store.file_knowledge(&file.id)?;
+        self.index.refresh_in_collections(&file.id, &removed, &kbs);
+        Ok(())
     }
 }
 

@@ -137,6 +137,12 @@ pub trait Metadata: Send + Sync {
         to_hour: u64,
         limit: usize,
     ) -> Result<Vec<(UsageKey, UsageCounts)>>;
+
+    // --- migrate slice (`ragway migrate`): reading everything a copy needs ---
+    /// Every setting, in key order.
+    async fn all_settings(&self) -> Result<Vec<(String, String)>>;
+    /// Revoked JWT ids not yet expired, with their expiry (`None` = never), in id order.
+    async fn revoked_tokens(&self) -> Result<Vec<(String, Option<u64>)>>;
 }
 
 /// Where a search looks: the chunks of these collections and these files.
@@ -173,6 +179,23 @@ pub trait Chunks: Send + Sync {
     async fn dense_search(&self, scope: &Scope, query: &[f32], k: usize) -> Result<Vec<Hit>>;
     /// The `k` best lexical matches for `query` within `scope`, best first.
     async fn lexical_search(&self, scope: &Scope, query: &str, k: usize) -> Result<Vec<Hit>>;
+
+    // --- migrate slice (`ragway migrate`): exact copies between backends ---
+    /// A processed file's chunk ids with their vectors, in chunk order.
+    async fn file_vectors(&self, file_id: &str) -> Result<Vec<(u64, Vec<f32>)>>;
+    /// Writes a processed file exactly as another backend holds it: the record, its text,
+    /// and its chunks under the ids given (not new ones) with the vectors given, so ids
+    /// and vectors survive a move unchanged (nothing is re-embedded). Otherwise as
+    /// [`Chunks::complete_file`]: earlier chunks of the file are replaced and it leaves
+    /// the queue. Ids this backend gives out later are above every id imported; an id
+    /// held by another file is refused.
+    async fn import_file(
+        &self,
+        file: &FileRecord,
+        text: &str,
+        chunks: &[(u64, ChunkRecord)],
+        vectors: &[Vec<f32>],
+    ) -> Result<()>;
 }
 
 /// A claimed job: the file to process, how many times it was claimed (this one included)

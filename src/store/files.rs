@@ -146,6 +146,39 @@ impl Store {
         Ok(counters.get("chunk_id")?.map(|g| g.value()).unwrap_or(1))
     }
 
+    /// Makes every later reserved chunk id at least `next`: chunks copied in under their
+    /// own ids (`ragway migrate`) must never be handed out again.
+    pub fn raise_chunk_ids(&self, next: u64) -> Result<()> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut counters = txn.open_table(COUNTERS)?;
+            let current = counters.get("chunk_id")?.map_or(1, |g| g.value());
+            if next > current {
+                counters.insert("chunk_id", next)?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// A processed file's chunk ids with their vectors, in chunk order.
+    pub fn file_vectors(&self, file_id: &str) -> Result<Vec<(u64, Vec<f32>)>> {
+        let txn = self.db.begin_read()?;
+        let fc = txn.open_table(FILE_CHUNKS)?;
+        let vt = txn.open_table(VECTORS)?;
+        let ids = fc
+            .get(file_id)?
+            .map(|g| bytes_to_ids(g.value()))
+            .unwrap_or_default();
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(b) = vt.get(id)? {
+                out.push((id, bytes_to_vector(b.value())));
+            }
+        }
+        Ok(out)
+    }
+
     /// Commits a successful processing: chunks (under ids from [`Store::reserve_chunk_ids`]),
     /// vectors, term counts, text and the completed record, and takes the file off the
     /// queue. Chunks of an earlier processing are replaced; their ids are returned.

@@ -394,6 +394,35 @@ impl Store {
         txn.commit()?;
         Ok(())
     }
+
+    /// Every setting, in key order (`ragway migrate` copies them all).
+    pub fn settings(&self) -> Result<Vec<(String, String)>> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(SETTINGS)?;
+        let mut out = Vec::new();
+        for row in t.iter()? {
+            let (k, v) = row?;
+            out.push((k.value().to_string(), v.value().to_string()));
+        }
+        Ok(out)
+    }
+
+    /// Revoked JWT ids not yet expired, with their expiry (`None` = never), in id order.
+    pub fn revoked_tokens(&self) -> Result<Vec<(String, Option<u64>)>> {
+        let now = now_secs();
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(REVOKED_TOKENS)?;
+        let mut out = Vec::new();
+        for row in t.iter()? {
+            let (k, e) = row?;
+            match e.value() {
+                0 => out.push((k.value().to_string(), None)),
+                e if e > now => out.push((k.value().to_string(), Some(e))),
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
 }
 
 #[cfg(test)]

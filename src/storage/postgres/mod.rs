@@ -970,6 +970,38 @@ impl Metadata for Pg {
             })
             .collect())
     }
+
+    // --- migrate slice ---
+    async fn all_settings(&self) -> Result<Vec<(String, String)>> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                r#"SELECT key, value FROM settings ORDER BY key COLLATE "C""#,
+                &[],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    async fn revoked_tokens(&self) -> Result<Vec<(String, Option<u64>)>> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                r#"SELECT jti, expires_at FROM revoked_tokens
+                   WHERE expires_at = 0 OR expires_at > $1 ORDER BY jti COLLATE "C""#,
+                &[&to_i64(now_secs())],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let exp = to_u64(r.get(1));
+                (r.get(0), (exp != 0).then_some(exp))
+            })
+            .collect())
+    }
 }
 
 /// The scope's file ids as a CTE over `$1` (files) and `$2` (collections).
@@ -1196,6 +1228,100 @@ impl Chunks for Pg {
             )
             .await?;
         Ok(rows.iter().map(|r| (to_u64(r.get(0)), r.get(1))).collect())
+    }
+
+    // --- migrate slice ---
+    async fn file_vectors(&self, file_id: &str) -> Result<Vec<(u64, Vec<f32>)>> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT id, embedding FROM chunks WHERE file_id = $1 ORDER BY idx",
+                &[&file_id],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (to_u64(r.get(0)), r.get::<_, OwnedVector>(1).0))
+            .collect())
+    }
+
+    async fn import_file(
+        &self,
+        file: &FileRecord,
+        text: &str,
+        chunks: &[(u64, ChunkRecord)],
+        vectors: &[Vec<f32>],
+    ) -> Result<()> {
+        if chunks.len() != vectors.len() {
+            return Err(StorageError::Corrupt {
+                table: "chunks",
+                message: format!("{} chunks but {} vectors", chunks.len(), vectors.len()),
+            });
+        }
+        let dims: HashSet<usize> = vectors.iter().map(Vec::len).collect();
+        for d in &dims {
+            self.ensure_hnsw(*d).await?;
+        }
+        let text = without_nul(text);
+        let mut client = self.client().await?;
+        let txn = client.transaction().await?;
+        let n = txn
+            .execute(
+                "UPDATE files SET body = $2, content = $3 WHERE id = $1",
+                &[&file.id, &Json(file), &text.as_ref()],
+            )
+            .await?;
+        if n == 0 {
+            return Err(StorageError::NotFound);
+        }
+        txn.execute("DELETE FROM chunks WHERE file_id = $1", &[&file.id])
+            .await?;
+        let stmt = txn
+            .prepare(
+                "INSERT INTO chunks (id, file_id, idx, body, embedding, tsv)
+                 VALUES ($1, $2, $3, $4, $5, to_tsvector('english', $6))",
+            )
+            .await?;
+        for (i, ((id, c), v)) in chunks.iter().zip(vectors).enumerate() {
+            let idx = i32::try_from(i).unwrap_or(i32::MAX);
+            let r = txn
+                .execute(
+                    &stmt,
+                    &[
+                        &to_i64(*id),
+                        &file.id,
+                        &idx,
+                        &Json(c),
+                        &PgVector(v),
+                        &without_nul(&c.text).as_ref(),
+                    ],
+                )
+                .await;
+            match r {
+                Err(e) if is(&e, &SqlState::UNIQUE_VIOLATION) => {
+                    return Err(StorageError::Corrupt {
+                        table: "chunks",
+                        message: format!("chunk id {id} already belongs to another file"),
+                    });
+                }
+                r => r?,
+            };
+        }
+        txn.execute("DELETE FROM jobs WHERE file_id = $1", &[&file.id])
+            .await?;
+        // The sequence moves past every imported id (never back: ids are not reused).
+        // A fresh sequence reports last_value 1 before its first use; marking it used
+        // at GREATEST(max, 1) only skips id 1.
+        if let Some(max) = chunks.iter().map(|c| c.0).max() {
+            txn.execute(
+                "SELECT setval('chunks_id_seq', GREATEST($1, s.last_value), true) FROM chunks_id_seq s",
+                &[&to_i64(max)],
+            )
+            .await?;
+        }
+        txn.commit().await?;
+        Ok(())
     }
 }
 
