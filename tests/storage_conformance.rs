@@ -190,6 +190,9 @@ conformance!(
     counters_count_per_window,
     signals_reach_subscribers_in_order,
     usage_rows_add_prune_and_scan_in_order,
+    // migrate slice
+    whole_copy_reads_settings_and_revoked_tokens,
+    imported_chunks_keep_their_ids_and_vectors,
 );
 
 fn user(email: &str) -> User {
@@ -1232,4 +1235,142 @@ async fn bad_urls_fail_with_a_clear_error_before_connecting() {
         panic!("connected to nothing");
     };
     assert!(e.to_string().contains("PostgreSQL"), "{e}");
+}
+
+// ---------------------------------------------------------------------------
+// migrate slice: what `ragway migrate` reads and writes
+// ---------------------------------------------------------------------------
+
+async fn whole_copy_reads_settings_and_revoked_tokens(s: &Storage) {
+    assert!(s.meta.all_settings().await.unwrap().is_empty());
+    s.meta.set_setting("zeta", "1").await.unwrap();
+    s.meta.set_setting("alpha", "2").await.unwrap();
+    s.meta.set_setting("zeta", "3").await.unwrap();
+    assert_eq!(
+        s.meta.all_settings().await.unwrap(),
+        vec![("alpha".into(), "2".into()), ("zeta".into(), "3".into())]
+    );
+    let future = ragway::store::now_secs() + 3600;
+    s.meta.revoke_token("jti-forever", None).await.unwrap();
+    s.meta
+        .revoke_token("jti-later", Some(future))
+        .await
+        .unwrap();
+    s.meta.revoke_token("jti-expired", Some(1)).await.unwrap();
+    assert_eq!(
+        s.meta.revoked_tokens().await.unwrap(),
+        vec![
+            ("jti-forever".to_string(), None),
+            ("jti-later".to_string(), Some(future)),
+        ],
+        "expired ones are not worth copying"
+    );
+}
+
+async fn imported_chunks_keep_their_ids_and_vectors(s: &Storage) {
+    let (done, done_ids) = processed(s, "u", &[("alpha words", axis(0, 0.1))]).await;
+    assert_eq!(
+        s.chunks.file_vectors(&done.id).await.unwrap(),
+        vec![(done_ids[0], axis(0, 0.1))]
+    );
+    let base = done_ids[0] + 1000;
+    let f = completed(file("u", "moved.txt"), 2);
+    s.meta.insert_file(&f).await.unwrap();
+    s.queue.enqueue(&f.id).await.unwrap();
+    let chunks = vec![
+        (base, chunk(&f.id, 0, "heliotrope gardens bloom")),
+        (base + 7, chunk(&f.id, 1, "copper kettles whistle")),
+    ];
+    let vectors = vec![axis(3, 0.2), axis(4, 0.3)];
+    for _ in 0..2 {
+        // Twice: a resumed copy writes the same file again.
+        s.chunks
+            .import_file(&f, "moved text", &chunks, &vectors)
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        s.chunks.file_chunk_ids(&f.id).await.unwrap(),
+        vec![base, base + 7]
+    );
+    assert_eq!(
+        s.chunks.file_vectors(&f.id).await.unwrap(),
+        vec![(base, axis(3, 0.2)), (base + 7, axis(4, 0.3))]
+    );
+    let rows = s.chunks.chunks(&[base + 7]).await.unwrap();
+    assert_eq!(rows[0].1.text, "copper kettles whistle");
+    assert_eq!(
+        s.meta.file_text(&f.id).await.unwrap().as_deref(),
+        Some("moved text")
+    );
+    assert_eq!(
+        s.meta.file(&f.id).await.unwrap().unwrap().status,
+        Some(FileStatus::Completed)
+    );
+    assert!(
+        !s.queue.is_queued(&f.id).await.unwrap(),
+        "off the queue, as complete_file"
+    );
+
+    // Searchable like any processed file, alone and in a collection.
+    let kb = knowledge("moved");
+    s.meta.put_knowledge(&kb).await.unwrap();
+    assert!(s.meta.link_file(&kb.id, &f.id).await.unwrap());
+    let in_kb = Scope {
+        collections: vec![kb.id.clone()],
+        files: vec![],
+    };
+    let hits = s
+        .chunks
+        .dense_search(&in_kb, &axis(4, 0.3), 2)
+        .await
+        .unwrap();
+    assert_eq!(ids(&hits), vec![base + 7, base]);
+    let hits = s
+        .chunks
+        .lexical_search(&scope_files(&[&f.id]), "kettles", 5)
+        .await
+        .unwrap();
+    assert_eq!(ids(&hits), vec![base + 7]);
+
+    // Ids given out afterwards are above every imported one.
+    let (_, later) = processed(s, "u", &[("later words", axis(1, 0.1))]).await;
+    assert!(later[0] > base + 7, "{later:?}");
+
+    // An id held by another file is refused, and that file keeps its chunk.
+    let other = completed(file("u", "other.txt"), 1);
+    s.meta.insert_file(&other).await.unwrap();
+    let clash = s
+        .chunks
+        .import_file(
+            &other,
+            "x",
+            &[(base, chunk(&other.id, 0, "clash"))],
+            &[axis(5, 0.1)],
+        )
+        .await;
+    assert!(clash.is_err(), "{clash:?}");
+    assert_eq!(
+        s.chunks.file_chunk_ids(&f.id).await.unwrap(),
+        vec![base, base + 7]
+    );
+    assert_eq!(s.chunks.chunks(&[base]).await.unwrap()[0].1.file_id, f.id);
+
+    // A file that does not exist, or vectors that do not match the chunks.
+    let ghost = file("u", "ghost.txt");
+    let r = s
+        .chunks
+        .import_file(
+            &ghost,
+            "",
+            &[(base + 100, chunk(&ghost.id, 0, "g"))],
+            &[axis(2, 0.1)],
+        )
+        .await;
+    assert!(matches!(r, Err(StorageError::NotFound)), "{r:?}");
+    let r = s
+        .chunks
+        .import_file(&other, "", &[(base + 200, chunk(&other.id, 0, "g"))], &[])
+        .await;
+    assert!(r.is_err(), "{r:?}");
 }

@@ -38,7 +38,7 @@ def declared(root):
     unit = open(os.path.join(deploy, "systemd", "ragway.service")).read()
     kv = dict(re.findall(r"^(Memory(?:High|Max))=(\S+)$", unit, re.M))
     out["systemd"] = (systemd_bytes(kv["MemoryHigh"]), systemd_bytes(kv["MemoryMax"]))
-    for variant in ("sidecar", "standalone"):
+    for variant in ("sidecar", "standalone", "postgres"):
         with open(os.path.join(deploy, "kubernetes", variant, "deployment.yaml")) as f:
             for doc in yaml.safe_load_all(f):
                 if doc and doc.get("kind") == "Deployment":
@@ -51,4 +51,10 @@ def declared(root):
     with open(os.path.join(deploy, "compose.yaml")) as f:
         compose = yaml.safe_load(f)
     out["compose"] = (None, compose_bytes(compose["services"]["ragway"]["mem_limit"]))
+    # The replicas' file needs its required variables set to be YAML (${VAR:?msg}).
+    with open(os.path.join(deploy, "compose.postgres.yaml")) as f:
+        replicas = yaml.safe_load(re.sub(r"\$\{[A-Z0-9_]+:[?-][^}]*\}", "x", f.read()))
+    for name, svc in replicas["services"].items():
+        if name.startswith("ragway"):
+            out[f"compose.postgres/{name}"] = (None, compose_bytes(svc["mem_limit"]))
     return out

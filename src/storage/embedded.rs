@@ -324,6 +324,9 @@ impl Chunks for Embedded {
                 message: format!("{} chunks but {} vectors", chunks.len(), vectors.len()),
             });
         }
+        if self.store.file(&file.id)?.is_none() {
+            return Err(StorageError::NotFound);
+        }
         let ids: Vec<u64> = chunks.iter().map(|c| c.0).collect();
         let records: Vec<ChunkRecord> = chunks.iter().map(|c| c.1.clone()).collect();
         // An id already held by another file would make two chunks one.
