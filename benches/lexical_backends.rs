@@ -171,7 +171,7 @@ async fn main() {
         r_e
     );
     println!(
-        "postgres    {:>15.4}  {:>10.4}   (tsvector)",
+        "postgres    {:>15.4}  {:>10.4}   (BM25 over term tables)",
         mean(&postgres),
         r_p
     );

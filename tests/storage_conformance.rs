@@ -193,6 +193,7 @@ conformance!(
     // migrate slice
     whole_copy_reads_settings_and_revoked_tokens,
     imported_chunks_keep_their_ids_and_vectors,
+    lexical_scores_are_okapi_bm25_over_the_scope,
 );
 
 fn user(email: &str) -> User {
@@ -1141,12 +1142,18 @@ async fn concurrent_starts_migrate_once_and_restarts_are_idempotent() {
     for s in starts {
         pgs.push(s.await.unwrap().expect("every replica starts"));
     }
-    assert_eq!(pgs[0].schema_versions().await.unwrap(), vec![1]);
+    // Every migration this ragway knows, each once (1: init, 6: BM25 terms, and those of
+    // other work in between).
+    let versions = pgs[0].schema_versions().await.unwrap();
+    assert!(
+        versions.first() == Some(&1) && versions.contains(&6),
+        "{versions:?}"
+    );
     drop(pgs);
     let again = postgres::Pg::connect(&db.url, PgOptions::default())
         .await
         .unwrap();
-    assert_eq!(again.schema_versions().await.unwrap(), vec![1]);
+    assert_eq!(again.schema_versions().await.unwrap(), versions);
     drop(again);
     // A database migrated by a newer ragway is refused with a clear message.
     let c = admin(&db.url).await;
@@ -1373,4 +1380,77 @@ async fn imported_chunks_keep_their_ids_and_vectors(s: &Storage) {
         .import_file(&other, "", &[(base + 200, chunk(&other.id, 0, "g"))], &[])
         .await;
     assert!(r.is_err(), "{r:?}");
+}
+
+/// Both backends score lexical matches with the same BM25 (k1 1.5, b 0.75, "plus one" IDF,
+/// statistics over the scope), so a data dir moved to PostgreSQL ranks as before.
+async fn lexical_scores_are_okapi_bm25_over_the_scope(s: &Storage) {
+    let (f, chunk_ids) = processed(
+        s,
+        "u",
+        &[
+            ("apple apple pear", axis(0, 0.1)),
+            ("plum pear", axis(1, 0.1)),
+        ],
+    )
+    .await;
+    let hits = s
+        .chunks
+        .lexical_search(&scope_files(&[&f.id]), "apples", 5)
+        .await
+        .unwrap();
+    // n = 2, df(appl) = 1: idf = ln((2 - 1 + 0.5) / 1.5 + 1) = ln 2; avgdl = 2.5, dl = 3.
+    let (k1, b) = (1.5f32, 0.75f32);
+    let want = 2f32.ln() * 2.0 * (k1 + 1.0) / (2.0 + k1 * (1.0 - b + b * 3.0 / 2.5));
+    assert_eq!(ids(&hits), vec![chunk_ids[0]]);
+    assert!((hits[0].1 - want).abs() < 1e-4, "{} vs {want}", hits[0].1);
+    // Both chunks hold "pear": tf 1 each, the shorter chunk wins; ties of equal score go
+    // by id.
+    let hits = s
+        .chunks
+        .lexical_search(&scope_files(&[&f.id]), "pear", 5)
+        .await
+        .unwrap();
+    assert_eq!(ids(&hits), vec![chunk_ids[1], chunk_ids[0]]);
+    // Stop words alone match nothing.
+    let hits = s
+        .chunks
+        .lexical_search(&scope_files(&[&f.id]), "the and of", 5)
+        .await
+        .unwrap();
+    assert!(hits.is_empty(), "{hits:?}");
+}
+
+/// Chunks stored before migration 6 (no BM25 terms) are indexed when a replica connects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_indexes_terms_of_chunks_stored_before_bm25() {
+    let Some(b) = Backend::postgres().await else {
+        return;
+    };
+    let (f, chunk_ids) =
+        processed(&b.storage, "u", &[("quartz crystals glow", axis(0, 0.1))]).await;
+    let url = b.db.as_ref().unwrap().url.clone();
+    let c = admin(&url).await;
+    c.batch_execute("DELETE FROM chunk_terms; UPDATE chunks SET term_len = NULL")
+        .await
+        .unwrap();
+    let scope = scope_files(&[&f.id]);
+    assert!(
+        b.storage
+            .chunks
+            .lexical_search(&scope, "quartz", 5)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let again = postgres::connect(&url, PgOptions::default()).await.unwrap();
+    let hits = again
+        .chunks
+        .lexical_search(&scope, "crystal", 5)
+        .await
+        .unwrap();
+    assert_eq!(ids(&hits), chunk_ids);
+    drop(again);
+    drop(c);
+    b.finish().await;
 }

@@ -1,7 +1,7 @@
 //! The PostgreSQL backend: every seam on one database that any number of ragway replicas
 //! share. tokio-postgres with a deadpool pool (see README, "Storage backends", for why not
-//! sqlx); vectors in pgvector with HNSW (cosine), lexical search with `tsvector` and
-//! `ts_rank_cd`, the queue with `FOR UPDATE SKIP LOCKED` and leases, counters as upserts,
+//! sqlx); vectors in pgvector with HNSW (cosine), lexical search by BM25 over term tables
+//! (the embedded backend's terms and formula), the queue with `FOR UPDATE SKIP LOCKED` and leases, counters as upserts,
 //! signals with `LISTEN/NOTIFY`, blobs in a `bytea` table.
 //!
 //! The schema is created and migrated at connect ([`migrate`]): versioned SQL files embedded
@@ -26,13 +26,21 @@ use super::{
     Blobs, Chunks, Counters, Hit, Job, Metadata, Result, Retry, SIGNAL_CAPACITY, Scope, Signal,
     Signals, Storage, StorageError, UserChange, WorkQueue, check_key,
 };
+use crate::rag::bm25::{Bm25Params, TermCounts};
 use crate::store::{
     ApiKeyRecord, ChunkRecord, FileRecord, KnowledgeRecord, PRIMARY_ADMIN, Role, UsageCounts,
     UsageKey, User, now_secs,
 };
 
 /// Versioned migrations, applied in order; never edit one that shipped, add the next.
-const MIGRATIONS: &[(i32, &str, &str)] = &[(1, "init", include_str!("migrations/0001_init.sql"))];
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "init", include_str!("migrations/0001_init.sql")),
+    (
+        6,
+        "bm25_terms",
+        include_str!("migrations/0006_bm25_terms.sql"),
+    ),
+];
 
 /// Advisory lock key serialising migrations (and index creation) across replicas:
 /// "ragway" in ASCII.
@@ -44,7 +52,8 @@ const CHANNEL: &str = "ragway_signals";
 /// NOTIFY payloads must stay under 8000 bytes.
 const MAX_SIGNAL_BYTES: usize = 7900;
 
-/// Words of a lexical query used (the rest is ignored): bounds the query PostgreSQL plans.
+/// Distinct terms of a lexical query used (the rest is ignored): bounds the query PostgreSQL
+/// plans.
 const MAX_QUERY_TERMS: usize = 64;
 
 /// Connection options.
@@ -303,6 +312,13 @@ impl Pg {
         {
             let mut client = pool.get().await?;
             migrate(&mut client).await?;
+            let n = backfill_terms(&mut client).await?;
+            if n > 0 {
+                tracing::info!(
+                    chunks = n,
+                    "lexical index terms added to chunks stored before"
+                );
+            }
         }
         let (tx, _) = broadcast::channel(SIGNAL_CAPACITY);
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
@@ -1011,27 +1027,78 @@ const SCOPE_CTE: &str = "WITH scope AS (
     SELECT file_id FROM knowledge_files WHERE knowledge_id = ANY($2::text[])
 )";
 
+/// Stores the BM25 terms of chunks (their frequencies and each chunk's length) inside the
+/// transaction that stores the chunks.
+async fn index_terms(
+    txn: &tokio_postgres::Transaction<'_>,
+    ids: &[u64],
+    texts: &[&str],
+) -> Result<()> {
+    let (mut chunk_ids, mut lens) = (Vec::with_capacity(ids.len()), Vec::with_capacity(ids.len()));
+    let (mut t_ids, mut t_terms, mut t_tfs) = (Vec::new(), Vec::new(), Vec::new());
+    for (id, text) in ids.iter().zip(texts) {
+        let counts = TermCounts::of(text);
+        chunk_ids.push(to_i64(*id));
+        lens.push(i32::try_from(counts.len).unwrap_or(i32::MAX));
+        for (term, tf) in counts.tf {
+            t_ids.push(to_i64(*id));
+            t_terms.push(without_nul(&term).into_owned());
+            t_tfs.push(i32::try_from(tf).unwrap_or(i32::MAX));
+        }
+    }
+    txn.execute(
+        "UPDATE chunks SET term_len = x.len
+         FROM unnest($1::bigint[], $2::int[]) AS x(id, len) WHERE chunks.id = x.id",
+        &[&chunk_ids, &lens],
+    )
+    .await?;
+    txn.execute(
+        "INSERT INTO chunk_terms (chunk_id, term, tf)
+         SELECT * FROM unnest($1::bigint[], $2::text[], $3::int[])
+         ON CONFLICT (term, chunk_id) DO UPDATE SET tf = EXCLUDED.tf",
+        &[&t_ids, &t_terms, &t_tfs],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Chunks indexed per transaction by [`backfill_terms`].
+const BACKFILL_BATCH: i64 = 500;
+
+/// Indexes the BM25 terms of chunks stored before migration 6, in batches. Replicas
+/// starting together may index the same chunks: the writes are idempotent.
+async fn backfill_terms(client: &mut tokio_postgres::Client) -> Result<u64> {
+    let mut done = 0;
+    loop {
+        let rows = client
+            .query(
+                "SELECT id, body FROM chunks WHERE term_len IS NULL ORDER BY id LIMIT $1",
+                &[&BACKFILL_BATCH],
+            )
+            .await?;
+        if rows.is_empty() {
+            return Ok(done);
+        }
+        let mut ids = Vec::with_capacity(rows.len());
+        let mut texts = Vec::with_capacity(rows.len());
+        for r in &rows {
+            ids.push(to_u64(r.get(0)));
+            texts.push(json_col::<ChunkRecord>(r, 1, "chunks")?.text);
+        }
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let txn = client.transaction().await?;
+        index_terms(&txn, &ids, &refs).await?;
+        txn.commit().await?;
+        done += ids.len() as u64;
+    }
+}
+
 /// `s` with NUL (which PostgreSQL text cannot hold) replaced by U+FFFD.
 fn without_nul(s: &str) -> std::borrow::Cow<'_, str> {
     if s.contains('\0') {
         std::borrow::Cow::Owned(s.replace('\0', "\u{fffd}"))
     } else {
         std::borrow::Cow::Borrowed(s)
-    }
-}
-
-/// Query words for `to_tsquery`: runs of letters and digits only, so nothing in them is
-/// tsquery syntax; joined with `|` (any word matches, as BM25 scores).
-fn or_query(query: &str) -> Option<String> {
-    let words: Vec<&str> = query
-        .split(|c: char| !c.is_alphanumeric())
-        .filter(|w| !w.is_empty())
-        .take(MAX_QUERY_TERMS)
-        .collect();
-    if words.is_empty() {
-        None
-    } else {
-        Some(words.join(" | "))
     }
 }
 
@@ -1092,6 +1159,8 @@ impl Chunks for Pg {
                 .await?;
             ids.push(to_u64(row.get(0)));
         }
+        let texts: Vec<&str> = chunks.iter().map(|c| c.text.as_str()).collect();
+        index_terms(&txn, &ids, &texts).await?;
         txn.execute("DELETE FROM jobs WHERE file_id = $1", &[&file.id])
             .await?;
         txn.commit().await?;
@@ -1206,25 +1275,48 @@ impl Chunks for Pg {
     }
 
     async fn lexical_search(&self, scope: &Scope, query: &str, k: usize) -> Result<Vec<Hit>> {
-        let Some(q) = or_query(query) else {
-            return Ok(Vec::new());
-        };
-        if k == 0 || (scope.files.is_empty() && scope.collections.is_empty()) {
+        let mut terms = crate::rag::bm25::terms(query);
+        terms.sort();
+        terms.dedup();
+        terms.truncate(MAX_QUERY_TERMS);
+        if terms.is_empty() || k == 0 || (scope.files.is_empty() && scope.collections.is_empty()) {
             return Ok(Vec::new());
         }
-        // Normalisation 1: rank / (1 + log(length)), BM25's length damping.
+        // Okapi BM25 exactly as the embedded index scores (`Bm25Index::search_with`): the
+        // same terms, statistics (chunk count, mean length, document frequency) over the
+        // scope, the "plus one" IDF, and ties by id.
+        let Bm25Params { k1, b } = Bm25Params::default();
         let rows = self
             .client()
             .await?
             .query(
                 &format!(
-                    "{SCOPE_CTE}, q AS (SELECT to_tsquery('english', $3) AS q)
-                     SELECT c.id, ts_rank_cd(c.tsv, q.q, 1)::float4 AS score
-                     FROM chunks c JOIN scope s ON s.file_id = c.file_id, q
-                     WHERE c.tsv @@ q.q
-                     ORDER BY score DESC, c.id LIMIT $4"
+                    "{SCOPE_CTE},
+                     sc AS (SELECT c.id, c.term_len FROM chunks c JOIN scope s ON s.file_id = c.file_id
+                            WHERE c.term_len IS NOT NULL),
+                     stats AS (SELECT count(*)::float8 AS n,
+                                      GREATEST(COALESCE(avg(term_len)::float8, 1), 1) AS avgdl FROM sc),
+                     m AS (SELECT t.term, t.chunk_id, t.tf::float8 AS tf, sc.term_len::float8 AS dl
+                           FROM chunk_terms t JOIN sc ON sc.id = t.chunk_id
+                           WHERE t.term = ANY($3::text[])),
+                     df AS (SELECT term, count(*)::float8 AS df FROM m GROUP BY term)
+                     SELECT m.chunk_id, sum(
+                         ln((stats.n - df.df + 0.5) / (df.df + 0.5) + 1)
+                         * m.tf * ($5::float8 + 1)
+                         / (m.tf + $5::float8 * (1 - $6::float8 + $6::float8 * m.dl / stats.avgdl))
+                     )::float4 AS score
+                     FROM m JOIN df ON df.term = m.term, stats
+                     GROUP BY m.chunk_id
+                     ORDER BY score DESC, m.chunk_id LIMIT $4"
                 ),
-                &[&scope.files, &scope.collections, &q, &to_i64(k as u64)],
+                &[
+                    &scope.files,
+                    &scope.collections,
+                    &terms,
+                    &to_i64(k as u64),
+                    &f64::from(k1),
+                    &f64::from(b),
+                ],
             )
             .await?;
         Ok(rows.iter().map(|r| (to_u64(r.get(0)), r.get(1))).collect())
@@ -1308,6 +1400,9 @@ impl Chunks for Pg {
                 r => r?,
             };
         }
+        let ids: Vec<u64> = chunks.iter().map(|c| c.0).collect();
+        let texts: Vec<&str> = chunks.iter().map(|c| c.1.text.as_str()).collect();
+        index_terms(&txn, &ids, &texts).await?;
         txn.execute("DELETE FROM jobs WHERE file_id = $1", &[&file.id])
             .await?;
         // The sequence moves past every imported id (never back: ids are not reused).
@@ -1616,18 +1711,5 @@ mod tests {
             let e = parse_url(bad).unwrap_err();
             assert!(!e.contains("secret"), "{bad}: {e}");
         }
-    }
-
-    #[test]
-    fn lexical_queries_keep_only_words() {
-        assert_eq!(
-            or_query("what's new? (a|b) & !c:*").as_deref(),
-            Some("what | s | new | a | b | c")
-        );
-        assert_eq!(or_query("&|!():*'\""), None);
-        assert_eq!(
-            or_query(&"w ".repeat(1000)).unwrap().matches('w').count(),
-            MAX_QUERY_TERMS
-        );
     }
 }
