@@ -1,18 +1,20 @@
-//! Lexical ranking quality of the PostgreSQL backend (`tsvector` + `ts_rank_cd`) against the
-//! embedded one (BM25), on the same chunks: an evaluation data dir kept by
-//! `ragway eval --data-dir D` is copied into a fresh PostgreSQL database with
-//! `ragway migrate`'s code, then every judged query runs through `Chunks::lexical_search`
-//! on both backends (the collection `eval`, 100 chunks), documents ranked by their best
-//! chunk, and nDCG@10 compared per query (paired bootstrap). Dense search needs no such
-//! check: the vectors are copied bit for bit and both backends search them exactly at
-//! these sizes (`tests/migrate.rs` compares the hits).
+//! Lexical ranking quality of the PostgreSQL backend against the embedded one (BM25), on
+//! the same chunks: an evaluation data dir kept by `ragway eval --data-dir D` is copied into
+//! a fresh database with `ragway migrate`'s code, then every judged query runs through
+//! `Chunks::lexical_search` on both backends (the collection `eval`, 100 chunks), documents
+//! ranked by their best chunk, and nDCG@10 compared per query (paired bootstrap). Dense
+//! search needs no such check: the vectors are copied bit for bit and both backends search
+//! them exactly at these sizes (`tests/migrate.rs` compares the hits).
 //!
-//! Run (PostgreSQL with pgvector from `eval "$(scripts/postgres.sh start)"`):
+//! Run, with a PostgreSQL from `scripts/postgres.sh start` (`--profile dev` builds in a
+//! minute; the measurement does not depend on the profile):
 //!
-//!   RAGWAY_TEST_POSTGRES_URL=postgres://... cargo bench --bench lexical_backends -- \
-//!       DATASET_DIR DATA_DIR [QRELS_SPLIT]
+//! ```sh
+//! RAGWAY_TEST_POSTGRES_URL=postgres://... cargo bench --profile dev --bench lexical_backends -- \
+//!     DATASET_DIR DATA_DIR [SPLIT]
+//! ```
 //!
-//! DATA_DIR is only read: its database is copied to a temporary directory first (uploads
+//! `DATA_DIR` is only read: its database is copied to a temporary directory first (uploads
 //! are not needed). The database created for the run is dropped at the end.
 
 use std::collections::{HashMap, HashSet};

@@ -247,50 +247,7 @@ pub async fn migrate(
     }
     let skip = deleted_owners(src).await?;
     let mut copied = Counts::default();
-
-    // Users first: keys, collections and files refer to them.
-    for user in src.meta.users().await.map_err(copy_err("users"))? {
-        copy_user(dst, user).await?;
-        copied.users += 1;
-    }
-    for (k, v) in src
-        .meta
-        .all_settings()
-        .await
-        .map_err(copy_err("settings"))?
-    {
-        dst.meta
-            .set_setting(&k, &v)
-            .await
-            .map_err(copy_err(format!("setting {k}")))?;
-        copied.settings += 1;
-    }
-    for user in src.meta.users().await.map_err(copy_err("users"))? {
-        if let Some((hash, rec)) = src
-            .meta
-            .api_key_of_user(&user.id)
-            .await
-            .map_err(copy_err("api keys"))?
-        {
-            dst.meta
-                .put_api_key(&hash, &rec)
-                .await
-                .map_err(copy_err(format!("the api key of user {}", user.id)))?;
-            copied.api_keys += 1;
-        }
-    }
-    for (jti, exp) in src
-        .meta
-        .revoked_tokens()
-        .await
-        .map_err(copy_err("revoked tokens"))?
-    {
-        dst.meta
-            .revoke_token(&jti, exp)
-            .await
-            .map_err(copy_err("revoked tokens"))?;
-        copied.revoked_tokens += 1;
-    }
+    copy_accounts(src, dst, &mut copied).await?;
 
     let mut skipped_collections = 0;
     let mut kbs = HashSet::new();
@@ -379,6 +336,58 @@ pub async fn migrate(
         sampled_files,
         sampled_vectors,
     })
+}
+
+/// Users, settings (the primary admin among them), API keys and revoked sessions.
+async fn copy_accounts(
+    src: &Storage,
+    dst: &Storage,
+    copied: &mut Counts,
+) -> Result<(), MigrateError> {
+    // Users first: keys, collections and files refer to them.
+    for user in src.meta.users().await.map_err(copy_err("users"))? {
+        copy_user(dst, user).await?;
+        copied.users += 1;
+    }
+    for (k, v) in src
+        .meta
+        .all_settings()
+        .await
+        .map_err(copy_err("settings"))?
+    {
+        dst.meta
+            .set_setting(&k, &v)
+            .await
+            .map_err(copy_err(format!("setting {k}")))?;
+        copied.settings += 1;
+    }
+    for user in src.meta.users().await.map_err(copy_err("users"))? {
+        if let Some((hash, rec)) = src
+            .meta
+            .api_key_of_user(&user.id)
+            .await
+            .map_err(copy_err("api keys"))?
+        {
+            dst.meta
+                .put_api_key(&hash, &rec)
+                .await
+                .map_err(copy_err(format!("the api key of user {}", user.id)))?;
+            copied.api_keys += 1;
+        }
+    }
+    for (jti, exp) in src
+        .meta
+        .revoked_tokens()
+        .await
+        .map_err(copy_err("revoked tokens"))?
+    {
+        dst.meta
+            .revoke_token(&jti, exp)
+            .await
+            .map_err(copy_err("revoked tokens"))?;
+        copied.revoked_tokens += 1;
+    }
+    Ok(())
 }
 
 /// `ragway migrate`: opens both sides, copies, verifies, and returns the printed summary.
