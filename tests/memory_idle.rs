@@ -12,6 +12,8 @@ use serde_json::{Value, json};
 const MIB: u64 = 1024;
 /// The bound on resident memory without the embedding model.
 const BOUND_KIB: u64 = 40 * MIB;
+/// Idle, after start-up and a sign-up.
+const IDLE_KIB: u64 = 27 * MIB;
 
 /// One round of load: `tasks` keep-alive clients, each sending `per_task` requests that
 /// alternate a streamed generation, a JSON chat completion and a model lookup.
@@ -75,11 +77,13 @@ async fn gateway_without_the_embedding_model_stays_under_40_mib() {
     let key = key["api_key"].as_str().unwrap().to_string();
 
     let idle = server.rss_kib();
+    // ~23 MiB on the 2-core CI machine; 29–31 MiB while the budget's tokenizer was loaded at
+    // start-up. Binary code pages count too, hence the margin.
     assert!(
-        idle <= BOUND_KIB,
-        "idle: {} MiB resident, over {} MiB",
+        idle <= IDLE_KIB,
+        "idle: {} MiB resident, over {} MiB: is something loaded before it is needed?",
         idle / MIB,
-        BOUND_KIB / MIB
+        IDLE_KIB / MIB
     );
     let mut after = Vec::new();
     for _ in 0..3 {
@@ -87,6 +91,7 @@ async fn gateway_without_the_embedding_model_stays_under_40_mib() {
         after.push(server.rss_kib());
     }
     assert!(server.alive());
+    eprintln!("resident: idle {idle} KiB, after each round {after:?} KiB");
     for (round, kib) in after.iter().enumerate() {
         assert!(
             *kib <= BOUND_KIB,
@@ -97,10 +102,10 @@ async fn gateway_without_the_embedding_model_stays_under_40_mib() {
             idle / MIB
         );
     }
-    // No growth across repeated rounds: the last round ends where the first did, give or
-    // take what the allocator keeps.
+    // No growth across repeated rounds: once the allocator's per-thread pools have grown to
+    // the load (first rounds), a further round adds next to nothing.
     assert!(
-        after[2] <= after[0] + 4 * MIB,
+        after[2] <= after[1] + 2 * MIB,
         "resident memory grows from round to round: {after:?} KiB"
     );
 }
