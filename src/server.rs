@@ -342,6 +342,7 @@ impl ShutdownSignalWatch for Signals {
 pub fn new_server(config: &Config, upgrade: bool) -> Result<Server, String> {
     let conf = ServerConf {
         threads: config.threads,
+        work_stealing: config.work_stealing,
         // ragway has drained before it tells pingora to shut down (`Signals`), so pingora
         // must not sleep on top of that; blocking tasks (file extraction, embedding) get a
         // second before the process leaves them behind.

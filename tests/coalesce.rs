@@ -156,10 +156,21 @@ async fn chunk_frames(gw_url: &str, token: &str) -> (Vec<usize>, Vec<u8>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chunks_that_arrive_together_leave_together() {
+    coalesced_on_the_wire("").await;
+}
+
+/// The same on one scheduler per thread (the release default; in-process test gateways
+/// share one scheduler, see `tests/common/gateway.rs`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunks_leave_together_with_per_thread_schedulers_too() {
+    coalesced_on_the_wire("work-stealing = false\n").await;
+}
+
+async fn coalesced_on_the_wire(top: &str) {
     let up = upstream().await;
     let gw = Setup::new()
         .ollama(&up)
-        .toml("[models]\ncache-ttl = \"1h\"")
+        .toml(&format!("{top}[models]\ncache-ttl = \"1h\""))
         .start()
         .await;
     let admin = gw.admin().await;

@@ -19,6 +19,8 @@ pub struct FileConfig {
     pub env: Option<String>,
     /// Worker threads of the HTTP service.
     pub threads: Option<usize>,
+    /// Whether the HTTP service's threads steal each other's connections (see `Config`).
+    pub work_stealing: Option<bool>,
     /// Largest request body accepted, in MiB.
     pub max_body_mb: Option<u64>,
     /// Most JSON values (objects, arrays, scalars) in a request body that ragway parses.

@@ -408,7 +408,7 @@ impl SseConverter {
     pub fn feed(&mut self, bytes: &[u8]) -> Result<Bytes, StreamError> {
         let mut out = BytesMut::new();
         let mut rest = bytes;
-        while let Some(nl) = rest.iter().position(|b| *b == b'\n') {
+        while let Some(nl) = memchr::memchr(b'\n', rest) {
             let (line, tail) = rest.split_at(nl);
             rest = &tail[1..];
             if self.partial.len() + line.len() > MAX_LINE {

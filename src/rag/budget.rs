@@ -13,8 +13,8 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::path::Path;
-use std::sync::{Mutex, PoisonError};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value, json};
@@ -57,7 +57,11 @@ pub struct Window {
 
 /// Token counting and the per-model window cache.
 pub struct ContextBudget {
-    tokenizer: Option<tokenizers::Tokenizer>,
+    /// Where `tokenizer.json` is looked for, on the first RAG request that counts tokens.
+    model_dir: PathBuf,
+    /// Loaded on first use: a tokenizer takes ~15 MiB resident, which a gateway that never
+    /// answers a RAG request (or embeds through Ollama) should not pay for.
+    tokenizer: OnceLock<Option<tokenizers::Tokenizer>>,
     /// `upstream url \n model id` → window and when it was learnt. Bounded by
     /// `context.cache-entries`; entries live as long as the model list (`models.cache-ttl`).
     cache: Mutex<HashMap<String, (Instant, Window)>>,
@@ -65,30 +69,22 @@ pub struct ContextBudget {
 }
 
 impl ContextBudget {
-    /// Loads the embedding model's `tokenizer.json` from `model_dir` (the same counting
-    /// whatever engine embeds); without it, tokens are estimated from bytes.
+    /// Token counting with the embedding model's `tokenizer.json` from `model_dir` (the
+    /// same counting whatever engine embeds), loaded when first needed; without it, tokens
+    /// are estimated from bytes.
     pub fn new(model_dir: &Path, ttl: Duration) -> ContextBudget {
-        let tokenizer = match tokenizers::Tokenizer::from_file(model_dir.join("tokenizer.json")) {
-            Ok(mut t) => {
-                t.with_padding(None);
-                match t.with_truncation(None) {
-                    Ok(_) => Some(t),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "tokenizer without truncation failed; estimating tokens from bytes");
-                        None
-                    }
-                }
-            }
-            Err(e) => {
-                tracing::info!(error = %e, "no embedding tokenizer for the context budget; estimating tokens from bytes");
-                None
-            }
-        };
         ContextBudget {
-            tokenizer,
+            model_dir: model_dir.to_path_buf(),
+            tokenizer: OnceLock::new(),
             cache: Mutex::new(HashMap::new()),
             ttl,
         }
+    }
+
+    fn tokenizer(&self) -> Option<&tokenizers::Tokenizer> {
+        self.tokenizer
+            .get_or_init(|| load_tokenizer(&self.model_dir))
+            .as_ref()
     }
 
     /// Tokens of one piece (at most [`PIECE_BYTES`]). Without a tokenizer: one per 3 bytes,
@@ -97,7 +93,7 @@ impl ContextBudget {
         if piece.is_empty() {
             return 0;
         }
-        match &self.tokenizer {
+        match self.tokenizer() {
             Some(t) => t
                 .encode_fast(piece, false)
                 .map_or_else(|_| piece.len().div_ceil(3), |e| e.len()),
@@ -134,11 +130,7 @@ impl ContextBudget {
                 continue;
             }
             let want = tokens - used;
-            let cut = match self
-                .tokenizer
-                .as_ref()
-                .and_then(|t| t.encode(piece, false).ok())
-            {
+            let cut = match self.tokenizer().and_then(|t| t.encode(piece, false).ok()) {
                 Some(e) => e.get_offsets().get(want).map_or(piece.len(), |o| o.0),
                 None => want.saturating_mul(3),
             };
@@ -260,6 +252,27 @@ pub fn window_from_show(show: &Value, runtime_default: u32, cfg: &ContextConfig)
         runtime
     };
     Window { runtime, max }
+}
+
+/// The embedding model's tokenizer without padding or truncation, or `None` (then tokens
+/// are estimated from bytes).
+fn load_tokenizer(model_dir: &Path) -> Option<tokenizers::Tokenizer> {
+    match tokenizers::Tokenizer::from_file(model_dir.join("tokenizer.json")) {
+        Ok(mut t) => {
+            t.with_padding(None);
+            match t.with_truncation(None) {
+                Ok(_) => Some(t),
+                Err(e) => {
+                    tracing::warn!(error = %e, "tokenizer without truncation failed; estimating tokens from bytes");
+                    None
+                }
+            }
+        }
+        Err(e) => {
+            tracing::info!(error = %e, "no embedding tokenizer for the context budget; estimating tokens from bytes");
+            None
+        }
+    }
 }
 
 /// What the context budget reads: the settings, the upstreams (and a client to ask Ollama
@@ -759,7 +772,7 @@ mod tests {
         );
         let b = ContextBudget::new(&dir, Duration::from_secs(60));
         assert!(
-            b.tokenizer.is_some(),
+            b.tokenizer().is_some(),
             "no tokenizer.json in {}",
             dir.display()
         );
@@ -774,8 +787,7 @@ mod tests {
             .repeat(1100);
         assert!(text.len() > 8 * PIECE_BYTES);
         let whole = b
-            .tokenizer
-            .as_ref()
+            .tokenizer()
             .unwrap()
             .encode_fast(text.as_str(), false)
             .unwrap()

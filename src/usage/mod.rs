@@ -111,16 +111,17 @@ impl Labels {
         }
     }
 
-    fn get(&self, v: &str) -> String {
+    /// `v` itself when admitted, else `other`; allocates only when `v` is first seen.
+    fn get<'a>(&self, v: &'a str) -> &'a str {
         let mut seen = self.seen.lock().expect("labels poisoned");
         if seen.contains(v) {
-            return v.to_string();
+            return v;
         }
         if seen.len() < self.cap {
             seen.insert(v.to_string());
-            return v.to_string();
+            return v;
         }
-        "other".to_string()
+        "other"
     }
 }
 
@@ -358,17 +359,17 @@ pub fn finish(usage: &Usage, ctx: &mut impl Metered) {
         .charge(&m.applied, counts.prompt.saturating_add(counts.completion));
     let model_label = usage.models.get(&model);
     let key_label = if m.key_prefix.is_empty() {
-        "session".to_string()
+        "session"
     } else {
         usage.keys.get(&m.key_prefix)
     };
     USAGE_REQUESTS
-        .with_label_values(&[&model_label, &key_label])
+        .with_label_values(&[model_label, key_label])
         .inc();
     for (kind, n) in [("prompt", counts.prompt), ("completion", counts.completion)] {
         if n > 0 {
             USAGE_TOKENS
-                .with_label_values(&[&model_label, &key_label, kind])
+                .with_label_values(&[model_label, key_label, kind])
                 .inc_by(n);
         }
     }

@@ -114,6 +114,17 @@ impl Setup {
             }
             (top, tables)
         };
+        // pingora 0.9.1's per-thread schedulers (`work-stealing = false`, the default) keep
+        // their handles in a thread-local keyed by thread id, which a later server's threads
+        // inherit when ids are reused: a second in-process gateway would hand connections to
+        // the first one's stopped threads. Tests start many gateways in one process, so they
+        // use the shared scheduler unless they choose (the release binary runs one server).
+        if !top
+            .iter()
+            .any(|l| l.trim_start().starts_with("work-stealing"))
+        {
+            text.push_str("work-stealing = true\n");
+        }
         for l in top {
             text.push_str(l);
             text.push('\n');
