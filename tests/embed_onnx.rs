@@ -150,6 +150,39 @@ async fn onnx_matches_independent_reference() {
     assert!(dot(cat, feline) > dot(cat, stocks) + 0.2);
 }
 
+/// The shipped model is weight-only int8: by default its products run on ONNX Runtime's int8
+/// kernels (`embedding.int8`). They must agree with the float computation of the same file,
+/// and the rewrite must find every weight of the model (a different export would silently
+/// fall back to float).
+#[test]
+fn int8_kernels_agree_with_float() {
+    let model = std::fs::read(model_dir().join("model.onnx")).unwrap();
+    let (_, done) = ragway::embed::quantize::rewrite(&model)
+        .unwrap()
+        .expect("the shipped model has int8 weights");
+    assert_eq!(
+        (done.matmuls, done.gathers),
+        (36, 2),
+        "6 layers x 6 matrices, 2 tables"
+    );
+
+    let float = OnnxEmbedder::load_with(&model_dir(), &ort_library(), 1, MODEL_NAME, false)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let refs = references();
+    let texts: Vec<&str> = refs.iter().map(|r| r.text.as_str()).collect();
+    let a = float.embed_blocking(&texts).unwrap();
+    let b = embedder().embed_blocking(&texts).unwrap();
+    let mut sum = 0f32;
+    for ((x, y), t) in a.iter().zip(&b).zip(&texts) {
+        let c = cosine(x, y);
+        assert!(c >= 0.99, "int8 vs float cosine {c} for {t:?}");
+        sum += c;
+    }
+    let mean = sum / texts.len() as f32;
+    println!("int8 vs float: mean cosine {mean:.5}");
+    assert!(mean >= 0.995, "mean cosine {mean}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_equals_single() {
     let e = embedder();
