@@ -945,7 +945,10 @@ fn rag_config(
     // int8 weights are prepacked once and shared), not a float copy of the model.
     let int8 = e.int8.unwrap_or(true);
     let sessions = match e.sessions {
-        None => default_sessions(machine_cores()),
+        None if int8 => default_sessions(machine_cores()),
+        // A float session holds its own ~90 MiB copy of the weights: two would break the
+        // 200 MB idle bound.
+        None => 1,
         Some(0) => machine_cores(),
         Some(n) if n > MAX_SESSIONS => {
             return err(format!(
@@ -1465,6 +1468,10 @@ mod tests {
         )
         .unwrap();
         assert!(!c.embedding.int8);
+        assert_eq!(
+            c.embedding.sessions, 1,
+            "one float copy of the weights unless asked"
+        );
 
         let bad = |f: &str| {
             build(file(f), &env(&[]), &Overrides::default())
