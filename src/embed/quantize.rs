@@ -329,8 +329,9 @@ pub fn rewrite(model: &[u8]) -> Result<Option<(Vec<u8>, Rewritten)>> {
         } else {
             &m.inputs[0]
         };
+        let scale_is_float = inits.get(scale).is_some_and(|s| s.data_type == FLOAT);
         let scale_used_once = consumers.get(scale.as_str()).is_some_and(|c| c.len() == 1);
-        if !inits.get(scale).is_some_and(|s| s.data_type == FLOAT) || !scale_used_once {
+        if !(scale_is_float && scale_used_once) {
             continue;
         }
         let Some(consumer) = only_consumer(&m.outputs[0]) else {
