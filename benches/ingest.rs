@@ -15,7 +15,7 @@
 //!
 //! Run: `benches/ingest.sh` (builds the release binary, then `cargo bench --bench ingest`).
 //! Environment: `ROUNDS` (default 1), `SMALL` (default 400 files), `VARIANTS` (default
-//! `before,after`: `before` is the former defaults, one session and two workers; `after`
+//! `before,after`: `before` is the former defaults, one float session and two workers; `after`
 //! the machine-sized defaults), `RAGWAY_RELEASE_BIN`.
 
 use std::path::{Path, PathBuf};
@@ -322,7 +322,7 @@ impl Drop for Server {
 
 fn variant_toml(name: &str) -> &'static str {
     match name {
-        "before" => "[embedding]\nsessions = 1\n[rag]\nworkers = 2",
+        "before" => "[embedding]\nsessions = 1\nint8 = false\n[rag]\nworkers = 2",
         "after" => "",
         other => panic!("unknown variant {other:?} (before, after)"),
     }

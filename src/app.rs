@@ -84,11 +84,12 @@ fn build_embedder(config: &Config, http: &reqwest::Client) -> EmbedderChoice {
     let e = &config.embedding;
     match e.engine {
         EmbeddingEngine::Onnx => {
-            match crate::embed::onnx::OnnxEmbedder::load(
+            match crate::embed::onnx::OnnxEmbedder::load_with(
                 &e.model_dir,
                 &e.onnxruntime,
                 e.sessions,
                 &e.model,
+                e.int8,
             ) {
                 Ok(onnx) => {
                     let tokenizer = Arc::new(onnx.tokenizer().clone());

@@ -140,7 +140,10 @@ async fn onnx_matches_independent_reference() {
             "cosine {c:.5}  {:?}",
             r.text.chars().take(50).collect::<String>()
         );
-        assert!(c >= 0.99, "cosine {c} < 0.99 for {:?}", r.text);
+        // The int8 kernels quantise each run's activations with one scale: a text of a few
+        // tokens drifts most ("hello", 3 tokens: 0.985; 9 tokens and more: >= 0.993).
+        let bound = if r.tokens < 8 { 0.98 } else { 0.99 };
+        assert!(c >= bound, "cosine {c} < {bound} for {:?}", r.text);
         worst = worst.min(c);
     }
     println!("worst cosine vs reference: {worst:.5}");
@@ -148,6 +151,40 @@ async fn onnx_matches_independent_reference() {
     // Related sentences are closer than unrelated ones (sanity of the semantic space).
     let (cat, feline, stocks) = (&got[0], &got[1], &got[2]);
     assert!(dot(cat, feline) > dot(cat, stocks) + 0.2);
+}
+
+/// The shipped model is weight-only int8: by default its products run on ONNX Runtime's int8
+/// kernels (`embedding.int8`). They must agree with the float computation of the same file,
+/// and the rewrite must find every weight of the model (a different export would silently
+/// fall back to float).
+#[test]
+fn int8_kernels_agree_with_float() {
+    let model = std::fs::read(model_dir().join("model.onnx")).unwrap();
+    let (_, done) = ragway::embed::quantize::rewrite(&model)
+        .unwrap()
+        .expect("the shipped model has int8 weights");
+    assert_eq!(
+        (done.matmuls, done.gathers),
+        (36, 2),
+        "6 layers x 6 matrices, 2 tables"
+    );
+
+    let float = OnnxEmbedder::load_with(&model_dir(), &ort_library(), 1, MODEL_NAME, false)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let refs = references();
+    let texts: Vec<&str> = refs.iter().map(|r| r.text.as_str()).collect();
+    let a = float.embed_blocking(&texts).unwrap();
+    let b = embedder().embed_blocking(&texts).unwrap();
+    let mut sum = 0f32;
+    for ((x, y), t) in a.iter().zip(&b).zip(&texts) {
+        let c = cosine(x, y);
+        // A one-word text drifts most (its few tokens set the activation scale).
+        assert!(c >= 0.98, "int8 vs float cosine {c} for {t:?}");
+        sum += c;
+    }
+    let mean = sum / texts.len() as f32;
+    println!("int8 vs float: mean cosine {mean:.5}");
+    assert!(mean >= 0.99, "mean cosine {mean}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -149,8 +149,10 @@ pub struct EmbeddingFile {
     pub model_dir: Option<String>,
     /// Path of libonnxruntime.so (onnx engine).
     pub onnxruntime: Option<String>,
-    /// Concurrent ONNX sessions (each single-threaded); 0 or unset = one per core.
+    /// Concurrent ONNX sessions (each single-threaded); unset = one per core (at most 4), 0 = one per core.
     pub sessions: Option<usize>,
+    /// Run weight-only int8 models on the int8 kernels (default true).
+    pub int8: Option<bool>,
     /// Base URL and key of the remote engine (defaults: first Ollama / OpenAI connection).
     pub url: Option<String>,
     pub key: Option<String>,

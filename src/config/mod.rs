@@ -131,6 +131,8 @@ pub struct EmbeddingConfig {
     pub model_dir: PathBuf,
     pub onnxruntime: PathBuf,
     pub sessions: usize,
+    /// Weight-only int8 models compute on the int8 kernels (`embedding.int8`).
+    pub int8: bool,
     /// Remote engine base URL and key.
     pub url: Option<String>,
     pub key: Option<String>,
@@ -314,6 +316,18 @@ pub const MAX_WORKERS: usize = 256;
 pub fn machine_cores() -> usize {
     std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
 }
+
+/// ONNX sessions when `embedding.sessions` is not set: one single-threaded session per core
+/// (they scale better than one multi-threaded session on a busy machine), at most
+/// [`DEFAULT_MAX_SESSIONS`] because every session running at once adds its working memory to
+/// the peak.
+pub fn default_sessions(cores: usize) -> usize {
+    cores.clamp(1, DEFAULT_MAX_SESSIONS)
+}
+
+/// Most sessions [`default_sessions`] chooses (an explicit `embedding.sessions` may go up to
+/// [`MAX_SESSIONS`]).
+pub const DEFAULT_MAX_SESSIONS: usize = 4;
 
 /// Files processed at once when `rag.workers` is not set: two per core, so that while one
 /// file is embedded on every session the next ones are already extracted and chunked (and
@@ -934,18 +948,22 @@ fn rag_config(
             .or(e.onnxruntime)
             .unwrap_or_else(|| "./models/onnxruntime/libonnxruntime.so".into()),
     );
-    // 1 by default: every session holds its own ~100 MiB copy of the model, and a second one
-    // would break the 200 MB idle bound for ~1.5x the embedding throughput (README, "Memory
-    // while embedding"). 0 sizes the pool from the machine: one single-threaded session per core.
-    let sessions = match e.sessions.unwrap_or(1) {
-        0 => machine_cores(),
-        n if n > MAX_SESSIONS => {
+    // Sized from the machine by default: on the int8 kernels a session costs a few MiB (the
+    // int8 weights are prepacked once and shared), not a float copy of the model.
+    let int8 = e.int8.unwrap_or(true);
+    let sessions = match e.sessions {
+        None if int8 => default_sessions(machine_cores()),
+        // A float session holds its own ~90 MiB copy of the weights: two would break the
+        // 200 MB idle bound.
+        None => 1,
+        Some(0) => machine_cores(),
+        Some(n) if n > MAX_SESSIONS => {
             return err(format!(
                 "embedding.sessions: at most {MAX_SESSIONS} (each session is a copy of the \
                  model's working memory); 0 means one per core"
             ));
         }
-        n => n,
+        Some(n) => n,
     };
     let (url, key) = match engine {
         EmbeddingEngine::Onnx => (None, None),
@@ -1126,6 +1144,7 @@ fn rag_config(
             model_dir,
             onnxruntime,
             sessions,
+            int8,
             url,
             key,
         },
@@ -1421,9 +1440,14 @@ mod tests {
     #[test]
     fn ingestion_parallelism_is_sized_from_the_machine_unless_set() {
         let c = build(FileConfig::default(), &env(&[]), &Overrides::default()).unwrap();
+        assert_eq!(c.embedding.sessions, default_sessions(machine_cores()));
+        assert!(c.embedding.int8, "int8 kernels by default");
+        assert_eq!(default_sessions(1), 1);
+        assert_eq!(default_sessions(2), 2, "every core embeds");
         assert_eq!(
-            c.embedding.sessions, 1,
-            "one copy of the model unless asked"
+            default_sessions(64),
+            DEFAULT_MAX_SESSIONS,
+            "peak memory stays bounded"
         );
         assert_eq!(c.rag.workers, default_workers(machine_cores()));
         assert_eq!(default_workers(1), 2, "extraction overlaps embedding");
@@ -1444,6 +1468,17 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.embedding.sessions, machine_cores(), "0 means per core");
+        let c = build(
+            file("[embedding]\nint8 = false\n"),
+            &env(&[]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert!(!c.embedding.int8);
+        assert_eq!(
+            c.embedding.sessions, 1,
+            "one float copy of the weights unless asked"
+        );
 
         let bad = |f: &str| {
             build(file(f), &env(&[]), &Overrides::default())

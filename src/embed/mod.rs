@@ -10,6 +10,7 @@
 //! everywhere downstream.
 
 pub mod onnx;
+pub mod quantize;
 pub mod remote;
 
 use std::path::PathBuf;
