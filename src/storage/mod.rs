@@ -137,6 +137,16 @@ pub trait Metadata: Send + Sync {
         to_hour: u64,
         limit: usize,
     ) -> Result<Vec<(UsageKey, UsageCounts)>>;
+
+    // --- accounts (sign-in, keys, users, limits) ---
+
+    /// Replaces the limits of the user's API key in one transaction (a key replaced at the
+    /// same moment is never revived); `None` when the user has no key.
+    async fn set_api_key_limits(
+        &self,
+        user_id: &str,
+        limits: crate::limits::Limits,
+    ) -> Result<Option<ApiKeyRecord>>;
 }
 
 /// Where a search looks: the chunks of these collections and these files.
