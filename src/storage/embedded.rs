@@ -194,11 +194,6 @@ impl Metadata for Embedded {
         Ok(existed)
     }
     async fn add_usage(&self, rows: &[(UsageKey, UsageCounts)], keep_from_hour: u64) -> Result<()> {
-        // Nothing to add costs no durable commit, unless rows a previous process handed
-        // over at an upgrade wait to be merged (readers flush before they read).
-        if rows.is_empty() && !self.store.usage_spooled() {
-            return Ok(());
-        }
         Ok(self.store.add_usage(rows, keep_from_hour)?)
     }
     async fn scan_usage(

@@ -578,6 +578,9 @@ impl Recorder {
     /// once (the embedded one does), otherwise logged as lost. For drops, where nothing can
     /// be awaited; a server awaits [`Recorder::flush`] before it stops.
     fn flush_now(&self) {
+        if self.pending() == 0 {
+            return;
+        }
         if self.flush().now_or_never().is_none() {
             tracing::error!(
                 rows = self.pending(),
