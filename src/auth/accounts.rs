@@ -43,7 +43,8 @@ pub fn validate_email(email: &str) -> Result<String, AuthError> {
                 && !domain.starts_with('.')
                 && !domain.ends_with('.')
         })
-        && !e.contains(char::is_whitespace);
+        && !e.contains(char::is_whitespace)
+        && !e.contains(char::is_control);
     if valid {
         Ok(e)
     } else {
@@ -262,8 +263,9 @@ impl<'a> Accounts<'a> {
         from: Option<IpAddr>,
     ) -> Result<User, AuthError> {
         let email = email.trim().to_lowercase();
-        // Bounds the counters' keys too: no email longer than this can exist.
-        if email.is_empty() || email.len() > MAX_EMAIL_LEN {
+        // No email longer than this, or with a control character (which PostgreSQL text
+        // cannot hold), can exist: refused before any store or counter work.
+        if email.is_empty() || email.len() > MAX_EMAIL_LEN || email.contains(char::is_control) {
             return Err(AuthError::Invalid("Invalid email format".into()));
         }
         validate_password(&password)?;

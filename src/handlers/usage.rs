@@ -84,7 +84,8 @@ pub async fn list(app: &App, session: &Session, ctx: &RequestCtx) -> HandlerResu
         .usage
         .recorder
         .totals(from_hour, to_hour, keep, MAX_ROWS)
-        .await?;
+        .await
+        .map_err(super::errors::storage_answer)?;
     let data: Vec<Value> = groups
         .into_iter()
         .map(|((user_id, key_prefix, model), c)| {
