@@ -150,6 +150,7 @@ pub struct Auth {
 }
 
 impl Auth {
+    #[must_use]
     pub fn new(config: AuthConfig, secret: &[u8], storage: &Storage) -> Auth {
         Auth {
             limits: ratelimit::SigninLimits::new(
@@ -180,6 +181,9 @@ impl Auth {
     }
 
     /// Forgets every cached key (this replica only).
+    ///
+    /// # Panics
+    /// A thread panicked while holding the key cache's lock.
     pub fn forget_cached_keys(&self) {
         let mut cache = self.key_cache.write().expect("key cache poisoned");
         // Under the write lock, so no insert can slip between the bump and the clear.
@@ -328,15 +332,14 @@ impl Auth {
             .get(&hash)
             .filter(|(_, _, at)| at.elapsed() < KEY_CACHE_TTL)
             .map(|(r, u, _)| (r.clone(), u.clone()));
-        let (record, user) = match cached {
-            Some(hit) => hit,
-            None => {
-                let Some(loaded) = self.load_key(&hash).await? else {
-                    metrics::auth_failure("invalid_api_key");
-                    return Err(AuthError::InvalidToken);
-                };
-                self.remember_key(loaded)
-            }
+        let (record, user) = if let Some(hit) = cached {
+            hit
+        } else {
+            let Some(loaded) = self.load_key(&hash).await? else {
+                metrics::auth_failure("invalid_api_key");
+                return Err(AuthError::InvalidToken);
+            };
+            self.remember_key(loaded)
         };
         let allowed_models = self.allowed_models(&user, &record.models);
         Ok(Identity {
@@ -373,6 +376,9 @@ impl Auth {
 
     /// Caches a loaded key unless the cache was invalidated since it was read (by this
     /// replica or a signal received meanwhile); returns it.
+    ///
+    /// # Panics
+    /// A thread panicked while holding the key cache's lock.
     pub fn remember_key(&self, loaded: LoadedKey) -> (ApiKeyRecord, User) {
         self.apply_signals();
         let mut cache = self.key_cache.write().expect("key cache poisoned");
@@ -389,6 +395,10 @@ impl Auth {
     }
 
     /// Keys in the cache (for tests of its bound and invalidation).
+    ///
+    /// # Panics
+    /// A thread panicked while holding the key cache's lock.
+    #[must_use]
     pub fn cached_keys(&self) -> usize {
         self.key_cache.read().expect("key cache poisoned").len()
     }

@@ -514,45 +514,43 @@ impl Recorder {
         if self.flushing.swap(true, Ordering::AcqRel) {
             return;
         }
-        match tokio::runtime::Handle::try_current() {
-            Ok(h) => {
-                let job = FlushJob::new(self);
-                // Rows of the requests that end meanwhile join this write: a durable commit
-                // per request or two (what an immediate write came to under load) cost more
-                // than the requests themselves. The write runs on a blocking thread: the
-                // embedded store commits synchronously, and must not hold up a worker.
-                let handle = h.clone();
-                h.spawn(async move {
-                    tokio::time::sleep(FLUSH_DELAY).await;
-                    drop(tokio::task::spawn_blocking(move || {
-                        let me = job.recorder();
-                        loop {
-                            handle.block_on(me.flush());
-                            me.flushing.store(false, Ordering::Release);
-                            // A row that came after the last take but before the flag cleared.
-                            let more = !me.pending.lock().expect("usage poisoned").is_empty();
-                            if !more || me.flushing.swap(true, Ordering::AcqRel) {
-                                break;
-                            }
-                        }
-                    }));
-                });
+        let Ok(h) = tokio::runtime::Handle::try_current() else {
+            // No runtime (command-line tools): a backend that answers at once is written to
+            // now; another keeps the rows for the next flush.
+            if self.flush().now_or_never().is_none() {
+                tracing::warn!("usage rows wait: the store cannot be written without a runtime");
             }
-            Err(_) => {
-                // No runtime (command-line tools): a backend that answers at once is written
-                // to now; another keeps the rows for the next flush.
-                if self.flush().now_or_never().is_none() {
-                    tracing::warn!(
-                        "usage rows wait: the store cannot be written without a runtime"
-                    );
+            self.flushing.store(false, Ordering::Release);
+            return;
+        };
+        let job = FlushJob::new(self);
+        // Rows of the requests that end meanwhile join this write: a durable commit per
+        // request or two (what an immediate write came to under load) cost more than the
+        // requests themselves. The write runs on a blocking thread: the embedded store
+        // commits synchronously, and must not hold up a worker.
+        let handle = h.clone();
+        h.spawn(async move {
+            tokio::time::sleep(FLUSH_DELAY).await;
+            drop(tokio::task::spawn_blocking(move || {
+                let me = job.recorder();
+                loop {
+                    handle.block_on(me.flush());
+                    me.flushing.store(false, Ordering::Release);
+                    // A row that came after the last take but before the flag cleared.
+                    let more = !me.pending.lock().expect("usage poisoned").is_empty();
+                    if !more || me.flushing.swap(true, Ordering::AcqRel) {
+                        break;
+                    }
                 }
-                self.flushing.store(false, Ordering::Release);
-            }
-        }
+            }));
+        });
     }
 
     /// Writes every waiting row now. On a store failure the rows go back to wait (logged,
     /// and retried with the next write).
+    ///
+    /// # Panics
+    /// A thread panicked while holding the waiting rows.
     pub async fn flush(&self) {
         let _w = self.write.lock().await;
         let rows: Vec<(UsageKey, UsageCounts)> =
