@@ -1348,7 +1348,17 @@ async fn accounts_across_replicas(sa: &Storage, sb: &Storage) {
         .unwrap()
         .unwrap();
     assert_eq!(id.user.id, u.id, "a key made on A works on B");
-    assert_eq!(b.cached_keys(), 1);
+    // A's signal for the new key may reach B during that first lookup, which then does not
+    // cache what it read: look again until B holds the key, as a busy replica would.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while b.cached_keys() == 0 {
+        assert!(std::time::Instant::now() < deadline, "B never cached the key");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        b.check(&key_headers(&key), Access::Verified)
+            .await
+            .unwrap()
+            .unwrap();
+    }
 
     // A demotion on A reaches B's cached entry.
     let change = ragway::auth::accounts::UserUpdate {
