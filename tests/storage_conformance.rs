@@ -1352,7 +1352,10 @@ async fn accounts_across_replicas(sa: &Storage, sb: &Storage) {
     // cache what it read: look again until B holds the key, as a busy replica would.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while b.cached_keys() == 0 {
-        assert!(std::time::Instant::now() < deadline, "B never cached the key");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "B never cached the key"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
         b.check(&key_headers(&key), Access::Verified)
             .await
