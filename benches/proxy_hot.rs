@@ -10,12 +10,13 @@ use std::hint::black_box;
 use std::sync::{Arc, LazyLock};
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http::{HeaderMap, HeaderValue, Method};
-use ragway::auth::{Auth, generate_key};
+use ragway::auth::Auth;
 use ragway::http::router::{self, Access};
 use ragway::proxy::ndjson_sse::SseConverter;
 use ragway::rag::prompt;
-use ragway::store::{ApiKeyRecord, Role, Store, User};
+use ragway::store::{Role, Store, User};
 use ragway::usage::scan::{Format, Scanner};
 use serde_json::{Map, Value, json};
 
@@ -53,27 +54,32 @@ static CREDS: LazyLock<Creds> = LazyLock::new(|| {
         &ragway::config::Overrides::default(),
     )
     .expect("default config");
-    let auth = Auth::new(config.auth, b"bench-secret", store);
-    let user = auth
-        .store
+    let index = Arc::new(ragway::ingest::vectors::VectorStore::new(
+        10_000,
+        ragway::index::GraphKind::Usearch,
+        None,
+    ));
+    let storage = ragway::storage::embedded::storage(store, index, dir.path().join("uploads"), 100);
+    let auth = Auth::new(config.auth, b"bench-secret", &storage);
+    // The embedded backend answers without awaiting: its futures are ready at once.
+    let user = storage
+        .meta
         .create_user(
             User::new("bench@example.com", "bench", Role::User, "x".into()),
             false,
         )
+        .now_or_never()
+        .expect("ready")
         .expect("user");
-    let key = generate_key();
-    let record = ApiKeyRecord {
-        user_id: user.id.clone(),
-        prefix: key.plaintext[..11].to_string(),
-        created_at: 0,
-        models: Vec::new(),
-        limits: ragway::limits::Limits::default(),
-    };
-    auth.store.put_api_key(&key.hash, &record).expect("key");
-    auth.forget_cached_keys();
+    let key = auth
+        .accounts()
+        .create_key(&user.id, Vec::new(), ragway::limits::Limits::default())
+        .now_or_never()
+        .expect("ready")
+        .expect("key");
     let (jwt, _) = auth.jwt.issue(&user.id, None);
     let creds = Creds {
-        key: bearer(&key.plaintext),
+        key: bearer(&key),
         jwt: bearer(&jwt),
         none: HeaderMap::new(),
         auth,
@@ -85,6 +91,8 @@ static CREDS: LazyLock<Creds> = LazyLock::new(|| {
             creds
                 .auth
                 .check(h, Access::Verified)
+                .now_or_never()
+                .expect("ready")
                 .expect("valid credential")
                 .is_some()
         );
@@ -92,29 +100,49 @@ static CREDS: LazyLock<Creds> = LazyLock::new(|| {
     creds
 });
 
+/// The embedded backend's checks never wait, so each is polled once, as the gateway's
+/// first poll finishes them.
 mod auth {
-    use super::{Access, CREDS, black_box};
+    use super::{Access, CREDS, FutureExt, black_box};
 
     /// An API key on an authenticated route: SHA-256 of the key, then the verified-key
     /// cache (a hit after the first request, as in a load run).
     #[divan::bench]
     fn api_key() {
         let c = &*CREDS;
-        black_box(c.auth.check(black_box(&c.key), Access::Verified)).expect("ok");
+        black_box(
+            c.auth
+                .check(black_box(&c.key), Access::Verified)
+                .now_or_never(),
+        )
+        .expect("ready")
+        .expect("ok");
     }
 
     /// A session JWT: signature check, then the revocation look-up in the store.
     #[divan::bench]
     fn jwt() {
         let c = &*CREDS;
-        black_box(c.auth.check(black_box(&c.jwt), Access::Verified)).expect("ok");
+        black_box(
+            c.auth
+                .check(black_box(&c.jwt), Access::Verified)
+                .now_or_never(),
+        )
+        .expect("ready")
+        .expect("ok");
     }
 
     /// A public route without a credential (the baseline of the auth-cost table).
     #[divan::bench]
     fn public_no_credential() {
         let c = &*CREDS;
-        black_box(c.auth.check(black_box(&c.none), Access::Public)).expect("ok");
+        black_box(
+            c.auth
+                .check(black_box(&c.none), Access::Public)
+                .now_or_never(),
+        )
+        .expect("ready")
+        .expect("ok");
     }
 }
 

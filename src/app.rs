@@ -224,7 +224,6 @@ impl App {
             Some(s) => s.as_bytes().to_vec(),
             None => load_or_create_secret(&config.data_dir)?,
         };
-        let auth = Auth::new(config.auth.clone(), &secret, store.clone());
         let upstreams = Arc::new(Upstreams::new(&config));
         let models = ModelRegistry::new(
             upstreams.clone(),
@@ -235,7 +234,6 @@ impl App {
         let docs = config.dev.then(crate::openapi::docs);
         let ingest = Arc::new(Ingest::new(&config, store.clone(), embedder, tokenizer));
         ingest.start_up().map_err(StartError::Index)?;
-        let usage = crate::usage::Usage::new(config.limits.clone(), store.clone());
         let context = crate::rag::budget::ContextBudget::new(
             &config.embedding.model_dir,
             config.models_cache_ttl,
@@ -244,8 +242,10 @@ impl App {
             store.clone(),
             ingest.vectors.clone(),
             ingest.upload_dir.clone(),
-            crate::auth::ratelimit::DEFAULT_CAPACITY,
+            crate::auth::ratelimit::COUNTER_CAPACITY,
         );
+        let auth = Auth::new(config.auth.clone(), &secret, &storage);
+        let usage = crate::usage::Usage::new(config.limits.clone(), storage.meta.clone());
         let app = App {
             storage,
             usage,
@@ -262,7 +262,12 @@ impl App {
             handing_over: std::sync::atomic::AtomicBool::new(false),
             context,
         };
-        app.bootstrap_admin()?;
+        // The embedded backend answers without awaiting: start-up needs no runtime.
+        futures_util::FutureExt::now_or_never(app.bootstrap_admin()).ok_or_else(|| {
+            StartError::Admin(
+                "the storage backend cannot answer before the server's runtime starts".into(),
+            )
+        })??;
         // A user deletion interrupted by a crash leaves files and collections behind.
         app.library()
             .finish_deletions()
@@ -309,24 +314,56 @@ impl App {
     }
 
     /// `WEBUI_ADMIN_EMAIL`/`WEBUI_ADMIN_PASSWORD`: create the admin when no user exists.
-    fn bootstrap_admin(&self) -> Result<(), StartError> {
+    async fn bootstrap_admin(&self) -> Result<(), StartError> {
         let Some((email, password, name)) = &self.config.auth.admin else {
             return Ok(());
         };
-        if self
-            .store
-            .user_count()
-            .map_err(|e| StartError::Admin(e.to_string()))?
-            > 0
-        {
-            return Ok(());
-        }
-        let hash = crate::auth::password::hash(password);
-        let user = User::new(email, name, Role::Admin, hash);
-        self.store
-            .create_user(user, true)
+        let created = self
+            .auth
+            .accounts()
+            .bootstrap_admin(email, password, name)
+            .await
             .map_err(|e| StartError::Admin(e.to_string()))?;
-        tracing::info!(email = %email, "created the bootstrap admin");
+        if created.is_some() {
+            tracing::info!(email = %email, "created the bootstrap admin");
+        }
         Ok(())
+    }
+
+    /// `ragway user add`: creates a user (the very first one becomes admin), with the same
+    /// checks as the HTTP routes.
+    ///
+    /// # Errors
+    /// The refusal or failure, as the HTTP API would answer it.
+    pub async fn add_user(
+        &self,
+        email: &str,
+        password: &str,
+        name: &str,
+        role: Role,
+    ) -> Result<User, crate::error::ApiError> {
+        let new = crate::auth::accounts::NewUser {
+            name: name.to_string(),
+            email: email.to_string(),
+            password: password.to_string(),
+            profile_image_url: None,
+        };
+        Ok(self.auth.accounts().create_user(new, role, true).await?)
+    }
+
+    /// `ragway key create`: replaces the user's key and returns the plaintext.
+    ///
+    /// # Errors
+    /// No such user, or a store failure, as the HTTP API would answer it.
+    pub async fn create_key(
+        &self,
+        email: &str,
+        models: Vec<String>,
+    ) -> Result<String, crate::error::ApiError> {
+        Ok(self
+            .auth
+            .accounts()
+            .create_key_for_email(email, models)
+            .await?)
     }
 }

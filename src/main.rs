@@ -382,7 +382,7 @@ fn main() -> ExitCode {
                 Ok(a) => a,
                 Err(e) => return fail(e),
             };
-            match app.create_key(&user, models) {
+            match runtime().block_on(app.create_key(&user, models)) {
                 Ok(key) => {
                     println!("{key}");
                     ExitCode::SUCCESS

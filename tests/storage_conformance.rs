@@ -194,6 +194,8 @@ conformance!(
     whole_copy_reads_settings_and_revoked_tokens,
     imported_chunks_keep_their_ids_and_vectors,
     lexical_scores_are_okapi_bm25_over_the_scope,
+    // accounts
+    api_key_limits_are_set_in_place,
 );
 
 fn user(email: &str) -> User {
@@ -1453,4 +1455,213 @@ async fn postgres_indexes_terms_of_chunks_stored_before_bm25() {
     drop(again);
     drop(c);
     b.finish().await;
+}
+// ---- accounts: API-key limits, and the auth service across replicas -------------------
+
+async fn api_key_limits_are_set_in_place(s: &Storage) {
+    let m = &s.meta;
+    let u = m.create_user(user("l@x.io"), false).await.unwrap();
+    let limits = ragway::limits::Limits {
+        rpm: Some(60),
+        ..Default::default()
+    };
+    assert!(
+        m.set_api_key_limits(&u.id, limits).await.unwrap().is_none(),
+        "no key, nothing to limit"
+    );
+    assert!(
+        m.set_api_key_limits("missing", limits)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let rec = ApiKeyRecord {
+        user_id: u.id.clone(),
+        prefix: "sk-l".into(),
+        created_at: 7,
+        models: vec!["m".into()],
+        limits: Default::default(),
+    };
+    m.put_api_key("hl", &rec).await.unwrap();
+    let set = m.set_api_key_limits(&u.id, limits).await.unwrap().unwrap();
+    assert_eq!(set.limits, limits);
+    let (hash, stored) = m.api_key_of_user(&u.id).await.unwrap().unwrap();
+    assert_eq!(hash, "hl", "the same key, limited");
+    assert_eq!(
+        (
+            stored.prefix.as_str(),
+            stored.created_at,
+            stored.models.len()
+        ),
+        ("sk-l", 7, 1)
+    );
+    assert_eq!(
+        m.api_key_by_hash("hl").await.unwrap().unwrap().limits,
+        limits
+    );
+}
+
+fn auth_config(signin_attempts: u32) -> ragway::config::AuthConfig {
+    ragway::config::AuthConfig {
+        secret_key: None,
+        jwt_expires_in: None,
+        enable_signup: true,
+        default_user_role: Role::Pending,
+        enable_api_keys: true,
+        api_key_header: "x-api-key".into(),
+        admin: None,
+        signin_attempts,
+        signin_window: Duration::from_secs(600),
+        signin_attempts_per_address: 1000,
+        password_hash_concurrency: 1,
+        password_hash_queue: 16,
+        model_access: std::collections::HashMap::new(),
+    }
+}
+
+fn key_headers(key: &str) -> http::HeaderMap {
+    let mut h = http::HeaderMap::new();
+    h.insert("x-api-key", key.parse().unwrap());
+    h
+}
+
+/// The auth service of two replicas (`a`, `b`: one storage each, or the same one): a key
+/// made on A works on B; a role change on A applies on B though B cached the key; a key
+/// deleted on A is refused on B long before B's cache would expire (30 s); sign-in
+/// attempts are counted once across both.
+async fn accounts_across_replicas(sa: &Storage, sb: &Storage) {
+    use ragway::auth::accounts::NewUser;
+    use ragway::auth::{Auth, AuthError};
+    use ragway::http::router::Access;
+    let a = Auth::new(auth_config(3), b"shared secret", sa);
+    let b = Auth::new(auth_config(3), b"shared secret", sb);
+    let new = NewUser {
+        name: "Rep".into(),
+        email: "rep@x.io".into(),
+        password: "pw-1".into(),
+        profile_image_url: None,
+    };
+    let admin = a
+        .accounts()
+        .create_user(new, Role::Admin, true)
+        .await
+        .unwrap();
+    let new = NewUser {
+        name: "User".into(),
+        email: "user@x.io".into(),
+        password: "pw-2".into(),
+        profile_image_url: None,
+    };
+    let u = a
+        .accounts()
+        .create_user(new, Role::User, false)
+        .await
+        .unwrap();
+    let key = a
+        .accounts()
+        .create_key(&u.id, vec![], Default::default())
+        .await
+        .unwrap();
+    let id = b
+        .check(&key_headers(&key), Access::Verified)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(id.user.id, u.id, "a key made on A works on B");
+    // A's signal for the new key may reach B during that first lookup, which then does not
+    // cache what it read: look again until B holds the key, as a busy replica would.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while b.cached_keys() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "B never cached the key"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        b.check(&key_headers(&key), Access::Verified)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    // A demotion on A reaches B's cached entry.
+    let change = ragway::auth::accounts::UserUpdate {
+        role: Some("pending".into()),
+        ..Default::default()
+    };
+    a.accounts()
+        .update_user(&admin, &u.id, change)
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match b.check(&key_headers(&key), Access::Verified).await {
+            Err(AuthError::RoleDenied) => break,
+            Ok(_) => assert!(
+                std::time::Instant::now() < deadline,
+                "B still honours the old role"
+            ),
+            Err(e) => panic!("unexpected refusal {e:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // A key deleted on A is refused on B.
+    assert!(a.accounts().delete_key(&u.id).await.unwrap());
+    assert!(matches!(
+        a.check(&key_headers(&key), Access::Session).await,
+        Err(AuthError::InvalidToken)
+    ));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match b.check(&key_headers(&key), Access::Session).await {
+            Err(AuthError::InvalidToken) => break,
+            Ok(_) => assert!(
+                std::time::Instant::now() < deadline,
+                "B still honours a key deleted on A"
+            ),
+            Err(e) => panic!("unexpected refusal {e:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(b.cached_keys(), 0);
+
+    // Three attempts per email, whichever replica they reach.
+    for (i, auth) in [&a, &b, &a].into_iter().enumerate() {
+        let r = auth
+            .accounts()
+            .sign_in("user@x.io", format!("wrong-{i}"), None)
+            .await;
+        assert!(matches!(r, Err(AuthError::InvalidCredentials)), "{r:?}");
+    }
+    match b.accounts().sign_in("user@x.io", "pw-2".into(), None).await {
+        Err(AuthError::RateLimited(wait)) => {
+            assert!(wait > Duration::ZERO && wait <= Duration::from_secs(600));
+        }
+        other => panic!("fourth attempt across replicas: {other:?}"),
+    }
+    // Other emails keep their own budget.
+    let signed = a
+        .accounts()
+        .sign_in("rep@x.io", "pw-1".into(), None)
+        .await
+        .unwrap();
+    assert_eq!(signed.id, admin.id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accounts_across_replicas_embedded() {
+    // One process: both services share the storage, its counters and its signals.
+    let b = Backend::embedded();
+    accounts_across_replicas(&b.storage, &b.storage).await;
+    b.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accounts_across_replicas_postgres() {
+    let Some((a, b)) = two_replicas().await else {
+        return;
+    };
+    accounts_across_replicas(&a.storage, &b).await;
+    drop(b);
+    a.finish().await;
 }

@@ -5,24 +5,29 @@
 //! API key, anything else a JWT.
 
 pub mod access;
+pub mod accounts;
 pub mod csrf;
+mod error;
 pub mod jwt;
 pub mod password;
 pub mod ratelimit;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use http::HeaderMap;
 use sha2::{Digest, Sha256};
+use tokio::sync::broadcast;
+
+pub use error::AuthError;
 
 use crate::config::AuthConfig;
-use crate::error::{ApiError, msg};
 use crate::http::router::Access;
 use crate::metrics;
-use crate::store::{ApiKeyRecord, Role, Store, User};
+use crate::storage::{Metadata, Signal, Signals, Storage};
+use crate::store::{ApiKeyRecord, Role, User};
 
 /// How the caller proved who they are.
 #[derive(Debug, Clone)]
@@ -125,26 +130,32 @@ pub struct Auth {
     pub jwt: jwt::JwtKeys,
     /// Tokens that prove a cookie-authenticated write came from the gateway's own page.
     pub csrf: csrf::Csrf,
-    pub store: Arc<Store>,
-    /// Sign-in attempts per email.
-    pub limiter: ratelimit::SigninLimiter,
-    /// Sign-in and sign-up attempts per client address.
-    pub address_limiter: ratelimit::SigninLimiter,
+    meta: Arc<dyn Metadata>,
+    signals: Arc<dyn Signals>,
+    /// Sign-in attempts per email and per client address, shared by every replica.
+    pub limits: ratelimit::SigninLimits,
     /// Bounds password hashing (sign-in, sign-up, add-user).
     pub hashing: password::HashGate,
-    /// Verified API keys (by hash) → (record, user, verified at). Invalidated whenever a
-    /// key is created or deleted, so a revoked key stops working at once.
+    /// Verified API keys (by hash) → (record, user, verified at). A change to a key or its
+    /// user is published as a [`Signal`]; every replica drops the entries it names before
+    /// its next lookup, so a deleted key stops working everywhere at once.
     key_cache: RwLock<HashMap<String, (ApiKeyRecord, User, Instant)>>,
     /// Bumped by every invalidation. A lookup that read the store before an invalidation
     /// must not cache what it read after it: it would revive a deleted key for the TTL.
     key_generation: AtomicU64,
+    /// Signals of every replica, this one's included, drained before each key lookup (no
+    /// task to run: the receiver buffers [`crate::storage::SIGNAL_CAPACITY`] signals, and
+    /// one that lagged behind drops the whole cache).
+    signal_rx: Mutex<broadcast::Receiver<Signal>>,
 }
 
 impl Auth {
-    pub fn new(config: AuthConfig, secret: &[u8], store: Arc<Store>) -> Auth {
+    #[must_use]
+    pub fn new(config: AuthConfig, secret: &[u8], storage: &Storage) -> Auth {
         Auth {
-            limiter: ratelimit::SigninLimiter::new(config.signin_attempts, config.signin_window),
-            address_limiter: ratelimit::SigninLimiter::new(
+            limits: ratelimit::SigninLimits::new(
+                storage.counters.clone(),
+                config.signin_attempts,
                 config.signin_attempts_per_address,
                 config.signin_window,
             ),
@@ -155,18 +166,78 @@ impl Auth {
             config,
             jwt: jwt::JwtKeys::new(secret),
             csrf: csrf::Csrf::new(secret),
-            store,
+            meta: storage.meta.clone(),
+            signals: storage.signals.clone(),
             key_cache: RwLock::new(HashMap::new()),
             key_generation: AtomicU64::new(0),
+            signal_rx: Mutex::new(storage.signals.subscribe()),
         }
     }
 
-    /// Call after a key was created or deleted in the store.
+    /// Sign-up, sign-in, passwords, keys, users and their limits.
+    #[must_use]
+    pub fn accounts(&self) -> accounts::Accounts<'_> {
+        accounts::Accounts::new(self)
+    }
+
+    /// Forgets every cached key (this replica only).
+    ///
+    /// # Panics
+    /// A thread panicked while holding the key cache's lock.
     pub fn forget_cached_keys(&self) {
         let mut cache = self.key_cache.write().expect("key cache poisoned");
         // Under the write lock, so no insert can slip between the bump and the clear.
         self.key_generation.fetch_add(1, Ordering::AcqRel);
         cache.clear();
+    }
+
+    /// Drops what `signal` says changed from this replica's cache.
+    fn forget(&self, signal: &Signal) {
+        let mut cache = self.key_cache.write().expect("key cache poisoned");
+        match signal {
+            Signal::KeyDeleted { hash } => {
+                cache.remove(hash);
+            }
+            // Entries carry the user (role, limits): any change to them applies at once.
+            Signal::UserChanged { id } => cache.retain(|_, (_, user, _)| user.id != *id),
+            Signal::ModelsChanged | Signal::FileStatus { .. } => return,
+        }
+        self.key_generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Applies a change to keys or users here at once, and tells every other replica.
+    ///
+    /// # Errors
+    /// The signal could not be published: the change is stored, but other replicas may
+    /// honour their cached entry for up to the cache's TTL; the caller must not report
+    /// success (a retry is safe and publishes again).
+    pub(crate) async fn invalidate(&self, signal: Signal) -> Result<(), AuthError> {
+        self.forget(&signal);
+        self.signals.publish(&signal).await.map_err(|e| {
+            metrics::auth_failure("signal_failed");
+            tracing::error!(error = %e, ?signal, "cannot tell other replicas about an account change");
+            AuthError::Storage(e)
+        })
+    }
+
+    /// Applies the signals received since the last lookup.
+    fn apply_signals(&self) {
+        let mut rx = self
+            .signal_rx
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        loop {
+            match rx.try_recv() {
+                Ok(signal) => self.forget(&signal),
+                Err(broadcast::error::TryRecvError::Lagged(missed)) => {
+                    tracing::warn!(missed, "account signals lagged; API-key cache dropped");
+                    self.forget_cached_keys();
+                }
+                Err(
+                    broadcast::error::TryRecvError::Empty | broadcast::error::TryRecvError::Closed,
+                ) => break,
+            }
+        }
     }
 
     /// The raw credential of a request, if any.
@@ -198,19 +269,29 @@ impl Auth {
     }
 
     /// Authenticates a request and checks it against the route's access level.
-    pub fn check(&self, headers: &HeaderMap, access: Access) -> Result<Option<Identity>, ApiError> {
+    ///
+    /// # Errors
+    /// The refusal (no or bad credential, role too low, restricted key), or a store failure.
+    pub async fn check(
+        &self,
+        headers: &HeaderMap,
+        access: Access,
+    ) -> Result<Option<Identity>, AuthError> {
         if access == Access::Public {
             // Public routes still learn who is calling when a valid credential is sent.
-            return Ok(self.credential(headers).and_then(|c| self.identify(c).ok()));
+            return Ok(match self.credential(headers) {
+                Some(c) => self.identify(c).await.ok(),
+                None => None,
+            });
         }
         let Some(cred) = self.credential(headers) else {
             metrics::auth_failure("missing");
-            return Err(ApiError::unauthorized(msg::NOT_AUTHENTICATED));
+            return Err(AuthError::NotAuthenticated);
         };
-        let identity = self.identify(cred)?;
+        let identity = self.identify(cred).await?;
         if access == Access::Admin && identity.restricted_key {
             metrics::auth_failure("restricted_key");
-            return Err(ApiError::forbidden(RESTRICTED_KEY));
+            return Err(AuthError::RestrictedKey);
         }
         let allowed = match access {
             Access::Public | Access::Session => true,
@@ -219,31 +300,31 @@ impl Auth {
         };
         if !allowed {
             metrics::auth_failure("role");
-            // Open WebUI answers 401 (not 403) for an insufficient role.
-            return Err(ApiError::unauthorized(msg::ACCESS_PROHIBITED));
+            return Err(AuthError::RoleDenied);
         }
         Ok(Some(identity))
     }
 
-    fn identify(&self, cred: &str) -> Result<Identity, ApiError> {
+    async fn identify(&self, cred: &str) -> Result<Identity, AuthError> {
         if cred.len() > MAX_CREDENTIAL_LEN {
             metrics::auth_failure("invalid_token");
-            return Err(ApiError::unauthorized(msg::INVALID_TOKEN));
+            return Err(AuthError::InvalidToken);
         }
         if cred.starts_with("sk-") {
-            self.identify_key(cred)
+            self.identify_key(cred).await
         } else {
-            self.identify_jwt(cred)
+            self.identify_jwt(cred).await
         }
     }
 
-    fn identify_key(&self, key: &str) -> Result<Identity, ApiError> {
+    async fn identify_key(&self, key: &str) -> Result<Identity, AuthError> {
         if !self.config.enable_api_keys {
             metrics::auth_failure("api_keys_disabled");
-            return Err(ApiError::forbidden(msg::API_KEY_DISABLED));
+            return Err(AuthError::ApiKeysDisabled);
         }
         // A SHA-256 and a map or store lookup: key checks never wait behind password hashing.
         let hash = hash_key(key);
+        self.apply_signals();
         let cached = self
             .key_cache
             .read()
@@ -251,15 +332,14 @@ impl Auth {
             .get(&hash)
             .filter(|(_, _, at)| at.elapsed() < KEY_CACHE_TTL)
             .map(|(r, u, _)| (r.clone(), u.clone()));
-        let (record, user) = match cached {
-            Some(hit) => hit,
-            None => {
-                let Some(loaded) = self.load_key(&hash)? else {
-                    metrics::auth_failure("invalid_api_key");
-                    return Err(ApiError::unauthorized(msg::INVALID_TOKEN));
-                };
-                self.remember_key(loaded)
-            }
+        let (record, user) = if let Some(hit) = cached {
+            hit
+        } else {
+            let Some(loaded) = self.load_key(&hash).await? else {
+                metrics::auth_failure("invalid_api_key");
+                return Err(AuthError::InvalidToken);
+            };
+            self.remember_key(loaded)
         };
         let allowed_models = self.allowed_models(&user, &record.models);
         Ok(Identity {
@@ -275,12 +355,15 @@ impl Auth {
     }
 
     /// Reads a key and its user from the store, noting the cache generation first.
-    pub fn load_key(&self, hash: &str) -> Result<Option<LoadedKey>, ApiError> {
+    ///
+    /// # Errors
+    /// The store failed.
+    pub async fn load_key(&self, hash: &str) -> Result<Option<LoadedKey>, AuthError> {
         let generation = self.key_generation.load(Ordering::Acquire);
-        let Some(record) = self.store.api_key_by_hash(hash)? else {
+        let Some(record) = self.meta.api_key_by_hash(hash).await? else {
             return Ok(None);
         };
-        let Some(user) = self.store.user_by_id(&record.user_id)? else {
+        let Some(user) = self.meta.user_by_id(&record.user_id).await? else {
             return Ok(None);
         };
         Ok(Some(LoadedKey {
@@ -291,8 +374,13 @@ impl Auth {
         }))
     }
 
-    /// Caches a loaded key unless the cache was invalidated since it was read; returns it.
+    /// Caches a loaded key unless the cache was invalidated since it was read (by this
+    /// replica or a signal received meanwhile); returns it.
+    ///
+    /// # Panics
+    /// A thread panicked while holding the key cache's lock.
     pub fn remember_key(&self, loaded: LoadedKey) -> (ApiKeyRecord, User) {
+        self.apply_signals();
         let mut cache = self.key_cache.write().expect("key cache poisoned");
         if self.key_generation.load(Ordering::Acquire) == loaded.generation {
             if cache.len() >= KEY_CACHE_MAX {
@@ -307,26 +395,30 @@ impl Auth {
     }
 
     /// Keys in the cache (for tests of its bound and invalidation).
+    ///
+    /// # Panics
+    /// A thread panicked while holding the key cache's lock.
+    #[must_use]
     pub fn cached_keys(&self) -> usize {
         self.key_cache.read().expect("key cache poisoned").len()
     }
 
-    fn identify_jwt(&self, token: &str) -> Result<Identity, ApiError> {
+    async fn identify_jwt(&self, token: &str) -> Result<Identity, AuthError> {
         let Some(claims) = self.jwt.verify(token) else {
             metrics::auth_failure("invalid_token");
-            return Err(ApiError::unauthorized(msg::INVALID_TOKEN));
+            return Err(AuthError::InvalidToken);
         };
-        if self.store.is_token_revoked(&claims.jti)? {
+        if self.meta.is_token_revoked(&claims.jti).await? {
             metrics::auth_failure("revoked_token");
-            return Err(ApiError::unauthorized("Invalid token"));
+            return Err(AuthError::RevokedToken);
         }
-        let Some(user) = self.store.user_by_id(&claims.id)? else {
+        let Some(user) = self.meta.user_by_id(&claims.id).await? else {
             metrics::auth_failure("unknown_user");
-            return Err(ApiError::unauthorized(msg::SESSION_EXPIRED));
+            return Err(AuthError::SessionExpired);
         };
         if !user.session_valid(claims.ep, &claims.jti) {
             metrics::auth_failure("revoked_session");
-            return Err(ApiError::unauthorized(msg::SESSION_EXPIRED));
+            return Err(AuthError::SessionExpired);
         }
         let allowed_models = self.allowed_models(&user, &[]);
         Ok(Identity {
@@ -364,9 +456,8 @@ impl Auth {
 mod tests {
     use super::*;
 
-    fn auth(dir: &tempfile::TempDir) -> Auth {
-        let store = Arc::new(Store::open(&dir.path().join("t.redb")).unwrap());
-        let config = AuthConfig {
+    fn config() -> AuthConfig {
+        AuthConfig {
             secret_key: None,
             jwt_expires_in: None,
             enable_signup: true,
@@ -380,95 +471,166 @@ mod tests {
             password_hash_concurrency: 1,
             password_hash_queue: 1,
             model_access: HashMap::new(),
-        };
-        Auth::new(config, b"secret", store)
+        }
     }
 
-    fn user_with_key(auth: &Auth, models: Vec<String>) -> (User, String) {
+    /// An embedded storage in `dir`.
+    pub(crate) fn storage(dir: &tempfile::TempDir) -> Storage {
+        let store = Arc::new(crate::store::Store::open(&dir.path().join("t.redb")).unwrap());
+        let index = Arc::new(crate::ingest::vectors::VectorStore::new(
+            10_000,
+            crate::index::GraphKind::Usearch,
+            None,
+        ));
+        crate::storage::embedded::storage(store, index, dir.path().join("uploads"), 100)
+    }
+
+    fn auth(dir: &tempfile::TempDir) -> Auth {
+        Auth::new(config(), b"secret", &storage(dir))
+    }
+
+    async fn user_with_key(auth: &Auth, models: Vec<String>) -> (User, String) {
         let user = auth
-            .store
+            .meta
             .create_user(
                 User::new("a@example.com", "a", Role::User, "x".into()),
                 false,
             )
+            .await
             .unwrap();
-        let key = generate_key();
-        let record = ApiKeyRecord {
-            user_id: user.id.clone(),
-            prefix: key.plaintext[..11].to_string(),
-            created_at: 0,
-            models,
-            limits: crate::limits::Limits::default(),
-        };
-        auth.store.put_api_key(&key.hash, &record).unwrap();
-        auth.forget_cached_keys();
-        (user, key.plaintext)
+        let key = auth
+            .accounts()
+            .create_key(&user.id, models, crate::limits::Limits::default())
+            .await
+            .unwrap();
+        (user, key)
     }
 
     /// A lookup that read the key before it was deleted finishes after the delete: what it
     /// read must not be cached, or the deleted key would work for the cache's TTL.
-    #[test]
-    fn a_lookup_racing_a_delete_does_not_revive_the_key() {
+    #[tokio::test]
+    async fn a_lookup_racing_a_delete_does_not_revive_the_key() {
         let dir = tempfile::tempdir().unwrap();
         let auth = auth(&dir);
-        let (user, key) = user_with_key(&auth, Vec::new());
-        assert!(auth.identify(&key).is_ok());
+        let (user, key) = user_with_key(&auth, Vec::new()).await;
+        assert!(auth.identify(&key).await.is_ok());
         auth.forget_cached_keys();
 
         // 1. A request misses the cache and reads the key from the store...
-        let in_flight = auth.load_key(&hash_key(&key)).unwrap().expect("key exists");
-        // 2. ...meanwhile the key is deleted and the cache invalidated...
-        auth.store.delete_api_key_of_user(&user.id).unwrap();
-        auth.forget_cached_keys();
+        let in_flight = auth
+            .load_key(&hash_key(&key))
+            .await
+            .unwrap()
+            .expect("key exists");
+        // 2. ...meanwhile the key is deleted (and the deletion signalled)...
+        assert!(auth.accounts().delete_key(&user.id).await.unwrap());
         // 3. ...then the first request caches what it read.
         let _ = auth.remember_key(in_flight);
 
         assert_eq!(auth.cached_keys(), 0, "stale entry cached");
-        let e = auth.identify(&key).unwrap_err();
-        assert_eq!(e.status, 401, "deleted key refused at once");
+        let e = auth.identify(&key).await.unwrap_err();
+        assert!(matches!(e, AuthError::InvalidToken), "{e:?}");
 
         // Without a racing invalidation, a lookup is cached as before.
-        let (_, key2) = {
-            let k = generate_key();
-            let record = ApiKeyRecord {
-                user_id: user.id.clone(),
-                prefix: k.plaintext[..11].to_string(),
-                created_at: 0,
-                models: Vec::new(),
-                limits: crate::limits::Limits::default(),
-            };
-            auth.store.put_api_key(&k.hash, &record).unwrap();
-            auth.forget_cached_keys();
-            ((), k.plaintext)
-        };
-        assert!(auth.identify(&key2).is_ok());
+        let key2 = auth
+            .accounts()
+            .create_key(&user.id, Vec::new(), crate::limits::Limits::default())
+            .await
+            .unwrap();
+        assert!(auth.identify(&key2).await.is_ok());
         assert_eq!(auth.cached_keys(), 1);
     }
 
-    #[test]
-    fn restricted_keys_are_marked_and_refused_on_admin_routes() {
+    /// Two services on one storage stand for two replicas: a key deleted, or a user
+    /// changed, through one is refused or changed on the other at its next request, though
+    /// the other had it cached.
+    #[tokio::test]
+    async fn signals_invalidate_another_services_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = storage(&dir);
+        let a = Auth::new(config(), b"secret", &storage);
+        let b = Auth::new(config(), b"secret", &storage);
+        let (user, key) = user_with_key(&a, Vec::new()).await;
+        assert_eq!(b.identify(&key).await.unwrap().user.role, Role::User);
+        assert_eq!(b.cached_keys(), 1);
+
+        // A role change through `a` reaches `b`'s cached entry.
+        a.accounts()
+            .set_limits(
+                &user.id,
+                Some(crate::limits::Limits {
+                    rpm: Some(7),
+                    ..crate::limits::Limits::default()
+                }),
+                None,
+            )
+            .await
+            .unwrap();
+        let id = b.identify(&key).await.unwrap();
+        assert_eq!(id.user.limits.rpm, Some(7), "b read the user afresh");
+
+        assert!(a.accounts().delete_key(&user.id).await.unwrap());
+        assert!(matches!(
+            b.identify(&key).await,
+            Err(AuthError::InvalidToken)
+        ));
+        assert_eq!(b.cached_keys(), 0);
+    }
+
+    /// A receiver that fell behind drops the whole cache rather than keep what a lost
+    /// signal named.
+    #[tokio::test]
+    async fn a_lagged_receiver_drops_the_whole_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = storage(&dir);
+        let a = Auth::new(config(), b"secret", &storage);
+        let (_, key) = user_with_key(&a, Vec::new()).await;
+        assert!(a.identify(&key).await.is_ok());
+        assert_eq!(a.cached_keys(), 1);
+        for i in 0..=crate::storage::SIGNAL_CAPACITY {
+            storage
+                .signals
+                .publish(&Signal::UserChanged {
+                    id: format!("other-{i}"),
+                })
+                .await
+                .unwrap();
+        }
+        a.apply_signals();
+        assert_eq!(a.cached_keys(), 0);
+        assert!(a.identify(&key).await.is_ok(), "the key is read again");
+    }
+
+    #[tokio::test]
+    async fn restricted_keys_are_marked_and_refused_on_admin_routes() {
         let dir = tempfile::tempdir().unwrap();
         let auth = auth(&dir);
-        let (_, key) = user_with_key(&auth, vec!["m1".into()]);
-        let id = auth.identify(&key).unwrap();
+        let (_, key) = user_with_key(&auth, vec!["m1".into()]).await;
+        let id = auth.identify(&key).await.unwrap();
         assert!(id.restricted_key);
         assert!(id.may_use_model("m1"));
         assert!(!id.may_use_model("m2"));
         let mut headers = HeaderMap::new();
         headers.insert("x-api-key", key.parse().unwrap());
-        let e = auth.check(&headers, Access::Admin).unwrap_err();
-        assert_eq!(e.status, 403);
-        assert!(auth.check(&headers, Access::Verified).is_ok());
+        let e = auth.check(&headers, Access::Admin).await.unwrap_err();
+        assert!(matches!(e, AuthError::RestrictedKey));
+        assert!(auth.check(&headers, Access::Verified).await.is_ok());
     }
 
-    #[test]
-    fn oversized_credentials_are_refused_before_decoding() {
+    #[tokio::test]
+    async fn oversized_credentials_are_refused_before_decoding() {
         let dir = tempfile::tempdir().unwrap();
         let auth = auth(&dir);
         let long = format!("sk-{}", "a".repeat(MAX_CREDENTIAL_LEN));
-        assert_eq!(auth.identify(&long).unwrap_err().status, 401);
+        assert!(matches!(
+            auth.identify(&long).await,
+            Err(AuthError::InvalidToken)
+        ));
         let long_jwt = "e".repeat(MAX_CREDENTIAL_LEN + 1);
-        assert_eq!(auth.identify(&long_jwt).unwrap_err().status, 401);
+        assert!(matches!(
+            auth.identify(&long_jwt).await,
+            Err(AuthError::InvalidToken)
+        ));
     }
 
     mod parsing {
@@ -511,10 +673,14 @@ mod tests {
                     prop_assert!(!c.is_empty());
                     prop_assert_eq!(c, c.trim());
                 }
+                let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
                 for access in [Access::Public, Access::Session, Access::Verified, Access::Admin] {
-                    match auth.check(&headers, access) {
+                    match rt.block_on(auth.check(&headers, access)) {
                         Ok(id) => prop_assert!(access == Access::Public && id.is_none()),
-                        Err(e) => prop_assert!((400..500).contains(&e.status), "{e}"),
+                        Err(e) => {
+                            let status = crate::error::ApiError::from(e).status;
+                            prop_assert!((400..500).contains(&status), "{status}");
+                        }
                     }
                 }
             }

@@ -1,97 +1,96 @@
-//! Sign-in rate limiting: at most N attempts per key (an email, or a client address) within
-//! a sliding window (Open WebUI: 15 per 180 s per email). In memory: a restart forgets
-//! attempts, which only helps users.
+//! Sign-in rate limiting: at most N attempts per key (an email, or a client address) in a
+//! window (Open WebUI: 15 per 180 s per email), counted with the storage's shared
+//! [`Counters`], so every replica counts against one budget.
 //!
-//! The map is capped: an attacker rotating emails or addresses must not grow it without
-//! bound. When full, expired keys are dropped first, then the key idle the longest. Evicting
-//! a key forgets its attempts, so the cap is set well above what a window sees in normal use;
-//! the per-address limit bounds how fast one client can push others out.
+//! The window is fixed, not sliding: it starts with a key's first attempt and ends
+//! `window` later, when the count starts again at zero. A client over the limit is told to
+//! retry when its window ends (`Retry-After`). At a window's edge a client can make up to
+//! twice the limit in a short time; the limits are far above a person's typos and far below
+//! what a password guesser needs, so that edge does not matter, and a fixed window is one
+//! atomic increment on a shared database, where a sliding one would need every attempt's
+//! time.
+//!
+//! Keys are SHA-256 digests of the email or address: the counters hold no emails, and any
+//! email (even one with a `/`) makes a valid counter key. The embedded counters hold at most
+//! [`COUNTER_CAPACITY`] keys (expired windows evicted first, then the window ending
+//! soonest); the per-address limit bounds how fast one client can push others out.
 
-use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
-/// Keys tracked per limiter by default: with at most `limit` instants each (16 bytes), plus
-/// the key (at most 254 bytes, emails are checked first), this is a few MiB at most.
-pub const DEFAULT_CAPACITY: usize = 10_000;
+use sha2::{Digest, Sha256};
 
-pub struct SigninLimiter {
-    limit: usize,
+use super::AuthError;
+use crate::storage::Counters;
+
+/// Keys the embedded counters hold: the per-email and per-address limits share them (each
+/// had 10,000 when they were separate maps). An entry is a 76-byte key and a count: ~3 MiB.
+pub const COUNTER_CAPACITY: usize = 20_000;
+
+/// Sign-in attempt limits per email and per client address.
+pub struct SigninLimits {
+    counters: Arc<dyn Counters>,
+    per_email: u64,
+    per_address: u64,
     window: Duration,
-    capacity: usize,
-    /// A `std` mutex: the critical section is a few map operations, never an await.
-    attempts: Mutex<HashMap<String, VecDeque<Instant>>>,
 }
 
-impl SigninLimiter {
-    pub fn new(limit: u32, window: Duration) -> Self {
-        Self::with_capacity(limit, window, DEFAULT_CAPACITY)
-    }
-
-    pub fn with_capacity(limit: u32, window: Duration, capacity: usize) -> Self {
-        SigninLimiter {
-            limit: usize::try_from(limit).unwrap_or(usize::MAX).max(1),
+impl SigninLimits {
+    #[must_use]
+    pub fn new(
+        counters: Arc<dyn Counters>,
+        per_email: u32,
+        per_address: u32,
+        window: Duration,
+    ) -> SigninLimits {
+        SigninLimits {
+            counters,
+            per_email: u64::from(per_email.max(1)),
+            per_address: u64::from(per_address.max(1)),
             window,
-            capacity: capacity.max(1),
-            attempts: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Records an attempt. `Err(wait)` when `key` is over its budget: `wait` is how long until
-    /// its oldest attempt leaves the window (for `Retry-After`).
-    pub fn allow(&self, key: &str) -> Result<(), Duration> {
-        self.allow_at(key, Instant::now())
+    /// Counts an attempt for `email` (already trimmed and lowercased).
+    ///
+    /// # Errors
+    /// [`AuthError::RateLimited`] over the limit; a counter store failure.
+    pub async fn email(&self, email: &str) -> Result<(), AuthError> {
+        self.attempt("signin-email", email, self.per_email).await
     }
 
-    /// Keys currently tracked.
-    pub fn len(&self) -> usize {
-        self.attempts.lock().expect("limiter poisoned").len()
+    /// Counts a sign-in or sign-up attempt from a client address.
+    ///
+    /// # Errors
+    /// [`AuthError::RateLimited`] over the limit; a counter store failure.
+    pub async fn address(&self, ip: IpAddr) -> Result<(), AuthError> {
+        let key = address_key(ip);
+        self.attempt("signin-address", &key, self.per_address)
+            .await
+            .inspect_err(|e| {
+                if matches!(e, AuthError::RateLimited(_)) {
+                    tracing::debug!(client = %key, "sign-in attempts over the per-address limit");
+                }
+            })
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    fn allow_at(&self, key: &str, now: Instant) -> Result<(), Duration> {
-        let mut map = self.attempts.lock().expect("limiter poisoned");
-        if !map.contains_key(key) && map.len() >= self.capacity {
-            self.make_room(&mut map, now);
+    async fn attempt(&self, kind: &str, key: &str, limit: u64) -> Result<(), AuthError> {
+        let (count, left) = self
+            .counters
+            .increment(&counter_key(kind, key), self.window)
+            .await?;
+        if count > limit {
+            crate::metrics::auth_failure("rate_limited");
+            return Err(AuthError::RateLimited(left));
         }
-        let q = map.entry(key.to_string()).or_default();
-        while q
-            .front()
-            .is_some_and(|t| now.duration_since(*t) >= self.window)
-        {
-            q.pop_front();
-        }
-        if q.len() >= self.limit {
-            let oldest = *q.front().expect("a full queue has a front");
-            return Err(self.window.saturating_sub(now.duration_since(oldest)));
-        }
-        q.push_back(now);
         Ok(())
     }
+}
 
-    /// Frees at least one slot: keys with no attempt left in the window go first (one pass,
-    /// so a full map costs O(n) once per window at most); if every key is live, the one whose
-    /// last attempt is oldest is evicted.
-    fn make_room(&self, map: &mut HashMap<String, VecDeque<Instant>>, now: Instant) {
-        map.retain(|_, q| {
-            q.back()
-                .is_some_and(|t| now.duration_since(*t) < self.window)
-        });
-        if map.len() < self.capacity {
-            return;
-        }
-        let idlest = map
-            .iter()
-            .min_by_key(|(_, q)| q.back().copied())
-            .map(|(k, _)| k.clone());
-        if let Some(k) = idlest {
-            map.remove(&k);
-        }
-    }
+/// `kind:` and the hex SHA-256 of `key`: bounded length, no character a backend refuses.
+fn counter_key(kind: &str, key: &str) -> String {
+    format!("{kind}:{}", hex::encode(Sha256::digest(key.as_bytes())))
 }
 
 /// The limiter key of a client address: the IPv4 address, or the /64 prefix of an IPv6
@@ -112,56 +111,53 @@ pub fn address_key(ip: IpAddr) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::embedded::MemoryCounters;
 
-    #[test]
-    fn window_slides() {
-        let l = SigninLimiter::new(2, Duration::from_secs(10));
-        let t0 = Instant::now();
-        assert!(l.allow_at("a", t0).is_ok());
-        assert!(l.allow_at("a", t0).is_ok());
-        assert_eq!(
-            l.allow_at("a", t0 + Duration::from_secs(1)),
-            Err(Duration::from_secs(9)),
-            "retry once the oldest attempt leaves the window"
+    #[tokio::test]
+    async fn limits_count_per_key_in_a_fixed_window() {
+        let counters = Arc::new(MemoryCounters::new(100));
+        let l = SigninLimits::new(counters.clone(), 2, 3, Duration::from_secs(60));
+        assert!(l.email("a@x.io").await.is_ok());
+        assert!(l.email("a@x.io").await.is_ok());
+        match l.email("a@x.io").await {
+            Err(AuthError::RateLimited(wait)) => {
+                assert!(wait > Duration::ZERO && wait <= Duration::from_secs(60));
+            }
+            other => panic!("third attempt: {other:?}"),
+        }
+        assert!(l.email("b@x.io").await.is_ok(), "other emails keep theirs");
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        for _ in 0..3 {
+            assert!(l.address(ip).await.is_ok());
+        }
+        assert!(l.address(ip).await.is_err());
+        // Emails with characters a storage key may not hold are counted too.
+        assert!(l.email("we/ird\u{1}@x.io").await.is_ok());
+        assert_eq!(counters.len(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_new_window_starts_after_the_last_ends() {
+        let l = SigninLimits::new(
+            Arc::new(MemoryCounters::new(100)),
+            1,
+            1,
+            Duration::from_millis(200),
         );
-        assert!(l.allow_at("b", t0).is_ok());
-        assert!(l.allow_at("a", t0 + Duration::from_secs(11)).is_ok());
+        assert!(l.email("a@x.io").await.is_ok());
+        assert!(l.email("a@x.io").await.is_err());
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert!(l.email("a@x.io").await.is_ok(), "the count started again");
     }
 
     #[test]
-    fn map_is_capped_and_evicts_expired_then_idlest() {
-        let l = SigninLimiter::with_capacity(3, Duration::from_secs(10), 4);
-        let t0 = Instant::now();
-        // Rotating keys never grow the map past its cap.
-        for i in 0..1000u64 {
-            assert!(
-                l.allow_at(&format!("k{i}"), t0 + Duration::from_millis(i))
-                    .is_ok()
-            );
-            assert!(l.len() <= 4, "{} keys tracked", l.len());
-        }
-        assert_eq!(l.len(), 4);
-
-        // When full of live keys, the one idle longest goes; the others keep their counts.
-        let l = SigninLimiter::with_capacity(2, Duration::from_secs(10), 2);
-        assert!(l.allow_at("old", t0).is_ok());
-        assert!(l.allow_at("busy", t0 + Duration::from_secs(1)).is_ok());
-        assert!(l.allow_at("busy", t0 + Duration::from_secs(1)).is_ok());
-        assert!(l.allow_at("new", t0 + Duration::from_secs(2)).is_ok());
-        assert_eq!(l.len(), 2);
-        assert!(
-            l.allow_at("busy", t0 + Duration::from_secs(3)).is_err(),
-            "busy kept its attempts"
-        );
-
-        // Expired keys are dropped before any live one.
-        let l = SigninLimiter::with_capacity(1, Duration::from_secs(10), 2);
-        assert!(l.allow_at("a", t0).is_ok());
-        assert!(l.allow_at("b", t0 + Duration::from_secs(9)).is_ok());
-        assert!(l.allow_at("c", t0 + Duration::from_secs(11)).is_ok());
-        assert!(
-            l.allow_at("b", t0 + Duration::from_secs(12)).is_err(),
-            "b was live and kept"
+    fn counter_keys_are_bounded_and_plain() {
+        let k = counter_key("signin-email", &"x/".repeat(1000));
+        assert!(k.len() < 100);
+        assert!(crate::storage::check_key(&k).is_ok());
+        assert_ne!(
+            counter_key("signin-email", "a"),
+            counter_key("signin-address", "a")
         );
     }
 

@@ -1,8 +1,10 @@
-//! `/api/v1/auths/*`: sign-up, sign-in, session, sign-out, users and API keys.
+//! `/api/v1/auths/*`: sign-up, sign-in, session, sign-out, users and API keys. The account
+//! logic is `auth::accounts`; these handlers read the request and shape the answer.
 
 use crate::forms::{
     AddUserForm, ApiKeyForm, SigninForm, SignupForm, UpdatePasswordForm, UpdateProfileForm,
 };
+use std::net::IpAddr;
 use std::time::Duration;
 
 use pingora::proxy::Session;
@@ -10,17 +12,11 @@ use serde_json::{Value, json};
 
 use super::{HandlerResult, Outcome, identity};
 use crate::app::App;
-use crate::auth::password::GateError;
-use crate::auth::{self, Credential, password, ratelimit};
+use crate::auth::accounts::NewUser;
+use crate::auth::{self, AuthError, Credential};
 use crate::error::{ApiError, msg};
 use crate::http::{self, Reply};
-use crate::store::{ApiKeyRecord, Role, StoreError, User, now_secs};
-
-/// Longest email accepted (RFC 5321's path limit).
-const MAX_EMAIL_LEN: usize = 254;
-
-/// Suggested wait when every password-hashing slot is taken.
-const BUSY_RETRY_AFTER: Duration = Duration::from_secs(2);
+use crate::store::{Role, User, now_secs};
 
 /// A refusal, possibly with a `Retry-After` (rate limits, hashing overload).
 pub(crate) enum Refusal {
@@ -34,16 +30,11 @@ impl From<ApiError> for Refusal {
     }
 }
 
-impl From<crate::store::StoreError> for Refusal {
-    fn from(e: crate::store::StoreError) -> Self {
-        Refusal::Error(e.into())
-    }
-}
-
-impl Refusal {
-    fn error(self) -> ApiError {
-        match self {
-            Refusal::Error(e) | Refusal::RetryAfter(e, _) => e,
+impl From<AuthError> for Refusal {
+    fn from(e: AuthError) -> Self {
+        match e.retry_after() {
+            Some(wait) => Refusal::RetryAfter(e.into(), wait),
+            None => Refusal::Error(e.into()),
         }
     }
 }
@@ -64,78 +55,13 @@ pub(crate) fn answer(result: Result<Outcome, Refusal>) -> HandlerResult {
     }
 }
 
-fn rate_limited(wait: Duration) -> Refusal {
-    crate::metrics::auth_failure("rate_limited");
-    Refusal::RetryAfter(ApiError::new(429, msg::RATE_LIMITED), wait)
-}
-
-/// Runs password work through the hashing gate.
-pub(crate) async fn hashed<T, F>(app: &App, work: F) -> Result<T, Refusal>
-where
-    T: Send + 'static,
-    F: FnOnce() -> T + Send + 'static,
-{
-    match app.auth.hashing.run(work).await {
-        Ok(v) => Ok(v),
-        Err(GateError::Busy) => {
-            crate::metrics::auth_failure("hashing_busy");
-            tracing::debug!("password hashing queue full; attempt refused");
-            Err(Refusal::RetryAfter(
-                ApiError::new(
-                    503,
-                    "Too many sign-in attempts are being processed; retry shortly",
-                ),
-                BUSY_RETRY_AFTER,
-            ))
-        }
-        Err(GateError::Failed) => Err(ApiError::internal("Password hashing failed").into()),
-    }
-}
-
-/// Counts an attempt against the client address's budget (sign-in and sign-up share it).
-fn check_address(app: &App, session: &Session) -> Result<(), Refusal> {
-    let Some(ip) = session
+/// The client's address, for per-address sign-in limits. Unix-socket clients have none
+/// (the per-email limit still holds).
+fn client_ip(session: &Session) -> Option<IpAddr> {
+    session
         .client_addr()
         .and_then(|a| a.as_inet())
         .map(std::net::SocketAddr::ip)
-    else {
-        // Unix-socket clients have no address to limit; the per-email limit still holds.
-        return Ok(());
-    };
-    let key = ratelimit::address_key(ip);
-    app.auth.address_limiter.allow(&key).map_err(|wait| {
-        tracing::debug!(client = %key, "sign-in attempts over the per-address limit");
-        rate_limited(wait)
-    })
-}
-
-pub(crate) fn validate_email(email: &str) -> Result<String, ApiError> {
-    let e = email.trim().to_lowercase();
-    let valid = e.len() <= MAX_EMAIL_LEN
-        && e.split_once('@').is_some_and(|(local, domain)| {
-            !local.is_empty()
-                && !domain.is_empty()
-                && !domain.starts_with('.')
-                && !domain.ends_with('.')
-        })
-        && !e.contains(char::is_whitespace);
-    if valid {
-        Ok(e)
-    } else {
-        Err(ApiError::bad_request("Invalid email format"))
-    }
-}
-
-pub(crate) fn validate_password(p: &str) -> Result<(), ApiError> {
-    if p.is_empty() {
-        return Err(ApiError::bad_request("Password must not be empty"));
-    }
-    if p.len() > 1024 {
-        return Err(ApiError::bad_request(
-            "Password is too long (1024 bytes at most)",
-        ));
-    }
-    Ok(())
 }
 
 /// Permissions object of the session response, shaped like Open WebUI's.
@@ -219,120 +145,6 @@ fn session_reply(app: &App, user: &User) -> Reply {
         .with_header(::http::header::SET_COOKIE, csrf_cookie(app, &token, exp))
 }
 
-/// Longest display name accepted.
-const MAX_NAME_LEN: usize = 256;
-/// Longest `profile_image_url` (Open WebUI's UI sends small data URLs).
-const MAX_IMAGE_URL_LEN: usize = 16 * 1024;
-
-/// A trimmed, non-empty display name of bounded size.
-pub(crate) fn validate_name(name: &str) -> Result<String, ApiError> {
-    let name = name.trim();
-    if name.is_empty() {
-        return Err(ApiError::bad_request("Name must not be empty"));
-    }
-    if name.len() > MAX_NAME_LEN {
-        return Err(ApiError::bad_request(format!(
-            "Name is too long ({MAX_NAME_LEN} bytes at most)"
-        )));
-    }
-    if name.chars().any(char::is_control) {
-        return Err(ApiError::bad_request(
-            "Name must not contain control characters",
-        ));
-    }
-    Ok(name.to_string())
-}
-
-pub(crate) fn validate_image_url(url: &str) -> Result<(), ApiError> {
-    if url.len() > MAX_IMAGE_URL_LEN {
-        return Err(ApiError::bad_request(
-            "profile_image_url is too long (16 KiB at most)",
-        ));
-    }
-    Ok(())
-}
-
-/// Account commands of the command line (`ragway user add`, `ragway key create`): the same
-/// checks as the HTTP routes, so they are defined here rather than in the wiring.
-impl App {
-    /// `ragway user add`: creates a user (the very first one becomes admin).
-    pub async fn add_user(
-        &self,
-        email: &str,
-        password: &str,
-        name: &str,
-        role: Role,
-    ) -> Result<User, ApiError> {
-        create_user(self, name, email, password, None, role, true).await
-    }
-
-    /// `ragway key create`: replaces the user's key and returns the plaintext.
-    pub fn create_key(&self, email: &str, models: Vec<String>) -> Result<String, ApiError> {
-        let user = self
-            .store
-            .user_by_email(&email.trim().to_lowercase())?
-            .ok_or_else(|| ApiError::not_found(format!("No user with email {email}")))?;
-        issue_key(self, &user.id, models, crate::limits::Limits::default())
-    }
-}
-
-/// Creates a user with a hashed password. Hashing goes through the hashing gate: argon2 is
-/// deliberately slow and memory-hard and must neither stall the event loop nor run unbounded.
-pub(crate) async fn create_user(
-    app: &App,
-    name: &str,
-    email: &str,
-    password: &str,
-    profile_image_url: Option<String>,
-    role: Role,
-    first_is_admin: bool,
-) -> Result<User, ApiError> {
-    create_user_gated(
-        app,
-        name,
-        email,
-        password,
-        profile_image_url,
-        role,
-        first_is_admin,
-    )
-    .await
-    .map_err(Refusal::error)
-}
-
-async fn create_user_gated(
-    app: &App,
-    name: &str,
-    email: &str,
-    password: &str,
-    profile_image_url: Option<String>,
-    role: Role,
-    first_is_admin: bool,
-) -> Result<User, Refusal> {
-    let email = validate_email(email)?;
-    validate_password(password)?;
-    let name = validate_name(name)?;
-    let name = name.as_str();
-    if let Some(u) = &profile_image_url {
-        validate_image_url(u)?;
-    }
-    if app.store.user_by_email(&email)?.is_some() {
-        // Answered before hashing: a taken email costs no argon2 run.
-        return Err(ApiError::bad_request(msg::EMAIL_TAKEN).into());
-    }
-    let pw = password.to_string();
-    let hash = hashed(app, move || password::hash(&pw)).await?;
-    let mut user = User::new(&email, name, role, hash);
-    if let Some(url) = profile_image_url.filter(|u| !u.is_empty()) {
-        user.profile_image_url = url;
-    }
-    match app.store.create_user(user, first_is_admin) {
-        Ok(u) => Ok(u),
-        Err(StoreError::EmailTaken) => Err(ApiError::bad_request(msg::EMAIL_TAKEN).into()),
-        Err(e) => Err(e.into()),
-    }
-}
-
 pub async fn signup(app: &App, session: &mut Session) -> HandlerResult {
     answer(signup_inner(app, session).await)
 }
@@ -340,21 +152,13 @@ pub async fn signup(app: &App, session: &mut Session) -> HandlerResult {
 async fn signup_inner(app: &App, session: &mut Session) -> Result<Outcome, Refusal> {
     let body = http::read_body(session, 64 * 1024).await?;
     let form: SignupForm = http::parse_json(&body)?;
-    if app.store.user_count()? > 0 && !app.config.auth.enable_signup {
-        return Err(ApiError::forbidden(msg::ACCESS_PROHIBITED).into());
-    }
-    check_address(app, session)?;
-    let user = create_user_gated(
-        app,
-        &form.name,
-        &form.email,
-        &form.password,
-        form.profile_image_url,
-        app.config.auth.default_user_role,
-        true,
-    )
-    .await?;
-    tracing::info!(user = %user.id, role = user.role.as_str(), "user signed up");
+    let new = NewUser {
+        name: form.name,
+        email: form.email,
+        password: form.password,
+        profile_image_url: form.profile_image_url,
+    };
+    let user = app.auth.accounts().sign_up(new, client_ip(session)).await?;
     Ok(Outcome::Reply(session_reply(app, &user)))
 }
 
@@ -365,34 +169,12 @@ pub async fn signin(app: &App, session: &mut Session) -> HandlerResult {
 async fn signin_inner(app: &App, session: &mut Session) -> Result<Outcome, Refusal> {
     let body = http::read_body(session, 64 * 1024).await?;
     let form: SigninForm = http::parse_json(&body)?;
-    let email = form.email.trim().to_lowercase();
-    // Bounds the limiter's keys too: no email longer than this can exist.
-    if email.is_empty() || email.len() > MAX_EMAIL_LEN {
-        return Err(ApiError::bad_request("Invalid email format").into());
-    }
-    validate_password(&form.password)?;
-    check_address(app, session)?;
-    app.auth.limiter.allow(&email).map_err(rate_limited)?;
-    let user = app.store.user_by_email(&email)?;
-    let phc = user.as_ref().map(|u| u.password_hash.clone());
-    let pw = form.password;
-    // An unknown email is verified against a dummy hash, so the answer takes as long either
-    // way; the dummy is made on the blocking pool too (the first time it is needed).
-    let ok = hashed(app, move || match &phc {
-        Some(phc) => password::verify(&pw, phc),
-        None => password::verify(&pw, password::dummy_hash()),
-    })
-    .await?;
-    match user {
-        Some(u) if ok => {
-            tracing::info!(user = %u.id, "user signed in");
-            Ok(Outcome::Reply(session_reply(app, &u)))
-        }
-        _ => {
-            crate::metrics::auth_failure("bad_password");
-            Err(ApiError::bad_request(msg::INVALID_CRED).into())
-        }
-    }
+    let user = app
+        .auth
+        .accounts()
+        .sign_in(&form.email, form.password, client_ip(session))
+        .await?;
+    Ok(Outcome::Reply(session_reply(app, &user)))
 }
 
 pub fn session_user(
@@ -438,11 +220,9 @@ pub fn session_user(
     }))
 }
 
-pub fn signout(app: &App, ctx: &crate::request::RequestCtx) -> HandlerResult {
+pub async fn signout(app: &App, ctx: &crate::request::RequestCtx) -> HandlerResult {
     let id = identity(ctx)?;
-    if let Credential::Jwt { jti, exp } = &id.credential {
-        app.store.revoke_token(jti, *exp)?;
-    }
+    app.auth.accounts().sign_out(&id.credential).await?;
     Ok(Outcome::Reply(
         Reply::ok(&json!({"status": true}))
             .with_header(::http::header::SET_COOKIE, clear_cookie())
@@ -451,37 +231,36 @@ pub fn signout(app: &App, ctx: &crate::request::RequestCtx) -> HandlerResult {
 }
 
 pub async fn add_user(app: &App, session: &mut Session) -> HandlerResult {
+    answer(add_user_inner(app, session).await)
+}
+
+async fn add_user_inner(app: &App, session: &mut Session) -> Result<Outcome, Refusal> {
     let body = http::read_body(session, 64 * 1024).await?;
     let form: AddUserForm = http::parse_json(&body)?;
     let role = match form.role.as_deref() {
         None => Role::Pending,
-        Some(r) => Role::parse(r).ok_or_else(|| {
-            ApiError::bad_request(format!("Invalid role {r:?}: use admin, user or pending"))
-        })?,
+        Some(r) => auth::accounts::parse_role(r)?,
     };
-    let user = create_user(
-        app,
-        &form.name,
-        &form.email,
-        &form.password,
-        form.profile_image_url,
-        role,
-        false,
-    )
-    .await?;
+    let new = NewUser {
+        name: form.name,
+        email: form.email,
+        password: form.password,
+        profile_image_url: form.profile_image_url,
+    };
+    let user = app.auth.accounts().create_user(new, role, false).await?;
     Ok(Outcome::Reply(new_session(app, &user).0))
 }
 
 /// Key management needs a session or an unrestricted key: a key limited to some models
 /// must not mint, read or delete keys (it would mint itself an unrestricted one).
-fn may_manage_keys(app: &App, ctx: &crate::request::RequestCtx) -> Result<(), ApiError> {
-    let id = identity(ctx)?;
+fn may_manage_keys(app: &App, ctx: &crate::request::RequestCtx) -> Result<(), AuthError> {
+    let id = identity(ctx).map_err(|_| AuthError::NotAuthenticated)?;
     if id.restricted_key {
         crate::metrics::auth_failure("restricted_key");
-        return Err(ApiError::forbidden(auth::RESTRICTED_KEY));
+        return Err(AuthError::RestrictedKey);
     }
     if !app.config.auth.enable_api_keys || id.user.role == Role::Pending {
-        return Err(ApiError::forbidden(msg::API_KEY_NOT_ALLOWED));
+        return Err(AuthError::KeysNotAllowed);
     }
     Ok(())
 }
@@ -504,36 +283,20 @@ pub async fn create_api_key(
     if id.user.role != Role::Admin {
         limits.within(&app.usage.config.key)?;
     }
-    let key = issue_key(app, &id.user.id, form.models, limits)?;
+    let key = app
+        .auth
+        .accounts()
+        .create_key(&id.user.id, form.models, limits)
+        .await?;
     Ok(Outcome::Reply(Reply::ok(&json!({"api_key": key}))))
 }
 
-/// Stores a new key for `user_id` and returns its plaintext.
-pub fn issue_key(
-    app: &App,
-    user_id: &str,
-    models: Vec<String>,
-    limits: crate::limits::Limits,
-) -> Result<String, ApiError> {
-    let key = auth::generate_key();
-    let record = ApiKeyRecord {
-        user_id: user_id.to_string(),
-        prefix: key.plaintext[..11].to_string(),
-        created_at: now_secs(),
-        models,
-        limits,
-    };
-    app.store.put_api_key(&key.hash, &record)?;
-    app.auth.forget_cached_keys();
-    Ok(key.plaintext)
-}
-
 /// The key's prefix and metadata; the secret itself is not stored and cannot be shown.
-pub fn get_api_key(app: &App, ctx: &crate::request::RequestCtx) -> HandlerResult {
+pub async fn get_api_key(app: &App, ctx: &crate::request::RequestCtx) -> HandlerResult {
     may_manage_keys(app, ctx)?;
     let id = identity(ctx)?;
-    match app.store.api_key_of_user(&id.user.id)? {
-        Some((_, rec)) => Ok(Outcome::Reply(Reply::ok(&json!({
+    match app.auth.accounts().key_of(&id.user.id).await? {
+        Some(rec) => Ok(Outcome::Reply(Reply::ok(&json!({
             "api_key": format!("{}…", rec.prefix),
             "prefix": rec.prefix,
             "created_at": rec.created_at,
@@ -544,11 +307,10 @@ pub fn get_api_key(app: &App, ctx: &crate::request::RequestCtx) -> HandlerResult
     }
 }
 
-pub fn delete_api_key(app: &App, ctx: &crate::request::RequestCtx) -> HandlerResult {
+pub async fn delete_api_key(app: &App, ctx: &crate::request::RequestCtx) -> HandlerResult {
     may_manage_keys(app, ctx)?;
     let id = identity(ctx)?;
-    let removed = app.store.delete_api_key_of_user(&id.user.id)?.is_some();
-    app.auth.forget_cached_keys();
+    let removed = app.auth.accounts().delete_key(&id.user.id).await?;
     Ok(Outcome::Reply(Reply::ok(&removed)))
 }
 
@@ -558,7 +320,7 @@ fn may_change_account(ctx: &crate::request::RequestCtx) -> Result<&auth::Identit
     let id = identity(ctx)?;
     if id.restricted_key {
         crate::metrics::auth_failure("restricted_key");
-        return Err(ApiError::forbidden(auth::RESTRICTED_KEY));
+        return Err(AuthError::RestrictedKey.into());
     }
     Ok(id)
 }
@@ -581,41 +343,10 @@ async fn update_password_inner(
     let id = may_change_account(ctx)?.clone();
     let body = http::read_body(session, 64 * 1024).await?;
     let form: UpdatePasswordForm = http::parse_json(&body)?;
-    validate_password(&form.password)?;
-    validate_password(&form.new_password)?;
-    check_address(app, session)?;
     app.auth
-        .limiter
-        .allow(&id.user.email)
-        .map_err(rate_limited)?;
-    let phc = id.user.password_hash.clone();
-    let (old, new) = (form.password, form.new_password);
-    let hash = hashed(app, move || {
-        password::verify(&old, &phc).then(|| password::hash(&new))
-    })
-    .await?;
-    let Some(hash) = hash else {
-        crate::metrics::auth_failure("bad_password");
-        return Err(ApiError::bad_request("Incorrect password").into());
-    };
-    let keep = match &id.credential {
-        Credential::Jwt { jti, .. } => Some(jti.clone()),
-        Credential::ApiKey => None,
-    };
-    match app.store.update_user(&id.user.id, |u| {
-        u.password_hash = hash;
-        u.revoke_sessions(keep);
-        Ok::<(), ApiError>(())
-    }) {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => return Err(e.into()),
-        Err(StoreError::NoSuchUser) => {
-            return Err(ApiError::unauthorized(msg::SESSION_EXPIRED).into());
-        }
-        Err(e) => return Err(e.into()),
-    }
-    app.auth.forget_cached_keys();
-    tracing::info!(user = %id.user.id, "password changed; other sessions revoked");
+        .accounts()
+        .change_password(&id, form.password, form.new_password, client_ip(session))
+        .await?;
     Ok(Outcome::Reply(Reply::ok(&true)))
 }
 
@@ -628,23 +359,11 @@ pub async fn update_profile(
     let id = may_change_account(ctx)?.clone();
     let body = http::read_body(session, 64 * 1024).await?;
     let form: UpdateProfileForm = http::parse_json(&body)?;
-    let name = validate_name(&form.name)?;
-    if let Some(u) = &form.profile_image_url {
-        validate_image_url(u)?;
-    }
-    let user = match app.store.update_user(&id.user.id, |u| {
-        u.name = name;
-        if let Some(url) = form.profile_image_url.filter(|u| !u.is_empty()) {
-            u.profile_image_url = url;
-        }
-        Ok::<(), ApiError>(())
-    }) {
-        Ok(Ok(u)) => u,
-        Ok(Err(e)) => return Err(e),
-        Err(StoreError::NoSuchUser) => return Err(ApiError::unauthorized(msg::SESSION_EXPIRED)),
-        Err(e) => return Err(e.into()),
-    };
-    app.auth.forget_cached_keys();
+    let user = app
+        .auth
+        .accounts()
+        .update_profile(&id.user.id, &form.name, form.profile_image_url)
+        .await?;
     Ok(Outcome::Reply(Reply::ok(&json!({
         "id": user.id,
         "email": user.email,

@@ -15,3 +15,50 @@ impl From<StoreError> for ApiError {
         ApiError::internal("Internal storage error; see the server log")
     }
 }
+
+// --- accounts: authentication and account management ---
+
+impl From<crate::auth::AuthError> for ApiError {
+    fn from(e: crate::auth::AuthError) -> Self {
+        use crate::auth::AuthError as E;
+        use crate::error::msg;
+        match e {
+            E::NotAuthenticated => ApiError::unauthorized(msg::NOT_AUTHENTICATED),
+            E::InvalidToken => ApiError::unauthorized(msg::INVALID_TOKEN),
+            E::RevokedToken => ApiError::unauthorized("Invalid token"),
+            E::SessionExpired => ApiError::unauthorized(msg::SESSION_EXPIRED),
+            E::ApiKeysDisabled => ApiError::forbidden(msg::API_KEY_DISABLED),
+            E::KeysNotAllowed => ApiError::forbidden(msg::API_KEY_NOT_ALLOWED),
+            E::RestrictedKey => ApiError::forbidden(crate::auth::RESTRICTED_KEY),
+            // Open WebUI answers 401 (not 403) for an insufficient role.
+            E::RoleDenied => ApiError::unauthorized(msg::ACCESS_PROHIBITED),
+            E::SignupDisabled => ApiError::forbidden(msg::ACCESS_PROHIBITED),
+            E::InvalidCredentials => ApiError::bad_request(msg::INVALID_CRED),
+            E::IncorrectPassword => ApiError::bad_request("Incorrect password"),
+            E::EmailTaken => ApiError::bad_request(msg::EMAIL_TAKEN),
+            E::Invalid(m) => ApiError::bad_request(m),
+            E::Forbidden(m) => ApiError::forbidden(m),
+            E::NotFound(m) => ApiError::not_found(m),
+            E::RateLimited(_) => ApiError::new(429, msg::RATE_LIMITED),
+            E::HashingBusy(_) => ApiError::new(
+                503,
+                "Too many sign-in attempts are being processed; retry shortly",
+            ),
+            E::HashingFailed => ApiError::internal("Password hashing failed"),
+            E::Storage(e) => storage_answer(e),
+        }
+    }
+}
+
+/// A storage failure: 500 (503 while the process hands over), logged. (A `From` impl
+/// would serve as well; this slice keeps to a function so that another slice's identical
+/// impl merges without a conflict.)
+pub(crate) fn storage_answer(e: crate::storage::StorageError) -> ApiError {
+    match e {
+        crate::storage::StorageError::Embedded(se) => se.into(),
+        e => {
+            tracing::error!(error = %e, "storage failure");
+            ApiError::internal("Internal storage error; see the server log")
+        }
+    }
+}

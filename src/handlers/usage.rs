@@ -1,7 +1,5 @@
 //! `GET /api/v1/usage` and the admin's `GET`/`POST /api/v1/usage/limits/{user_id}`.
 
-use std::collections::BTreeMap;
-
 use pingora::proxy::Session;
 use serde_json::{Value, json};
 
@@ -11,7 +9,7 @@ use crate::error::ApiError;
 use crate::http::{self, Reply};
 use crate::limits::Limits;
 use crate::request::RequestCtx;
-use crate::store::{Role, UsageCounts};
+use crate::store::Role;
 
 /// Most rows in one answer; a query matching more says `"truncated": true`.
 pub const MAX_ROWS: usize = 10_000;
@@ -75,32 +73,19 @@ pub async fn list(app: &App, session: &Session, ctx: &RequestCtx) -> HandlerResu
     let from_hour = since / 3600;
     let to_hour = until.div_ceil(3600).max(from_hour + 1);
 
-    let recorder = app.usage.recorder.clone();
-    let rows = tokio::task::spawn_blocking(move || {
-        // Whatever was recorded before this request is committed before it is read.
-        recorder.flush();
-        let mut groups: BTreeMap<(String, String, String), UsageCounts> = BTreeMap::new();
-        let mut truncated = false;
-        let scanned = recorder.store_scan(from_hour, to_hour, |k, c| {
-            if user_id.as_ref().is_some_and(|u| *u != k.user_id)
-                || key_prefix.as_ref().is_some_and(|p| *p != k.key_prefix)
-                || model.as_ref().is_some_and(|m| *m != k.model)
-            {
-                return true;
-            }
-            let g = (k.user_id, k.key_prefix, k.model);
-            if !groups.contains_key(&g) && groups.len() >= MAX_ROWS {
-                truncated = true;
-                return false;
-            }
-            groups.entry(g).or_default().add(c);
-            true
-        });
-        scanned.map(|()| (groups, truncated))
-    })
-    .await
-    .map_err(|_| ApiError::internal("usage query failed"))??;
-    let (groups, truncated) = rows;
+    // Whatever was recorded before this request is committed before it is read.
+    app.usage.recorder.flush().await;
+    let keep = |k: &crate::store::UsageKey| {
+        user_id.as_ref().is_none_or(|u| *u == k.user_id)
+            && key_prefix.as_ref().is_none_or(|p| *p == k.key_prefix)
+            && model.as_ref().is_none_or(|m| *m == k.model)
+    };
+    let (groups, truncated) = app
+        .usage
+        .recorder
+        .totals(from_hour, to_hour, keep, MAX_ROWS)
+        .await
+        .map_err(super::errors::storage_answer)?;
     let data: Vec<Value> = groups
         .into_iter()
         .map(|((user_id, key_prefix, model), c)| {
@@ -122,28 +107,24 @@ pub async fn list(app: &App, session: &Session, ctx: &RequestCtx) -> HandlerResu
     }))))
 }
 
-fn limits_body(app: &App, user_id: &str) -> Result<Value, ApiError> {
-    let user = app
-        .store
-        .user_by_id(user_id)?
-        .ok_or_else(|| ApiError::not_found("No such user"))?;
-    let key = app.store.api_key_of_user(user_id)?;
+async fn limits_body(app: &App, user_id: &str) -> Result<Value, ApiError> {
+    let (user, key) = app.auth.accounts().limits_of(user_id).await?;
     let cfg = &app.usage.config;
     Ok(json!({
         "user_id": user.id,
         "user": user.limits,
-        "api_key": key.as_ref().map(|(_, r)| json!({"prefix": r.prefix, "limits": r.limits})),
+        "api_key": key.as_ref().map(|r| json!({"prefix": r.prefix, "limits": r.limits})),
         "effective": {
             "user": user.limits.or(cfg.user),
-            "api_key": key.as_ref().map(|(_, r)| r.limits.or(cfg.key)),
+            "api_key": key.as_ref().map(|r| r.limits.or(cfg.key)),
         },
         "defaults": {"user": cfg.user, "api_key": cfg.key},
     }))
 }
 
 /// A user's limits, their key's, and what applies.
-pub fn get_limits(app: &App, user_id: &str) -> HandlerResult {
-    Ok(Outcome::Reply(Reply::ok(&limits_body(app, user_id)?)))
+pub async fn get_limits(app: &App, user_id: &str) -> HandlerResult {
+    Ok(Outcome::Reply(Reply::ok(&limits_body(app, user_id).await?)))
 }
 
 /// Sets a user's limits (`"user"`) and/or their API key's (`"api_key"`); `null` clears them.
@@ -173,20 +154,6 @@ pub async fn set_limits(app: &App, session: &mut Session, user_id: &str) -> Hand
             "send \"user\" and/or \"api_key\" limits, e.g. {\"api_key\": {\"rpm\": 60}}",
         ));
     }
-    if app.store.user_by_id(user_id)?.is_none() {
-        return Err(ApiError::not_found("No such user"));
-    }
-    if let Some(k) = key
-        && app.store.set_api_key_limits(user_id, k)?.is_none()
-    {
-        return Err(ApiError::not_found(
-            "This user has no API key; its limits are set when one is created",
-        ));
-    }
-    if let Some(u) = user {
-        app.store.set_user_limits(user_id, u)?;
-    }
-    // Cached keys carry their user and limits: read them afresh.
-    app.auth.forget_cached_keys();
-    get_limits(app, user_id)
+    app.auth.accounts().set_limits(user_id, user, key).await?;
+    get_limits(app, user_id).await
 }

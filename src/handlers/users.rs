@@ -8,19 +8,16 @@ use serde_json::{Value, json};
 use super::auths::{self, Refusal};
 use super::{HandlerResult, Outcome, Req, identity, query};
 use crate::app::App;
-use crate::auth::password;
+use crate::auth::accounts::UserUpdate;
 use crate::error::{ApiError, msg};
 use crate::http::{self, Reply};
 use crate::request::RequestCtx;
-use crate::store::{Role, StoreError, User};
+use crate::store::User;
 
 /// Users per page of `GET /users/`, as Open WebUI.
 const PAGE_SIZE: usize = 30;
 /// Longest `query` of a listing: longer can match no name or email anyway.
 const MAX_QUERY_BYTES: usize = 512;
-/// Why the primary admin cannot be changed by others or demoted.
-const PRIMARY_ADMIN_PROTECTED: &str =
-    "The primary (first) admin cannot be demoted, deleted or changed by another admin";
 
 /// Open WebUI's `UserModel`. Fields ragway does not keep are `null`; `last_active_at` is
 /// the last change of the account (ragway writes nothing per request).
@@ -101,7 +98,7 @@ fn sorted(mut users: Vec<User>, by: OrderBy, desc: bool) -> Vec<User> {
 
 /// `GET /users/?query=&order_by=&direction=&page=`: 30 per page, `query` matching name
 /// or email (case-insensitive).
-pub fn list(app: &App, session: &Session) -> HandlerResult {
+pub async fn list(app: &App, session: &Session) -> HandlerResult {
     let q = query(session);
     let page = super::files::page_param(q.as_deref())?;
     let needle = http::query_param(q.as_deref(), "query").unwrap_or_default();
@@ -113,8 +110,10 @@ pub fn list(app: &App, session: &Session) -> HandlerResult {
     let needle = needle.trim().to_lowercase();
     let (by, desc) = order_by(q.as_deref())?;
     let users: Vec<User> = app
-        .store
-        .users()?
+        .auth
+        .accounts()
+        .users()
+        .await?
         .into_iter()
         .filter(|u| {
             needle.is_empty()
@@ -134,8 +133,12 @@ pub fn list(app: &App, session: &Session) -> HandlerResult {
 }
 
 /// `GET /users/all`: every user, oldest first.
-pub fn all(app: &App) -> HandlerResult {
-    let users = sorted(app.store.users()?, OrderBy::CreatedAt, false);
+pub async fn all(app: &App) -> HandlerResult {
+    let users = sorted(
+        app.auth.accounts().users().await?,
+        OrderBy::CreatedAt,
+        false,
+    );
     let total = users.len();
     let items: Vec<Value> = users.iter().map(user_json).collect();
     Ok(Outcome::Reply(Reply::ok(
@@ -144,8 +147,8 @@ pub fn all(app: &App) -> HandlerResult {
 }
 
 /// `GET /users/{id}`: the public face of a user (name and picture), for any verified user.
-pub fn get(app: &App, req: &Req) -> HandlerResult {
-    match app.store.user_by_id(req.id())? {
+pub async fn get(app: &App, req: &Req) -> HandlerResult {
+    match app.auth.accounts().user(req.id()).await? {
         Some(u) => Ok(Outcome::Reply(Reply::ok(
             &json!({"name": u.name, "profile_image_url": u.profile_image_url}),
         ))),
@@ -172,106 +175,28 @@ async fn update_inner(
     let caller = identity(ctx)?.user.clone();
     let body = http::read_body(session, 64 * 1024).await?;
     let form: UserUpdateForm = http::parse_json(&body)?;
-    let target = app
-        .store
-        .user_by_id(req.id())?
-        .ok_or_else(|| ApiError::not_found(msg::NOT_FOUND))?;
-    let role = match form.role.as_deref() {
-        None => None,
-        Some(r) => Some(Role::parse(r).ok_or_else(|| {
-            ApiError::bad_request(format!(
-                "Invalid role {:?}: use admin, user or pending",
-                r.chars().take(64).collect::<String>()
-            ))
-        })?),
+    let change = UserUpdate {
+        role: form.role,
+        name: form.name,
+        email: form.email,
+        profile_image_url: form.profile_image_url,
+        password: form.password,
     };
-    let name = form.name.as_deref().map(auths::validate_name).transpose()?;
-    let email = form
-        .email
-        .as_deref()
-        .map(auths::validate_email)
-        .transpose()?;
-    if let Some(url) = &form.profile_image_url {
-        auths::validate_image_url(url)?;
-    }
-    if let Some(p) = &form.password {
-        auths::validate_password(p)?;
-    }
-    if app.store.primary_admin()?.as_deref() == Some(target.id.as_str()) {
-        if caller.id != target.id {
-            return Err(ApiError::forbidden(PRIMARY_ADMIN_PROTECTED).into());
-        }
-        if role.is_some_and(|r| r != Role::Admin) {
-            return Err(ApiError::forbidden(PRIMARY_ADMIN_PROTECTED).into());
-        }
-    }
-    if let Some(e) = &email
-        && *e != target.email
-        && app.store.user_by_email(e)?.is_some()
-    {
-        // Answered before hashing: a taken email costs no argon2 run.
-        return Err(ApiError::bad_request(msg::EMAIL_TAKEN).into());
-    }
-    let new_hash = match form.password {
-        Some(p) => Some(auths::hashed(app, move || password::hash(&p)).await?),
-        None => None,
-    };
-    let result = app.store.update_user(&target.id, |u| {
-        if let Some(r) = role {
-            // Approving a pending user grants more, so their waiting session carries on;
-            // any other role change ends every session (Open WebUI keeps them valid).
-            if r != u.role && u.role != Role::Pending {
-                u.revoke_sessions(None);
-            }
-            u.role = r;
-        }
-        if let Some(n) = name {
-            u.name = n;
-        }
-        if let Some(e) = email {
-            u.email = e;
-        }
-        if let Some(url) = form.profile_image_url {
-            u.profile_image_url = url;
-        }
-        if let Some(h) = new_hash {
-            u.password_hash = h;
-            u.revoke_sessions(None);
-        }
-        Ok::<(), ApiError>(())
-    });
-    let user = match result {
-        Ok(Ok(u)) => u,
-        Ok(Err(e)) => return Err(e.into()),
-        Err(StoreError::EmailTaken) => return Err(ApiError::bad_request(msg::EMAIL_TAKEN).into()),
-        Err(StoreError::NoSuchUser) => return Err(ApiError::not_found(msg::NOT_FOUND).into()),
-        Err(e) => return Err(e.into()),
-    };
-    // Cached API keys carry the user record: the new role applies to the next request.
-    app.auth.forget_cached_keys();
-    tracing::info!(admin = %caller.id, user = %user.id, role = user.role.as_str(), "user updated");
+    let user = app
+        .auth
+        .accounts()
+        .update_user(&caller, req.id(), change)
+        .await?;
     Ok(Outcome::Reply(Reply::ok(&user_json(&user))))
 }
 
 /// `DELETE /users/{id}`: not the primary admin, not oneself. Sign-in, sessions and the API
 /// key stop at once (one transaction); files and collections follow, and a crash before
 /// they are all gone is finished at the next start.
-pub fn delete(app: &App, ctx: &RequestCtx, req: &Req) -> HandlerResult {
+pub async fn delete(app: &App, ctx: &RequestCtx, req: &Req) -> HandlerResult {
     let caller = &identity(ctx)?.user;
     let id = req.id();
-    if caller.id == id {
-        return Err(ApiError::forbidden(
-            "You cannot delete your own account: ask another admin",
-        ));
-    }
-    if app.store.primary_admin()?.as_deref() == Some(id) {
-        return Err(ApiError::forbidden(PRIMARY_ADMIN_PROTECTED));
-    }
-    let Some(user) = app.store.delete_user(id)? else {
-        return Err(ApiError::not_found(msg::NOT_FOUND));
-    };
-    app.auth.forget_cached_keys();
-    tracing::info!(admin = %caller.id, user = %user.id, "user deleted");
+    app.auth.accounts().delete_user(caller, id).await?;
     app.library().remove_user_data(id)?;
     Ok(Outcome::Reply(Reply::ok(&true)))
 }

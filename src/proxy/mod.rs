@@ -167,7 +167,9 @@ impl ProxyHttp for Gateway {
         let checked = self
             .app
             .auth
-            .check(&session.req_header().headers, route.access);
+            .check(&session.req_header().headers, route.access)
+            .await
+            .map_err(ApiError::from);
         crate::usage::overhead("auth", auth_started.elapsed());
         match checked {
             Ok(identity) => ctx.identity = identity,

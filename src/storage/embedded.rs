@@ -220,6 +220,16 @@ impl Metadata for Embedded {
     async fn revoked_tokens(&self) -> Result<Vec<(String, Option<u64>)>> {
         Ok(self.store.revoked_tokens()?)
     }
+
+    // --- accounts ---
+
+    async fn set_api_key_limits(
+        &self,
+        user_id: &str,
+        limits: crate::limits::Limits,
+    ) -> Result<Option<ApiKeyRecord>> {
+        Ok(self.store.set_api_key_limits(user_id, limits)?)
+    }
 }
 
 /// Merges per-collection and per-file hit lists: best score per chunk, best first.

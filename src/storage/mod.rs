@@ -143,6 +143,15 @@ pub trait Metadata: Send + Sync {
     async fn all_settings(&self) -> Result<Vec<(String, String)>>;
     /// Revoked JWT ids not yet expired, with their expiry (`None` = never), in id order.
     async fn revoked_tokens(&self) -> Result<Vec<(String, Option<u64>)>>;
+    // --- accounts (sign-in, keys, users, limits) ---
+
+    /// Replaces the limits of the user's API key in one transaction (a key replaced at the
+    /// same moment is never revived); `None` when the user has no key.
+    async fn set_api_key_limits(
+        &self,
+        user_id: &str,
+        limits: crate::limits::Limits,
+    ) -> Result<Option<ApiKeyRecord>>;
 }
 
 /// Where a search looks: the chunks of these collections and these files.

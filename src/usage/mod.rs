@@ -4,18 +4,19 @@
 //! the body is read or any upstream is contacted), [`note_model`] and [`ask_for_usage`] in
 //! the model handlers, [`start_body`]/[`relay`]/[`relay_end`] as the forward engine streams
 //! the answer, and [`finish`] when it ends. Counts come from the upstream's own reports,
-//! read as they stream past ([`scan`]); rows are written to the store at once, in the
-//! background, grouped when several wait ([`Recorder`]).
+//! read as they stream past ([`scan`]); rows are written through the storage's
+//! [`Metadata`] at once, in the background, grouped when several wait ([`Recorder`]).
 
 pub mod scan;
 pub mod time;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use prometheus::{
     HistogramOpts, HistogramVec, IntCounterVec, Opts, register_histogram_vec,
     register_int_counter_vec,
@@ -26,7 +27,8 @@ use crate::auth::Identity;
 use crate::http::Reply;
 use crate::http::router::Endpoint;
 use crate::limits::{Applied, Limiter};
-use crate::store::{Store, UsageCounts, UsageKey};
+use crate::storage::{Metadata, StorageError};
+use crate::store::{UsageCounts, UsageKey};
 
 /// Buckets of the overhead histogram: ragway's own work is micro- to milliseconds; RAG
 /// retrieval (embedding the query) can take longer.
@@ -71,6 +73,16 @@ pub static USAGE_TOKENS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+/// Failed usage writes (the rows wait for the next one): a store that keeps failing shows
+/// here before [`MAX_PENDING`] rows are dropped.
+pub static USAGE_WRITE_FAILURES: LazyLock<prometheus::IntCounter> = LazyLock::new(|| {
+    prometheus::register_int_counter!(
+        "ragway_usage_write_failures_total",
+        "Usage writes that failed; their rows wait for the next write"
+    )
+    .expect("metric registers once")
+});
+
 pub static RATE_LIMITED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         Opts::new(
@@ -88,6 +100,7 @@ pub fn init_metrics() {
     LazyLock::force(&USAGE_REQUESTS);
     LazyLock::force(&USAGE_TOKENS);
     LazyLock::force(&RATE_LIMITED);
+    LazyLock::force(&USAGE_WRITE_FAILURES);
 }
 
 /// Records time spent in one phase of ragway's own work.
@@ -145,16 +158,16 @@ pub struct Usage {
 
 impl Usage {
     #[must_use]
-    pub fn new(config: LimitsConfig, store: Arc<Store>) -> Usage {
+    pub fn new(config: LimitsConfig, meta: Arc<dyn Metadata>) -> Usage {
         init_metrics();
         let retention_hours = (config.retention.as_secs() / 3600).max(1);
         Usage {
             limiter: Limiter::new(config.max_tracked),
             recorder: Arc::new(Recorder {
-                store,
+                meta,
                 pending: Mutex::new(HashMap::new()),
                 flushing: AtomicBool::new(false),
-                write: Mutex::new(()),
+                write: tokio::sync::Mutex::new(()),
                 jobs: Arc::new(AtomicUsize::new(0)),
                 retention_hours,
             }),
@@ -389,15 +402,55 @@ pub fn finish(usage: &Usage, ctx: &mut impl Metered) {
     );
 }
 
+/// Usage totals by (user id, key prefix, model).
+pub type Totals = BTreeMap<(String, String, String), UsageCounts>;
+
+/// Rows read from the store at once by [`Recorder::totals`].
+const SCAN_PAGE: usize = 10_000;
+
 impl Recorder {
-    /// Visits the stored usage rows of `[from_hour, to_hour)` until `visit` says stop.
-    pub fn store_scan(
+    /// Sums the stored rows of `[from_hour, to_hour)` that `keep` accepts by (user, key
+    /// prefix, model), at most `max_groups` groups; `true` when more would have matched.
+    ///
+    /// Rows are read a page at a time in key order (hour first). A full page ends inside
+    /// an hour, so its last hour is read again with the next page; an hour with more rows
+    /// than a page holds is summed from its first page and reported truncated.
+    ///
+    /// # Errors
+    /// The store failed.
+    pub async fn totals(
         &self,
         from_hour: u64,
         to_hour: u64,
-        visit: impl FnMut(crate::store::UsageKey, UsageCounts) -> bool,
-    ) -> Result<(), crate::store::StoreError> {
-        self.store.scan_usage(from_hour, to_hour, visit)
+        keep: impl Fn(&UsageKey) -> bool,
+        max_groups: usize,
+    ) -> Result<(Totals, bool), StorageError> {
+        let mut groups = Totals::new();
+        let mut from = from_hour;
+        loop {
+            let rows = self.meta.scan_usage(from, to_hour, SCAN_PAGE).await?;
+            let full = rows.len() == SCAN_PAGE;
+            let last_hour = rows.last().map_or(from, |(k, _)| k.hour);
+            // A full page of one hour cannot make progress: sum it and say so.
+            let one_hour = full && rows.first().is_some_and(|(k, _)| k.hour == last_hour);
+            for (k, c) in rows {
+                if full && !one_hour && k.hour == last_hour {
+                    break;
+                }
+                if !keep(&k) {
+                    continue;
+                }
+                let g = (k.user_id, k.key_prefix, k.model);
+                if !groups.contains_key(&g) && groups.len() >= max_groups {
+                    return Ok((groups, true));
+                }
+                groups.entry(g).or_default().add(c);
+            }
+            if !full || one_hour {
+                return Ok((groups, one_hour));
+            }
+            from = last_hour;
+        }
     }
 }
 
@@ -409,12 +462,12 @@ const FLUSH_DELAY: Duration = Duration::from_millis(250);
 /// Writes usage rows to the store shortly after they come, in the background, one durable
 /// transaction for all the rows waiting.
 pub struct Recorder {
-    store: Arc<Store>,
+    meta: Arc<dyn Metadata>,
     pending: Mutex<HashMap<UsageKey, UsageCounts>>,
     /// A background write is scheduled or running.
     flushing: AtomicBool,
     /// Held while writing, so a reader that flushes sees every earlier row committed.
-    write: Mutex<()>,
+    write: tokio::sync::Mutex<()>,
     /// Background writes that still hold the recorder (and so the store).
     jobs: Arc<AtomicUsize>,
     retention_hours: u64,
@@ -462,52 +515,76 @@ impl Recorder {
         if self.flushing.swap(true, Ordering::AcqRel) {
             return;
         }
-        let job = FlushJob::new(self);
-        let run = move || {
-            let me = job.recorder();
-            loop {
-                me.flush();
-                me.flushing.store(false, Ordering::Release);
-                // A row that came after the last take but before the flag cleared.
-                let more = !me.pending.lock().expect("usage poisoned").is_empty();
-                if !more || me.flushing.swap(true, Ordering::AcqRel) {
-                    break;
-                }
+        let Ok(h) = tokio::runtime::Handle::try_current() else {
+            // No runtime (command-line tools): a backend that answers at once is written to
+            // now; another keeps the rows for the next flush.
+            if self.flush().now_or_never().is_none() {
+                tracing::warn!("usage rows wait: the store cannot be written without a runtime");
             }
+            self.flushing.store(false, Ordering::Release);
+            return;
         };
-        match tokio::runtime::Handle::try_current() {
-            Ok(h) => {
-                // Rows of the requests that end meanwhile join this write: a durable commit
-                // per request or two (what an immediate write came to under load) cost more
-                // than the requests themselves.
-                h.spawn(async move {
-                    tokio::time::sleep(FLUSH_DELAY).await;
-                    drop(tokio::task::spawn_blocking(run));
-                });
-            }
-            Err(_) => run(),
-        }
+        let job = FlushJob::new(self);
+        // Rows of the requests that end meanwhile join this write: a durable commit per
+        // request or two (what an immediate write came to under load) cost more than the
+        // requests themselves. The write runs on a blocking thread: the embedded store
+        // commits synchronously, and must not hold up a worker.
+        let handle = h.clone();
+        h.spawn(async move {
+            tokio::time::sleep(FLUSH_DELAY).await;
+            drop(tokio::task::spawn_blocking(move || {
+                let me = job.recorder();
+                loop {
+                    handle.block_on(me.flush());
+                    me.flushing.store(false, Ordering::Release);
+                    // A row that came after the last take but before the flag cleared.
+                    let more = !me.pending.lock().expect("usage poisoned").is_empty();
+                    if !more || me.flushing.swap(true, Ordering::AcqRel) {
+                        break;
+                    }
+                }
+            }));
+        });
     }
 
-    /// Writes every waiting row now. On a store failure the rows go back to wait.
-    pub fn flush(&self) {
-        let _w = self.write.lock().expect("usage writer poisoned");
+    /// Writes every waiting row now. On a store failure the rows go back to wait (logged,
+    /// and retried with the next write).
+    ///
+    /// # Panics
+    /// A thread panicked while holding the waiting rows.
+    pub async fn flush(&self) {
+        let _w = self.write.lock().await;
         let rows: Vec<(UsageKey, UsageCounts)> =
             std::mem::take(&mut *self.pending.lock().expect("usage poisoned"))
                 .into_iter()
                 .collect();
-        if rows.is_empty() && !self.store.usage_spooled() {
-            return;
-        }
+        // Called with no rows too: a backend may hold rows a previous process handed over
+        // (an upgrade), merged by this write before a reader reads.
         let keep_from = (crate::store::now_secs() / 3600).saturating_sub(self.retention_hours);
-        if let Err(e) = self.store.add_usage(&rows, keep_from) {
-            tracing::error!(error = %e, "cannot write usage rows; keeping them to retry");
+        if let Err(e) = self.meta.add_usage(&rows, keep_from).await {
+            tracing::error!(error = %e, rows = rows.len(), "cannot write usage rows; keeping them to retry");
+            USAGE_WRITE_FAILURES.inc();
             let mut p = self.pending.lock().expect("usage poisoned");
             for (k, c) in rows {
                 if p.len() < MAX_PENDING || p.contains_key(&k) {
                     p.entry(k).or_default().add(c);
                 }
             }
+        }
+    }
+
+    /// Writes what waits without awaiting: the rows are written when the backend answers at
+    /// once (the embedded one does), otherwise logged as lost. For drops, where nothing can
+    /// be awaited; a server awaits [`Recorder::flush`] before it stops.
+    fn flush_now(&self) {
+        if self.pending() == 0 {
+            return;
+        }
+        if self.flush().now_or_never().is_none() {
+            tracing::error!(
+                rows = self.pending(),
+                "usage rows not written at exit: the store did not answer at once"
+            );
         }
     }
 
@@ -519,7 +596,7 @@ impl Recorder {
 
 impl Drop for Recorder {
     fn drop(&mut self) {
-        self.flush();
+        self.flush_now();
     }
 }
 
@@ -532,7 +609,7 @@ impl Drop for Usage {
         {
             std::thread::sleep(Duration::from_millis(2));
         }
-        self.recorder.flush();
+        self.recorder.flush_now();
     }
 }
 
@@ -579,11 +656,28 @@ mod tests {
         }
     }
 
+    fn meta(dir: &tempfile::TempDir) -> Arc<dyn Metadata> {
+        let store = Arc::new(crate::store::Store::open(&dir.path().join("t.redb")).unwrap());
+        let index = Arc::new(crate::ingest::vectors::VectorStore::new(
+            10_000,
+            crate::index::GraphKind::Usearch,
+            None,
+        ));
+        crate::storage::embedded::storage(store, index, dir.path().join("uploads"), 10).meta
+    }
+
+    fn rows(meta: &Arc<dyn Metadata>) -> Vec<(UsageKey, UsageCounts)> {
+        meta.scan_usage(0, u64::MAX / 2, 1000)
+            .now_or_never()
+            .expect("the embedded store answers at once")
+            .unwrap()
+    }
+
     /// Inside a runtime, rows wait a moment for each other and are then written together.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn rows_are_written_together_shortly_after() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(&dir.path().join("t.redb")).unwrap());
+        let store = meta(&dir);
         let usage = Usage::new(LimitsConfig::default(), store.clone());
         let key = UsageKey {
             hour: crate::store::now_secs() / 3600,
@@ -610,13 +704,7 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let mut rows = Vec::new();
-        store
-            .scan_usage(0, u64::MAX / 2, |k, c| {
-                rows.push((k, c));
-                true
-            })
-            .unwrap();
+        let rows = rows(&store);
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].1.requests, 3, "one write for the three rows");
     }
@@ -625,7 +713,7 @@ mod tests {
     #[test]
     fn recorded_rows_reach_the_store() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(&dir.path().join("t.redb")).unwrap());
+        let store = meta(&dir);
         let usage = Usage::new(LimitsConfig::default(), store.clone());
         let key = UsageKey {
             hour: crate::store::now_secs() / 3600,
@@ -645,13 +733,7 @@ mod tests {
         }
         assert_eq!(usage.recorder.pending(), 0);
         drop(usage);
-        let mut rows = Vec::new();
-        store
-            .scan_usage(0, u64::MAX / 2, |k, c| {
-                rows.push((k, c));
-                true
-            })
-            .unwrap();
+        let rows = rows(&store);
         assert_eq!(rows.len(), 1);
         assert_eq!(
             rows[0].1,
@@ -661,5 +743,98 @@ mod tests {
                 completion_tokens: 9
             }
         );
+    }
+
+    /// Totals page through the rows: an hour split across pages is summed once, groups are
+    /// capped, and filters apply.
+    #[tokio::test]
+    async fn totals_page_through_hours_and_cap_groups() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = meta(&dir);
+        let usage = Usage::new(LimitsConfig::default(), store.clone());
+        let one = UsageCounts {
+            requests: 1,
+            prompt_tokens: 1,
+            completion_tokens: 0,
+        };
+        let now = crate::store::now_secs() / 3600;
+        // Two hours of 6,000 rows each: the first page ends inside the second hour.
+        let mut rows = Vec::new();
+        for hour in [now - 1, now] {
+            for i in 0..6_000 {
+                rows.push((
+                    UsageKey {
+                        hour,
+                        user_id: format!("u{i:05}"),
+                        key_prefix: String::new(),
+                        model: "m".into(),
+                    },
+                    one,
+                ));
+            }
+        }
+        store.add_usage(&rows, 0).await.unwrap();
+        let (totals, truncated) = usage
+            .recorder
+            .totals(now - 1, now + 1, |_| true, 100_000)
+            .await
+            .unwrap();
+        assert!(!truncated);
+        assert_eq!(totals.len(), 6_000);
+        assert!(
+            totals.values().all(|c| c.requests == 2),
+            "each hour counted once"
+        );
+
+        let (totals, truncated) = usage
+            .recorder
+            .totals(now - 1, now + 1, |k| k.user_id.ends_with('7'), 100_000)
+            .await
+            .unwrap();
+        assert!(!truncated);
+        assert_eq!(totals.len(), 600);
+
+        let (totals, truncated) = usage
+            .recorder
+            .totals(now - 1, now + 1, |_| true, 10)
+            .await
+            .unwrap();
+        assert!(truncated);
+        assert_eq!(totals.len(), 10);
+    }
+
+    /// An hour with more rows than a page is summed from its first page and said truncated,
+    /// never read forever.
+    #[tokio::test]
+    async fn an_hour_larger_than_a_page_is_truncated() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = meta(&dir);
+        let usage = Usage::new(LimitsConfig::default(), store.clone());
+        let hour = crate::store::now_secs() / 3600;
+        let rows: Vec<_> = (0..SCAN_PAGE + 5)
+            .map(|i| {
+                (
+                    UsageKey {
+                        hour,
+                        user_id: format!("u{i:06}"),
+                        key_prefix: String::new(),
+                        model: "m".into(),
+                    },
+                    UsageCounts {
+                        requests: 1,
+                        prompt_tokens: 0,
+                        completion_tokens: 0,
+                    },
+                )
+            })
+            .collect();
+        store.add_usage(&rows, 0).await.unwrap();
+        let (totals, truncated) = usage
+            .recorder
+            .totals(hour, hour + 1, |_| true, usize::MAX)
+            .await
+            .unwrap();
+        assert!(truncated);
+        assert_eq!(totals.len(), SCAN_PAGE);
     }
 }

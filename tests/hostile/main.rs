@@ -6,6 +6,7 @@
 mod common;
 
 mod access;
+mod accounts;
 mod auth;
 mod budget;
 mod chat;

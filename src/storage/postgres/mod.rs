@@ -1018,6 +1018,37 @@ impl Metadata for Pg {
             })
             .collect())
     }
+
+    // --- accounts ---
+
+    async fn set_api_key_limits(
+        &self,
+        user_id: &str,
+        limits: crate::limits::Limits,
+    ) -> Result<Option<ApiKeyRecord>> {
+        let mut client = self.client().await?;
+        let txn = client.transaction().await?;
+        // The row lock keeps a key created meanwhile from being replaced by the old one.
+        let Some(row) = txn
+            .query_opt(
+                "SELECT hash, body FROM api_keys WHERE user_id = $1 FOR UPDATE",
+                &[&user_id],
+            )
+            .await?
+        else {
+            return Ok(None);
+        };
+        let hash: String = row.get(0);
+        let mut record: ApiKeyRecord = json_col(&row, 1, "api_keys")?;
+        record.limits = limits;
+        txn.execute(
+            "UPDATE api_keys SET body = $2 WHERE hash = $1",
+            &[&hash, &Json(&record)],
+        )
+        .await?;
+        txn.commit().await?;
+        Ok(Some(record))
+    }
 }
 
 /// The scope's file ids as a CTE over `$1` (files) and `$2` (collections).
