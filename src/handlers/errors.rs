@@ -15,3 +15,27 @@ impl From<StoreError> for ApiError {
         ApiError::internal("Internal storage error; see the server log")
     }
 }
+
+// --- library (files, collections, presets) and the storage seams beneath it ---
+
+impl From<crate::storage::StorageError> for ApiError {
+    fn from(e: crate::storage::StorageError) -> Self {
+        match e {
+            crate::storage::StorageError::Embedded(e) => e.into(),
+            other => {
+                tracing::error!(error = %other, "storage failure");
+                ApiError::internal("Internal storage error; see the server log")
+            }
+        }
+    }
+}
+
+impl From<crate::library::LibraryError> for ApiError {
+    fn from(e: crate::library::LibraryError) -> Self {
+        use crate::library::LibraryError;
+        match e {
+            LibraryError::NotInCollection(_) => ApiError::bad_request(e.to_string()),
+            LibraryError::Storage(e) => e.into(),
+        }
+    }
+}

@@ -256,7 +256,7 @@ async fn update_inner(
 /// `DELETE /users/{id}`: not the primary admin, not oneself. Sign-in, sessions and the API
 /// key stop at once (one transaction); files and collections follow, and a crash before
 /// they are all gone is finished at the next start.
-pub fn delete(app: &App, ctx: &RequestCtx, req: &Req) -> HandlerResult {
+pub async fn delete(app: &App, ctx: &RequestCtx, req: &Req) -> HandlerResult {
     let caller = &identity(ctx)?.user;
     let id = req.id();
     if caller.id == id {
@@ -272,6 +272,6 @@ pub fn delete(app: &App, ctx: &RequestCtx, req: &Req) -> HandlerResult {
     };
     app.auth.forget_cached_keys();
     tracing::info!(admin = %caller.id, user = %user.id, "user deleted");
-    app.library().remove_user_data(id)?;
+    app.library().remove_user_data(id).await?;
     Ok(Outcome::Reply(Reply::ok(&true)))
 }

@@ -323,7 +323,7 @@ impl Ingest {
                     let _ = self.store.fail_file(&file);
                 } else {
                     tracing::info!(file = %file.id, chunks = chunk_count, secs = started.elapsed().as_secs_f64(), "file processed");
-                    self.auto_link(&file);
+                    self.auto_link(&file).await;
                 }
             }
             Err(msg) => {
@@ -386,7 +386,7 @@ impl Ingest {
 
     /// Open WebUI adds a processed upload to the collection named in its metadata
     /// (`knowledge_id`) when the uploader may write to it.
-    fn auto_link(&self, file: &FileRecord) {
+    async fn auto_link(&self, file: &FileRecord) {
         let Some(kb_id) = file.meta["data"]["knowledge_id"].as_str() else {
             return;
         };
@@ -400,7 +400,9 @@ impl Ingest {
             tracing::info!(file = %file.id, knowledge = kb_id, "no write access; not added");
             return;
         }
-        match crate::library::Library::new(&self.store, &self.vectors).add_file(kb_id, file) {
+        let meta =
+            crate::storage::embedded::Embedded::new(self.store.clone(), self.vectors.clone());
+        match crate::library::add_to_collection(&meta, kb_id, file).await {
             Ok(crate::library::Added::Duplicate) => {
                 tracing::info!(file = %file.id, knowledge = kb_id, "duplicate content; not added");
             }

@@ -17,6 +17,7 @@
 pub mod embedded;
 pub mod postgres;
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -221,6 +222,15 @@ pub trait Blobs: Send + Sync {
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>>;
     /// Whether there was a blob.
     async fn delete(&self, key: &str) -> Result<bool>;
+
+    // --- library: uploads arrive as local files and large blobs are streamed out ---
+    /// Moves the local file at `from` in as blob `key` (replacing one of that key); `from`
+    /// is gone on success. Uploads are streamed to a local file first, so no backend needs
+    /// a whole upload in memory to receive it.
+    async fn put_file(&self, key: &str, from: &Path) -> Result<()>;
+    /// Where blob `key` is on this machine's disk, when the backend keeps blobs there
+    /// (whether or not it exists): readers then stream it instead of loading it whole.
+    fn local_path(&self, key: &str) -> Option<PathBuf>;
 }
 
 /// Fixed-window counters shared by every replica (sign-in attempts, rate limits).

@@ -9,6 +9,7 @@
 //! apply each migration once.
 
 use std::collections::HashSet;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -1358,6 +1359,19 @@ impl Blobs for Pg {
             .execute("DELETE FROM blobs WHERE key = $1", &[&key])
             .await?;
         Ok(n == 1)
+    }
+
+    // --- library ---
+    async fn put_file(&self, key: &str, from: &Path) -> Result<()> {
+        check_key(key)?;
+        // bytea takes the value whole; uploads are bounded by `rag.file-max-bytes`.
+        let data = tokio::fs::read(from).await?;
+        self.put(key, &data).await?;
+        tokio::fs::remove_file(from).await?;
+        Ok(())
+    }
+    fn local_path(&self, _key: &str) -> Option<PathBuf> {
+        None
     }
 }
 
