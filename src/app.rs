@@ -308,6 +308,7 @@ impl App {
     pub fn presets(&self) -> crate::presets::Presets<'_> {
         crate::presets::Presets {
             config: &self.config,
+            meta: self.storage.meta.as_ref(),
             store: &self.store,
             models: &self.models,
             retriever: self.retriever(),

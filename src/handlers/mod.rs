@@ -163,12 +163,12 @@ pub async fn handle(
         SetUsageLimits => usage::set_limits(app, session, req.id()).await,
         // Model presets.
         PresetCreate => presets::create(app, session, ctx).await,
-        PresetListAll => presets::list_all(app, ctx),
-        PresetList => presets::list(app, session, ctx),
-        PresetGet => presets::get(app, session, ctx),
+        PresetListAll => presets::list_all(app, ctx).await,
+        PresetList => presets::list(app, session, ctx).await,
+        PresetGet => presets::get(app, session, ctx).await,
         PresetUpdate => presets::update(app, session, ctx).await,
-        PresetDelete => presets::delete(app, session, ctx),
-        PresetToggle => presets::toggle(app, session, ctx),
+        PresetDelete => presets::delete(app, session, ctx).await,
+        PresetToggle => presets::toggle(app, session, ctx).await,
     }
 }
 

@@ -20,7 +20,8 @@ use super::{
 use crate::ingest::vectors::VectorStore;
 use crate::rag::bm25::{Bm25Params, TermCounts};
 use crate::store::{
-    ApiKeyRecord, ChunkRecord, FileRecord, KnowledgeRecord, Store, UsageCounts, UsageKey, User,
+    ApiKeyRecord, ChunkRecord, FileRecord, KnowledgeRecord, PresetRecord, PresetRefusal, Store,
+    UsageCounts, UsageKey, User,
 };
 
 /// Builds the embedded [`Storage`] over an open store, its loaded indexes and the blob
@@ -217,6 +218,28 @@ impl Metadata for Embedded {
             out.len() < limit
         })?;
         Ok(out)
+    }
+
+    // --- library: presets ---
+    async fn preset(&self, id: &str) -> Result<Option<PresetRecord>> {
+        Ok(self.store.preset(id)?)
+    }
+    async fn presets(&self) -> Result<Vec<PresetRecord>> {
+        Ok(self.store.presets()?)
+    }
+    async fn insert_preset(
+        &self,
+        rec: &PresetRecord,
+        max_per_user: usize,
+        max_total: usize,
+    ) -> Result<Result<(), PresetRefusal>> {
+        Ok(self.store.insert_preset(rec, max_per_user, max_total)?)
+    }
+    async fn update_preset(&self, rec: &PresetRecord) -> Result<bool> {
+        Ok(self.store.update_preset(rec)?)
+    }
+    async fn delete_preset(&self, id: &str) -> Result<bool> {
+        Ok(self.store.delete_preset(id)?)
     }
 }
 

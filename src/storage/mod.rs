@@ -25,8 +25,8 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use crate::store::{
-    ApiKeyRecord, ChunkRecord, FileRecord, FileStatus, KnowledgeRecord, StoreError, UsageCounts,
-    UsageKey, User,
+    ApiKeyRecord, ChunkRecord, FileRecord, FileStatus, KnowledgeRecord, PresetRecord,
+    PresetRefusal, StoreError, UsageCounts, UsageKey, User,
 };
 
 /// Failures of a storage backend. Messages say what failed; none of them is the user's
@@ -138,6 +138,23 @@ pub trait Metadata: Send + Sync {
         to_hour: u64,
         limit: usize,
     ) -> Result<Vec<(UsageKey, UsageCounts)>>;
+
+    // --- library: model presets ---
+    async fn preset(&self, id: &str) -> Result<Option<PresetRecord>>;
+    /// Every stored preset, in id (byte) order.
+    async fn presets(&self) -> Result<Vec<PresetRecord>>;
+    /// Inserts a new preset unless its id is taken or a bound is reached, checked and
+    /// inserted atomically (concurrent creations, on any replica, cannot pass a bound
+    /// together). `Ok(Err(_))` says which refusal.
+    async fn insert_preset(
+        &self,
+        rec: &PresetRecord,
+        max_per_user: usize,
+        max_total: usize,
+    ) -> Result<Result<(), PresetRefusal>>;
+    /// Replaces a preset that still exists; false when it was deleted meanwhile.
+    async fn update_preset(&self, rec: &PresetRecord) -> Result<bool>;
+    async fn delete_preset(&self, id: &str) -> Result<bool>;
 }
 
 /// Where a search looks: the chunks of these collections and these files.
