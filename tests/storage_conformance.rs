@@ -1443,10 +1443,7 @@ async fn library_keeps_files_collections_and_blobs_as_one_unit(s: &Storage) {
         .await
         .unwrap();
     s.meta.delete_user(&u.id).await.unwrap();
-    assert_eq!(
-        s.meta.pending_user_deletions().await.unwrap(),
-        [u.id.clone()]
-    );
+    assert_eq!(s.meta.pending_user_deletions().await.unwrap(), vec![u.id]);
     lib.finish_deletions().await.unwrap();
     assert!(lib.file("fc").await.unwrap().is_none());
     assert!(s.blobs.get("fc_c.txt").await.unwrap().is_none());
