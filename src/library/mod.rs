@@ -38,8 +38,7 @@ const BLOB_NAME_MAX: usize = 128;
 pub fn blob_key(id: &str, filename: &str) -> String {
     let base = Path::new(filename)
         .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "file".into());
+        .map_or_else(|| "file".into(), |n| n.to_string_lossy().into_owned());
     let mut safe = String::new();
     for c in base.chars() {
         let c = if c.is_control() || c == '/' || c == '\\' {
