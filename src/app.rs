@@ -158,6 +158,20 @@ fn load_or_create_secret(dir: &Path) -> Result<Vec<u8>, StartError> {
     Ok(secret.into_bytes())
 }
 
+/// Runs a start-up step on the storage seams (async) from `App::open`, which is sync and
+/// runs before any server runtime: on the caller's runtime when it has one (tests open the
+/// app on a blocking thread of theirs), on a runtime of its own otherwise.
+fn start_up_wait<F: std::future::Future>(step: F) -> F::Output {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) => handle.block_on(step),
+        Err(_) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("tokio runtime for start-up")
+            .block_on(step),
+    }
+}
+
 impl App {
     /// Opens the data dir and store, and prepares clients. Needs no running runtime.
     pub fn open(config: Config) -> Result<App, StartError> {
@@ -269,8 +283,7 @@ impl App {
             )
         })??;
         // A user deletion interrupted by a crash leaves files and collections behind.
-        app.library()
-            .finish_deletions()
+        start_up_wait(app.library().finish_deletions())
             .map_err(|e| StartError::UserDeletion(e.to_string()))?;
         Ok(app)
     }
@@ -301,6 +314,7 @@ impl App {
     pub fn presets(&self) -> crate::presets::Presets<'_> {
         crate::presets::Presets {
             config: &self.config,
+            meta: self.storage.meta.as_ref(),
             store: &self.store,
             models: &self.models,
             retriever: self.retriever(),
@@ -309,8 +323,8 @@ impl App {
 
     /// Files and collections with their index entries, changed as one unit.
     #[must_use]
-    pub fn library(&self) -> crate::library::Library<'_> {
-        crate::library::Library::new(&self.store, &self.ingest.vectors)
+    pub fn library(&self) -> crate::library::Library {
+        crate::library::Library::new(&self.storage)
     }
 
     /// `WEBUI_ADMIN_EMAIL`/`WEBUI_ADMIN_PASSWORD`: create the admin when no user exists.

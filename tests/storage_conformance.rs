@@ -12,11 +12,12 @@ use std::time::Duration;
 
 use ragway::index::GraphKind;
 use ragway::ingest::vectors::VectorStore;
+use ragway::library::{Added, Content, Library, LibraryError, NewFile};
 use ragway::storage::postgres::{self, PgOptions};
 use ragway::storage::{Job, Retry, Scope, Signal, Storage, StorageError, embedded};
 use ragway::store::{
-    ApiKeyRecord, ChunkRecord, FileRecord, FileStatus, KnowledgeRecord, Role, Store, UsageCounts,
-    UsageKey, User,
+    ApiKeyRecord, ChunkRecord, FileRecord, FileStatus, KnowledgeRecord, PresetRecord,
+    PresetRefusal, Role, Store, UsageCounts, UsageKey, User,
 };
 
 /// A backend under test and what must outlive it.
@@ -196,6 +197,10 @@ conformance!(
     lexical_scores_are_okapi_bm25_over_the_scope,
     // accounts
     api_key_limits_are_set_in_place,
+    // library
+    presets_insert_within_bounds_update_and_delete,
+    blobs_move_local_files_in,
+    library_keeps_files_collections_and_blobs_as_one_unit,
 );
 
 fn user(email: &str) -> User {
@@ -1151,11 +1156,13 @@ async fn concurrent_starts_migrate_once_and_restarts_are_idempotent() {
         versions.first() == Some(&1) && versions.contains(&6),
         "{versions:?}"
     );
+    assert_eq!(pgs[0].schema_versions().await.unwrap(), vec![1, 2]);
     drop(pgs);
     let again = postgres::Pg::connect(&db.url, PgOptions::default())
         .await
         .unwrap();
     assert_eq!(again.schema_versions().await.unwrap(), versions);
+    assert_eq!(again.schema_versions().await.unwrap(), vec![1, 2]);
     drop(again);
     // A database migrated by a newer ragway is refused with a clear message.
     let c = admin(&db.url).await;
@@ -1664,4 +1671,220 @@ async fn accounts_across_replicas_postgres() {
     accounts_across_replicas(&a.storage, &b).await;
     drop(b);
     a.finish().await;
+}
+
+// --- library: presets, blobs moved in from local files, the library service itself ---
+
+fn preset(id: &str, user_id: &str) -> PresetRecord {
+    PresetRecord {
+        id: id.into(),
+        user_id: user_id.into(),
+        base_model_id: "llama3".into(),
+        name: format!("Preset {id}"),
+        params: serde_json::Map::from_iter([(
+            "system".to_string(),
+            serde_json::json!("Be brief."),
+        )]),
+        meta: serde_json::Map::new(),
+        access_grants: vec![],
+        is_active: true,
+        created_at: 1,
+        updated_at: 1,
+    }
+}
+
+async fn presets_insert_within_bounds_update_and_delete(s: &Storage) {
+    let m = &s.meta;
+    assert!(m.preset("p").await.unwrap().is_none());
+    assert!(m.presets().await.unwrap().is_empty());
+    for (id, user) in [("b/é", "u1"), ("a", "u1"), ("Z", "u2")] {
+        m.insert_preset(&preset(id, user), 2, 4)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    assert_eq!(
+        m.insert_preset(&preset("a", "u3"), 2, 4).await.unwrap(),
+        Err(PresetRefusal::IdTaken)
+    );
+    assert_eq!(
+        m.insert_preset(&preset("c", "u1"), 2, 4).await.unwrap(),
+        Err(PresetRefusal::UserLimit)
+    );
+    m.insert_preset(&preset("d", "u3"), 2, 4)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        m.insert_preset(&preset("e", "u4"), 2, 4).await.unwrap(),
+        Err(PresetRefusal::TotalLimit)
+    );
+    let ids: Vec<String> = m
+        .presets()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| p.id)
+        .collect();
+    assert_eq!(ids, ["Z", "a", "b/é", "d"], "byte order of ids");
+    let mut p = m.preset("a").await.unwrap().unwrap();
+    assert_eq!(p.params["system"], "Be brief.");
+    p.name = "Renamed".into();
+    p.is_active = false;
+    assert!(m.update_preset(&p).await.unwrap());
+    let back = m.preset("a").await.unwrap().unwrap();
+    assert_eq!((back.name.as_str(), back.is_active), ("Renamed", false));
+    assert!(!m.update_preset(&preset("nope", "u1")).await.unwrap());
+    assert!(m.preset("nope").await.unwrap().is_none());
+    assert!(m.delete_preset("a").await.unwrap());
+    assert!(!m.delete_preset("a").await.unwrap());
+    // A deleted preset frees its owner's place.
+    m.insert_preset(&preset("c", "u1"), 2, 4)
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+async fn blobs_move_local_files_in(s: &Storage) {
+    let b = &s.blobs;
+    let dir = tempfile::tempdir().unwrap();
+    let data: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
+    let src = dir.path().join("upload.part");
+    std::fs::write(&src, &data).unwrap();
+    b.put_file("f1_a.pdf", &src).await.unwrap();
+    assert!(!src.exists(), "the local file was moved in");
+    assert_eq!(b.get("f1_a.pdf").await.unwrap().unwrap(), data);
+    if let Some(path) = b.local_path("f1_a.pdf") {
+        assert_eq!(std::fs::read(path).unwrap(), data);
+    }
+    // Replaces a blob of the same key.
+    std::fs::write(&src, b"second").unwrap();
+    b.put_file("f1_a.pdf", &src).await.unwrap();
+    assert_eq!(b.get("f1_a.pdf").await.unwrap().unwrap(), b"second");
+    // A refused key leaves the local file where it was.
+    std::fs::write(&src, b"x").unwrap();
+    assert!(matches!(
+        b.put_file("../x", &src).await,
+        Err(StorageError::InvalidKey(_))
+    ));
+    assert!(src.exists());
+    assert!(b.local_path("../x").is_none());
+    assert!(b.delete("f1_a.pdf").await.unwrap());
+}
+
+async fn library_keeps_files_collections_and_blobs_as_one_unit(s: &Storage) {
+    let lib = Library::new(s);
+    let new = |name: &str, sha: &str, process: bool| NewFile {
+        user_id: "owner".into(),
+        filename: name.into(),
+        name: name.into(),
+        content_type: "text/plain".into(),
+        size: 5,
+        sha256: sha.into(),
+        data: serde_json::json!({"from": "test"}),
+        process,
+    };
+    let a = lib
+        .create_file(
+            "fa".into(),
+            new("a.txt", "h1", true),
+            Content::Bytes(b"hello"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(a.status, Some(FileStatus::Pending));
+    assert_eq!(a.meta["file_hash"], "h1");
+    assert_eq!(a.meta["data"]["from"], "test");
+    assert!(s.queue.is_queued("fa").await.unwrap());
+    let key = ragway::library::blob_key_of(&a);
+    assert_eq!(key, "fa_a.txt");
+    assert_eq!(s.blobs.get(&key).await.unwrap().unwrap(), b"hello");
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("b.part");
+    std::fs::write(&src, b"hello").unwrap();
+    let b = lib
+        .create_file(
+            "fb".into(),
+            new("../b.txt", "h1", false),
+            Content::File(&src),
+        )
+        .await
+        .unwrap();
+    assert_eq!(b.status, None, "process=false files have no status");
+    assert!(!s.queue.is_queued("fb").await.unwrap());
+    assert_eq!(ragway::library::blob_key_of(&b), "fb_b.txt");
+    // Both processed, with the same content.
+    for f in [&a, &b] {
+        let mut f = f.clone();
+        f.status = Some(FileStatus::Completed);
+        f.hash = Some("same".into());
+        s.meta.update_file(&f).await.unwrap();
+    }
+    let (a, b) = (
+        lib.file("fa").await.unwrap().unwrap(),
+        lib.file("fb").await.unwrap().unwrap(),
+    );
+    let mut kb = lib
+        .create_collection("owner", "Docs".into(), "d".into(), vec![])
+        .await
+        .unwrap();
+    assert_eq!(lib.collection(&kb.id).await.unwrap().unwrap().name, "Docs");
+    assert_eq!(lib.add_file(&kb.id, &a).await.unwrap(), Added::Added);
+    assert_eq!(lib.add_file(&kb.id, &a).await.unwrap(), Added::AlreadyThere);
+    assert_eq!(lib.add_file(&kb.id, &b).await.unwrap(), Added::Duplicate);
+    let ids = |files: Vec<FileRecord>| files.into_iter().map(|f| f.id).collect::<Vec<_>>();
+    assert_eq!(ids(lib.collection_files(&kb.id).await.unwrap()), ["fa"]);
+    assert!(matches!(
+        lib.unlink_file(&kb.id, "fb").await,
+        Err(LibraryError::NotInCollection(_))
+    ));
+    assert!(
+        lib.link_file(&kb.id, "fb").await.unwrap(),
+        "no duplicate check"
+    );
+    lib.reset_collection(&kb.id).await.unwrap();
+    assert!(lib.collection_files(&kb.id).await.unwrap().is_empty());
+    assert!(s.meta.file("fa").await.unwrap().is_some(), "files stay");
+    lib.add_file(&kb.id, &a).await.unwrap();
+    kb.name = "Renamed".into();
+    lib.save_collection(&mut kb).await.unwrap();
+    assert_eq!(
+        lib.collection(&kb.id).await.unwrap().unwrap().name,
+        "Renamed"
+    );
+    // Deleting a file takes its record, membership, queue entry and blob.
+    lib.delete_file("fa").await.unwrap();
+    assert!(lib.file("fa").await.unwrap().is_none());
+    assert!(s.blobs.get(&key).await.unwrap().is_none());
+    assert!(!s.queue.is_queued("fa").await.unwrap());
+    assert!(lib.collection_files(&kb.id).await.unwrap().is_empty());
+    lib.delete_file("fa").await.unwrap();
+    assert!(lib.delete_collection(&kb.id).await.unwrap());
+    assert!(lib.collection(&kb.id).await.unwrap().is_none());
+    // A deleted user's files and collections go with the deletion record.
+    let u = s
+        .meta
+        .create_user(user("gone@example.com"), false)
+        .await
+        .unwrap();
+    let mut f = new("c.txt", "h3", false);
+    f.user_id.clone_from(&u.id);
+    lib.create_file("fc".into(), f, Content::Bytes(b"bye"))
+        .await
+        .unwrap();
+    let theirs = lib
+        .create_collection(&u.id, "Theirs".into(), String::new(), vec![])
+        .await
+        .unwrap();
+    s.meta.delete_user(&u.id).await.unwrap();
+    assert_eq!(s.meta.pending_user_deletions().await.unwrap(), vec![u.id]);
+    lib.finish_deletions().await.unwrap();
+    assert!(lib.file("fc").await.unwrap().is_none());
+    assert!(s.blobs.get("fc_c.txt").await.unwrap().is_none());
+    assert!(lib.collection(&theirs.id).await.unwrap().is_none());
+    assert!(s.meta.pending_user_deletions().await.unwrap().is_empty());
+    assert!(
+        lib.file("fb").await.unwrap().is_none(),
+        "owner is no user: swept too"
+    );
 }

@@ -66,7 +66,7 @@ fn owner(app: &App, email: Option<&str>) -> Result<User, String> {
     }
 }
 
-fn knowledge(app: &App, user: &User, name: &str) -> Result<KnowledgeRecord, String> {
+async fn knowledge(app: &App, user: &User, name: &str) -> Result<KnowledgeRecord, String> {
     let existing = app
         .store
         .knowledges()
@@ -78,6 +78,7 @@ fn knowledge(app: &App, user: &User, name: &str) -> Result<KnowledgeRecord, Stri
     }
     app.library()
         .create_collection(&user.id, name.to_string(), String::new(), Vec::new())
+        .await
         .map_err(|e| e.to_string())
 }
 
@@ -91,11 +92,12 @@ async fn one(app: &App, user: &User, path: &Path) -> Result<FileRecord, String> 
     tokio::fs::create_dir_all(&app.ingest.upload_dir)
         .await
         .map_err(|e| e.to_string())?;
-    let blob = app.ingest.blob_path(&id, &filename);
+    // Copied next to the blobs first (so the blob store can move it in), hashed in chunks:
+    // bulk loads may contain large files.
+    let blob = app.ingest.upload_dir.join(format!(".bulk-{id}"));
     tokio::fs::copy(path, &blob)
         .await
         .map_err(|e| format!("cannot copy: {e}"))?;
-    // Hash in chunks: bulk loads may contain large files.
     let mut f = tokio::fs::File::open(&blob)
         .await
         .map_err(|e| e.to_string())?;
@@ -114,23 +116,24 @@ async fn one(app: &App, user: &User, path: &Path) -> Result<FileRecord, String> 
         .extension()
         .map(|e| e.to_string_lossy().to_ascii_lowercase())
         .unwrap_or_default();
-    let record = crate::library::new_file(
-        id.clone(),
-        user.id.clone(),
-        filename.clone(),
-        &blob,
-        json!({
-            "name": filename,
-            "content_type": crate::ingest::content_type_for(&ext),
-            "size": size,
-            "file_hash": hex::encode(hasher.finalize()),
-            "data": {"source": path.display().to_string()},
-        }),
-        true,
-    );
-    app.store
-        .insert_file(&record, true)
-        .map_err(|e| e.to_string())?;
+    let new = crate::library::NewFile {
+        user_id: user.id.clone(),
+        filename: filename.clone(),
+        name: filename,
+        content_type: crate::ingest::content_type_for(&ext).to_string(),
+        size,
+        sha256: hex::encode(hasher.finalize()),
+        data: json!({"source": path.display().to_string()}),
+        process: true,
+    };
+    if let Err(e) = app
+        .library()
+        .create_file(id.clone(), new, crate::library::Content::File(&blob))
+        .await
+    {
+        let _ = tokio::fs::remove_file(&blob).await;
+        return Err(e.to_string());
+    }
     app.ingest
         .process(&id)
         .await
@@ -150,7 +153,7 @@ pub async fn run(
     }
     let user = owner(app, user_email)?;
     let kb = match knowledge_name {
-        Some(n) => Some(knowledge(app, &user, n)?),
+        Some(n) => Some(knowledge(app, &user, n).await?),
         None => None,
     };
     let mut summary = Summary {
@@ -176,6 +179,7 @@ pub async fn run(
                     let added = app
                         .library()
                         .add_file(&kb.id, &f)
+                        .await
                         .map_err(|e| e.to_string())?;
                     if added == crate::library::Added::Duplicate {
                         summary.duplicates += 1;

@@ -352,30 +352,35 @@ async fn ingest(
     let kb = app
         .library()
         .create_collection(&owner, "eval".into(), String::new(), Vec::new())
+        .await
         .map_err(|e| e.to_string())?;
-    std::fs::create_dir_all(&app.ingest.upload_dir).map_err(|e| e.to_string())?;
     let mut file_to_doc = HashMap::new();
     let mut ids = Vec::new();
     for (doc_id, title, text) in &ds.corpus {
         let id = uuid::Uuid::new_v4().to_string();
         let name = format!("{doc_id}.txt");
-        let path = app.ingest.blob_path(&id, &name);
         let body = if title.is_empty() {
             text.clone()
         } else {
             format!("{title}\n\n{text}")
         };
-        std::fs::write(&path, body.as_bytes()).map_err(|e| e.to_string())?;
-        let rec = crate::library::new_file(
-            id.clone(),
-            owner.clone(),
-            name.clone(),
-            &path,
-            json!({"name": name, "content_type": "text/plain", "size": body.len(), "data": {"doc_id": doc_id}}),
-            true,
-        );
-        app.store
-            .insert_file(&rec, true)
+        let new = crate::library::NewFile {
+            user_id: owner.clone(),
+            filename: name.clone(),
+            name,
+            content_type: "text/plain".into(),
+            size: body.len() as u64,
+            sha256: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(body.as_bytes())),
+            data: json!({"doc_id": doc_id}),
+            process: true,
+        };
+        app.library()
+            .create_file(
+                id.clone(),
+                new,
+                crate::library::Content::Bytes(body.as_bytes()),
+            )
+            .await
             .map_err(|e| e.to_string())?;
         file_to_doc.insert(id.clone(), doc_id.clone());
         ids.push(id);
@@ -391,6 +396,7 @@ async fn ingest(
                 chunks += f.chunk_count;
                 app.library()
                     .link_file(&kb.id, &f.id)
+                    .await
                     .map_err(|e| e.to_string())?;
             }
             // Empty documents exist in public datasets; they simply cannot be retrieved.

@@ -50,15 +50,32 @@ impl From<crate::auth::AuthError> for ApiError {
     }
 }
 
-/// A storage failure: 500 (503 while the process hands over), logged. (A `From` impl
-/// would serve as well; this slice keeps to a function so that another slice's identical
-/// impl merges without a conflict.)
+// --- library (files, collections, presets) and the storage seams beneath it ---
+
+impl From<crate::storage::StorageError> for ApiError {
+    fn from(e: crate::storage::StorageError) -> Self {
+        match e {
+            crate::storage::StorageError::Embedded(e) => e.into(),
+            other => {
+                tracing::error!(error = %other, "storage failure");
+                ApiError::internal("Internal storage error; see the server log")
+            }
+        }
+    }
+}
+
+/// A storage failure as an answer (the `From` impl above: 500, or 503 while the process
+/// hands over, logged).
 pub(crate) fn storage_answer(e: crate::storage::StorageError) -> ApiError {
-    match e {
-        crate::storage::StorageError::Embedded(se) => se.into(),
-        e => {
-            tracing::error!(error = %e, "storage failure");
-            ApiError::internal("Internal storage error; see the server log")
+    e.into()
+}
+
+impl From<crate::library::LibraryError> for ApiError {
+    fn from(e: crate::library::LibraryError) -> Self {
+        use crate::library::LibraryError;
+        match e {
+            LibraryError::NotInCollection(_) => ApiError::bad_request(e.to_string()),
+            LibraryError::Storage(e) => e.into(),
         }
     }
 }

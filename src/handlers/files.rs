@@ -13,6 +13,7 @@ use super::{HandlerResult, Outcome, Req, Streamer, access, identity, query};
 use crate::app::App;
 use crate::error::{ApiError, msg};
 use crate::http::{self, Reply};
+use crate::library::{Content, NewFile};
 use crate::request::RequestCtx;
 use crate::store::{FileRecord, FileStatus, Role};
 
@@ -66,9 +67,9 @@ pub fn file_json(f: &FileRecord, content: Option<String>) -> Value {
 }
 
 /// A file the caller may read, or the 404 that hides whether it exists.
-pub fn readable_file(app: &App, ctx: &RequestCtx, id: &str) -> Result<FileRecord, ApiError> {
+pub async fn readable_file(app: &App, ctx: &RequestCtx, id: &str) -> Result<FileRecord, ApiError> {
     let user = &identity(ctx)?.user;
-    match app.store.file(id)? {
+    match app.library().file(id).await? {
         Some(f) if access::can_read_file(&app.store, user, &f)? => Ok(f),
         _ => Err(ApiError::not_found(msg::NOT_FOUND)),
     }
@@ -473,29 +474,28 @@ pub async fn upload(app: &App, session: &mut Session, ctx: &RequestCtx) -> Handl
             return Err(e);
         }
     };
-    let path = app.ingest.blob_path(&id, &up.filename);
-    if let Err(e) = tokio::fs::rename(&up.tmp, &path).await {
-        let _ = tokio::fs::remove_file(&up.tmp).await;
-        return Err(ApiError::internal(format!("cannot store the upload: {e}")));
-    }
-    let record = crate::library::new_file(
-        id.clone(),
+    let new = NewFile {
         user_id,
-        up.filename.clone(),
-        &path,
-        json!({
-            "name": up.filename,
-            "content_type": up.content_type,
-            "size": up.size,
-            "file_hash": up.sha256,
-            "data": up.metadata,
-        }),
+        filename: up.filename.clone(),
+        name: up.filename,
+        content_type: up.content_type,
+        size: up.size,
+        sha256: up.sha256,
+        data: up.metadata,
         process,
-    );
-    if let Err(e) = app.store.insert_file(&record, process) {
-        let _ = tokio::fs::remove_file(&path).await;
-        return Err(e.into());
-    }
+    };
+    let record = match app
+        .library()
+        .create_file(id.clone(), new, Content::File(&up.tmp))
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            // Moved in only on success: otherwise the received bytes are still here.
+            let _ = tokio::fs::remove_file(&up.tmp).await;
+            return Err(e.into());
+        }
+    };
     // Deliberate difference: an inline answer carries the real final status.
     let record = if let Some(t) = &ticket {
         app.ingest.process_inline(t, &id).await.unwrap_or(record)
@@ -510,14 +510,15 @@ pub async fn upload(app: &App, session: &mut Session, ctx: &RequestCtx) -> Handl
     Ok(Outcome::Reply(Reply::ok(&body)))
 }
 
-pub fn list(app: &App, session: &Session, ctx: &RequestCtx) -> HandlerResult {
+pub async fn list(app: &App, session: &Session, ctx: &RequestCtx) -> HandlerResult {
     let user = &identity(ctx)?.user;
     let q = query(session);
     let page = page_param(q.as_deref())?;
     let with_content = http::query_bool(q.as_deref(), "content")?.unwrap_or(true);
-    let mut files: Vec<FileRecord> = app
-        .store
-        .files()?
+    let meta = &app.storage.meta;
+    let mut files: Vec<FileRecord> = meta
+        .files()
+        .await?
         .into_iter()
         .filter(|f| user.role == Role::Admin || f.user_id == user.id)
         .collect();
@@ -532,33 +533,31 @@ pub fn list(app: &App, session: &Session, ctx: &RequestCtx) -> HandlerResult {
     // boundary) and `data.content_truncated` says so; the whole text stays available from
     // `/files/{id}` and `/files/{id}/data/content`.
     let mut budget = LIST_CONTENT_BUDGET;
-    let items: Vec<Value> = page_of(&files, page, PAGE_SIZE)
-        .iter()
-        .map(|f| {
-            let mut content = if with_content {
-                app.store.file_text(&f.id)?
-            } else {
-                None
-            };
-            let mut truncated = false;
-            if let Some(c) = &mut content {
-                if c.len() > budget {
-                    let mut cut = budget;
-                    while !c.is_char_boundary(cut) {
-                        cut -= 1;
-                    }
-                    c.truncate(cut);
-                    truncated = true;
+    let mut items: Vec<Value> = Vec::new();
+    for f in page_of(&files, page, PAGE_SIZE) {
+        let mut content = if with_content {
+            meta.file_text(&f.id).await?
+        } else {
+            None
+        };
+        let mut truncated = false;
+        if let Some(c) = &mut content {
+            if c.len() > budget {
+                let mut cut = budget;
+                while !c.is_char_boundary(cut) {
+                    cut -= 1;
                 }
-                budget -= c.len();
+                c.truncate(cut);
+                truncated = true;
             }
-            let mut item = file_json(f, content);
-            if truncated {
-                item["data"]["content_truncated"] = json!(true);
-            }
-            Ok(item)
-        })
-        .collect::<Result<_, ApiError>>()?;
+            budget -= c.len();
+        }
+        let mut item = file_json(f, content);
+        if truncated {
+            item["data"]["content_truncated"] = json!(true);
+        }
+        items.push(item);
+    }
     Ok(Outcome::Reply(Reply::ok(
         &json!({"items": items, "total": total}),
     )))
@@ -580,14 +579,14 @@ pub fn page_param(q: Option<&str>) -> Result<usize, ApiError> {
     }
 }
 
-pub fn get(app: &App, ctx: &RequestCtx, req: &Req) -> HandlerResult {
-    let f = readable_file(app, ctx, req.id())?;
-    let content = app.store.file_text(&f.id)?;
+pub async fn get(app: &App, ctx: &RequestCtx, req: &Req) -> HandlerResult {
+    let f = readable_file(app, ctx, req.id()).await?;
+    let content = app.storage.meta.file_text(&f.id).await?;
     Ok(Outcome::Reply(Reply::ok(&file_json(&f, content))))
 }
 
-pub fn status(app: &App, session: &Session, ctx: &RequestCtx, req: &Req) -> HandlerResult {
-    let f = readable_file(app, ctx, req.id())?;
+pub async fn status(app: &App, session: &Session, ctx: &RequestCtx, req: &Req) -> HandlerResult {
+    let f = readable_file(app, ctx, req.id()).await?;
     if http::query_bool(query(session).as_deref(), "stream")?.unwrap_or(false) {
         return Ok(Outcome::Stream(Streamer::FileStatus(f.id)));
     }
@@ -618,7 +617,7 @@ pub async fn stream_status(app: &App, session: &mut Session, id: &str) -> pingor
     loop {
         // A failing store ends the stream with an error event: it must not read as a
         // deleted file ("not_found").
-        let (record, failed) = match app.store.file(id) {
+        let (record, failed) = match app.storage.meta.file(id).await {
             Ok(r) => (r, false),
             Err(e) => {
                 tracing::error!(file = id, error = %e, "store failure while streaming a file status");
@@ -641,14 +640,24 @@ pub async fn stream_status(app: &App, session: &mut Session, id: &str) -> pingor
             Some(f) if !done && f.status.is_none() => {
                 Some("the file was uploaded with process=false and is not processed")
             }
-            Some(f) if !done && !app.ingest.is_running(&f.id) => match app.store.is_queued(&f.id) {
-                Ok(false)
-                    if app.store.file(id).ok().flatten().map(|g| g.status) == Some(f.status) =>
-                {
-                    Some("the file is neither queued nor being processed")
+            Some(f) if !done && !app.ingest.is_running(&f.id) => {
+                match app.storage.queue.is_queued(&f.id).await {
+                    Ok(false)
+                        if app
+                            .storage
+                            .meta
+                            .file(id)
+                            .await
+                            .ok()
+                            .flatten()
+                            .map(|g| g.status)
+                            == Some(f.status) =>
+                    {
+                        Some("the file is neither queued nor being processed")
+                    }
+                    _ => None,
                 }
-                _ => None,
-            },
+            }
             _ => None,
         };
         let timed_out = !done && tokio::time::Instant::now() > deadline;
@@ -675,14 +684,14 @@ pub async fn stream_status(app: &App, session: &mut Session, id: &str) -> pingor
     Ok(200)
 }
 
-pub fn data_content(app: &App, ctx: &RequestCtx, req: &Req) -> HandlerResult {
-    let f = readable_file(app, ctx, req.id())?;
-    let content = app.store.file_text(&f.id)?.unwrap_or_default();
+pub async fn data_content(app: &App, ctx: &RequestCtx, req: &Req) -> HandlerResult {
+    let f = readable_file(app, ctx, req.id()).await?;
+    let content = app.storage.meta.file_text(&f.id).await?.unwrap_or_default();
     Ok(Outcome::Reply(Reply::ok(&json!({"content": content}))))
 }
 
-pub fn content(app: &App, session: &Session, ctx: &RequestCtx, req: &Req) -> HandlerResult {
-    let f = readable_file(app, ctx, req.id())?;
+pub async fn content(app: &App, session: &Session, ctx: &RequestCtx, req: &Req) -> HandlerResult {
+    let f = readable_file(app, ctx, req.id()).await?;
     let attachment = http::query_bool(query(session).as_deref(), "attachment")?.unwrap_or(false);
     let content_type = f.meta["content_type"]
         .as_str()
@@ -707,20 +716,32 @@ pub fn content(app: &App, session: &Session, ctx: &RequestCtx, req: &Req) -> Han
     } else {
         format!("inline; filename*=UTF-8''{encoded}")
     };
-    Ok(Outcome::Stream(Streamer::File {
-        path: f.path.into(),
-        content_type,
-        disposition,
-    }))
+    let key = crate::library::blob_key_of(&f);
+    if let Some(path) = app.storage.blobs.local_path(&key) {
+        return Ok(Outcome::Stream(Streamer::File {
+            path,
+            content_type,
+            disposition,
+        }));
+    }
+    // A backend without local blobs (PostgreSQL) hands the bytes over whole; its blobs
+    // are bounded by `rag.file-max-bytes`.
+    let Some(bytes) = app.storage.blobs.get(&key).await? else {
+        return Err(ApiError::not_found("The stored file is missing"));
+    };
+    Ok(Outcome::Reply(
+        Reply::bytes(200, "application/octet-stream", bytes.into())
+            .with_header(::http::header::CONTENT_DISPOSITION, disposition),
+    ))
 }
 
-pub fn delete(app: &App, ctx: &RequestCtx, req: &Req) -> HandlerResult {
+pub async fn delete(app: &App, ctx: &RequestCtx, req: &Req) -> HandlerResult {
     let user = &identity(ctx)?.user;
-    let f = readable_file(app, ctx, req.id())?;
+    let f = readable_file(app, ctx, req.id()).await?;
     if !access::can_write_file(user, &f) {
         return Err(ApiError::forbidden(msg::ACCESS_PROHIBITED));
     }
-    app.library().delete_file(&f.id)?;
+    app.library().delete_file(&f.id).await?;
     Ok(Outcome::Reply(Reply::ok(
         &json!({"message": "File deleted successfully"}),
     )))

@@ -122,35 +122,41 @@ fn kb_json(kb: &KnowledgeRecord) -> Value {
     })
 }
 
-fn user_json(app: &App, id: &str) -> Result<Value, ApiError> {
-    Ok(match app.store.user_by_id(id)? {
+async fn user_json(app: &App, id: &str) -> Result<Value, ApiError> {
+    Ok(match app.storage.meta.user_by_id(id).await? {
         Some(u) => json!({"id": u.id, "name": u.name, "role": u.role.as_str(), "email": u.email}),
         None => Value::Null,
     })
 }
 
 /// The `files` list of `KnowledgeFilesResponse`.
-fn kb_files_json(app: &App, kb: &str) -> Result<Vec<Value>, ApiError> {
-    let mut out = Vec::new();
-    for id in app.store.knowledge_files(kb)? {
-        if let Some(f) = app.store.file(&id)? {
-            out.push(json!({"id": f.id, "hash": f.hash, "meta": f.meta,
-                            "created_at": f.created_at, "updated_at": f.updated_at}));
-        }
-    }
-    Ok(out)
+async fn kb_files_json(app: &App, kb: &str) -> Result<Vec<Value>, ApiError> {
+    Ok(app
+        .library()
+        .collection_files(kb)
+        .await?
+        .into_iter()
+        .map(|f| {
+            json!({"id": f.id, "hash": f.hash, "meta": f.meta,
+                   "created_at": f.created_at, "updated_at": f.updated_at})
+        })
+        .collect())
 }
 
-fn with_files(app: &App, kb: &KnowledgeRecord, user: &User) -> Result<Value, ApiError> {
+async fn with_files(app: &App, kb: &KnowledgeRecord, user: &User) -> Result<Value, ApiError> {
     let mut v = kb_json(kb);
     v["write_access"] = json!(access::can_write_kb(user, kb));
-    v["files"] = json!(kb_files_json(app, &kb.id)?);
+    v["files"] = json!(kb_files_json(app, &kb.id).await?);
     Ok(v)
 }
 
 /// A collection the caller can read; otherwise a 404 that does not reveal it exists.
-pub(crate) fn readable(app: &App, user: &User, id: &str) -> Result<KnowledgeRecord, ApiError> {
-    match app.store.knowledge(id)? {
+pub(crate) async fn readable(
+    app: &App,
+    user: &User,
+    id: &str,
+) -> Result<KnowledgeRecord, ApiError> {
+    match app.library().collection(id).await? {
         Some(kb) if access::can_read_kb(user, &kb) => Ok(kb),
         _ => Err(ApiError::not_found(msg::NOT_FOUND)),
     }
@@ -158,8 +164,12 @@ pub(crate) fn readable(app: &App, user: &User, id: &str) -> Result<KnowledgeReco
 
 /// A collection the caller can write: 404 when they cannot even read it, 400 (Open
 /// WebUI's status for write denials) when they can read but not write.
-pub(crate) fn writable(app: &App, user: &User, id: &str) -> Result<KnowledgeRecord, ApiError> {
-    match app.store.knowledge(id)? {
+pub(crate) async fn writable(
+    app: &App,
+    user: &User,
+    id: &str,
+) -> Result<KnowledgeRecord, ApiError> {
+    match app.library().collection(id).await? {
         // Write is checked on its own: a write grant suffices without a read grant.
         Some(kb) if access::can_write_kb(user, &kb) => Ok(kb),
         Some(kb) if access::can_read_kb(user, &kb) => {
@@ -175,23 +185,27 @@ pub async fn create(app: &App, session: &mut Session, ctx: &RequestCtx) -> Handl
     let form: KnowledgeForm = http::parse_json(&body)?;
     check_form(&form)?;
     let access_grants = grants(form.access_grants, &user, &user.id)?;
-    let kb = app.library().create_collection(
-        &user.id,
-        form.name.trim().to_string(),
-        form.description,
-        access_grants,
-    )?;
+    let kb = app
+        .library()
+        .create_collection(
+            &user.id,
+            form.name.trim().to_string(),
+            form.description,
+            access_grants,
+        )
+        .await?;
     let mut v = kb_json(&kb);
     v["files"] = Value::Null;
     Ok(Outcome::Reply(Reply::ok(&v)))
 }
 
-pub fn list(app: &App, session: &Session, ctx: &RequestCtx) -> HandlerResult {
+pub async fn list(app: &App, session: &Session, ctx: &RequestCtx) -> HandlerResult {
     let user = &identity(ctx)?.user;
     let page = page_param(query(session).as_deref())?;
     let mut kbs: Vec<KnowledgeRecord> = app
-        .store
-        .knowledges()?
+        .library()
+        .collections()
+        .await?
         .into_iter()
         .filter(|kb| access::can_read_kb(user, kb))
         .collect();
@@ -201,53 +215,44 @@ pub fn list(app: &App, session: &Session, ctx: &RequestCtx) -> HandlerResult {
             .then_with(|| a.name.cmp(&b.name))
     });
     let total = kbs.len();
-    let items: Vec<Value> = page_of(&kbs, page, PAGE_SIZE)
-        .iter()
-        .map(|kb| {
-            let mut v = kb_json(kb);
-            v["user"] = user_json(app, &kb.user_id)?;
-            v["write_access"] = json!(access::can_write_kb(user, kb));
-            Ok(v)
-        })
-        .collect::<Result<_, ApiError>>()?;
+    let mut items: Vec<Value> = Vec::new();
+    for kb in page_of(&kbs, page, PAGE_SIZE) {
+        let mut v = kb_json(kb);
+        v["user"] = user_json(app, &kb.user_id).await?;
+        v["write_access"] = json!(access::can_write_kb(user, kb));
+        items.push(v);
+    }
     Ok(Outcome::Reply(Reply::ok(
         &json!({"items": items, "total": total}),
     )))
 }
 
-pub fn get(app: &App, ctx: &RequestCtx, req: &Req) -> HandlerResult {
+pub async fn get(app: &App, ctx: &RequestCtx, req: &Req) -> HandlerResult {
     let user = &identity(ctx)?.user;
-    let kb = readable(app, user, req.id())?;
+    let kb = readable(app, user, req.id()).await?;
     let mut v = kb_json(&kb);
     v["write_access"] = json!(access::can_write_kb(user, &kb));
     v["files"] = Value::Null;
     Ok(Outcome::Reply(Reply::ok(&v)))
 }
 
-pub fn files(app: &App, session: &Session, ctx: &RequestCtx, req: &Req) -> HandlerResult {
+pub async fn files(app: &App, session: &Session, ctx: &RequestCtx, req: &Req) -> HandlerResult {
     let user = &identity(ctx)?.user;
-    let kb = readable(app, user, req.id())?;
+    let kb = readable(app, user, req.id()).await?;
     let page = page_param(query(session).as_deref())?;
-    let mut files = Vec::new();
-    for id in app.store.knowledge_files(&kb.id)? {
-        if let Some(f) = app.store.file(&id)? {
-            files.push(f);
-        }
-    }
+    let mut files = app.library().collection_files(&kb.id).await?;
     files.sort_by(|a, b| {
         b.updated_at
             .cmp(&a.updated_at)
             .then_with(|| a.filename.cmp(&b.filename))
     });
     let total = files.len();
-    let items: Vec<Value> = page_of(&files, page, PAGE_SIZE)
-        .iter()
-        .map(|f| {
-            let mut v = file_json(f, None);
-            v["user"] = user_json(app, &f.user_id)?;
-            Ok(v)
-        })
-        .collect::<Result<_, ApiError>>()?;
+    let mut items: Vec<Value> = Vec::new();
+    for f in page_of(&files, page, PAGE_SIZE) {
+        let mut v = file_json(f, None);
+        v["user"] = user_json(app, &f.user_id).await?;
+        items.push(v);
+    }
     Ok(Outcome::Reply(Reply::ok(
         &json!({"items": items, "directories": [], "breadcrumbs": [], "total": total}),
     )))
@@ -260,7 +265,7 @@ pub async fn update(
     req: &Req,
 ) -> HandlerResult {
     let user = identity(ctx)?.user.clone();
-    let mut kb = writable(app, &user, req.id())?;
+    let mut kb = writable(app, &user, req.id()).await?;
     let body = http::read_body(session, 1024 * 1024).await?;
     let form: KnowledgeForm = http::parse_json(&body)?;
     check_form(&form)?;
@@ -288,9 +293,10 @@ pub async fn update(
     }
     kb.name = form.name.trim().to_string();
     kb.description = form.description;
-    kb.updated_at = now_secs();
-    app.store.put_knowledge(&kb)?;
-    Ok(Outcome::Reply(Reply::ok(&with_files(app, &kb, &user)?)))
+    app.library().save_collection(&mut kb).await?;
+    Ok(Outcome::Reply(Reply::ok(
+        &with_files(app, &kb, &user).await?,
+    )))
 }
 
 async fn file_id_form(session: &mut Session) -> Result<String, ApiError> {
@@ -308,12 +314,13 @@ pub async fn add_file(
     req: &Req,
 ) -> HandlerResult {
     let user = identity(ctx)?.user.clone();
-    let mut kb = writable(app, &user, req.id())?;
+    let mut kb = writable(app, &user, req.id()).await?;
     let file_id = file_id_form(session).await?;
     add_one(app, &user, &kb, &file_id, app.config.rag.file_add_wait).await?;
-    kb.updated_at = now_secs();
-    app.store.put_knowledge(&kb)?;
-    Ok(Outcome::Reply(Reply::ok(&with_files(app, &kb, &user)?)))
+    app.library().save_collection(&mut kb).await?;
+    Ok(Outcome::Reply(Reply::ok(
+        &with_files(app, &kb, &user).await?,
+    )))
 }
 
 /// Adds one file to a collection the caller may write: the checks of `file/add`, shared
@@ -327,7 +334,7 @@ pub(crate) async fn add_one(
     wait: std::time::Duration,
 ) -> Result<bool, ApiError> {
     let not_found = || ApiError::bad_request(format!("File {file_id} not found"));
-    let file = app.store.file(file_id)?.ok_or_else(not_found)?;
+    let file = app.library().file(file_id).await?.ok_or_else(not_found)?;
     if !access::can_read_file(&app.store, user, &file)? {
         return Err(not_found());
     }
@@ -358,7 +365,7 @@ pub(crate) async fn add_one(
             ),
             NotUsable::Store(e) => e.into(),
         })?;
-    match app.library().add_file(&kb.id, &file)? {
+    match app.library().add_file(&kb.id, &file).await? {
         Added::Added => Ok(true),
         Added::AlreadyThere => Ok(false),
         // Same content under another file id → Open WebUI's duplicate error.
@@ -382,7 +389,7 @@ pub async fn batch_add(
     req: &Req,
 ) -> HandlerResult {
     let user = identity(ctx)?.user.clone();
-    let mut kb = writable(app, &user, req.id())?;
+    let mut kb = writable(app, &user, req.id()).await?;
     let body = http::read_body(session, 256 * 1024).await?;
     let form: Vec<FileIdForm> = http::parse_json(&body)?;
     if form.is_empty() {
@@ -421,9 +428,8 @@ pub async fn batch_add(
             }
         }
     }
-    kb.updated_at = now_secs();
-    app.store.put_knowledge(&kb)?;
-    let mut v = with_files(app, &kb, &user)?;
+    app.library().save_collection(&mut kb).await?;
+    let mut v = with_files(app, &kb, &user).await?;
     v["results"] = json!(results);
     v["warnings"] = if errors.is_empty() {
         Value::Null
@@ -440,41 +446,37 @@ pub async fn remove_file(
     req: &Req,
 ) -> HandlerResult {
     let user = identity(ctx)?.user.clone();
-    let mut kb = writable(app, &user, req.id())?;
+    let mut kb = writable(app, &user, req.id()).await?;
     let delete_file = http::query_bool(query(session).as_deref(), "delete_file")?.unwrap_or(true);
     let file_id = file_id_form(session).await?;
-    if !app.store.knowledge_files(&kb.id)?.contains(&file_id) {
-        return Err(ApiError::bad_request(format!(
-            "File {file_id} is not in this collection"
-        )));
-    }
-    app.library().unlink_file(&kb.id, &file_id)?;
+    let library = app.library();
+    library.unlink_file(&kb.id, &file_id).await?;
     if delete_file
-        && let Some(f) = app.store.file(&file_id)?
+        && let Some(f) = library.file(&file_id).await?
         && (user.role == Role::Admin || f.user_id == user.id)
     {
-        app.library().delete_file(&file_id)?;
+        library.delete_file(&file_id).await?;
     }
-    kb.updated_at = now_secs();
-    app.store.put_knowledge(&kb)?;
-    Ok(Outcome::Reply(Reply::ok(&with_files(app, &kb, &user)?)))
+    library.save_collection(&mut kb).await?;
+    Ok(Outcome::Reply(Reply::ok(
+        &with_files(app, &kb, &user).await?,
+    )))
 }
 
-pub fn reset(app: &App, ctx: &RequestCtx, req: &Req) -> HandlerResult {
+pub async fn reset(app: &App, ctx: &RequestCtx, req: &Req) -> HandlerResult {
     let user = identity(ctx)?.user.clone();
-    let mut kb = writable(app, &user, req.id())?;
-    app.store.reset_knowledge(&kb.id)?;
-    app.ingest.vectors.drop_collection(&kb.id);
-    kb.updated_at = now_secs();
-    app.store.put_knowledge(&kb)?;
+    let mut kb = writable(app, &user, req.id()).await?;
+    let library = app.library();
+    library.reset_collection(&kb.id).await?;
+    library.save_collection(&mut kb).await?;
     let mut v = kb_json(&kb);
     v["files"] = json!([]);
     Ok(Outcome::Reply(Reply::ok(&v)))
 }
 
-pub fn delete(app: &App, ctx: &RequestCtx, req: &Req) -> HandlerResult {
+pub async fn delete(app: &App, ctx: &RequestCtx, req: &Req) -> HandlerResult {
     let user = identity(ctx)?.user.clone();
-    let kb = writable(app, &user, req.id())?;
-    let existed = app.library().delete_collection(&kb.id)?;
+    let kb = writable(app, &user, req.id()).await?;
+    let existed = app.library().delete_collection(&kb.id).await?;
     Ok(Outcome::Reply(Reply::ok(&existed)))
 }

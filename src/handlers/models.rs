@@ -14,7 +14,7 @@ pub async fn list(app: &App, session: &Session, ctx: &RequestCtx) -> HandlerResu
     let catalog = app.models.catalog(refresh).await;
     // Model presets (src/presets) beside the base models; a preset shadows a base model
     // of the same id, as in Open WebUI.
-    let presets = crate::presets::model_entries(&app.presets(), id, &catalog)?;
+    let presets = crate::presets::model_entries(&app.presets(), id, &catalog).await?;
     let data: Vec<&Value> = catalog
         .list
         .iter()

@@ -73,8 +73,8 @@ fn may_set_grants(user: &User, owner_id: &str, grants: &[Grant]) -> Result<(), A
 }
 
 /// A preset the caller can read; otherwise a 404 that does not reveal it exists.
-fn readable(app: &App, user: &User, id: &str) -> Result<PresetRecord, ApiError> {
-    match presets::find(&app.presets(), id)? {
+async fn readable(app: &App, user: &User, id: &str) -> Result<PresetRecord, ApiError> {
+    match presets::find(&app.presets(), id).await? {
         Some(p) if presets::can_read(user, &p) => Ok(p),
         _ => Err(ApiError::not_found(format!(
             "Model preset {id:?} not found"
@@ -84,8 +84,8 @@ fn readable(app: &App, user: &User, id: &str) -> Result<PresetRecord, ApiError> 
 
 /// A preset the caller may change: 403 for declared ones (saying where to change them),
 /// 400 (Open WebUI's status for write denials) when readable but not writable.
-fn writable(app: &App, user: &User, id: &str) -> Result<PresetRecord, ApiError> {
-    let p = readable(app, user, id)?;
+async fn writable(app: &App, user: &User, id: &str) -> Result<PresetRecord, ApiError> {
+    let p = readable(app, user, id).await?;
     if presets::is_declared(&p) {
         return Err(ApiError::forbidden(format!(
             "Model preset {id:?} is declared in the configuration file and is read-only \
@@ -134,8 +134,10 @@ pub async fn create(app: &App, session: &mut Session, ctx: &RequestCtx) -> Handl
     };
     let limits = &app.config.presets;
     match app
-        .store
-        .insert_preset(&rec, limits.max_per_user, limits.max_total)?
+        .storage
+        .meta
+        .insert_preset(&rec, limits.max_per_user, limits.max_total)
+        .await?
     {
         Ok(()) => Ok(Outcome::Reply(Reply::ok(&presets::model_json(&rec)))),
         Err(PresetRefusal::IdTaken) => Err(ApiError::new(409, ID_TAKEN)),
@@ -152,8 +154,9 @@ pub async fn create(app: &App, session: &mut Session, ctx: &RequestCtx) -> Handl
 }
 
 /// Presets the caller can read, newest change first.
-fn readable_all(app: &App, user: &User) -> Result<Vec<PresetRecord>, ApiError> {
-    let mut all: Vec<PresetRecord> = presets::all(&app.presets())?
+async fn readable_all(app: &App, user: &User) -> Result<Vec<PresetRecord>, ApiError> {
+    let mut all: Vec<PresetRecord> = presets::all(&app.presets())
+        .await?
         .into_iter()
         .filter(|p| presets::can_read(user, p))
         .collect();
@@ -166,25 +169,26 @@ fn readable_all(app: &App, user: &User) -> Result<Vec<PresetRecord>, ApiError> {
 }
 
 /// `GET /api/v1/models/`: Open WebUI ≤0.6's list of workspace models (a JSON array).
-pub fn list_all(app: &App, ctx: &RequestCtx) -> HandlerResult {
+pub async fn list_all(app: &App, ctx: &RequestCtx) -> HandlerResult {
     let user = &identity(ctx)?.user;
-    let items: Vec<Value> = readable_all(app, user)?
-        .iter()
-        .map(|p| presets::access_json(&app.presets(), user, p))
-        .collect::<Result<_, _>>()?;
+    let mut items: Vec<Value> = Vec::new();
+    for p in readable_all(app, user).await? {
+        items.push(presets::access_json(&app.presets(), user, &p).await?);
+    }
     Ok(Outcome::Reply(Reply::ok(&items)))
 }
 
 /// `GET /api/v1/models/list`: Open WebUI 0.10's paginated list, with its filters
 /// (`query`, `view_option=created|shared`, `tag`, `order_by`, `direction`, `page`).
-pub fn list(app: &App, session: &Session, ctx: &RequestCtx) -> HandlerResult {
+pub async fn list(app: &App, session: &Session, ctx: &RequestCtx) -> HandlerResult {
     let user = &identity(ctx)?.user;
     let q = query(session);
     let page = page_param(q.as_deref())?;
     let text = http::query_param(q.as_deref(), "query").map(|s| s.to_lowercase());
     let view = http::query_param(q.as_deref(), "view_option");
     let tag = http::query_param(q.as_deref(), "tag").map(|s| s.to_lowercase());
-    let mut items: Vec<PresetRecord> = readable_all(app, user)?
+    let mut items: Vec<PresetRecord> = readable_all(app, user)
+        .await?
         .into_iter()
         .filter(|p| {
             text.as_ref().is_none_or(|t| {
@@ -221,30 +225,28 @@ pub fn list(app: &App, session: &Session, ctx: &RequestCtx) -> HandlerResult {
         items.reverse();
     }
     let total = items.len();
-    let page: Vec<Value> = page_of(&items, page, PAGE_SIZE)
-        .iter()
-        .map(|p| presets::access_json(&app.presets(), user, p))
-        .collect::<Result<_, _>>()?;
+    let mut page_items: Vec<Value> = Vec::new();
+    for p in page_of(&items, page, PAGE_SIZE) {
+        page_items.push(presets::access_json(&app.presets(), user, p).await?);
+    }
     Ok(Outcome::Reply(Reply::ok(
-        &json!({"items": page, "total": total}),
+        &json!({"items": page_items, "total": total}),
     )))
 }
 
-pub fn get(app: &App, session: &Session, ctx: &RequestCtx) -> HandlerResult {
+pub async fn get(app: &App, session: &Session, ctx: &RequestCtx) -> HandlerResult {
     let user = &identity(ctx)?.user;
-    let p = readable(app, user, &id_param(session)?)?;
-    Ok(Outcome::Reply(Reply::ok(&presets::access_json(
-        &app.presets(),
-        user,
-        &p,
-    )?)))
+    let p = readable(app, user, &id_param(session)?).await?;
+    Ok(Outcome::Reply(Reply::ok(
+        &presets::access_json(&app.presets(), user, &p).await?,
+    )))
 }
 
 pub async fn update(app: &App, session: &mut Session, ctx: &RequestCtx) -> HandlerResult {
     let who = writer(ctx)?;
     let user = who.user.clone();
     let id = id_param(session)?;
-    let mut p = writable(app, &user, &id)?;
+    let mut p = writable(app, &user, &id).await?;
     let mut form = form(app, session).await?;
     let grants = form.access_grants.take();
     // The id is the query's; a form's own id (exports carry one) does not rename.
@@ -279,7 +281,7 @@ pub async fn update(app: &App, session: &mut Session, ctx: &RequestCtx) -> Handl
         p.is_active = active;
     }
     p.updated_at = now_secs();
-    if !app.store.update_preset(&p)? {
+    if !app.storage.meta.update_preset(&p).await? {
         return Err(ApiError::not_found(format!(
             "Model preset {id:?} not found"
         )));
@@ -287,27 +289,27 @@ pub async fn update(app: &App, session: &mut Session, ctx: &RequestCtx) -> Handl
     Ok(Outcome::Reply(Reply::ok(&presets::model_json(&p))))
 }
 
-pub fn toggle(app: &App, session: &Session, ctx: &RequestCtx) -> HandlerResult {
+pub async fn toggle(app: &App, session: &Session, ctx: &RequestCtx) -> HandlerResult {
     let user = writer(ctx)?.user.clone();
     let id = id_param(session)?;
-    let mut p = writable(app, &user, &id)?;
+    let mut p = writable(app, &user, &id).await?;
     p.is_active = !p.is_active;
     p.updated_at = now_secs();
-    if !app.store.update_preset(&p)? {
+    if !app.storage.meta.update_preset(&p).await? {
         return Err(ApiError::not_found(format!(
             "Model preset {id:?} not found"
         )));
     }
-    Ok(Outcome::Reply(Reply::ok(&presets::access_json(
-        &app.presets(),
-        &user,
-        &p,
-    )?)))
+    Ok(Outcome::Reply(Reply::ok(
+        &presets::access_json(&app.presets(), &user, &p).await?,
+    )))
 }
 
-pub fn delete(app: &App, session: &Session, ctx: &RequestCtx) -> HandlerResult {
+pub async fn delete(app: &App, session: &Session, ctx: &RequestCtx) -> HandlerResult {
     let user = writer(ctx)?.user.clone();
     let id = id_param(session)?;
-    let p = writable(app, &user, &id)?;
-    Ok(Outcome::Reply(Reply::ok(&app.store.delete_preset(&p.id)?)))
+    let p = writable(app, &user, &id).await?;
+    Ok(Outcome::Reply(Reply::ok(
+        &app.storage.meta.delete_preset(&p.id).await?,
+    )))
 }

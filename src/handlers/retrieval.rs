@@ -14,9 +14,10 @@ use crate::app::App;
 use crate::auth::Identity;
 use crate::error::ApiError;
 use crate::http::{self, Reply};
+use crate::library::{Content, NewFile};
 use crate::rag::{self, Fuse, Limits, Mode, Scope, Source};
 use crate::request::RequestCtx;
-use crate::store::{FileStatus, now_secs};
+use crate::store::FileStatus;
 
 /// Longest query: far beyond any question, and the embedder truncates long inputs anyway.
 const MAX_QUERY_BYTES: usize = 16 * 1024;
@@ -303,7 +304,7 @@ pub async fn process_text(app: &App, session: &mut Session, ctx: &RequestCtx) ->
     drop(body);
     let name = check_text(&form, limit)?;
     let kb = match form.collection_name.as_deref().filter(|c| !c.is_empty()) {
-        Some(c) => Some(writable(app, &id.user, c)?),
+        Some(c) => Some(writable(app, &id.user, c).await?),
         None => None,
     };
     let ticket = app.ingest.inline_ticket().ok_or_else(|| {
@@ -317,36 +318,28 @@ pub async fn process_text(app: &App, session: &mut Session, ctx: &RequestCtx) ->
     })?;
     let file_id = uuid::Uuid::new_v4().to_string();
     let filename = text_filename(name);
-    let path = app.ingest.blob_path(&file_id, &filename);
-    let io_err = |e: std::io::Error| ApiError::internal(format!("cannot store the text: {e}"));
-    tokio::fs::create_dir_all(&app.ingest.upload_dir)
-        .await
-        .map_err(io_err)?;
-    tokio::fs::write(&path, form.content.as_bytes())
-        .await
-        .map_err(io_err)?;
     let hash = {
         use sha2::{Digest, Sha256};
         hex::encode(Sha256::digest(form.content.as_bytes()))
     };
-    let record = crate::library::new_file(
-        file_id.clone(),
-        id.user.id.clone(),
-        filename.clone(),
-        &path,
-        json!({
-            "name": name,
-            "content_type": "text/plain",
-            "size": form.content.len(),
-            "file_hash": hash,
-            "data": {},
-        }),
-        true,
-    );
-    if let Err(e) = app.store.insert_file(&record, true) {
-        let _ = tokio::fs::remove_file(&path).await;
-        return Err(e.into());
-    }
+    let new = NewFile {
+        user_id: id.user.id.clone(),
+        filename: filename.clone(),
+        name: name.to_string(),
+        content_type: "text/plain".into(),
+        size: form.content.len() as u64,
+        sha256: hash,
+        data: json!({}),
+        process: true,
+    };
+    let library = app.library();
+    let record = library
+        .create_file(
+            file_id.clone(),
+            new,
+            Content::Bytes(form.content.as_bytes()),
+        )
+        .await?;
     let record = app
         .ingest
         .process_inline(&ticket, &file_id)
@@ -355,7 +348,7 @@ pub async fn process_text(app: &App, session: &mut Session, ctx: &RequestCtx) ->
     drop(ticket);
     if record.status == Some(FileStatus::Failed) {
         // Nothing searchable came of it: the failed file is not kept.
-        app.library().delete_file(&file_id)?;
+        library.delete_file(&file_id).await?;
         return Err(ApiError::bad_request(format!(
             "The text could not be processed: {}",
             record.error.as_deref().unwrap_or("unknown error")
@@ -364,8 +357,7 @@ pub async fn process_text(app: &App, session: &mut Session, ctx: &RequestCtx) ->
     let collection_name = match kb {
         Some(mut kb) => {
             add_one(app, &id.user, &kb, &file_id, app.config.rag.file_add_wait).await?;
-            kb.updated_at = now_secs();
-            app.store.put_knowledge(&kb)?;
+            library.save_collection(&mut kb).await?;
             kb.id
         }
         None => format!("file-{file_id}"),

@@ -15,8 +15,8 @@ pub fn health() -> HandlerResult {
     Ok(Outcome::Reply(Reply::ok(&json!({"status": true}))))
 }
 
-pub fn health_db(app: &App) -> HandlerResult {
-    if app.store.ping() {
+pub async fn health_db(app: &App) -> HandlerResult {
+    if app.storage.meta.ping().await {
         Ok(Outcome::Reply(Reply::ok(&json!({"status": true}))))
     } else {
         Err(ApiError::new(503, "Database not ready"))
@@ -24,7 +24,7 @@ pub fn health_db(app: &App) -> HandlerResult {
 }
 
 pub async fn ready(app: &App) -> HandlerResult {
-    if !app.store.ping() {
+    if !app.storage.meta.ping().await {
         return Err(ApiError::new(503, "Database not ready"));
     }
     app.models.catalog(false).await;

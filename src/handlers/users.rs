@@ -197,6 +197,6 @@ pub async fn delete(app: &App, ctx: &RequestCtx, req: &Req) -> HandlerResult {
     let caller = &identity(ctx)?.user;
     let id = req.id();
     app.auth.accounts().delete_user(caller, id).await?;
-    app.library().remove_user_data(id)?;
+    app.library().remove_user_data(id).await?;
     Ok(Outcome::Reply(Reply::ok(&true)))
 }

@@ -10,7 +10,7 @@ pub mod vectors;
 
 use std::collections::HashSet;
 use std::panic::AssertUnwindSafe;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -38,9 +38,6 @@ pub enum NotUsable {
     NotProcessed,
     Store(crate::store::StoreError),
 }
-
-/// Longest client-chosen part of a blob's file name, in bytes (names are limited to 255).
-const BLOB_NAME_MAX: usize = 128;
 
 /// A content type for a file extension, for uploads that send none (or a generic one).
 pub fn content_type_for(ext: &str) -> &'static str {
@@ -323,7 +320,7 @@ impl Ingest {
                     let _ = self.store.fail_file(&file);
                 } else {
                     tracing::info!(file = %file.id, chunks = chunk_count, secs = started.elapsed().as_secs_f64(), "file processed");
-                    self.auto_link(&file);
+                    self.auto_link(&file).await;
                 }
             }
             Err(msg) => {
@@ -386,7 +383,7 @@ impl Ingest {
 
     /// Open WebUI adds a processed upload to the collection named in its metadata
     /// (`knowledge_id`) when the uploader may write to it.
-    fn auto_link(&self, file: &FileRecord) {
+    async fn auto_link(&self, file: &FileRecord) {
         let Some(kb_id) = file.meta["data"]["knowledge_id"].as_str() else {
             return;
         };
@@ -400,7 +397,9 @@ impl Ingest {
             tracing::info!(file = %file.id, knowledge = kb_id, "no write access; not added");
             return;
         }
-        match crate::library::Library::new(&self.store, &self.vectors).add_file(kb_id, file) {
+        let meta =
+            crate::storage::embedded::Embedded::new(self.store.clone(), self.vectors.clone());
+        match crate::library::add_to_collection(&meta, kb_id, file).await {
             Ok(crate::library::Added::Duplicate) => {
                 tracing::info!(file = %file.id, knowledge = kb_id, "duplicate content; not added");
             }
@@ -523,31 +522,6 @@ impl Ingest {
             None => Err(NotUsable::NotProcessed),
         }
     }
-
-    /// Stores an uploaded file's blob path for `id` and `filename`: `{uuid}_{basename}` under
-    /// the upload dir, as Open WebUI names them. The name part is only a hint for humans
-    /// looking at the directory (the id makes it unique): separators and control characters
-    /// become `_` and it is cut to [`BLOB_NAME_MAX`] bytes, so no client-chosen name can
-    /// leave the directory or exceed the file system's name limit.
-    pub fn blob_path(&self, id: &str, filename: &str) -> PathBuf {
-        let base = Path::new(filename)
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "file".into());
-        let mut safe = String::new();
-        for c in base.chars() {
-            let c = if c.is_control() || c == '/' || c == '\\' {
-                '_'
-            } else {
-                c
-            };
-            if safe.len() + c.len_utf8() > BLOB_NAME_MAX {
-                break;
-            }
-            safe.push(c);
-        }
-        self.upload_dir.join(format!("{id}_{safe}"))
-    }
 }
 
 /// Makes the chunks searchable in memory first, then commits: once the database says
@@ -578,6 +552,7 @@ fn commit(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     struct PanickingEmbedder;
 

@@ -23,33 +23,38 @@ use crate::config::Config;
 use crate::error::ApiError;
 use crate::models::ModelRegistry;
 use crate::rag::Retriever;
+use crate::storage::Metadata;
 use crate::store::{PresetRecord, Role, Store, User};
 
-/// What presets read: the settings (declared presets), the store, the model registry (a
-/// preset's base model) and retrieval (for presets that carry knowledge).
+/// What presets read: the settings (declared presets), the metadata seam (stored presets,
+/// owners), the model registry (a preset's base model) and retrieval (for presets that
+/// carry knowledge).
 #[derive(Clone, Copy)]
 pub struct Presets<'a> {
     pub config: &'a Config,
+    pub meta: &'a dyn Metadata,
+    /// Only for the knowledge check of `apply` (file access rules still read the store).
     pub store: &'a Store,
     pub models: &'a ModelRegistry,
     pub retriever: Retriever<'a>,
 }
 
 /// A preset by id: declared ones first (they shadow a stored preset of the same id).
-pub fn find(app: &Presets<'_>, id: &str) -> Result<Option<PresetRecord>, ApiError> {
+pub async fn find(app: &Presets<'_>, id: &str) -> Result<Option<PresetRecord>, ApiError> {
     if let Some(p) = app.config.presets.declared.iter().find(|p| p.id == id) {
         return Ok(Some(p.clone()));
     }
-    Ok(app.store.preset(id)?)
+    Ok(app.meta.preset(id).await?)
 }
 
 /// Every preset: declared ones, then stored ones not shadowed by them.
-pub fn all(app: &Presets<'_>) -> Result<Vec<PresetRecord>, ApiError> {
+pub async fn all(app: &Presets<'_>) -> Result<Vec<PresetRecord>, ApiError> {
     let declared = &app.config.presets.declared;
     let mut out = declared.clone();
     out.extend(
-        app.store
-            .presets()?
+        app.meta
+            .presets()
+            .await?
             .into_iter()
             .filter(|p| !declared.iter().any(|d| d.id == p.id)),
     );
@@ -101,7 +106,7 @@ pub async fn check_base_usable(
                  form a cycle"
             )));
         }
-        match find(app, &current)? {
+        match find(app, &current).await? {
             Some(p) if visible(who, &p) => current = p.base_model_id,
             _ => {
                 if current == base && !who.may_use_model(base) {
@@ -165,9 +170,13 @@ pub fn model_json(p: &PresetRecord) -> Value {
 ///
 /// # Errors
 /// When the store fails (never shown as an owner-less preset).
-pub fn access_json(app: &Presets<'_>, user: &User, p: &PresetRecord) -> Result<Value, ApiError> {
+pub async fn access_json(
+    app: &Presets<'_>,
+    user: &User,
+    p: &PresetRecord,
+) -> Result<Value, ApiError> {
     let mut v = model_json(p);
-    v["user"] = match app.store.user_by_id(&p.user_id)? {
+    v["user"] = match app.meta.user_by_id(&p.user_id).await? {
         Some(u) => json!({"id": u.id, "name": u.name, "role": u.role.as_str(), "email": u.email}),
         None => Value::Null,
     };
@@ -178,12 +187,12 @@ pub fn access_json(app: &Presets<'_>, user: &User, p: &PresetRecord) -> Result<V
 /// `/api/models` entries of the presets `who` may use, as Open WebUI lists workspace
 /// models: `owned_by` and `connection_type` of the base, `preset: true`, and `info` (the
 /// row without `params`, and without the profile image, which `/api/models` drops).
-pub fn model_entries(
+pub async fn model_entries(
     app: &Presets<'_>,
     who: &Identity,
     catalog: &crate::models::Catalog,
 ) -> Result<Vec<Value>, ApiError> {
-    let presets = all(app)?;
+    let presets = all(app).await?;
     let mut shown: Vec<&PresetRecord> = presets.iter().filter(|p| visible(who, p)).collect();
     shown.sort_by(|a, b| a.name.cmp(&b.name).then_with(|| a.id.cmp(&b.id)));
     let mut out = Vec::new();
@@ -233,7 +242,7 @@ pub async fn resolve(
     who: &Identity,
     model: &str,
 ) -> Result<Option<Resolved>, ApiError> {
-    let Some(top) = find(app, model)? else {
+    let Some(top) = find(app, model).await? else {
         return Ok(None);
     };
     if !can_read(&who.user, &top) || !who.may_use_model(&top.id) {
@@ -254,7 +263,7 @@ pub async fn resolve(
         let current = chain.last().expect("chain starts with the preset");
         let base_id = current.base_model_id.clone();
         let parent = current.id.clone();
-        if let Some(inner) = find(app, &base_id)? {
+        if let Some(inner) = find(app, &base_id).await? {
             if !seen.insert(base_id.clone()) || chain.len() >= MAX_DEPTH {
                 return Err(ApiError::bad_request(format!(
                     "Model preset {model:?}: its base models form a cycle or are nested \

@@ -6,7 +6,7 @@
 //! signal (every cache is empty after a restart).
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,7 +20,8 @@ use super::{
 use crate::ingest::vectors::VectorStore;
 use crate::rag::bm25::{Bm25Params, TermCounts};
 use crate::store::{
-    ApiKeyRecord, ChunkRecord, FileRecord, KnowledgeRecord, Store, UsageCounts, UsageKey, User,
+    ApiKeyRecord, ChunkRecord, FileRecord, KnowledgeRecord, PresetRecord, PresetRefusal, Store,
+    UsageCounts, UsageKey, User,
 };
 
 /// Builds the embedded [`Storage`] over an open store, its loaded indexes and the blob
@@ -31,11 +32,7 @@ pub fn storage(
     blob_dir: PathBuf,
     counter_capacity: usize,
 ) -> Storage {
-    let data = Arc::new(Embedded {
-        store,
-        index,
-        leases: Mutex::new(HashMap::new()),
-    });
+    let data = Arc::new(Embedded::new(store, index));
     Storage {
         meta: data.clone(),
         chunks: data.clone(),
@@ -63,6 +60,16 @@ struct Lease {
 }
 
 impl Embedded {
+    /// Metadata, chunks and queue over an open store and its loaded indexes.
+    #[must_use]
+    pub fn new(store: Arc<Store>, index: Arc<VectorStore>) -> Embedded {
+        Embedded {
+            store,
+            index,
+            leases: Mutex::new(HashMap::new()),
+        }
+    }
+
     fn leases(&self) -> std::sync::MutexGuard<'_, HashMap<String, Lease>> {
         self.leases
             .lock()
@@ -229,6 +236,28 @@ impl Metadata for Embedded {
         limits: crate::limits::Limits,
     ) -> Result<Option<ApiKeyRecord>> {
         Ok(self.store.set_api_key_limits(user_id, limits)?)
+    }
+
+    // --- library: presets ---
+    async fn preset(&self, id: &str) -> Result<Option<PresetRecord>> {
+        Ok(self.store.preset(id)?)
+    }
+    async fn presets(&self) -> Result<Vec<PresetRecord>> {
+        Ok(self.store.presets()?)
+    }
+    async fn insert_preset(
+        &self,
+        rec: &PresetRecord,
+        max_per_user: usize,
+        max_total: usize,
+    ) -> Result<Result<(), PresetRefusal>> {
+        Ok(self.store.insert_preset(rec, max_per_user, max_total)?)
+    }
+    async fn update_preset(&self, rec: &PresetRecord) -> Result<bool> {
+        Ok(self.store.update_preset(rec)?)
+    }
+    async fn delete_preset(&self, id: &str) -> Result<bool> {
+        Ok(self.store.delete_preset(id)?)
     }
 }
 
@@ -492,6 +521,37 @@ impl Blobs for DirBlobs {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
             Err(e) => Err(e.into()),
         }
+    }
+
+    // --- library ---
+    async fn put_file(&self, key: &str, from: &Path) -> Result<()> {
+        check_key(key)?;
+        tokio::fs::create_dir_all(&self.dir).await?;
+        let to = self.dir.join(key);
+        // A rename when `from` is on the blob dir's file system (uploads are received in
+        // the blob dir), a copy otherwise: readers never see half a blob either way.
+        if tokio::fs::rename(from, &to).await.is_ok() {
+            return Ok(());
+        }
+        let tmp = self
+            .dir
+            .join(format!(".{key}.{}.tmp", uuid::Uuid::new_v4().simple()));
+        let copied = async {
+            tokio::fs::copy(from, &tmp).await?;
+            tokio::fs::File::open(&tmp).await?.sync_all().await?;
+            tokio::fs::rename(&tmp, &to).await
+        }
+        .await;
+        if let Err(e) = copied {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(e.into());
+        }
+        tokio::fs::remove_file(from).await?;
+        Ok(())
+    }
+    fn local_path(&self, key: &str) -> Option<PathBuf> {
+        check_key(key).ok()?;
+        Some(self.dir.join(key))
     }
 }
 

@@ -17,6 +17,7 @@
 pub mod embedded;
 pub mod postgres;
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,8 +25,8 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use crate::store::{
-    ApiKeyRecord, ChunkRecord, FileRecord, FileStatus, KnowledgeRecord, StoreError, UsageCounts,
-    UsageKey, User,
+    ApiKeyRecord, ChunkRecord, FileRecord, FileStatus, KnowledgeRecord, PresetRecord,
+    PresetRefusal, StoreError, UsageCounts, UsageKey, User,
 };
 
 /// Failures of a storage backend. Messages say what failed; none of them is the user's
@@ -152,6 +153,22 @@ pub trait Metadata: Send + Sync {
         user_id: &str,
         limits: crate::limits::Limits,
     ) -> Result<Option<ApiKeyRecord>>;
+    // --- library: model presets ---
+    async fn preset(&self, id: &str) -> Result<Option<PresetRecord>>;
+    /// Every stored preset, in id (byte) order.
+    async fn presets(&self) -> Result<Vec<PresetRecord>>;
+    /// Inserts a new preset unless its id is taken or a bound is reached, checked and
+    /// inserted atomically (concurrent creations, on any replica, cannot pass a bound
+    /// together). `Ok(Err(_))` says which refusal.
+    async fn insert_preset(
+        &self,
+        rec: &PresetRecord,
+        max_per_user: usize,
+        max_total: usize,
+    ) -> Result<Result<(), PresetRefusal>>;
+    /// Replaces a preset that still exists; false when it was deleted meanwhile.
+    async fn update_preset(&self, rec: &PresetRecord) -> Result<bool>;
+    async fn delete_preset(&self, id: &str) -> Result<bool>;
 }
 
 /// Where a search looks: the chunks of these collections and these files.
@@ -253,6 +270,15 @@ pub trait Blobs: Send + Sync {
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>>;
     /// Whether there was a blob.
     async fn delete(&self, key: &str) -> Result<bool>;
+
+    // --- library: uploads arrive as local files and large blobs are streamed out ---
+    /// Moves the local file at `from` in as blob `key` (replacing one of that key); `from`
+    /// is gone on success. Uploads are streamed to a local file first, so no backend needs
+    /// a whole upload in memory to receive it.
+    async fn put_file(&self, key: &str, from: &Path) -> Result<()>;
+    /// Where blob `key` is on this machine's disk, when the backend keeps blobs there
+    /// (whether or not it exists): readers then stream it instead of loading it whole.
+    fn local_path(&self, key: &str) -> Option<PathBuf>;
 }
 
 /// Fixed-window counters shared by every replica (sign-in attempts, rate limits).

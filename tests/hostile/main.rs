@@ -12,6 +12,7 @@ mod budget;
 mod chat;
 mod extract;
 mod files;
+mod library;
 mod limits;
 mod multipart_prop;
 mod presets;

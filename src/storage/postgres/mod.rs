@@ -9,6 +9,7 @@
 //! apply each migration once.
 
 use std::collections::HashSet;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -28,8 +29,8 @@ use super::{
 };
 use crate::rag::bm25::{Bm25Params, TermCounts};
 use crate::store::{
-    ApiKeyRecord, ChunkRecord, FileRecord, KnowledgeRecord, PRIMARY_ADMIN, Role, UsageCounts,
-    UsageKey, User, now_secs,
+    ApiKeyRecord, ChunkRecord, FileRecord, KnowledgeRecord, PRIMARY_ADMIN, PresetRecord,
+    PresetRefusal, Role, UsageCounts, UsageKey, User, now_secs,
 };
 
 /// Versioned migrations, applied in order; never edit one that shipped, add the next.
@@ -40,6 +41,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "bm25_terms",
         include_str!("migrations/0006_bm25_terms.sql"),
     ),
+    (2, "presets", include_str!("migrations/0002_presets.sql")),
 ];
 
 /// Advisory lock key serialising migrations (and index creation) across replicas:
@@ -1049,6 +1051,88 @@ impl Metadata for Pg {
         txn.commit().await?;
         Ok(Some(record))
     }
+
+    // --- library: presets ---
+    async fn preset(&self, id: &str) -> Result<Option<PresetRecord>> {
+        let row = self
+            .client()
+            .await?
+            .query_opt("SELECT body FROM presets WHERE id = $1", &[&id])
+            .await?;
+        row.map(|r| json_col(&r, 0, "presets")).transpose()
+    }
+
+    async fn presets(&self) -> Result<Vec<PresetRecord>> {
+        // Byte order, as the embedded store's keys sort.
+        let rows = self
+            .client()
+            .await?
+            .query(r#"SELECT body FROM presets ORDER BY id COLLATE "C""#, &[])
+            .await?;
+        rows.iter().map(|r| json_col(r, 0, "presets")).collect()
+    }
+
+    async fn insert_preset(
+        &self,
+        rec: &PresetRecord,
+        max_per_user: usize,
+        max_total: usize,
+    ) -> Result<Result<(), PresetRefusal>> {
+        let mut client = self.client().await?;
+        let txn = client.transaction().await?;
+        // Creations on every replica serialise here, so none passes a bound together.
+        txn.execute("LOCK TABLE presets IN SHARE ROW EXCLUSIVE MODE", &[])
+            .await?;
+        let row = txn
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM presets WHERE id = $1),
+                        (SELECT count(*) FROM presets),
+                        (SELECT count(*) FROM presets WHERE user_id = $2)",
+                &[&rec.id, &rec.user_id],
+            )
+            .await?;
+        let (taken, total, mine): (bool, i64, i64) = (row.get(0), row.get(1), row.get(2));
+        let refusal = if taken {
+            Some(PresetRefusal::IdTaken)
+        } else if usize::try_from(total).unwrap_or(usize::MAX) >= max_total {
+            Some(PresetRefusal::TotalLimit)
+        } else if usize::try_from(mine).unwrap_or(usize::MAX) >= max_per_user {
+            Some(PresetRefusal::UserLimit)
+        } else {
+            None
+        };
+        if let Some(r) = refusal {
+            return Ok(Err(r));
+        }
+        txn.execute(
+            "INSERT INTO presets (id, user_id, body) VALUES ($1, $2, $3)",
+            &[&rec.id, &rec.user_id, &Json(rec)],
+        )
+        .await?;
+        txn.commit().await?;
+        Ok(Ok(()))
+    }
+
+    async fn update_preset(&self, rec: &PresetRecord) -> Result<bool> {
+        let n = self
+            .client()
+            .await?
+            .execute(
+                "UPDATE presets SET user_id = $2, body = $3 WHERE id = $1",
+                &[&rec.id, &rec.user_id, &Json(rec)],
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
+    async fn delete_preset(&self, id: &str) -> Result<bool> {
+        let n = self
+            .client()
+            .await?
+            .execute("DELETE FROM presets WHERE id = $1", &[&id])
+            .await?;
+        Ok(n == 1)
+    }
 }
 
 /// The scope's file ids as a CTE over `$1` (files) and `$2` (collections).
@@ -1610,6 +1694,19 @@ impl Blobs for Pg {
             .execute("DELETE FROM blobs WHERE key = $1", &[&key])
             .await?;
         Ok(n == 1)
+    }
+
+    // --- library ---
+    async fn put_file(&self, key: &str, from: &Path) -> Result<()> {
+        check_key(key)?;
+        // bytea takes the value whole; uploads are bounded by `rag.file-max-bytes`.
+        let data = tokio::fs::read(from).await?;
+        self.put(key, &data).await?;
+        tokio::fs::remove_file(from).await?;
+        Ok(())
+    }
+    fn local_path(&self, _key: &str) -> Option<PathBuf> {
+        None
     }
 }
 
