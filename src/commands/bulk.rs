@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use futures_util::StreamExt;
 use serde_json::json;
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncReadExt;
 
 use crate::app::App;
 use crate::store::{FileRecord, FileStatus, KnowledgeRecord, Role, User};
@@ -46,16 +45,17 @@ pub fn collect(paths: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
     Ok(out)
 }
 
-fn owner(app: &App, email: Option<&str>) -> Result<User, String> {
+async fn owner(app: &App, email: Option<&str>) -> Result<User, String> {
+    let meta = &app.storage.meta;
     match email {
-        Some(e) => app
-            .store
+        Some(e) => meta
             .user_by_email(&e.trim().to_lowercase())
+            .await
             .map_err(|e| e.to_string())?
             .ok_or_else(|| format!("no user with email {e}")),
-        None => app
-            .store
+        None => meta
             .users()
+            .await
             .map_err(|e| e.to_string())?
             .into_iter()
             .filter(|u| u.role == Role::Admin)
@@ -66,10 +66,12 @@ fn owner(app: &App, email: Option<&str>) -> Result<User, String> {
     }
 }
 
-fn knowledge(app: &App, user: &User, name: &str) -> Result<KnowledgeRecord, String> {
+async fn knowledge(app: &App, user: &User, name: &str) -> Result<KnowledgeRecord, String> {
     let existing = app
-        .store
+        .storage
+        .meta
         .knowledges()
+        .await
         .map_err(|e| e.to_string())?
         .into_iter()
         .find(|k| k.name == name && k.user_id == user.id);
@@ -81,35 +83,26 @@ fn knowledge(app: &App, user: &User, name: &str) -> Result<KnowledgeRecord, Stri
         .map_err(|e| e.to_string())
 }
 
-/// Copies one file into the upload dir, registers it, processes it and returns the record.
+/// Stores one file as a blob, registers it, processes it and returns the record.
 async fn one(app: &App, user: &User, path: &Path) -> Result<FileRecord, String> {
     let filename = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "file".into());
     let id = uuid::Uuid::new_v4().to_string();
-    tokio::fs::create_dir_all(&app.ingest.upload_dir)
+    // Read whole: extraction holds the whole file anyway, and a blob is stored in one piece.
+    let bytes = tokio::fs::read(path)
         .await
-        .map_err(|e| e.to_string())?;
-    let blob = app.ingest.blob_path(&id, &filename);
-    tokio::fs::copy(path, &blob)
+        .map_err(|e| format!("cannot read: {e}"))?;
+    let key = crate::ingest::Ingest::blob_key(&id, &filename);
+    app.storage
+        .blobs
+        .put(&key, &bytes)
         .await
-        .map_err(|e| format!("cannot copy: {e}"))?;
-    // Hash in chunks: bulk loads may contain large files.
-    let mut f = tokio::fs::File::open(&blob)
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut size = 0u64;
-    loop {
-        let n = f.read(&mut buf).await.map_err(|e| e.to_string())?;
-        if n == 0 {
-            break;
-        }
-        size += n as u64;
-        hasher.update(&buf[..n]);
-    }
+        .map_err(|e| format!("cannot store: {e}"))?;
+    let size = bytes.len();
+    let hash = hex::encode(Sha256::digest(&bytes));
+    drop(bytes);
     let ext = path
         .extension()
         .map(|e| e.to_string_lossy().to_ascii_lowercase())
@@ -118,22 +111,24 @@ async fn one(app: &App, user: &User, path: &Path) -> Result<FileRecord, String> 
         id.clone(),
         user.id.clone(),
         filename.clone(),
-        &blob,
+        &app.ingest.blob_path(&id, &filename),
         json!({
             "name": filename,
             "content_type": crate::ingest::content_type_for(&ext),
             "size": size,
-            "file_hash": hex::encode(hasher.finalize()),
+            "file_hash": hash,
             "data": {"source": path.display().to_string()},
         }),
         true,
     );
-    app.store
-        .insert_file(&record, true)
+    app.ingest
+        .submit(&record)
+        .await
         .map_err(|e| e.to_string())?;
     app.ingest
         .process(&id)
         .await
+        .map_err(|e| e.to_string())?
         .ok_or_else(|| "the file disappeared while processing".to_string())
 }
 
@@ -148,9 +143,9 @@ pub async fn run(
     if let Err(e) = &app.ingest.embedder {
         return Err(format!("embedding engine unavailable: {e}"));
     }
-    let user = owner(app, user_email)?;
+    let user = owner(app, user_email).await?;
     let kb = match knowledge_name {
-        Some(n) => Some(knowledge(app, &user, n)?),
+        Some(n) => Some(knowledge(app, &user, n).await?),
         None => None,
     };
     let mut summary = Summary {

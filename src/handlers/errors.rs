@@ -15,3 +15,18 @@ impl From<StoreError> for ApiError {
         ApiError::internal("Internal storage error; see the server log")
     }
 }
+
+// Ingest slice (issue 11).
+impl From<crate::ingest::IngestError> for ApiError {
+    fn from(e: crate::ingest::IngestError) -> Self {
+        use crate::storage::StorageError;
+        let crate::ingest::IngestError::Storage(e) = e;
+        match e {
+            StorageError::Embedded(s) => s.into(),
+            e => {
+                tracing::error!(error = %e, "storage failure");
+                ApiError::internal("Internal storage error; see the server log")
+            }
+        }
+    }
+}

@@ -464,7 +464,7 @@ pub fn reset(app: &App, ctx: &RequestCtx, req: &Req) -> HandlerResult {
     let user = identity(ctx)?.user.clone();
     let mut kb = writable(app, &user, req.id())?;
     app.store.reset_knowledge(&kb.id)?;
-    app.ingest.vectors.drop_collection(&kb.id);
+    app.vectors.drop_collection(&kb.id);
     kb.updated_at = now_secs();
     app.store.put_knowledge(&kb)?;
     let mut v = kb_json(&kb);

@@ -212,6 +212,11 @@ pub trait WorkQueue: Send + Sync {
     /// Queued file ids (leased or not), oldest first, at most `limit`.
     async fn pending(&self, limit: usize) -> Result<Vec<String>>;
     async fn is_queued(&self, file_id: &str) -> Result<bool>;
+
+    // Ingest slice (issue 11): processing one named file now (the CLI, inline callers).
+    /// Claims `file_id`'s job when it is queued without a live lease (attempts counted as
+    /// by [`WorkQueue::claim`]); `None` when it is not queued or someone holds it.
+    async fn claim_file(&self, file_id: &str, lease: Duration) -> Result<Option<Job>>;
 }
 
 /// Uploaded file contents by key (ragway uses `{file_id}_{filename}`).
@@ -221,6 +226,12 @@ pub trait Blobs: Send + Sync {
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>>;
     /// Whether there was a blob.
     async fn delete(&self, key: &str) -> Result<bool>;
+
+    // Ingest slice (issue 11): extraction reads a local blob in place.
+    /// The local file holding `key`'s blob (which may not exist), when the backend keeps
+    /// blobs as local files: the text extractor then reads it in place (in a child process,
+    /// without the gateway holding a copy). `None`: fetch it with [`Blobs::get`].
+    fn local_path(&self, key: &str) -> Option<std::path::PathBuf>;
 }
 
 /// Fixed-window counters shared by every replica (sign-in attempts, rate limits).
