@@ -1287,4 +1287,139 @@ mod tests {
         let old = e.store.file("old").unwrap().unwrap();
         assert_eq!(old.status, Some(FileStatus::Pending));
     }
+
+    #[test]
+    fn fetched_bytes_are_staged_for_the_extractor_and_the_scratch_file_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let scratch = dir.path().join("scratch");
+        let mut options = crate::extract::isolate::Options {
+            extractor: None,
+            ..Default::default()
+        };
+        let doc = extract_source(
+            Source::Bytes(b"plain words".to_vec()),
+            &scratch,
+            "a.txt",
+            Some("text/plain"),
+            &options,
+        )
+        .unwrap();
+        assert_eq!(doc.full_text().trim(), "plain words");
+        // With an extractor binary (one that cannot start here) the bytes go through a
+        // scratch file, which is gone afterwards whatever the outcome.
+        options.extractor = Some(dir.path().join("no-such-extractor"));
+        let err = extract_source(
+            Source::Bytes(b"plain words".to_vec()),
+            &scratch,
+            "a.txt",
+            Some("text/plain"),
+            &options,
+        )
+        .unwrap_err();
+        assert!(err.contains("cannot start the text extractor"), "{err}");
+        assert_eq!(std::fs::read_dir(&scratch).unwrap().count(), 0);
+    }
+
+    /// A key=value connection string for `cfg` with another database.
+    fn pg_url(admin: &str, db: &str) -> String {
+        let cfg: tokio_postgres::Config = admin.parse().expect("test URL parses");
+        let mut parts = Vec::new();
+        if let Some(tokio_postgres::config::Host::Tcp(h)) = cfg.get_hosts().first() {
+            parts.push(format!("host={h}"));
+        }
+        if let Some(p) = cfg.get_ports().first() {
+            parts.push(format!("port={p}"));
+        }
+        if let Some(u) = cfg.get_user() {
+            parts.push(format!("user={u}"));
+        }
+        if let Some(pw) = cfg.get_password() {
+            parts.push(format!("password={}", String::from_utf8_lossy(pw)));
+        }
+        parts.push(format!("dbname={db}"));
+        parts.join(" ")
+    }
+
+    /// Two replicas on one PostgreSQL database (`RAGWAY_TEST_POSTGRES_URL`, see
+    /// scripts/postgres.sh; required under CI): replica A takes an upload and its worker dies
+    /// holding the job; replica B's worker claims it once the lease runs out, reads the blob
+    /// from the database and commits; A's waiter wakes on B's status signal.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn on_postgres_a_dead_replicas_file_completes_on_another_and_wakes_the_first() {
+        let Some(admin_url) = std::env::var("RAGWAY_TEST_POSTGRES_URL")
+            .ok()
+            .filter(|u| !u.trim().is_empty())
+        else {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "RAGWAY_TEST_POSTGRES_URL is not set under CI"
+            );
+            eprintln!("RAGWAY_TEST_POSTGRES_URL not set: PostgreSQL case NOT RUN");
+            return;
+        };
+        let (admin, conn) = tokio_postgres::connect(&admin_url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let db = format!("ragway_i_{}", uuid::Uuid::new_v4().simple());
+        admin
+            .batch_execute(&format!("CREATE DATABASE {db}"))
+            .await
+            .unwrap();
+        let url = pg_url(&admin_url, &db);
+        let options = crate::storage::postgres::PgOptions {
+            pool_size: 4,
+            ..Default::default()
+        };
+        let a = crate::storage::postgres::connect(&url, options.clone())
+            .await
+            .unwrap();
+        let b = crate::storage::postgres::connect(&url, options)
+            .await
+            .unwrap();
+        let e = env(2);
+        let timing = QueueTiming {
+            lease: Duration::from_millis(900),
+            poll: Duration::from_millis(300),
+            max_attempts: 3,
+        };
+        let embedder_a = Arc::new(FixedEmbedder::default());
+        let embedder_b = Arc::new(FixedEmbedder::default());
+        let mut replica_a = e.ingest(a.clone(), embedder_a.clone());
+        replica_a.timing = timing;
+        let mut replica_b = e.ingest(b.clone(), embedder_b.clone());
+        replica_b.timing = timing;
+        let replica_b = Arc::new(replica_b);
+
+        let key = Ingest::blob_key("f1", "notes.txt");
+        assert!(a.blobs.local_path(&key).is_none());
+        a.blobs.put(&key, b"pumps and valves").await.unwrap();
+        let f = record("f1", &replica_a.blob_path("f1", "notes.txt"));
+        replica_a.submit(&f).await.unwrap();
+        let dead = a
+            .queue
+            .claim(Duration::from_millis(900))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(dead.file_id, "f1");
+        let workers = tokio::spawn(replica_b.clone().run_workers());
+        let done = replica_a.wait_done("f1", LIMIT).await.unwrap().unwrap();
+        assert_eq!(done.status, Some(FileStatus::Completed), "{done:?}");
+        assert_eq!(embedder_a.calls.load(Ordering::SeqCst), 0);
+        assert_eq!(embedder_b.calls.load(Ordering::SeqCst), 1);
+        assert!(!a.queue.is_queued("f1").await.unwrap());
+        assert_eq!(a.chunks.file_chunk_ids("f1").await.unwrap().len(), 1);
+        let text = a.meta.file_text("f1").await.unwrap().unwrap();
+        assert_eq!(
+            text.trim(),
+            "pumps and valves",
+            "read from the database's blob"
+        );
+        workers.abort();
+        drop((a, b, replica_a, replica_b));
+        let _ = admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+            .await;
+    }
 }
