@@ -90,7 +90,7 @@ pub struct QueueTiming {
 impl Default for QueueTiming {
     fn default() -> Self {
         QueueTiming {
-            lease: Duration::from_secs(60),
+            lease: Duration::from_mins(1),
             poll: Duration::from_secs(5),
             max_attempts: 3,
         }
@@ -430,13 +430,11 @@ impl Ingest {
         let run = AssertUnwindSafe(self.process_job(&job))
             .catch_unwind()
             .await;
-        match run {
-            Ok(out) => out,
-            Err(_) => {
-                self.fail_after_panic(&job).await;
-                Ok(self.storage.meta.file(&job.file_id).await?)
-            }
+        if let Ok(out) = run {
+            return out;
         }
+        self.fail_after_panic(&job).await;
+        Ok(self.storage.meta.file(&job.file_id).await?)
     }
 
     async fn process_job(&self, job: &Job) -> Result<Option<FileRecord>, IngestError> {
@@ -830,6 +828,7 @@ impl Ingest {
     /// (the id makes it unique): separators and control characters become `_` and it is cut
     /// to [`BLOB_NAME_MAX`] bytes, so no client-chosen name can leave the directory, exceed
     /// the file system's name limit or be refused as a key.
+    #[must_use]
     pub fn blob_key(id: &str, filename: &str) -> String {
         let base = Path::new(filename)
             .file_name()
