@@ -151,9 +151,9 @@ fn main() {
             app.store.insert_file(&rec, false).unwrap();
             let ids = app.store.reserve_chunk_ids(n).unwrap();
             app.store.complete_file(&rec, "", &ids, &recs, &vecs, &terms).unwrap();
-            app.ingest.vectors.put_file(&id, &ids, &vecs, &terms);
+            app.vectors.put_file(&id, &ids, &vecs, &terms);
             app.store.link_file("bench", &id).unwrap();
-            app.ingest.vectors.link("bench", &id);
+            app.vectors.link("bench", &id);
         }
         eprintln!("collection of {chunks} chunks built in {:.1}s", started.elapsed().as_secs_f64());
 
@@ -217,10 +217,10 @@ fn main() {
             ragway::rag::embed_query(&retriever, query).await.unwrap();
             stages[0].1.push(t.elapsed().as_secs_f64() * 1000.0);
             let t = Instant::now();
-            let d = app.ingest.vectors.search_collection("bench", &vector, n);
+            let d = app.vectors.search_collection("bench", &vector, n);
             stages[1].1.push(t.elapsed().as_secs_f64() * 1000.0);
             let t = Instant::now();
-            let l = app.ingest.vectors.bm25_collection("bench", query, n, fuse.bm25);
+            let l = app.vectors.bm25_collection("bench", query, n, fuse.bm25);
             stages[2].1.push(t.elapsed().as_secs_f64() * 1000.0);
             let t = Instant::now();
             std::hint::black_box(ragway::rag::rrf(&d, &l, fuse.bm25_weight));

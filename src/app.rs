@@ -19,10 +19,13 @@ use crate::upstream::Upstreams;
 pub struct App {
     pub config: Arc<Config>,
     /// The storage seams (`crate::storage`): what handlers and services move to, call site
-    /// by call site, from `store` and `ingest.vectors`. On the embedded backend both views
+    /// by call site, from `store` and `vectors`. On the embedded backend both views
     /// share one redb store and one set of indexes, so mixed use stays consistent.
     pub storage: crate::storage::Storage,
     pub store: Arc<Store>,
+    /// The embedded backend's in-process search indexes (inside `storage` too), for the
+    /// call sites not moved onto the seams yet.
+    pub vectors: Arc<crate::ingest::vectors::VectorStore>,
     pub auth: Auth,
     pub upstreams: Arc<Upstreams>,
     pub models: ModelRegistry,
@@ -246,22 +249,26 @@ impl App {
             config.models_list_timeout,
         );
         let docs = config.dev.then(crate::openapi::docs);
-        let ingest = Arc::new(Ingest::new(&config, store.clone(), embedder, tokenizer));
-        ingest.start_up().map_err(StartError::Index)?;
+        let vectors = Arc::new(
+            crate::ingest::vectors::VectorStore::open(&config, &store)
+                .map_err(StartError::Index)?,
+        );
+        let storage = crate::storage::embedded::storage(
+            store.clone(),
+            vectors.clone(),
+            config.data_dir.join("uploads"),
+            crate::auth::ratelimit::COUNTER_CAPACITY,
+        );
+        let ingest = Arc::new(Ingest::new(&config, storage.clone(), embedder, tokenizer));
+        let auth = Auth::new(config.auth.clone(), &secret, &storage);
+        let usage = crate::usage::Usage::new(config.limits.clone(), storage.meta.clone());
         let context = crate::rag::budget::ContextBudget::new(
             &config.embedding.model_dir,
             config.models_cache_ttl,
         );
-        let storage = crate::storage::embedded::storage(
-            store.clone(),
-            ingest.vectors.clone(),
-            ingest.upload_dir.clone(),
-            crate::auth::ratelimit::COUNTER_CAPACITY,
-        );
-        let auth = Auth::new(config.auth.clone(), &secret, &storage);
-        let usage = crate::usage::Usage::new(config.limits.clone(), storage.meta.clone());
         let app = App {
             storage,
+            vectors,
             usage,
             config: Arc::new(config),
             store,
@@ -295,6 +302,7 @@ impl App {
             config: &self.config,
             store: &self.store,
             ingest: &self.ingest,
+            vectors: &self.vectors,
         }
     }
 

@@ -152,6 +152,23 @@ pub static CONTEXT_NUM_CTX: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+// Ingestion (issue 11, ingest on the storage seams).
+pub static INGEST_STORAGE_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        Opts::new(
+            "ragway_ingest_storage_errors_total",
+            "Storage failures met by background ingestion (no request to answer), by operation"
+        ),
+        &["op"]
+    )
+    .expect("metric registers once")
+});
+
+/// Counts a storage failure of background ingestion; `op` is a literal of the code.
+pub fn ingest_storage_error(op: &'static str) {
+    INGEST_STORAGE_ERRORS.with_label_values(&[op]).inc();
+}
+
 /// `reason` is a literal: a failure reason must never carry request data into a label.
 pub fn auth_failure(reason: &'static str) {
     AUTH_FAILURES.with_label_values(&[reason]).inc();
@@ -214,6 +231,7 @@ pub fn init() {
     LazyLock::force(&CONTEXT_BUDGET);
     LazyLock::force(&CONTEXT_CHUNKS);
     LazyLock::force(&CONTEXT_NUM_CTX);
+    LazyLock::force(&INGEST_STORAGE_ERRORS);
 }
 
 #[cfg(test)]

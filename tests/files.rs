@@ -283,7 +283,7 @@ fn assert_fully_indexed(gw: &Gateway, id: &str) -> usize {
     let ids = app.store.file_chunk_ids(id).unwrap();
     assert!(!ids.is_empty(), "no chunks");
     assert_eq!(rec.chunk_count, ids.len(), "chunk_count vs stored chunks");
-    assert_eq!(app.ingest.vectors.file_len(id), ids.len(), "vectors");
+    assert_eq!(app.vectors.file_len(id), ids.len(), "vectors");
     assert_eq!(app.store.chunks(&ids).unwrap().len(), ids.len());
     ids.len()
 }
@@ -292,7 +292,7 @@ fn assert_fully_indexed(gw: &Gateway, id: &str) -> usize {
 fn assert_not_indexed(gw: &Gateway, id: &str) {
     let app = gw.app();
     assert!(app.store.file_chunk_ids(id).unwrap().is_empty(), "chunks");
-    assert_eq!(app.ingest.vectors.file_len(id), 0, "vectors");
+    assert_eq!(app.vectors.file_len(id), 0, "vectors");
 }
 
 fn slow_setup(fake: &FakeUpstream, model: &str) -> Setup {
@@ -496,7 +496,7 @@ async fn background_upload_is_pending_then_completed_with_sse_status() {
     assert_eq!(wait_final(&gw, &admin, &id).await["status"], "completed");
     // The status is committed just before the in-memory index is installed (see
     // `completed_file_is_searchable_as_soon_as_reported`): wait for the worker to finish.
-    gw.app().ingest.wait_done(&id, PROCESS_LIMIT).await;
+    gw.app().ingest.wait_done(&id, PROCESS_LIMIT).await.unwrap();
     assert_fully_indexed(&gw, &id);
     let f = get_json(&gw, &format!("/api/v1/files/{id}"), &admin).await;
     assert_eq!(
@@ -795,7 +795,7 @@ async fn unsupported_and_corrupt_files_fail_cleanly() {
         )
         .await;
     assert_error(r, 400, "unsupported file type .bin").await;
-    assert_eq!(gw.app().ingest.vectors.collection_len(&kb), 0);
+    assert_eq!(gw.app().vectors.collection_len(&kb), 0);
     // Still serving.
     assert_eq!(gw.get("/health", None).await.status(), 200);
     let ok = upload_sync(&gw, &admin, "ok.txt", "text/plain", b"still working").await;
@@ -1234,8 +1234,8 @@ async fn delete_removes_blob_record_chunks_vectors_and_memberships() {
     add_to_kb(&gw, &admin, &kb1, &keep_id).await;
     add_to_kb(&gw, &admin, &kb2, &id).await;
     let app = gw.app();
-    assert_eq!(app.ingest.vectors.collection_len(&kb1), n + 1);
-    assert_eq!(app.ingest.vectors.collection_len(&kb2), n);
+    assert_eq!(app.vectors.collection_len(&kb1), n + 1);
+    assert_eq!(app.vectors.collection_len(&kb2), n);
     let chunk_ids = app.store.file_chunk_ids(&id).unwrap();
     let blob = gw.dir.path().join(v["path"].as_str().unwrap());
     assert!(Path::new(&blob).exists());
@@ -1258,13 +1258,13 @@ async fn delete_removes_blob_record_chunks_vectors_and_memberships() {
         app.store.chunks(&chunk_ids).unwrap().is_empty(),
         "chunks removed"
     );
-    assert_eq!(app.ingest.vectors.file_len(&id), 0);
+    assert_eq!(app.vectors.file_len(&id), 0);
     assert!(app.store.file_knowledge(&id).unwrap().is_empty());
-    assert_eq!(app.ingest.vectors.collection_len(&kb1), 1);
-    assert_eq!(app.ingest.vectors.collection_len(&kb2), 0);
+    assert_eq!(app.vectors.collection_len(&kb1), 1);
+    assert_eq!(app.vectors.collection_len(&kb2), 0);
     // No search returns the deleted chunks.
     let q = ragway::embed::HashEmbedder::new(64).embed_one("Paragraph 3 describes item number 3");
-    for (hit, _) in app.ingest.vectors.search_collection(&kb1, &q, 10) {
+    for (hit, _) in app.vectors.search_collection(&kb1, &q, 10) {
         assert!(!chunk_ids.contains(&hit));
     }
     let files = get_json(&gw, &format!("/api/v1/knowledge/{kb1}/files"), &admin).await;
@@ -1329,7 +1329,7 @@ async fn onnx_end_to_end_retrieves_the_right_paragraph() {
     assert_eq!(info.dim, 384);
     let kb = create_kb(&gw, &admin, "Topics").await;
     add_to_kb(&gw, &admin, &kb, &id).await;
-    assert_eq!(app.ingest.vectors.collection_len(&kb), 3);
+    assert_eq!(app.vectors.collection_len(&kb), 3);
 
     let embedder = app.ingest.embedder.as_ref().expect("ONNX embedder loaded");
     for (query, expected) in [
@@ -1338,7 +1338,7 @@ async fn onnx_end_to_end_retrieves_the_right_paragraph() {
         ("Which soccer side won the cup match?", "football team"),
     ] {
         let q = embedder.embed(vec![query.to_string()]).await.unwrap();
-        let hits = app.ingest.vectors.search_collection(&kb, &q[0], 3);
+        let hits = app.vectors.search_collection(&kb, &q[0], 3);
         assert_eq!(hits.len(), 3);
         let top = app.store.chunks(&[hits[0].0]).unwrap();
         assert!(
@@ -1347,7 +1347,7 @@ async fn onnx_end_to_end_retrieves_the_right_paragraph() {
             top[0].1.text
         );
         // The file's own index agrees.
-        let file_hits = app.ingest.vectors.search_file(&id, &q[0], 1);
+        let file_hits = app.vectors.search_file(&id, &q[0], 1);
         assert_eq!(file_hits[0].0, hits[0].0);
     }
 }
@@ -1399,7 +1399,7 @@ async fn pending_file_is_processed_again_after_restart() {
     let gw = setup.start_in(dir).await;
     let status = wait_final(&gw, &admin, &id).await;
     assert_eq!(status["status"], "completed", "{status}");
-    gw.app().ingest.wait_done(&id, PROCESS_LIMIT).await;
+    gw.app().ingest.wait_done(&id, PROCESS_LIMIT).await.unwrap();
     assert_eq!(assert_fully_indexed(&gw, &id), n);
     let app = gw.app();
     assert_eq!(app.store.file(&id).unwrap().unwrap().chunk_count, n);
@@ -1442,7 +1442,7 @@ async fn completed_file_is_searchable_as_soon_as_reported() {
     let indexed_when_completed = loop {
         let rec = app.store.file(&id).unwrap().unwrap();
         match rec.status {
-            Some(FileStatus::Completed) => break app.ingest.vectors.file_len(&id),
+            Some(FileStatus::Completed) => break app.vectors.file_len(&id),
             Some(FileStatus::Pending) => {}
             other => panic!("{other:?}: {rec:?}"),
         }

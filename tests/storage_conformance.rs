@@ -201,6 +201,9 @@ conformance!(
     presets_insert_within_bounds_update_and_delete,
     blobs_move_local_files_in,
     library_keeps_files_collections_and_blobs_as_one_unit,
+    // Ingest slice (issue 11).
+    queue_claims_a_named_file_once,
+    local_blob_paths_hold_what_was_put,
 );
 
 fn user(email: &str) -> User {
@@ -1887,4 +1890,70 @@ async fn library_keeps_files_collections_and_blobs_as_one_unit(s: &Storage) {
         lib.file("fb").await.unwrap().is_none(),
         "owner is no user: swept too"
     );
+}
+
+// Ingest slice (issue 11): claiming a named file, local blob paths.
+// ---------------------------------------------------------------------------
+
+async fn queue_claims_a_named_file_once(s: &Storage) {
+    let q = &s.queue;
+    let lease = Duration::from_secs(60);
+    let a = file("u", "a");
+    let b = file("u", "b");
+    s.meta.insert_file(&a).await.unwrap();
+    s.meta.insert_file(&b).await.unwrap();
+    assert!(
+        q.claim_file(&a.id, lease).await.unwrap().is_none(),
+        "not queued"
+    );
+    assert!(q.claim_file("no-such-file", lease).await.unwrap().is_none());
+    q.enqueue(&a.id).await.unwrap();
+    q.enqueue(&b.id).await.unwrap();
+    let jb = q.claim_file(&b.id, lease).await.unwrap().unwrap();
+    assert_eq!((jb.file_id.as_str(), jb.attempts), (b.id.as_str(), 1));
+    assert!(
+        q.claim_file(&b.id, lease).await.unwrap().is_none(),
+        "leased already"
+    );
+    let ja = q.claim(lease).await.unwrap().unwrap();
+    assert_eq!(ja.file_id, a.id, "claim skips the named file's lease");
+    assert!(q.claim_file(&a.id, lease).await.unwrap().is_none());
+    assert!(q.heartbeat(&jb, lease).await.unwrap());
+    assert_eq!(q.fail(&jb, 5).await.unwrap(), Retry::Requeued);
+    let jb2 = q.claim_file(&b.id, lease).await.unwrap().unwrap();
+    assert_eq!(jb2.attempts, 2, "attempts count across both kinds of claim");
+    assert!(q.complete(&jb2).await.unwrap());
+    assert!(q.claim_file(&b.id, lease).await.unwrap().is_none());
+    // An expired lease on a named file is taken over like any other.
+    let short = q.claim_file(&a.id, Duration::from_millis(1)).await.unwrap();
+    assert!(short.is_none(), "a's lease from claim() is live");
+    q.fail(&ja, 5).await.unwrap();
+    let dead = q
+        .claim_file(&a.id, Duration::from_millis(300))
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let again = q.claim_file(&a.id, lease).await.unwrap().unwrap();
+    assert_eq!(again.attempts, dead.attempts + 1);
+    assert!(!q.complete(&dead).await.unwrap());
+    assert!(q.complete(&again).await.unwrap());
+}
+
+async fn local_blob_paths_hold_what_was_put(s: &Storage) {
+    let b = &s.blobs;
+    b.put("f1_notes.txt", b"local bytes").await.unwrap();
+    if let Some(path) = b.local_path("f1_notes.txt") {
+        assert_eq!(std::fs::read(&path).unwrap(), b"local bytes");
+        b.delete("f1_notes.txt").await.unwrap();
+        assert!(!path.exists());
+    } else {
+        assert_eq!(
+            b.get("f1_notes.txt").await.unwrap().as_deref(),
+            Some(&b"local bytes"[..])
+        );
+    }
+    for bad in ["", "..", "../etc/passwd", "a/b", "a\\b", "a\nb"] {
+        assert!(b.local_path(bad).is_none(), "{bad:?}");
+    }
 }

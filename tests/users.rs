@@ -472,7 +472,7 @@ async fn a_deleted_user_is_locked_out_at_once_and_their_data_is_gone() {
     .await;
     assert!(gw.app().store.file_chunk_ids(&fid).unwrap().is_empty());
     assert!(gw.app().store.chunks(&chunks).unwrap().is_empty());
-    assert_eq!(gw.app().ingest.vectors.file_len(&fid), 0);
+    assert_eq!(gw.app().vectors.file_len(&fid), 0);
     assert_eq!(blobs(&gw), 1, "only the friend's blob is left");
     assert_error(
         gw.get(&format!("/api/v1/knowledge/{kb}"), Some(&admin))

@@ -46,16 +46,17 @@ pub fn collect(paths: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
     Ok(out)
 }
 
-fn owner(app: &App, email: Option<&str>) -> Result<User, String> {
+async fn owner(app: &App, email: Option<&str>) -> Result<User, String> {
+    let meta = &app.storage.meta;
     match email {
-        Some(e) => app
-            .store
+        Some(e) => meta
             .user_by_email(&e.trim().to_lowercase())
+            .await
             .map_err(|e| e.to_string())?
             .ok_or_else(|| format!("no user with email {e}")),
-        None => app
-            .store
+        None => meta
             .users()
+            .await
             .map_err(|e| e.to_string())?
             .into_iter()
             .filter(|u| u.role == Role::Admin)
@@ -68,8 +69,10 @@ fn owner(app: &App, email: Option<&str>) -> Result<User, String> {
 
 async fn knowledge(app: &App, user: &User, name: &str) -> Result<KnowledgeRecord, String> {
     let existing = app
-        .store
+        .storage
+        .meta
         .knowledges()
+        .await
         .map_err(|e| e.to_string())?
         .into_iter()
         .find(|k| k.name == name && k.user_id == user.id);
@@ -137,6 +140,7 @@ async fn one(app: &App, user: &User, path: &Path) -> Result<FileRecord, String> 
     app.ingest
         .process(&id)
         .await
+        .map_err(|e| e.to_string())?
         .ok_or_else(|| "the file disappeared while processing".to_string())
 }
 
@@ -151,7 +155,7 @@ pub async fn run(
     if let Err(e) = &app.ingest.embedder {
         return Err(format!("embedding engine unavailable: {e}"));
     }
-    let user = owner(app, user_email)?;
+    let user = owner(app, user_email).await?;
     let kb = match knowledge_name {
         Some(n) => Some(knowledge(app, &user, n).await?),
         None => None,

@@ -390,7 +390,9 @@ async fn ingest(
         .buffer_unordered(app.ingest.workers.max(1) * 2);
     while let Some(f) = done.next().await {
         progress.inc(1);
-        let f = f.ok_or("a document disappeared while processing")?;
+        let f = f
+            .map_err(|e| e.to_string())?
+            .ok_or("a document disappeared while processing")?;
         match f.status {
             Some(FileStatus::Completed) => {
                 chunks += f.chunk_count;

@@ -64,6 +64,14 @@ impl From<crate::storage::StorageError> for ApiError {
     }
 }
 
+// Ingest slice (issue 11).
+impl From<crate::ingest::IngestError> for ApiError {
+    fn from(e: crate::ingest::IngestError) -> Self {
+        let crate::ingest::IngestError::Storage(e) = e;
+        e.into()
+    }
+}
+
 /// A storage failure as an answer (the `From` impl above: 500, or 503 while the process
 /// hands over, logged).
 pub(crate) fn storage_answer(e: crate::storage::StorageError) -> ApiError {

@@ -68,6 +68,27 @@ impl VectorStore {
         }
     }
 
+    /// The embedded backend's index as configured (`rag.hnsw-threshold`, `rag.vector-index`,
+    /// graphs saved under the data dir), loaded from the store: built once at start-up and
+    /// handed to [`crate::storage::embedded::storage`].
+    ///
+    /// # Errors
+    /// The store failed.
+    pub fn open(
+        config: &crate::config::Config,
+        store: &Store,
+    ) -> crate::store::Result<VectorStore> {
+        let rag = &config.rag;
+        let index = VectorStore::new(
+            rag.hnsw_threshold,
+            rag.vector_index,
+            Some(config.data_dir.join("index")),
+        );
+        let n = index.load(store)?;
+        tracing::info!(vectors = n, "vector index loaded");
+        Ok(index)
+    }
+
     /// Rebuilds everything from the store (start-up). Returns the number of chunks. Large
     /// collections get their saved graphs back in the background (or a build when there is
     /// none or it is too stale); exact search serves them meanwhile.

@@ -236,6 +236,7 @@ pub struct Retriever<'a> {
     pub config: &'a Config,
     pub store: &'a Store,
     pub ingest: &'a Ingest,
+    pub vectors: &'a crate::ingest::vectors::VectorStore,
 }
 
 /// Ranks chunk ids of `scope` for one query. `vector` is needed unless `mode` is BM25.
@@ -248,7 +249,7 @@ pub fn rank(
     fuse: Fuse,
     n: usize,
 ) -> Vec<(u64, f32)> {
-    let vx = &app.ingest.vectors;
+    let vx = &app.vectors;
     let search = |v: &[f32]| match scope {
         Scope::File(f) => vx.search_file(f, v, n),
         Scope::Collection(c) => vx.search_collection(c, v, n),
@@ -677,7 +678,6 @@ fn select(
         }
         let score = match vector {
             Some(q) => app
-                .ingest
                 .vectors
                 .vector(&chunk.file_id, id)
                 .map(|v| crate::index::dot(q, &v))

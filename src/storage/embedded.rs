@@ -261,6 +261,15 @@ impl Metadata for Embedded {
     }
 }
 
+/// Runs `f`, which blocks (indexing a large file, the database's fsync), without stalling
+/// the runtime thread's other tasks where the runtime can hand them to another thread.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 /// Merges per-collection and per-file hit lists: best score per chunk, best first.
 fn merge(lists: impl IntoIterator<Item = Vec<Hit>>, k: usize) -> Vec<Hit> {
     let mut best: HashMap<u64, f32> = HashMap::new();
@@ -295,14 +304,26 @@ impl Chunks for Embedded {
             .iter()
             .map(|c| serde_json::to_string(&TermCounts::of(&c.text)).expect("json"))
             .collect();
-        let ids = self.store.reserve_chunk_ids(chunks.len())?;
-        let removed = self
-            .store
-            .complete_file(file, text, &ids, chunks, vectors, &terms)?;
-        self.index.put_file(&file.id, &ids, vectors, &terms);
-        let kbs = self.store.file_knowledge(&file.id)?;
-        self.index.refresh_in_collections(&file.id, &removed, &kbs);
-        Ok(ids)
+        // Searchable in memory first, then committed: once the store says "completed",
+        // every chunk can already be found (clients poll the status, then search or add
+        // the file to a collection). A failed commit rolls the memory back.
+        blocking(|| {
+            let ids = self.store.reserve_chunk_ids(chunks.len())?;
+            let old = self.store.file_chunk_ids(&file.id)?;
+            let kbs = self.store.file_knowledge(&file.id)?;
+            self.index.put_file(&file.id, &ids, vectors, &terms);
+            self.index.refresh_in_collections(&file.id, &old, &kbs);
+            match self
+                .store
+                .complete_file(file, text, &ids, chunks, vectors, &terms)
+            {
+                Ok(_) => Ok(ids),
+                Err(e) => {
+                    self.index.remove_file(&file.id, &ids, &kbs);
+                    Err(e.into())
+                }
+            }
+        })
     }
     async fn fail_file(&self, file: &FileRecord) -> Result<()> {
         let removed = self.store.fail_file(file)?;
@@ -476,6 +497,34 @@ impl WorkQueue for Embedded {
     async fn is_queued(&self, file_id: &str) -> Result<bool> {
         Ok(self.store.is_queued(file_id)?)
     }
+
+    // Ingest slice (issue 11).
+    async fn claim_file(&self, file_id: &str, lease: Duration) -> Result<Option<Job>> {
+        if !self.store.is_queued(file_id)? {
+            return Ok(None);
+        }
+        let now = Instant::now();
+        let mut leases = self.leases();
+        let attempts = match leases.get(file_id) {
+            Some(l) if l.until > now => return Ok(None),
+            Some(l) => l.attempts + 1,
+            None => 1,
+        };
+        let token = uuid::Uuid::new_v4().to_string();
+        leases.insert(
+            file_id.to_string(),
+            Lease {
+                token: token.clone(),
+                until: now + lease,
+                attempts,
+            },
+        );
+        Ok(Some(Job {
+            file_id: file_id.to_string(),
+            attempts,
+            token,
+        }))
+    }
 }
 
 /// Blobs as files in one directory, written to a temporary name and renamed, so a reader
@@ -549,6 +598,7 @@ impl Blobs for DirBlobs {
         tokio::fs::remove_file(from).await?;
         Ok(())
     }
+    // Ingest slice (issue 11).
     fn local_path(&self, key: &str) -> Option<PathBuf> {
         check_key(key).ok()?;
         Some(self.dir.join(key))

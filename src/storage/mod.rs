@@ -261,6 +261,11 @@ pub trait WorkQueue: Send + Sync {
     /// Queued file ids (leased or not), oldest first, at most `limit`.
     async fn pending(&self, limit: usize) -> Result<Vec<String>>;
     async fn is_queued(&self, file_id: &str) -> Result<bool>;
+
+    // Ingest slice (issue 11): processing one named file now (the CLI, inline callers).
+    /// Claims `file_id`'s job when it is queued without a live lease (attempts counted as
+    /// by [`WorkQueue::claim`]); `None` when it is not queued or someone holds it.
+    async fn claim_file(&self, file_id: &str, lease: Duration) -> Result<Option<Job>>;
 }
 
 /// Uploaded file contents by key (ragway uses `{file_id}_{filename}`).

@@ -9,7 +9,7 @@
 //! apply each migration once.
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -1659,6 +1659,30 @@ impl WorkQueue for Pg {
             .await?
             .is_some())
     }
+
+    // Ingest slice (issue 11).
+    async fn claim_file(&self, file_id: &str, lease: Duration) -> Result<Option<Job>> {
+        let token = uuid::Uuid::new_v4().to_string();
+        // The row lock orders concurrent claims: the second sees the first's live lease.
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "UPDATE jobs SET token = $2,
+                        lease_until = clock_timestamp() + make_interval(secs => $3),
+                        attempts = attempts + 1
+                 WHERE file_id = $1
+                   AND (lease_until IS NULL OR lease_until <= clock_timestamp())
+                 RETURNING attempts",
+                &[&file_id, &token, &lease.as_secs_f64()],
+            )
+            .await?;
+        Ok(row.map(|r| Job {
+            file_id: file_id.to_string(),
+            attempts: u32::try_from(r.get::<_, i32>(0)).unwrap_or(0),
+            token,
+        }))
+    }
 }
 
 #[async_trait]
@@ -1705,7 +1729,8 @@ impl Blobs for Pg {
         tokio::fs::remove_file(from).await?;
         Ok(())
     }
-    fn local_path(&self, _key: &str) -> Option<PathBuf> {
+    // Ingest slice (issue 11): blobs are rows, never local files.
+    fn local_path(&self, _key: &str) -> Option<std::path::PathBuf> {
         None
     }
 }
