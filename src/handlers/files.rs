@@ -69,7 +69,7 @@ pub fn file_json(f: &FileRecord, content: Option<String>) -> Value {
 pub fn readable_file(app: &App, ctx: &RequestCtx, id: &str) -> Result<FileRecord, ApiError> {
     let user = &identity(ctx)?.user;
     match app.store.file(id)? {
-        Some(f) if access::can_read_file(&app.store, user, &f)? => Ok(f),
+        Some(f) if access::can_read_file_in_store(&app.store, user, &f)? => Ok(f),
         _ => Err(ApiError::not_found(msg::NOT_FOUND)),
     }
 }

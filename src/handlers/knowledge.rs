@@ -328,7 +328,7 @@ pub(crate) async fn add_one(
 ) -> Result<bool, ApiError> {
     let not_found = || ApiError::bad_request(format!("File {file_id} not found"));
     let file = app.store.file(file_id)?.ok_or_else(not_found)?;
-    if !access::can_read_file(&app.store, user, &file)? {
+    if !access::can_read_file_in_store(&app.store, user, &file)? {
         return Err(not_found());
     }
     if !access::can_add_file_to(&app.store, user, &file, kb)? {
