@@ -207,6 +207,7 @@ fn main() {
         let fuse = ragway::rag::Fuse::from_config(cfg);
         let limits = ragway::rag::Limits::new(k, cfg.relevance_threshold);
         let retriever = app.retriever();
+        let scope_all = ragway::storage::Scope { collections: vec!["bench".into()], files: vec![] };
         let vector = ragway::rag::embed_query(&retriever, query).await.unwrap().unwrap();
         let mut stages: Vec<(&str, Vec<f64>)> = ["query embedding", "dense search", "BM25", "fusion", "search + store reads"]
             .into_iter()
@@ -216,11 +217,12 @@ fn main() {
             let t = Instant::now();
             ragway::rag::embed_query(&retriever, query).await.unwrap();
             stages[0].1.push(t.elapsed().as_secs_f64() * 1000.0);
+            // Through the storage seams, as retrieval calls them.
             let t = Instant::now();
-            let d = app.vectors.search_collection("bench", &vector, n);
+            let d = app.storage.chunks.dense_search(&scope_all, &vector, n).await.unwrap();
             stages[1].1.push(t.elapsed().as_secs_f64() * 1000.0);
             let t = Instant::now();
-            let l = app.vectors.bm25_collection("bench", query, n, fuse.bm25);
+            let l = app.storage.chunks.lexical_search(&scope_all, query, n).await.unwrap();
             stages[2].1.push(t.elapsed().as_secs_f64() * 1000.0);
             let t = Instant::now();
             std::hint::black_box(ragway::rag::rrf(&d, &l, fuse.bm25_weight));
@@ -228,7 +230,7 @@ fn main() {
             let t = Instant::now();
             let mode = ragway::rag::Mode::from_config(cfg);
             let scope = ragway::rag::Scope::Collection("bench");
-            std::hint::black_box(ragway::rag::search(&retriever, json!({}), scope, query, Some(&vector), mode, fuse, limits).unwrap());
+            std::hint::black_box(ragway::rag::search(&retriever, json!({}), scope, query, Some(&vector), mode, fuse, limits).await.unwrap());
             stages[4].1.push(t.elapsed().as_secs_f64() * 1000.0);
         }
         println!("breakdown (median of {requests}, in-process):");

@@ -300,7 +300,8 @@ impl App {
     pub fn retriever(&self) -> crate::rag::Retriever<'_> {
         crate::rag::Retriever {
             config: &self.config,
-            store: &self.store,
+            meta: &*self.storage.meta,
+            chunks: &*self.storage.chunks,
             ingest: &self.ingest,
             vectors: &self.vectors,
         }

@@ -397,25 +397,36 @@ async fn bm25_wins_rare_terms_dense_wins_paraphrases() {
         bm25_weight: 0.5,
         ..Fuse::default()
     };
-    let top = |q: &str, v: &[f32], mode| {
+    // The files of the top 5 chunks, through the storage seams as chat reads them.
+    async fn top_files(
+        app: &ragway::app::App,
+        kb: &str,
+        ids: &HashMap<String, &'static str>,
+        fuse: Fuse,
+        q: &str,
+        v: &[f32],
+        mode: Mode,
+    ) -> Vec<&'static str> {
         let ranked = rank(
             &app.retriever(),
-            Scope::Collection(&kb),
+            Scope::Collection(kb),
             q,
             Some(v),
             mode,
             fuse,
             5,
-        );
+        )
+        .await
+        .unwrap();
         let chunks = app
-            .store
+            .storage
+            .chunks
             .chunks(&ranked.iter().map(|r| r.0).collect::<Vec<_>>())
+            .await
             .unwrap();
-        chunks
-            .iter()
-            .map(|(_, c)| *ids.get(&c.file_id).unwrap())
-            .collect::<Vec<&str>>()
-    };
+        chunks.iter().map(|(_, c)| ids[&c.file_id]).collect()
+    }
+    let top = |q, v, mode| top_files(app, &kb, &ids, fuse, q, v, mode);
     let rare = "XJ-4471";
     let v = embedder
         .embed(vec![rare.to_string()])
@@ -424,12 +435,12 @@ async fn bm25_wins_rare_terms_dense_wins_paraphrases() {
         .pop()
         .unwrap();
     assert_eq!(
-        top(rare, &v, Mode::Bm25)[0],
+        top(rare, &v, Mode::Bm25).await[0],
         "errors.txt",
         "BM25 finds the exact rare term"
     );
     assert!(
-        top(rare, &v, Mode::Hybrid)[..2].contains(&"errors.txt"),
+        top(rare, &v, Mode::Hybrid).await[..2].contains(&"errors.txt"),
         "hybrid keeps it near the top"
     );
 
@@ -441,16 +452,16 @@ async fn bm25_wins_rare_terms_dense_wins_paraphrases() {
         .pop()
         .unwrap();
     assert_eq!(
-        top(para, &v, Mode::Dense)[0],
+        top(para, &v, Mode::Dense).await[0],
         "brakes.txt",
         "dense understands the paraphrase"
     );
     assert_ne!(
-        top(para, &v, Mode::Bm25).first().copied(),
+        top(para, &v, Mode::Bm25).await.first().copied(),
         Some("brakes.txt"),
         "no shared words for BM25"
     );
-    assert!(top(para, &v, Mode::Hybrid)[..2].contains(&"brakes.txt"));
+    assert!(top(para, &v, Mode::Hybrid).await[..2].contains(&"brakes.txt"));
 }
 
 /// Hybrid search switched on through Open WebUI's variable reaches chat.

@@ -204,6 +204,9 @@ conformance!(
     // Ingest slice (issue 11).
     queue_claims_a_named_file_once,
     local_blob_paths_hold_what_was_put,
+    // retrieval
+    similarities_and_vectors_answer_in_the_order_asked,
+    tuned_bm25_is_bm25_or_refused,
 );
 
 fn user(email: &str) -> User {
@@ -1956,4 +1959,134 @@ async fn local_blob_paths_hold_what_was_put(s: &Storage) {
     for bad in ["", "..", "../etc/passwd", "a/b", "a\\b", "a\nb"] {
         assert!(b.local_path(bad).is_none(), "{bad:?}");
     }
+}
+// --- retrieval: scoring candidates and BM25 with parameters ---
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+fn close(got: Option<f32>, want: f32) {
+    let got = got.expect("a score");
+    assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+}
+
+async fn similarities_and_vectors_answer_in_the_order_asked(s: &Storage) {
+    let (a, a_ids) = processed(s, "u", &[("one", axis(0, 0.1)), ("two", axis(1, 0.1))]).await;
+    let (b, b_ids) = processed(s, "u", &[("three", axis(2, 0.3))]).await;
+    let q = axis(1, 0.0);
+    let refs = [
+        (a_ids[1], a.id.as_str()),
+        (999_999, a.id.as_str()),
+        (b_ids[0], b.id.as_str()),
+        (a_ids[0], a.id.as_str()),
+    ];
+    let sims = s.chunks.similarities(&q, &refs).await.unwrap();
+    assert_eq!(sims.len(), 4, "one answer per chunk asked");
+    close(sims[0], dot(&q, &axis(1, 0.1)));
+    assert_eq!(sims[1], None, "no such chunk");
+    close(sims[2], dot(&q, &axis(2, 0.3)));
+    close(sims[3], dot(&q, &axis(0, 0.1)));
+    // The scores dense search ranks by.
+    let hits = s
+        .chunks
+        .dense_search(&scope_files(&[&a.id]), &q, 2)
+        .await
+        .unwrap();
+    assert_eq!(hits.len(), 2);
+    for (id, score) in &hits {
+        let i = refs.iter().position(|r| r.0 == *id).unwrap();
+        close(sims[i], *score);
+    }
+    // A query of another dimension (another embedding model) scores nothing, and fails
+    // nothing.
+    let other = s
+        .chunks
+        .similarities(&[1.0, 0.0, 0.0], &refs)
+        .await
+        .unwrap();
+    assert_eq!(other, vec![None; 4]);
+    assert!(s.chunks.similarities(&q, &[]).await.unwrap().is_empty());
+
+    let vectors = s
+        .chunks
+        .vectors(&[refs[2], refs[1], refs[3], refs[2]])
+        .await
+        .unwrap();
+    assert_eq!(vectors.len(), 4);
+    for (got, want) in [(&vectors[0], axis(2, 0.3)), (&vectors[2], axis(0, 0.1))] {
+        let got = got.as_ref().expect("a vector");
+        assert_eq!(got.len(), want.len());
+        assert!(got.iter().zip(&want).all(|(x, y)| (x - y).abs() < 1e-6));
+    }
+    assert_eq!(vectors[1], None);
+    assert_eq!(vectors[3], vectors[0], "asked twice, answered twice");
+    assert!(s.chunks.vectors(&[]).await.unwrap().is_empty());
+
+    // A deleted file's chunks have neither.
+    s.meta.delete_file(&b.id).await.unwrap().unwrap();
+    assert_eq!(
+        s.chunks.similarities(&q, &refs[2..3]).await.unwrap(),
+        vec![None]
+    );
+    assert_eq!(s.chunks.vectors(&refs[2..3]).await.unwrap(), vec![None]);
+}
+
+async fn tuned_bm25_is_bm25_or_refused(s: &Storage) {
+    use ragway::rag::bm25::Bm25Params;
+    let (a, a_ids) = processed(
+        s,
+        "u",
+        &[
+            ("cat cat cat cat dog", axis(0, 0.0)),
+            ("cat dog bird fish horse cow pig hen", axis(1, 0.0)),
+            ("nothing here", axis(2, 0.0)),
+        ],
+    )
+    .await;
+    let scope = scope_files(&[&a.id]);
+    let plain = s.chunks.lexical_search(&scope, "cat", 5).await.unwrap();
+    assert_eq!(ids(&plain), a_ids[..2], "term frequency counts by default");
+    let flat = Bm25Params { k1: 0.0, b: 0.75 };
+    let Some(defaults) = s
+        .chunks
+        .lexical_search_with(&scope, "cat", 5, Bm25Params::default())
+        .await
+        .unwrap()
+    else {
+        // Not BM25 (PostgreSQL's ts_rank_cd): refused for every setting, never answered
+        // with another ranking.
+        assert!(
+            s.chunks
+                .lexical_search_with(&scope, "cat", 5, flat)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        return;
+    };
+    assert_eq!(defaults, plain, "the defaults are the plain search");
+    // k1 = 0: term frequency saturates at once, both chunks score the term's IDF.
+    let hits = s
+        .chunks
+        .lexical_search_with(&scope, "cat", 5, flat)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(hits.len(), 2);
+    assert!((hits[0].1 - hits[1].1).abs() < 1e-6, "{hits:?}");
+    assert!(plain[0].1 > plain[1].1 + 1e-3, "{plain:?}");
+    // Scoped like the plain search: another file's matches stay out.
+    let (other, _) = processed(s, "u", &[("cat", axis(3, 0.0))]).await;
+    let hits = s
+        .chunks
+        .lexical_search_with(&scope, "cat", 5, flat)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        ids(&hits).iter().all(|i| a_ids.contains(i)),
+        "{:?}",
+        other.id
+    );
 }

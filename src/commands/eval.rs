@@ -270,8 +270,10 @@ const EVAL_EMAIL: &str = "eval@ragway.invalid";
 
 async fn owner(app: &App) -> Result<String, String> {
     if let Some(u) = app
-        .store
+        .storage
+        .meta
         .user_by_email(EVAL_EMAIL)
+        .await
         .map_err(|e| e.to_string())?
     {
         return Ok(u.id);
@@ -294,10 +296,11 @@ type Ingested = (String, HashMap<String, String>, usize);
 
 /// The collection an earlier run left in this data dir, with its file → document map,
 /// when every document in it belongs to `ds` (a data dir is reused only for its dataset).
-fn existing(app: &App, ds: &Dataset, owner: &str) -> Result<Option<Ingested>, String> {
-    let Some(kb) = app
-        .store
+async fn existing(app: &App, ds: &Dataset, owner: &str) -> Result<Option<Ingested>, String> {
+    let meta = &app.storage.meta;
+    let Some(kb) = meta
         .knowledges()
+        .await
         .map_err(|e| e.to_string())?
         .into_iter()
         .find(|k| k.user_id == owner && k.name == "eval")
@@ -307,12 +310,12 @@ fn existing(app: &App, ds: &Dataset, owner: &str) -> Result<Option<Ingested>, St
     let ids: HashSet<&str> = ds.corpus.iter().map(|d| d.0.as_str()).collect();
     let mut file_to_doc = HashMap::new();
     let mut chunks = 0;
-    for f in app
-        .store
+    for f in meta
         .knowledge_files(&kb.id)
+        .await
         .map_err(|e| e.to_string())?
     {
-        let Some(rec) = app.store.file(&f).map_err(|e| e.to_string())? else {
+        let Some(rec) = meta.file(&f).await.map_err(|e| e.to_string())? else {
             continue;
         };
         let doc = rec.meta["data"]["doc_id"].as_str().unwrap_or_default();
@@ -430,7 +433,7 @@ pub async fn run(
     progress.set_length(ds.corpus.len() as u64);
     let started = Instant::now();
     let owner = owner(app).await?;
-    let (kb, file_to_doc, chunks, reused) = match existing(app, ds, &owner)? {
+    let (kb, file_to_doc, chunks, reused) = match existing(app, ds, &owner).await? {
         Some((kb, map, chunks)) => (kb, map, chunks, true),
         None => {
             let (kb, map, chunks) = ingest(app, ds, &owner, progress).await?;
@@ -484,7 +487,8 @@ pub async fn run(
                 v.fuse,
                 limits,
             )
-            .map_err(|e| e.detail.clone())?;
+            .await
+            .map_err(|e| e.to_string())?;
             times.push(t.elapsed().as_secs_f64() * 1000.0);
             // Documents by their best chunk: the first time a document appears.
             let mut seen = HashSet::new();

@@ -311,7 +311,7 @@ async fn augment(
             if filled.len().saturating_mul(copies)
                 > cfg.max_context_bytes + app.config.max_body_bytes
             {
-                return Err(rag::too_much_context(cfg.max_context_bytes));
+                return Err(rag::too_much_context(cfg.max_context_bytes).into());
             }
             prompt::inject(m, &filled, cfg.system_context);
         }

@@ -87,3 +87,36 @@ impl From<crate::library::LibraryError> for ApiError {
         }
     }
 }
+
+// --- retrieval (chat with files, the retrieval API, presets' knowledge) ---
+
+impl From<crate::rag::RetrieveError> for ApiError {
+    fn from(e: crate::rag::RetrieveError) -> Self {
+        use crate::rag::RetrieveError as E;
+        use crate::storage::StorageError;
+        let e = match e {
+            // The redb store's own conversion: 503 while the process hands over.
+            E::Storage(StorageError::Embedded(e)) => return e.into(),
+            E::Storage(e) => {
+                tracing::error!(error = %e, "storage failure during retrieval");
+                return ApiError::internal("Internal storage error; see the server log");
+            }
+            e => e,
+        };
+        let status = match &e {
+            E::FileNotFound(_) | E::CollectionNotFound(_) => 404,
+            E::StillProcessing(_) => 409,
+            E::FileFailed { .. }
+            | E::NotProcessed(_)
+            | E::UnsupportedType { .. }
+            | E::TooManyItems { .. }
+            | E::Bm25ParamsUnsupported => 400,
+            E::MissingField { .. } => 422,
+            E::TooMuchContext { .. } => 413,
+            E::EmbedderUnavailable(_) => 503,
+            E::EmbedFailed(_) => 502,
+            E::Storage(_) => 500,
+        };
+        ApiError::new(status, e.to_string())
+    }
+}

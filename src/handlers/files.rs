@@ -70,7 +70,7 @@ pub fn file_json(f: &FileRecord, content: Option<String>) -> Value {
 pub async fn readable_file(app: &App, ctx: &RequestCtx, id: &str) -> Result<FileRecord, ApiError> {
     let user = &identity(ctx)?.user;
     match app.library().file(id).await? {
-        Some(f) if access::can_read_file(&app.store, user, &f)? => Ok(f),
+        Some(f) if access::can_read_file(app.storage.meta.as_ref(), user, &f).await? => Ok(f),
         _ => Err(ApiError::not_found(msg::NOT_FOUND)),
     }
 }

@@ -335,7 +335,7 @@ pub(crate) async fn add_one(
 ) -> Result<bool, ApiError> {
     let not_found = || ApiError::bad_request(format!("File {file_id} not found"));
     let file = app.library().file(file_id).await?.ok_or_else(not_found)?;
-    if !access::can_read_file(&app.store, user, &file)? {
+    if !access::can_read_file(app.storage.meta.as_ref(), user, &file).await? {
         return Err(not_found());
     }
     if !access::can_add_file_to(&app.store, user, &file, kb)? {

@@ -118,7 +118,7 @@ pub async fn create(app: &App, session: &mut Session, ctx: &RequestCtx) -> Handl
         ));
     }
     presets::check_base_usable(&app.presets(), who, &c.id, &c.base_model_id).await?;
-    presets::check_knowledge(&app.presets(), &user, &c.id, &c.meta)?;
+    presets::check_knowledge(&app.presets(), &user, &c.id, &c.meta).await?;
     let now = now_secs();
     let rec = PresetRecord {
         id: c.id,
@@ -272,7 +272,7 @@ pub async fn update(app: &App, session: &mut Session, ctx: &RequestCtx) -> Handl
     if c.base_model_id != p.base_model_id {
         presets::check_base_usable(&app.presets(), who, &p.id, &c.base_model_id).await?;
     }
-    presets::check_knowledge(&app.presets(), &user, &p.id, &c.meta)?;
+    presets::check_knowledge(&app.presets(), &user, &p.id, &c.meta).await?;
     p.base_model_id = c.base_model_id;
     p.name = c.name;
     p.params = c.params;

@@ -9,7 +9,7 @@ use pingora::proxy::Session;
 use serde_json::{Value, json};
 
 use super::knowledge::{add_one, writable};
-use super::{HandlerResult, Outcome, access, identity};
+use super::{HandlerResult, Outcome, identity};
 use crate::app::App;
 use crate::auth::Identity;
 use crate::error::ApiError;
@@ -102,14 +102,15 @@ async fn resolve(app: &App, id: &Identity, name: &str) -> Result<Target, ApiErro
             format!("collection names are 1 to {MAX_NAME_BYTES} bytes long"),
         ));
     }
+    let retriever = app.retriever();
     if let Some(file_id) = name.strip_prefix("file-") {
         return Ok(Target::File(
-            rag::usable_file(&app.retriever(), id, file_id).await?.id,
+            rag::usable_file(&retriever, id, file_id).await?.id,
         ));
     }
-    match app.store.knowledge(name)? {
-        Some(kb) if access::can_read_kb(&id.user, &kb) => Ok(Target::Collection(kb.id)),
-        _ => Err(ApiError::not_found(format!("Collection {name} not found"))),
+    match rag::readable_collection(&retriever, &id.user, name).await? {
+        Some(kb) => Ok(Target::Collection(kb.id)),
+        None => Err(ApiError::not_found(format!("Collection {name} not found"))),
     }
 }
 
@@ -125,10 +126,11 @@ async fn search_all(
     for name in names {
         targets.push(resolve(app, id, name).await?);
     }
+    let retriever = app.retriever();
     let vector = if s.mode == Mode::Bm25 {
         None
     } else {
-        rag::embed_query(&app.retriever(), query).await?
+        rag::embed_query(&retriever, query).await?
     };
     let mut out = Vec::with_capacity(targets.len());
     for (name, target) in names.iter().zip(&targets) {
@@ -136,16 +138,19 @@ async fn search_all(
             Target::File(f) => Scope::File(f),
             Target::Collection(kb) => Scope::Collection(kb),
         };
-        out.push(rag::search(
-            &app.retriever(),
-            json!({"collection_name": name}),
-            scope,
-            query,
-            vector.as_deref(),
-            s.mode,
-            s.fuse,
-            s.limits,
-        )?);
+        out.push(
+            rag::search(
+                &retriever,
+                json!({"collection_name": name}),
+                scope,
+                query,
+                vector.as_deref(),
+                s.mode,
+                s.fuse,
+                s.limits,
+            )
+            .await?,
+        );
     }
     Ok(out)
 }

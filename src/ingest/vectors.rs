@@ -339,6 +339,14 @@ impl VectorStore {
             .and_then(|f| f.vectors.get(chunk).map(<[f32]>::to_vec))
     }
 
+    /// Cosine of `query` to a chunk of `file_id`, computed in place (no copy of the
+    /// vector); `None` when the chunk is gone or its vector has another dimension.
+    pub fn similarity(&self, file_id: &str, chunk: u64, query: &[f32]) -> Option<f32> {
+        let f = self.file(file_id)?;
+        let v = f.vectors.get(chunk)?;
+        (v.len() == query.len()).then(|| crate::index::dot(query, v))
+    }
+
     /// Number of vectors of a collection.
     pub fn collection_len(&self, kb: &str) -> usize {
         self.collection(kb)

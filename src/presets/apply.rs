@@ -7,7 +7,6 @@ use serde_json::{Map, Value, json};
 use super::Presets;
 use super::clock;
 use crate::auth::Identity;
-use crate::auth::access;
 use crate::error::ApiError;
 use crate::models::ModelEntry;
 use crate::rag::{self, prompt};
@@ -113,7 +112,10 @@ fn merge_under(into: &mut Map<String, Value>, from: &Map<String, Value>) {
 
 /// Checks that each `meta.knowledge` item of preset `id` exists and that `user` can read
 /// it; the error names the missing item.
-pub fn check_knowledge(
+///
+/// # Errors
+/// A 404 naming the first missing or unreadable item; a storage failure.
+pub async fn check_knowledge(
     app: &Presets<'_>,
     user: &User,
     id: &str,
@@ -130,20 +132,16 @@ pub fn check_knowledge(
             Some(n) if !n.is_empty() => format!("{n:?} ({item_id})"),
             _ => item_id.to_string(),
         };
+        let r = &app.retriever;
         let (kind, ok) = if item["type"] == "collection" {
             (
                 "knowledge collection",
-                app.store
-                    .knowledge(item_id)?
-                    .is_some_and(|kb| access::can_read_kb(user, &kb)),
+                rag::readable_collection(r, user, item_id).await?.is_some(),
             )
         } else {
             (
                 "file",
-                match app.store.file(item_id)? {
-                    Some(f) => access::can_read_file(app.store, user, &f)?,
-                    None => false,
-                },
+                rag::readable_file(r, user, item_id).await?.is_some(),
             )
         };
         if !ok {
@@ -215,13 +213,13 @@ impl Resolved {
 
     /// Every attached collection and file must exist and be readable by the caller: a
     /// preset never lends its owner's access, and never silently loses knowledge.
-    pub(super) fn check_knowledge(
+    pub(super) async fn check_knowledge(
         &self,
         app: &Presets<'_>,
         who: &Identity,
     ) -> Result<(), ApiError> {
         for p in &self.chain {
-            check_knowledge(app, &who.user, &p.id, &p.meta)?;
+            check_knowledge(app, &who.user, &p.id, &p.meta).await?;
         }
         Ok(())
     }

@@ -290,7 +290,7 @@ pub async fn resolve(
         }
     };
     let resolved = Resolved::new(model, chain, base);
-    resolved.check_knowledge(app, who)?;
+    resolved.check_knowledge(app, who).await?;
     Ok(Some(resolved))
 }
 

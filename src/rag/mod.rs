@@ -8,7 +8,10 @@
 
 pub mod bm25;
 pub mod budget;
+mod error;
 pub mod prompt;
+
+pub use error::RetrieveError;
 
 use std::collections::{HashMap, HashSet};
 
@@ -18,9 +21,9 @@ use serde_json::{Value, json};
 use crate::auth::Identity;
 use crate::auth::access;
 use crate::config::{Config, Fusion, RagConfig};
-use crate::error::ApiError;
 use crate::ingest::{Ingest, NotUsable};
-use crate::store::{ChunkRecord, FileRecord, FileStatus, Store};
+use crate::storage::{ChunkRef, Chunks, Metadata};
+use crate::store::{ChunkRecord, FileRecord, FileStatus, KnowledgeRecord, User};
 
 /// Open WebUI's source object (spec 4.4): returned to the client and injected.
 #[derive(Debug, Clone, Serialize)]
@@ -55,6 +58,22 @@ impl Mode {
 pub enum Scope<'a> {
     File(&'a str),
     Collection(&'a str),
+}
+
+impl Scope<'_> {
+    /// The storage seam's scope of this one file or collection.
+    fn seam(self) -> crate::storage::Scope {
+        match self {
+            Scope::File(f) => crate::storage::Scope {
+                collections: Vec::new(),
+                files: vec![f.to_string()],
+            },
+            Scope::Collection(c) => crate::storage::Scope {
+                collections: vec![c.to_string()],
+                files: Vec::new(),
+            },
+        }
+    }
 }
 
 /// Ranking settings.
@@ -228,59 +247,71 @@ fn sorted(scores: HashMap<u64, f32>) -> Vec<(u64, f32)> {
     v
 }
 
-/// What retrieval reads: the settings, the store (files, chunks) and the ingestion side
-/// (vector index, embedder). Built by the wiring ([`crate::app::App::retriever`]), so
-/// retrieval needs nothing above it.
+/// What retrieval reads: the settings, the storage seams (files, collections, chunks and
+/// their searches) and the ingestion side (processing waits, the embedder). Built by the
+/// wiring ([`crate::app::App::retriever`]), so retrieval needs nothing above it.
 #[derive(Clone, Copy)]
 pub struct Retriever<'a> {
     pub config: &'a Config,
-    pub store: &'a Store,
+    pub meta: &'a dyn Metadata,
+    pub chunks: &'a dyn Chunks,
     pub ingest: &'a Ingest,
     pub vectors: &'a crate::ingest::vectors::VectorStore,
 }
 
 /// Ranks chunk ids of `scope` for one query. `vector` is needed unless `mode` is BM25.
-pub fn rank(
+///
+/// # Errors
+/// The storage backend failed, or BM25 parameters were set on a backend without them.
+pub async fn rank(
     app: &Retriever<'_>,
-    scope: Scope,
+    scope: Scope<'_>,
     query: &str,
     vector: Option<&[f32]>,
     mode: Mode,
     fuse: Fuse,
     n: usize,
-) -> Vec<(u64, f32)> {
-    let vx = &app.vectors;
-    let search = |v: &[f32]| match scope {
-        Scope::File(f) => vx.search_file(f, v, n),
-        Scope::Collection(c) => vx.search_collection(c, v, n),
-    };
-    let dense = || {
+) -> Result<Vec<(u64, f32)>, RetrieveError> {
+    let chunks = app.chunks;
+    let within = scope.seam();
+    let within = &within;
+    let dense = async {
         let Some(v) = vector else {
-            return Vec::new();
+            return Ok(Vec::new());
         };
-        let first = search(v);
+        let first = chunks.dense_search(within, v, n).await?;
         if fuse.prf <= 0.0 {
-            return first;
+            return Ok(first);
         }
         let top: Vec<u64> = first.iter().take(PRF_DOCS).map(|r| r.0).collect();
-        let hits: Vec<Vec<f32>> = app
-            .store
-            .chunks(&top)
-            .unwrap_or_default()
+        let records = chunks.chunks(&top).await?;
+        let refs: Vec<ChunkRef<'_>> = records
             .iter()
-            .filter_map(|(id, c)| vx.vector(&c.file_id, *id))
+            .map(|(id, c)| (*id, c.file_id.as_str()))
             .collect();
-        search(&feedback_vector(v, &hits, fuse.prf))
+        let hits: Vec<Vec<f32>> = chunks.vectors(&refs).await?.into_iter().flatten().collect();
+        Ok::<_, RetrieveError>(
+            chunks
+                .dense_search(within, &feedback_vector(v, &hits, fuse.prf), n)
+                .await?,
+        )
     };
-    let lexical = || match scope {
-        Scope::File(f) => vx.bm25_file(f, query, n, fuse.bm25),
-        Scope::Collection(c) => vx.bm25_collection(c, query, n, fuse.bm25),
+    let lexical = async {
+        // The defaults go through the plain search, which every backend has.
+        if fuse.bm25 == bm25::Bm25Params::default() {
+            return Ok(chunks.lexical_search(within, query, n).await?);
+        }
+        chunks
+            .lexical_search_with(within, query, n, fuse.bm25)
+            .await?
+            .ok_or(RetrieveError::Bm25ParamsUnsupported)
     };
-    match mode {
-        Mode::Dense => dense(),
-        Mode::Bm25 => lexical(),
+    Ok(match mode {
+        Mode::Dense => dense.await?,
+        Mode::Bm25 => lexical.await?,
         Mode::Hybrid => {
-            let (d, l) = (dense(), lexical());
+            // Together: on a networked backend the two searches overlap.
+            let (d, l) = tokio::try_join!(dense, lexical)?;
             let mut fused = match fuse.fusion {
                 Fusion::Rrf => rrf(&d, &l, fuse.bm25_weight),
                 Fusion::Convex => convex(&d, &l, fuse.bm25_weight),
@@ -298,7 +329,7 @@ pub fn rank(
             fused.truncate(n);
             fused
         }
-    }
+    })
 }
 
 fn item_str<'a>(item: &'a Value, key: &str) -> Option<&'a str> {
@@ -339,32 +370,66 @@ fn chunk_meta(app: &Retriever<'_>, file: &FileRecord, chunk: &ChunkRecord, score
     m
 }
 
+/// File `id` when `user` may read it; `None` when it is missing or not theirs to read (the
+/// two are not told apart).
+///
+/// # Errors
+/// The storage backend failed.
+pub async fn readable_file(
+    app: &Retriever<'_>,
+    user: &User,
+    id: &str,
+) -> Result<Option<FileRecord>, RetrieveError> {
+    let Some(f) = app.meta.file(id).await? else {
+        return Ok(None);
+    };
+    Ok(access::can_read_file(app.meta, user, &f)
+        .await?
+        .then_some(f))
+}
+
+/// Collection `id` when `user` may read it; `None` when it is missing or not theirs to read.
+///
+/// # Errors
+/// The storage backend failed.
+pub async fn readable_collection(
+    app: &Retriever<'_>,
+    user: &User,
+    id: &str,
+) -> Result<Option<KnowledgeRecord>, RetrieveError> {
+    Ok(app
+        .meta
+        .knowledge(id)
+        .await?
+        .filter(|kb| access::can_read_kb(user, kb)))
+}
+
 /// A file the caller may read and that is processed, waiting (bounded) for one still
 /// being processed: asking right after an upload must not see an empty context.
+///
+/// # Errors
+/// Missing or unreadable, still processing, failed or never processed; or the storage
+/// backend failed.
 pub async fn usable_file(
     app: &Retriever<'_>,
     identity: &Identity,
     id: &str,
-) -> Result<FileRecord, ApiError> {
-    let missing = || ApiError::not_found(format!("File {id} not found"));
-    let f = app.store.file(id)?.ok_or_else(missing)?;
-    if !access::can_read_file(app.store, &identity.user, &f)? {
-        return Err(missing());
-    }
+) -> Result<FileRecord, RetrieveError> {
+    let missing = || RetrieveError::FileNotFound(id.to_string());
+    let f = readable_file(app, &identity.user, id)
+        .await?
+        .ok_or_else(missing)?;
     app.ingest
         .processed(f, app.config.rag.file_add_wait)
         .await
         .map_err(|e| match e {
             NotUsable::Gone => missing(),
-            NotUsable::StillProcessing => {
-                ApiError::new(409, format!("File {id} is still being processed"))
-            }
-            NotUsable::Failed(error) => {
-                ApiError::bad_request(format!("File {id} could not be processed: {error}"))
-            }
-            NotUsable::NotProcessed => ApiError::bad_request(format!(
-                "File {id} was uploaded with process=false and has no content"
-            )),
+            NotUsable::StillProcessing => RetrieveError::StillProcessing(id.to_string()),
+            NotUsable::Failed(error) => RetrieveError::FileFailed {
+                id: id.to_string(),
+                error,
+            },
+            NotUsable::NotProcessed => RetrieveError::NotProcessed(id.to_string()),
             NotUsable::Store(e) => e.into(),
         })
 }
@@ -381,8 +446,11 @@ impl Budget {
         Budget { left: limit, limit }
     }
 
-    /// Counts `bytes` of injected text; 413 beyond the limit.
-    pub fn take(&mut self, bytes: usize) -> Result<(), ApiError> {
+    /// Counts `bytes` of injected text.
+    ///
+    /// # Errors
+    /// [`RetrieveError::TooMuchContext`] beyond the limit.
+    pub fn take(&mut self, bytes: usize) -> Result<(), RetrieveError> {
         match self.left.checked_sub(bytes) {
             Some(left) => {
                 self.left = left;
@@ -393,22 +461,19 @@ impl Budget {
     }
 }
 
-/// The 413 for a request whose context exceeds `limit` bytes.
-pub fn too_much_context(limit: usize) -> ApiError {
-    ApiError::new(
-        413,
-        format!(
-            "Too much context for one request: the limit is {} KiB (rag.max-context-kb); \
-             attach fewer or smaller files, or use retrieval instead of full context",
-            limit / 1024
-        ),
-    )
+/// The refusal of a request whose context exceeds `limit` bytes (a 413).
+#[must_use]
+pub fn too_much_context(limit: usize) -> RetrieveError {
+    RetrieveError::TooMuchContext { limit }
 }
 
 /// Identical items (same type, id, context mode, or the same inline text) are searched and
 /// injected once; more than `max` distinct items is a 400. Repeating one item must not
 /// multiply the work or the injected text.
-pub fn distinct_items(items: &[Value], max: usize) -> Result<Vec<Value>, ApiError> {
+///
+/// # Errors
+/// [`RetrieveError::TooManyItems`].
+pub fn distinct_items(items: &[Value], max: usize) -> Result<Vec<Value>, RetrieveError> {
     use sha2::{Digest, Sha256};
     let mut seen = HashSet::new();
     let mut out = Vec::new();
@@ -430,10 +495,7 @@ pub fn distinct_items(items: &[Value], max: usize) -> Result<Vec<Value>, ApiErro
         if seen.insert(key) {
             out.push(item.clone());
             if out.len() > max {
-                return Err(ApiError::bad_request(format!(
-                    "Too many files items: at most {max} distinct items per request \
-                     (rag.max-items)"
-                )));
+                return Err(RetrieveError::TooManyItems { max });
             }
         }
     }
@@ -443,13 +505,17 @@ pub fn distinct_items(items: &[Value], max: usize) -> Result<Vec<Value>, ApiErro
 /// Retrieves sources for the `files` items of a chat request. Access is checked per item;
 /// an unreadable item is an error naming it, never silently skipped. Items must already be
 /// distinct ([`distinct_items`]); the injected text is bounded by `budget`.
+///
+/// # Errors
+/// An item is malformed, missing or unreadable, the context is over budget, the query
+/// cannot be embedded, or the storage backend failed.
 pub async fn retrieve(
     app: &Retriever<'_>,
     identity: &Identity,
     items: &[Value],
     query: &str,
     budget: &mut Budget,
-) -> Result<Vec<Source>, ApiError> {
+) -> Result<Vec<Source>, RetrieveError> {
     let cfg = &app.config.rag;
     let mode = Mode::from_config(cfg);
     let fuse = Fuse::from_config(cfg);
@@ -457,36 +523,30 @@ pub async fn retrieve(
     // will be refused.
     enum Target {
         File(FileRecord),
-        Collection(crate::store::KnowledgeRecord, Vec<FileRecord>),
+        Collection(KnowledgeRecord, Vec<FileRecord>),
         Text(String),
     }
     let full = |item: &Value| cfg.full_context || item_str(item, "context") == Some("full");
     let mut targets = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
-        let kind = item_str(item, "type")
-            .ok_or_else(|| ApiError::new(422, format!("files[{i}]: `type` is required")))?;
+        let missing = |message| RetrieveError::MissingField { index: i, message };
+        let kind = item_str(item, "type").ok_or_else(|| missing("`type` is required"))?;
         let target = match kind {
             "file" => {
-                let id = item_str(item, "id")
-                    .ok_or_else(|| ApiError::new(422, format!("files[{i}]: `id` is required")))?;
+                let id = item_str(item, "id").ok_or_else(|| missing("`id` is required"))?;
                 Target::File(usable_file(app, identity, id).await?)
             }
             "collection" => {
-                let id = item_str(item, "id")
-                    .ok_or_else(|| ApiError::new(422, format!("files[{i}]: `id` is required")))?;
-                let kb = app
-                    .store
-                    .knowledge(id)?
-                    .filter(|kb| access::can_read_kb(&identity.user, kb))
-                    .ok_or_else(|| {
-                        ApiError::not_found(format!("Knowledge collection {id} not found"))
-                    })?;
+                let id = item_str(item, "id").ok_or_else(|| missing("`id` is required"))?;
+                let kb = readable_collection(app, &identity.user, id)
+                    .await?
+                    .ok_or_else(|| RetrieveError::CollectionNotFound(id.to_string()))?;
                 // Only full context needs the collection's file records: reading them for a
                 // search cost one store read per file (5,000 abstracts: several ms per request).
                 let mut files = Vec::new();
                 if full(item) {
-                    for f in app.store.knowledge_files(&kb.id)? {
-                        if let Some(rec) = app.store.file(&f)? {
+                    for f in app.meta.knowledge_files(&kb.id).await? {
+                        if let Some(rec) = app.meta.file(&f).await? {
                             files.push(rec);
                         }
                     }
@@ -494,16 +554,18 @@ pub async fn retrieve(
                 Target::Collection(kb, files)
             }
             "text" => {
-                let content = item.get("content").and_then(Value::as_str).ok_or_else(|| {
-                    ApiError::new(422, format!("files[{i}]: a text item needs `content`"))
-                })?;
+                let content = item
+                    .get("content")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| missing("a text item needs `content`"))?;
                 budget.take(content.len())?;
                 Target::Text(content.to_string())
             }
             other => {
-                return Err(ApiError::bad_request(format!(
-                    "files[{i}]: type {other:?} is not supported (use file, collection or text)"
-                )));
+                return Err(RetrieveError::UnsupportedType {
+                    index: i,
+                    kind: other.to_string(),
+                });
             }
         };
         targets.push(target);
@@ -521,19 +583,8 @@ pub async fn retrieve(
         None
     };
 
-    let search = |item: &Value, scope: Scope| {
-        let limits = Limits::new(cfg.top_k, cfg.relevance_threshold);
-        search(
-            app,
-            echo(item),
-            scope,
-            query,
-            vector.as_deref(),
-            mode,
-            fuse,
-            limits,
-        )
-    };
+    let limits = Limits::new(cfg.top_k, cfg.relevance_threshold);
+    let vector = vector.as_deref();
     let mut sources = Vec::with_capacity(targets.len());
     for (item, target) in items.iter().zip(&targets) {
         let source = match (target, full(item)) {
@@ -546,10 +597,18 @@ pub async fn retrieve(
                 })],
                 distances: vec![1.0],
             },
-            (Target::File(f), true) => whole_files(app, item, std::slice::from_ref(f), budget)?,
-            (Target::Collection(_, files), true) => whole_files(app, item, files, budget)?,
-            (Target::File(f), false) => search(item, Scope::File(&f.id))?,
-            (Target::Collection(kb, _), false) => search(item, Scope::Collection(&kb.id))?,
+            (Target::File(f), true) => {
+                whole_files(app, item, std::slice::from_ref(f), budget).await?
+            }
+            (Target::Collection(_, files), true) => whole_files(app, item, files, budget).await?,
+            (Target::File(f), false) => {
+                let scope = Scope::File(&f.id);
+                search(app, echo(item), scope, query, vector, mode, fuse, limits).await?
+            }
+            (Target::Collection(kb, _), false) => {
+                let scope = Scope::Collection(&kb.id);
+                search(app, echo(item), scope, query, vector, mode, fuse, limits).await?
+            }
         };
         if !matches!(target, Target::Text(_)) && !full(item) {
             budget.take(source.document.iter().map(String::len).sum())?;
@@ -560,26 +619,32 @@ pub async fn retrieve(
 }
 
 /// The query's embedding, as every search of chat and the retrieval API gets it.
-pub async fn embed_query(app: &Retriever<'_>, query: &str) -> Result<Option<Vec<f32>>, ApiError> {
+///
+/// # Errors
+/// The embedding engine is unavailable or failed.
+pub async fn embed_query(
+    app: &Retriever<'_>,
+    query: &str,
+) -> Result<Option<Vec<f32>>, RetrieveError> {
     let embedder = app
         .ingest
         .embedder
         .as_ref()
-        .map_err(|e| ApiError::new(503, format!("Embedding engine unavailable: {e}")))?;
+        .map_err(|e| RetrieveError::EmbedderUnavailable(e.to_string()))?;
     let mut v = embedder
         .embed(vec![query.to_string()])
         .await
-        .map_err(|e| ApiError::new(502, format!("Embedding the query failed: {e}")))?;
+        .map_err(|e| RetrieveError::EmbedFailed(e.to_string()))?;
     Ok(v.pop())
 }
 
 /// Whole documents for `context: "full"`.
-fn whole_files(
+async fn whole_files(
     app: &Retriever<'_>,
     item: &Value,
     files: &[FileRecord],
     budget: &mut Budget,
-) -> Result<Source, ApiError> {
+) -> Result<Source, RetrieveError> {
     let mut s = Source {
         source: echo(item),
         document: Vec::new(),
@@ -590,7 +655,7 @@ fn whole_files(
         .iter()
         .filter(|f| f.status == Some(FileStatus::Completed))
     {
-        if let Some(text) = app.store.file_text(&f.id)? {
+        if let Some(text) = app.meta.file_text(&f.id).await? {
             budget.take(text.len())?;
             s.document.push(text);
             s.metadata.push(json!({
@@ -625,33 +690,36 @@ impl Limits {
 
 /// Searches one file or collection: the ranking, de-duplication and scoring of chat's
 /// retrieval, and of the retrieval API, which calls this same function.
+///
+/// # Errors
+/// See [`rank`]; or the storage backend failed reading the chunks.
 #[allow(clippy::too_many_arguments)]
-pub fn search(
+pub async fn search(
     app: &Retriever<'_>,
     source: Value,
-    scope: Scope,
+    scope: Scope<'_>,
     query: &str,
     vector: Option<&[f32]>,
     mode: Mode,
     fuse: Fuse,
     limits: Limits,
-) -> Result<Source, ApiError> {
-    let ranked = rank(app, scope, query, vector, mode, fuse, limits.candidates);
-    select(app, source, ranked, vector, limits, fuse.file_weight)
+) -> Result<Source, RetrieveError> {
+    let ranked = rank(app, scope, query, vector, mode, fuse, limits.candidates).await?;
+    select(app, source, ranked, vector, limits, fuse.file_weight).await
 }
 
 /// Top `k` distinct chunk texts of a ranking, scored by cosine to the query when known,
 /// filtered by the relevance threshold.
-fn select(
+async fn select(
     app: &Retriever<'_>,
     source: Value,
     ranked: Vec<(u64, f32)>,
     vector: Option<&[f32]>,
     limits: Limits,
     file_weight: f32,
-) -> Result<Source, ApiError> {
+) -> Result<Source, RetrieveError> {
     let ids: Vec<u64> = ranked.iter().map(|r| r.0).collect();
-    let mut chunks = app.store.chunks(&ids)?;
+    let mut chunks = app.chunks.chunks(&ids).await?;
     let ranked = if file_weight > 0.0 {
         let file_of: HashMap<u64, String> = chunks
             .iter()
@@ -664,6 +732,18 @@ fn select(
     } else {
         ranked
     };
+    // Every candidate's cosine in one call: a networked backend answers in one round trip,
+    // the embedded one scores in place.
+    let cosines = match vector {
+        Some(q) => {
+            let refs: Vec<ChunkRef<'_>> = chunks
+                .iter()
+                .map(|(id, c)| (*id, c.file_id.as_str()))
+                .collect();
+            app.chunks.similarities(q, &refs).await?
+        }
+        None => Vec::new(),
+    };
     let mut files: HashMap<String, Option<FileRecord>> = HashMap::new();
     let mut seen: HashSet<String> = HashSet::new();
     let mut s = Source {
@@ -672,16 +752,12 @@ fn select(
         metadata: Vec::new(),
         distances: Vec::new(),
     };
-    for (id, chunk) in chunks {
+    for (i, (id, chunk)) in chunks.into_iter().enumerate() {
         if s.document.len() >= limits.k {
             break;
         }
         let score = match vector {
-            Some(q) => app
-                .vectors
-                .vector(&chunk.file_id, id)
-                .map(|v| crate::index::dot(q, &v))
-                .unwrap_or(0.0),
+            Some(_) => cosines.get(i).copied().flatten().unwrap_or(0.0),
             None => ranked.iter().find(|r| r.0 == id).map_or(0.0, |r| r.1),
         };
         if vector.is_some() && score < limits.threshold {
@@ -690,14 +766,14 @@ fn select(
         if !seen.insert(chunk.text.clone()) {
             continue;
         }
-        let file = match files.entry(chunk.file_id.clone()) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+        if !files.contains_key(&chunk.file_id) {
             // A failing store is an error, not a file deleted meanwhile.
-            std::collections::hash_map::Entry::Vacant(e) => {
-                e.insert(app.store.file(&chunk.file_id)?)
-            }
+            let record = app.meta.file(&chunk.file_id).await?;
+            files.insert(chunk.file_id.clone(), record);
+        }
+        let Some(Some(file)) = files.get(&chunk.file_id) else {
+            continue;
         };
-        let Some(file) = file else { continue };
         s.metadata.push(chunk_meta(app, file, &chunk, score));
         s.document.push(chunk.text);
         s.distances.push(score);

@@ -14,8 +14,8 @@ use async_trait::async_trait;
 use tokio::sync::broadcast;
 
 use super::{
-    Blobs, Chunks, Counters, Hit, Job, Metadata, Result, Retry, SIGNAL_CAPACITY, Scope, Signal,
-    Signals, Storage, StorageError, UserChange, WorkQueue, check_key,
+    Blobs, ChunkRef, Chunks, Counters, Hit, Job, Metadata, Result, Retry, SIGNAL_CAPACITY, Scope,
+    Signal, Signals, Storage, StorageError, UserChange, WorkQueue, check_key,
 };
 use crate::ingest::vectors::VectorStore;
 use crate::rag::bm25::{Bm25Params, TermCounts};
@@ -74,6 +74,21 @@ impl Embedded {
         self.leases
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// BM25 over the scope's collections and files, merged.
+    fn bm25(&self, scope: &Scope, query: &str, k: usize, params: Bm25Params) -> Vec<Hit> {
+        let lists = scope
+            .collections
+            .iter()
+            .map(|kb| self.index.bm25_collection(kb, query, k, params))
+            .chain(
+                scope
+                    .files
+                    .iter()
+                    .map(|f| self.index.bm25_file(f, query, k, params)),
+            );
+        merge(lists.collect::<Vec<_>>(), k)
     }
 
     /// Whether `job` still holds its lease.
@@ -271,7 +286,14 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
 }
 
 /// Merges per-collection and per-file hit lists: best score per chunk, best first.
-fn merge(lists: impl IntoIterator<Item = Vec<Hit>>, k: usize) -> Vec<Hit> {
+fn merge(mut lists: Vec<Vec<Hit>>, k: usize) -> Vec<Hit> {
+    // One file or one collection (every chat and retrieval-API search): the index's list
+    // is already best first and holds each chunk once.
+    if lists.len() == 1 {
+        let mut hits = lists.pop().unwrap_or_default();
+        hits.truncate(k);
+        return hits;
+    }
     let mut best: HashMap<u64, f32> = HashMap::new();
     for (id, score) in lists.into_iter().flatten() {
         let e = best.entry(id).or_insert(score);
@@ -351,20 +373,34 @@ impl Chunks for Embedded {
         Ok(merge(lists.collect::<Vec<_>>(), k))
     }
     async fn lexical_search(&self, scope: &Scope, query: &str, k: usize) -> Result<Vec<Hit>> {
-        let lists = scope
-            .collections
+        Ok(self.bm25(scope, query, k, Bm25Params::default()))
+    }
+
+    // Retrieval.
+    async fn similarities(
+        &self,
+        query: &[f32],
+        chunks: &[ChunkRef<'_>],
+    ) -> Result<Vec<Option<f32>>> {
+        Ok(chunks
             .iter()
-            .map(|kb| {
-                self.index
-                    .bm25_collection(kb, query, k, Bm25Params::default())
-            })
-            .chain(
-                scope
-                    .files
-                    .iter()
-                    .map(|f| self.index.bm25_file(f, query, k, Bm25Params::default())),
-            );
-        Ok(merge(lists.collect::<Vec<_>>(), k))
+            .map(|(id, file)| self.index.similarity(file, *id, query))
+            .collect())
+    }
+    async fn vectors(&self, chunks: &[ChunkRef<'_>]) -> Result<Vec<Option<Vec<f32>>>> {
+        Ok(chunks
+            .iter()
+            .map(|(id, file)| self.index.vector(file, *id))
+            .collect())
+    }
+    async fn lexical_search_with(
+        &self,
+        scope: &Scope,
+        query: &str,
+        k: usize,
+        params: Bm25Params,
+    ) -> Result<Option<Vec<Hit>>> {
+        Ok(Some(self.bm25(scope, query, k, params)))
     }
 
     // --- migrate slice ---

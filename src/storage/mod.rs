@@ -24,6 +24,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+use crate::rag::bm25::Bm25Params;
 use crate::store::{
     ApiKeyRecord, ChunkRecord, FileRecord, FileStatus, KnowledgeRecord, PresetRecord,
     PresetRefusal, StoreError, UsageCounts, UsageKey, User,
@@ -222,7 +223,33 @@ pub trait Chunks: Send + Sync {
         chunks: &[(u64, ChunkRecord)],
         vectors: &[Vec<f32>],
     ) -> Result<()>;
+    // Retrieval: what scoring and ranking variants read besides the searches.
+
+    /// Cosine similarity of `query` to each chunk's vector, in the order asked; `None` for
+    /// a chunk that has no vector (deleted meanwhile) or one of another dimension. Scores
+    /// are computed where the vectors are, so no vector is copied out for it.
+    async fn similarities(
+        &self,
+        query: &[f32],
+        chunks: &[ChunkRef<'_>],
+    ) -> Result<Vec<Option<f32>>>;
+    /// The vectors of these chunks, in the order asked; `None` for a chunk without one.
+    async fn vectors(&self, chunks: &[ChunkRef<'_>]) -> Result<Vec<Option<Vec<f32>>>>;
+    /// [`Chunks::lexical_search`] with BM25's `k1` and `b` set (`ragway eval` compares
+    /// them). `None` from a backend whose lexical ranking is not BM25 (PostgreSQL ranks
+    /// with `ts_rank_cd`): the caller says so rather than measure the defaults.
+    async fn lexical_search_with(
+        &self,
+        scope: &Scope,
+        query: &str,
+        k: usize,
+        params: Bm25Params,
+    ) -> Result<Option<Vec<Hit>>>;
 }
+
+/// A chunk id with the file it belongs to (its [`ChunkRecord::file_id`]): a backend that
+/// keeps vectors per file finds them without another read; others need only the id.
+pub type ChunkRef<'a> = (u64, &'a str);
 
 /// A claimed job: the file to process, how many times it was claimed (this one included)
 /// and the lease's token (a lease taken over by someone else no longer matches).

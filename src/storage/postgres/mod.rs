@@ -24,8 +24,8 @@ use tokio_postgres::types::{FromSql, IsNull, Json, ToSql, Type, to_sql_checked};
 use tokio_postgres::{AsyncMessage, NoTls};
 
 use super::{
-    Blobs, Chunks, Counters, Hit, Job, Metadata, Result, Retry, SIGNAL_CAPACITY, Scope, Signal,
-    Signals, Storage, StorageError, UserChange, WorkQueue, check_key,
+    Blobs, ChunkRef, Chunks, Counters, Hit, Job, Metadata, Result, Retry, SIGNAL_CAPACITY, Scope,
+    Signal, Signals, Storage, StorageError, UserChange, WorkQueue, check_key,
 };
 use crate::rag::bm25::{Bm25Params, TermCounts};
 use crate::store::{
@@ -36,12 +36,12 @@ use crate::store::{
 /// Versioned migrations, applied in order; never edit one that shipped, add the next.
 const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "init", include_str!("migrations/0001_init.sql")),
+    (2, "presets", include_str!("migrations/0002_presets.sql")),
     (
         6,
         "bm25_terms",
         include_str!("migrations/0006_bm25_terms.sql"),
     ),
-    (2, "presets", include_str!("migrations/0002_presets.sql")),
 ];
 
 /// Advisory lock key serialising migrations (and index creation) across replicas:
@@ -1390,51 +1390,69 @@ impl Chunks for Pg {
     }
 
     async fn lexical_search(&self, scope: &Scope, query: &str, k: usize) -> Result<Vec<Hit>> {
-        let mut terms = crate::rag::bm25::terms(query);
-        terms.sort();
-        terms.dedup();
-        terms.truncate(MAX_QUERY_TERMS);
-        if terms.is_empty() || k == 0 || (scope.files.is_empty() && scope.collections.is_empty()) {
-            return Ok(Vec::new());
+        self.bm25(scope, query, k, Bm25Params::default()).await
+    }
+
+    // Retrieval.
+    async fn similarities(
+        &self,
+        query: &[f32],
+        chunks: &[ChunkRef<'_>],
+    ) -> Result<Vec<Option<f32>>> {
+        if chunks.is_empty() || query.is_empty() {
+            return Ok(vec![None; chunks.len()]);
         }
-        // Okapi BM25 exactly as the embedded index scores (`Bm25Index::search_with`): the
-        // same terms, statistics (chunk count, mean length, document frequency) over the
-        // scope, the "plus one" IDF, and ties by id.
-        let Bm25Params { k1, b } = Bm25Params::default();
+        let wanted: Vec<i64> = chunks.iter().map(|c| to_i64(c.0)).collect();
+        let dim = i32::try_from(query.len()).unwrap_or(i32::MAX);
+        // `<#>` is the negated inner product: the embedded backend's score exactly (cosine
+        // for the unit vectors ragway stores). CASE keeps another dimension from erroring.
         let rows = self
             .client()
             .await?
             .query(
-                &format!(
-                    "{SCOPE_CTE},
-                     sc AS (SELECT c.id, c.term_len FROM chunks c JOIN scope s ON s.file_id = c.file_id
-                            WHERE c.term_len IS NOT NULL),
-                     stats AS (SELECT count(*)::float8 AS n,
-                                      GREATEST(COALESCE(avg(term_len)::float8, 1), 1) AS avgdl FROM sc),
-                     m AS (SELECT t.term, t.chunk_id, t.tf::float8 AS tf, sc.term_len::float8 AS dl
-                           FROM chunk_terms t JOIN sc ON sc.id = t.chunk_id
-                           WHERE t.term = ANY($3::text[])),
-                     df AS (SELECT term, count(*)::float8 AS df FROM m GROUP BY term)
-                     SELECT m.chunk_id, sum(
-                         ln((stats.n - df.df + 0.5) / (df.df + 0.5) + 1)
-                         * m.tf * ($5::float8 + 1)
-                         / (m.tf + $5::float8 * (1 - $6::float8 + $6::float8 * m.dl / stats.avgdl))
-                     )::float4 AS score
-                     FROM m JOIN df ON df.term = m.term, stats
-                     GROUP BY m.chunk_id
-                     ORDER BY score DESC, m.chunk_id LIMIT $4"
-                ),
-                &[
-                    &scope.files,
-                    &scope.collections,
-                    &terms,
-                    &to_i64(k as u64),
-                    &f64::from(k1),
-                    &f64::from(b),
-                ],
+                "SELECT id, CASE WHEN vector_dims(embedding) = $3
+                     THEN (-(embedding <#> $2))::float4 END
+                 FROM chunks WHERE id = ANY($1)",
+                &[&wanted, &PgVector(query), &dim],
             )
             .await?;
-        Ok(rows.iter().map(|r| (to_u64(r.get(0)), r.get(1))).collect())
+        let by_id: std::collections::HashMap<u64, Option<f32>> =
+            rows.iter().map(|r| (to_u64(r.get(0)), r.get(1))).collect();
+        Ok(chunks
+            .iter()
+            .map(|c| by_id.get(&c.0).copied().flatten())
+            .collect())
+    }
+
+    async fn vectors(&self, chunks: &[ChunkRef<'_>]) -> Result<Vec<Option<Vec<f32>>>> {
+        if chunks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let wanted: Vec<i64> = chunks.iter().map(|c| to_i64(c.0)).collect();
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT id, embedding FROM chunks WHERE id = ANY($1)",
+                &[&wanted],
+            )
+            .await?;
+        let by_id: std::collections::HashMap<u64, Vec<f32>> = rows
+            .iter()
+            .map(|r| (to_u64(r.get(0)), r.get::<_, OwnedVector>(1).0))
+            .collect();
+        // Cloned, not moved out: an id asked twice gets its vector twice.
+        Ok(chunks.iter().map(|c| by_id.get(&c.0).cloned()).collect())
+    }
+
+    async fn lexical_search_with(
+        &self,
+        scope: &Scope,
+        query: &str,
+        k: usize,
+        params: Bm25Params,
+    ) -> Result<Option<Vec<Hit>>> {
+        Ok(Some(self.bm25(scope, query, k, params).await?))
     }
 
     // --- migrate slice ---
@@ -1532,6 +1550,63 @@ impl Chunks for Pg {
         }
         txn.commit().await?;
         Ok(())
+    }
+}
+
+impl Pg {
+    /// Okapi BM25 over the scope with the given `k1`/`b`.
+    async fn bm25(
+        &self,
+        scope: &Scope,
+        query: &str,
+        k: usize,
+        params: Bm25Params,
+    ) -> Result<Vec<Hit>> {
+        let mut terms = crate::rag::bm25::terms(query);
+        terms.sort();
+        terms.dedup();
+        terms.truncate(MAX_QUERY_TERMS);
+        if terms.is_empty() || k == 0 || (scope.files.is_empty() && scope.collections.is_empty()) {
+            return Ok(Vec::new());
+        }
+        // Okapi BM25 exactly as the embedded index scores (`Bm25Index::search_with`): the
+        // same terms, statistics (chunk count, mean length, document frequency) over the
+        // scope, the "plus one" IDF, and ties by id.
+        let Bm25Params { k1, b } = params;
+        let rows = self
+            .client()
+            .await?
+            .query(
+                &format!(
+                    "{SCOPE_CTE},
+                     sc AS (SELECT c.id, c.term_len FROM chunks c JOIN scope s ON s.file_id = c.file_id
+                            WHERE c.term_len IS NOT NULL),
+                     stats AS (SELECT count(*)::float8 AS n,
+                                      GREATEST(COALESCE(avg(term_len)::float8, 1), 1) AS avgdl FROM sc),
+                     m AS (SELECT t.term, t.chunk_id, t.tf::float8 AS tf, sc.term_len::float8 AS dl
+                           FROM chunk_terms t JOIN sc ON sc.id = t.chunk_id
+                           WHERE t.term = ANY($3::text[])),
+                     df AS (SELECT term, count(*)::float8 AS df FROM m GROUP BY term)
+                     SELECT m.chunk_id, sum(
+                         ln((stats.n - df.df + 0.5) / (df.df + 0.5) + 1)
+                         * m.tf * ($5::float8 + 1)
+                         / (m.tf + $5::float8 * (1 - $6::float8 + $6::float8 * m.dl / stats.avgdl))
+                     )::float4 AS score
+                     FROM m JOIN df ON df.term = m.term, stats
+                     GROUP BY m.chunk_id
+                     ORDER BY score DESC, m.chunk_id LIMIT $4"
+                ),
+                &[
+                    &scope.files,
+                    &scope.collections,
+                    &terms,
+                    &to_i64(k as u64),
+                    &f64::from(k1),
+                    &f64::from(b),
+                ],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| (to_u64(r.get(0)), r.get(1))).collect())
     }
 }
 
