@@ -199,6 +199,8 @@ pub struct RagFile {
     pub bm25_weight: Option<f32>,
     /// `rrf` (reciprocal rank) or `convex` (weighted normalised scores).
     pub fusion: Option<String>,
+    /// Carry each document's title into its chunks' embedded and BM25-indexed text.
+    pub title_in_chunks: Option<bool>,
     /// Prompt template with `{{CONTEXT}}` and `{{QUERY}}`.
     pub template: Option<String>,
     /// Put the context in the system message instead of the last user message.

@@ -104,6 +104,8 @@ pub struct AuthConfig {
 pub const DEFAULT_HYBRID: bool = true;
 pub const DEFAULT_BM25_WEIGHT: f32 = 0.5;
 pub const DEFAULT_FUSION: &str = "convex";
+/// `rag.title-in-chunks`: see the README's "Ranking beyond plain hybrid" for the measurement.
+pub const DEFAULT_TITLE_IN_CHUNKS: bool = false;
 
 /// Which engine computes embeddings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,6 +163,9 @@ pub struct RagConfig {
     pub hybrid: bool,
     pub bm25_weight: f32,
     pub fusion: Fusion,
+    /// The document's title (first line or file name) leads each chunk's embedded and
+    /// indexed text (`rag.title-in-chunks`); the stored and injected text is unchanged.
+    pub title_in_chunks: bool,
     pub template: String,
     pub system_context: bool,
     pub full_context: bool,
@@ -1083,6 +1088,7 @@ fn rag_config(
             "rag.fusion: {fusion_name:?} is not rrf, convex, minmax or zscore"
         ));
     };
+    let title_in_chunks = r.title_in_chunks.unwrap_or(DEFAULT_TITLE_IN_CHUNKS);
     let mut template = r
         .template
         .unwrap_or_else(|| DEFAULT_RAG_TEMPLATE.to_string());
@@ -1140,6 +1146,7 @@ fn rag_config(
             hybrid,
             bm25_weight,
             fusion,
+            title_in_chunks,
             template,
             system_context,
             full_context,

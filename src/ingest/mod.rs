@@ -80,6 +80,8 @@ pub struct Ingest {
     inline_waiting: AtomicUsize,
     /// Most such uploads at once (`rag.inline-queue`).
     pub inline_queue: usize,
+    /// Embed and index each chunk with its document's title (`rag.title-in-chunks`).
+    pub title_in_chunks: bool,
 }
 
 /// Longest an inline upload (`process_in_background=false`) waits for its file: after that
@@ -146,6 +148,7 @@ impl Ingest {
             permits: Arc::new(Semaphore::new(rag.workers)),
             inline_waiting: AtomicUsize::new(0),
             inline_queue: rag.inline_queue,
+            title_in_chunks: rag.title_in_chunks,
         }
     }
 
@@ -297,7 +300,7 @@ impl Ingest {
         let mut file = file;
         file.updated_at = now_secs();
         match result {
-            Ok((text, chunks, vecs, info)) => {
+            Ok((text, chunks, vecs, info, title)) => {
                 file.status = Some(FileStatus::Completed);
                 file.error = None;
                 file.hash = Some(hex::encode(Sha256::digest(text.as_bytes())));
@@ -307,7 +310,8 @@ impl Ingest {
                 let terms: Vec<String> = chunks
                     .iter()
                     .map(|c| {
-                        serde_json::to_string(&crate::rag::bm25::TermCounts::of(&c.text))
+                        let indexed = chunk::Title::apply(title.as_ref(), &c.text);
+                        serde_json::to_string(&crate::rag::bm25::TermCounts::of(&indexed))
                             .expect("json")
                     })
                     .collect();
@@ -415,7 +419,16 @@ impl Ingest {
     async fn pipeline(
         &self,
         file: &FileRecord,
-    ) -> Result<(String, Vec<ChunkRecord>, Vec<Vec<f32>>, EmbeddingInfo), String> {
+    ) -> Result<
+        (
+            String,
+            Vec<ChunkRecord>,
+            Vec<Vec<f32>>,
+            EmbeddingInfo,
+            Option<chunk::Title>,
+        ),
+        String,
+    > {
         let embedder = self.embedder.clone()?;
         let path = PathBuf::from(&file.path);
         let name = file.filename.clone();
@@ -423,6 +436,7 @@ impl Ingest {
         let cfg = self.chunking.clone();
         let options = self.extraction.clone();
         let timeout = options.timeout;
+        let titles = self.title_in_chunks;
         // With an extractor binary the child is killed at the timeout and this thread returns
         // with it; in process, a stuck parser keeps its thread, but the file fails and the
         // worker moves on (the extra second lets the child's own timeout answer first).
@@ -435,9 +449,10 @@ impl Ingest {
             )?;
             let text = doc.full_text();
             let chunks = chunk::split(&doc, &cfg);
-            Ok::<_, String>((text, chunks))
+            let title = titles.then(|| chunk::Title::of(&doc, &name)).flatten();
+            Ok::<_, String>((text, chunks, title))
         });
-        let (text, chunks) = tokio::time::timeout(timeout + Duration::from_secs(1), work)
+        let (text, chunks, title) = tokio::time::timeout(timeout + Duration::from_secs(1), work)
             .await
             .map_err(|_| format!("text extraction took longer than {}s", timeout.as_secs()))?
             .map_err(|_| "text extraction crashed".to_string())??;
@@ -445,7 +460,10 @@ impl Ingest {
             return Err("the file contains no text".into());
         }
         // Open WebUI embeds chunk text with newlines replaced by spaces.
-        let inputs: Vec<String> = chunks.iter().map(|c| c.text.replace('\n', " ")).collect();
+        let inputs: Vec<String> = chunks
+            .iter()
+            .map(|c| chunk::Title::apply(title.as_ref(), &c.text).replace('\n', " "))
+            .collect();
         let vecs = embedder.embed(inputs).await.map_err(|e| e.to_string())?;
         if vecs.len() != chunks.len() {
             return Err(format!(
@@ -471,7 +489,7 @@ impl Ingest {
             model: embedder.model().to_string(),
             dim: embedder.dim(),
         };
-        Ok((text, records, vecs, info))
+        Ok((text, records, vecs, info, title))
     }
 
     /// Waits until the file is no longer pending (or gone), at most `limit`.
