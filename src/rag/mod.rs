@@ -565,11 +565,11 @@ pub async fn embed_query(app: &Retriever<'_>, query: &str) -> Result<Option<Vec<
         .embedder
         .as_ref()
         .map_err(|e| ApiError::new(503, format!("Embedding engine unavailable: {e}")))?;
-    let mut v = embedder
-        .embed(vec![query.to_string()])
+    let v = embedder
+        .embed_query(query.to_string())
         .await
         .map_err(|e| ApiError::new(502, format!("Embedding the query failed: {e}")))?;
-    Ok(v.pop())
+    Ok(Some(v))
 }
 
 /// Whole documents for `context: "full"`.
