@@ -75,6 +75,10 @@ impl Fuse {
         Fuse {
             fusion: cfg.fusion,
             bm25_weight: cfg.bm25_weight,
+            bm25: bm25::Bm25Params {
+                k1: cfg.bm25_k1,
+                b: cfg.bm25_b,
+            },
             ..Fuse::default()
         }
     }
