@@ -14,6 +14,7 @@ mod files;
 mod limits;
 mod multipart_prop;
 mod presets;
+mod quality;
 mod support;
 mod ui;
 mod users;
