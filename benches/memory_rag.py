@@ -13,7 +13,10 @@ latency: builds a collection of CHUNKS (default 10,000) short chunks through the
 plus knowledge add; the data dir is kept in $RAG_BENCH_DIR, default /tmp/ragway-rag-bench, and
 reused by later runs), then sends PAIRS (default 60) interleaved pairs of the same chat request
 with and without `files` to a fake Ollama upstream and prints the median of the differences
-with the load average.
+with the load average. With RAG_BENCH_EXISTING=1 the data dir in $RAG_BENCH_DIR/data is used
+as it is (e.g. a copy of a `ragway eval --data-dir` collection, with an admin added by
+`ragway user add --role admin --email admin@example.com --password pw-123456`) and its
+largest collection is searched.
 """
 
 import http.client
@@ -281,7 +284,8 @@ def latency():
     toml = (f"[[ollama]]\nurl = \"{up}\"\n[embedding]\nsessions = {sessions}\n"
             f"[rag]\nchunk-size = 300\nchunk-overlap = 0\n")
     marker = os.path.join(base, f"built-{chunks}")
-    fresh = not os.path.exists(marker)
+    existing = os.environ.get("RAG_BENCH_EXISTING") == "1"
+    fresh = not existing and not os.path.exists(marker)
     if fresh:
         shutil.rmtree(base, ignore_errors=True)
     srv = Server(base, toml)
@@ -304,8 +308,14 @@ def latency():
             with open(marker, "w") as f:
                 f.write(kb["id"])
             print(f"collection of {files} files built through the API in {time.time() - t:.0f} s")
-        with open(marker) as f:
-            kb_id = f.read().strip()
+        if existing:
+            st, kbs = srv.request("GET", "/api/v1/knowledge/")
+            items = kbs.get("items", []) if isinstance(kbs, dict) else kbs
+            assert st == 200 and items, kbs
+            kb_id = items[0]["id"]
+        else:
+            with open(marker) as f:
+                kb_id = f.read().strip()
         st, v = srv.request("GET", f"/api/v1/knowledge/{kb_id}")
         assert st == 200, v
         conn = srv.conn()

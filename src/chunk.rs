@@ -129,6 +129,106 @@ pub fn split(doc: &Document, cfg: &ChunkConfig) -> Vec<Chunk> {
     }
 }
 
+/// Longest document title carried into each chunk, in characters: a title, not a paragraph.
+pub const MAX_TITLE_CHARS: usize = 200;
+
+/// A document's title for contextual chunk headers (`rag.title-in-chunks`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Title {
+    /// The title as carried into chunks.
+    pub text: String,
+    /// The line of the document it came from (`None` for a file name): a chunk that starts
+    /// with it already carries the title.
+    line: Option<String>,
+}
+
+impl Title {
+    /// The title of `doc`: a leading Markdown heading, or a first line that stands alone
+    /// (followed by a blank line) as titles of plain-text documents do; otherwise the file
+    /// name without its extension, unless that reads as an identifier (`MED-10.txt`,
+    /// a UUID), which would tell the ranking nothing. Only the start of the first page is read.
+    pub fn of(doc: &Document, filename: &str) -> Option<Title> {
+        doc.pages
+            .iter()
+            .find(|p| !p.text.trim().is_empty())
+            .and_then(|p| first_line_title(&p.text))
+            .or_else(|| filename_title(filename))
+    }
+
+    /// The text a chunk is embedded and indexed by: the title, a line break and the chunk,
+    /// or the chunk alone when it begins with the title line.
+    pub fn apply<'a>(title: Option<&Title>, chunk: &'a str) -> std::borrow::Cow<'a, str> {
+        match title {
+            Some(t) if !t.line.as_deref().is_some_and(|l| chunk.starts_with(l)) => {
+                std::borrow::Cow::Owned(format!("{}\n{chunk}", t.text))
+            }
+            _ => std::borrow::Cow::Borrowed(chunk),
+        }
+    }
+}
+
+fn first_line_title(text: &str) -> Option<Title> {
+    let text = text.trim_start();
+    // Bounded look-ahead: a huge single-line document is not scanned for its line end.
+    let head = &text[..floor_char_boundary(text, MAX_TITLE_CHARS * 4 + 2)];
+    let (line, rest) = head.split_once('\n')?;
+    let line = line.trim_end_matches('\r');
+    let words = line.trim();
+    if words.is_empty() || words.chars().count() > MAX_TITLE_CHARS {
+        return None;
+    }
+    let title = match header_level(line) {
+        Some(_) => words.trim_start_matches('#').trim(),
+        None => {
+            let next = rest.split('\n').next().unwrap_or_default();
+            if !next.trim().is_empty() || rest.is_empty() {
+                return None;
+            }
+            words
+        }
+    };
+    title.chars().any(char::is_alphabetic).then(|| Title {
+        text: title.to_owned(),
+        line: Some(line.to_owned()),
+    })
+}
+
+fn filename_title(filename: &str) -> Option<Title> {
+    let base = filename.rsplit(['/', '\\']).next().unwrap_or(filename);
+    let stem = base.rsplit_once('.').map_or(base, |(s, _)| s).trim();
+    if stem.is_empty() || stem.chars().count() > MAX_TITLE_CHARS {
+        return None;
+    }
+    let words: Vec<&str> = stem
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .collect();
+    let alphabetic = words
+        .iter()
+        .filter(|w| w.chars().all(char::is_alphabetic))
+        .count();
+    // Two words, or one word with nothing else: a name a person gave. One word next to
+    // numbers or letter-digit runs: an identifier.
+    if alphabetic >= 2 || (alphabetic == 1 && words.len() == 1) {
+        Some(Title {
+            text: stem.replace(['_', '-'], " "),
+            line: None,
+        })
+    } else {
+        None
+    }
+}
+
+fn floor_char_boundary(s: &str, mut i: usize) -> usize {
+    if i >= s.len() {
+        return s.len();
+    }
+    while !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
 fn split_with<S: ChunkSizer>(
     doc: &Document,
     markdown_headers: bool,
@@ -388,6 +488,93 @@ mod tests {
                 .collect(),
             kind: "text",
         }
+    }
+
+    fn title(pages: &[&str], name: &str) -> Option<String> {
+        Title::of(&doc(pages), name).map(|t| t.text)
+    }
+
+    #[test]
+    fn title_is_a_heading_or_a_standalone_first_line() {
+        let abs = "Statin Use and Breast Cancer Survival\n\nRecent studies have suggested...";
+        assert_eq!(
+            title(&[abs], "MED-10.txt").as_deref(),
+            Some("Statin Use and Breast Cancer Survival")
+        );
+        assert_eq!(
+            title(&["\n  # Install guide\nRun it."], "x.md").as_deref(),
+            Some("Install guide")
+        );
+        // A first line running into the next is the start of the text, not a title.
+        assert_eq!(
+            title(
+                &["SYNOPSIS\ngcloud beta dns\n\nmore"],
+                "gcloud_beta_dns.txt"
+            )
+            .as_deref(),
+            Some("gcloud beta dns")
+        );
+        // Too long, no letters, or a single line: no line title.
+        let long = format!("{}\n\nbody", "word ".repeat(60));
+        assert_eq!(title(&[&long], "MED-1.txt"), None);
+        assert_eq!(title(&["1234\n\nbody"], "a1b2c3.txt"), None);
+        assert_eq!(
+            title(&["only one line"], "notes.txt").as_deref(),
+            Some("notes")
+        );
+        // Blank leading pages are skipped.
+        assert_eq!(
+            title(&["", "Title\n\nbody"], "x1.pdf").as_deref(),
+            Some("Title")
+        );
+    }
+
+    #[test]
+    fn file_names_that_read_as_identifiers_are_no_title() {
+        for id in [
+            "MED-10.txt",
+            "3f2a9c1e-7b44-4c1a-9d2e-0c5b8a6f1e22.txt",
+            "report-2024.pdf",
+            "doc42.txt",
+            ".txt",
+        ] {
+            assert_eq!(title(&["text"], id), None, "{id}");
+        }
+        assert_eq!(
+            title(&["text"], "dir/perf-timechart.txt").as_deref(),
+            Some("perf timechart")
+        );
+        assert_eq!(title(&["text"], "README").as_deref(), Some("README"));
+        assert_eq!(title(&["text"], &format!("{}.txt", "a".repeat(300))), None);
+    }
+
+    #[test]
+    fn title_leads_every_chunk_but_the_one_that_starts_with_it() {
+        let d = doc(&["Heart disease and diet\n\nFirst part.\n\nSecond part."]);
+        let t = Title::of(&d, "MED-1.txt");
+        assert_eq!(
+            Title::apply(t.as_ref(), "Heart disease and diet\n\nFirst part."),
+            "Heart disease and diet\n\nFirst part."
+        );
+        assert_eq!(
+            Title::apply(t.as_ref(), "Second part."),
+            "Heart disease and diet\nSecond part."
+        );
+        assert_eq!(Title::apply(None, "Second part."), "Second part.");
+        // A file-name title has no line in the text: every chunk gets it.
+        let named = Title::of(&doc(&["ls lists files"]), "ls-manual.txt");
+        assert_eq!(
+            Title::apply(named.as_ref(), "ls lists files"),
+            "ls manual\nls lists files"
+        );
+    }
+
+    #[test]
+    fn title_search_reads_a_bounded_prefix_of_a_huge_line() {
+        let huge = "x".repeat(5_000_000) + "\n\nbody";
+        assert_eq!(title(&[&huge], "big-file.txt").as_deref(), Some("big file"));
+        let multibyte = "é".repeat(1000) + "\n\nbody";
+        assert_eq!(title(&[&multibyte], "1.txt"), None);
     }
 
     fn chars_at(text: &str, start: usize, len: usize) -> String {

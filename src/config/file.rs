@@ -203,6 +203,11 @@ pub struct RagFile {
     pub bm25_weight: Option<f32>,
     /// `rrf` (reciprocal rank) or `convex` (weighted normalised scores).
     pub fusion: Option<String>,
+    /// Carry each document's title into its chunks' embedded and BM25-indexed text.
+    pub title_in_chunks: Option<bool>,
+    /// BM25 term-frequency saturation (k1) and length normalisation (b).
+    pub bm25_k1: Option<f32>,
+    pub bm25_b: Option<f32>,
     /// Prompt template with `{{CONTEXT}}` and `{{QUERY}}`.
     pub template: Option<String>,
     /// Put the context in the system message instead of the last user message.

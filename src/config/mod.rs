@@ -104,6 +104,11 @@ pub struct AuthConfig {
 pub const DEFAULT_HYBRID: bool = true;
 pub const DEFAULT_BM25_WEIGHT: f32 = 0.5;
 pub const DEFAULT_FUSION: &str = "convex";
+/// `rag.title-in-chunks`: see the README's "Ranking beyond plain hybrid" for the measurement.
+pub const DEFAULT_TITLE_IN_CHUNKS: bool = false;
+/// `rag.bm25-k1` and `rag.bm25-b` (measured: README "Ranking beyond plain hybrid").
+pub const DEFAULT_BM25_K1: f32 = 1.2;
+pub const DEFAULT_BM25_B: f32 = 0.75;
 
 /// Which engine computes embeddings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,6 +168,12 @@ pub struct RagConfig {
     pub hybrid: bool,
     pub bm25_weight: f32,
     pub fusion: Fusion,
+    /// The document's title (first line or file name) leads each chunk's embedded and
+    /// indexed text (`rag.title-in-chunks`); the stored and injected text is unchanged.
+    pub title_in_chunks: bool,
+    /// BM25 parameters (`rag.bm25-k1`, `rag.bm25-b`).
+    pub bm25_k1: f32,
+    pub bm25_b: f32,
     pub template: String,
     pub system_context: bool,
     pub full_context: bool,
@@ -1108,6 +1119,15 @@ fn rag_config(
             "rag.fusion: {fusion_name:?} is not rrf, convex, minmax or zscore"
         ));
     };
+    let title_in_chunks = r.title_in_chunks.unwrap_or(DEFAULT_TITLE_IN_CHUNKS);
+    let bm25_k1 = r.bm25_k1.unwrap_or(DEFAULT_BM25_K1);
+    if !(0.0..=10.0).contains(&bm25_k1) {
+        return err("rag.bm25-k1: must be between 0 and 10");
+    }
+    let bm25_b = r.bm25_b.unwrap_or(DEFAULT_BM25_B);
+    if !(0.0..=1.0).contains(&bm25_b) {
+        return err("rag.bm25-b: must be between 0 and 1");
+    }
     let mut template = r
         .template
         .unwrap_or_else(|| DEFAULT_RAG_TEMPLATE.to_string());
@@ -1166,6 +1186,9 @@ fn rag_config(
             hybrid,
             bm25_weight,
             fusion,
+            title_in_chunks,
+            bm25_k1,
+            bm25_b,
             template,
             system_context,
             full_context,
@@ -1489,5 +1512,37 @@ mod tests {
         assert!(e.contains("embedding.sessions") && e.contains("64"), "{e}");
         let e = bad("[rag]\nworkers = 100000\n");
         assert!(e.contains("rag.workers") && e.contains("256"), "{e}");
+    }
+
+    #[test]
+    fn ranking_keys_have_measured_defaults_and_bounds() {
+        let c = build(file(""), &env(&[]), &Overrides::default()).unwrap();
+        assert_eq!(c.rag.title_in_chunks, DEFAULT_TITLE_IN_CHUNKS);
+        assert_eq!(
+            (c.rag.bm25_k1, c.rag.bm25_b),
+            (DEFAULT_BM25_K1, DEFAULT_BM25_B)
+        );
+        let c = build(
+            file("[rag]\ntitle-in-chunks = true\nbm25-k1 = 0.9\nbm25-b = 0.4\n"),
+            &env(&[]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert!(c.rag.title_in_chunks);
+        assert_eq!((c.rag.bm25_k1, c.rag.bm25_b), (0.9, 0.4));
+        let bad = |f: &str| {
+            build(file(f), &env(&[]), &Overrides::default())
+                .unwrap_err()
+                .to_string()
+        };
+        for (f, key) in [
+            ("[rag]\nbm25-k1 = 11.0\n", "rag.bm25-k1"),
+            ("[rag]\nbm25-k1 = nan\n", "rag.bm25-k1"),
+            ("[rag]\nbm25-b = -0.1\n", "rag.bm25-b"),
+            ("[rag]\nbm25-b = 1.5\n", "rag.bm25-b"),
+        ] {
+            let e = bad(f);
+            assert!(e.contains(key), "{f}: {e}");
+        }
     }
 }

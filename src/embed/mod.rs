@@ -131,6 +131,11 @@ pub trait Embedder: Send + Sync {
     fn dim(&self) -> usize;
     /// Embeds texts, L2-normalised, in input order. Batches internally.
     async fn embed(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, EmbedError>;
+    /// Embeds one search query. An engine that queues work serves it ahead of bulk batches
+    /// (chat waits on it; an upload can wait a little longer).
+    async fn embed_query(&self, text: String) -> Result<Vec<f32>, EmbedError> {
+        Ok(self.embed(vec![text]).await?.pop().unwrap_or_default())
+    }
 }
 
 /// Scales `v` to unit length in place. A zero vector stays zero (rather than becoming NaN).

@@ -9,6 +9,7 @@
 //! pool of sessions, each with one intra-op thread; every batch checks one out.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 use futures_util::StreamExt;
@@ -156,16 +157,31 @@ impl ModelIo {
 }
 
 /// A fixed set of sessions handed out one at a time; waits (blocking) when all are busy.
+/// Queries go first: a batch leaves a returned session to a waiting query, so a chat query
+/// waits for the inference running now (at most [`MAX_BATCH_CELLS`] of work), not for the
+/// rest of an upload's batch.
 struct SessionPool {
     idle: Mutex<Vec<Session>>,
     returned: Condvar,
+    /// Queries waiting in [`SessionPool::checkout`]; changed only under the `idle` lock.
+    queries_waiting: AtomicUsize,
 }
 
 impl SessionPool {
-    fn checkout(&self) -> PooledSession<'_> {
+    fn checkout(&self, query: bool) -> PooledSession<'_> {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        if query {
+            self.queries_waiting.fetch_add(1, Ordering::Relaxed);
+        }
         loop {
-            if let Some(session) = idle.pop() {
+            if (query || self.queries_waiting.load(Ordering::Relaxed) == 0)
+                && let Some(session) = idle.pop()
+            {
+                if query {
+                    self.queries_waiting.fetch_sub(1, Ordering::Relaxed);
+                    // Batches held back for this query may take the sessions left idle.
+                    self.returned.notify_all();
+                }
                 return PooledSession {
                     pool: self,
                     session: Some(session),
@@ -193,7 +209,9 @@ impl Drop for PooledSession<'_> {
     fn drop(&mut self) {
         if let Some(session) = self.session.take() {
             self.pool.lock().push(session);
-            self.pool.returned.notify_one();
+            // All: a batch woken while a query waits would go back to sleep with the session
+            // unclaimed.
+            self.pool.returned.notify_all();
         }
     }
 }
@@ -222,6 +240,8 @@ pub struct OnnxEmbedder {
     /// Bounds in-flight async batches to the number of sessions so that waiting happens here,
     /// asynchronously and in FIFO order, instead of in blocked threads of the blocking pool.
     permits: Arc<Semaphore>,
+    /// The same bound for queries, which have their own lane (see [`SessionPool`]).
+    query_permits: Arc<Semaphore>,
 }
 
 impl std::fmt::Debug for OnnxEmbedder {
@@ -338,16 +358,19 @@ impl OnnxEmbedder {
             pool: SessionPool {
                 idle: Mutex::new(pool),
                 returned: Condvar::new(),
+                queries_waiting: AtomicUsize::new(0),
             },
             sessions,
             int8,
         };
         // One real inference learns the dimension (the declared output shape may be symbolic)
         // and proves the model runs before the gateway starts serving.
-        let probe = inner.run(&["ragway"]).map_err(|e| EmbedError::Model {
-            path: model_path.clone(),
-            reason: format!("test inference failed: {e}"),
-        })?;
+        let probe = inner
+            .run(&["ragway"], false)
+            .map_err(|e| EmbedError::Model {
+                path: model_path.clone(),
+                reason: format!("test inference failed: {e}"),
+            })?;
         inner.dim = probe[0].len();
         if inner.dim == 0 {
             return Err(EmbedError::Model {
@@ -358,6 +381,7 @@ impl OnnxEmbedder {
         Ok(Self {
             inner: Arc::new(inner),
             permits: Arc::new(Semaphore::new(sessions)),
+            query_permits: Arc::new(Semaphore::new(sessions)),
         })
     }
 
@@ -376,7 +400,7 @@ impl OnnxEmbedder {
         let mut out = vec![Vec::new(); texts.len()];
         for batch in order.chunks(BATCH_SIZE) {
             let batch_texts: Vec<&str> = batch.iter().map(|&i| texts[i]).collect();
-            for (&i, v) in batch.iter().zip(self.inner.run(&batch_texts)?) {
+            for (&i, v) in batch.iter().zip(self.inner.run(&batch_texts, false)?) {
                 out[i] = v;
             }
         }
@@ -439,6 +463,14 @@ fn release_free_memory() {
     }
 }
 
+/// Whether a batch of texts of `lengths` tokens freed enough to be worth
+/// [`release_free_memory`]. A chat query (one short text) frees a few hundred KiB but would
+/// pay for malloc_trim's walk over every arena, which grows with the heap, on the request
+/// path; a batch of at least [`MAX_TOKENS`] positions is ingestion, where a trim is noise.
+fn worth_trimming(lengths: impl Iterator<Item = usize>) -> bool {
+    lengths.sum::<usize>() >= MAX_TOKENS
+}
+
 /// Splits a batch (texts of `lengths` tokens, in order) into consecutive ranges whose padded
 /// shape, rows × longest², stays within `cells`; a single text is always its own range.
 fn shape_groups(lengths: impl Iterator<Item = usize>, cells: usize) -> Vec<std::ops::Range<usize>> {
@@ -477,7 +509,7 @@ impl Inner {
     }
 
     /// Embeds one batch on a pooled session. Blocking.
-    fn run(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, EmbedError> {
+    fn run(&self, texts: &[&str], query: bool) -> Result<Vec<Vec<f32>>, EmbedError> {
         if texts.is_empty() {
             return Ok(Vec::new());
         }
@@ -492,9 +524,11 @@ impl Inner {
         // no padding either, and measured per token as cheap as batches from ~64 tokens up.
         let cells = if self.int8 { 0 } else { MAX_BATCH_CELLS };
         for group in shape_groups(encodings.iter().map(Encoding::len), cells) {
-            vectors.extend(self.run_encoded(&encodings[group])?);
+            vectors.extend(self.run_encoded(&encodings[group], query)?);
         }
-        release_free_memory();
+        if worth_trimming(encodings.iter().map(Encoding::len)) {
+            release_free_memory();
+        }
         Ok(vectors)
     }
 
@@ -526,7 +560,11 @@ impl Inner {
     }
 
     /// Runs one inference on already tokenised texts.
-    fn run_encoded(&self, encodings: &[Encoding]) -> Result<Vec<Vec<f32>>, EmbedError> {
+    fn run_encoded(
+        &self,
+        encodings: &[Encoding],
+        query: bool,
+    ) -> Result<Vec<Vec<f32>>, EmbedError> {
         let fail = |e: &dyn std::fmt::Display| EmbedError::Inference(e.to_string());
         // Pad to the longest text of this batch (zeros: [PAD] id, mask 0, type 0).
         let rows = encodings.len();
@@ -559,7 +597,7 @@ impl Inner {
             inputs.push((name.as_str().into(), tensor(types)?.into()));
         }
 
-        let mut pooled = self.pool.checkout();
+        let mut pooled = self.pool.checkout(query);
         let session = pooled.session.as_mut().expect("checked-out session");
         let outputs = session.run(inputs).map_err(|e| fail(&e))?;
         let (out_shape, hidden) = outputs[self.io.hidden.as_str()]
@@ -608,12 +646,33 @@ impl Embedder for OnnxEmbedder {
         self.inner.dim
     }
 
+    async fn embed_query(&self, text: String) -> Result<Vec<f32>, EmbedError> {
+        let permit = self
+            .query_permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|e| EmbedError::Inference(e.to_string()))?;
+        let inner = self.inner.clone();
+        let mut vectors = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            inner.run(&[text.as_str()], true)
+        })
+        .await
+        .map_err(|e| EmbedError::Inference(format!("embedding task failed: {e}")))??;
+        Ok(vectors.pop().unwrap_or_default())
+    }
+
     async fn embed(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, EmbedError> {
         if texts.is_empty() {
             return Ok(Vec::new());
         }
         let texts = Arc::new(texts);
-        let order = {
+        // One text (a query) needs no ordering: tokenising it on another thread first would
+        // add a thread hop and a second tokenisation to every RAG request.
+        let order = if texts.len() == 1 {
+            vec![0]
+        } else {
             let (inner, texts) = (self.inner.clone(), texts.clone());
             tokio::task::spawn_blocking(move || inner.token_order(&texts))
                 .await
@@ -640,7 +699,7 @@ impl Embedder for OnnxEmbedder {
                             let _permit = permit;
                             let batch_texts: Vec<&str> =
                                 batch.iter().map(|&i| texts[i].as_str()).collect();
-                            let vectors = inner.run(&batch_texts)?;
+                            let vectors = inner.run(&batch_texts, false)?;
                             Ok((batch, vectors))
                         })
                         .await
@@ -687,6 +746,58 @@ mod tests {
         let texts = ["1 2 3 4 5 6 7 8 9", "internationalization", "a"];
         assert_eq!(length_order(texts.iter().map(|t| t.len())), vec![2, 0, 1]);
         assert_eq!(e.inner.token_order(&texts), vec![2, 1, 0]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_query_waits_for_one_inference_not_for_a_whole_upload_batch() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+        let e = OnnxEmbedder::load(
+            &root.join("all-MiniLM-L6-v2"),
+            &root.join("onnxruntime/libonnxruntime.so"),
+            1,
+            "m",
+        )
+        .expect("run scripts/fetch-model.sh");
+        // One batch of 32 full-length texts: 16 inferences of 2 texts on the only session.
+        let long: Vec<String> = (0..BATCH_SIZE)
+            .map(|i| format!("chunk {i} ") + &"reactor coolant pressure valve ".repeat(80))
+            .collect();
+        let upload = tokio::spawn({
+            let e = e.clone();
+            async move { e.embed(long).await }
+        });
+        // Let the upload take the session first (if it has not, the query simply goes first).
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let q = e
+            .embed_query("backup reactor pressure".into())
+            .await
+            .unwrap();
+        assert!(
+            !upload.is_finished(),
+            "the query was served after the whole upload batch"
+        );
+        assert_eq!(q.len(), e.dim());
+        let alone = e
+            .embed(vec!["backup reactor pressure".into()])
+            .await
+            .unwrap();
+        let cos: f32 = q.iter().zip(&alone[0]).map(|(a, b)| a * b).sum();
+        assert!(
+            cos > 0.9999,
+            "the query lane embeds like the batch lane: {cos}"
+        );
+        assert_eq!(upload.await.unwrap().unwrap().len(), BATCH_SIZE);
+    }
+
+    #[test]
+    fn queries_skip_the_heap_trim_ingestion_batches_get_it() {
+        // A chat query of ~12 tokens, or a few short ones: no trim on the request path.
+        assert!(!worth_trimming([12].into_iter()));
+        assert!(!worth_trimming([40, 40, 40].into_iter()));
+        assert!(!worth_trimming(std::iter::empty()));
+        // One full-length chunk, or a batch of short chunks adding up to one: trimmed.
+        assert!(worth_trimming([MAX_TOKENS].into_iter()));
+        assert!(worth_trimming([70; 5].into_iter()));
     }
 
     #[test]

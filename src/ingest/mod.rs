@@ -127,6 +127,8 @@ pub struct Ingest {
     inline_waiting: AtomicUsize,
     /// Most such uploads at once (`rag.inline-queue`).
     pub inline_queue: usize,
+    /// Embed and index each chunk with its document's title (`rag.title-in-chunks`).
+    pub title_in_chunks: bool,
 }
 
 /// Longest an inline upload (`process_in_background=false`) waits for its file: after that
@@ -215,6 +217,7 @@ impl Ingest {
             permits: Arc::new(Semaphore::new(rag.workers)),
             inline_waiting: AtomicUsize::new(0),
             inline_queue: rag.inline_queue,
+            title_in_chunks: rag.title_in_chunks,
         }
     }
 
@@ -704,6 +707,7 @@ impl Ingest {
         let cfg = self.chunking.clone();
         let options = self.extraction.clone();
         let timeout = options.timeout;
+        let titles = self.title_in_chunks;
         // With an extractor binary the child is killed at the timeout and this thread returns
         // with it; in process, a stuck parser keeps its thread, but the file fails and the
         // worker moves on (the extra second lets the child's own timeout answer first).
@@ -711,9 +715,10 @@ impl Ingest {
             let doc = extract_source(source, &scratch, &name, content_type.as_deref(), &options)?;
             let text = doc.full_text();
             let chunks = chunk::split(&doc, &cfg);
-            Ok::<_, String>((text, chunks))
+            let title = titles.then(|| chunk::Title::of(&doc, &name)).flatten();
+            Ok::<_, String>((text, chunks, title))
         });
-        let (text, chunks) = tokio::time::timeout(timeout + Duration::from_secs(1), work)
+        let (text, chunks, title) = tokio::time::timeout(timeout + Duration::from_secs(1), work)
             .await
             .map_err(|_| format!("text extraction took longer than {}s", timeout.as_secs()))?
             .map_err(|_| "text extraction crashed".to_string())??;
@@ -721,7 +726,10 @@ impl Ingest {
             return Err("the file contains no text".into());
         }
         // Open WebUI embeds chunk text with newlines replaced by spaces.
-        let inputs: Vec<String> = chunks.iter().map(|c| c.text.replace('\n', " ")).collect();
+        let inputs: Vec<String> = chunks
+            .iter()
+            .map(|c| chunk::Title::apply(title.as_ref(), &c.text).replace('\n', " "))
+            .collect();
         let vecs = embedder.embed(inputs).await.map_err(|e| e.to_string())?;
         if vecs.len() != chunks.len() {
             return Err(format!(

@@ -94,6 +94,10 @@ impl Fuse {
         Fuse {
             fusion: cfg.fusion,
             bm25_weight: cfg.bm25_weight,
+            bm25: bm25::Bm25Params {
+                k1: cfg.bm25_k1,
+                b: cfg.bm25_b,
+            },
             ..Fuse::default()
         }
     }
@@ -631,11 +635,11 @@ pub async fn embed_query(
         .embedder
         .as_ref()
         .map_err(|e| RetrieveError::EmbedderUnavailable(e.to_string()))?;
-    let mut v = embedder
-        .embed(vec![query.to_string()])
+    let v = embedder
+        .embed_query(query.to_string())
         .await
         .map_err(|e| RetrieveError::EmbedFailed(e.to_string()))?;
-    Ok(v.pop())
+    Ok(Some(v))
 }
 
 /// Whole documents for `context: "full"`.

@@ -16,6 +16,7 @@ mod library;
 mod limits;
 mod multipart_prop;
 mod presets;
+mod quality;
 mod support;
 mod ui;
 mod users;
