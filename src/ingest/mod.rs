@@ -1174,6 +1174,45 @@ mod tests {
         ) -> crate::storage::Result<Vec<Hit>> {
             self.inner.lexical_search(scope, query, k).await
         }
+        async fn file_vectors(
+            &self,
+            file_id: &str,
+        ) -> crate::storage::Result<Vec<(u64, Vec<f32>)>> {
+            self.inner.file_vectors(file_id).await
+        }
+        async fn import_file(
+            &self,
+            file: &FileRecord,
+            text: &str,
+            chunks: &[(u64, ChunkRecord)],
+            vectors: &[Vec<f32>],
+        ) -> crate::storage::Result<()> {
+            self.inner.import_file(file, text, chunks, vectors).await
+        }
+        async fn similarities(
+            &self,
+            query: &[f32],
+            chunks: &[crate::storage::ChunkRef<'_>],
+        ) -> crate::storage::Result<Vec<Option<f32>>> {
+            self.inner.similarities(query, chunks).await
+        }
+        async fn vectors(
+            &self,
+            chunks: &[crate::storage::ChunkRef<'_>],
+        ) -> crate::storage::Result<Vec<Option<Vec<f32>>>> {
+            self.inner.vectors(chunks).await
+        }
+        async fn lexical_search_with(
+            &self,
+            scope: &Scope,
+            query: &str,
+            k: usize,
+            params: crate::rag::bm25::Bm25Params,
+        ) -> crate::storage::Result<Option<Vec<Hit>>> {
+            self.inner
+                .lexical_search_with(scope, query, k, params)
+                .await
+        }
     }
 
     fn flaky(e: &Env, failures: u32) -> Storage {

@@ -236,8 +236,8 @@ pub trait Chunks: Send + Sync {
     /// The vectors of these chunks, in the order asked; `None` for a chunk without one.
     async fn vectors(&self, chunks: &[ChunkRef<'_>]) -> Result<Vec<Option<Vec<f32>>>>;
     /// [`Chunks::lexical_search`] with BM25's `k1` and `b` set (`ragway eval` compares
-    /// them). `None` from a backend whose lexical ranking is not BM25 (PostgreSQL ranks
-    /// with `ts_rank_cd`): the caller says so rather than measure the defaults.
+    /// them). `None` from a backend whose lexical ranking is not BM25 with these two
+    /// parameters: the caller says so rather than measure the defaults.
     async fn lexical_search_with(
         &self,
         scope: &Scope,
