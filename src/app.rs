@@ -324,7 +324,6 @@ impl App {
         crate::presets::Presets {
             config: &self.config,
             meta: self.storage.meta.as_ref(),
-            store: &self.store,
             models: &self.models,
             retriever: self.retriever(),
         }

@@ -4,7 +4,7 @@
 //! `user:<id>` or `user:*`. Group grants are stored but match nobody: ragway has no groups.
 
 use crate::storage::{Metadata, StorageError};
-use crate::store::{FileRecord, KnowledgeRecord, Role, Store, StoreError, User};
+use crate::store::{FileRecord, KnowledgeRecord, Role, User};
 
 fn granted(kb: &KnowledgeRecord, user: &User, permission: &str) -> bool {
     kb.access_grants.iter().any(|g| {
@@ -44,18 +44,6 @@ pub async fn can_read_file(
     Ok(false)
 }
 
-/// [`can_read_file`] over the redb store, for the call sites not on the storage seams yet
-/// (`handlers/files.rs`, `handlers/knowledge.rs`); goes when they move.
-pub fn can_read_file_in_store(
-    store: &Store,
-    user: &User,
-    file: &FileRecord,
-) -> Result<bool, StoreError> {
-    Ok(user.role == Role::Admin
-        || file.user_id == user.id
-        || via_collections(store, user, file, can_read_kb)?)
-}
-
 /// Deleting or changing a file needs ownership or admin. A write grant on a collection that
 /// holds the file is not enough: collections may hold other users' files, and a grantee
 /// must not be able to destroy (or re-share) what they were only allowed to use.
@@ -66,17 +54,18 @@ pub fn can_write_file(user: &User, file: &FileRecord) -> bool {
 /// Putting `file` into collection `kb` needs the file owner's consent: the caller owns the
 /// file or is an admin, or the file's owner can write that collection themselves (so a
 /// reader cannot move the owner's file into a collection of their own choosing).
-pub fn can_add_file_to(
-    store: &Store,
+pub async fn can_add_file_to(
+    meta: &dyn Metadata,
     user: &User,
     file: &FileRecord,
     kb: &KnowledgeRecord,
-) -> Result<bool, StoreError> {
+) -> Result<bool, StorageError> {
     if user.role == Role::Admin || file.user_id == user.id {
         return Ok(true);
     }
-    Ok(store
-        .user_by_id(&file.user_id)?
+    Ok(meta
+        .user_by_id(&file.user_id)
+        .await?
         .is_some_and(|owner| can_write_kb(&owner, kb)))
 }
 
@@ -100,24 +89,10 @@ pub fn may_set_grants(
     Ok(())
 }
 
-fn via_collections(
-    store: &Store,
-    user: &User,
-    file: &FileRecord,
-    check: fn(&User, &KnowledgeRecord) -> bool,
-) -> Result<bool, StoreError> {
-    for id in store.file_knowledge(&file.id)? {
-        if store.knowledge(&id)?.is_some_and(|kb| check(user, &kb)) {
-            return Ok(true);
-        }
-    }
-    Ok(false)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{Grant, StoreError};
+    use crate::store::{Grant, Store, StoreError};
 
     fn file(owner: &str) -> FileRecord {
         FileRecord {
@@ -187,8 +162,7 @@ mod tests {
         // the owner can write is allowed; nobody else reads it.
         assert!(can_read_file(meta, &reader, &f).await.unwrap());
         assert!(!can_read_file(meta, &stranger, &f).await.unwrap());
-        assert!(can_read_file_in_store(&store, &reader, &f).unwrap());
-        assert!(can_add_file_to(&store, &reader, &f, &kb).unwrap());
+        assert!(can_add_file_to(meta, &reader, &f, &kb).await.unwrap());
 
         store.release();
         assert!(matches!(
@@ -196,12 +170,8 @@ mod tests {
             Err(StorageError::Embedded(StoreError::Released))
         ));
         assert!(matches!(
-            can_read_file_in_store(&store, &reader, &f),
-            Err(StoreError::Released)
-        ));
-        assert!(matches!(
-            can_add_file_to(&store, &reader, &f, &kb),
-            Err(StoreError::Released)
+            can_add_file_to(meta, &reader, &f, &kb).await,
+            Err(StorageError::Embedded(StoreError::Released))
         ));
         // Owner and admin need no store read.
         assert!(can_read_file(meta, &owner, &f).await.unwrap());

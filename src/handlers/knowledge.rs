@@ -338,7 +338,7 @@ pub(crate) async fn add_one(
     if !access::can_read_file(app.storage.meta.as_ref(), user, &file).await? {
         return Err(not_found());
     }
-    if !access::can_add_file_to(&app.store, user, &file, kb)? {
+    if !access::can_add_file_to(app.storage.meta.as_ref(), user, &file, kb).await? {
         return Err(ApiError::forbidden(format!(
             "File {file_id} belongs to another user who cannot write this collection: only \
              its owner or an admin can add it here"

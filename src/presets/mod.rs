@@ -24,7 +24,7 @@ use crate::error::ApiError;
 use crate::models::ModelRegistry;
 use crate::rag::Retriever;
 use crate::storage::Metadata;
-use crate::store::{PresetRecord, Role, Store, User};
+use crate::store::{PresetRecord, Role, User};
 
 /// What presets read: the settings (declared presets), the metadata seam (stored presets,
 /// owners), the model registry (a preset's base model) and retrieval (for presets that
@@ -33,8 +33,6 @@ use crate::store::{PresetRecord, Role, Store, User};
 pub struct Presets<'a> {
     pub config: &'a Config,
     pub meta: &'a dyn Metadata,
-    /// Only for the knowledge check of `apply` (file access rules still read the store).
-    pub store: &'a Store,
     pub models: &'a ModelRegistry,
     pub retriever: Retriever<'a>,
 }
