@@ -55,9 +55,6 @@ pub enum NotUsable {
     Store(IngestError),
 }
 
-/// Longest client-chosen part of a blob's file name, in bytes (names are limited to 255).
-const BLOB_NAME_MAX: usize = 128;
-
 /// A content type for a file extension, for uploads that send none (or a generic one).
 pub fn content_type_for(ext: &str) -> &'static str {
     match ext {
@@ -831,30 +828,10 @@ impl Ingest {
         }
     }
 
-    /// The blob key of an upload `id` named `filename`: `{uuid}_{basename}`, as Open WebUI
-    /// names its files. The name part is only a hint for humans looking at the directory
-    /// (the id makes it unique): separators and control characters become `_` and it is cut
-    /// to [`BLOB_NAME_MAX`] bytes, so no client-chosen name can leave the directory, exceed
-    /// the file system's name limit or be refused as a key.
+    /// The blob key of an upload (the library names blobs; see [`crate::library::blob_key`]).
     #[must_use]
     pub fn blob_key(id: &str, filename: &str) -> String {
-        let base = Path::new(filename)
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "file".into());
-        let mut safe = String::new();
-        for c in base.chars() {
-            let c = if c.is_control() || c == '/' || c == '\\' {
-                '_'
-            } else {
-                c
-            };
-            if safe.len() + c.len_utf8() > BLOB_NAME_MAX {
-                break;
-            }
-            safe.push(c);
-        }
-        format!("{id}_{safe}")
+        crate::library::blob_key(id, filename)
     }
 
     /// Where an upload's blob lives on the embedded backend (`upload_dir/`[`Ingest::blob_key`]).
