@@ -112,7 +112,7 @@ fn main() {
             id: "bench".into(), user_id: "bench".into(), name: "bench".into(), description: String::new(),
             meta: serde_json::Value::Null, access_grants: vec![], created_at: 0, updated_at: 0,
         };
-        app.store.put_knowledge(&kb).unwrap();
+        app.store().put_knowledge(&kb).unwrap();
         let admin = app.add_user("bench@example.com", "pw-bench-1", "bench", ragway::store::Role::Admin).await.unwrap();
         for f in 0..chunks.div_ceil(per_file) {
             let n = per_file.min(chunks - f * per_file);
@@ -148,12 +148,12 @@ fn main() {
                 v.iter_mut().for_each(|x| *x /= norm);
                 vecs.push(v);
             }
-            app.store.insert_file(&rec, false).unwrap();
-            let ids = app.store.reserve_chunk_ids(n).unwrap();
-            app.store.complete_file(&rec, "", &ids, &recs, &vecs, &terms).unwrap();
-            app.vectors.put_file(&id, &ids, &vecs, &terms);
-            app.store.link_file("bench", &id).unwrap();
-            app.vectors.link("bench", &id);
+            app.store().insert_file(&rec, false).unwrap();
+            let ids = app.store().reserve_chunk_ids(n).unwrap();
+            app.store().complete_file(&rec, "", &ids, &recs, &vecs, &terms).unwrap();
+            app.vectors().put_file(&id, &ids, &vecs, &terms);
+            app.store().link_file("bench", &id).unwrap();
+            app.vectors().link("bench", &id);
         }
         eprintln!("collection of {chunks} chunks built in {:.1}s", started.elapsed().as_secs_f64());
 

@@ -7,7 +7,7 @@ use std::time::Instant;
 use pingora::connectors::http::Connector;
 
 use crate::auth::Auth;
-use crate::config::{Config, EmbeddingEngine};
+use crate::config::{Config, EmbeddingEngine, StorageBackend};
 use crate::embed::Embedder;
 use crate::ingest::Ingest;
 use crate::models::ModelRegistry;
@@ -18,14 +18,12 @@ use crate::upstream::Upstreams;
 /// Everything a request handler may use.
 pub struct App {
     pub config: Arc<Config>,
-    /// The storage seams (`crate::storage`): what handlers and services move to, call site
-    /// by call site, from `store` and `vectors`. On the embedded backend both views
-    /// share one redb store and one set of indexes, so mixed use stays consistent.
+    /// The storage seams (`crate::storage`): every service and handler goes through them.
     pub storage: crate::storage::Storage,
-    pub store: Arc<Store>,
-    /// The embedded backend's in-process search indexes (inside `storage` too), for the
-    /// call sites not moved onto the seams yet.
-    pub vectors: Arc<crate::ingest::vectors::VectorStore>,
+    /// The embedded backend's own parts; `None` on PostgreSQL.
+    embedded: Option<EmbeddedParts>,
+    /// Where the PostgreSQL backend's connections and listener run; `None` when embedded.
+    _storage_runtime: Option<StorageRuntime>,
     pub auth: Auth,
     pub upstreams: Arc<Upstreams>,
     pub models: ModelRegistry,
@@ -47,10 +45,29 @@ pub struct App {
     pub context: crate::rag::budget::ContextBudget,
 }
 
+/// The redb store and its in-process indexes behind the embedded [`crate::storage::Storage`].
+struct EmbeddedParts {
+    store: Arc<Store>,
+    vectors: Arc<crate::ingest::vectors::VectorStore>,
+}
+
+/// A runtime of its own for the PostgreSQL backend: its pooled connections and its LISTEN
+/// task must outlive any one server runtime (and the start-up, which has none). Dropped
+/// without waiting, so that an app dropped on an async thread (tests) does not panic.
+struct StorageRuntime(Option<tokio::runtime::Runtime>);
+
+impl Drop for StorageRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
 /// Start-up failures, with what to do about them.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    /// The configured storage backend cannot serve yet (see `storage::check_wired`).
+    /// The configured storage backend cannot be reached or prepared.
     #[error("{0}")]
     Storage(String),
     #[error("cannot create data directory {path}: {source}")]
@@ -175,6 +192,92 @@ fn start_up_wait<F: std::future::Future>(step: F) -> F::Output {
     }
 }
 
+/// An opened backend with what must live as long as it does.
+struct OpenedStorage {
+    storage: crate::storage::Storage,
+    embedded: Option<EmbeddedParts>,
+    runtime: Option<StorageRuntime>,
+}
+
+/// Opens the configured backend: the redb store in the data dir (waiting up to
+/// `store_wait` for a process handing it over) with its indexes, or PostgreSQL (connected,
+/// migrated, listening) on a runtime of its own.
+fn open_storage(
+    config: &Config,
+    store_wait: std::time::Duration,
+) -> Result<OpenedStorage, StartError> {
+    match config.storage.backend {
+        StorageBackend::Embedded => {
+            let db_path = config.data_dir.join("ragway.redb");
+            let store = Arc::new(Store::open_waiting(&db_path, store_wait).map_err(|source| {
+                StartError::Store {
+                    path: db_path.display().to_string(),
+                    source,
+                }
+            })?);
+            let vectors = Arc::new(
+                crate::ingest::vectors::VectorStore::open(config, &store)
+                    .map_err(StartError::Index)?,
+            );
+            let storage = crate::storage::embedded::storage(
+                store.clone(),
+                vectors.clone(),
+                config
+                    .storage
+                    .blob_dir
+                    .clone()
+                    .unwrap_or_else(|| config.data_dir.join("uploads")),
+                crate::auth::ratelimit::COUNTER_CAPACITY,
+            );
+            Ok(OpenedStorage {
+                storage,
+                embedded: Some(EmbeddedParts { store, vectors }),
+                runtime: None,
+            })
+        }
+        StorageBackend::Postgres => {
+            if config.auth.secret_key.is_none() {
+                return Err(StartError::Storage(
+                    "replicas on PostgreSQL must sign sessions with one secret: set \
+                     WEBUI_SECRET_KEY (or auth.secret-key) to the same value on every replica"
+                        .into(),
+                ));
+            }
+            let url = config.storage.url.clone().ok_or_else(|| {
+                StartError::Storage("storage.backend = \"postgres\" needs a URL".into())
+            })?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("ragway-storage")
+                .enable_all()
+                .build()
+                .map_err(|e| {
+                    StartError::Storage(format!("cannot start the storage runtime: {e}"))
+                })?;
+            let options = crate::storage::postgres::PgOptions {
+                pool_size: config.storage.pool_size,
+                ..crate::storage::postgres::PgOptions::default()
+            };
+            let (tx, rx) = std::sync::mpsc::channel();
+            rt.spawn(async move {
+                let _ = tx.send(crate::storage::postgres::connect(&url, options).await);
+            });
+            let mut storage = rx
+                .recv()
+                .map_err(|_| StartError::Storage("the storage runtime stopped".into()))?
+                .map_err(|e| StartError::Storage(format!("cannot open PostgreSQL: {e}")))?;
+            if let Some(dir) = &config.storage.blob_dir {
+                storage.blobs = Arc::new(crate::storage::embedded::DirBlobs::new(dir.clone()));
+            }
+            Ok(OpenedStorage {
+                storage,
+                embedded: None,
+                runtime: Some(StorageRuntime(Some(rt))),
+            })
+        }
+    }
+}
+
 impl App {
     /// Opens the data dir and store, and prepares clients. Needs no running runtime.
     pub fn open(config: Config) -> Result<App, StartError> {
@@ -208,7 +311,6 @@ impl App {
         store_wait: std::time::Duration,
         before_store: impl FnOnce(),
     ) -> Result<App, StartError> {
-        crate::storage::check_wired(&config.storage).map_err(StartError::Storage)?;
         pingora::tls::install_default_crypto_provider();
         crate::metrics::init();
         std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
@@ -230,13 +332,7 @@ impl App {
             None => build_embedder(&config, &http),
         };
         before_store();
-        let db_path = config.data_dir.join("ragway.redb");
-        let store = Arc::new(Store::open_waiting(&db_path, store_wait).map_err(|source| {
-            StartError::Store {
-                path: db_path.display().to_string(),
-                source,
-            }
-        })?);
+        let opened = open_storage(&config, store_wait)?;
         let secret = match &config.auth.secret_key {
             Some(s) => s.as_bytes().to_vec(),
             None => load_or_create_secret(&config.data_dir)?,
@@ -249,16 +345,7 @@ impl App {
             config.models_list_timeout,
         );
         let docs = config.dev.then(crate::openapi::docs);
-        let vectors = Arc::new(
-            crate::ingest::vectors::VectorStore::open(&config, &store)
-                .map_err(StartError::Index)?,
-        );
-        let storage = crate::storage::embedded::storage(
-            store.clone(),
-            vectors.clone(),
-            config.data_dir.join("uploads"),
-            crate::auth::ratelimit::COUNTER_CAPACITY,
-        );
+        let storage = opened.storage;
         let ingest = Arc::new(Ingest::new(&config, storage.clone(), embedder, tokenizer));
         let auth = Auth::new(config.auth.clone(), &secret, &storage);
         let usage = crate::usage::Usage::new(config.limits.clone(), storage.meta.clone());
@@ -268,10 +355,10 @@ impl App {
         );
         let app = App {
             storage,
-            vectors,
+            embedded: opened.embedded,
+            _storage_runtime: opened.runtime,
             usage,
             config: Arc::new(config),
-            store,
             auth,
             upstreams,
             models,
@@ -283,12 +370,7 @@ impl App {
             handing_over: std::sync::atomic::AtomicBool::new(false),
             context,
         };
-        // The embedded backend answers without awaiting: start-up needs no runtime.
-        futures_util::FutureExt::now_or_never(app.bootstrap_admin()).ok_or_else(|| {
-            StartError::Admin(
-                "the storage backend cannot answer before the server's runtime starts".into(),
-            )
-        })??;
+        start_up_wait(app.bootstrap_admin())?;
         // A user deletion interrupted by a crash leaves files and collections behind.
         start_up_wait(app.library().finish_deletions())
             .map_err(|e| StartError::UserDeletion(e.to_string()))?;
@@ -303,7 +385,39 @@ impl App {
             meta: &*self.storage.meta,
             chunks: &*self.storage.chunks,
             ingest: &self.ingest,
-            vectors: &self.vectors,
+        }
+    }
+
+    /// The embedded backend's redb store, for tests and tools that look inside it.
+    ///
+    /// # Panics
+    /// On the PostgreSQL backend, which has none.
+    #[must_use]
+    pub fn store(&self) -> &Arc<Store> {
+        &self.embedded_parts().store
+    }
+
+    /// The embedded backend's in-process search indexes, for tests and tools that look
+    /// inside them.
+    ///
+    /// # Panics
+    /// On the PostgreSQL backend, which has none.
+    #[must_use]
+    pub fn vectors(&self) -> &Arc<crate::ingest::vectors::VectorStore> {
+        &self.embedded_parts().vectors
+    }
+
+    fn embedded_parts(&self) -> &EmbeddedParts {
+        self.embedded
+            .as_ref()
+            .expect("the embedded backend's parts, asked of an app on PostgreSQL")
+    }
+
+    /// Lets a new process (`serve --upgrade`) open the embedded database. Replicas on
+    /// PostgreSQL share theirs: there is nothing to release.
+    pub fn release_storage(&self) {
+        if let Some(parts) = &self.embedded {
+            parts.store.release();
         }
     }
 

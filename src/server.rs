@@ -283,7 +283,7 @@ impl Signals {
         self.app.ingest.stop();
         // Rows of streams that end later go to a hand-over file (`Store::add_usage`).
         self.app.usage.recorder.flush().await;
-        self.app.store.release();
+        self.app.release_storage();
         tracing::info!("database released to the new process");
         true
     }

@@ -347,7 +347,7 @@ async fn a_team_uses_the_web_page_in_a_real_browser() {
     .await;
     let role = gw
         .app()
-        .store
+        .store()
         .user_by_email("bob@example.com")
         .unwrap()
         .unwrap()

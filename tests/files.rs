@@ -278,21 +278,21 @@ fn utf16le_with_bom(s: &str) -> Vec<u8> {
 /// Asserts the store and the index agree on a completed file; returns its chunk count.
 fn assert_fully_indexed(gw: &Gateway, id: &str) -> usize {
     let app = gw.app();
-    let rec = app.store.file(id).unwrap().expect("file record");
+    let rec = app.store().file(id).unwrap().expect("file record");
     assert_eq!(rec.status, Some(FileStatus::Completed), "{rec:?}");
-    let ids = app.store.file_chunk_ids(id).unwrap();
+    let ids = app.store().file_chunk_ids(id).unwrap();
     assert!(!ids.is_empty(), "no chunks");
     assert_eq!(rec.chunk_count, ids.len(), "chunk_count vs stored chunks");
-    assert_eq!(app.vectors.file_len(id), ids.len(), "vectors");
-    assert_eq!(app.store.chunks(&ids).unwrap().len(), ids.len());
+    assert_eq!(app.vectors().file_len(id), ids.len(), "vectors");
+    assert_eq!(app.store().chunks(&ids).unwrap().len(), ids.len());
     ids.len()
 }
 
 /// Asserts nothing of the file is searchable or stored as chunks.
 fn assert_not_indexed(gw: &Gateway, id: &str) {
     let app = gw.app();
-    assert!(app.store.file_chunk_ids(id).unwrap().is_empty(), "chunks");
-    assert_eq!(app.vectors.file_len(id), 0, "vectors");
+    assert!(app.store().file_chunk_ids(id).unwrap().is_empty(), "chunks");
+    assert_eq!(app.vectors().file_len(id), 0, "vectors");
 }
 
 fn slow_setup(fake: &FakeUpstream, model: &str) -> Setup {
@@ -666,8 +666,8 @@ async fn every_supported_type_is_extracted() {
         if name.ends_with(".pdf") {
             let app = gw.app();
             let chunks = app
-                .store
-                .chunks(&app.store.file_chunk_ids(&id).unwrap())
+                .store()
+                .chunks(&app.store().file_chunk_ids(&id).unwrap())
                 .unwrap();
             let page_of = |needle: &str| {
                 chunks
@@ -795,7 +795,7 @@ async fn unsupported_and_corrupt_files_fail_cleanly() {
         )
         .await;
     assert_error(r, 400, "unsupported file type .bin").await;
-    assert_eq!(gw.app().vectors.collection_len(&kb), 0);
+    assert_eq!(gw.app().vectors().collection_len(&kb), 0);
     // Still serving.
     assert_eq!(gw.get("/health", None).await.status(), 200);
     let ok = upload_sync(&gw, &admin, "ok.txt", "text/plain", b"still working").await;
@@ -819,7 +819,7 @@ async fn process_false_stores_without_processing() {
     assert_eq!(v["hash"], Value::Null);
     let id = v["id"].as_str().unwrap().to_string();
     let app = gw.app();
-    assert!(!app.store.queued_files().unwrap().contains(&id));
+    assert!(!app.store().queued_files().unwrap().contains(&id));
     let f = get_json(&gw, &format!("/api/v1/files/{id}"), &admin).await;
     assert_eq!(f["data"], json!({}), "{f}");
     assert!(f["meta"].get("collection_name").is_none());
@@ -903,7 +903,10 @@ async fn size_limit_rejects_with_413_and_leaves_nothing() {
                 .unwrap_or_else(|| panic!("{size} bytes: no HTTP answer (connection reset)"));
         assert_eq!(status, 413, "{size}: {body}");
         assert_eq!(body["detail"], message, "{size}");
-        assert!(gw.app().store.files().unwrap().is_empty(), "{size}: record");
+        assert!(
+            gw.app().store().files().unwrap().is_empty(),
+            "{size}: record"
+        );
         assert!(
             uploads(gw.dir.path()).is_empty(),
             "{size}: {:?}",
@@ -922,7 +925,7 @@ async fn size_limit_rejects_with_413_and_leaves_nothing() {
     )
     .await;
     assert_eq!(v["meta"]["size"], 1024 * 1024);
-    assert_eq!(gw.app().store.files().unwrap().len(), 1);
+    assert_eq!(gw.app().store().files().unwrap().len(), 1);
     assert_eq!(uploads(gw.dir.path()).len(), 1);
 }
 
@@ -972,7 +975,7 @@ async fn early_413_is_followed_by_a_clean_close_not_a_reset() {
         .await
         .unwrap()
         .expect("the body is read, not refused");
-    assert!(gw.app().store.files().unwrap().is_empty());
+    assert!(gw.app().store().files().unwrap().is_empty());
     assert!(uploads(gw.dir.path()).is_empty());
 }
 
@@ -985,7 +988,7 @@ async fn size_limit_from_env() {
         .await
         .expect("an HTTP answer");
     assert_eq!(status, 413, "{body}");
-    assert!(gw.app().store.files().unwrap().is_empty());
+    assert!(gw.app().store().files().unwrap().is_empty());
     assert!(uploads(gw.dir.path()).is_empty());
 }
 
@@ -1078,7 +1081,7 @@ async fn extension_allow_list_and_malformed_requests_are_400() {
             assert_eq!(v["detail"], detail, "{label}");
         }
         assert!(
-            gw.app().store.files().unwrap().is_empty(),
+            gw.app().store().files().unwrap().is_empty(),
             "{label}: record"
         );
         let left = uploads(gw.dir.path());
@@ -1192,7 +1195,10 @@ async fn list_is_newest_first_and_isolated_per_user() {
         .await
         .unwrap();
     assert_error(r, 404, NOT_FOUND).await;
-    assert!(gw.app().store.file(a1_id).unwrap().is_some(), "not deleted");
+    assert!(
+        gw.app().store().file(a1_id).unwrap().is_some(),
+        "not deleted"
+    );
 
     // The admin sees and reads everything.
     let list = get_json(&gw, "/api/v1/files/", &admin).await;
@@ -1234,9 +1240,9 @@ async fn delete_removes_blob_record_chunks_vectors_and_memberships() {
     add_to_kb(&gw, &admin, &kb1, &keep_id).await;
     add_to_kb(&gw, &admin, &kb2, &id).await;
     let app = gw.app();
-    assert_eq!(app.vectors.collection_len(&kb1), n + 1);
-    assert_eq!(app.vectors.collection_len(&kb2), n);
-    let chunk_ids = app.store.file_chunk_ids(&id).unwrap();
+    assert_eq!(app.vectors().collection_len(&kb1), n + 1);
+    assert_eq!(app.vectors().collection_len(&kb2), n);
+    let chunk_ids = app.store().file_chunk_ids(&id).unwrap();
     let blob = gw.dir.path().join(v["path"].as_str().unwrap());
     assert!(Path::new(&blob).exists());
 
@@ -1251,20 +1257,23 @@ async fn delete_removes_blob_record_chunks_vectors_and_memberships() {
         json!({"message": "File deleted successfully"})
     );
     assert!(!Path::new(&blob).exists(), "blob removed");
-    assert!(app.store.file(&id).unwrap().is_none(), "record removed");
-    assert!(app.store.file_text(&id).unwrap().is_none(), "text removed");
-    assert!(app.store.file_chunk_ids(&id).unwrap().is_empty());
+    assert!(app.store().file(&id).unwrap().is_none(), "record removed");
     assert!(
-        app.store.chunks(&chunk_ids).unwrap().is_empty(),
+        app.store().file_text(&id).unwrap().is_none(),
+        "text removed"
+    );
+    assert!(app.store().file_chunk_ids(&id).unwrap().is_empty());
+    assert!(
+        app.store().chunks(&chunk_ids).unwrap().is_empty(),
         "chunks removed"
     );
-    assert_eq!(app.vectors.file_len(&id), 0);
-    assert!(app.store.file_knowledge(&id).unwrap().is_empty());
-    assert_eq!(app.vectors.collection_len(&kb1), 1);
-    assert_eq!(app.vectors.collection_len(&kb2), 0);
+    assert_eq!(app.vectors().file_len(&id), 0);
+    assert!(app.store().file_knowledge(&id).unwrap().is_empty());
+    assert_eq!(app.vectors().collection_len(&kb1), 1);
+    assert_eq!(app.vectors().collection_len(&kb2), 0);
     // No search returns the deleted chunks.
     let q = ragway::embed::HashEmbedder::new(64).embed_one("Paragraph 3 describes item number 3");
-    for (hit, _) in app.vectors.search_collection(&kb1, &q, 10) {
+    for (hit, _) in app.vectors().search_collection(&kb1, &q, 10) {
         assert!(!chunk_ids.contains(&hit));
     }
     let files = get_json(&gw, &format!("/api/v1/knowledge/{kb1}/files"), &admin).await;
@@ -1323,13 +1332,13 @@ async fn onnx_end_to_end_retrieves_the_right_paragraph() {
     let id = v["id"].as_str().unwrap().to_string();
     assert_eq!(assert_fully_indexed(&gw, &id), 3, "one chunk per paragraph");
     let app = gw.app();
-    let rec = app.store.file(&id).unwrap().unwrap();
+    let rec = app.store().file(&id).unwrap().unwrap();
     let info = rec.embedding.expect("embedding info");
     assert_eq!(info.engine, "onnx");
     assert_eq!(info.dim, 384);
     let kb = create_kb(&gw, &admin, "Topics").await;
     add_to_kb(&gw, &admin, &kb, &id).await;
-    assert_eq!(app.vectors.collection_len(&kb), 3);
+    assert_eq!(app.vectors().collection_len(&kb), 3);
 
     let embedder = app.ingest.embedder.as_ref().expect("ONNX embedder loaded");
     for (query, expected) in [
@@ -1338,16 +1347,16 @@ async fn onnx_end_to_end_retrieves_the_right_paragraph() {
         ("Which soccer side won the cup match?", "football team"),
     ] {
         let q = embedder.embed(vec![query.to_string()]).await.unwrap();
-        let hits = app.vectors.search_collection(&kb, &q[0], 3);
+        let hits = app.vectors().search_collection(&kb, &q[0], 3);
         assert_eq!(hits.len(), 3);
-        let top = app.store.chunks(&[hits[0].0]).unwrap();
+        let top = app.store().chunks(&[hits[0].0]).unwrap();
         assert!(
             top[0].1.text.contains(expected),
             "{query:?} → {:?} (scores {hits:?})",
             top[0].1.text
         );
         // The file's own index agrees.
-        let file_hits = app.vectors.search_file(&id, &q[0], 1);
+        let file_hits = app.vectors().search_file(&id, &q[0], 1);
         assert_eq!(file_hits[0].0, hits[0].0);
     }
 }
@@ -1402,8 +1411,8 @@ async fn pending_file_is_processed_again_after_restart() {
     gw.app().ingest.wait_done(&id, PROCESS_LIMIT).await.unwrap();
     assert_eq!(assert_fully_indexed(&gw, &id), n);
     let app = gw.app();
-    assert_eq!(app.store.file(&id).unwrap().unwrap().chunk_count, n);
-    assert!(app.store.queued_files().unwrap().is_empty());
+    assert_eq!(app.store().file(&id).unwrap().unwrap().chunk_count, n);
+    assert!(app.store().queued_files().unwrap().is_empty());
     assert_eq!(
         fake.requests_to("/api/embed").len(),
         n.div_ceil(64),
@@ -1440,9 +1449,9 @@ async fn completed_file_is_searchable_as_soon_as_reported() {
     let deadline = Instant::now() + PROCESS_LIMIT;
     // Deliberately blocking: nothing on this runtime is needed while spinning.
     let indexed_when_completed = loop {
-        let rec = app.store.file(&id).unwrap().unwrap();
+        let rec = app.store().file(&id).unwrap().unwrap();
         match rec.status {
-            Some(FileStatus::Completed) => break app.vectors.file_len(&id),
+            Some(FileStatus::Completed) => break app.vectors().file_len(&id),
             Some(FileStatus::Pending) => {}
             other => panic!("{other:?}: {rec:?}"),
         }

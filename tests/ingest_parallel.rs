@@ -94,17 +94,17 @@ async fn wait_completed(gw: &Gateway, token: &str, id: &str) {
 /// Every stored chunk of the file with its vector, in chunk order.
 fn indexed(gw: &Gateway, id: &str) -> Vec<(String, Vec<f32>)> {
     let app = gw.app();
-    let rec = app.store.file(id).unwrap().expect("file record");
+    let rec = app.store().file(id).unwrap().expect("file record");
     assert_eq!(rec.status, Some(FileStatus::Completed), "{rec:?}");
-    let ids = app.store.file_chunk_ids(id).unwrap();
+    let ids = app.store().file_chunk_ids(id).unwrap();
     assert_eq!(rec.chunk_count, ids.len(), "chunk_count vs stored chunks");
-    assert_eq!(app.vectors.file_len(id), ids.len(), "index vs store");
-    let mut chunks = app.store.chunks(&ids).unwrap();
+    assert_eq!(app.vectors().file_len(id), ids.len(), "index vs store");
+    let mut chunks = app.store().chunks(&ids).unwrap();
     chunks.sort_by_key(|(_, c)| c.index);
     chunks
         .into_iter()
         .map(|(cid, c)| {
-            let v = app.vectors.vector(id, cid).expect("vector indexed");
+            let v = app.vectors().vector(id, cid).expect("vector indexed");
             (c.text, v)
         })
         .collect()
@@ -221,13 +221,13 @@ async fn twenty_uploads_in_flight_end_like_a_sequential_run_and_are_all_searchab
         assert_eq!(r.status(), 200, "{name}: {}", r.text().await.unwrap());
         total += got.len();
     }
-    assert_eq!(app.vectors.collection_len(&kb), total);
+    assert_eq!(app.vectors().collection_len(&kb), total);
     // Each file is found by its own text in the collection of all twenty.
     for ((name, id), (_, text)) in ids.iter().zip(&docs) {
         let last = text.trim_end().rsplit("\n\n").next().unwrap().to_string();
         let q = embedder.embed(vec![last.clone()]).await.unwrap();
-        let hits = app.vectors.search_collection(&kb, &q[0], 1);
-        let top = app.store.chunks(&[hits[0].0]).unwrap();
+        let hits = app.vectors().search_collection(&kb, &q[0], 1);
+        let top = app.store().chunks(&[hits[0].0]).unwrap();
         assert_eq!(
             &top[0].1.file_id, id,
             "{name}: its last paragraph is its own top hit"

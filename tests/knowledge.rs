@@ -114,7 +114,7 @@ async fn kb_file_ids(gw: &Gateway, token: &str, kb: &str) -> Vec<String> {
 }
 
 fn chunk_count(gw: &Gateway, file: &str) -> usize {
-    gw.app().store.file(file).unwrap().unwrap().chunk_count
+    gw.app().store().file(file).unwrap().unwrap().chunk_count
 }
 
 fn embed_requests(fake: &FakeUpstream) -> usize {
@@ -182,7 +182,7 @@ async fn create_list_get_files_and_update() {
         .await
         .unwrap();
     assert_eq!(r.status(), 400);
-    assert!(gw.app().store.knowledges().unwrap().is_empty());
+    assert!(gw.app().store().knowledges().unwrap().is_empty());
 
     let kb = create(
         &gw,
@@ -362,15 +362,15 @@ async fn file_add_reuses_stored_vectors() {
     // Open WebUI re-embeds on file/add; ragway copies the stored vectors.
     assert_eq!(embed_requests(&fake), embeds, "file/add must not re-embed");
     let app = gw.app();
-    assert_eq!(app.vectors.collection_len(&kb), n);
-    assert_eq!(app.vectors.collection_len(&kb2), n);
-    let chunk_ids = app.store.file_chunk_ids(&f).unwrap();
+    assert_eq!(app.vectors().collection_len(&kb), n);
+    assert_eq!(app.vectors().collection_len(&kb2), n);
+    let chunk_ids = app.store().file_chunk_ids(&f).unwrap();
     // A chunk's own vector finds it in the collection.
     let q = common::fake::embedding_for(&text.split("\n\n").nth(2).unwrap().replace('\n', " "));
-    let hits = app.vectors.search_collection(&kb, &q, 1);
+    let hits = app.vectors().search_collection(&kb, &q, 1);
     assert_eq!(hits[0].0, chunk_ids[2], "{hits:?}");
     assert!(hits[0].1 > 0.999, "{hits:?}");
-    assert_eq!(app.store.knowledge_files(&kb).unwrap(), vec![f.clone()]);
+    assert_eq!(app.store().knowledge_files(&kb).unwrap(), vec![f.clone()]);
     assert_eq!(kb_file_ids(&gw, &admin, &kb).await, vec![f.clone()]);
 
     // Unknown file and unknown collection.
@@ -382,7 +382,7 @@ async fn file_add_reuses_stored_vectors() {
     let raw = upload(&gw, &admin, "raw.txt", "raw text", "?process=false").await;
     let r = add(&gw, &admin, &kb, raw["id"].as_str().unwrap()).await;
     assert_error(r, 400, "Extracted content is not available").await;
-    assert_eq!(app.vectors.collection_len(&kb), n);
+    assert_eq!(app.vectors().collection_len(&kb), n);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -405,7 +405,7 @@ async fn file_add_waits_for_a_file_still_processing() {
     let s = get_json(&gw, &format!("/api/v1/files/{f}/process/status"), &admin).await;
     assert_eq!(s["status"], "completed");
     assert_eq!(chunk_count(&gw, &f), 3);
-    assert_eq!(gw.app().vectors.collection_len(&kb), 3);
+    assert_eq!(gw.app().vectors().collection_len(&kb), 3);
     assert_eq!(kb_file_ids(&gw, &admin, &kb).await, vec![f]);
 }
 
@@ -430,9 +430,9 @@ async fn file_add_gives_up_after_file_add_wait() {
     assert!(body["detail"].as_str().unwrap().contains(&f), "{body}");
     // Nothing linked.
     let app = gw.app();
-    assert!(app.store.knowledge_files(&kb).unwrap().is_empty());
-    assert!(app.store.file_knowledge(&f).unwrap().is_empty());
-    assert_eq!(app.vectors.collection_len(&kb), 0);
+    assert!(app.store().knowledge_files(&kb).unwrap().is_empty());
+    assert!(app.store().file_knowledge(&f).unwrap().is_empty());
+    assert_eq!(app.vectors().collection_len(&kb), 0);
     assert!(kb_file_ids(&gw, &admin, &kb).await.is_empty());
 
     // Once processed, the same call succeeds.
@@ -447,7 +447,7 @@ async fn file_add_gives_up_after_file_add_wait() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     json_ok(add(&gw, &admin, &kb, &f).await).await;
-    assert_eq!(app.vectors.collection_len(&kb), 130);
+    assert_eq!(app.vectors().collection_len(&kb), 130);
 }
 
 /// The documented client flow: poll `/process/status` until `completed`, then `file/add`.
@@ -479,7 +479,7 @@ async fn file_add_right_after_completed_status_gets_every_vector() {
     assert_eq!(chunk_count(&gw, &f), n);
     assert_eq!(kb_file_ids(&gw, &admin, &kb).await, vec![f.clone()]);
     assert_eq!(
-        app.vectors.collection_len(&kb),
+        app.vectors().collection_len(&kb),
         n,
         "the collection lists the file but searches only part of it"
     );
@@ -495,7 +495,7 @@ async fn duplicate_content_is_refused_and_re_adding_is_idempotent() {
     let other = upload_done(&gw, &admin, "three.txt", "Different text.").await;
     let kb = create_kb(&gw, &admin, "Dups").await;
     json_ok(add(&gw, &admin, &kb, &f1).await).await;
-    let n = gw.app().vectors.collection_len(&kb);
+    let n = gw.app().vectors().collection_len(&kb);
     assert_eq!(n, chunk_count(&gw, &f1));
 
     let r = add(&gw, &admin, &kb, &f2).await;
@@ -504,13 +504,13 @@ async fn duplicate_content_is_refused_and_re_adding_is_idempotent() {
         v["detail"],
         "Duplicate content detected. Please provide unique content to proceed."
     );
-    assert_eq!(gw.app().vectors.collection_len(&kb), n);
+    assert_eq!(gw.app().vectors().collection_len(&kb), n);
     assert_eq!(kb_file_ids(&gw, &admin, &kb).await, vec![f1.clone()]);
 
     // The same file again: fine, and nothing doubles.
     let v = json_ok(add(&gw, &admin, &kb, &f1).await).await;
     assert_eq!(v["files"].as_array().unwrap().len(), 1);
-    assert_eq!(gw.app().vectors.collection_len(&kb), n);
+    assert_eq!(gw.app().vectors().collection_len(&kb), n);
     assert_eq!(kb_file_ids(&gw, &admin, &kb).await, vec![f1.clone()]);
 
     // Other content is fine; the duplicate is fine in another collection.
@@ -538,7 +538,7 @@ async fn file_remove_keeps_or_deletes_the_file() {
     json_ok(add(&gw, &admin, &kb, &keep).await).await;
     json_ok(add(&gw, &admin, &kb, &gone).await).await;
     let app = gw.app();
-    assert_eq!(app.vectors.collection_len(&kb), 5);
+    assert_eq!(app.vectors().collection_len(&kb), 5);
 
     let v = json_ok(remove(&gw, &admin, &kb, &keep, "?delete_file=false").await).await;
     let ids: Vec<&str> = v["files"]
@@ -548,36 +548,36 @@ async fn file_remove_keeps_or_deletes_the_file() {
         .map(|f| f["id"].as_str().unwrap())
         .collect();
     assert_eq!(ids, vec![gone.as_str()]);
-    assert_eq!(app.vectors.collection_len(&kb), 2);
+    assert_eq!(app.vectors().collection_len(&kb), 2);
     assert_eq!(kb_file_ids(&gw, &admin, &kb).await, vec![gone.clone()]);
     // The file itself is intact.
     let f = get_json(&gw, &format!("/api/v1/files/{keep}"), &admin).await;
     assert_eq!(f["data"]["status"], "completed");
-    assert_eq!(app.vectors.file_len(&keep), 3);
-    assert_eq!(app.store.file_chunk_ids(&keep).unwrap().len(), 3);
-    assert!(app.store.file_knowledge(&keep).unwrap().is_empty());
+    assert_eq!(app.vectors().file_len(&keep), 3);
+    assert_eq!(app.store().file_chunk_ids(&keep).unwrap().len(), 3);
+    assert!(app.store().file_knowledge(&keep).unwrap().is_empty());
     // Removing it again: it is not in the collection any more.
     let r = remove(&gw, &admin, &kb, &keep, "?delete_file=false").await;
     assert_error(r, 400, "").await;
 
     // Default: the file is deleted too.
-    let path = app.store.file(&gone).unwrap().unwrap().path;
+    let path = app.store().file(&gone).unwrap().unwrap().path;
     let v = json_ok(remove(&gw, &admin, &kb, &gone, "").await).await;
     assert_eq!(v["files"], json!([]));
-    assert_eq!(app.vectors.collection_len(&kb), 0);
+    assert_eq!(app.vectors().collection_len(&kb), 0);
     assert_error(
         gw.get(&format!("/api/v1/files/{gone}"), Some(&admin)).await,
         404,
         NOT_FOUND,
     )
     .await;
-    assert_eq!(app.vectors.file_len(&gone), 0);
-    assert!(app.store.file_chunk_ids(&gone).unwrap().is_empty());
+    assert_eq!(app.vectors().file_len(&gone), 0);
+    assert!(app.store().file_chunk_ids(&gone).unwrap().is_empty());
     assert!(!std::path::Path::new(&path).exists());
 
     // Re-adding the kept file restores its vectors.
     json_ok(add(&gw, &admin, &kb, &keep).await).await;
-    assert_eq!(app.vectors.collection_len(&kb), 3);
+    assert_eq!(app.vectors().collection_len(&kb), 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -590,7 +590,7 @@ async fn reset_and_delete() {
     json_ok(add(&gw, &admin, &kb, &f1).await).await;
     json_ok(add(&gw, &admin, &kb, &f2).await).await;
     let app = gw.app();
-    assert!(app.vectors.collection_len(&kb) >= 2);
+    assert!(app.vectors().collection_len(&kb) >= 2);
 
     let v = json_ok(
         gw.post(
@@ -603,18 +603,18 @@ async fn reset_and_delete() {
     .await;
     assert_eq!(v["id"], kb.as_str());
     assert_eq!(v["files"], json!([]));
-    assert_eq!(app.vectors.collection_len(&kb), 0);
+    assert_eq!(app.vectors().collection_len(&kb), 0);
     assert!(kb_file_ids(&gw, &admin, &kb).await.is_empty());
-    assert!(app.store.file_knowledge(&f1).unwrap().is_empty());
+    assert!(app.store().file_knowledge(&f1).unwrap().is_empty());
     // The files survive a reset.
     for f in [&f1, &f2] {
         let v = get_json(&gw, &format!("/api/v1/files/{f}"), &admin).await;
         assert_eq!(v["data"]["status"], "completed");
-        assert!(app.vectors.file_len(f) > 0);
+        assert!(app.vectors().file_len(f) > 0);
     }
     // And can be added again.
     json_ok(add(&gw, &admin, &kb, &f1).await).await;
-    assert_eq!(app.vectors.collection_len(&kb), chunk_count(&gw, &f1));
+    assert_eq!(app.vectors().collection_len(&kb), chunk_count(&gw, &f1));
 
     let r = gw
         .req(
@@ -633,8 +633,8 @@ async fn reset_and_delete() {
         NOT_FOUND,
     )
     .await;
-    assert_eq!(app.vectors.collection_len(&kb), 0);
-    assert!(app.store.file_knowledge(&f1).unwrap().is_empty());
+    assert_eq!(app.vectors().collection_len(&kb), 0);
+    assert!(app.store().file_knowledge(&f1).unwrap().is_empty());
     let list = get_json(&gw, "/api/v1/knowledge/", &admin).await;
     assert_eq!(list["total"], 0);
     // The files are kept.
@@ -724,7 +724,7 @@ async fn access_grants_control_reading_and_writing() {
     let kb = create_kb(&gw, &a, "A private").await;
     json_ok(add(&gw, &a, &kb, &a_file).await).await;
     let app = gw.app();
-    let n = app.vectors.collection_len(&kb);
+    let n = app.vectors().collection_len(&kb);
 
     // Private: every route is a 404 for B, and nothing changes.
     for (name, status, body) in statuses(&gw, &b, &kb, &b_file).await {
@@ -733,12 +733,15 @@ async fn access_grants_control_reading_and_writing() {
     }
     let list = get_json(&gw, "/api/v1/knowledge/", &b).await;
     assert_eq!(list["total"], 0);
-    assert_eq!(app.store.knowledge(&kb).unwrap().unwrap().name, "A private");
     assert_eq!(
-        app.store.knowledge_files(&kb).unwrap(),
+        app.store().knowledge(&kb).unwrap().unwrap().name,
+        "A private"
+    );
+    assert_eq!(
+        app.store().knowledge_files(&kb).unwrap(),
         vec![a_file.clone()]
     );
-    assert_eq!(app.vectors.collection_len(&kb), n);
+    assert_eq!(app.vectors().collection_len(&kb), n);
     // B cannot read A's file either.
     assert_error(
         gw.get(&format!("/api/v1/files/{a_file}"), Some(&b)).await,
@@ -752,8 +755,8 @@ async fn access_grants_control_reading_and_writing() {
     let r = add(&gw, &b, &b_kb, &a_file).await;
     let v = assert_error(r, 400, "not found").await;
     assert!(!v["detail"].as_str().unwrap().contains("A's private"));
-    assert!(app.store.knowledge_files(&b_kb).unwrap().is_empty());
-    assert_eq!(app.vectors.collection_len(&b_kb), 0);
+    assert!(app.store().knowledge_files(&b_kb).unwrap().is_empty());
+    assert_eq!(app.vectors().collection_len(&b_kb), 0);
 
     // Read grant: B reads, writes are 400 (Open WebUI's status for write denials).
     let grant = |perms: &[&str]| {
@@ -803,12 +806,15 @@ async fn access_grants_control_reading_and_writing() {
         .find(|i| i["id"] == kb.as_str())
         .expect("shared collection listed");
     assert_eq!(shared["write_access"], false);
-    assert_eq!(app.store.knowledge(&kb).unwrap().unwrap().name, "A private");
     assert_eq!(
-        app.store.knowledge_files(&kb).unwrap(),
+        app.store().knowledge(&kb).unwrap().unwrap().name,
+        "A private"
+    );
+    assert_eq!(
+        app.store().knowledge_files(&kb).unwrap(),
         vec![a_file.clone()]
     );
-    assert_eq!(app.vectors.collection_len(&kb), n);
+    assert_eq!(app.vectors().collection_len(&kb), n);
     // Through the collection, B can now read A's file.
     let f = get_json(&gw, &format!("/api/v1/files/{a_file}"), &b).await;
     assert_eq!(f["data"]["content"], "A's private file.");
@@ -834,7 +840,7 @@ async fn access_grants_control_reading_and_writing() {
     assert_eq!(v["write_access"], true);
     assert_eq!(v["files"].as_array().unwrap().len(), 2);
     assert_eq!(
-        app.vectors.collection_len(&kb),
+        app.vectors().collection_len(&kb),
         n + chunk_count(&gw, &b_file)
     );
     let got = get_json(&gw, &format!("/api/v1/knowledge/{kb}"), &b).await;
@@ -843,7 +849,7 @@ async fn access_grants_control_reading_and_writing() {
     json_ok(remove(&gw, &b, &kb, &b_file, "?delete_file=false").await).await;
     json_ok(remove(&gw, &b, &kb, &a_file, "").await).await;
     assert!(
-        app.store.file(&a_file).unwrap().is_some(),
+        app.store().file(&a_file).unwrap().is_some(),
         "only the owner or an admin deletes the file"
     );
     json_ok(add(&gw, &a, &kb, &a_file).await).await;
@@ -959,7 +965,7 @@ async fn write_only_grant_allows_writes() {
     let body = r.text().await.unwrap();
     assert_eq!(status, 200, "file/add with a write grant: {body}");
     assert_eq!(
-        gw.app().store.knowledge_files(&kb).unwrap(),
+        gw.app().store().knowledge_files(&kb).unwrap(),
         vec![b_file.clone()]
     );
 }

@@ -151,6 +151,17 @@ async fn fill() -> Filled {
         files.push(v["id"].as_str().unwrap().to_string());
     }
     let kb = collection(&gw, &alice, "notes", &[&files[0], &files[1], &files[2]]).await;
+    // A model preset over the collection: presets move too.
+    let r = gw
+        .post(
+            "/api/v1/models/create",
+            Some(&alice),
+            json!({"id": "notes-bot", "name": "Notes bot", "base_model_id": "gpt-x",
+                   "params": {"system": "Answer from the notes.", "temperature": 0.2},
+                   "meta": {"knowledge": [{"type": "collection", "id": kb, "name": "notes"}]}}),
+        )
+        .await;
+    assert_eq!(r.status(), 200, "create a preset");
 
     // Usage rows: written by the logging phase after the answer.
     up.set_usage(json!(7), json!(9));
@@ -280,6 +291,8 @@ async fn snapshot(s: &Storage, kb: &str) -> Value {
         "keys": keys,
         "revoked": s.meta.revoked_tokens().await.unwrap(),
         "settings": s.meta.all_settings().await.unwrap(),
+        "presets": s.meta.presets().await.unwrap().iter()
+            .map(|p| serde_json::to_value(p).unwrap()).collect::<Vec<_>>(),
         "collections": s.meta.knowledges().await.unwrap().iter()
             .map(|k| serde_json::to_value(k).unwrap()).collect::<Vec<_>>(),
         "members": s.meta.knowledge_files(kb).await.unwrap(),
@@ -309,6 +322,7 @@ async fn a_data_dir_moves_to_postgres_whole_and_searches_the_same() {
     assert_eq!(c.api_keys, 1, "{c:?}");
     assert_eq!(c.revoked_tokens, 1, "{c:?}");
     assert!(c.settings >= 1, "primary admin: {c:?}");
+    assert_eq!(c.presets, 1, "{c:?}");
     assert_eq!(c.collections, 1, "{c:?}");
     assert_eq!(c.files, 4, "{c:?}");
     assert!(c.chunks >= 3, "a chunk per processed file at least: {c:?}");

@@ -370,7 +370,7 @@ async fn process_text_stores_a_searchable_file_and_fills_a_collection() {
     .await;
     assert_eq!(files["total"], 1);
     // Another user's collection is not there for them; nothing is stored then.
-    let before = gw.app().store.files().unwrap().len();
+    let before = gw.app().store().files().unwrap().len();
     assert_error(
         gw.post(
             "/api/v1/retrieval/process/text",
@@ -394,7 +394,7 @@ async fn process_text_stores_a_searchable_file_and_fills_a_collection() {
         "content is larger than",
     )
     .await;
-    assert_eq!(gw.app().store.files().unwrap().len(), before);
+    assert_eq!(gw.app().store().files().unwrap().len(), before);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

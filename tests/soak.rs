@@ -208,7 +208,7 @@ async fn soak(gw: &Arc<Gateway>, token: &str, total: usize, parallel: usize, inl
     let mut rx = app.ingest.watch();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
     loop {
-        let files = app.store.files().unwrap();
+        let files = app.store().files().unwrap();
         let pending = files
             .iter()
             .filter(|f| f.status == Some(ragway::store::FileStatus::Pending))
@@ -218,7 +218,7 @@ async fn soak(gw: &Arc<Gateway>, token: &str, total: usize, parallel: usize, inl
         }
         let _ = tokio::time::timeout(Duration::from_secs(2), rx.changed()).await;
     }
-    let files = app.store.files().unwrap();
+    let files = app.store().files().unwrap();
     assert_eq!(files.len(), total, "one record per upload");
     let not_done: Vec<String> = files
         .iter()
@@ -232,7 +232,7 @@ async fn soak(gw: &Arc<Gateway>, token: &str, total: usize, parallel: usize, inl
         &not_done[..not_done.len().min(10)]
     );
     assert!(
-        app.store.queued_files().unwrap().is_empty(),
+        app.store().queued_files().unwrap().is_empty(),
         "queue drained"
     );
     let mut names: Vec<String> = std::fs::read_dir(gw.dir.path().join("uploads"))

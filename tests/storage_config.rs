@@ -1,6 +1,6 @@
 //! `[storage]` and `DATABASE_URL`: hostile and mistaken values are refused at start-up with
-//! a message naming the key and never echoing a password; a PostgreSQL backend, valid but
-//! not wired to the handlers yet, is refused by `serve` saying so.
+//! a message naming the key and never echoing a password; `serve` on PostgreSQL needs the
+//! shared JWT secret and stops, saying why, when the database cannot be reached.
 
 use std::collections::HashMap;
 use std::process::{Command, Stdio};
@@ -138,22 +138,25 @@ fn valid_storage_settings_pass_and_sqlite_database_url_is_left_to_open_webui() {
     }
 }
 
-#[test]
-fn serve_refuses_postgres_until_it_is_wired_saying_so() {
+/// Runs `serve` on a PostgreSQL URL that nothing answers (port 1): it must stop, with its
+/// error on stderr.
+fn serve_fails(secret: Option<&str>) -> String {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = ragway()
-        .args([
-            "serve",
-            "--data-dir",
-            dir.path().to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .env("DATABASE_URL", "postgres://u:secret@127.0.0.1:1/ragway")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut cmd = ragway();
+    cmd.args([
+        "serve",
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ])
+    .env("DATABASE_URL", "postgres://u:hunter2pw@127.0.0.1:1/ragway")
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
+    if let Some(s) = secret {
+        cmd.env("WEBUI_SECRET_KEY", s);
+    }
+    let mut child = cmd.spawn().unwrap();
     let deadline = Instant::now() + Duration::from_secs(120);
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
@@ -161,13 +164,25 @@ fn serve_refuses_postgres_until_it_is_wired_saying_so() {
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            panic!("serve with an unwired backend kept running");
+            panic!("serve on an unreachable database kept running");
         }
         std::thread::sleep(Duration::from_millis(100));
     };
     let mut err = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
-    assert!(!status.success());
-    assert!(err.contains("does not serve from PostgreSQL yet"), "{err}");
-    assert!(!err.contains("secret"), "{err}");
+    assert!(!status.success(), "{err}");
+    assert!(!err.contains("hunter2pw"), "the password leaked: {err}");
+    err
+}
+
+#[test]
+fn serve_on_postgres_needs_the_shared_secret() {
+    let err = serve_fails(None);
+    assert!(err.contains("WEBUI_SECRET_KEY"), "{err}");
+}
+
+#[test]
+fn serve_on_an_unreachable_postgres_stops_saying_so() {
+    let err = serve_fails(Some("a-shared-secret-for-every-replica"));
+    assert!(err.contains("cannot open PostgreSQL"), "{err}");
 }

@@ -40,7 +40,7 @@ async fn a_failing_store_is_a_server_error_not_a_404() {
     let kb: Value = r.json().await.unwrap();
     let kb_id = kb["id"].as_str().unwrap().to_string();
 
-    gw.app().store.release();
+    gw.app().store().release();
     for path in [
         format!("/api/v1/files/{file_id}"),
         format!("/api/v1/files/{file_id}/data/content"),

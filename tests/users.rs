@@ -443,7 +443,7 @@ async fn a_deleted_user_is_locked_out_at_once_and_their_data_is_gone() {
     let listed = json_ok(gw.get("/api/v1/knowledge/", Some(&friend)).await).await;
     assert_eq!(listed["total"], 2, "shared with the friend, and their own");
     assert_eq!(blobs(&gw), 2);
-    let chunks = gw.app().store.file_chunk_ids(&fid).unwrap();
+    let chunks = gw.app().store().file_chunk_ids(&fid).unwrap();
     assert!(!chunks.is_empty());
 
     assert_eq!(
@@ -470,9 +470,9 @@ async fn a_deleted_user_is_locked_out_at_once_and_their_data_is_gone() {
         NOT_FOUND,
     )
     .await;
-    assert!(gw.app().store.file_chunk_ids(&fid).unwrap().is_empty());
-    assert!(gw.app().store.chunks(&chunks).unwrap().is_empty());
-    assert_eq!(gw.app().vectors.file_len(&fid), 0);
+    assert!(gw.app().store().file_chunk_ids(&fid).unwrap().is_empty());
+    assert!(gw.app().store().chunks(&chunks).unwrap().is_empty());
+    assert_eq!(gw.app().vectors().file_len(&fid), 0);
     assert_eq!(blobs(&gw), 1, "only the friend's blob is left");
     assert_error(
         gw.get(&format!("/api/v1/knowledge/{kb}"), Some(&admin))
@@ -491,7 +491,13 @@ async fn a_deleted_user_is_locked_out_at_once_and_their_data_is_gone() {
             .await,
     )
     .await;
-    assert!(gw.app().store.pending_user_deletions().unwrap().is_empty());
+    assert!(
+        gw.app()
+            .store()
+            .pending_user_deletions()
+            .unwrap()
+            .is_empty()
+    );
     let fk = json_ok(
         gw.get(&format!("/api/v1/knowledge/{friends_kb}"), Some(&friend))
             .await,
@@ -517,7 +523,7 @@ async fn a_deletion_interrupted_by_a_crash_is_finished_at_the_next_start() {
     let fid = f["id"].as_str().unwrap().to_string();
     let kb = collection(&gw, &token, "Gone's", &[&fid]).await;
     // The crash: the user's row is removed (and the deletion recorded), nothing else yet.
-    gw.app().store.delete_user(&id).unwrap().unwrap();
+    gw.app().store().delete_user(&id).unwrap().unwrap();
     // Another user's upload lands after their deletion's sweep already finished.
     let late = gw.user(&admin, "late@example.com").await;
     let late_id = id_of(&gw, &late).await;
@@ -529,14 +535,14 @@ async fn a_deletion_interrupted_by_a_crash_is_finished_at_the_next_start() {
     )
     .await;
     let lf = lf["id"].as_str().unwrap().to_string();
-    gw.app().store.delete_user(&late_id).unwrap().unwrap();
-    gw.app().store.finish_user_deletion(&late_id).unwrap();
+    gw.app().store().delete_user(&late_id).unwrap().unwrap();
+    gw.app().store().finish_user_deletion(&late_id).unwrap();
     let survivor = upload_text(&gw, &admin, "admin.txt", "The admin's text stays.").await;
     let survivor = survivor["id"].as_str().unwrap().to_string();
     let dir = gw.stop().await;
 
     let gw = Setup::new().start_in(dir).await;
-    let store = &gw.app().store;
+    let store = &gw.app().store();
     assert!(store.file(&fid).unwrap().is_none(), "file removed at start");
     assert!(
         store.knowledge(&kb).unwrap().is_none(),

@@ -63,7 +63,7 @@ async fn wait_for_new_files(data: &Path, old: &[PathBuf]) -> Vec<PathBuf> {
 async fn wait_for_graph(gw: &Gateway, kb: &str, len: usize) -> GraphKind {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        if let Some((kind, n)) = gw.app().vectors.graph_info(kb)
+        if let Some((kind, n)) = gw.app().vectors().graph_info(kb)
             && n == len
         {
             return kind;
@@ -71,7 +71,7 @@ async fn wait_for_graph(gw: &Gateway, kb: &str, len: usize) -> GraphKind {
         assert!(
             Instant::now() < deadline,
             "no graph of {len} vectors for {kb}: {:?}",
-            gw.app().vectors.graph_info(kb)
+            gw.app().vectors().graph_info(kb)
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -79,7 +79,7 @@ async fn wait_for_graph(gw: &Gateway, kb: &str, len: usize) -> GraphKind {
 
 /// The collection's best 5 for each of a few stored chunk vectors.
 fn results(gw: &Gateway, kb: &str, probes: &[(String, u64)]) -> Vec<Vec<u64>> {
-    let v = &gw.app().vectors;
+    let v = &gw.app().vectors();
     probes
         .iter()
         .map(|(file, chunk)| {
@@ -105,7 +105,7 @@ async fn graph_survives_restarts(kind: &str, expected: GraphKind) {
     }
     let names: Vec<&str> = files.iter().map(String::as_str).collect();
     let kb = collection(&gw, &admin, "big", &names).await;
-    let store = &gw.app().store;
+    let store = &gw.app().store();
     let chunks: Vec<Vec<u64>> = files
         .iter()
         .map(|f| store.file_chunk_ids(f).unwrap())
@@ -163,8 +163,8 @@ async fn graph_survives_restarts(kind: &str, expected: GraphKind) {
     assert_eq!(r.status(), 200);
     let gone = |gw: &Gateway| {
         for (file, chunk) in &probes[1..] {
-            let q = gw.app().vectors.vector(file, *chunk).unwrap();
-            let hits = gw.app().vectors.search_collection(&kb, &q, total);
+            let q = gw.app().vectors().vector(file, *chunk).unwrap();
+            let hits = gw.app().vectors().search_collection(&kb, &q, total);
             assert!(hits.iter().all(|(id, _)| !chunks[0].contains(id)));
             assert_eq!(hits.len(), total - chunks[0].len());
         }
@@ -244,7 +244,7 @@ async fn graph_survives_restarts(kind: &str, expected: GraphKind) {
         .unwrap();
     assert_eq!(r.status(), 200);
     assert!(index_files(gw.dir.path()).is_empty());
-    assert!(gw.app().vectors.graph_info(&kb).is_none());
+    assert!(gw.app().vectors().graph_info(&kb).is_none());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -37,6 +37,7 @@ pub struct Counts {
     pub api_keys: u64,
     pub revoked_tokens: u64,
     pub settings: u64,
+    pub presets: u64,
     pub collections: u64,
     pub files: u64,
     pub chunks: u64,
@@ -49,12 +50,13 @@ pub struct Counts {
 impl Counts {
     /// Kind names and counts, in report order.
     #[must_use]
-    pub fn rows(&self) -> [(&'static str, u64); 11] {
+    pub fn rows(&self) -> [(&'static str, u64); 12] {
         [
             ("users", self.users),
             ("api keys", self.api_keys),
             ("revoked tokens", self.revoked_tokens),
             ("settings", self.settings),
+            ("model presets", self.presets),
             ("collections", self.collections),
             ("files", self.files),
             ("chunks (with vectors)", self.chunks),
@@ -192,6 +194,10 @@ async fn target_contents(dst: &Storage) -> Result<Vec<String>, StorageError> {
     if settings > 0 {
         held.push(format!("{settings} setting(s)"));
     }
+    let presets = dst.meta.presets().await?.len();
+    if presets > 0 {
+        held.push(format!("{presets} model preset(s)"));
+    }
     if !dst.queue.pending(1).await?.is_empty() {
         held.push("queued jobs".into());
     }
@@ -269,6 +275,8 @@ pub async fn migrate(
         copied.collections += 1;
     }
 
+    copied.presets = copy_presets(src, dst, &skip).await?;
+
     let files = src.meta.files().await.map_err(copy_err("files"))?;
     progress.set_length(files.len() as u64);
     let mut skipped_files = 0;
@@ -336,6 +344,46 @@ pub async fn migrate(
         sampled_files,
         sampled_vectors,
     })
+}
+
+/// Model presets (but those of users whose deletion was pending), unbounded: the source's
+/// bounds admitted them. With `--resume` a preset copied before is overwritten.
+async fn copy_presets(
+    src: &Storage,
+    dst: &Storage,
+    skip: &HashSet<String>,
+) -> Result<u64, MigrateError> {
+    let mut n = 0;
+    for p in src
+        .meta
+        .presets()
+        .await
+        .map_err(copy_err("model presets"))?
+    {
+        if skip.contains(&p.user_id) {
+            continue;
+        }
+        let what = || format!("model preset {}", p.id);
+        match dst
+            .meta
+            .insert_preset(&p, usize::MAX, usize::MAX)
+            .await
+            .map_err(copy_err(what()))?
+        {
+            Ok(()) => {}
+            Err(crate::store::PresetRefusal::IdTaken) => {
+                dst.meta.update_preset(&p).await.map_err(copy_err(what()))?;
+            }
+            Err(refusal) => {
+                return Err(MigrateError::Copy {
+                    what: what(),
+                    source: StorageError::Postgres(format!("refused: {refusal:?}")),
+                });
+            }
+        }
+        n += 1;
+    }
+    Ok(n)
 }
 
 /// Users, settings (the primary admin among them), API keys and revoked sessions.
@@ -547,6 +595,13 @@ async fn census(s: &Storage, skip: &HashSet<String>) -> Result<Counts, StorageEr
     }
     c.revoked_tokens = s.meta.revoked_tokens().await?.len() as u64;
     c.settings = s.meta.all_settings().await?.len() as u64;
+    c.presets = s
+        .meta
+        .presets()
+        .await?
+        .iter()
+        .filter(|p| !skip.contains(&p.user_id))
+        .count() as u64;
     let files: HashSet<String> = s
         .meta
         .files()
@@ -607,6 +662,19 @@ async fn verify(
             "counts differ ({})",
             diff.join("; ")
         )));
+    }
+    let presets = |s: &'static str, v: Vec<crate::store::PresetRecord>| {
+        v.into_iter()
+            .filter(|p| !skip.contains(&p.user_id))
+            .map(|p| {
+                serde_json::to_value(&p).map_err(|e| MigrateError::Verify(format!("{s}: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let want = presets("source", src.meta.presets().await.map_err(read("source"))?)?;
+    let got = presets("target", dst.meta.presets().await.map_err(read("target"))?)?;
+    if want != got {
+        return Err(MigrateError::Verify("model presets differ".into()));
     }
     let files: Vec<FileRecord> = src
         .meta

@@ -61,6 +61,9 @@ pub struct StorageFile {
     pub url: Option<String>,
     /// Connections per replica.
     pub pool_size: Option<usize>,
+    /// Where uploaded files' bytes go: a directory (shared by every replica on
+    /// PostgreSQL). Unset: `<data-dir>/uploads` embedded, the database on PostgreSQL.
+    pub blob_dir: Option<std::path::PathBuf>,
 }
 
 /// `[limits]`: defaults for every API key (`key-*`) and every user (`user-*`); 0 or unset
@@ -188,6 +191,9 @@ pub struct RagFile {
     pub extractor: Option<String>,
     /// How long `file/add` waits for a file that is still processing.
     pub file_add_wait: Option<String>,
+    /// How long a processing claim holds a file without a heartbeat: after a crash, the
+    /// file waits this long for another worker (or replica).
+    pub ingest_lease: Option<String>,
     /// Collections with more vectors than this get an HNSW graph; smaller ones are searched
     /// exactly.
     pub hnsw_threshold: Option<usize>,

@@ -161,6 +161,8 @@ pub struct RagConfig {
     /// How files are extracted: inflation limits, child process, memory and time limits.
     pub extraction: crate::extract::isolate::Options,
     pub file_add_wait: Duration,
+    /// How long a processing claim holds a file without a heartbeat (`rag.ingest-lease`).
+    pub ingest_lease: Duration,
     pub hnsw_threshold: usize,
     pub vector_index: crate::index::GraphKind,
     pub top_k: usize,
@@ -262,6 +264,9 @@ pub struct StorageConfig {
     pub url: Option<String>,
     /// Pooled connections per replica (`postgres` only).
     pub pool_size: usize,
+    /// Uploaded files' bytes in this directory; `None`: `<data-dir>/uploads` embedded, the
+    /// database on PostgreSQL.
+    pub blob_dir: Option<std::path::PathBuf>,
 }
 
 /// Not derived: the URL may hold a password, and configs get logged.
@@ -271,6 +276,7 @@ impl std::fmt::Debug for StorageConfig {
             .field("backend", &self.backend)
             .field("url", &self.url.as_ref().map(|_| "<redacted>"))
             .field("pool_size", &self.pool_size)
+            .field("blob_dir", &self.blob_dir)
             .finish()
     }
 }
@@ -761,11 +767,18 @@ fn storage_config(f: file::StorageFile, env: &dyn EnvSource) -> Result<StorageCo
             "storage.pool-size: {pool_size} is out of range (1 to 1000)"
         ));
     }
+    if f.blob_dir
+        .as_ref()
+        .is_some_and(|d| d.as_os_str().is_empty())
+    {
+        return err("storage.blob-dir: empty; leave it out to use the default");
+    }
     if backend == StorageBackend::Embedded {
         return Ok(StorageConfig {
             backend,
             url: None,
             pool_size,
+            blob_dir: f.blob_dir,
         });
     }
     let Some(url) = url else {
@@ -779,6 +792,7 @@ fn storage_config(f: file::StorageFile, env: &dyn EnvSource) -> Result<StorageCo
         backend,
         url: Some(url),
         pool_size,
+        blob_dir: f.blob_dir,
     })
 }
 
@@ -1071,6 +1085,16 @@ fn rag_config(
     if inline_queue == 0 {
         return err("rag.inline-queue: must be at least 1");
     }
+    let ingest_lease = duration(
+        "rag.ingest-lease",
+        r.ingest_lease.as_deref().unwrap_or("60s"),
+    )?;
+    if !(Duration::from_secs(3)..=Duration::from_hours(1)).contains(&ingest_lease) {
+        return err(
+            "rag.ingest-lease: from 3s (heartbeats every third of it) to 1h (a crashed \
+             worker's file waits this long)",
+        );
+    }
     let file_add_wait = duration(
         "rag.file-add-wait",
         r.file_add_wait.as_deref().unwrap_or("60s"),
@@ -1179,6 +1203,7 @@ fn rag_config(
             inline_queue,
             extraction,
             file_add_wait,
+            ingest_lease,
             hnsw_threshold,
             vector_index,
             top_k,

@@ -207,7 +207,13 @@ impl Ingest {
             extraction: rag.extraction.clone(),
             upload_dir: config.data_dir.join("uploads"),
             workers: rag.workers,
-            timing: QueueTiming::default(),
+            timing: QueueTiming {
+                lease: rag.ingest_lease,
+                // An idle worker looks again at least once per lease, so that a crashed
+                // replica's file is taken over soon after its lease runs out.
+                poll: QueueTiming::default().poll.min(rag.ingest_lease),
+                ..QueueTiming::default()
+            },
             status,
             wake: Notify::new(),
             running: Mutex::new(HashSet::new()),

@@ -260,7 +260,6 @@ pub struct Retriever<'a> {
     pub meta: &'a dyn Metadata,
     pub chunks: &'a dyn Chunks,
     pub ingest: &'a Ingest,
-    pub vectors: &'a crate::ingest::vectors::VectorStore,
 }
 
 /// Ranks chunk ids of `scope` for one query. `vector` is needed unless `mode` is BM25.

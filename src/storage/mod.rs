@@ -10,9 +10,8 @@
 //! are async because a network backend needs it; the embedded backend answers without
 //! awaiting anything, so it costs what the direct calls cost.
 //!
-//! Not wired yet: the handlers still call `Store` and `VectorStore` directly. [`Storage`]
-//! bundles one backend's implementations so that the wiring can swap `app.store.x(..)` for
-//! `app.storage.meta.x(..).await` call by call.
+//! [`Storage`] bundles one backend's implementations; `App::open` builds the configured
+//! one, and services and handlers see nothing else.
 
 pub mod embedded;
 pub mod postgres;
@@ -357,25 +356,6 @@ pub struct Storage {
     pub blobs: Arc<dyn Blobs>,
     pub counters: Arc<dyn Counters>,
     pub signals: Arc<dyn Signals>,
-}
-
-/// Refuses to start on a backend the server does not serve from yet, saying so, rather
-/// than silently using the embedded store while the operator believes replicas share a
-/// database.
-///
-/// # Errors
-/// `[storage] backend = "postgres"` (or a PostgreSQL `DATABASE_URL`) is configured.
-pub fn check_wired(config: &crate::config::StorageConfig) -> Result<(), String> {
-    match config.backend {
-        crate::config::StorageBackend::Embedded => Ok(()),
-        crate::config::StorageBackend::Postgres => Err(
-            "storage backend \"postgres\" is configured (storage.backend or DATABASE_URL), but \
-             this ragway does not serve from PostgreSQL yet: the backend exists and passes its \
-             tests (ragway::storage::postgres), the request handlers are not wired to it. \
-             Remove [storage] backend / DATABASE_URL, or set backend = \"embedded\"."
-                .to_string(),
-        ),
-    }
 }
 
 /// Signals buffered per subscriber before it lags.

@@ -107,6 +107,12 @@ impl Server {
         status_kib(self.pid(), "VmRSS:")
     }
 
+    /// Kills the process at once (SIGKILL: no clean-up, as in a crash) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Whether the process is still running (not exited, not a zombie).
     pub fn alive(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()

@@ -97,7 +97,12 @@ async fn collection_writer_cannot_delete_owners_file() {
         .await
         .unwrap();
     clear_error(r, 403).await;
-    let rec = w.gw.app().store.file(&w.file).unwrap().expect("file kept");
+    let rec =
+        w.gw.app()
+            .store()
+            .file(&w.file)
+            .unwrap()
+            .expect("file kept");
     assert!(std::path::Path::new(&rec.path).exists(), "blob kept");
     // B can still read it through the collection.
     json_ok(
@@ -126,7 +131,7 @@ async fn reader_cannot_add_owners_file_to_own_collection() {
         .await;
     let v = clear_error(r, 403).await;
     assert!(v["detail"].as_str().unwrap().contains("owner"), "{v}");
-    assert!(w.gw.app().store.knowledge_files(&own).unwrap().is_empty());
+    assert!(w.gw.app().store().knowledge_files(&own).unwrap().is_empty());
     alive(&w.gw).await;
 }
 
@@ -164,7 +169,7 @@ async fn sharing_is_the_owners_and_public_is_the_admins() {
     .await;
     clear_error(upd(w.b.clone(), json!([])).await, 403).await;
     clear_error(upd(w.b.clone(), public.clone()).await, 403).await;
-    let kb = w.gw.app().store.knowledge(&w.kb).unwrap().unwrap();
+    let kb = w.gw.app().store().knowledge(&w.kb).unwrap().unwrap();
     assert_eq!(kb.access_grants.len(), 2, "grants unchanged");
     // Sending the same grants back (a rename) is not a sharing change.
     json_ok(

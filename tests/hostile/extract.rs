@@ -312,7 +312,7 @@ async fn huge_header_line_is_chunked_with_bounded_metadata() {
     let file = process(&gw, &admin, "header.txt", text.as_bytes()).await;
     assert_eq!(file["data"]["status"], "completed", "{file}");
     let id = file["id"].as_str().unwrap();
-    let store = &gw.app().store;
+    let store = &gw.app().store();
     let chunks = store.chunks(&store.file_chunk_ids(id).unwrap()).unwrap();
     assert!(chunks.len() > 40, "{} chunks", chunks.len());
     for (_, c) in &chunks {

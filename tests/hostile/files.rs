@@ -62,7 +62,7 @@ async fn refused_400(ct: &str, body: Vec<u8>) {
         "nothing stored: {:?}",
         uploads(&gw)
     );
-    assert!(gw.app().store.files().unwrap().is_empty());
+    assert!(gw.app().store().files().unwrap().is_empty());
     support::alive(&gw).await;
 }
 
@@ -218,7 +218,7 @@ async fn metadata_that_is_not_a_json_object_is_400() {
     )
     .await;
     assert!(uploads(&gw).is_empty(), "{:?}", uploads(&gw));
-    assert!(gw.app().store.files().unwrap().is_empty());
+    assert!(gw.app().store().files().unwrap().is_empty());
     support::alive(&gw).await;
 }
 
@@ -259,7 +259,7 @@ async fn oversized_file_is_413_with_and_without_content_length() {
         "temp files removed: {:?}",
         uploads(&gw)
     );
-    assert!(gw.app().store.files().unwrap().is_empty());
+    assert!(gw.app().store().files().unwrap().is_empty());
     support::alive(&gw).await;
 }
 
@@ -560,9 +560,9 @@ async fn status_stream_of_an_unprocessed_file_ends() {
     );
     // A pending record that nothing will ever process (not queued, not running) ends too.
     let app = gw.app();
-    let mut f = app.store.file(&id).unwrap().unwrap();
+    let mut f = app.store().file(&id).unwrap().unwrap();
     f.status = Some(ragway::store::FileStatus::Pending);
-    app.store.update_file(&f).unwrap();
+    app.store().update_file(&f).unwrap();
     let r = gw
         .get(
             &format!("/api/v1/files/{id}/process/status?stream=true"),

@@ -342,7 +342,7 @@ async fn hostile_retrieval_requests_are_refused() {
         alive(&gw).await;
     }
     assert_eq!(
-        gw.app().store.files().unwrap().len(),
+        gw.app().store().files().unwrap().len(),
         1,
         "no refused request stored a file"
     );

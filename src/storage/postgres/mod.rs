@@ -297,9 +297,9 @@ impl Pg {
     /// As [`connect`].
     pub async fn connect(url: &str, options: PgOptions) -> Result<Pg> {
         let cfg = parse_url(url).map_err(StorageError::Postgres)?;
-        let manager = Manager::from_config(
+        let manager = Manager::from_connect(
             cfg.clone(),
-            NoTls,
+            ConnectOn(tokio::runtime::Handle::current()),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -382,6 +382,57 @@ impl Pg {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(dim);
         Ok(())
+    }
+}
+
+/// Opens pooled connections on the runtime the backend was connected on, whichever
+/// runtime asks the pool for one. A connection belongs to the runtime that opened it (its
+/// socket and its driver task): opened on a server thread's runtime it would die with that
+/// runtime while the pool still holds it.
+struct ConnectOn(tokio::runtime::Handle);
+
+impl deadpool_postgres::Connect for ConnectOn {
+    fn connect(
+        &self,
+        cfg: &tokio_postgres::Config,
+    ) -> futures_util::future::BoxFuture<
+        '_,
+        std::result::Result<
+            (tokio_postgres::Client, tokio::task::JoinHandle<()>),
+            tokio_postgres::Error,
+        >,
+    > {
+        let cfg = cfg.clone();
+        let home = self.0.clone();
+        Box::pin(async move {
+            let spawner = home.clone();
+            let opening = cfg.clone();
+            let opened = home
+                .spawn(async move {
+                    let (client, conn) = opening.connect(NoTls).await?;
+                    let driver = spawner.spawn(drive(conn));
+                    Ok((client, driver))
+                })
+                .await;
+            match opened {
+                Ok(made) => made,
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                // The home runtime is shutting down (the process ends): this caller's
+                // runtime serves the little that is left.
+                Err(_) => {
+                    let (client, conn) = cfg.connect(NoTls).await?;
+                    Ok((client, tokio::spawn(drive(conn))))
+                }
+            }
+        })
+    }
+}
+
+async fn drive(
+    conn: tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>,
+) {
+    if let Err(e) = conn.await {
+        tracing::warn!(error = %e, "PostgreSQL connection ended");
     }
 }
 
