@@ -68,7 +68,7 @@ async fn fresh_database(admin_url: &str) -> String {
 async fn replica(db: &str, upstream: &str, extra: &str) -> Server {
     Server::start(
         &format!(
-            "[[ollama]]\nurl = \"{upstream}\"\n[auth]\nsignin-attempts = 3\n\
+            "[[ollama]]\nurl = \"{upstream}\"\n[auth]\nsignin-attempts = 3\ndefault-user-role = \"user\"\n\
              [rag]\ningest-lease = \"3s\"\nworkers = 1\n{extra}"
         ),
         &[
@@ -292,7 +292,53 @@ async fn replicas_share_accounts_keys_files_limits_and_the_queue() {
         "the fourth attempt, on B, is over the shared limit: {v}"
     );
 
-    drop(pg);
+    drop((pg, a, b));
+    let _ = client_of(&admin)
+        .await
+        .batch_execute(&format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            db.rsplit('/').next().unwrap()
+        ))
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_on_a_shared_blob_dir_are_read_by_every_replica() {
+    let Some(admin) = postgres_url() else { return };
+    let db = fresh_database(&admin).await;
+    let upstream = FakeUpstream::ollama(&["llama3:latest"]).await;
+    let shared = tempfile::tempdir().unwrap();
+    let extra = format!(
+        "[storage]\nblob-dir = {:?}\n",
+        shared.path().display().to_string()
+    );
+    let a = replica(&db, &upstream.url, &extra).await;
+    let b = replica(&db, &upstream.url, &extra).await;
+    let token = signup(&a.url, "admin@example.com").await;
+    let text = "Blobs on shared storage stay files, readable by every replica.";
+    let id = upload(&a.url, &token, "shared.txt", text).await;
+    let names: Vec<String> = std::fs::read_dir(shared.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        names.iter().any(|n| n.starts_with(&id)),
+        "the upload is a file in the shared directory: {names:?}"
+    );
+    let r = http_client()
+        .get(format!("{}/api/v1/files/{id}/content", b.url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), text, "B serves A's upload");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while status_of(&b.url, &token, &id).await != "completed" {
+        assert!(Instant::now() < deadline, "the upload was never processed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop((a, b));
     let _ = client_of(&admin)
         .await
         .batch_execute(&format!(

@@ -92,6 +92,11 @@ fn hostile_storage_settings_are_refused_naming_the_key() {
             "storage.pool-size",
         ),
         ("[storage]\npasword = \"x\"\n", None, "pasword"),
+        ("[storage]\nblob-dir = \"\"\n", None, "storage.blob-dir"),
+        ("[storage]\nblob-dir = 7\n", None, "blob-dir"),
+        ("[rag]\ningest-lease = \"1s\"\n", None, "rag.ingest-lease"),
+        ("[rag]\ningest-lease = \"2h\"\n", None, "rag.ingest-lease"),
+        ("[rag]\ningest-lease = \"soon\"\n", None, "rag.ingest-lease"),
         ("[storage]\nbackend = 5\n", None, "backend"),
         (
             "",
@@ -123,6 +128,8 @@ fn valid_storage_settings_pass_and_sqlite_database_url_is_left_to_open_webui() {
         ("", None),
         ("[storage]\nbackend = \"embedded\"\npool-size = 4\n", None),
         ("", Some("sqlite:///app/backend/data/webui.db")),
+        ("[storage]\nblob-dir = \"/srv/shared/uploads\"\n", None),
+        ("[rag]\ningest-lease = \"10s\"\n", None),
         (
             "[storage]\nbackend = \"postgres\"\nurl = \"postgres://u:pw@127.0.0.1:5432/ragway\"\n",
             None,

@@ -432,7 +432,7 @@ async fn drive(
     conn: tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>,
 ) {
     if let Err(e) = conn.await {
-        tracing::warn!(error = %e, "PostgreSQL connection ended");
+        tracing::warn!(error = %pg_err(&e), "PostgreSQL connection ended");
     }
 }
 
@@ -460,7 +460,7 @@ async fn listen(
                             }
                             Ok(_) => {}
                             Err(e) => {
-                                tracing::warn!(error = %e, "signal listener connection failed");
+                                tracing::warn!(error = %pg_err(&e), "signal listener connection failed");
                                 break;
                             }
                         }
@@ -484,7 +484,7 @@ async fn listen(
                 driver.abort();
                 drop(client);
             }
-            Err(e) => tracing::warn!(error = %e, "signal listener cannot connect"),
+            Err(e) => tracing::warn!(error = %pg_err(&e), "signal listener cannot connect"),
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
