@@ -54,7 +54,7 @@ static CREDS: LazyLock<Creds> = LazyLock::new(|| {
         &ragway::config::Overrides::default(),
     )
     .expect("default config");
-    let index = Arc::new(ragway::ingest::vectors::VectorStore::new(
+    let index = Arc::new(ragway::storage::embedded::vectors::VectorStore::new(
         10_000,
         ragway::index::GraphKind::Usearch,
         None,

@@ -141,7 +141,7 @@ fn main() {
                     })
                     .collect();
                 let text = text.join(" ");
-                terms.push(serde_json::to_string(&ragway::rag::bm25::TermCounts::of(&text)).unwrap());
+                terms.push(serde_json::to_string(&ragway::index::bm25::TermCounts::of(&text)).unwrap());
                 recs.push(ragway::store::ChunkRecord { file_id: id.clone(), index: i, text, start_index: 0, page: None, headers: vec![] });
                 let mut v: Vec<f32> = (0..dim).map(|_| rng.unit()).collect();
                 let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();

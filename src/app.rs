@@ -48,7 +48,7 @@ pub struct App {
 /// The redb store and its in-process indexes behind the embedded [`crate::storage::Storage`].
 struct EmbeddedParts {
     store: Arc<Store>,
-    vectors: Arc<crate::ingest::vectors::VectorStore>,
+    vectors: Arc<crate::storage::embedded::vectors::VectorStore>,
 }
 
 /// A runtime of its own for the PostgreSQL backend: its pooled connections and its LISTEN
@@ -216,8 +216,13 @@ fn open_storage(
                 }
             })?);
             let vectors = Arc::new(
-                crate::ingest::vectors::VectorStore::open(config, &store)
-                    .map_err(StartError::Index)?,
+                crate::storage::embedded::vectors::VectorStore::open(
+                    config.rag.hnsw_threshold,
+                    config.rag.vector_index,
+                    config.data_dir.join("index"),
+                    &store,
+                )
+                .map_err(StartError::Index)?,
             );
             let storage = crate::storage::embedded::storage(
                 store.clone(),
@@ -403,7 +408,7 @@ impl App {
     /// # Panics
     /// On the PostgreSQL backend, which has none.
     #[must_use]
-    pub fn vectors(&self) -> &Arc<crate::ingest::vectors::VectorStore> {
+    pub fn vectors(&self) -> &Arc<crate::storage::embedded::vectors::VectorStore> {
         &self.embedded_parts().vectors
     }
 

@@ -444,7 +444,7 @@ async fn a_crash_during_parallel_embedding_leaves_every_file_completed_or_requeu
 
     // Store and index agree on every file: all chunks, each once, with its vector.
     let store = Store::open(&dir.path().join("data/ragway.redb")).unwrap();
-    let vectors = ragway::ingest::vectors::VectorStore::new(
+    let vectors = ragway::storage::embedded::vectors::VectorStore::new(
         usize::MAX,
         ragway::index::GraphKind::default(),
         None,

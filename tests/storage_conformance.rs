@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ragway::index::GraphKind;
-use ragway::ingest::vectors::VectorStore;
 use ragway::library::{Added, Content, Library, LibraryError, NewFile};
+use ragway::storage::embedded::vectors::VectorStore;
 use ragway::storage::postgres::{self, PgOptions};
 use ragway::storage::{Job, Retry, Scope, Signal, Storage, StorageError, embedded};
 use ragway::store::{
@@ -2027,7 +2027,7 @@ async fn similarities_and_vectors_answer_in_the_order_asked(s: &Storage) {
 }
 
 async fn tuned_bm25_is_bm25_or_refused(s: &Storage) {
-    use ragway::rag::bm25::Bm25Params;
+    use ragway::index::bm25::Bm25Params;
     let (a, a_ids) = processed(
         s,
         "u",

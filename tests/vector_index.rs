@@ -214,7 +214,11 @@ async fn graph_survives_restarts(kind: &str, expected: GraphKind) {
     let (path, kb2) = (dir.path().to_path_buf(), kb.clone());
     let loaded = std::thread::spawn(move || {
         let store = ragway::store::Store::open(&path.join("ragway.redb")).unwrap();
-        let vs = ragway::ingest::vectors::VectorStore::new(30, expected, Some(path.join("index")));
+        let vs = ragway::storage::embedded::vectors::VectorStore::new(
+            30,
+            expected,
+            Some(path.join("index")),
+        );
         vs.load(&store).unwrap();
         let deadline = Instant::now() + Duration::from_secs(60);
         while vs.graph_info(&kb2).is_none() && Instant::now() < deadline {

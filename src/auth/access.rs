@@ -134,7 +134,7 @@ mod tests {
     async fn a_failing_store_is_an_error_not_a_refusal() {
         let dir = tempfile::tempdir().unwrap();
         let store = std::sync::Arc::new(Store::open(&dir.path().join("t.redb")).unwrap());
-        let index = std::sync::Arc::new(crate::ingest::vectors::VectorStore::new(
+        let index = std::sync::Arc::new(crate::storage::embedded::vectors::VectorStore::new(
             10_000,
             crate::index::GraphKind::Usearch,
             None,

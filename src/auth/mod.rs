@@ -477,7 +477,7 @@ mod tests {
     /// An embedded storage in `dir`.
     pub(crate) fn storage(dir: &tempfile::TempDir) -> Storage {
         let store = Arc::new(crate::store::Store::open(&dir.path().join("t.redb")).unwrap());
-        let index = Arc::new(crate::ingest::vectors::VectorStore::new(
+        let index = Arc::new(crate::storage::embedded::vectors::VectorStore::new(
             10_000,
             crate::index::GraphKind::Usearch,
             None,

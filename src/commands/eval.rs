@@ -633,7 +633,7 @@ pub fn variants(modes: &[Mode], grid: &Grid, configured: Fuse) -> Vec<Variant> {
                                         fuse: Fuse {
                                             fusion,
                                             bm25_weight,
-                                            bm25: crate::rag::bm25::Bm25Params { k1, b },
+                                            bm25: crate::index::bm25::Bm25Params { k1, b },
                                             file_weight,
                                             prf,
                                         },

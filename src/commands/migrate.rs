@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::index::GraphKind;
-use crate::ingest::vectors::VectorStore;
+use crate::storage::embedded::vectors::VectorStore;
 use crate::storage::postgres::{self, PgOptions};
 use crate::storage::{Storage, StorageError, check_key, embedded};
 use crate::store::{FileRecord, Store, StoreError, UsageCounts, UsageKey, User};

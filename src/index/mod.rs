@@ -124,6 +124,7 @@
 //! easier than uniform random vectors (stack.md measured recall 0.91–0.97 there); real
 //! embeddings were easier still (table above).
 
+pub mod bm25;
 mod collection;
 mod exact;
 mod graph;

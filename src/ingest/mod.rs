@@ -12,8 +12,6 @@
 //! logged, counted (`ragway_ingest_storage_errors_total`) and retried, and a file that keeps
 //! failing is recorded as failed: no file stays `pending` with nobody working on it.
 
-pub mod vectors;
-
 use std::collections::HashSet;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -947,7 +945,7 @@ mod tests {
         config.data_dir = dir.path().to_path_buf();
         config.rag.workers = workers;
         let store = Arc::new(Store::open(&dir.path().join("t.redb")).unwrap());
-        let index = Arc::new(vectors::VectorStore::new(
+        let index = Arc::new(crate::storage::embedded::vectors::VectorStore::new(
             10_000,
             crate::index::GraphKind::Usearch,
             None,
@@ -1190,7 +1188,7 @@ mod tests {
             scope: &Scope,
             query: &str,
             k: usize,
-            params: crate::rag::bm25::Bm25Params,
+            params: crate::index::bm25::Bm25Params,
         ) -> crate::storage::Result<Option<Vec<Hit>>> {
             self.inner
                 .lexical_search_with(scope, query, k, params)

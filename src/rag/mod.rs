@@ -6,7 +6,6 @@
 //! and injects it. The same search functions serve `ragway eval`, so the quality measured
 //! there is the quality chat gets.
 
-pub mod bm25;
 pub mod budget;
 mod error;
 pub mod prompt;
@@ -81,7 +80,7 @@ impl Scope<'_> {
 pub struct Fuse {
     pub fusion: Fusion,
     pub bm25_weight: f32,
-    pub bm25: bm25::Bm25Params,
+    pub bm25: crate::index::bm25::Bm25Params,
     /// Weight of a file's other candidate chunks in each chunk's score (0: best chunk only).
     pub file_weight: f32,
     /// Weight of the top dense hits' mean vector added to the query vector for a second
@@ -94,7 +93,7 @@ impl Fuse {
         Fuse {
             fusion: cfg.fusion,
             bm25_weight: cfg.bm25_weight,
-            bm25: bm25::Bm25Params {
+            bm25: crate::index::bm25::Bm25Params {
                 k1: cfg.bm25_k1,
                 b: cfg.bm25_b,
             },
@@ -108,7 +107,7 @@ impl Default for Fuse {
         Fuse {
             fusion: Fusion::Convex,
             bm25_weight: 0.5,
-            bm25: bm25::Bm25Params::default(),
+            bm25: crate::index::bm25::Bm25Params::default(),
             file_weight: 0.0,
             prf: 0.0,
         }
@@ -301,7 +300,7 @@ pub async fn rank(
     };
     let lexical = async {
         // The defaults go through the plain search, which every backend has.
-        if fuse.bm25 == bm25::Bm25Params::default() {
+        if fuse.bm25 == crate::index::bm25::Bm25Params::default() {
             return Ok(chunks.lexical_search(within, query, n).await?);
         }
         chunks

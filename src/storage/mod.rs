@@ -2,7 +2,7 @@
 //!
 //! Two backends implement every trait:
 //! - [`embedded`]: the redb [`Store`](crate::store::Store), the in-process vector and BM25
-//!   indexes ([`VectorStore`](crate::ingest::vectors::VectorStore)) and in-memory leases,
+//!   indexes ([`VectorStore`](crate::storage::embedded::vectors::VectorStore)) and in-memory leases,
 //!   counters and signals. One process; the default.
 //! - [`postgres`]: PostgreSQL + pgvector, shared by any number of replicas.
 //!
@@ -23,7 +23,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use crate::rag::bm25::Bm25Params;
+use crate::index::bm25::Bm25Params;
 use crate::store::{
     ApiKeyRecord, ChunkRecord, FileRecord, FileStatus, KnowledgeRecord, PresetRecord,
     PresetRefusal, StoreError, UsageCounts, UsageKey, User,

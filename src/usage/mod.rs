@@ -658,7 +658,7 @@ mod tests {
 
     fn meta(dir: &tempfile::TempDir) -> Arc<dyn Metadata> {
         let store = Arc::new(crate::store::Store::open(&dir.path().join("t.redb")).unwrap());
-        let index = Arc::new(crate::ingest::vectors::VectorStore::new(
+        let index = Arc::new(crate::storage::embedded::vectors::VectorStore::new(
             10_000,
             crate::index::GraphKind::Usearch,
             None,

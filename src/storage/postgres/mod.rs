@@ -27,7 +27,7 @@ use super::{
     Blobs, ChunkRef, Chunks, Counters, Hit, Job, Metadata, Result, Retry, SIGNAL_CAPACITY, Scope,
     Signal, Signals, Storage, StorageError, UserChange, WorkQueue, check_key,
 };
-use crate::rag::bm25::{Bm25Params, TermCounts};
+use crate::index::bm25::{Bm25Params, TermCounts};
 use crate::store::{
     ApiKeyRecord, ChunkRecord, FileRecord, KnowledgeRecord, PRIMARY_ADMIN, PresetRecord,
     PresetRefusal, Role, UsageCounts, UsageKey, User, now_secs,
@@ -1613,7 +1613,7 @@ impl Pg {
         k: usize,
         params: Bm25Params,
     ) -> Result<Vec<Hit>> {
-        let mut terms = crate::rag::bm25::terms(query);
+        let mut terms = crate::index::bm25::terms(query);
         terms.sort();
         terms.dedup();
         terms.truncate(MAX_QUERY_TERMS);

@@ -5,6 +5,8 @@
 //! died with the process), a counter (forgetting sign-in attempts only helps users), a
 //! signal (every cache is empty after a restart).
 
+pub mod vectors;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -17,8 +19,8 @@ use super::{
     Blobs, ChunkRef, Chunks, Counters, Hit, Job, Metadata, Result, Retry, SIGNAL_CAPACITY, Scope,
     Signal, Signals, Storage, StorageError, UserChange, WorkQueue, check_key,
 };
-use crate::ingest::vectors::VectorStore;
-use crate::rag::bm25::{Bm25Params, TermCounts};
+use crate::index::bm25::{Bm25Params, TermCounts};
+use crate::storage::embedded::vectors::VectorStore;
 use crate::store::{
     ApiKeyRecord, ChunkRecord, FileRecord, KnowledgeRecord, PresetRecord, PresetRefusal, Store,
     UsageCounts, UsageKey, User,

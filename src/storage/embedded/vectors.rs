@@ -19,8 +19,8 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
+use crate::index::bm25::{Bm25Index, TermCounts};
 use crate::index::{CollectionIndex, ExactIndex, Graph, GraphKind, VectorIndex};
-use crate::rag::bm25::{Bm25Index, TermCounts};
 use crate::store::Store;
 
 /// One processed file's chunks.
@@ -68,22 +68,19 @@ impl VectorStore {
         }
     }
 
-    /// The embedded backend's index as configured (`rag.hnsw-threshold`, `rag.vector-index`,
-    /// graphs saved under the data dir), loaded from the store: built once at start-up and
-    /// handed to [`crate::storage::embedded::storage`].
+    /// The embedded backend's index, loaded from the store: collections of more than
+    /// `hnsw_threshold` vectors get a `kind` graph, saved under `graph_dir`. Built once at
+    /// start-up and handed to [`crate::storage::embedded::storage`].
     ///
     /// # Errors
     /// The store failed.
     pub fn open(
-        config: &crate::config::Config,
+        hnsw_threshold: usize,
+        kind: GraphKind,
+        graph_dir: std::path::PathBuf,
         store: &Store,
     ) -> crate::store::Result<VectorStore> {
-        let rag = &config.rag;
-        let index = VectorStore::new(
-            rag.hnsw_threshold,
-            rag.vector_index,
-            Some(config.data_dir.join("index")),
-        );
+        let index = VectorStore::new(hnsw_threshold, kind, Some(graph_dir));
         let n = index.load(store)?;
         tracing::info!(vectors = n, "vector index loaded");
         Ok(index)
@@ -308,7 +305,7 @@ impl VectorStore {
         file_id: &str,
         query: &str,
         k: usize,
-        params: crate::rag::bm25::Bm25Params,
+        params: crate::index::bm25::Bm25Params,
     ) -> Vec<(u64, f32)> {
         self.file(file_id)
             .map(|f| f.bm25.search_with(query, k, params))
@@ -321,7 +318,7 @@ impl VectorStore {
         kb: &str,
         query: &str,
         k: usize,
-        params: crate::rag::bm25::Bm25Params,
+        params: crate::index::bm25::Bm25Params,
     ) -> Vec<(u64, f32)> {
         match self.collection(kb) {
             Some(c) => c
