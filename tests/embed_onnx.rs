@@ -140,9 +140,15 @@ async fn onnx_matches_independent_reference() {
             "cosine {c:.5}  {:?}",
             r.text.chars().take(50).collect::<String>()
         );
-        // The int8 kernels quantise each run's activations with one scale: a text of a few
-        // tokens drifts most ("hello", 3 tokens: 0.985; 9 tokens and more: >= 0.993).
-        let bound = if r.tokens < 8 { 0.98 } else { 0.99 };
+        // The int8 kernels quantise each run's activations with one scale (per batch, so a
+        // short text shares the scale of the longer ones run with it): a text of a few
+        // tokens drifts most. Seen: "hello" (3 tokens) 0.985; 9 tokens 0.9898 on an AVX2-only
+        // AMD EPYC, 0.993 elsewhere; 16 tokens and more >= 0.993.
+        let bound = match r.tokens {
+            0..8 => 0.98,
+            8..16 => 0.985,
+            _ => 0.99,
+        };
         assert!(c >= bound, "cosine {c} < {bound} for {:?}", r.text);
         worst = worst.min(c);
     }
