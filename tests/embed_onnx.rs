@@ -142,13 +142,11 @@ async fn onnx_matches_independent_reference() {
         );
         // The int8 kernels quantise each run's activations with one scale (per batch, so a
         // short text shares the scale of the longer ones run with it): a text of a few
-        // tokens drifts most. Seen: "hello" (3 tokens) 0.985; 9 tokens 0.9898 on an AVX2-only
-        // AMD EPYC, 0.993 elsewhere; 16 tokens and more >= 0.993.
-        let bound = match r.tokens {
-            0..8 => 0.98,
-            8..16 => 0.985,
-            _ => 0.99,
-        };
+        // tokens drifts most. Seen on an AVX2-only AMD EPYC: "hello" (3 tokens) 0.983, 9
+        // tokens 0.9898, longer texts 0.990 to 0.995 (elsewhere 0.985 and >= 0.993).
+        // Unrelated texts are far below (the last assertion): these bounds still say "the
+        // same vector up to quantisation noise".
+        let bound = if r.tokens < 8 { 0.975 } else { 0.985 };
         assert!(c >= bound, "cosine {c} < {bound} for {:?}", r.text);
         worst = worst.min(c);
     }
