@@ -157,17 +157,20 @@ class Postgres:
         return f"PostgreSQL {v}" + (f" + pgvector {vec[0][0]}" if vec else "")
 
     def xacts(self, db):
-        """(transactions, rows inserted + updated + deleted) of db so far. Backends flush
-        their counters about once a second: read until two reads agree."""
+        """(transactions, rows inserted + updated + deleted) of db so far, once the counters
+        are settled. A busy backend flushes its counters at most once a second; what it
+        counted in its last second before going idle is flushed 10 s later
+        (PGSTAT_IDLE_INTERVAL): wait that out, then read until two reads agree."""
         q = (f"SELECT xact_commit + xact_rollback, tup_inserted + tup_updated + tup_deleted "
              f"FROM pg_stat_database WHERE datname = '{db}'")
+        time.sleep(10.5)
         last = None
         for _ in range(20):
-            time.sleep(1.1)
             now = tuple(int(x) for x in self.sql(q)[0])
             if now == last:
                 return now
             last = now
+            time.sleep(1.1)
         return last
 
     def connections(self, db):
@@ -388,20 +391,31 @@ class Bench:
         return res, notes
 
     def round_trips(self, p):
-        """Database transactions and rows written per proxied request on PostgreSQL."""
+        """Database transactions and rows written per request on PostgreSQL: each proxied
+        scenario, then the RAG request. Nothing else uses the database meanwhile (the
+        embedded and inline targets have their own)."""
         out = {}
         conn = http.client.HTTPConnection("127.0.0.1", p.port, timeout=60)
         n = self.a.trip_requests
-        for name, path, body, _ in SCENARIOS:
-            before = self.pg.xacts(self.rag_db)
-            for _ in range(n):
+        kinds = [(name, path, body) for name, path, body, _ in SCENARIOS]
+        kinds.append(("rag", "/api/chat/completions", self.rag_body()))
+        after = self.pg.xacts(self.rag_db)
+        for name, path, body in kinds:
+            before = after
+            count = n if name != "rag" else max(10, n // 4)
+            for _ in range(count):
                 st, data = request(conn, "POST", path, p.key, body)
                 if st != 200:
                     sys.exit(f"{name} on postgres: {st} {data[:200]!r}")
             after = self.pg.xacts(self.rag_db)
-            out[name] = ((after[0] - before[0]) / n, (after[1] - before[1]) / n)
+            out[name] = ((after[0] - before[0]) / count, (after[1] - before[1]) / count, count)
         conn.close()
         return out
+
+    def rag_body(self, with_files=True):
+        plain = {"model": "m:latest", "stream": False,
+                 "messages": [{"role": "user", "content": RAG_QUESTION}]}
+        return dict(plain, files=[{"type": "collection", "id": self.kb}]) if with_files else plain
 
     def c1_latency(self, e, p):
         body = {"model": "m:latest", "stream": False, "messages": CHAT}
@@ -435,14 +449,12 @@ class Bench:
         finally:
             stop.set()
             th.join()
-        return max(seen, default=(0, 0, 0))
+        return tuple(max((x[i] for x in seen), default=0) for i in range(3))
 
     def rag_pairs(self, targets):
         """Median added latency of `files` per target; pairs interleave the targets, and
         within a target the order of the two requests alternates."""
-        plain = {"model": "m:latest", "stream": False,
-                 "messages": [{"role": "user", "content": RAG_QUESTION}]}
-        rag = dict(plain, files=[{"type": "collection", "id": self.kb}])
+        plain, rag = self.rag_body(False), self.rag_body()
         conns = {r.name: http.client.HTTPConnection("127.0.0.1", r.port, timeout=120) for r in targets}
 
         def send(r, body):
@@ -544,7 +556,7 @@ class Bench:
                 sys.exit("ingestion timed out")
             if db and time.time() - last_sample > 1.0:
                 c = self.pg.connections(db)
-                peak = max(peak, c)
+                peak = tuple(max(a, b) for a, b in zip(peak, c))
                 last_sample = time.time()
             time.sleep(0.1)
         conn.close()
@@ -657,7 +669,7 @@ class Bench:
             e = r["thr"][(name, "embedded")]
             p = r["thr"][(name, "postgres")]
             er, pr = med(x[0] for x in e), med(x[0] for x in p)
-            tx, rows = r["trips"][name]
+            tx, rows, _ = r["trips"][name]
             out.append(f"| {name} | {er:,.0f} | {pr:,.0f} | {pr / er:.2f}× | {med(x[1] for x in e):.3f} | "
                        f"{med(x[1] for x in p):.3f} | {med(x[2] for x in p):.3f} | {tx:.2f} | {rows:.2f} |")
         c1 = r["c1"]
@@ -666,7 +678,7 @@ class Bench:
                 f"{c1['embedded'][0]:.3f} / p99 {c1['embedded'][1]:.3f}, postgres p50 {c1['postgres'][0]:.3f} "
                 f"/ p99 {c1['postgres'][1]:.3f}. PG transactions and rows written per request: "
                 f"pg_stat_database (xact_commit + xact_rollback, tup_inserted + tup_updated + tup_deleted) over "
-                f"{a.trip_requests} sequential requests; a statement that is prepared, then run, is two "
+                f"{a.trip_requests} sequential requests per scenario; a statement that is prepared, then run, is two "
                 "(each ends at a Sync), so this counts round trips rather than SQL statements."]
         rg = r["rag"]
         out += ["", f"**RAG added latency** (`/api/chat/completions` with and without `files: [collection]`, "
@@ -684,6 +696,9 @@ class Bench:
         for name in ("embedded", "postgres", "postgres-inline"):
             a_ms, b_ms, d = rg[name]
             out.append(f"| {labels[name]} | {a_ms:.2f} | {b_ms:.2f} | +{d:.2f} |")
+        tx, rows, count = r["trips"]["rag"]
+        out += ["", f"PG transactions per request with `files` (pg_stat_database, {count} sequential requests): "
+                f"{tx:.1f}, rows written {rows:.2f}. Both PostgreSQL databases were ANALYZEd after the copy."]
         ing = r["ing"]
         out += ["", f"**Ingestion**: {a.files} NFCorpus abstracts uploaded through the API (4 uploaders, "
                 "background processing, default workers and embedding sessions per replica), timed until "
@@ -706,7 +721,8 @@ class Bench:
         idle, load = f["conn_idle"], r["conn_load"]
         out += ["", f"**Connections** (`pg_stat_activity` of the serving database, one replica, pool-size 16): "
                 f"{idle[0]} after start-up and one request per route ({idle[1]} of them LISTEN), at most "
-                f"{load[0]} while c=64 requests ran ({load[1]} LISTEN, {load[2]} active at that sample)."]
+                f"{load[0]} while c=64 requests ran for 3 s ({load[1]} LISTEN; at most {load[2]} active at once in "
+                "samples 0.3 s apart). Ingestion: before → peak in the table above (two replicas: both)."]
         if r["claims"]:
             out += ["", f"**Queue claims** (pgbench: ragway's `UPDATE jobs ... FOR UPDATE SKIP LOCKED` claim, "
                     f"then the `DELETE` of completion, {a.claims} jobs queued, every client the same share):", "",
@@ -750,7 +766,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer rounds, chunks, files and pairs (< 3 min)")
     ap.add_argument("--rounds", type=int, help="throughput rounds (3; quick 1)")
     ap.add_argument("--seconds", type=int, help="seconds per wrk run (4; quick 2)")
-    ap.add_argument("--chunks", type=int, help="chunks in the RAG collection (3000; quick 1000)")
+    ap.add_argument("--chunks", type=int, help="chunks in the RAG collection (3000; quick 600)")
     ap.add_argument("--pairs", type=int, help="RAG pairs per target (60; quick 20)")
     ap.add_argument("--files", type=int, help="abstracts ingested per target (200; quick 40)")
     ap.add_argument("--ingest-rounds", type=int, help="ingestion rounds (2; quick 1)")
@@ -771,7 +787,7 @@ def main():
     q = a.quick
     a.rounds = a.rounds or (1 if q else 3)
     a.seconds = a.seconds or (2 if q else 4)
-    a.chunks = a.chunks or (1000 if q else 3000)
+    a.chunks = a.chunks or (600 if q else 3000)
     a.pairs = a.pairs or (20 if q else 60)
     a.files = a.files or (40 if q else 200)
     a.ingest_rounds = a.ingest_rounds or (1 if q else 2)
