@@ -408,8 +408,8 @@ const FAILURE_LOG_EVERY: Duration = Duration::from_secs(10);
 /// The request is over: records it (once) when it was a successful model answer, and charges
 /// its tokens to the limits that admitted it.
 ///
-/// The charge is awaited before the end of the answer is sent, so a client that has its
-/// whole answer finds its tokens counted in its next request, on any replica.
+/// The charge is awaited here, where the answer ends (before the end of a chunked answer is
+/// sent), so the buckets of every replica hold it from then on.
 pub async fn finish(usage: &Usage, ctx: &mut impl Metered) {
     let Some(m) = ctx.tracking_mut().meter.take() else {
         return;
