@@ -229,6 +229,7 @@ fn open_storage(
                     .unwrap_or_else(|| config.data_dir.join("uploads")),
                 crate::auth::ratelimit::COUNTER_CAPACITY,
             );
+            // Buckets in this process's memory, bounded as configured (`limits.max-tracked`).
             let storage = crate::storage::Storage {
                 rate_limits: Arc::new(crate::limits::Limiter::new(config.limits.max_tracked)),
                 ..storage

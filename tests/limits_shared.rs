@@ -1,9 +1,9 @@
-//! Per-key and per-user limits on PostgreSQL, through the HTTP API: two gateways on one
+//! Per-key and per-user limits on `PostgreSQL`, through the HTTP API: two gateways on one
 //! database share every bucket (requests counted on either, tokens charged on one refuse on
 //! the other), and a database that cannot check a limit lets requests through, counted in
 //! `ragway_rate_limit_store_failures_total`, rather than fail them.
 //!
-//! PostgreSQL comes from `RAGWAY_TEST_POSTGRES_URL` (scripts/test.sh starts a throwaway
+//! `PostgreSQL` comes from `RAGWAY_TEST_POSTGRES_URL` (scripts/test.sh starts a throwaway
 //! cluster); under CI a missing URL fails the test.
 
 mod common;
