@@ -611,6 +611,40 @@ mod tests {
         assert!((user.used[0] - 1.0).abs() < 0.01, "refusals not counted");
     }
 
+    /// Kind codes are stored in the shared table: they round-trip and never move.
+    #[test]
+    fn kind_codes_are_stable_and_buckets_come_key_first() {
+        for (i, k) in KINDS.into_iter().enumerate() {
+            assert_eq!(usize::try_from(k.code()).unwrap(), i);
+            assert_eq!(Kind::from_code(k.code()), Some(k));
+        }
+        assert_eq!(Kind::from_code(-1), None);
+        assert_eq!(Kind::from_code(4), None);
+        let a = applied(
+            "u",
+            Some(Limits {
+                tpd: Some(9),
+                rpm: Some(1),
+                ..Limits::default()
+            }),
+            Some(Limits {
+                rpd: Some(5),
+                ..Limits::default()
+            }),
+        );
+        let got: Vec<_> = a.buckets().collect();
+        assert_eq!(
+            got,
+            vec![
+                (true, Kind::Rpm, 1),
+                (true, Kind::Tpd, 9),
+                (false, Kind::Rpd, 5)
+            ]
+        );
+        assert!(a.limits_tokens());
+        assert!(!applied("u", None, Some(Limits::default())).limits_tokens());
+    }
+
     #[test]
     fn map_is_capped() {
         let l = Limiter::new(8);
