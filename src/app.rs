@@ -234,6 +234,11 @@ fn open_storage(
                     .unwrap_or_else(|| config.data_dir.join("uploads")),
                 crate::auth::ratelimit::COUNTER_CAPACITY,
             );
+            // Buckets in this process's memory, bounded as configured (`limits.max-tracked`).
+            let storage = crate::storage::Storage {
+                rate_limits: Arc::new(crate::limits::Limiter::new(config.limits.max_tracked)),
+                ..storage
+            };
             Ok(OpenedStorage {
                 storage,
                 embedded: Some(EmbeddedParts { store, vectors }),
@@ -353,7 +358,11 @@ impl App {
         let storage = opened.storage;
         let ingest = Arc::new(Ingest::new(&config, storage.clone(), embedder, tokenizer));
         let auth = Auth::new(config.auth.clone(), &secret, &storage);
-        let usage = crate::usage::Usage::new(config.limits.clone(), storage.meta.clone());
+        let usage = crate::usage::Usage::new(
+            config.limits.clone(),
+            storage.meta.clone(),
+            storage.rate_limits.clone(),
+        );
         let context = crate::rag::budget::ContextBudget::new(
             &config.embedding.model_dir,
             config.models_cache_ttl,

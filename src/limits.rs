@@ -11,8 +11,12 @@
 //! is keyed by its user: replacing the key does not reset it) and the user behind any
 //! credential. A request with no limit set on either subject touches no shared state.
 //!
-//! The bucket map is bounded: when full, buckets that have refilled completely carry no
-//! information and go first, then the one idle longest (which forgives its debt).
+//! Where the buckets live is the storage's business ([`crate::storage::RateLimits`]): the
+//! embedded backend keeps them in this process's [`Limiter`]; the PostgreSQL backend keeps
+//! them in a table every replica shares, by the same rules ([`refuses`], [`Refused::by`]).
+//!
+//! The [`Limiter`]'s map is bounded: when full, buckets that have refilled completely carry
+//! no information and go first, then the one idle longest (which forgives its debt).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -52,17 +56,34 @@ pub struct Limits {
 
 /// The four limits, in bucket order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
+pub enum Kind {
     Rpm,
     Tpm,
     Rpd,
     Tpd,
 }
 
-const KINDS: [Kind; 4] = [Kind::Rpm, Kind::Tpm, Kind::Rpd, Kind::Tpd];
+pub const KINDS: [Kind; 4] = [Kind::Rpm, Kind::Tpm, Kind::Rpd, Kind::Tpd];
 
 impl Kind {
-    fn name(self) -> &'static str {
+    /// The kind's number where a shared backend stores buckets (its place in [`KINDS`]).
+    #[must_use]
+    pub fn code(self) -> i16 {
+        match self {
+            Kind::Rpm => 0,
+            Kind::Tpm => 1,
+            Kind::Rpd => 2,
+            Kind::Tpd => 3,
+        }
+    }
+
+    #[must_use]
+    pub fn from_code(code: i16) -> Option<Kind> {
+        KINDS.get(usize::try_from(code).ok()?).copied()
+    }
+
+    #[must_use]
+    pub fn name(self) -> &'static str {
         match self {
             Kind::Rpm => "rpm",
             Kind::Tpm => "tpm",
@@ -70,13 +91,17 @@ impl Kind {
             Kind::Tpd => "tpd",
         }
     }
-    fn window(self) -> Duration {
+    /// The time in which a bucket refills completely.
+    #[must_use]
+    pub fn window(self) -> Duration {
         match self {
             Kind::Rpm | Kind::Tpm => MINUTE,
             Kind::Rpd | Kind::Tpd => DAY,
         }
     }
-    fn tokens(self) -> bool {
+    /// Whether the bucket counts tokens (charged after the answer) rather than requests.
+    #[must_use]
+    pub fn tokens(self) -> bool {
         matches!(self, Kind::Tpm | Kind::Tpd)
     }
     /// OpenAI's wording for the limit in its error message.
@@ -96,7 +121,8 @@ impl Limits {
         self.rpm.is_none() && self.tpm.is_none() && self.rpd.is_none() && self.tpd.is_none()
     }
 
-    fn get(&self, k: Kind) -> Option<u64> {
+    #[must_use]
+    pub fn get(&self, k: Kind) -> Option<u64> {
         match k {
             Kind::Rpm => self.rpm,
             Kind::Tpm => self.tpm,
@@ -244,7 +270,55 @@ pub struct Refused {
     pub retry_after: Duration,
 }
 
+/// Whether a bucket of `limit` per `kind`'s window, `used` as refilled now, refuses a
+/// request. A request needs one whole request of room; tokens only a bucket not yet
+/// exhausted (their count is unknown until the answer ends). Every backend decides by this
+/// rule (the shared backend's SQL function `ragway_rate_admit` spells it too).
+#[must_use]
+pub fn refuses(kind: Kind, limit: u64, used: f64) -> bool {
+    #[allow(clippy::cast_precision_loss)] // limits are ≤ 10^12, exact in f64
+    let cap = limit as f64;
+    if kind.tokens() {
+        used >= cap
+    } else {
+        used + 1.0 > cap
+    }
+}
+
 impl Refused {
+    /// What a bucket that [`refuses`] a request says: the wait until it has room again.
+    #[must_use]
+    pub fn by(kind: Kind, key: bool, limit: u64, used: f64) -> Refused {
+        #[allow(clippy::cast_precision_loss)]
+        let cap = limit as f64;
+        let over = if kind.tokens() {
+            used - cap
+        } else {
+            used + 1.0 - cap
+        };
+        let wait = Duration::try_from_secs_f64(over.max(0.0) * kind.window().as_secs_f64() / cap)
+            .unwrap_or(kind.window() * 2);
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let used = used.ceil().max(0.0) as u64;
+        Refused {
+            kind_tokens: kind.tokens(),
+            key,
+            limit,
+            used: used.min(limit.saturating_mul(2)),
+            label: kind.label(),
+            retry_after: wait,
+        }
+    }
+
+    /// The refusal a client is told of among several: the longest wait, the first of equal
+    /// ones (key before user, then [`KINDS`] order).
+    pub fn worst(refusals: impl IntoIterator<Item = Refused>) -> Option<Refused> {
+        refusals.into_iter().fold(None, |worst, r| match worst {
+            Some(w) if r.retry_after <= w.retry_after => Some(w),
+            _ => Some(r),
+        })
+    }
+
     /// 429 with `Retry-After` and OpenAI's rate-limit error shape (`type` is `requests` or
     /// `tokens`, `code` is `rate_limit_exceeded`), plus Open WebUI's `detail`.
     pub fn reply(&self, key_prefix: Option<&str>) -> Reply {
@@ -301,6 +375,25 @@ impl Applied {
     #[must_use]
     pub fn is_empty(&self) -> bool {
         self.key.is_none() && self.user.is_none()
+    }
+
+    /// Every limited bucket the request draws on: (the key's rather than the user's, kind,
+    /// limit), key first, kinds in [`KINDS`] order.
+    pub fn buckets(&self) -> impl Iterator<Item = (bool, Kind, u64)> + '_ {
+        [(true, self.key), (false, self.user)]
+            .into_iter()
+            .filter_map(|(key, limits)| limits.map(|l| (key, l)))
+            .flat_map(|(key, l)| {
+                KINDS
+                    .into_iter()
+                    .filter_map(move |k| l.get(k).map(|limit| (key, k, limit)))
+            })
+    }
+
+    /// Whether any bucket counts tokens (else an answer's tokens need not be charged).
+    #[must_use]
+    pub fn limits_tokens(&self) -> bool {
+        self.buckets().any(|(_, k, _)| k.tokens())
     }
 }
 
@@ -359,7 +452,7 @@ impl Limiter {
 
     fn admit_at(&self, applied: &Applied, now: Instant) -> Result<(), Refused> {
         let mut map = self.buckets.lock().expect("limiter poisoned");
-        let mut worst: Option<Refused> = None;
+        let mut refusals = Vec::new();
         for (subject, limits) in Self::subjects(applied) {
             let Some(b) = map.get_mut(&subject) else {
                 continue;
@@ -367,36 +460,14 @@ impl Limiter {
             b.limits = limits;
             b.refill(now);
             for (i, k) in KINDS.iter().enumerate() {
-                let Some(limit) = limits.get(*k) else {
-                    continue;
-                };
-                #[allow(clippy::cast_precision_loss)]
-                let cap = limit as f64;
-                // A request needs one whole request of room; tokens only a bucket not yet
-                // exhausted (their count is unknown until the answer ends).
-                let (refused, over) = if k.tokens() {
-                    (b.used[i] >= cap, b.used[i] - cap)
-                } else {
-                    (b.used[i] + 1.0 > cap, b.used[i] + 1.0 - cap)
-                };
-                if refused {
-                    let wait = Duration::from_secs_f64(over * k.window().as_secs_f64() / cap);
-                    if worst.as_ref().is_none_or(|w| wait > w.retry_after) {
-                        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-                        let used = b.used[i].ceil() as u64;
-                        worst = Some(Refused {
-                            kind_tokens: k.tokens(),
-                            key: subject.key,
-                            limit,
-                            used: used.min(limit.saturating_mul(2)),
-                            label: k.label(),
-                            retry_after: wait,
-                        });
-                    }
+                if let Some(limit) = limits.get(*k)
+                    && refuses(*k, limit, b.used[i])
+                {
+                    refusals.push(Refused::by(*k, subject.key, limit, b.used[i]));
                 }
             }
         }
-        if let Some(w) = worst {
+        if let Some(w) = Refused::worst(refusals) {
             return Err(w);
         }
         for (subject, limits) in Self::subjects(applied) {
@@ -538,6 +609,40 @@ mod tests {
             })
             .unwrap();
         assert!((user.used[0] - 1.0).abs() < 0.01, "refusals not counted");
+    }
+
+    /// Kind codes are stored in the shared table: they round-trip and never move.
+    #[test]
+    fn kind_codes_are_stable_and_buckets_come_key_first() {
+        for (i, k) in KINDS.into_iter().enumerate() {
+            assert_eq!(usize::try_from(k.code()).unwrap(), i);
+            assert_eq!(Kind::from_code(k.code()), Some(k));
+        }
+        assert_eq!(Kind::from_code(-1), None);
+        assert_eq!(Kind::from_code(4), None);
+        let a = applied(
+            "u",
+            Some(Limits {
+                tpd: Some(9),
+                rpm: Some(1),
+                ..Limits::default()
+            }),
+            Some(Limits {
+                rpd: Some(5),
+                ..Limits::default()
+            }),
+        );
+        let got: Vec<_> = a.buckets().collect();
+        assert_eq!(
+            got,
+            vec![
+                (true, Kind::Rpm, 1),
+                (true, Kind::Tpd, 9),
+                (false, Kind::Rpd, 5)
+            ]
+        );
+        assert!(a.limits_tokens());
+        assert!(!applied("u", None, Some(Limits::default())).limits_tokens());
     }
 
     #[test]

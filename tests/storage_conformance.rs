@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use ragway::index::GraphKind;
 use ragway::library::{Added, Content, Library, LibraryError, NewFile};
+use ragway::limits::{Applied, Limits};
 use ragway::storage::embedded::vectors::VectorStore;
 use ragway::storage::postgres::{self, PgOptions};
 use ragway::storage::{Job, Retry, Scope, Signal, Storage, StorageError, embedded};
@@ -207,6 +208,11 @@ conformance!(
     // retrieval
     similarities_and_vectors_answer_in_the_order_asked,
     tuned_bm25_is_bm25_or_refused,
+    // rate limits
+    rate_limits_admit_to_the_limit_then_refuse,
+    rate_limits_charge_tokens_with_capped_debt,
+    rate_limits_keep_key_and_user_apart,
+    rate_limits_hold_under_concurrent_admits,
 );
 
 fn user(email: &str) -> User {
@@ -1155,9 +1161,10 @@ async fn concurrent_starts_migrate_once_and_restarts_are_idempotent() {
     for s in starts {
         pgs.push(s.await.unwrap().expect("every replica starts"));
     }
-    // Every migration this ragway knows, each once (1: init, 2: presets, 6: BM25 terms).
+    // Every migration this ragway knows, each once (1: init, 2: presets, 6: BM25 terms,
+    // 7: rate limits).
     let versions = pgs[0].schema_versions().await.unwrap();
-    assert_eq!(versions, vec![1, 2, 6]);
+    assert_eq!(versions, vec![1, 2, 6, 7]);
     drop(pgs);
     let again = postgres::Pg::connect(&db.url, PgOptions::default())
         .await
@@ -2083,4 +2090,297 @@ async fn tuned_bm25_is_bm25_or_refused(s: &Storage) {
         "{:?}",
         other.id
     );
+}
+
+// rate limits: the buckets of `ragway::limits`, wherever the backend keeps them. Windows are
+// a minute or a day, so these cases use limits whose refill during a test is negligible or
+// is what they measure.
+
+fn limited(user: &str, key: Option<Limits>, own: Option<Limits>) -> Applied {
+    Applied {
+        user_id: user.into(),
+        key,
+        user: own,
+    }
+}
+
+fn rpd(n: u64) -> Limits {
+    Limits {
+        rpd: Some(n),
+        ..Limits::default()
+    }
+}
+
+/// Asserts `d` is within `slack` below `want` (time passes while a test runs).
+fn about(d: Duration, want: Duration, slack: Duration) {
+    assert!(d <= want && d + slack >= want, "{d:?}, want about {want:?}");
+}
+
+async fn rate_limits_admit_to_the_limit_then_refuse(s: &Storage) {
+    let r = &s.rate_limits;
+    let a = limited("u1", Some(rpd(3)), None);
+    for _ in 0..3 {
+        assert!(r.admit(&a).await.unwrap().is_ok());
+    }
+    let no = r.admit(&a).await.unwrap().unwrap_err();
+    assert!(!no.kind_tokens && no.key, "{no:?}");
+    assert_eq!((no.limit, no.used), (3, 3));
+    // One request of room comes back in a third of a day.
+    let third = Duration::from_hours(8);
+    about(no.retry_after, third, Duration::from_mins(1));
+    // Refusals count nothing.
+    for _ in 0..5 {
+        assert!(r.admit(&a).await.unwrap().is_err());
+    }
+    assert_eq!(r.admit(&a).await.unwrap().unwrap_err().used, 3);
+    // Another user's buckets are their own.
+    assert!(
+        r.admit(&limited("u2", Some(rpd(3)), None))
+            .await
+            .unwrap()
+            .is_ok()
+    );
+    // No limit on either subject: admitted, nothing counted.
+    for _ in 0..10 {
+        assert!(r.admit(&limited("u3", None, None)).await.unwrap().is_ok());
+    }
+    assert!(
+        r.admit(&limited("u3", Some(rpd(1)), None))
+            .await
+            .unwrap()
+            .is_ok(),
+        "unlimited requests left the bucket full"
+    );
+    // Per minute: two a minute, the third waits for half a minute.
+    let rpm = Limits {
+        rpm: Some(2),
+        ..Limits::default()
+    };
+    let m = limited("u4", None, Some(rpm));
+    assert!(r.admit(&m).await.unwrap().is_ok());
+    assert!(r.admit(&m).await.unwrap().is_ok());
+    let no = r.admit(&m).await.unwrap().unwrap_err();
+    assert!(!no.key && no.label.contains("RPM"), "{no:?}");
+    about(
+        no.retry_after,
+        Duration::from_secs(30),
+        Duration::from_secs(10),
+    );
+}
+
+async fn rate_limits_charge_tokens_with_capped_debt(s: &Storage) {
+    let limits = &s.rate_limits;
+    let tpm = Limits {
+        tpm: Some(100),
+        ..Limits::default()
+    };
+    let a = limited("t1", None, Some(tpm));
+    assert!(limits.admit(&a).await.unwrap().is_ok());
+    limits.charge(&a, 60).await.unwrap();
+    // Not exhausted yet: admitted although the answer may take more than is left.
+    assert!(limits.admit(&a).await.unwrap().is_ok());
+    limits.charge(&a, 60).await.unwrap();
+    let no = limits.admit(&a).await.unwrap().unwrap_err();
+    assert!(no.kind_tokens && !no.key, "{no:?}");
+    assert_eq!((no.limit, no.used), (100, 120));
+    // 20 tokens over at 100 a minute.
+    about(
+        no.retry_after,
+        Duration::from_secs(12),
+        Duration::from_secs(5),
+    );
+
+    // A huge (or lying) answer runs the bucket at most one window into debt.
+    let tpd = Limits {
+        tpd: Some(1000),
+        ..Limits::default()
+    };
+    let d = limited("t2", Some(tpd), None);
+    assert!(limits.admit(&d).await.unwrap().is_ok());
+    limits.charge(&d, u64::MAX).await.unwrap();
+    let no = limits.admit(&d).await.unwrap().unwrap_err();
+    assert!(no.kind_tokens && no.key, "{no:?}");
+    assert_eq!(no.used, 2000, "debt capped at one window");
+    about(
+        no.retry_after,
+        Duration::from_hours(24),
+        Duration::from_mins(1),
+    );
+
+    // Tokens refill continuously: 600 a minute is 10 a second, 6 over is 0.6 s.
+    let fast = Limits {
+        tpm: Some(600),
+        ..Limits::default()
+    };
+    let f = limited("t3", None, Some(fast));
+    assert!(limits.admit(&f).await.unwrap().is_ok());
+    limits.charge(&f, 606).await.unwrap();
+    let no = limits.admit(&f).await.unwrap().unwrap_err();
+    about(
+        no.retry_after,
+        Duration::from_millis(600),
+        Duration::from_millis(500),
+    );
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(limits.admit(&f).await.unwrap().is_ok(), "refilled");
+
+    // Nothing to charge: no token limit, or no tokens.
+    let req_only = limited("t4", Some(rpd(1)), None);
+    assert!(limits.admit(&req_only).await.unwrap().is_ok());
+    limits.charge(&req_only, 1_000_000).await.unwrap();
+    limits.charge(&f, 0).await.unwrap();
+    assert!(limits.admit(&f).await.unwrap().is_ok());
+}
+
+async fn rate_limits_keep_key_and_user_apart(s: &Storage) {
+    let r = &s.rate_limits;
+    // The key allows one a day, the user five: the key refuses the second.
+    let both = limited("k1", Some(rpd(1)), Some(rpd(5)));
+    assert!(r.admit(&both).await.unwrap().is_ok());
+    let no = r.admit(&both).await.unwrap().unwrap_err();
+    assert!(no.key && no.limit == 1, "{no:?}");
+    // Without the key (a session), the user's bucket holds the one request counted: four
+    // more pass and the refusals by the key counted nothing.
+    let session = limited("k1", None, Some(rpd(5)));
+    for _ in 0..4 {
+        assert!(r.admit(&session).await.unwrap().is_ok());
+    }
+    let no = r.admit(&session).await.unwrap().unwrap_err();
+    assert!(!no.key && no.limit == 5 && no.used == 5, "{no:?}");
+    // Both refuse: the client is told the longer wait (the key's day, not the user's
+    // minute).
+    let rpm1 = Limits {
+        rpm: Some(1),
+        ..Limits::default()
+    };
+    let two = limited("k2", Some(rpd(1)), Some(rpm1));
+    assert!(r.admit(&two).await.unwrap().is_ok());
+    let no = r.admit(&two).await.unwrap().unwrap_err();
+    assert!(no.key && no.label.contains("RPD"), "{no:?}");
+    assert!(no.retry_after > Duration::from_hours(1), "{no:?}");
+    // A refusal by one bucket counts nothing in the others: the user's minute bucket
+    // still has its one request only, so a minute-old request would pass it.
+    let user_only = limited("k2", None, Some(rpm1));
+    let no = r.admit(&user_only).await.unwrap().unwrap_err();
+    assert_eq!(no.used, 1);
+}
+
+async fn rate_limits_hold_under_concurrent_admits(s: &Storage) {
+    let a = limited("c1", Some(rpd(7)), Some(rpd(100)));
+    let tasks: Vec<_> = (0..24)
+        .map(|_| {
+            let r = s.rate_limits.clone();
+            let a = a.clone();
+            tokio::spawn(async move { r.admit(&a).await.unwrap().is_ok() })
+        })
+        .collect();
+    let mut admitted = 0;
+    for t in tasks {
+        admitted += usize::from(t.await.unwrap());
+    }
+    assert_eq!(admitted, 7, "exactly the limit passes");
+    // The user's bucket counted the admitted ones only.
+    let no = s
+        .rate_limits
+        .admit(&limited("c1", None, Some(rpd(7))))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(no.used, 7);
+}
+
+/// Two replicas on one database share every bucket: concurrent admissions on both never
+/// pass a limit together, and tokens charged on one refuse on the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_share_rate_limits() {
+    let Some((a, b)) = two_replicas().await else {
+        return;
+    };
+    let limit = limited("r1", Some(rpd(10)), None);
+    let tasks: Vec<_> = (0..40)
+        .map(|i| {
+            let r = if i % 2 == 0 {
+                a.storage.rate_limits.clone()
+            } else {
+                b.rate_limits.clone()
+            };
+            let l = limit.clone();
+            tokio::spawn(async move { r.admit(&l).await.unwrap().is_ok() })
+        })
+        .collect();
+    let mut admitted = 0;
+    for t in tasks {
+        admitted += usize::from(t.await.unwrap());
+    }
+    assert_eq!(admitted, 10, "one limit across both replicas");
+    assert!(b.rate_limits.admit(&limit).await.unwrap().is_err());
+
+    let tpd = limited(
+        "r2",
+        None,
+        Some(Limits {
+            tpd: Some(1000),
+            ..Limits::default()
+        }),
+    );
+    assert!(a.storage.rate_limits.admit(&tpd).await.unwrap().is_ok());
+    a.storage.rate_limits.charge(&tpd, 400).await.unwrap();
+    assert!(b.rate_limits.admit(&tpd).await.unwrap().is_ok());
+    b.rate_limits.charge(&tpd, 700).await.unwrap();
+    let no = a
+        .storage
+        .rate_limits
+        .admit(&tpd)
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(no.used, 1100, "both replicas' tokens");
+    assert_eq!(a.storage.rate_limits.len(), 0, "nothing held in memory");
+    drop(b);
+    a.finish().await;
+}
+
+/// Buckets full again are deleted, so the table holds the buckets used within their
+/// window, not every user ever seen; live ones stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_rate_limit_buckets_are_swept() {
+    let Some(b) = Backend::postgres().await else {
+        return;
+    };
+    let url = b.db.as_ref().unwrap().url.clone();
+    let pg = postgres::Pg::connect(&url, PgOptions::default())
+        .await
+        .unwrap();
+    let r = &b.storage.rate_limits;
+    for i in 0..20 {
+        let a = limited(&format!("s{i}"), Some(rpd(5)), Some(rpd(5)));
+        assert!(r.admit(&a).await.unwrap().is_ok());
+    }
+    // Unlimited requests write nothing.
+    assert!(
+        r.admit(&limited("s-none", None, None))
+            .await
+            .unwrap()
+            .is_ok()
+    );
+    assert_eq!(pg.rate_limit_rows().await.unwrap(), 40);
+    assert_eq!(pg.sweep_rate_limits().await.unwrap(), 0, "none full yet");
+    // Half the users were last seen two days ago: their buckets are full again.
+    admin(&url)
+        .await
+        .batch_execute(
+            "UPDATE rate_limits SET at = at - interval '2 days', full_at = full_at - interval '2 days'
+             WHERE user_id IN ('s0','s1','s2','s3','s4','s5','s6','s7','s8','s9')",
+        )
+        .await
+        .unwrap();
+    assert_eq!(pg.sweep_rate_limits().await.unwrap(), 20);
+    assert_eq!(pg.rate_limit_rows().await.unwrap(), 20);
+    // A swept bucket is a full one; a kept one still counts.
+    let a = limited("s0", Some(rpd(1)), None);
+    assert!(r.admit(&a).await.unwrap().is_ok());
+    let kept = limited("s10", Some(rpd(1)), None);
+    assert_eq!(r.admit(&kept).await.unwrap().unwrap_err().used, 1);
+    drop(pg);
+    b.finish().await;
 }

@@ -275,7 +275,7 @@ pub async fn forward(
                 body.extend_from_slice(&chunk);
             }
             crate::usage::scan_whole(ctx, &body);
-            crate::usage::finish(&app.usage, ctx);
+            crate::usage::finish(&app.usage, ctx).await;
             let merged = match serde_json::from_slice::<serde_json::Value>(&body) {
                 Ok(serde_json::Value::Object(mut o)) => {
                     o.insert("sources".into(), src.json.clone());
@@ -340,7 +340,7 @@ pub async fn forward(
         }
         // Recorded before the end is sent: a client that has the whole answer finds it in
         // its usage.
-        crate::usage::finish(&app.usage, ctx);
+        crate::usage::finish(&app.usage, ctx).await;
         session.write_response_body(None, true).await?;
         app.connector
             .release_http_session(upstream, &peer, Some(Duration::from_secs(60)))

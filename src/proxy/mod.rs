@@ -176,7 +176,7 @@ impl ProxyHttp for Gateway {
             Err(e) => return self.answer_error(session, ctx, e).await,
         }
         // Limits are checked before the body is read or any upstream is contacted.
-        if let Some(refusal) = crate::usage::admit(&self.app.usage, ctx, route.endpoint) {
+        if let Some(refusal) = crate::usage::admit(&self.app.usage, ctx, route.endpoint).await {
             ctx.status = Some(refusal.status);
             crate::http::send(session, refusal).await?;
             return Ok(true);
@@ -378,7 +378,7 @@ impl ProxyHttp for Gateway {
     /// credentials: only method, path (no query), status, user id and timings.
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         // Usage of an answer that did not end normally (the forward engine records the rest).
-        crate::usage::finish(&self.app.usage, ctx);
+        crate::usage::finish(&self.app.usage, ctx).await;
         let status = session
             .response_written()
             .map(|r| r.status.as_u16())

@@ -24,6 +24,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use crate::index::bm25::Bm25Params;
+use crate::limits::{Applied, Refused};
 use crate::store::{
     ApiKeyRecord, ChunkRecord, FileRecord, FileStatus, KnowledgeRecord, PresetRecord,
     PresetRefusal, StoreError, UsageCounts, UsageKey, User,
@@ -312,7 +313,7 @@ pub trait Blobs: Send + Sync {
     fn local_path(&self, key: &str) -> Option<PathBuf>;
 }
 
-/// Fixed-window counters shared by every replica (sign-in attempts, rate limits).
+/// Fixed-window counters shared by every replica (sign-in attempts).
 #[async_trait]
 pub trait Counters: Send + Sync {
     /// Adds one to `key`'s count in its current window (a new window of length `window`
@@ -321,6 +322,27 @@ pub trait Counters: Send + Sync {
     async fn increment(&self, key: &str, window: Duration) -> Result<(u64, Duration)>;
     /// The count in the current window (0 when none).
     async fn get(&self, key: &str) -> Result<u64>;
+}
+
+/// Per-key and per-user rate limits ([`crate::limits`]): continuous token buckets, shared
+/// by every replica on a shared backend. Both answers follow the rules of
+/// [`crate::limits`] (a request needs room for one; a refusal counts nothing; tokens charged
+/// afterwards may run a bucket into at most one window of debt), whichever backend keeps
+/// the buckets. A request with no limit set on either subject touches no state.
+#[async_trait]
+pub trait RateLimits: Send + Sync {
+    /// Admits one request, counting it in every bucket it draws on, or says which limit
+    /// refuses it (nothing is counted then). Checked and counted atomically: concurrent
+    /// requests, on any replica, never pass a limit together.
+    async fn admit(&self, applied: &Applied) -> Result<Result<(), Refused>>;
+    /// Charges the tokens of a finished answer to the token buckets that admitted it.
+    async fn charge(&self, applied: &Applied, tokens: u64) -> Result<()>;
+    /// Buckets held in this process's memory (a backend that keeps them elsewhere holds
+    /// none here): what the process-local bound applies to.
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// What a cache elsewhere must forget.
@@ -355,6 +377,7 @@ pub struct Storage {
     pub queue: Arc<dyn WorkQueue>,
     pub blobs: Arc<dyn Blobs>,
     pub counters: Arc<dyn Counters>,
+    pub rate_limits: Arc<dyn RateLimits>,
     pub signals: Arc<dyn Signals>,
 }
 

@@ -26,8 +26,8 @@ use serde_json::{Map, Value};
 use crate::auth::Identity;
 use crate::http::Reply;
 use crate::http::router::Endpoint;
-use crate::limits::{Applied, Limiter};
-use crate::storage::{Metadata, StorageError};
+use crate::limits::Applied;
+use crate::storage::{Metadata, RateLimits, StorageError};
 use crate::store::{UsageCounts, UsageKey};
 
 /// Buckets of the overhead histogram: ragway's own work is micro- to milliseconds; RAG
@@ -94,9 +94,23 @@ pub static RATE_LIMITED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+/// Limit checks and charges the storage failed to answer: the request was let through
+/// unlimited (see [`admit`]).
+pub static RATE_LIMIT_FAILURES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        Opts::new(
+            "ragway_rate_limit_store_failures_total",
+            "Rate-limit checks (admit) and token charges (charge) the storage failed; admitted requests were let through"
+        ),
+        &["op"]
+    )
+    .expect("metric registers once")
+});
+
 /// Registers the metrics so they show before the first request.
 pub fn init_metrics() {
     LazyLock::force(&OVERHEAD);
+    LazyLock::force(&RATE_LIMIT_FAILURES);
     LazyLock::force(&USAGE_REQUESTS);
     LazyLock::force(&USAGE_TOKENS);
     LazyLock::force(&RATE_LIMITED);
@@ -150,7 +164,8 @@ pub use crate::config::LimitsConfig;
 /// Limits and metering, shared by all requests.
 pub struct Usage {
     pub config: LimitsConfig,
-    pub limiter: Limiter,
+    /// The buckets, wherever the storage keeps them (replicas on one database share them).
+    pub limiter: Arc<dyn RateLimits>,
     pub recorder: Arc<Recorder>,
     models: Labels,
     keys: Labels,
@@ -158,11 +173,15 @@ pub struct Usage {
 
 impl Usage {
     #[must_use]
-    pub fn new(config: LimitsConfig, meta: Arc<dyn Metadata>) -> Usage {
+    pub fn new(
+        config: LimitsConfig,
+        meta: Arc<dyn Metadata>,
+        limiter: Arc<dyn RateLimits>,
+    ) -> Usage {
         init_metrics();
         let retention_hours = (config.retention.as_secs() / 3600).max(1);
         Usage {
-            limiter: Limiter::new(config.max_tracked),
+            limiter,
             recorder: Arc::new(Recorder {
                 meta,
                 pending: Mutex::new(HashMap::new()),
@@ -224,7 +243,13 @@ pub trait Metered {
 
 /// Checks the caller's limits for a model route and starts metering it. `Some` is the 429
 /// to answer instead.
-pub fn admit(usage: &Usage, ctx: &mut impl Metered, endpoint: Endpoint) -> Option<Reply> {
+///
+/// A storage that cannot answer (its database unreachable) lets the request through, counted
+/// in `ragway_rate_limit_store_failures_total` and logged: limits share model capacity
+/// fairly among callers already authenticated, they guard no data, so a database blip should
+/// not become an outage of every limited key; the failure shows in the metric, where an
+/// alert can catch it before anyone runs far past a limit.
+pub async fn admit(usage: &Usage, ctx: &mut impl Metered, endpoint: Endpoint) -> Option<Reply> {
     if !metered(endpoint) {
         return None;
     }
@@ -246,9 +271,16 @@ pub fn admit(usage: &Usage, ctx: &mut impl Metered, endpoint: Endpoint) -> Optio
         .as_ref()
         .map(|k| k.prefix.clone())
         .unwrap_or_default();
-    if !applied.is_empty()
-        && let Err(refused) = usage.limiter.admit(&applied)
-    {
+    let has_key = id.key.is_some();
+    let answer = if applied.is_empty() {
+        Ok(Ok(()))
+    } else {
+        usage.limiter.admit(&applied).await
+    };
+    if let Err(e) = &answer {
+        store_failed("admit", e);
+    }
+    if let Ok(Err(refused)) = answer {
         let kind = if refused.kind_tokens {
             "tokens"
         } else {
@@ -256,7 +288,7 @@ pub fn admit(usage: &Usage, ctx: &mut impl Metered, endpoint: Endpoint) -> Optio
         };
         RATE_LIMITED.with_label_values(&[kind]).inc();
         tracing::debug!(user = %applied.user_id, kind, "request over a limit");
-        return Some(refused.reply(id.key.as_ref().map(|k| k.prefix.as_str())));
+        return Some(refused.reply(has_key.then_some(key_prefix.as_str())));
     }
     ctx.tracking_mut().meter = Some(Meter {
         applied,
@@ -354,9 +386,31 @@ pub fn scan_whole(ctx: &mut impl Metered, body: &[u8]) {
     let _ = relay_end(ctx);
 }
 
+/// A rate-limit storage failure: counted, and logged at most once a
+/// [`FAILURE_LOG_EVERY`] so an outage does not flood the log with one line per request.
+fn store_failed(op: &'static str, e: &StorageError) {
+    static LAST_LOGGED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    RATE_LIMIT_FAILURES.with_label_values(&[op]).inc();
+    let now = crate::store::now_secs();
+    let last = LAST_LOGGED.load(Ordering::Relaxed);
+    if now >= last + FAILURE_LOG_EVERY.as_secs()
+        && LAST_LOGGED
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        tracing::warn!(op, error = %e, "rate limits unavailable: requests pass unlimited until the storage answers (see ragway_rate_limit_store_failures_total)");
+    }
+}
+
+/// Rate-limit storage failures are logged at most once in this time.
+const FAILURE_LOG_EVERY: Duration = Duration::from_secs(10);
+
 /// The request is over: records it (once) when it was a successful model answer, and charges
 /// its tokens to the limits that admitted it.
-pub fn finish(usage: &Usage, ctx: &mut impl Metered) {
+///
+/// The charge is awaited here, where the answer ends (before the end of a chunked answer is
+/// sent), so the buckets of every replica hold it from then on.
+pub async fn finish(usage: &Usage, ctx: &mut impl Metered) {
     let Some(m) = ctx.tracking_mut().meter.take() else {
         return;
     };
@@ -367,9 +421,13 @@ pub fn finish(usage: &Usage, ctx: &mut impl Metered) {
         return;
     }
     let counts = m.scanner.map(|s| s.counts()).unwrap_or_default();
-    usage
-        .limiter
-        .charge(&m.applied, counts.prompt.saturating_add(counts.completion));
+    let tokens = counts.prompt.saturating_add(counts.completion);
+    if tokens > 0
+        && m.applied.limits_tokens()
+        && let Err(e) = usage.limiter.charge(&m.applied, tokens).await
+    {
+        store_failed("charge", &e);
+    }
     let model_label = usage.models.get(&model);
     let key_label = if m.key_prefix.is_empty() {
         "session"
@@ -617,6 +675,116 @@ impl Drop for Usage {
 mod tests {
     use super::*;
 
+    fn limiter() -> Arc<dyn RateLimits> {
+        Arc::new(crate::limits::Limiter::new(10))
+    }
+
+    /// A rate-limit storage that cannot answer (a database down).
+    struct Down;
+
+    #[async_trait::async_trait]
+    impl RateLimits for Down {
+        async fn admit(
+            &self,
+            _: &Applied,
+        ) -> Result<Result<(), crate::limits::Refused>, StorageError> {
+            Err(StorageError::Postgres("connection refused".into()))
+        }
+        async fn charge(&self, _: &Applied, _: u64) -> Result<(), StorageError> {
+            Err(StorageError::Postgres("connection refused".into()))
+        }
+        fn len(&self) -> usize {
+            0
+        }
+    }
+
+    #[derive(Default)]
+    struct Ctx {
+        identity: Option<Identity>,
+        status: Option<u16>,
+        tracking: Tracking,
+    }
+
+    impl Metered for Ctx {
+        fn identity(&self) -> Option<&Identity> {
+            self.identity.as_ref()
+        }
+        fn status(&self) -> Option<u16> {
+            self.status
+        }
+        fn tracking(&self) -> &Tracking {
+            &self.tracking
+        }
+        fn tracking_mut(&mut self) -> &mut Tracking {
+            &mut self.tracking
+        }
+    }
+
+    fn limited_caller() -> Ctx {
+        let mut user =
+            crate::store::User::new("a@example.com", "A", crate::store::Role::User, "phc".into());
+        "u".clone_into(&mut user.id);
+        user.limits = crate::limits::Limits {
+            rpm: Some(1),
+            tpm: Some(10),
+            ..crate::limits::Limits::default()
+        };
+        Ctx {
+            identity: Some(Identity {
+                user,
+                credential: crate::auth::Credential::ApiKey,
+                allowed_models: None,
+                restricted_key: false,
+                key: None,
+            }),
+            ..Ctx::default()
+        }
+    }
+
+    /// A storage that fails lets limited requests through, counted in the failure metric,
+    /// and their charge fails without harm; a working one refuses the second request.
+    #[tokio::test]
+    async fn limits_fail_open_when_the_storage_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let down = Usage::new(LimitsConfig::default(), meta(&dir), Arc::new(Down));
+        let admits = RATE_LIMIT_FAILURES.with_label_values(&["admit"]).get();
+        let charges = RATE_LIMIT_FAILURES.with_label_values(&["charge"]).get();
+        for _ in 0..3 {
+            let mut ctx = limited_caller();
+            assert!(
+                admit(&down, &mut ctx, Endpoint::ChatCompletions)
+                    .await
+                    .is_none(),
+                "admitted"
+            );
+            assert!(ctx.tracking.meter.is_some(), "metered all the same");
+            note_model(&mut ctx, "m");
+            start_body(&mut ctx, 200, "application/json");
+            let _ = relay(
+                &mut ctx,
+                Bytes::from_static(br#"{"usage":{"prompt_tokens":5,"completion_tokens":7}}"#),
+            );
+            let _ = relay_end(&mut ctx);
+            ctx.status = Some(200);
+            finish(&down, &mut ctx).await;
+        }
+        assert!(RATE_LIMIT_FAILURES.with_label_values(&["admit"]).get() >= admits + 3);
+        assert!(RATE_LIMIT_FAILURES.with_label_values(&["charge"]).get() >= charges + 3);
+
+        let dir = tempfile::tempdir().unwrap();
+        let up = Usage::new(LimitsConfig::default(), meta(&dir), limiter());
+        let mut ctx = limited_caller();
+        assert!(
+            admit(&up, &mut ctx, Endpoint::ChatCompletions)
+                .await
+                .is_none()
+        );
+        let refusal = admit(&up, &mut limited_caller(), Endpoint::ChatCompletions)
+            .await
+            .expect("over rpm 1");
+        assert_eq!(refusal.status, 429);
+    }
+
     #[test]
     fn metric_labels_are_capped() {
         let l = Labels::new(2);
@@ -678,7 +846,7 @@ mod tests {
     async fn rows_are_written_together_shortly_after() {
         let dir = tempfile::tempdir().unwrap();
         let store = meta(&dir);
-        let usage = Usage::new(LimitsConfig::default(), store.clone());
+        let usage = Usage::new(LimitsConfig::default(), store.clone(), limiter());
         let key = UsageKey {
             hour: crate::store::now_secs() / 3600,
             user_id: "u".into(),
@@ -714,7 +882,7 @@ mod tests {
     fn recorded_rows_reach_the_store() {
         let dir = tempfile::tempdir().unwrap();
         let store = meta(&dir);
-        let usage = Usage::new(LimitsConfig::default(), store.clone());
+        let usage = Usage::new(LimitsConfig::default(), store.clone(), limiter());
         let key = UsageKey {
             hour: crate::store::now_secs() / 3600,
             user_id: "u".into(),
@@ -751,7 +919,7 @@ mod tests {
     async fn totals_page_through_hours_and_cap_groups() {
         let dir = tempfile::tempdir().unwrap();
         let store = meta(&dir);
-        let usage = Usage::new(LimitsConfig::default(), store.clone());
+        let usage = Usage::new(LimitsConfig::default(), store.clone(), limiter());
         let one = UsageCounts {
             requests: 1,
             prompt_tokens: 1,
@@ -809,7 +977,7 @@ mod tests {
     async fn an_hour_larger_than_a_page_is_truncated() {
         let dir = tempfile::tempdir().unwrap();
         let store = meta(&dir);
-        let usage = Usage::new(LimitsConfig::default(), store.clone());
+        let usage = Usage::new(LimitsConfig::default(), store.clone(), limiter());
         let hour = crate::store::now_secs() / 3600;
         let rows: Vec<_> = (0..SCAN_PAGE + 5)
             .map(|i| {

@@ -1,9 +1,9 @@
 //! The embedded backend: every seam delegates to what one ragway process already has: the
 //! redb [`Store`] (metadata, chunks, vectors, the queued set), the in-process search indexes
-//! ([`VectorStore`]), files in a directory (blobs), and in-memory leases, counters and
-//! signals. What lives in memory only is what a restart may forget: a lease (its holder
-//! died with the process), a counter (forgetting sign-in attempts only helps users), a
-//! signal (every cache is empty after a restart).
+//! ([`VectorStore`]), files in a directory (blobs), and in-memory leases, counters, rate-limit
+//! buckets and signals. What lives in memory only is what a restart may forget: a lease (its
+//! holder died with the process), a counter or a bucket (forgetting sign-in attempts or
+//! requests counted only helps users), a signal (every cache is empty after a restart).
 
 pub mod vectors;
 
@@ -16,10 +16,12 @@ use async_trait::async_trait;
 use tokio::sync::broadcast;
 
 use super::{
-    Blobs, ChunkRef, Chunks, Counters, Hit, Job, Metadata, Result, Retry, SIGNAL_CAPACITY, Scope,
-    Signal, Signals, Storage, StorageError, UserChange, WorkQueue, check_key,
+    Blobs, ChunkRef, Chunks, Counters, Hit, Job, Metadata, RateLimits, Result, Retry,
+    SIGNAL_CAPACITY, Scope, Signal, Signals, Storage, StorageError, UserChange, WorkQueue,
+    check_key,
 };
 use crate::index::bm25::{Bm25Params, TermCounts};
+use crate::limits::{Applied, Limiter, Refused};
 use crate::storage::embedded::vectors::VectorStore;
 use crate::store::{
     ApiKeyRecord, ChunkRecord, FileRecord, KnowledgeRecord, PresetRecord, PresetRefusal, Store,
@@ -27,7 +29,8 @@ use crate::store::{
 };
 
 /// Builds the embedded [`Storage`] over an open store, its loaded indexes and the blob
-/// directory. `counter_capacity` bounds the counters' keys.
+/// directory. `counter_capacity` bounds the counters' keys; the rate-limit buckets are
+/// bounded at [`crate::limits::DEFAULT_CAPACITY`] (replace `rate_limits` for another bound).
 pub fn storage(
     store: Arc<Store>,
     index: Arc<VectorStore>,
@@ -41,6 +44,7 @@ pub fn storage(
         queue: data,
         blobs: Arc::new(DirBlobs { dir: blob_dir }),
         counters: Arc::new(MemoryCounters::new(counter_capacity)),
+        rate_limits: Arc::new(Limiter::new(crate::limits::DEFAULT_CAPACITY)),
         signals: Arc::new(LocalSignals::new()),
     }
 }
@@ -729,6 +733,22 @@ impl LocalSignals {
 impl Default for LocalSignals {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// The buckets in this process's memory ([`Limiter`]): answered without awaiting anything,
+/// so the seam costs what the direct call costs, and never failing.
+#[async_trait]
+impl RateLimits for Limiter {
+    async fn admit(&self, applied: &Applied) -> Result<Result<(), Refused>> {
+        Ok(Limiter::admit(self, applied))
+    }
+    async fn charge(&self, applied: &Applied, tokens: u64) -> Result<()> {
+        Limiter::charge(self, applied, tokens);
+        Ok(())
+    }
+    fn len(&self) -> usize {
+        Limiter::len(self)
     }
 }
 

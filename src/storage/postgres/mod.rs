@@ -24,10 +24,12 @@ use tokio_postgres::types::{FromSql, IsNull, Json, ToSql, Type, to_sql_checked};
 use tokio_postgres::{AsyncMessage, NoTls};
 
 use super::{
-    Blobs, ChunkRef, Chunks, Counters, Hit, Job, Metadata, Result, Retry, SIGNAL_CAPACITY, Scope,
-    Signal, Signals, Storage, StorageError, UserChange, WorkQueue, check_key,
+    Blobs, ChunkRef, Chunks, Counters, Hit, Job, Metadata, RateLimits, Result, Retry,
+    SIGNAL_CAPACITY, Scope, Signal, Signals, Storage, StorageError, UserChange, WorkQueue,
+    check_key,
 };
 use crate::index::bm25::{Bm25Params, TermCounts};
+use crate::limits::{Applied, Kind, Refused};
 use crate::store::{
     ApiKeyRecord, ChunkRecord, FileRecord, KnowledgeRecord, PRIMARY_ADMIN, PresetRecord,
     PresetRefusal, Role, UsageCounts, UsageKey, User, now_secs,
@@ -41,6 +43,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         6,
         "bm25_terms",
         include_str!("migrations/0006_bm25_terms.sql"),
+    ),
+    (
+        7,
+        "rate_limits",
+        include_str!("migrations/0007_rate_limits.sql"),
     ),
 ];
 
@@ -266,6 +273,8 @@ pub struct Pg {
     hnsw: Mutex<HashSet<usize>>,
     /// Counter increments since expired counters were last deleted.
     increments: AtomicU64,
+    /// Rate-limit admissions since full buckets were last deleted.
+    admissions: AtomicU64,
 }
 
 impl Drop for Pg {
@@ -286,6 +295,7 @@ pub async fn connect(url: &str, options: PgOptions) -> Result<Storage> {
         queue: pg.clone(),
         blobs: pg.clone(),
         counters: pg.clone(),
+        rate_limits: pg.clone(),
         signals: pg,
     })
 }
@@ -341,6 +351,7 @@ impl Pg {
             listener,
             hnsw: Mutex::new(HashSet::new()),
             increments: AtomicU64::new(0),
+            admissions: AtomicU64::new(0),
         })
     }
 
@@ -1915,6 +1926,129 @@ impl Counters for Pg {
     }
 }
 
+/// Admissions between sweeps of full rate-limit buckets (see `0007_rate_limits.sql`).
+const RATE_SWEEP_EVERY: u64 = 1024;
+
+/// A request's buckets as the `ragway_rate_*` functions take them: one array per column.
+#[derive(Default)]
+struct BucketArrays {
+    key: Vec<bool>,
+    kind: Vec<i16>,
+    limit: Vec<f64>,
+    window: Vec<f64>,
+    tokens: Vec<bool>,
+    /// The limits, by (key, kind code), to read refusals back.
+    limits: Vec<(bool, Kind, u64)>,
+}
+
+impl BucketArrays {
+    /// The buckets of `applied` that `keep` accepts.
+    fn of(applied: &Applied, keep: impl Fn(Kind) -> bool) -> BucketArrays {
+        let mut a = BucketArrays::default();
+        for (key, kind, limit) in applied.buckets().filter(|b| keep(b.1)) {
+            a.key.push(key);
+            a.kind.push(kind.code());
+            #[allow(clippy::cast_precision_loss)] // limits are ≤ 10^12, exact in f64
+            a.limit.push(limit as f64);
+            a.window.push(kind.window().as_secs_f64());
+            a.tokens.push(kind.tokens());
+            a.limits.push((key, kind, limit));
+        }
+        a
+    }
+}
+
+/// Buckets live in the `rate_limits` table; admission and charge are one call each to a
+/// function that locks the user's buckets, so replicas share them exactly.
+#[async_trait]
+impl RateLimits for Pg {
+    async fn admit(&self, applied: &Applied) -> Result<Result<(), Refused>> {
+        let b = BucketArrays::of(applied, |_| true);
+        if b.kind.is_empty() {
+            return Ok(Ok(()));
+        }
+        let client = self.client().await?;
+        if self.admissions.fetch_add(1, Ordering::Relaxed) % RATE_SWEEP_EVERY
+            == RATE_SWEEP_EVERY - 1
+        {
+            sweep_rate_limits(&client).await?;
+        }
+        let stmt = client
+            .prepare_cached(
+                "SELECT r_key, r_kind, r_used FROM ragway_rate_admit($1, $2, $3, $4, $5, $6)",
+            )
+            .await?;
+        let rows = client
+            .query(
+                &stmt,
+                &[
+                    &applied.user_id,
+                    &b.key,
+                    &b.kind,
+                    &b.limit,
+                    &b.window,
+                    &b.tokens,
+                ],
+            )
+            .await?;
+        // In the request's bucket order, which breaks ties between equal waits.
+        let mut refusals: Vec<(usize, Refused)> = rows
+            .iter()
+            .filter_map(|r| {
+                let (key, code, used): (bool, i16, f64) = (r.get(0), r.get(1), r.get(2));
+                let kind = Kind::from_code(code)?;
+                let at = b.limits.iter().position(|l| l.0 == key && l.1 == kind)?;
+                Some((at, Refused::by(kind, key, b.limits[at].2, used)))
+            })
+            .collect();
+        refusals.sort_by_key(|r| r.0);
+        Ok(Refused::worst(refusals.into_iter().map(|r| r.1)).map_or(Ok(()), Err))
+    }
+
+    async fn charge(&self, applied: &Applied, tokens: u64) -> Result<()> {
+        let b = BucketArrays::of(applied, Kind::tokens);
+        if tokens == 0 || b.kind.is_empty() {
+            return Ok(());
+        }
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached("SELECT ragway_rate_charge($1, $2, $3, $4, $5, $6, $7)")
+            .await?;
+        #[allow(clippy::cast_precision_loss)] // the charge is capped at twice a limit anyway
+        let amount = tokens as f64;
+        client
+            .execute(
+                &stmt,
+                &[
+                    &applied.user_id,
+                    &b.key,
+                    &b.kind,
+                    &b.limit,
+                    &b.window,
+                    &b.tokens,
+                    &amount,
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+
+    fn len(&self) -> usize {
+        0
+    }
+}
+
+/// Deletes the rate-limit buckets that are full again: they carry nothing (a missing row
+/// is a full bucket).
+async fn sweep_rate_limits(client: &tokio_postgres::Client) -> Result<u64> {
+    Ok(client
+        .execute(
+            "DELETE FROM rate_limits WHERE full_at <= clock_timestamp()",
+            &[],
+        )
+        .await?)
+}
+
 #[async_trait]
 impl Signals for Pg {
     async fn publish(&self, signal: &Signal) -> Result<()> {
@@ -1952,6 +2086,28 @@ impl Pg {
             )
             .await?;
         Ok(row.map(|r| r.get::<_, OwnedVector>(0).0))
+    }
+
+    /// Deletes the rate-limit buckets that are full again now (done every
+    /// [`RATE_SWEEP_EVERY`] admissions); returns how many.
+    ///
+    /// # Errors
+    /// The database failed.
+    pub async fn sweep_rate_limits(&self) -> Result<u64> {
+        sweep_rate_limits(&*self.client().await?).await
+    }
+
+    /// Rate-limit buckets stored (tests check the sweep).
+    ///
+    /// # Errors
+    /// The database failed.
+    pub async fn rate_limit_rows(&self) -> Result<u64> {
+        let row = self
+            .client()
+            .await?
+            .query_one("SELECT count(*) FROM rate_limits", &[])
+            .await?;
+        Ok(to_u64(row.get(0)))
     }
 
     /// Applied migration versions, in order.
