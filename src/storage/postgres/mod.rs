@@ -49,6 +49,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "rate_limits",
         include_str!("migrations/0007_rate_limits.sql"),
     ),
+    (
+        8,
+        "inline_vectors",
+        include_str!("migrations/0008_inline_vectors.sql"),
+    ),
 ];
 
 /// Advisory lock key serialising migrations (and index creation) across replicas:
