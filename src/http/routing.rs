@@ -112,7 +112,7 @@ impl<'de, F: Fn(&str) -> bool> DeserializeSeed<'de> for KeySeed<'_, F> {
     }
 }
 
-impl<'de, F: Fn(&str) -> bool> Visitor<'de> for KeySeed<'_, F> {
+impl<F: Fn(&str) -> bool> Visitor<'_> for KeySeed<'_, F> {
     type Value = Key;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {

@@ -40,7 +40,11 @@ pub struct Presets<'a> {
     pub retriever: Retriever<'a>,
 }
 
-/// A preset by id: declared ones first (they shadow a stored preset of the same id).
+/// A preset by id: declared ones first (they shadow a stored preset of the same id), then
+/// the in-memory copy of the stored ones.
+///
+/// # Errors
+/// The store failed while the copy was (re)loaded.
 pub async fn find(app: &Presets<'_>, id: &str) -> Result<Option<PresetRecord>, ApiError> {
     if let Some(p) = app.config.presets.declared.iter().find(|p| p.id == id) {
         return Ok(Some(p.clone()));
@@ -49,6 +53,9 @@ pub async fn find(app: &Presets<'_>, id: &str) -> Result<Option<PresetRecord>, A
 }
 
 /// A preset by id as [`find`], read from the store rather than its in-memory copy.
+///
+/// # Errors
+/// The store failed.
 pub async fn find_fresh(app: &Presets<'_>, id: &str) -> Result<Option<PresetRecord>, ApiError> {
     if let Some(p) = app.config.presets.declared.iter().find(|p| p.id == id) {
         return Ok(Some(p.clone()));
