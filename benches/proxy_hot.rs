@@ -209,6 +209,22 @@ mod chat_body {
         });
     }
 
+    /// The guard plus reading only the routing fields (model, messages, stream, keys that
+    /// force a rewrite) in place: what a chat request that is forwarded as it came pays,
+    /// against `guard_and_parse` above.
+    #[divan::bench(args = ["short", "ui"])]
+    fn guard_and_route(bencher: divan::Bencher, which: &str) {
+        let body = if which == "short" { short() } else { from_ui() };
+        bencher.bench(|| {
+            ragway::http::json::check(black_box(&body), 100_000).expect("valid");
+            let r = ragway::http::routing::ChatRouting::parse(black_box(&body), |k| {
+                k == "params" || k == "files" || k == "chat_id"
+            })
+            .expect("an object");
+            black_box(r)
+        });
+    }
+
     /// Guard, parse, drop the UI-only fields, apply `params`, set the upstream model and
     /// serialise again: a body that must change on its way.
     #[divan::bench]

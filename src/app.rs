@@ -43,6 +43,8 @@ pub struct App {
     pub usage: crate::usage::Usage,
     /// Token counting and model context windows for the context budget of RAG requests.
     pub context: crate::rag::budget::ContextBudget,
+    /// The stored model presets, read once and again after a change.
+    pub preset_cache: crate::presets::PresetCache,
 }
 
 /// The redb store and its in-process indexes behind the embedded [`crate::storage::Storage`].
@@ -367,7 +369,9 @@ impl App {
             &config.embedding.model_dir,
             config.models_cache_ttl,
         );
+        let preset_cache = crate::presets::PresetCache::new(storage.signals.as_ref());
         let app = App {
+            preset_cache,
             storage,
             embedded: opened.embedded,
             _storage_runtime: opened.runtime,
@@ -452,6 +456,7 @@ impl App {
         crate::presets::Presets {
             config: &self.config,
             meta: self.storage.meta.as_ref(),
+            cache: &self.preset_cache,
             models: &self.models,
             retriever: self.retriever(),
         }

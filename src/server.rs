@@ -17,8 +17,10 @@
 //! upstream never do — and releases the database, which the new process opens before it
 //! accepts. Its streams in flight finish; queued files are processed by the new process.
 
+use std::future::Future;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -81,12 +83,19 @@ const CLEANUP_DELAY: Duration = Duration::from_millis(150);
 
 #[async_trait]
 impl<A: HttpServerApp + Send + Sync + 'static> HttpServerApp for DeferredCleanup<A> {
-    async fn process_new_http(
-        self: &Arc<Self>,
+    // The inner application's future as it is, not awaited inside one of ours: an async
+    // wrapper would box a second future per request and move the session into it.
+    fn process_new_http<'life0, 'life1, 'async_trait>(
+        self: &'life0 Arc<Self>,
         session: ServerSession,
-        shutdown: &ShutdownWatch,
-    ) -> Option<ReusedHttpStream> {
-        self.app.process_new_http(session, shutdown).await
+        shutdown: &'life1 ShutdownWatch,
+    ) -> Pin<Box<dyn Future<Output = Option<ReusedHttpStream>> + Send + 'async_trait>>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        Self: 'async_trait,
+    {
+        self.app.process_new_http(session, shutdown)
     }
 
     fn h2_options(&self) -> Option<H2Options> {

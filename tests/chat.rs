@@ -337,6 +337,39 @@ async fn body_is_rewritten_only_where_needed() {
     let up = only_request(&ollama, "/v1/chat/completions");
     assert_clean(&up, &[&admin]);
     assert_eq!(up.text(), raw, "forwarded as sent");
+
+    // The routing pass reads keys and the model as the upstream's parser does: escapes
+    // decoded, a UI-only field present as null still removed, an escaped `params` applied.
+    ollama.clear();
+    let raw = r#"{"model":"m\u003alatest","messages":[{"role":"user","content":"hi"}]}"#;
+    let r = post_raw(&gw, &admin, raw).await;
+    assert_eq!(r.status(), 200);
+    r.bytes().await.unwrap();
+    assert_eq!(
+        only_request(&ollama, "/v1/chat/completions").text(),
+        raw,
+        "an escaped model name routes, and the body goes as sent"
+    );
+    for (raw, expected) in [
+        (
+            r#"{"model":"m:latest","messages":[],"chat_id":null}"#,
+            json!({"model": "m:latest", "messages": []}),
+        ),
+        (
+            r#"{"model":"m:latest","messages":[],"p\u0061rams":{"temperature":0.5}}"#,
+            json!({"model": "m:latest", "messages": [], "temperature": 0.5}),
+        ),
+    ] {
+        ollama.clear();
+        let r = post_raw(&gw, &admin, raw).await;
+        assert_eq!(r.status(), 200, "{raw}");
+        r.bytes().await.unwrap();
+        assert_eq!(
+            only_request(&ollama, "/v1/chat/completions").json(),
+            expected,
+            "{raw}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

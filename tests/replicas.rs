@@ -347,3 +347,94 @@ async fn uploads_on_a_shared_blob_dir_are_read_by_every_replica() {
         ))
         .await;
 }
+
+/// Replicas keep the stored model presets in memory; a preset created, changed or deleted
+/// on one replica applies on the others at once (a signal drops their copies), well
+/// before a copy would expire on its own (`presets::PRESET_CACHE_TTL`, 5 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preset_changed_on_one_replica_applies_on_another_at_once() {
+    let Some(admin) = postgres_url() else { return };
+    let db = fresh_database(&admin).await;
+    let upstream = FakeUpstream::ollama(&["llama3:latest"]).await;
+    let a = replica(&db, &upstream.url, "").await;
+    let b = replica(&db, &upstream.url, "").await;
+    let token = signup(&a.url, "admin@example.com").await;
+    let chat = json!({"model": "bot", "messages": [{"role": "user", "content": "hi"}]});
+    let system_seen = || {
+        upstream
+            .requests_to("/v1/chat/completions")
+            .pop()
+            .map(|r| r.json()["messages"][0]["content"].clone())
+    };
+    // B answers for "bot" (loading its copy) before the preset exists...
+    let (code, _) = post(&b.url, "/api/chat/completions", Some(&token), chat.clone()).await;
+    assert_eq!(code, 400, "no such model yet");
+    let form = |system: &str| {
+        json!({"id": "bot", "name": "Bot", "base_model_id": "llama3:latest",
+               "params": {"system": system}, "meta": {}})
+    };
+    let (code, v) = post(&a.url, "/api/v1/models/create", Some(&token), form("one")).await;
+    assert_eq!(code, 200, "{v}");
+    // ...so each step below is seen on B only through the signal: its copy is younger
+    // than its TTL at every check.
+    let within = |what: &'static str| {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        move || {
+            assert!(
+                Instant::now() < deadline,
+                "B still answers with its old copy: {what}"
+            );
+        }
+    };
+    let check = within("created");
+    loop {
+        let (code, _) = post(&b.url, "/api/chat/completions", Some(&token), chat.clone()).await;
+        if code == 200 && system_seen() == Some(json!("one")) {
+            break;
+        }
+        check();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (code, v) = post(
+        &a.url,
+        "/api/v1/models/model/update?id=bot",
+        Some(&token),
+        form("two"),
+    )
+    .await;
+    assert_eq!(code, 200, "{v}");
+    let check = within("updated");
+    loop {
+        let (code, v) = post(&b.url, "/api/chat/completions", Some(&token), chat.clone()).await;
+        assert_eq!(code, 200, "{v}");
+        if system_seen() == Some(json!("two")) {
+            break;
+        }
+        check();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = http_client()
+        .delete(format!("{}/api/v1/models/model/delete?id=bot", a.url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let check = within("deleted");
+    loop {
+        let (code, _) = post(&b.url, "/api/chat/completions", Some(&token), chat.clone()).await;
+        if code == 400 {
+            break;
+        }
+        check();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop((a, b));
+    let pg = client_of(&admin).await;
+    let _ = pg
+        .batch_execute(&format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            db.rsplit('/').next().unwrap()
+        ))
+        .await;
+}

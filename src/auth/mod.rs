@@ -39,7 +39,8 @@ pub enum Credential {
 /// An authenticated caller.
 #[derive(Debug, Clone)]
 pub struct Identity {
-    pub user: User,
+    /// Shared with the API-key cache: a request holds the cached record, not a copy.
+    pub user: Arc<User>,
     pub credential: Credential,
     /// Models this caller may use; `None` means all.
     pub allowed_models: Option<Arc<[String]>>,
@@ -136,10 +137,10 @@ pub struct Auth {
     pub limits: ratelimit::SigninLimits,
     /// Bounds password hashing (sign-in, sign-up, add-user).
     pub hashing: password::HashGate,
-    /// Verified API keys (by hash) → (record, user, verified at). A change to a key or its
-    /// user is published as a [`Signal`]; every replica drops the entries it names before
-    /// its next lookup, so a deleted key stops working everywhere at once.
-    key_cache: RwLock<HashMap<String, (ApiKeyRecord, User, Instant)>>,
+    /// Verified API keys (by hash) → (the identity they give, verified at). A change to a
+    /// key or its user is published as a [`Signal`]; every replica drops the entries it
+    /// names before its next lookup, so a deleted key stops working everywhere at once.
+    key_cache: RwLock<HashMap<String, (Identity, Instant)>>,
     /// Bumped by every invalidation. A lookup that read the store before an invalidation
     /// must not cache what it read after it: it would revive a deleted key for the TTL.
     key_generation: AtomicU64,
@@ -199,7 +200,7 @@ impl Auth {
                 cache.remove(hash);
             }
             // Entries carry the user (role, limits): any change to them applies at once.
-            Signal::UserChanged { id } => cache.retain(|_, (_, user, _)| user.id != *id),
+            Signal::UserChanged { id } => cache.retain(|_, (who, _)| who.user.id != *id),
             Signal::ModelsChanged | Signal::FileStatus { .. } => return,
         }
         self.key_generation.fetch_add(1, Ordering::AcqRel);
@@ -330,20 +331,24 @@ impl Auth {
             .read()
             .expect("key cache poisoned")
             .get(&hash)
-            .filter(|(_, _, at)| at.elapsed() < KEY_CACHE_TTL)
-            .map(|(r, u, _)| (r.clone(), u.clone()));
-        let (record, user) = if let Some(hit) = cached {
-            hit
-        } else {
-            let Some(loaded) = self.load_key(&hash).await? else {
-                metrics::auth_failure("invalid_api_key");
-                return Err(AuthError::InvalidToken);
-            };
-            self.remember_key(loaded)
+            .filter(|(_, at)| at.elapsed() < KEY_CACHE_TTL)
+            .map(|(who, _)| who.clone());
+        if let Some(hit) = cached {
+            return Ok(hit);
+        }
+        let Some(loaded) = self.load_key(&hash).await? else {
+            metrics::auth_failure("invalid_api_key");
+            return Err(AuthError::InvalidToken);
         };
+        Ok(self.remember_key(loaded))
+    }
+
+    /// The identity an API key gives: the same for every request that sends it, so the
+    /// cache holds it whole and a hit costs a few reference counts.
+    fn key_identity(&self, record: ApiKeyRecord, user: User) -> Identity {
         let allowed_models = self.allowed_models(&user, &record.models);
-        Ok(Identity {
-            user,
+        Identity {
+            user: Arc::new(user),
             credential: Credential::ApiKey,
             allowed_models,
             restricted_key: !record.models.is_empty(),
@@ -351,7 +356,7 @@ impl Auth {
                 prefix: record.prefix,
                 limits: record.limits,
             }),
-        })
+        }
     }
 
     /// Reads a key and its user from the store, noting the cache generation first.
@@ -379,19 +384,17 @@ impl Auth {
     ///
     /// # Panics
     /// A thread panicked while holding the key cache's lock.
-    pub fn remember_key(&self, loaded: LoadedKey) -> (ApiKeyRecord, User) {
+    pub fn remember_key(&self, loaded: LoadedKey) -> Identity {
+        let who = self.key_identity(loaded.record, loaded.user);
         self.apply_signals();
         let mut cache = self.key_cache.write().expect("key cache poisoned");
         if self.key_generation.load(Ordering::Acquire) == loaded.generation {
             if cache.len() >= KEY_CACHE_MAX {
                 cache.clear();
             }
-            cache.insert(
-                loaded.hash,
-                (loaded.record.clone(), loaded.user.clone(), Instant::now()),
-            );
+            cache.insert(loaded.hash, (who.clone(), Instant::now()));
         }
-        (loaded.record, loaded.user)
+        who
     }
 
     /// Keys in the cache (for tests of its bound and invalidation).
@@ -422,7 +425,7 @@ impl Auth {
         }
         let allowed_models = self.allowed_models(&user, &[]);
         Ok(Identity {
-            user,
+            user: Arc::new(user),
             credential: Credential::Jwt {
                 jti: claims.jti,
                 exp: claims.exp,

@@ -383,6 +383,14 @@ async fn copy_presets(
         }
         n += 1;
     }
+    if n > 0 {
+        // Replicas already serving from the target drop their copies of its presets now
+        // rather than when the copies expire.
+        dst.signals
+            .publish(&crate::storage::Signal::ModelsChanged)
+            .await
+            .map_err(copy_err("model presets".to_string()))?;
+    }
     Ok(n)
 }
 

@@ -6,6 +6,8 @@
 //! Open WebUI-only fields to remove, `params` to merge); otherwise the client's bytes are
 //! forwarded as they came.
 
+use std::sync::Arc;
+
 use pingora::proxy::Session;
 use serde_json::{Map, Value};
 
@@ -14,10 +16,12 @@ use crate::app::App;
 use crate::config::UpstreamKind;
 use crate::error::{ApiError, msg};
 use crate::http;
+use crate::http::routing::{ChatRouting, Shape};
 use crate::proxy::ndjson_sse;
 use crate::rag::{self, prompt};
 use crate::request::RequestCtx;
 use crate::request::{Convert, Plan, SourcesReply};
+use crate::upstream::Upstream;
 
 /// Request fields that only mean something to Open WebUI's UI and are never forwarded.
 const OPEN_WEBUI_ONLY: &[&str] = &[
@@ -111,9 +115,21 @@ fn set_system_message(body: &mut Map<String, Value>, system: String) {
     }
 }
 
+/// Whether a top-level key makes ragway rebuild the body instead of forwarding its bytes.
+fn needs_rewrite(key: &str) -> bool {
+    key == "params" || key == "files" || OPEN_WEBUI_ONLY.contains(&key)
+}
+
 pub async fn completions(app: &App, session: &mut Session, ctx: &mut RequestCtx) -> HandlerResult {
     let raw = http::read_body(session, app.config.max_body_bytes).await?;
-    let mut body: Map<String, Value> = http::parse_json_with(&raw, app.config.max_json_values)?;
+    if raw.is_empty() {
+        return Err(ApiError::new(422, "Request body is required (JSON)"));
+    }
+    http::json::check(&raw, app.config.max_json_values)?;
+    if let Some(plan) = as_it_came(app, ctx, &raw).await? {
+        return Ok(Outcome::Forward(plan));
+    }
+    let mut body: Map<String, Value> = http::parse_checked_json(&raw)?;
     let model = match body.get("model") {
         Some(Value::String(m)) if !m.is_empty() => m.clone(),
         Some(Value::String(_)) | None => return Err(ApiError::bad_request(msg::MODEL_NOT_FOUND)),
@@ -236,16 +252,7 @@ pub async fn completions(app: &App, session: &mut Session, ctx: &mut RequestCtx)
         raw
     };
     let candidates = app.upstreams.rank(entry.kind, &entry.urls);
-    let path = match entry.kind {
-        UpstreamKind::Ollama => "/v1/chat/completions".to_string(),
-        UpstreamKind::OpenAi => {
-            let base = &candidates
-                .first()
-                .map(|u| u.base_path.clone())
-                .unwrap_or_default();
-            format!("{base}/chat/completions")
-        }
-    };
+    let path = upstream_path(&entry, &candidates);
     Ok(Outcome::Forward(Plan {
         candidates,
         method: ::http::Method::POST,
@@ -255,6 +262,72 @@ pub async fn completions(app: &App, session: &mut Session, ctx: &mut RequestCtx)
         sources,
         convert: None,
         headers,
+    }))
+}
+
+/// Where an upstream of `entry`'s kind takes chat completions.
+fn upstream_path(entry: &crate::models::ModelEntry, candidates: &[Arc<Upstream>]) -> String {
+    match entry.kind {
+        UpstreamKind::Ollama => "/v1/chat/completions".to_string(),
+        UpstreamKind::OpenAi => {
+            let base = candidates
+                .first()
+                .map(|u| u.base_path.as_str())
+                .unwrap_or_default();
+            format!("{base}/chat/completions")
+        }
+    }
+}
+
+/// The common request, which needs nothing changed: a base model served under its own
+/// name, no preset, no files, nothing Open WebUI-only, no `params`, not a stream (a
+/// metered stream gets `stream_options` added). Routed from its top-level fields and
+/// forwarded as its bytes came, without building the body. `None`: the full path decides
+/// (it also words every refusal of a malformed body).
+async fn as_it_came(
+    app: &App,
+    ctx: &mut RequestCtx,
+    raw: &bytes::Bytes,
+) -> Result<Option<Plan>, ApiError> {
+    let Ok(fields) = ChatRouting::parse(raw, needs_rewrite) else {
+        return Ok(None);
+    };
+    let (Shape::Str(model), Shape::Array) = (&fields.model, &fields.messages) else {
+        return Ok(None);
+    };
+    if fields.needs_rewrite || fields.stream == Shape::True || model.is_empty() {
+        return Ok(None);
+    }
+    let id = identity(ctx)?;
+    if crate::presets::resolve(&app.presets(), id, model)
+        .await?
+        .is_some()
+    {
+        return Ok(None);
+    }
+    if !id.may_use_model(model) {
+        return Err(ApiError::bad_request(msg::MODEL_NOT_FOUND));
+    }
+    let entry = app
+        .models
+        .resolve(model)
+        .await
+        .ok_or_else(|| ApiError::bad_request(msg::MODEL_NOT_FOUND))?;
+    if entry.upstream_id != *model {
+        return Ok(None);
+    }
+    crate::usage::note_model(ctx, &entry.id);
+    let candidates = app.upstreams.rank(entry.kind, &entry.urls);
+    let path = upstream_path(&entry, &candidates);
+    Ok(Some(Plan {
+        candidates,
+        method: ::http::Method::POST,
+        path,
+        body: raw.clone(),
+        replace_success_body: None,
+        sources: None,
+        convert: None,
+        headers: Vec::new(),
     }))
 }
 

@@ -1,7 +1,8 @@
 //! `GET /api/models`.
 
 use pingora::proxy::Session;
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::Value;
 
 use super::{HandlerResult, Outcome, identity, query};
 use crate::app::App;
@@ -23,5 +24,12 @@ pub async fn list(app: &App, session: &Session, ctx: &RequestCtx) -> HandlerResu
         .map(|m| &m.json)
         .chain(presets.iter())
         .collect();
-    Ok(Outcome::Reply(Reply::ok(&json!({ "data": data }))))
+    // Serialised from the catalog's own values: building a `json!` tree first would copy
+    // every model's JSON on each request.
+    Ok(Outcome::Reply(Reply::ok(&ModelList { data })))
+}
+
+#[derive(Serialize)]
+struct ModelList<'a> {
+    data: Vec<&'a Value>,
 }

@@ -16,6 +16,7 @@ use crate::error::{ApiError, msg};
 use crate::http::{self, Reply};
 use crate::presets::{self, PresetForm};
 use crate::request::RequestCtx;
+use crate::storage::Signal;
 use crate::store::{Grant, PresetRecord, PresetRefusal, Role, User, now_secs};
 
 const PAGE_SIZE: usize = 30;
@@ -74,7 +75,15 @@ fn may_set_grants(user: &User, owner_id: &str, grants: &[Grant]) -> Result<(), A
 
 /// A preset the caller can read; otherwise a 404 that does not reveal it exists.
 async fn readable(app: &App, user: &User, id: &str) -> Result<PresetRecord, ApiError> {
-    match presets::find(&app.presets(), id).await? {
+    only_readable(presets::find(&app.presets(), id).await?, user, id)
+}
+
+fn only_readable(
+    found: Option<PresetRecord>,
+    user: &User,
+    id: &str,
+) -> Result<PresetRecord, ApiError> {
+    match found {
         Some(p) if presets::can_read(user, &p) => Ok(p),
         _ => Err(ApiError::not_found(format!(
             "Model preset {id:?} not found"
@@ -83,9 +92,11 @@ async fn readable(app: &App, user: &User, id: &str) -> Result<PresetRecord, ApiE
 }
 
 /// A preset the caller may change: 403 for declared ones (saying where to change them),
-/// 400 (Open WebUI's status for write denials) when readable but not writable.
+/// 400 (Open WebUI's status for write denials) when readable but not writable. Read from
+/// the store, not the in-memory copy: a change must start from the latest version, which
+/// another replica may have written a moment ago.
 async fn writable(app: &App, user: &User, id: &str) -> Result<PresetRecord, ApiError> {
-    let p = readable(app, user, id).await?;
+    let p = only_readable(presets::find_fresh(&app.presets(), id).await?, user, id)?;
     if presets::is_declared(&p) {
         return Err(ApiError::forbidden(format!(
             "Model preset {id:?} is declared in the configuration file and is read-only \
@@ -139,7 +150,10 @@ pub async fn create(app: &App, session: &mut Session, ctx: &RequestCtx) -> Handl
         .insert_preset(&rec, limits.max_per_user, limits.max_total)
         .await?
     {
-        Ok(()) => Ok(Outcome::Reply(Reply::ok(&presets::model_json(&rec)))),
+        Ok(()) => {
+            changed(app).await;
+            Ok(Outcome::Reply(Reply::ok(&presets::model_json(&rec))))
+        }
         Err(PresetRefusal::IdTaken) => Err(ApiError::new(409, ID_TAKEN)),
         Err(PresetRefusal::UserLimit) => Err(ApiError::forbidden(format!(
             "You have reached the limit of {} model presets per user (presets.max-per-user); \
@@ -281,7 +295,9 @@ pub async fn update(app: &App, session: &mut Session, ctx: &RequestCtx) -> Handl
         p.is_active = active;
     }
     p.updated_at = now_secs();
-    if !app.storage.meta.update_preset(&p).await? {
+    let updated = app.storage.meta.update_preset(&p).await?;
+    changed(app).await;
+    if !updated {
         return Err(ApiError::not_found(format!(
             "Model preset {id:?} not found"
         )));
@@ -295,7 +311,9 @@ pub async fn toggle(app: &App, session: &Session, ctx: &RequestCtx) -> HandlerRe
     let mut p = writable(app, &user, &id).await?;
     p.is_active = !p.is_active;
     p.updated_at = now_secs();
-    if !app.storage.meta.update_preset(&p).await? {
+    let updated = app.storage.meta.update_preset(&p).await?;
+    changed(app).await;
+    if !updated {
         return Err(ApiError::not_found(format!(
             "Model preset {id:?} not found"
         )));
@@ -309,7 +327,20 @@ pub async fn delete(app: &App, session: &Session, ctx: &RequestCtx) -> HandlerRe
     let user = writer(ctx)?.user.clone();
     let id = id_param(session)?;
     let p = writable(app, &user, &id).await?;
-    Ok(Outcome::Reply(Reply::ok(
-        &app.storage.meta.delete_preset(&p.id).await?,
-    )))
+    let deleted = app.storage.meta.delete_preset(&p.id).await?;
+    changed(app).await;
+    Ok(Outcome::Reply(Reply::ok(&deleted)))
+}
+
+/// A preset was written: this replica's copy goes at once, the other replicas' when the
+/// signal reaches them (or within the copy's TTL if it cannot be sent).
+async fn changed(app: &App) {
+    app.preset_cache.forget();
+    if let Err(e) = app.storage.signals.publish(&Signal::ModelsChanged).await {
+        tracing::warn!(
+            error = %e,
+            ttl = ?presets::PRESET_CACHE_TTL,
+            "cannot tell other replicas that a model preset changed; their copies expire within the TTL"
+        );
+    }
 }

@@ -2,6 +2,7 @@
 
 pub mod json;
 pub mod router;
+pub mod routing;
 
 use bytes::{Bytes, BytesMut};
 use http::header;
@@ -217,6 +218,14 @@ pub fn parse_json_with<T: serde::de::DeserializeOwned>(
         return Err(ApiError::new(422, "Request body is required (JSON)"));
     }
     json::check(body, max_values)?;
+    parse_checked_json(body)
+}
+
+/// Parses a body that already passed the guard ([`json::check`]).
+///
+/// # Errors
+/// 422 when the JSON does not have the expected shape, 400 when it is malformed.
+pub fn parse_checked_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| {
         let kind = if e.is_data() { 422 } else { 400 };
         ApiError::new(kind, format!("Invalid JSON body: {e}"))

@@ -9,6 +9,7 @@
 //! file are read-only through the API.
 
 mod apply;
+mod cache;
 mod clock;
 
 use std::collections::HashSet;
@@ -17,6 +18,7 @@ use serde_json::{Value, json};
 
 pub use crate::forms::preset::*;
 pub use apply::{Resolved, check_knowledge};
+pub use cache::{PRESET_CACHE_TTL, PresetCache, StoredPresets};
 
 use crate::auth::Identity;
 use crate::config::Config;
@@ -27,18 +29,34 @@ use crate::storage::Metadata;
 use crate::store::{PresetRecord, Role, User};
 
 /// What presets read: the settings (declared presets), the metadata seam (stored presets,
-/// owners), the model registry (a preset's base model) and retrieval (for presets that
-/// carry knowledge).
+/// owners) and its in-memory copy, the model registry (a preset's base model) and retrieval
+/// (for presets that carry knowledge).
 #[derive(Clone, Copy)]
 pub struct Presets<'a> {
     pub config: &'a Config,
     pub meta: &'a dyn Metadata,
+    pub cache: &'a PresetCache,
     pub models: &'a ModelRegistry,
     pub retriever: Retriever<'a>,
 }
 
-/// A preset by id: declared ones first (they shadow a stored preset of the same id).
+/// A preset by id: declared ones first (they shadow a stored preset of the same id), then
+/// the in-memory copy of the stored ones.
+///
+/// # Errors
+/// The store failed while the copy was (re)loaded.
 pub async fn find(app: &Presets<'_>, id: &str) -> Result<Option<PresetRecord>, ApiError> {
+    if let Some(p) = app.config.presets.declared.iter().find(|p| p.id == id) {
+        return Ok(Some(p.clone()));
+    }
+    Ok(app.cache.stored(app.meta).await?.get(id).cloned())
+}
+
+/// A preset by id as [`find`], read from the store rather than its in-memory copy.
+///
+/// # Errors
+/// The store failed.
+pub async fn find_fresh(app: &Presets<'_>, id: &str) -> Result<Option<PresetRecord>, ApiError> {
     if let Some(p) = app.config.presets.declared.iter().find(|p| p.id == id) {
         return Ok(Some(p.clone()));
     }
@@ -50,11 +68,13 @@ pub async fn all(app: &Presets<'_>) -> Result<Vec<PresetRecord>, ApiError> {
     let declared = &app.config.presets.declared;
     let mut out = declared.clone();
     out.extend(
-        app.meta
-            .presets()
+        app.cache
+            .stored(app.meta)
             .await?
-            .into_iter()
-            .filter(|p| !declared.iter().any(|d| d.id == p.id)),
+            .all()
+            .iter()
+            .filter(|p| !declared.iter().any(|d| d.id == p.id))
+            .cloned(),
     );
     Ok(out)
 }

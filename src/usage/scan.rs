@@ -127,6 +127,27 @@ fn rfind(hay: &[u8], needle: &[u8]) -> Option<usize> {
     None
 }
 
+/// Whether a line names `"usage"` or `"eval_count"`: the two searches of [`find`] in one
+/// pass. Every streamed line is asked, and almost none does: one vectorised scan for the
+/// needles' anchor bytes (`g` of usage, `_` of eval_count) costs a third of two [`find`]s,
+/// and the few hits in ordinary text are checked in place.
+fn mentions_counts(line: &[u8]) -> bool {
+    const USAGE: &[u8] = b"\"usage\"";
+    const EVAL: &[u8] = b"\"eval_count\"";
+    const USAGE_AT: usize = 4;
+    const EVAL_AT: usize = 5;
+    memchr::memchr2_iter(b'g', b'_', line).any(|at| {
+        let (needle, offset) = if line[at] == b'g' {
+            (USAGE, USAGE_AT)
+        } else {
+            (EVAL, EVAL_AT)
+        };
+        at.checked_sub(offset)
+            .and_then(|start| line.get(start..start + needle.len()))
+            .is_some_and(|w| w == needle)
+    })
+}
+
 /// The JSON value after `"key":` at the last occurrence of the key in `hay`.
 fn value_after(hay: &[u8], key: &[u8]) -> Option<Value> {
     let at = rfind(hay, key)? + key.len();
@@ -312,7 +333,7 @@ impl Scanner {
             },
             _ => line,
         };
-        if find(payload, b"\"usage\"").is_none() && find(payload, b"\"eval_count\"").is_none() {
+        if !mentions_counts(payload) {
             return;
         }
         if let Ok(v) = serde_json::from_slice::<Value>(payload.trim_ascii()) {
@@ -431,6 +452,30 @@ mod tests {
                 assert_eq!(find(hay, needle), plain, "{hay:?} {needle:?}");
                 assert_eq!(rfind(hay, needle), plain_last, "{hay:?} {needle:?}");
             }
+            let plain = |n: &[u8]| hay.windows(n.len()).any(|w| w == n);
+            assert_eq!(
+                mentions_counts(hay),
+                plain(b"\"usage\"") || plain(b"\"eval_count\""),
+                "{hay:?}"
+            );
+        }
+        // Anchor bytes at the very edges, and needles cut short by the end of the line.
+        for (line, expected) in [
+            (&b"g"[..], false),
+            (b"_", false),
+            (b"usage\"", false),
+            (b"\"usag", false),
+            (b"eval_count\"", false),
+            (b"\"eval_coun", false),
+            (b"\"prompt_eval_count\":1", false),
+            (b"ggg___\"usage\"", true),
+            (b"{\"eval_count\":2}", true),
+            (
+                b"{\"model\":\"m\",\"created_at\":\"t\",\"response\":\"going\"}",
+                false,
+            ),
+        ] {
+            assert_eq!(mentions_counts(line), expected, "{line:?}");
         }
     }
 
