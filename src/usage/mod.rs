@@ -731,7 +731,7 @@ mod tests {
         };
         Ctx {
             identity: Some(Identity {
-                user,
+                user: std::sync::Arc::new(user),
                 credential: crate::auth::Credential::ApiKey,
                 allowed_models: None,
                 restricted_key: false,
