@@ -14,9 +14,11 @@
 //! the 1 MB file to a collection (must not re-embed).
 //!
 //! Run: `benches/ingest.sh` (builds the release binary, then `cargo bench --bench ingest`).
-//! Environment: `ROUNDS` (default 1), `SMALL` (default 400 files), `VARIANTS` (default
+//! Environment: `ROUNDS` (default 1), `SMALL` (default 400 files), `STATUS` (`stream`, the
+//! default: clients wait on the status event stream; `poll`: every 50 ms), `VARIANTS` (default
 //! `before,after`: `before` is the former defaults, one float session and two workers; `after`
-//! the machine-sized defaults), `RAGWAY_RELEASE_BIN`.
+//! the machine-sized defaults; `base`: the defaults on the binary named by `RAGWAY_BASE_BIN`,
+//! e.g. a build of an earlier commit, to compare two builds in one run), `RAGWAY_RELEASE_BIN`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -265,7 +267,32 @@ impl Server {
             .to_string()
     }
 
-    async fn wait_completed(&self, id: &str) {
+    /// Waits for `completed`: on the status event stream (`?stream=true`, one event per
+    /// change) when `stream`, else by polling every 50 ms, which adds up to 50 ms to every
+    /// file (25 on average) and, with a fixed number of uploads in flight, leaves the server
+    /// idle meanwhile.
+    async fn wait_completed(&self, id: &str, stream: bool) {
+        if stream {
+            let mut r = self
+                .client
+                .get(format!(
+                    "{}/api/v1/files/{id}/process/status?stream=true",
+                    self.url
+                ))
+                .bearer_auth(&self.token)
+                .send()
+                .await
+                .unwrap();
+            let mut seen = String::new();
+            while let Some(chunk) = r.chunk().await.unwrap() {
+                seen.push_str(&String::from_utf8_lossy(&chunk));
+                if seen.contains("\"completed\"") {
+                    return;
+                }
+                assert!(!seen.contains("\"failed\""), "file {id}: {seen}");
+            }
+            panic!("file {id}: stream ended with {seen}");
+        }
         loop {
             let v: Value = self
                 .client
@@ -323,8 +350,8 @@ impl Drop for Server {
 fn variant_toml(name: &str) -> &'static str {
     match name {
         "before" => "[embedding]\nsessions = 1\nint8 = false\n[rag]\nworkers = 2",
-        "after" => "",
-        other => panic!("unknown variant {other:?} (before, after)"),
+        "after" | "base" => "",
+        other => panic!("unknown variant {other:?} (before, after, base)"),
     }
 }
 
@@ -397,15 +424,37 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    let stream = match std::env::var("STATUS").as_deref() {
+        Ok("poll") => false,
+        Ok("stream") | Err(_) => true,
+        Ok(other) => panic!("STATUS={other:?}: poll or stream"),
+    };
+    println!(
+        "clients wait for completion by {}",
+        if stream {
+            "the status event stream"
+        } else {
+            "polling every 50 ms"
+        }
+    );
+    let base = std::env::var_os("RAGWAY_BASE_BIN").map(PathBuf::from);
+    let bin_of = |v: &str| {
+        if v == "base" {
+            base.clone().expect("variant base needs RAGWAY_BASE_BIN")
+        } else {
+            bin.clone()
+        }
+    };
     rt.block_on(async {
         for round in 1..=rounds {
             for v in &variants {
+                let bin = bin_of(v);
                 let s = Server::start(&bin, variant_toml(v)).await;
                 let idle = s.status_kib("VmRSS:");
                 let cpu0 = s.cpu_secs();
                 let start = Instant::now();
                 let id = s.upload("big.txt", &big).await;
-                s.wait_completed(&id).await;
+                s.wait_completed(&id, stream).await;
                 let secs = start.elapsed().as_secs_f64();
                 let cpu = s.cpu_secs() - cpu0;
                 let add = s.knowledge_add(&id).await;
@@ -428,7 +477,7 @@ fn main() {
                 futures_util::stream::iter(small.iter())
                     .map(|(name, text)| async move {
                         let id = s_ref.upload(name, text).await;
-                        s_ref.wait_completed(&id).await;
+                        s_ref.wait_completed(&id, stream).await;
                     })
                     .buffer_unordered(4)
                     .collect::<Vec<()>>()

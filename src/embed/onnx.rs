@@ -451,6 +451,15 @@ fn length_order(lengths: impl Iterator<Item = usize>) -> Vec<usize> {
     order.into_iter().map(|(i, _)| i).collect()
 }
 
+/// Texts per batch for a request of `texts` texts on `sessions` sessions: [`BATCH_SIZE`], or
+/// fewer so that every session gets a batch. A small file (an abstract is one or two chunks)
+/// then runs on all sessions at once instead of one text after another on one session while
+/// the others idle; its vectors do not change (each text is pooled on its own, see
+/// [`OnnxEmbedder::load_with`]).
+fn batch_len(texts: usize, sessions: usize) -> usize {
+    texts.div_ceil(sessions.max(1)).clamp(1, BATCH_SIZE)
+}
+
 /// Gives the heap's free pages back to the kernel. Activations below the mmap threshold come
 /// from malloc's arenas, which otherwise keep a batch's worth of freed pages resident
 /// (~33 MiB after a 1 MB file); trimming takes about a millisecond after a batch that took
@@ -678,7 +687,8 @@ impl Embedder for OnnxEmbedder {
                 .await
                 .map_err(|e| EmbedError::Inference(format!("tokenizing failed: {e}")))?
         };
-        let batches: Vec<Vec<usize>> = order.chunks(BATCH_SIZE).map(<[usize]>::to_vec).collect();
+        let per_batch = batch_len(texts.len(), self.inner.sessions);
+        let batches: Vec<Vec<usize>> = order.chunks(per_batch).map(<[usize]>::to_vec).collect();
         // At most one batch per session of this request is in flight, and each batch takes
         // its own permit: the semaphore is FIFO, so a short query queued behind a large upload
         // waits for one batch, not for the whole upload.
@@ -787,6 +797,55 @@ mod tests {
             "the query lane embeds like the batch lane: {cos}"
         );
         assert_eq!(upload.await.unwrap().unwrap().len(), BATCH_SIZE);
+    }
+
+    #[test]
+    fn a_small_request_is_spread_over_every_session() {
+        assert_eq!(batch_len(2, 2), 1);
+        assert_eq!(batch_len(3, 2), 2);
+        assert_eq!(batch_len(5, 4), 2);
+        assert_eq!(batch_len(1, 8), 1);
+        assert_eq!(batch_len(64, 2), BATCH_SIZE);
+        assert_eq!(batch_len(1000, 1), BATCH_SIZE);
+        assert_eq!(batch_len(7, 0), 7);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_two_chunk_file_takes_both_sessions_at_once() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+        let e = OnnxEmbedder::load(
+            &root.join("all-MiniLM-L6-v2"),
+            &root.join("onnxruntime/libonnxruntime.so"),
+            2,
+            "m",
+        )
+        .expect("run scripts/fetch-model.sh");
+        let texts: Vec<String> = (0..2)
+            .map(|i| format!("chunk {i} ") + &"reactor coolant pressure valve ".repeat(60))
+            .collect();
+        // Both sessions checked out by this one request at some moment: watched from the
+        // pool, whose idle list empties only when two inferences run together.
+        let watch = {
+            let inner = e.inner.clone();
+            std::thread::spawn(move || {
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+                while std::time::Instant::now() < deadline {
+                    if inner.pool.lock().is_empty() {
+                        return true;
+                    }
+                    std::thread::yield_now();
+                }
+                false
+            })
+        };
+        for _ in 0..20 {
+            let v = e.embed(texts.clone()).await.unwrap();
+            assert_eq!(v.len(), 2);
+            if watch.is_finished() {
+                break;
+            }
+        }
+        assert!(watch.join().unwrap(), "the two chunks never ran at once");
     }
 
     #[test]

@@ -341,6 +341,18 @@ pub fn is_supported(filename: &str, content_type: Option<&str>) -> bool {
     choose_loader(filename, content_type).is_ok()
 }
 
+/// Whether extracting this file runs a parser that belongs in a child process (see
+/// [`isolate`]). Plain text and Markdown do not: their loader decodes the bytes once
+/// (`encoding_rs`, `chardetng`: linear time, no recursion, no inflation) into a text at most
+/// three times the upload's size, the same text the gateway then holds and chunks in process
+/// whichever way it was extracted. Unsupported files fail before reading a byte.
+pub fn needs_isolation(filename: &str, content_type: Option<&str>) -> bool {
+    !matches!(
+        choose_loader(filename, content_type),
+        Ok(Loader::Text | Loader::Markdown) | Err(_)
+    )
+}
+
 /// Extracts the text of a file.
 ///
 /// The loader is chosen by extension, then content type (see the module docs). Line endings

@@ -858,7 +858,10 @@ fn extract_source(
         Source::Path(path) => {
             crate::extract::isolate::extract_file(&path, name, content_type, options)
         }
-        Source::Bytes(bytes) if options.extractor.is_none() => {
+        Source::Bytes(bytes)
+            if options.extractor.is_none()
+                || !crate::extract::needs_isolation(name, content_type) =>
+        {
             crate::extract::extract_with(&bytes, name, content_type, &options.limits)
                 .map_err(|e| e.to_string())
         }
@@ -1332,14 +1335,26 @@ mod tests {
         )
         .unwrap();
         assert_eq!(doc.full_text().trim(), "plain words");
-        // With an extractor binary (one that cannot start here) the bytes go through a
-        // scratch file, which is gone afterwards whatever the outcome.
+        // With an extractor binary (one that cannot start here), plain text is still decoded
+        // in process, staging nothing ...
         options.extractor = Some(dir.path().join("no-such-extractor"));
-        let err = extract_source(
+        let doc = extract_source(
             Source::Bytes(b"plain words".to_vec()),
             &scratch,
             "a.txt",
             Some("text/plain"),
+            &options,
+        )
+        .unwrap();
+        assert_eq!(doc.full_text().trim(), "plain words");
+        assert!(!scratch.exists());
+        // ... while a format with a real parser goes to the child through a scratch file,
+        // which is gone afterwards whatever the outcome.
+        let err = extract_source(
+            Source::Bytes(b"PK\x03\x04 not really a zip".to_vec()),
+            &scratch,
+            "a.docx",
+            None,
             &options,
         )
         .unwrap_err();

@@ -10,6 +10,9 @@ use super::{
     Result, Store, StoreError, TERMS, VECTORS, decode, encode,
 };
 
+/// Chunk ids reserved in the database at a time (see [`Store::reserve_chunk_ids`]).
+pub const CHUNK_ID_BLOCK: u64 = 1024;
+
 /// A deleted file's record, its chunk ids and the collections it was in.
 pub type DeletedFile = (FileRecord, Vec<u64>, Vec<String>);
 
@@ -125,21 +128,35 @@ impl Store {
         self.insert_file(file, true)
     }
 
-    /// Allocates `n` fresh chunk ids (its own transaction: ids lost to a crash are simply
-    /// never used).
+    /// Allocates `n` fresh chunk ids. They come from a block of at least
+    /// [`CHUNK_ID_BLOCK`] ids reserved in the database in a transaction of its own, before
+    /// any of them is handed out, so an id is never given twice, even across a crash (ids of
+    /// a block lost to a crash or a restart are simply never used). One small file used to
+    /// pay that transaction's fsync for its own few ids.
     pub fn reserve_chunk_ids(&self, n: usize) -> Result<Vec<u64>> {
-        let txn = self.db.begin_write()?;
-        let ids = {
-            let mut counters = txn.open_table(COUNTERS)?;
-            let first = counters.get("chunk_id")?.map(|g| g.value()).unwrap_or(1);
-            counters.insert("chunk_id", first + n as u64)?;
-            (first..first + n as u64).collect::<Vec<u64>>()
-        };
-        txn.commit()?;
+        let n = n as u64;
+        let mut local = self
+            .chunk_ids
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if local.end - local.start < n {
+            let block = n.max(CHUNK_ID_BLOCK);
+            let txn = self.db.begin_write()?;
+            let first = {
+                let mut counters = txn.open_table(COUNTERS)?;
+                let first = counters.get("chunk_id")?.map_or(1, |g| g.value());
+                counters.insert("chunk_id", first + block)?;
+                first
+            };
+            txn.commit()?;
+            *local = first..first + block;
+        }
+        let ids = (local.start..local.start + n).collect();
+        local.start += n;
         Ok(ids)
     }
 
-    /// The id the next reserved chunk gets: every chunk id ever given out is below it.
+    /// Every chunk id ever given out is below this one.
     pub fn next_chunk_id(&self) -> Result<u64> {
         let txn = self.db.begin_read()?;
         let counters = txn.open_table(COUNTERS)?;
@@ -158,6 +175,14 @@ impl Store {
             }
         }
         txn.commit()?;
+        // Ids of the reserved block below `next` may now belong to copied chunks.
+        let mut local = self
+            .chunk_ids
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if next > local.start {
+            *local = next.min(local.end)..local.end;
+        }
         Ok(())
     }
 

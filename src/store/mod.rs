@@ -17,7 +17,7 @@ mod usage;
 pub use usage::{UsageCounts, UsageKey};
 
 use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use redb::{
@@ -118,6 +118,9 @@ pub struct Store {
     /// The database's directory: usage rows that arrive after a hand-over wait here in a
     /// file for the process that owns the database (see `usage`).
     dir: std::path::PathBuf,
+    /// Chunk ids reserved in the database and not handed out yet (see
+    /// [`Store::reserve_chunk_ids`]).
+    chunk_ids: Mutex<std::ops::Range<u64>>,
 }
 
 /// The redb handle. redb locks its file for one process, so at a graceful upgrade the old
@@ -201,6 +204,7 @@ impl Store {
             dir: path
                 .parent()
                 .map_or_else(std::path::PathBuf::new, Path::to_path_buf),
+            chunk_ids: Mutex::new(0..0),
         })
     }
 
@@ -452,6 +456,48 @@ mod tests {
         ));
         assert_eq!(s.user_by_email("b@x.io").unwrap().unwrap().id, b.id);
         assert_eq!(s.user_count().unwrap(), 2);
+    }
+
+    #[test]
+    fn chunk_ids_are_never_given_twice_across_blocks_reopens_and_imports() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.redb");
+        let mut seen = std::collections::HashSet::new();
+        let mut take = |ids: Vec<u64>| {
+            for id in ids {
+                assert!(seen.insert(id), "id {id} given twice");
+            }
+            seen.iter().copied().max().unwrap_or(0)
+        };
+        let mut highest = 0;
+        let before_reopen;
+        {
+            let s = Store::open(&path).unwrap();
+            // Many small files: one block; a file larger than a block: a block of its own.
+            for _ in 0..600 {
+                highest = take(s.reserve_chunk_ids(2).unwrap());
+            }
+            let big = s
+                .reserve_chunk_ids(files::CHUNK_ID_BLOCK as usize + 5)
+                .unwrap();
+            assert_eq!(big.len(), files::CHUNK_ID_BLOCK as usize + 5);
+            assert!(big.windows(2).all(|w| w[1] == w[0] + 1), "consecutive");
+            take(big);
+            highest = highest.max(take(s.reserve_chunk_ids(3).unwrap()));
+            before_reopen = s.next_chunk_id().unwrap();
+            assert!(highest < before_reopen, "{highest} >= {before_reopen}");
+        }
+        // A restart (or a crash) loses the rest of the block: the next ids come after it.
+        let s = Store::open(&path).unwrap();
+        let after = s.reserve_chunk_ids(1).unwrap();
+        assert!(after[0] >= before_reopen, "{after:?} < {before_reopen}");
+        take(after.clone());
+        // Chunks copied in under their own ids inside the reserved block: never given again.
+        s.raise_chunk_ids(after[0] + 10).unwrap();
+        let next = s.reserve_chunk_ids(1).unwrap();
+        assert!(next[0] >= after[0] + 10, "{next:?}");
+        take(next);
+        assert_eq!(s.reserve_chunk_ids(0).unwrap(), Vec::<u64>::new());
     }
 
     #[test]

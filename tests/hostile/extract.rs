@@ -324,3 +324,51 @@ async fn huge_header_line_is_chunked_with_bounded_metadata() {
     }
     support::alive(&gw).await;
 }
+
+/// Plain text and Markdown are decoded in the gateway, every other format in the extractor
+/// child. With a "child" that always crashes, text completes while a PDF fails in the child;
+/// a parser's input disguised as text only meets the text decoder, which refuses it as
+/// binary, and legacy-encoded text that grows when decoded still completes.
+#[tokio::test(flavor = "multi_thread")]
+async fn text_is_decoded_in_process_and_every_parser_stays_in_the_child() {
+    let gw = Setup::new()
+        .toml("[rag]\nfile-max-size-mb = 1\nextractor = \"/bin/false\"\n")
+        .start()
+        .await;
+    let admin = gw.admin().await;
+    let file = process(&gw, &admin, "notes.md", b"# Pumps\n\nvalves and seals\n").await;
+    assert_eq!(file["data"]["status"], "completed", "{file}");
+    let bomb = pdf("/Filter /FlateDecode", &zlib(&vec![0u8; 16 * MIB]));
+    fails_with(&gw, &admin, "bomb.pdf", &bomb, "text extraction crashed").await;
+    fails_with(
+        &gw,
+        &admin,
+        "bomb.txt",
+        &bomb,
+        ".txt file contains binary data",
+    )
+    .await;
+    let docx = zip(
+        &[("word/document.xml", &vec![b'a'; 4 * MIB])],
+        zip::CompressionMethod::Deflated,
+    );
+    fails_with(
+        &gw,
+        &admin,
+        "docx.md",
+        &docx,
+        ".md file contains binary data",
+    )
+    .await;
+    // Windows-1252 bytes above 0x7F become two UTF-8 bytes each: a text larger than the
+    // upload, decoded and chunked in the gateway.
+    let latin: Vec<u8> = b"caf\xe9 cr\xe8me br\xfbl\xe9e "
+        .iter()
+        .copied()
+        .cycle()
+        .take(MIB - 4096)
+        .collect();
+    let file = process(&gw, &admin, "latin.txt", &latin).await;
+    assert_eq!(file["data"]["status"], "completed", "{file}");
+    support::alive(&gw).await;
+}
