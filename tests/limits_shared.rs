@@ -10,81 +10,13 @@ mod common;
 
 use common::fake::FakeUpstream;
 use common::gateway::{Gateway, Setup};
+use common::postgres::{TestDb, connect};
 use serde_json::{Value, json};
 
 const CHAT: &str = "/api/chat/completions";
 const SECRET: &str = "one-secret-shared-by-both-gateways";
 
-fn postgres_url() -> Option<String> {
-    match std::env::var("RAGWAY_TEST_POSTGRES_URL") {
-        Ok(u) if !u.trim().is_empty() => Some(u),
-        _ => {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "RAGWAY_TEST_POSTGRES_URL is not set under CI: shared limits must be tested \
-                 (scripts/test.sh starts PostgreSQL with scripts/postgres.sh)"
-            );
-            eprintln!("RAGWAY_TEST_POSTGRES_URL not set: shared-limits test NOT RUN");
-            None
-        }
-    }
-}
-
-async fn client_of(url: &str) -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .expect("connect to PostgreSQL");
-    tokio::spawn(conn);
-    client
-}
-
-/// A database created for one test, dropped at the end.
-struct Db {
-    admin_url: String,
-    name: String,
-    url: String,
-}
-
-impl Db {
-    async fn create(admin_url: String) -> Db {
-        let name = format!("ragway_l_{}", uuid::Uuid::new_v4().simple());
-        client_of(&admin_url)
-            .await
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await
-            .expect("create the test database");
-        let mut cfg: tokio_postgres::Config = admin_url.parse().expect("test URL parses");
-        cfg.dbname(&name);
-        let host = match cfg.get_hosts().first() {
-            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
-            _ => "127.0.0.1".into(),
-        };
-        let port = cfg.get_ports().first().copied().unwrap_or(5432);
-        let user = cfg.get_user().unwrap_or("postgres");
-        let auth = match cfg.get_password() {
-            Some(pw) => format!("{user}:{}", String::from_utf8_lossy(pw)),
-            None => user.to_string(),
-        };
-        let url = format!("postgres://{auth}@{host}:{port}/{name}");
-        Db {
-            admin_url,
-            name,
-            url,
-        }
-    }
-
-    async fn drop_db(self) {
-        let _ = client_of(&self.admin_url)
-            .await
-            .batch_execute(&format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.name
-            ))
-            .await;
-    }
-}
-
-async fn gateway(db: &Db, upstream: &str) -> Gateway {
+async fn gateway(db: &TestDb, upstream: &str) -> Gateway {
     Setup::new()
         .openai(upstream)
         .env("DATABASE_URL", &db.url)
@@ -124,10 +56,9 @@ async fn refused_for(r: reqwest::Response) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn limits_hold_across_two_gateways_on_one_database() {
-    let Some(admin_url) = postgres_url() else {
+    let Some(db) = TestDb::create("shared limits").await else {
         return;
     };
-    let db = Db::create(admin_url).await;
     let up = FakeUpstream::openai(&["gpt-x"]).await;
     let a = gateway(&db, &up.url).await;
     let b = gateway(&db, &up.url).await;
@@ -170,10 +101,9 @@ async fn limits_hold_across_two_gateways_on_one_database() {
 /// restore): limited requests pass, each counted in the failure metric.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_that_cannot_check_limits_lets_requests_through() {
-    let Some(admin_url) = postgres_url() else {
+    let Some(db) = TestDb::create("shared limits").await else {
         return;
     };
-    let db = Db::create(admin_url).await;
     let up = FakeUpstream::openai(&["gpt-x"]).await;
     let gw = gateway(&db, &up.url).await;
     let admin = gw.admin().await;
@@ -183,7 +113,7 @@ async fn a_database_that_cannot_check_limits_lets_requests_through() {
     let r = gw.post(CHAT, Some(&key), chat()).await;
     assert_eq!(refused_for(r).await, "requests", "the limit holds first");
 
-    client_of(&db.url)
+    connect(&db.url)
         .await
         .batch_execute("DROP FUNCTION ragway_rate_admit")
         .await

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use common::fake::FakeUpstream;
 use common::gateway::{Gateway, Setup};
+use common::postgres::TestDb;
 use common::upload::{collection, upload_text};
 use ragway::commands::migrate::{self, MigrateError};
 use ragway::storage::{Scope, Storage};
@@ -24,76 +25,6 @@ use serde_json::{Value, json};
 // ---------------------------------------------------------------------------
 // A database per test
 // ---------------------------------------------------------------------------
-
-fn postgres_url() -> Option<String> {
-    match std::env::var("RAGWAY_TEST_POSTGRES_URL") {
-        Ok(u) if !u.trim().is_empty() => Some(u),
-        _ => {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "RAGWAY_TEST_POSTGRES_URL is not set under CI: migrate must be tested \
-                 (scripts/test.sh starts PostgreSQL with scripts/postgres.sh)"
-            );
-            eprintln!("RAGWAY_TEST_POSTGRES_URL not set: PostgreSQL case NOT RUN");
-            None
-        }
-    }
-}
-
-async fn admin_client(url: &str) -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .expect("connect to RAGWAY_TEST_POSTGRES_URL");
-    tokio::spawn(conn);
-    client
-}
-
-/// A fresh database, dropped at the end of the test.
-struct TestDb {
-    admin_url: String,
-    name: String,
-    /// A `postgres://` URL, as an operator types it.
-    url: String,
-}
-
-impl TestDb {
-    async fn create() -> Option<TestDb> {
-        let admin_url = postgres_url()?;
-        let name = format!("ragway_m_{}", uuid::Uuid::new_v4().simple());
-        admin_client(&admin_url)
-            .await
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await
-            .expect("create test database");
-        let cfg: tokio_postgres::Config = admin_url.parse().expect("test URL parses");
-        let host = match cfg.get_hosts().first() {
-            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
-            _ => "127.0.0.1".into(),
-        };
-        let port = cfg.get_ports().first().copied().unwrap_or(5432);
-        let user = cfg.get_user().unwrap_or("postgres");
-        let auth = match cfg.get_password() {
-            Some(pw) => format!("{user}:{}", String::from_utf8_lossy(pw)),
-            None => user.to_string(),
-        };
-        let url = format!("postgres://{auth}@{host}:{port}/{name}");
-        Some(TestDb {
-            admin_url,
-            name,
-            url,
-        })
-    }
-
-    async fn drop_db(self) {
-        let _ = admin_client(&self.admin_url)
-            .await
-            .batch_execute(&format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.name
-            ))
-            .await;
-    }
-}
 
 fn ragway() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_ragway"));
@@ -306,7 +237,7 @@ async fn snapshot(s: &Storage, kb: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_data_dir_moves_to_postgres_whole_and_searches_the_same() {
-    let Some(db) = TestDb::create().await else {
+    let Some(db) = TestDb::create("migrate").await else {
         return;
     };
     let filled = fill().await;
@@ -427,7 +358,7 @@ async fn a_data_dir_moves_to_postgres_whole_and_searches_the_same() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_copy_is_refused_without_resume_and_changes_nothing_with_it() {
-    let Some(db) = TestDb::create().await else {
+    let Some(db) = TestDb::create("migrate").await else {
         return;
     };
     let filled = fill().await;
@@ -563,7 +494,7 @@ async fn a_data_dir_in_use_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_copies_and_prints_counts_and_the_secret_note() {
-    let Some(db) = TestDb::create().await else {
+    let Some(db) = TestDb::create("migrate").await else {
         return;
     };
     let gw = Setup::new().start().await;

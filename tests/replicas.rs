@@ -4,8 +4,7 @@
 //! with on another, a replica killed while it processes a file leaves it to the others,
 //! and sign-in attempts are counted across replicas.
 //!
-//! PostgreSQL comes from `RAGWAY_TEST_POSTGRES_URL` (scripts/test.sh starts a throwaway
-//! pgvector cluster); under CI a missing URL fails the test.
+//! PostgreSQL: a database per test on the cluster of `tests/common/postgres.rs`.
 
 mod common;
 
@@ -14,55 +13,10 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use common::fake::{FakeUpstream, http_client};
+use common::postgres::{TestDb, connect};
 use common::release::Server;
 
 const SECRET: &str = "one-secret-shared-by-every-replica";
-
-fn postgres_url() -> Option<String> {
-    match std::env::var("RAGWAY_TEST_POSTGRES_URL") {
-        Ok(u) if !u.trim().is_empty() => Some(u),
-        _ => {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "RAGWAY_TEST_POSTGRES_URL is not set under CI: replicas must be tested \
-                 (scripts/test.sh starts PostgreSQL with scripts/postgres.sh)"
-            );
-            eprintln!("RAGWAY_TEST_POSTGRES_URL not set: replica test NOT RUN");
-            None
-        }
-    }
-}
-
-async fn client_of(url: &str) -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .expect("connect to PostgreSQL");
-    tokio::spawn(conn);
-    client
-}
-
-/// A fresh database on the test cluster, for one test; its URL is what replicas get.
-async fn fresh_database(admin_url: &str) -> String {
-    let name = format!("ragway_r_{}", uuid::Uuid::new_v4().simple());
-    client_of(admin_url)
-        .await
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .await
-        .expect("create the test database");
-    let mut cfg: tokio_postgres::Config = admin_url.parse().expect("test URL parses");
-    cfg.dbname(&name);
-    let host = match cfg.get_hosts().first() {
-        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
-        _ => "127.0.0.1".into(),
-    };
-    let port = cfg.get_ports().first().copied().unwrap_or(5432);
-    let user = cfg.get_user().unwrap_or("postgres");
-    let auth = match cfg.get_password() {
-        Some(pw) => format!("{user}:{}", String::from_utf8_lossy(pw)),
-        None => user.to_string(),
-    };
-    format!("postgres://{auth}@{host}:{port}/{name}")
-}
 
 /// A replica: the release binary on `db`, in front of `upstream`.
 async fn replica(db: &str, upstream: &str, extra: &str) -> Server {
@@ -174,8 +128,10 @@ fn long_text(words: usize) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_share_accounts_keys_files_limits_and_the_queue() {
-    let Some(admin) = postgres_url() else { return };
-    let db = fresh_database(&admin).await;
+    let Some(testdb) = TestDb::create("replicas").await else {
+        return;
+    };
+    let db = testdb.url.clone();
     let upstream = FakeUpstream::ollama(&["llama3:latest"]).await;
     let up = upstream.url.clone();
 
@@ -183,7 +139,7 @@ async fn replicas_share_accounts_keys_files_limits_and_the_queue() {
     let mut doomed = replica(&db, &up, "").await;
     let admin_token = signup(&doomed.url, "admin@example.com").await;
     let big = upload(&doomed.url, &admin_token, "big.txt", &long_text(60_000)).await;
-    let pg = client_of(&db).await;
+    let pg = connect(&db).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let row = pg
@@ -293,19 +249,15 @@ async fn replicas_share_accounts_keys_files_limits_and_the_queue() {
     );
 
     drop((pg, a, b));
-    let _ = client_of(&admin)
-        .await
-        .batch_execute(&format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            db.rsplit('/').next().unwrap()
-        ))
-        .await;
+    testdb.drop_db().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uploads_on_a_shared_blob_dir_are_read_by_every_replica() {
-    let Some(admin) = postgres_url() else { return };
-    let db = fresh_database(&admin).await;
+    let Some(testdb) = TestDb::create("replicas").await else {
+        return;
+    };
+    let db = testdb.url.clone();
     let upstream = FakeUpstream::ollama(&["llama3:latest"]).await;
     let shared = tempfile::tempdir().unwrap();
     let extra = format!(
@@ -339,13 +291,7 @@ async fn uploads_on_a_shared_blob_dir_are_read_by_every_replica() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     drop((a, b));
-    let _ = client_of(&admin)
-        .await
-        .batch_execute(&format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            db.rsplit('/').next().unwrap()
-        ))
-        .await;
+    testdb.drop_db().await;
 }
 
 /// Replicas keep the stored model presets in memory; a preset created, changed or deleted
@@ -353,8 +299,10 @@ async fn uploads_on_a_shared_blob_dir_are_read_by_every_replica() {
 /// before a copy would expire on its own (`presets::PRESET_CACHE_TTL`, 5 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_preset_changed_on_one_replica_applies_on_another_at_once() {
-    let Some(admin) = postgres_url() else { return };
-    let db = fresh_database(&admin).await;
+    let Some(testdb) = TestDb::create("replicas").await else {
+        return;
+    };
+    let db = testdb.url.clone();
     let upstream = FakeUpstream::ollama(&["llama3:latest"]).await;
     let a = replica(&db, &upstream.url, "").await;
     let b = replica(&db, &upstream.url, "").await;
@@ -430,11 +378,5 @@ async fn a_preset_changed_on_one_replica_applies_on_another_at_once() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     drop((a, b));
-    let pg = client_of(&admin).await;
-    let _ = pg
-        .batch_execute(&format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            db.rsplit('/').next().unwrap()
-        ))
-        .await;
+    testdb.drop_db().await;
 }

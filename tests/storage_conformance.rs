@@ -6,10 +6,16 @@
 //! cluster with scripts/postgres.sh); each test gets a database of its own. Without the
 //! URL the PostgreSQL cases fail under CI (CI=true) and are reported as not run elsewhere.
 
+// Only the cluster URL and connections: this suite keeps its own databases (key=value URLs).
+#[allow(dead_code)]
+#[path = "common/postgres.rs"]
+mod pg_test;
+
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use pg_test::{cluster_url, connect as admin};
 use ragway::index::GraphKind;
 use ragway::library::{Added, Content, Library, LibraryError, NewFile};
 use ragway::limits::{Applied, Limits};
@@ -35,35 +41,9 @@ struct TestDb {
     url: String,
 }
 
-fn postgres_url() -> Option<String> {
-    match std::env::var("RAGWAY_TEST_POSTGRES_URL") {
-        Ok(u) if !u.trim().is_empty() => Some(u),
-        _ => {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "RAGWAY_TEST_POSTGRES_URL is not set under CI: the PostgreSQL backend must be \
-                 tested (scripts/test.sh starts one with scripts/postgres.sh)"
-            );
-            eprintln!(
-                "RAGWAY_TEST_POSTGRES_URL not set: PostgreSQL case NOT RUN (start one with \
-                 `eval \"$(scripts/postgres.sh start)\"`)"
-            );
-            None
-        }
-    }
-}
-
-async fn admin(url: &str) -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .expect("connect to RAGWAY_TEST_POSTGRES_URL");
-    tokio::spawn(conn);
-    client
-}
-
 impl TestDb {
     async fn create() -> Option<TestDb> {
-        let admin_url = postgres_url()?;
+        let admin_url = cluster_url("the PostgreSQL backend")?;
         let name = format!("ragway_t_{}", uuid::Uuid::new_v4().simple());
         admin(&admin_url)
             .await
