@@ -381,6 +381,21 @@ pub struct Storage {
     pub signals: Arc<dyn Signals>,
 }
 
+/// Refuses a commit whose chunks and vectors do not pair up: no backend may store a chunk
+/// without its vector.
+///
+/// # Errors
+/// [`StorageError::Corrupt`] with both counts.
+pub(crate) fn check_paired(chunks: usize, vectors: usize) -> Result<()> {
+    if chunks == vectors {
+        return Ok(());
+    }
+    Err(StorageError::Corrupt {
+        table: "chunks",
+        message: format!("{chunks} chunks but {vectors} vectors"),
+    })
+}
+
 /// Signals buffered per subscriber before it lags.
 pub const SIGNAL_CAPACITY: usize = 1024;
 

@@ -322,12 +322,7 @@ impl Chunks for Embedded {
         chunks: &[ChunkRecord],
         vectors: &[Vec<f32>],
     ) -> Result<Vec<u64>> {
-        if chunks.len() != vectors.len() {
-            return Err(StorageError::Corrupt {
-                table: "chunks",
-                message: format!("{} chunks but {} vectors", chunks.len(), vectors.len()),
-            });
-        }
+        super::check_paired(chunks.len(), vectors.len())?;
         let terms: Vec<String> = chunks
             .iter()
             .map(|c| serde_json::to_string(&TermCounts::of(&c.text)).expect("json"))
@@ -420,12 +415,7 @@ impl Chunks for Embedded {
         chunks: &[(u64, ChunkRecord)],
         vectors: &[Vec<f32>],
     ) -> Result<()> {
-        if chunks.len() != vectors.len() {
-            return Err(StorageError::Corrupt {
-                table: "chunks",
-                message: format!("{} chunks but {} vectors", chunks.len(), vectors.len()),
-            });
-        }
+        super::check_paired(chunks.len(), vectors.len())?;
         if self.store.file(&file.id)?.is_none() {
             return Err(StorageError::NotFound);
         }

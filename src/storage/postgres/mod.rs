@@ -1293,12 +1293,7 @@ impl Chunks for Pg {
         chunks: &[ChunkRecord],
         vectors: &[Vec<f32>],
     ) -> Result<Vec<u64>> {
-        if chunks.len() != vectors.len() {
-            return Err(StorageError::Corrupt {
-                table: "chunks",
-                message: format!("{} chunks but {} vectors", chunks.len(), vectors.len()),
-            });
-        }
+        super::check_paired(chunks.len(), vectors.len())?;
         let dims: HashSet<usize> = vectors.iter().map(Vec::len).collect();
         for d in &dims {
             self.ensure_hnsw(*d).await?;
@@ -1545,12 +1540,7 @@ impl Chunks for Pg {
         chunks: &[(u64, ChunkRecord)],
         vectors: &[Vec<f32>],
     ) -> Result<()> {
-        if chunks.len() != vectors.len() {
-            return Err(StorageError::Corrupt {
-                table: "chunks",
-                message: format!("{} chunks but {} vectors", chunks.len(), vectors.len()),
-            });
-        }
+        super::check_paired(chunks.len(), vectors.len())?;
         let dims: HashSet<usize> = vectors.iter().map(Vec::len).collect();
         for d in &dims {
             self.ensure_hnsw(*d).await?;
