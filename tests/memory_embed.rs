@@ -209,27 +209,7 @@ async fn upload(
     name: &str,
     text: &str,
 ) -> String {
-    let r = client
-        .post(format!("{}/api/v1/files/", server.url))
-        .bearer_auth(token)
-        .header(
-            "content-type",
-            format!("multipart/form-data; boundary={}", common::upload::BOUNDARY),
-        )
-        .body(common::upload::file_body(
-            name,
-            "text/plain",
-            text.as_bytes(),
-            None,
-        ))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200, "upload {name}");
-    r.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string()
+    common::upload::upload_background(client, &server.url, token, name, text).await
 }
 
 /// Waits for `completed`, sampling the peak meanwhile (generous: CI shares 2 cores among many

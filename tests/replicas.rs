@@ -69,23 +69,7 @@ async fn signup(url: &str, email: &str) -> String {
 
 /// Uploads a text file for background processing; returns its id.
 async fn upload(url: &str, token: &str, name: &str, text: &str) -> String {
-    let body = common::upload::file_body(name, "text/plain", text.as_bytes(), None);
-    let r = http_client()
-        .post(format!("{url}/api/v1/files/"))
-        .bearer_auth(token)
-        .header(
-            "content-type",
-            format!("multipart/form-data; boundary={}", common::upload::BOUNDARY),
-        )
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200, "upload {name}");
-    r.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string()
+    common::upload::upload_background(&http_client(), url, token, name, text).await
 }
 
 async fn status_of(url: &str, token: &str, id: &str) -> String {

@@ -139,24 +139,14 @@ impl Serve {
 
     /// Uploads a small text file for background processing; returns its id.
     async fn upload(&self, token: &str) -> String {
-        let body =
-            common::upload::file_body("notes.txt", "text/plain", b"some text to embed", None);
-        let r = http_client()
-            .post(format!("{}/api/v1/files/", self.url))
-            .bearer_auth(token)
-            .header(
-                "content-type",
-                format!("multipart/form-data; boundary={}", common::upload::BOUNDARY),
-            )
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
-        r.json::<Value>().await.unwrap()["id"]
-            .as_str()
-            .unwrap()
-            .to_string()
+        common::upload::upload_background(
+            &http_client(),
+            &self.url,
+            token,
+            "notes.txt",
+            "some text to embed",
+        )
+        .await
     }
 
     fn sigterm(&self) {

@@ -115,3 +115,30 @@ pub async fn collection(gw: &Gateway, token: &str, name: &str, files: &[&str]) -
     }
     id
 }
+
+/// Uploads a text file to the gateway at `url` for background processing (a child process or
+/// another replica, where there is no [`Gateway`]); returns its id.
+pub async fn upload_background(
+    client: &reqwest::Client,
+    url: &str,
+    token: &str,
+    name: &str,
+    text: &str,
+) -> String {
+    let r = client
+        .post(format!("{url}/api/v1/files/"))
+        .bearer_auth(token)
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={BOUNDARY}"),
+        )
+        .body(file_body(name, "text/plain", text.as_bytes(), None))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "upload {name}");
+    r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
