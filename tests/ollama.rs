@@ -995,7 +995,16 @@ async fn failover_to_the_live_upstream_without_pooled_connections() {
             .status(),
         200
     );
+    let dead = a.addr;
     drop(a);
+    // The fake's accept loop ends asynchronously: until its port refuses, a request could
+    // still be accepted there and cut, which is not the failover this test is about.
+    wait_until(
+        "the first upstream's port to close",
+        Duration::from_secs(10),
+        || std::net::TcpStream::connect(dead).is_err(),
+    )
+    .await;
     for i in 0..6 {
         let (status, _, body) = via(
             &gw,
