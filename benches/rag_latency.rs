@@ -142,7 +142,7 @@ fn main() {
                     .collect();
                 let text = text.join(" ");
                 terms.push(serde_json::to_string(&ragway::index::bm25::TermCounts::of(&text)).unwrap());
-                recs.push(ragway::store::ChunkRecord { file_id: id.clone(), index: i, text, start_index: 0, page: None, headers: vec![] });
+                recs.push(ragway::store::ChunkRecord { file_id: id.clone(), index: i, text, start_index: 0, page: None, headers: vec![], context: None });
                 let mut v: Vec<f32> = (0..dim).map(|_| rng.unit()).collect();
                 let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
                 v.iter_mut().for_each(|x| *x /= norm);

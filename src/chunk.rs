@@ -155,14 +155,20 @@ impl Title {
             .or_else(|| filename_title(filename))
     }
 
+    /// The title a chunk is carried under, or `None` when it begins with the title line
+    /// (it already carries it).
+    pub fn context_for(title: Option<&Title>, chunk: &str) -> Option<String> {
+        title
+            .filter(|t| !t.line.as_deref().is_some_and(|l| chunk.starts_with(l)))
+            .map(|t| t.text.clone())
+    }
+
     /// The text a chunk is embedded and indexed by: the title, a line break and the chunk,
     /// or the chunk alone when it begins with the title line.
     pub fn apply<'a>(title: Option<&Title>, chunk: &'a str) -> std::borrow::Cow<'a, str> {
-        match title {
-            Some(t) if !t.line.as_deref().is_some_and(|l| chunk.starts_with(l)) => {
-                std::borrow::Cow::Owned(format!("{}\n{chunk}", t.text))
-            }
-            _ => std::borrow::Cow::Borrowed(chunk),
+        match Self::context_for(title, chunk) {
+            Some(t) => std::borrow::Cow::Owned(format!("{t}\n{chunk}")),
+            None => std::borrow::Cow::Borrowed(chunk),
         }
     }
 }

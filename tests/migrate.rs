@@ -336,6 +336,7 @@ async fn a_data_dir_moves_to_postgres_whole_and_searches_the_same() {
         start_index: 0,
         page: None,
         headers: vec![],
+        context: None,
     };
     let new_ids = dst
         .chunks

@@ -165,6 +165,7 @@ conformance!(
     files_and_collection_memberships,
     chunks_are_replaced_and_searched_in_scope,
     lexical_search_matches_word_forms_and_ignores_syntax,
+    chunk_context_is_searched_but_never_stored_as_text,
     failed_and_deleted_files_leave_search,
     queue_claims_leases_retries_and_gives_up,
     expired_lease_is_claimed_again,
@@ -237,6 +238,7 @@ fn chunk(file_id: &str, index: usize, text: &str) -> ChunkRecord {
         start_index: index * 100,
         page: None,
         headers: vec![],
+        context: None,
     }
 }
 
@@ -620,6 +622,48 @@ async fn chunks_are_replaced_and_searched_in_scope(s: &Storage) {
 
 fn ids_of(rows: &[(u64, ChunkRecord)]) -> Vec<u64> {
     rows.iter().map(|r| r.0).collect()
+}
+
+/// A chunk carried under its document's title (`rag.title-in-chunks`) is found by the
+/// title's words, through a commit and through an import, while its text stays its own.
+async fn chunk_context_is_searched_but_never_stored_as_text(s: &Storage) {
+    let f = completed(file("u", "guide.txt"), 2);
+    s.meta.insert_file(&f).await.unwrap();
+    let mut titled = chunk(&f.id, 1, "Feed them twice a day.");
+    titled.context = Some("Caring for axolotls".into());
+    let chunks = vec![chunk(&f.id, 0, "Caring for axolotls\n\nKeep water cool."), titled];
+    let ids = s
+        .chunks
+        .complete_file(&f, "whole text", &chunks, &[axis(0, 0.0), axis(1, 0.0)])
+        .await
+        .unwrap();
+    let scope = scope_files(&[&f.id]);
+    let hits = s.chunks.lexical_search(&scope, "axolotl", 5).await.unwrap();
+    let mut found = ids(&hits);
+    found.sort_unstable();
+    assert_eq!(found, ids, "both chunks carry the title's words");
+    let stored = s.chunks.chunks(&ids[1..]).await.unwrap();
+    assert_eq!(stored[0].1.text, "Feed them twice a day.");
+    assert_eq!(stored[0].1.context.as_deref(), Some("Caring for axolotls"));
+    // A chunk without a context is not found by words it does not hold.
+    assert!(s.chunks.lexical_search(&scope, "twice", 5).await.unwrap().len() == 1);
+
+    let moved = completed(file("u", "moved.txt"), 1);
+    s.meta.insert_file(&moved).await.unwrap();
+    s.queue.enqueue(&moved.id).await.unwrap();
+    let mut imported = chunk(&moved.id, 0, "Chapter two begins.");
+    imported.context = Some("Salamander almanac".into());
+    let base = ids[1] + 500;
+    s.chunks
+        .import_file(&moved, "moved", &[(base, imported)], &[axis(2, 0.0)])
+        .await
+        .unwrap();
+    let hits = s
+        .chunks
+        .lexical_search(&scope_files(&[&moved.id]), "salamander", 5)
+        .await
+        .unwrap();
+    assert_eq!(ids(&hits), vec![base]);
 }
 
 async fn lexical_search_matches_word_forms_and_ignores_syntax(s: &Storage) {

@@ -726,10 +726,18 @@ impl Ingest {
         if chunks.is_empty() {
             return Err("the file contains no text".into());
         }
+        let contexts: Vec<Option<String>> = chunks
+            .iter()
+            .map(|c| chunk::Title::context_for(title.as_ref(), &c.text))
+            .collect();
         // Open WebUI embeds chunk text with newlines replaced by spaces.
         let inputs: Vec<String> = chunks
             .iter()
-            .map(|c| chunk::Title::apply(title.as_ref(), &c.text).replace('\n', " "))
+            .zip(&contexts)
+            .map(|(c, ctx)| match ctx {
+                Some(t) => format!("{t} {}", c.text.replace('\n', " ")),
+                None => c.text.replace('\n', " "),
+            })
             .collect();
         let vecs = embedder.embed(inputs).await.map_err(|e| e.to_string())?;
         if vecs.len() != chunks.len() {
@@ -741,14 +749,16 @@ impl Ingest {
         }
         let records = chunks
             .into_iter()
+            .zip(contexts)
             .enumerate()
-            .map(|(index, c)| ChunkRecord {
+            .map(|(index, (c, context))| ChunkRecord {
                 file_id: file.id.clone(),
                 index,
                 text: c.text,
                 start_index: c.start_index,
                 page: c.page,
                 headers: c.headers,
+                context,
             })
             .collect();
         let info = EmbeddingInfo {

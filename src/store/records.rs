@@ -170,6 +170,24 @@ pub struct ChunkRecord {
     pub page: Option<u32>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub headers: Vec<String>,
+    /// Its document's title when the chunk is embedded and indexed under it
+    /// (`rag.title-in-chunks`) and does not begin with it. Kept with the chunk so that every
+    /// index built from stored chunks (a restart, a migration, a backfill) sees the same terms;
+    /// `text` stays the chunk's own, as stored, cited and injected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<String>,
+}
+
+impl ChunkRecord {
+    /// The text the chunk is embedded and lexically indexed by: the context line, then the
+    /// chunk.
+    #[must_use]
+    pub fn indexed_text(&self) -> std::borrow::Cow<'_, str> {
+        match &self.context {
+            Some(c) => std::borrow::Cow::Owned(format!("{c}\n{}", self.text)),
+            None => std::borrow::Cow::Borrowed(&self.text),
+        }
+    }
 }
 
 /// An access grant on a knowledge collection (Open WebUI's `access_grant` row).

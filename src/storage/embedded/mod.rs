@@ -325,7 +325,7 @@ impl Chunks for Embedded {
         super::check_paired(chunks.len(), vectors.len())?;
         let terms: Vec<String> = chunks
             .iter()
-            .map(|c| serde_json::to_string(&TermCounts::of(&c.text)).expect("json"))
+            .map(|c| serde_json::to_string(&TermCounts::of(&c.indexed_text())).expect("json"))
             .collect();
         // Searchable in memory first, then committed: once the store says "completed",
         // every chunk can already be found (clients poll the status, then search or add
@@ -438,7 +438,7 @@ impl Chunks for Embedded {
         }
         let terms: Vec<String> = records
             .iter()
-            .map(|c| serde_json::to_string(&TermCounts::of(&c.text)).expect("json"))
+            .map(|c| serde_json::to_string(&TermCounts::of(&c.indexed_text())).expect("json"))
             .collect();
         let removed = self
             .store

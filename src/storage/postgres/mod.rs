@@ -1265,7 +1265,7 @@ async fn backfill_terms(client: &mut tokio_postgres::Client) -> Result<u64> {
         let mut texts = Vec::with_capacity(rows.len());
         for r in &rows {
             ids.push(to_u64(r.get(0)));
-            texts.push(json_col::<ChunkRecord>(r, 1, "chunks")?.text);
+            texts.push(json_col::<ChunkRecord>(r, 1, "chunks")?.indexed_text().into_owned());
         }
         let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
         let txn = client.transaction().await?;
@@ -1330,13 +1330,14 @@ impl Chunks for Pg {
                         &idx,
                         &Json(c),
                         &PgVector(v),
-                        &without_nul(&c.text).as_ref(),
+                        &without_nul(&c.indexed_text()).as_ref(),
                     ],
                 )
                 .await?;
             ids.push(to_u64(row.get(0)));
         }
-        let texts: Vec<&str> = chunks.iter().map(|c| c.text.as_str()).collect();
+        let indexed: Vec<_> = chunks.iter().map(ChunkRecord::indexed_text).collect();
+        let texts: Vec<&str> = indexed.iter().map(AsRef::as_ref).collect();
         index_terms(&txn, &ids, &texts).await?;
         txn.execute("DELETE FROM jobs WHERE file_id = $1", &[&file.id])
             .await?;
@@ -1576,7 +1577,7 @@ impl Chunks for Pg {
                         &idx,
                         &Json(c),
                         &PgVector(v),
-                        &without_nul(&c.text).as_ref(),
+                        &without_nul(&c.indexed_text()).as_ref(),
                     ],
                 )
                 .await;
@@ -1591,7 +1592,8 @@ impl Chunks for Pg {
             };
         }
         let ids: Vec<u64> = chunks.iter().map(|c| c.0).collect();
-        let texts: Vec<&str> = chunks.iter().map(|c| c.1.text.as_str()).collect();
+        let indexed: Vec<_> = chunks.iter().map(|c| c.1.indexed_text()).collect();
+        let texts: Vec<&str> = indexed.iter().map(AsRef::as_ref).collect();
         index_terms(&txn, &ids, &texts).await?;
         txn.execute("DELETE FROM jobs WHERE file_id = $1", &[&file.id])
             .await?;
