@@ -631,8 +631,11 @@ async fn chunk_context_is_searched_but_never_stored_as_text(s: &Storage) {
     s.meta.insert_file(&f).await.unwrap();
     let mut titled = chunk(&f.id, 1, "Feed them twice a day.");
     titled.context = Some("Caring for axolotls".into());
-    let chunks = vec![chunk(&f.id, 0, "Caring for axolotls\n\nKeep water cool."), titled];
-    let ids = s
+    let chunks = vec![
+        chunk(&f.id, 0, "Caring for axolotls\n\nKeep water cool."),
+        titled,
+    ];
+    let stored_ids = s
         .chunks
         .complete_file(&f, "whole text", &chunks, &[axis(0, 0.0), axis(1, 0.0)])
         .await
@@ -641,19 +644,26 @@ async fn chunk_context_is_searched_but_never_stored_as_text(s: &Storage) {
     let hits = s.chunks.lexical_search(&scope, "axolotl", 5).await.unwrap();
     let mut found = ids(&hits);
     found.sort_unstable();
-    assert_eq!(found, ids, "both chunks carry the title's words");
-    let stored = s.chunks.chunks(&ids[1..]).await.unwrap();
+    assert_eq!(found, stored_ids, "both chunks carry the title's words");
+    let stored = s.chunks.chunks(&stored_ids[1..]).await.unwrap();
     assert_eq!(stored[0].1.text, "Feed them twice a day.");
     assert_eq!(stored[0].1.context.as_deref(), Some("Caring for axolotls"));
     // A chunk without a context is not found by words it does not hold.
-    assert!(s.chunks.lexical_search(&scope, "twice", 5).await.unwrap().len() == 1);
+    assert!(
+        s.chunks
+            .lexical_search(&scope, "twice", 5)
+            .await
+            .unwrap()
+            .len()
+            == 1
+    );
 
     let moved = completed(file("u", "moved.txt"), 1);
     s.meta.insert_file(&moved).await.unwrap();
     s.queue.enqueue(&moved.id).await.unwrap();
     let mut imported = chunk(&moved.id, 0, "Chapter two begins.");
     imported.context = Some("Salamander almanac".into());
-    let base = ids[1] + 500;
+    let base = stored_ids[1] + 500;
     s.chunks
         .import_file(&moved, "moved", &[(base, imported)], &[axis(2, 0.0)])
         .await

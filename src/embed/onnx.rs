@@ -927,7 +927,11 @@ mod tests {
         let first = trim.begin();
         let second = trim.begin();
         drop(first);
-        assert_eq!(trim.running.load(Ordering::Acquire), 1, "one batch still runs");
+        assert_eq!(
+            trim.running.load(Ordering::Acquire),
+            1,
+            "one batch still runs"
+        );
         drop(second);
         let scheduled = trim.epoch.load(Ordering::Acquire);
         // A batch that starts before the quiet period ends makes the scheduled trim stand

@@ -1265,7 +1265,11 @@ async fn backfill_terms(client: &mut tokio_postgres::Client) -> Result<u64> {
         let mut texts = Vec::with_capacity(rows.len());
         for r in &rows {
             ids.push(to_u64(r.get(0)));
-            texts.push(json_col::<ChunkRecord>(r, 1, "chunks")?.indexed_text().into_owned());
+            texts.push(
+                json_col::<ChunkRecord>(r, 1, "chunks")?
+                    .indexed_text()
+                    .into_owned(),
+            );
         }
         let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
         let txn = client.transaction().await?;
