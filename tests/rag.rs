@@ -464,6 +464,64 @@ async fn bm25_wins_rare_terms_dense_wins_paraphrases() {
     assert!(top(para, &v, Mode::Hybrid).await[..2].contains(&"brakes.txt"));
 }
 
+/// `rag.title-in-chunks`: every chunk of a titled document is found by the title's words
+/// (the lexical index holds them), while the stored and injected text stays the chunk's own;
+/// without the setting only the chunk holding the title is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn titles_reach_every_chunk_in_the_lexical_index_only() {
+    use ragway::rag::{Fuse, Mode, Scope, rank};
+    let body = format!(
+        "Axolotl husbandry\n\n{}",
+        (0..60)
+            .map(|i| format!("Sentence {i} is about water, food and tank temperature."))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let mut found = Vec::new();
+    for titles in [false, true] {
+        let up = FakeUpstream::ollama(&["m:latest"]).await;
+        let gw = Setup::new()
+            .ollama(&up.url)
+            .toml(&format!("[rag]\ntitle-in-chunks = {titles}\n"))
+            .start()
+            .await;
+        let admin = gw.admin().await;
+        let f = upload_text(&gw, &admin, "care.txt", &body).await;
+        let kb = collection(&gw, &admin, "Care", &[f["id"].as_str().unwrap()]).await;
+        let app = gw.app();
+        let ranked = rank(
+            &app.retriever(),
+            Scope::Collection(&kb),
+            "axolotl",
+            None,
+            Mode::Bm25,
+            Fuse::default(),
+            10,
+        )
+        .await
+        .unwrap();
+        let ids: Vec<u64> = ranked.iter().map(|r| r.0).collect();
+        let chunks = app.storage.chunks.chunks(&ids).await.unwrap();
+        let all = app
+            .storage
+            .chunks
+            .file_chunk_ids(f["id"].as_str().unwrap())
+            .await
+            .unwrap();
+        assert!(all.len() >= 3, "a document of several chunks: {}", all.len());
+        for (_, c) in &chunks {
+            assert!(
+                c.index == 0 || !c.text.contains("Axolotl"),
+                "stored text is the chunk's own"
+            );
+            assert_eq!(c.context.is_some(), titles && c.index > 0);
+        }
+        found.push((chunks.len(), all.len()));
+    }
+    assert_eq!(found[0].0, 1, "without titles only the first chunk holds the word");
+    assert_eq!(found[1].0, found[1].1, "with titles every chunk is found");
+}
+
 /// Hybrid search switched on through Open WebUI's variable reaches chat.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hybrid_setting_reaches_chat() {
