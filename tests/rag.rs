@@ -508,7 +508,11 @@ async fn titles_reach_every_chunk_in_the_lexical_index_only() {
             .file_chunk_ids(f["id"].as_str().unwrap())
             .await
             .unwrap();
-        assert!(all.len() >= 3, "a document of several chunks: {}", all.len());
+        assert!(
+            all.len() >= 3,
+            "a document of several chunks: {}",
+            all.len()
+        );
         for (_, c) in &chunks {
             assert!(
                 c.index == 0 || !c.text.contains("Axolotl"),
@@ -518,7 +522,10 @@ async fn titles_reach_every_chunk_in_the_lexical_index_only() {
         }
         found.push((chunks.len(), all.len()));
     }
-    assert_eq!(found[0].0, 1, "without titles only the first chunk holds the word");
+    assert_eq!(
+        found[0].0, 1,
+        "without titles only the first chunk holds the word"
+    );
     assert_eq!(found[1].0, found[1].1, "with titles every chunk is found");
 }
 
@@ -732,7 +739,9 @@ fn eval_command_reports_metrics_that_match_its_runs() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let ds = tempfile::tempdir().unwrap();
     write_dataset(ds.path());
-    let runs = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    // A run dir that does not exist yet is made.
+    let runs = tmp.path().join("runs/new");
     let out = Command::new(env!("CARGO_BIN_EXE_ragway"))
         .current_dir(root)
         .args([
@@ -740,7 +749,7 @@ fn eval_command_reports_metrics_that_match_its_runs() {
             "--dataset",
             ds.path().to_str().unwrap(),
             "--run-dir",
-            runs.path().to_str().unwrap(),
+            runs.to_str().unwrap(),
             "--json",
         ])
         .output()
@@ -756,7 +765,7 @@ fn eval_command_reports_metrics_that_match_its_runs() {
         (0..8).map(|i| (format!("q{i}"), format!("d{i}"))).collect();
     for m in report["results"].as_array().unwrap() {
         let mode = m["mode"].as_str().unwrap();
-        let run = std::fs::read_to_string(runs.path().join(format!("{mode}.run"))).unwrap();
+        let run = std::fs::read_to_string(runs.join(format!("{mode}.run"))).unwrap();
         let mut ranked: HashMap<String, Vec<String>> = HashMap::new();
         for line in run.lines() {
             let cols: Vec<&str> = line.split_whitespace().collect();
@@ -859,4 +868,21 @@ fn eval_refuses_a_missing_split_and_a_path_as_split() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(says), "{split}: {err}");
     }
+    // A run dir that cannot be made (under a regular file) is refused before any ingestion,
+    // with the path in the message.
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("plain");
+    std::fs::write(&file, "x").unwrap();
+    let bad = file.join("runs");
+    let out = eval_small(&["--run-dir", bad.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--run-dir: cannot create") && err.contains("plain"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("file processed"),
+        "refused before ingesting: {err}"
+    );
 }

@@ -430,6 +430,11 @@ pub async fn run(
         .embedder
         .clone()
         .map_err(|e| format!("embedding engine unavailable: {e}"))?;
+    // Before minutes of ingestion, not after: a run dir that cannot be made fails at once.
+    if let Some(d) = run_dir {
+        std::fs::create_dir_all(d)
+            .map_err(|e| format!("--run-dir: cannot create {}: {e}", d.display()))?;
+    }
     progress.set_length(ds.corpus.len() as u64);
     let started = Instant::now();
     let owner = owner(app).await?;
@@ -465,10 +470,13 @@ pub async fn run(
     let mut first: Option<Vec<f64>> = None;
     for v in variants {
         let mut run_file = match run_dir {
-            Some(d) => Some(
-                std::fs::File::create(d.join(format!("{}.run", v.label)))
-                    .map_err(|e| e.to_string())?,
-            ),
+            Some(d) => {
+                let path = d.join(format!("{}.run", v.label));
+                std::fs::create_dir_all(d)
+                    .and_then(|()| std::fs::File::create(&path))
+                    .map(Some)
+                    .map_err(|e| format!("--run-dir: cannot write {}: {e}", path.display()))?
+            }
             None => None,
         };
         let (mut per_query, mut r10, mut r100, mut times) = (Vec::new(), 0.0, 0.0, Vec::new());
