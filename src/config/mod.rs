@@ -105,7 +105,7 @@ pub const DEFAULT_HYBRID: bool = true;
 pub const DEFAULT_BM25_WEIGHT: f32 = 0.5;
 pub const DEFAULT_FUSION: &str = "convex";
 /// `rag.title-in-chunks`: see the README's "Ranking beyond plain hybrid" for the measurement.
-pub const DEFAULT_TITLE_IN_CHUNKS: bool = false;
+pub const DEFAULT_TITLE_IN_CHUNKS: bool = true;
 /// `rag.bm25-k1` and `rag.bm25-b` (measured: README "Ranking beyond plain hybrid").
 pub const DEFAULT_BM25_K1: f32 = 1.2;
 pub const DEFAULT_BM25_B: f32 = 0.75;
