@@ -365,8 +365,12 @@ async fn file_add_reuses_stored_vectors() {
     assert_eq!(app.vectors().collection_len(&kb), n);
     assert_eq!(app.vectors().collection_len(&kb2), n);
     let chunk_ids = app.store().file_chunk_ids(&f).unwrap();
-    // A chunk's own vector finds it in the collection.
-    let q = common::fake::embedding_for(&text.split("\n\n").nth(2).unwrap().replace('\n', " "));
+    // A chunk's own vector finds it in the collection: the vector of the text it was embedded
+    // by (with titles in chunks, the document's first line, which stands alone, in front).
+    let stored = app.store().chunks(&chunk_ids[2..3]).unwrap();
+    assert!(stored[0].1.context.is_some());
+    assert_eq!(stored[0].1.text, text.split("\n\n").nth(2).unwrap());
+    let q = common::fake::embedding_for(&stored[0].1.indexed_text().replace('\n', " "));
     let hits = app.vectors().search_collection(&kb, &q, 1);
     assert_eq!(hits[0].0, chunk_ids[2], "{hits:?}");
     assert!(hits[0].1 > 0.999, "{hits:?}");
