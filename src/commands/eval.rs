@@ -472,8 +472,7 @@ pub async fn run(
         let mut run_file = match run_dir {
             Some(d) => {
                 let path = d.join(format!("{}.run", v.label));
-                std::fs::create_dir_all(d)
-                    .and_then(|()| std::fs::File::create(&path))
+                std::fs::File::create(&path)
                     .map(Some)
                     .map_err(|e| format!("--run-dir: cannot write {}: {e}", path.display()))?
             }

@@ -726,41 +726,33 @@ impl Ingest {
         if chunks.is_empty() {
             return Err("the file contains no text".into());
         }
-        let contexts: Vec<Option<String>> = chunks
-            .iter()
-            .map(|c| chunk::Title::context_for(title.as_ref(), &c.text))
-            .collect();
-        // Open WebUI embeds chunk text with newlines replaced by spaces.
-        let inputs: Vec<String> = chunks
-            .iter()
-            .zip(&contexts)
-            .map(|(c, ctx)| match ctx {
-                Some(t) => format!("{t} {}", c.text.replace('\n', " ")),
-                None => c.text.replace('\n', " "),
-            })
-            .collect();
-        let vecs = embedder.embed(inputs).await.map_err(|e| e.to_string())?;
-        if vecs.len() != chunks.len() {
-            return Err(format!(
-                "the embedding engine returned {} vectors for {} chunks",
-                vecs.len(),
-                chunks.len()
-            ));
-        }
-        let records = chunks
+        let records: Vec<ChunkRecord> = chunks
             .into_iter()
-            .zip(contexts)
             .enumerate()
-            .map(|(index, (c, context))| ChunkRecord {
+            .map(|(index, c)| ChunkRecord {
+                context: chunk::Title::context_for(title.as_ref(), &c.text),
                 file_id: file.id.clone(),
                 index,
                 text: c.text,
                 start_index: c.start_index,
                 page: c.page,
                 headers: c.headers,
-                context,
             })
             .collect();
+        // Embedded by the text the lexical index holds; Open WebUI embeds chunk text with
+        // newlines replaced by spaces.
+        let inputs: Vec<String> = records
+            .iter()
+            .map(|r| r.indexed_text().replace('\n', " "))
+            .collect();
+        let vecs = embedder.embed(inputs).await.map_err(|e| e.to_string())?;
+        if vecs.len() != records.len() {
+            return Err(format!(
+                "the embedding engine returned {} vectors for {} chunks",
+                vecs.len(),
+                records.len()
+            ));
+        }
         let info = EmbeddingInfo {
             engine: self.engine.as_str().to_string(),
             model: embedder.model().to_string(),
