@@ -228,7 +228,6 @@ struct Inner {
     sessions: usize,
     /// The model runs on the int8 kernels: one text per run (see [`OnnxEmbedder::load_with`]).
     int8: bool,
-    idle_trim: Arc<IdleTrim>,
 }
 
 /// Sentence embeddings computed locally by ONNX Runtime: tokenise, run the transformer, mean-pool
@@ -291,7 +290,6 @@ impl OnnxEmbedder {
             }
         }
         let env = runtime(ort_library)?;
-        keep_freed_memory();
 
         let mut tokenizer =
             Tokenizer::from_file(&tokenizer_path).map_err(|e| EmbedError::Model {
@@ -364,7 +362,6 @@ impl OnnxEmbedder {
             },
             sessions,
             int8,
-            idle_trim: Arc::default(),
         };
         // One real inference learns the dimension (the declared output shape may be symbolic)
         // and proves the model runs before the gateway starts serving.
@@ -463,8 +460,10 @@ fn batch_len(texts: usize, sessions: usize) -> usize {
     texts.div_ceil(sessions.max(1)).clamp(1, BATCH_SIZE)
 }
 
-/// Gives the heap's free pages back to the kernel. Activations come from malloc's arenas,
-/// which otherwise keep the freed pages of the last runs resident (~33 MiB after a 1 MB file).
+/// Gives the heap's free pages back to the kernel. Activations below the mmap threshold come
+/// from malloc's arenas, which otherwise keep a batch's worth of freed pages resident
+/// (~33 MiB after a 1 MB file); trimming takes about a millisecond after a batch that took
+/// hundreds.
 fn release_free_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only releases free memory; it is thread-safe.
@@ -473,84 +472,12 @@ fn release_free_memory() {
     }
 }
 
-/// Largest freed block at the top of a malloc heap kept for reuse while a model is loaded.
-/// glibc's default (128 KiB, fixed once `main` sets the mmap threshold) handed a run's
-/// activations back to the kernel after every text, so the next text faulted them in again,
-/// zeroed: on the release binary page faults and unmapping took ~40 % of the CPU while
-/// ingesting small files (`perf`), and keeping the pages made a 1 MB file 1.3–1.5× faster
-/// (see the README's "Ingestion throughput"). They are given back once embedding goes quiet
-/// ([`IdleTrim`]).
-const KEEP_FREED_BYTES: i32 = 32 * 1024 * 1024;
-/// Lets the allocator keep what a run freed for the next run. Process-wide, once, when the
-/// first model loads: a gateway that only proxies keeps `main`'s settings.
-fn keep_freed_memory() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        #[cfg(all(target_os = "linux", target_env = "gnu"))]
-        // SAFETY: mallopt only changes allocator parameters (word-sized settings read at each
-        // allocation and free); glibc takes the main arena's lock while it sets them.
-        unsafe {
-            libc::mallopt(libc::M_TRIM_THRESHOLD, KEEP_FREED_BYTES);
-            // Each arena may now keep that much, and threads of the blocking pool that ran a
-            // text each got one (glibc allows 8 per core): 2 per core bounds what is kept
-            // (the small-files peak measured 352–366 MiB without the bound, ~200–225 with).
-            let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
-            libc::mallopt(
-                libc::M_ARENA_MAX,
-                i32::try_from(cores.saturating_mul(2).max(2)).unwrap_or(i32::MAX),
-            );
-        }
-    });
-}
-
-/// How long embedding must be quiet before freed memory is given back: longer than the gap
-/// between one file's batches and the next file's, short beside a person's idea of "after".
-const IDLE_TRIM_AFTER: std::time::Duration = std::time::Duration::from_millis(500);
-
-/// Gives freed memory back when ingestion pauses, not after every batch: a trim after each
-/// batch made the next batch fault in and zero its pages again.
-#[derive(Default)]
-struct IdleTrim {
-    /// Ingestion batches running now.
-    running: AtomicUsize,
-    /// Bumped when a batch starts: a scheduled trim that sees another value stands down.
-    epoch: std::sync::atomic::AtomicU64,
-}
-
-impl IdleTrim {
-    fn begin(self: &Arc<Self>) -> IdleTrimGuard {
-        self.running.fetch_add(1, Ordering::AcqRel);
-        self.epoch.fetch_add(1, Ordering::AcqRel);
-        IdleTrimGuard(self.clone())
-    }
-}
-
-/// One running ingestion batch; the last one to end schedules the trim.
-struct IdleTrimGuard(Arc<IdleTrim>);
-
-impl Drop for IdleTrimGuard {
-    fn drop(&mut self) {
-        let trim = &self.0;
-        if trim.running.fetch_sub(1, Ordering::AcqRel) != 1 {
-            return;
-        }
-        let epoch = trim.epoch.load(Ordering::Acquire);
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            // No runtime (a CLI or a test embedding on its own thread): nothing may follow.
-            release_free_memory();
-            return;
-        };
-        let trim = trim.clone();
-        rt.spawn(async move {
-            tokio::time::sleep(IDLE_TRIM_AFTER).await;
-            if trim.running.load(Ordering::Acquire) == 0
-                && trim.epoch.load(Ordering::Acquire) == epoch
-            {
-                // malloc_trim walks every arena: off the threads that serve requests.
-                let _ = tokio::task::spawn_blocking(release_free_memory).await;
-            }
-        });
-    }
+/// Whether a batch of texts of `lengths` tokens freed enough to be worth
+/// [`release_free_memory`]. A chat query (one short text) frees a few hundred KiB but would
+/// pay for malloc_trim's walk over every arena, which grows with the heap, on the request
+/// path; a batch of at least [`MAX_TOKENS`] positions is ingestion, where a trim is noise.
+fn worth_trimming(lengths: impl Iterator<Item = usize>) -> bool {
+    lengths.sum::<usize>() >= MAX_TOKENS
 }
 
 /// Splits a batch (texts of `lengths` tokens, in order) into consecutive ranges whose padded
@@ -601,15 +528,15 @@ impl Inner {
             .map(|t| self.encode_bounded(t))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| fail(&e))?;
-        // Queries are a few hundred KiB and come one at a time: only ingestion holds memory
-        // worth giving back.
-        let _ingesting = (!query).then(|| self.idle_trim.begin());
         let mut vectors = Vec::with_capacity(encodings.len());
         // Int8 runs one text at a time (a bound of 0 cells makes every text its own group):
         // no padding either, and measured per token as cheap as batches from ~64 tokens up.
         let cells = if self.int8 { 0 } else { MAX_BATCH_CELLS };
         for group in shape_groups(encodings.iter().map(Encoding::len), cells) {
             vectors.extend(self.run_encoded(&encodings[group], query)?);
+        }
+        if worth_trimming(encodings.iter().map(Encoding::len)) {
+            release_free_memory();
         }
         Ok(vectors)
     }
@@ -921,27 +848,15 @@ mod tests {
         assert!(watch.join().unwrap(), "the two chunks never ran at once");
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn freed_memory_goes_back_only_once_batches_stop() {
-        let trim = Arc::new(IdleTrim::default());
-        let first = trim.begin();
-        let second = trim.begin();
-        drop(first);
-        assert_eq!(
-            trim.running.load(Ordering::Acquire),
-            1,
-            "one batch still runs"
-        );
-        drop(second);
-        let scheduled = trim.epoch.load(Ordering::Acquire);
-        // A batch that starts before the quiet period ends makes the scheduled trim stand
-        // down: its epoch moved on.
-        let third = trim.begin();
-        assert_ne!(trim.epoch.load(Ordering::Acquire), scheduled);
-        tokio::time::sleep(IDLE_TRIM_AFTER * 2).await;
-        assert_eq!(trim.running.load(Ordering::Acquire), 1);
-        drop(third);
-        assert_eq!(trim.running.load(Ordering::Acquire), 0);
+    #[test]
+    fn queries_skip_the_heap_trim_ingestion_batches_get_it() {
+        // A chat query of ~12 tokens, or a few short ones: no trim on the request path.
+        assert!(!worth_trimming([12].into_iter()));
+        assert!(!worth_trimming([40, 40, 40].into_iter()));
+        assert!(!worth_trimming(std::iter::empty()));
+        // One full-length chunk, or a batch of short chunks adding up to one: trimmed.
+        assert!(worth_trimming([MAX_TOKENS].into_iter()));
+        assert!(worth_trimming([70; 5].into_iter()));
     }
 
     #[test]
