@@ -17,7 +17,7 @@
 //!   (credentials and access rules), [`models`], [`upstream`].
 //! - Leaves: [`config`], [`store`] and [`storage`] (the storage seams and their embedded and
 //!   PostgreSQL backends), [`forms`] (request bodies), [`limits`], [`http`],
-//!   [`extract`], [`chunk`], [`embed`], [`index`], [`metrics`], [`error`], [`probe`],
+//!   [`extract`], [`chunk`], [`embed`], [`heap`], [`index`], [`metrics`], [`error`], [`probe`],
 //!   [`upgrade`].
 //!
 //! ```
@@ -40,6 +40,7 @@ pub mod error;
 pub mod extract;
 pub mod forms;
 pub mod handlers;
+pub mod heap;
 pub mod http;
 pub mod index;
 pub mod ingest;

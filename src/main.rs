@@ -80,18 +80,6 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("tokio runtime")
 }
 
-/// Large blocks (argon2's ~19 MiB, upload and embedding buffers) are mapped and unmapped
-/// on their own rather than carved from per-thread heaps: glibc's dynamic threshold
-/// otherwise moves large frees into arenas that keep them, and a sign-in flood on two
-/// hashing threads left ~350 MiB resident (measured by `tests/memory_auth.rs`).
-fn tune_allocator() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator parameters; called once before other threads.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1024 * 1024);
-    }
-}
-
 /// `ragway probe`: the address comes from the same layers `serve` reads, so a HEALTHCHECK
 /// in an image configured through the environment needs no arguments.
 fn probe(common: &CommonArgs, listen: Option<String>, path: &str, timeout: &str) -> ExitCode {
@@ -120,7 +108,7 @@ fn probe(common: &CommonArgs, listen: Option<String>, path: &str, timeout: &str)
 }
 
 fn main() -> ExitCode {
-    tune_allocator();
+    ragway::heap::tune_for_proxy();
     let cli = Cli::parse();
     if matches!(cli.command, Command::ExtractWorker) {
         // No logging set-up: the child's stdout is its answer, stderr its crash report.

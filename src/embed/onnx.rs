@@ -15,8 +15,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use futures_util::StreamExt;
 use ort::environment::Environment;
 use ort::ep::CPU;
-use ort::session::Session;
 use ort::session::builder::{GraphOptimizationLevel, PrepackedWeights};
+use ort::session::{RunOptions, Session};
 use ort::value::{Tensor, TensorElementType, ValueType};
 use tokenizers::utils::truncation::{TruncationDirection, TruncationParams, TruncationStrategy};
 use tokenizers::{Encoding, Tokenizer};
@@ -85,8 +85,79 @@ fn runtime(library: &Path) -> Result<Environment, EmbedError> {
         .with_telemetry(false)
         .build()
         .map_err(|e| load_err(e.to_string()))?;
+    register_activation_arena(&env).map_err(load_err)?;
     *slot = Some((canonical, env.clone()));
     Ok(env)
+}
+
+/// Registers the process's one CPU arena for activations, shared by every session (they opt
+/// in with `session.use_env_allocators`). Without an arena every run allocated its
+/// activations from malloc, whose large blocks are mapped and unmapped each time: ingesting
+/// faulted in ~25 MiB of fresh zeroed pages per chunk, a third of the CPU (`perf`). An arena
+/// keeps them for the next run. Its regions stop doubling at [`ARENA_REGION_MAX`] (by
+/// default they double up to 1 GiB, which with memory patterns left a 1 MB file's process
+/// at 1.66 GB), and it gives its free regions back when embedding is quiet
+/// ([`Inner::release`]).
+fn register_activation_arena(env: &Environment) -> Result<(), String> {
+    use ort::AsPointer;
+    use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
+    // `kNextPowerOfTwo` (0): regions of 1, 2, 4, 8 MiB, then [`ARENA_REGION_MAX`] each.
+    // `kSameAsRequested` measured 741 MiB on a 1 MB file: texts come shortest first, so
+    // every run asked for a little more than any earlier region held.
+    const NEXT_POWER_OF_TWO: usize = 0;
+    let info = MemoryInfo::new(
+        AllocationDevice::CPU,
+        0,
+        AllocatorType::Arena,
+        MemoryType::Default,
+    )
+    .map_err(|e| format!("activation arena: {e}"))?;
+    let keys = [
+        c"arena_extend_strategy".as_ptr(),
+        c"max_power_of_two_extend_bytes".as_ptr(),
+    ];
+    let values = [NEXT_POWER_OF_TWO, ARENA_REGION_MAX];
+    let api = ort::api();
+    let mut cfg: *mut ort::sys::OrtArenaCfg = std::ptr::null_mut();
+    // SAFETY: the key and value arrays hold `keys.len()` entries and outlive the call; `cfg`
+    // is released below whatever happens next.
+    ort_status(unsafe {
+        (api.CreateArenaCfgV2)(keys.as_ptr(), values.as_ptr(), keys.len(), &raw mut cfg)
+    })
+    .map_err(|e| format!("activation arena config: {e}"))?;
+    // SAFETY: `env` and `info` are live ORT objects; ORT copies what it needs from `cfg`.
+    let registered = ort_status(unsafe {
+        (api.CreateAndRegisterAllocator)(env.ptr().cast_mut(), info.ptr(), cfg)
+    });
+    // SAFETY: created above, used by no one else.
+    unsafe { (api.ReleaseArenaCfg)(cfg) };
+    registered.map_err(|e| format!("activation arena: {e}"))
+}
+
+/// Largest region the activation arena adds at once. A run's largest tensor is ~12 MiB
+/// (the feed-forward activations of 32 texts × 64 tokens, the most [`MAX_BATCH_CELLS`]
+/// allows; a text on the int8 kernels needs at most 3 MiB), so every tensor fits one region
+/// and freed space is reused rather than outgrown.
+const ARENA_REGION_MAX: usize = 16 * 1024 * 1024;
+
+/// An ORT C API status as a result (and the status released).
+fn ort_status(status: ort::sys::OrtStatusPtr) -> Result<(), String> {
+    let Some(ptr) = std::ptr::NonNull::new(status.0) else {
+        return Ok(());
+    };
+    let api = ort::api();
+    // SAFETY: a non-null status from the API; its message lives until ReleaseStatus.
+    let message = unsafe {
+        let raw = (api.GetErrorMessage)(ptr.as_ptr());
+        let text = if raw.is_null() {
+            "unknown error".to_owned()
+        } else {
+            std::ffi::CStr::from_ptr(raw).to_string_lossy().into_owned()
+        };
+        (api.ReleaseStatus)(ptr.as_ptr());
+        text
+    };
+    Err(message)
 }
 
 /// Names of the model's inputs and of the output that is pooled.
@@ -192,6 +263,18 @@ impl SessionPool {
                 .wait(idle)
                 .unwrap_or_else(PoisonError::into_inner);
         }
+    }
+
+    /// An idle session, if there is one and no query waits for it.
+    fn try_checkout(&self) -> Option<PooledSession<'_>> {
+        let mut idle = self.lock();
+        if self.queries_waiting.load(Ordering::Relaxed) > 0 {
+            return None;
+        }
+        idle.pop().map(|session| PooledSession {
+            pool: self,
+            session: Some(session),
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, Vec<Session>> {
@@ -379,7 +462,12 @@ impl OnnxEmbedder {
             });
         }
         Ok(Self {
-            inner: Arc::new(inner),
+            inner: {
+                let inner = Arc::new(inner);
+                let weak: std::sync::Weak<Inner> = Arc::downgrade(&inner);
+                crate::heap::on_quiet(weak);
+                inner
+            },
             permits: Arc::new(Semaphore::new(sessions)),
             query_permits: Arc::new(Semaphore::new(sessions)),
         })
@@ -423,8 +511,9 @@ fn build_session(
     // pre-allocates one block per distinct input shape; embedding a 1 MB file left the
     // process at 1 to 1.66 GB (heaptrack: blocks of 128 and 84 MiB allocated inside
     // `Session::run` and never freed). Without both, activations are plain allocations
-    // freed after each run (large ones are mapped and unmapped, see `tune_allocator` in
-    // main.rs), so the peak is one run's working set, which [`MAX_BATCH_CELLS`] bounds.
+    // freed after each run (large ones are mapped and unmapped, small ones kept for the next
+    // run until ingestion goes quiet: see `heap`), so the peak is one run's working set,
+    // which [`MAX_BATCH_CELLS`] bounds.
     Session::builder(env)
         .map_err(|e| bad(e.to_string()))?
         .with_execution_providers([CPU::default().with_arena_allocator(false).build()])
@@ -438,6 +527,12 @@ fn build_session(
         .with_inter_threads(1)
         .map_err(|e| bad(e.to_string()))?
         .with_prepacked_weights(prepacked)
+        .map_err(|e| bad(e.to_string()))?
+        .with_env_allocators()
+        .map_err(|e| bad(e.to_string()))?
+        // Weights live as long as the session: outside the activation arena, whose regions
+        // they would pin.
+        .with_device_allocated_initializers()
         .map_err(|e| bad(e.to_string()))?
         .commit_from_memory(model)
         .map_err(|e| bad(e.to_string()))
@@ -458,26 +553,6 @@ fn length_order(lengths: impl Iterator<Item = usize>) -> Vec<usize> {
 /// [`OnnxEmbedder::load_with`]).
 fn batch_len(texts: usize, sessions: usize) -> usize {
     texts.div_ceil(sessions.max(1)).clamp(1, BATCH_SIZE)
-}
-
-/// Gives the heap's free pages back to the kernel. Activations below the mmap threshold come
-/// from malloc's arenas, which otherwise keep a batch's worth of freed pages resident
-/// (~33 MiB after a 1 MB file); trimming takes about a millisecond after a batch that took
-/// hundreds.
-fn release_free_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only releases free memory; it is thread-safe.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
-/// Whether a batch of texts of `lengths` tokens freed enough to be worth
-/// [`release_free_memory`]. A chat query (one short text) frees a few hundred KiB but would
-/// pay for malloc_trim's walk over every arena, which grows with the heap, on the request
-/// path; a batch of at least [`MAX_TOKENS`] positions is ingestion, where a trim is noise.
-fn worth_trimming(lengths: impl Iterator<Item = usize>) -> bool {
-    lengths.sum::<usize>() >= MAX_TOKENS
 }
 
 /// Splits a batch (texts of `lengths` tokens, in order) into consecutive ranges whose padded
@@ -502,7 +577,45 @@ fn shape_groups(lengths: impl Iterator<Item = usize>, cells: usize) -> Vec<std::
     groups
 }
 
+/// What a run is for: which session it may take, and how.
+#[derive(Clone, Copy)]
+enum Use {
+    /// A chat query: goes before batches (see [`SessionPool`]).
+    Query,
+    /// An ingestion batch.
+    Batch,
+    /// Ends by giving the activation arena's free regions back ([`Inner::release`]).
+    Release,
+}
+
+impl Use {
+    fn of(query: bool) -> Self {
+        if query { Self::Query } else { Self::Batch }
+    }
+}
+
+impl crate::heap::Release for Inner {
+    fn release(&self) {
+        if let Err(e) = self.release_arena() {
+            tracing::warn!(error = %e, "cannot release the activation arena");
+        }
+    }
+}
+
 impl Inner {
+    /// Gives the activation arena's free regions back. The arena does so at the end of a run
+    /// that asks for it, so a one-token run on an idle session does; the arena is the
+    /// process's, so one run releases what every session left. `Ok(false)`: every session
+    /// was busy, so embedding is not quiet after all and nothing was released.
+    fn release_arena(&self) -> Result<bool, EmbedError> {
+        let probe = self
+            .encode_bounded("ragway")
+            .map_err(|e| EmbedError::Inference(e.to_string()))?;
+        Ok(!self
+            .run_encoded(std::slice::from_ref(&probe), Use::Release)?
+            .is_empty())
+    }
+
     /// Indices of the texts by the number of tokens the model will see, shortest first, so
     /// each batch pads to little more than its own texts. Byte length is a poor proxy: on
     /// 1,000-character chunks of English prose, batches of 32 ordered by bytes computed
@@ -528,15 +641,15 @@ impl Inner {
             .map(|t| self.encode_bounded(t))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| fail(&e))?;
+        // The arena keeps what a run frees for the next one until embedding goes quiet
+        // (`heap::Quiet`), queries included: their first run may grow it too.
+        let _busy = crate::heap::busy();
         let mut vectors = Vec::with_capacity(encodings.len());
         // Int8 runs one text at a time (a bound of 0 cells makes every text its own group):
         // no padding either, and measured per token as cheap as batches from ~64 tokens up.
         let cells = if self.int8 { 0 } else { MAX_BATCH_CELLS };
         for group in shape_groups(encodings.iter().map(Encoding::len), cells) {
-            vectors.extend(self.run_encoded(&encodings[group], query)?);
-        }
-        if worth_trimming(encodings.iter().map(Encoding::len)) {
-            release_free_memory();
+            vectors.extend(self.run_encoded(&encodings[group], Use::of(query))?);
         }
         Ok(vectors)
     }
@@ -569,11 +682,7 @@ impl Inner {
     }
 
     /// Runs one inference on already tokenised texts.
-    fn run_encoded(
-        &self,
-        encodings: &[Encoding],
-        query: bool,
-    ) -> Result<Vec<Vec<f32>>, EmbedError> {
+    fn run_encoded(&self, encodings: &[Encoding], role: Use) -> Result<Vec<Vec<f32>>, EmbedError> {
         let fail = |e: &dyn std::fmt::Display| EmbedError::Inference(e.to_string());
         // Pad to the longest text of this batch (zeros: [PAD] id, mask 0, type 0).
         let rows = encodings.len();
@@ -606,9 +715,30 @@ impl Inner {
             inputs.push((name.as_str().into(), tensor(types)?.into()));
         }
 
-        let mut pooled = self.pool.checkout(query);
+        let release = if matches!(role, Use::Release) {
+            let mut options = RunOptions::new().map_err(|e| fail(&e))?;
+            options
+                .set("memory.enable_memory_arena_shrinkage", "cpu:0")
+                .map_err(|e| fail(&e))?;
+            Some(options)
+        } else {
+            None
+        };
+        let mut pooled = match role {
+            Use::Query => self.pool.checkout(true),
+            Use::Batch => self.pool.checkout(false),
+            // Never waits: a busy session means work is not quiet after all.
+            Use::Release => match self.pool.try_checkout() {
+                Some(p) => p,
+                None => return Ok(Vec::new()),
+            },
+        };
         let session = pooled.session.as_mut().expect("checked-out session");
-        let outputs = session.run(inputs).map_err(|e| fail(&e))?;
+        let outputs = match &release {
+            Some(options) => session.run_with_options(inputs, options),
+            None => session.run(inputs),
+        }
+        .map_err(|e| fail(&e))?;
         let (out_shape, hidden) = outputs[self.io.hidden.as_str()]
             .try_extract_tensor::<f32>()
             .map_err(|e| fail(&e))?;
@@ -758,6 +888,35 @@ mod tests {
         assert_eq!(e.inner.token_order(&texts), vec![2, 1, 0]);
     }
 
+    #[test]
+    fn releasing_the_activation_arena_changes_no_vector() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+        let e = OnnxEmbedder::load(
+            &root.join("all-MiniLM-L6-v2"),
+            &root.join("onnxruntime/libonnxruntime.so"),
+            1,
+            "m",
+        )
+        .expect("run scripts/fetch-model.sh");
+        let texts: Vec<String> = (0..4)
+            .map(|i| format!("text {i} ") + &"reactor coolant pressure valve ".repeat(40))
+            .collect();
+        let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let before = e.embed_blocking(&texts).unwrap();
+        // ONNX Runtime accepts the shrink request only for an arena allocator: `Ok(true)`
+        // proves the sessions run on the registered arena.
+        assert!(
+            e.inner.release_arena().unwrap(),
+            "the idle session released"
+        );
+        assert_eq!(e.embed_blocking(&texts).unwrap(), before);
+        // With every session busy nothing waits: the release stands down.
+        let busy = e.inner.pool.checkout(false);
+        assert!(!e.inner.release_arena().unwrap());
+        drop(busy);
+        assert!(e.inner.release_arena().unwrap());
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_query_waits_for_one_inference_not_for_a_whole_upload_batch() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
@@ -846,17 +1005,6 @@ mod tests {
             }
         }
         assert!(watch.join().unwrap(), "the two chunks never ran at once");
-    }
-
-    #[test]
-    fn queries_skip_the_heap_trim_ingestion_batches_get_it() {
-        // A chat query of ~12 tokens, or a few short ones: no trim on the request path.
-        assert!(!worth_trimming([12].into_iter()));
-        assert!(!worth_trimming([40, 40, 40].into_iter()));
-        assert!(!worth_trimming(std::iter::empty()));
-        // One full-length chunk, or a batch of short chunks adding up to one: trimmed.
-        assert!(worth_trimming([MAX_TOKENS].into_iter()));
-        assert!(worth_trimming([70; 5].into_iter()));
     }
 
     #[test]

@@ -444,6 +444,9 @@ impl Ingest {
     async fn process_job(&self, job: &Job) -> Result<Option<FileRecord>, IngestError> {
         let out = {
             let _running = Running(self, job.file_id.clone());
+            // Through the commit: what it frees after the last embedding batch goes back to
+            // the kernel with the batches' memory once ingestion is quiet.
+            let _busy = crate::heap::busy();
             self.keep_leased(job, self.process_leased(job)).await
         };
         // After `running` is cleared, so a waiter woken by it finds the file done here too.

@@ -389,6 +389,8 @@ impl VectorStore {
         let spawned = std::thread::Builder::new()
             .name("ragway-graph".into())
             .spawn(move || {
+                // A build frees its scratch (and the graph it replaces) when it ends.
+                let _busy = crate::heap::busy();
                 let has_graph = c.read().expect("collection lock").vectors.graph().is_some();
                 if !has_graph && let Some(path) = path.as_deref() {
                     restore(&kb, &c, path, kind, ceiling.load(Ordering::Relaxed));

@@ -1,0 +1,153 @@
+//! The process heap: glibc's allocator settings, and when memory that work freed goes back
+//! to the kernel. One owner, because the settings are process-wide and the work that frees
+//! the most (embedding runs, ingestion commits, graph builds) lives in different modules.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::Duration;
+
+/// Large blocks (argon2's ~19 MiB, upload and embedding buffers) are mapped and unmapped
+/// on their own rather than carved from per-thread heaps: glibc's dynamic threshold
+/// otherwise moves large frees into arenas that keep them, and a sign-in flood on two
+/// hashing threads left ~350 MiB resident (measured by `tests/memory_auth.rs`). Called once
+/// by `main`, before other threads exist.
+pub fn tune_for_proxy() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; called once before other threads.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+    }
+}
+
+const MMAP_THRESHOLD: i32 = 1024 * 1024;
+
+/// Gives freed memory back to the kernel: first what caches registered with [`on_quiet`]
+/// keep (ONNX Runtime's activation arena), then every malloc arena's free pages.
+pub fn release_free_memory() {
+    let caches: Vec<Arc<dyn Release>> = {
+        let mut caches = lock_caches();
+        caches.retain(|c| c.strong_count() > 0);
+        caches.iter().filter_map(Weak::upgrade).collect()
+    };
+    for cache in caches {
+        cache.release();
+    }
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory; it is thread-safe.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// A cache that keeps freed memory for reuse while work runs.
+pub trait Release: Send + Sync {
+    /// Gives what it keeps and does not use now back to the kernel.
+    fn release(&self);
+}
+
+static CACHES: Mutex<Vec<Weak<dyn Release>>> = Mutex::new(Vec::new());
+
+fn lock_caches() -> MutexGuard<'static, Vec<Weak<dyn Release>>> {
+    CACHES.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Registers `cache` to be released once work is quiet, for as long as it lives. Dropped
+/// caches leave the list here too, so it holds one entry per live cache however many come
+/// and go (tests load many models).
+pub fn on_quiet(cache: Weak<dyn Release>) {
+    let mut caches = lock_caches();
+    caches.retain(|c| c.strong_count() > 0);
+    caches.push(cache);
+}
+
+/// How long memory-heavy work must be quiet before freed memory goes back: longer than the
+/// gap between one file's batches and the next file's, short beside "after ingestion".
+pub const QUIET_FOR: Duration = Duration::from_millis(500);
+
+/// Memory-heavy work in flight (embedding batches, whole ingestion jobs up to their commit,
+/// graph builds). When the last one ends and nothing starts for [`QUIET_FOR`], freed memory
+/// goes back to the kernel: not after each batch, which made the next one fault its pages
+/// in again, and not before the commit that follows the last batch, whose frees would
+/// otherwise stay in the arenas.
+#[derive(Default)]
+pub struct Quiet {
+    running: AtomicUsize,
+    /// Bumped when work starts: a scheduled trim that sees another value stands down.
+    epoch: AtomicU64,
+}
+
+/// The process's one tracker: the allocator it guards is process-wide too.
+static QUIET: Quiet = Quiet {
+    running: AtomicUsize::new(0),
+    epoch: AtomicU64::new(0),
+};
+
+/// Marks memory-heavy work until the guard drops.
+#[must_use = "the work counts as running only while the guard lives"]
+pub fn busy() -> Busy<'static> {
+    QUIET.begin()
+}
+
+impl Quiet {
+    pub fn begin(&self) -> Busy<'_> {
+        self.running.fetch_add(1, Ordering::AcqRel);
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        Busy(self)
+    }
+
+    /// Whether no work has run since `epoch` was read and none runs now.
+    fn still_quiet(&self, epoch: u64) -> bool {
+        self.running.load(Ordering::Acquire) == 0 && self.epoch.load(Ordering::Acquire) == epoch
+    }
+}
+
+/// One piece of running memory-heavy work; the last one to end schedules the trim.
+pub struct Busy<'a>(&'a Quiet);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        let quiet = self.0;
+        if quiet.running.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return;
+        }
+        let epoch = quiet.epoch.load(Ordering::Acquire);
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            // A plain thread (a graph build, a CLI embedding): trim now, on this thread.
+            release_free_memory();
+            return;
+        };
+        // The guard may borrow a local tracker (tests); the task needs the static one, and
+        // only the static one guards the real allocator.
+        if !std::ptr::eq(quiet, &raw const QUIET) {
+            return;
+        }
+        rt.spawn(async move {
+            tokio::time::sleep(QUIET_FOR).await;
+            if QUIET.still_quiet(epoch) {
+                // malloc_trim walks every arena: off the threads that serve requests.
+                let _ = tokio::task::spawn_blocking(release_free_memory).await;
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_trim_waits_for_the_last_piece_of_work() {
+        let quiet = Quiet::default();
+        let first = quiet.begin();
+        let second = quiet.begin();
+        let epoch = quiet.epoch.load(Ordering::Acquire);
+        drop(first);
+        assert!(!quiet.still_quiet(epoch), "one piece still runs");
+        drop(second);
+        assert!(quiet.still_quiet(epoch), "all work ended, nothing started");
+        // Work that starts before the quiet period ends makes the scheduled trim stand down,
+        // even once it has ended too (its own end schedules a later one).
+        drop(quiet.begin());
+        assert!(!quiet.still_quiet(epoch));
+    }
+}
