@@ -135,6 +135,41 @@ impl Drop for Busy<'_> {
 mod tests {
     use super::*;
 
+    struct Counting(AtomicUsize);
+
+    impl Release for Counting {
+        fn release(&self) {
+            self.0.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    #[test]
+    fn live_caches_are_released_and_dropped_ones_leave_the_list() {
+        let live = Arc::new(Counting(AtomicUsize::new(0)));
+        let weak: Weak<Counting> = Arc::downgrade(&live);
+        on_quiet(weak);
+        // Owners that come and go (a model per test app) must not grow the list.
+        for _ in 0..100 {
+            let gone = Arc::new(Counting(AtomicUsize::new(0)));
+            let weak: Weak<Counting> = Arc::downgrade(&gone);
+            on_quiet(weak);
+        }
+        // Other tests of this binary may hold a few live caches of their own.
+        assert!(lock_caches().len() < 10, "dropped caches stayed registered");
+        release_free_memory();
+        assert!(
+            live.0.load(Ordering::Acquire) >= 1,
+            "the live cache was released"
+        );
+        let ours: Weak<dyn Release> = Arc::downgrade(&live) as Weak<Counting>;
+        drop(live);
+        release_free_memory();
+        assert!(
+            !lock_caches().iter().any(|c| Weak::ptr_eq(c, &ours)),
+            "a release pass drops the caches whose owners are gone"
+        );
+    }
+
     #[test]
     fn the_trim_waits_for_the_last_piece_of_work() {
         let quiet = Quiet::default();
