@@ -865,6 +865,18 @@ impl Embedder for OnnxEmbedder {
 mod tests {
     use super::*;
 
+    /// The provisioned model (`scripts/fetch-model.sh`) on `sessions` sessions.
+    fn real_model(sessions: usize) -> OnnxEmbedder {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+        OnnxEmbedder::load(
+            &root.join("all-MiniLM-L6-v2"),
+            &root.join("onnxruntime/libonnxruntime.so"),
+            sessions,
+            "m",
+        )
+        .expect("run scripts/fetch-model.sh")
+    }
+
     #[test]
     fn length_order_is_stable_shortest_first() {
         assert_eq!(length_order([3, 1, 2, 1].into_iter()), vec![1, 3, 2, 0]);
@@ -873,14 +885,7 @@ mod tests {
 
     #[test]
     fn batches_are_ordered_by_tokens_not_bytes() {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
-        let e = OnnxEmbedder::load(
-            &root.join("all-MiniLM-L6-v2"),
-            &root.join("onnxruntime/libonnxruntime.so"),
-            1,
-            "m",
-        )
-        .expect("run scripts/fetch-model.sh");
+        let e = real_model(1);
         // Fewest bytes, most tokens (every character its own token) first in byte order;
         // long ordinary words are few tokens for many bytes.
         let texts = ["1 2 3 4 5 6 7 8 9", "internationalization", "a"];
@@ -890,14 +895,7 @@ mod tests {
 
     #[test]
     fn releasing_the_activation_arena_changes_no_vector() {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
-        let e = OnnxEmbedder::load(
-            &root.join("all-MiniLM-L6-v2"),
-            &root.join("onnxruntime/libonnxruntime.so"),
-            1,
-            "m",
-        )
-        .expect("run scripts/fetch-model.sh");
+        let e = real_model(1);
         let texts: Vec<String> = (0..4)
             .map(|i| format!("text {i} ") + &"reactor coolant pressure valve ".repeat(40))
             .collect();
@@ -919,14 +917,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_query_waits_for_one_inference_not_for_a_whole_upload_batch() {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
-        let e = OnnxEmbedder::load(
-            &root.join("all-MiniLM-L6-v2"),
-            &root.join("onnxruntime/libonnxruntime.so"),
-            1,
-            "m",
-        )
-        .expect("run scripts/fetch-model.sh");
+        let e = real_model(1);
         // One batch of 32 full-length texts: 16 inferences of 2 texts on the only session.
         let long: Vec<String> = (0..BATCH_SIZE)
             .map(|i| format!("chunk {i} ") + &"reactor coolant pressure valve ".repeat(80))
@@ -971,14 +962,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_two_chunk_file_takes_both_sessions_at_once() {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
-        let e = OnnxEmbedder::load(
-            &root.join("all-MiniLM-L6-v2"),
-            &root.join("onnxruntime/libonnxruntime.so"),
-            2,
-            "m",
-        )
-        .expect("run scripts/fetch-model.sh");
+        let e = real_model(2);
         let texts: Vec<String> = (0..2)
             .map(|i| format!("chunk {i} ") + &"reactor coolant pressure valve ".repeat(60))
             .collect();
