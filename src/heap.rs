@@ -62,7 +62,7 @@ pub fn on_quiet(cache: Weak<dyn Release>) {
 
 /// How long memory-heavy work must be quiet before freed memory goes back: longer than the
 /// gap between one file's batches and the next file's, short beside "after ingestion".
-pub const QUIET_FOR: Duration = Duration::from_millis(500);
+const QUIET_FOR: Duration = Duration::from_millis(500);
 
 /// Memory-heavy work in flight (embedding batches, whole ingestion jobs up to their commit,
 /// graph builds). When the last one ends and nothing starts for [`QUIET_FOR`], freed memory
@@ -70,7 +70,7 @@ pub const QUIET_FOR: Duration = Duration::from_millis(500);
 /// in again, and not before the commit that follows the last batch, whose frees would
 /// otherwise stay in the arenas.
 #[derive(Default)]
-pub struct Quiet {
+struct Quiet {
     running: AtomicUsize,
     /// Bumped when work starts: a scheduled trim that sees another value stands down.
     epoch: AtomicU64,
@@ -84,12 +84,12 @@ static QUIET: Quiet = Quiet {
 
 /// Marks memory-heavy work until the guard drops.
 #[must_use = "the work counts as running only while the guard lives"]
-pub fn busy() -> Busy<'static> {
+pub fn busy() -> Busy {
     QUIET.begin()
 }
 
 impl Quiet {
-    pub fn begin(&self) -> Busy<'_> {
+    fn begin(&'static self) -> Busy {
         self.running.fetch_add(1, Ordering::AcqRel);
         self.epoch.fetch_add(1, Ordering::AcqRel);
         Busy(self)
@@ -102,9 +102,9 @@ impl Quiet {
 }
 
 /// One piece of running memory-heavy work; the last one to end schedules the trim.
-pub struct Busy<'a>(&'a Quiet);
+pub struct Busy(&'static Quiet);
 
-impl Drop for Busy<'_> {
+impl Drop for Busy {
     fn drop(&mut self) {
         let quiet = self.0;
         if quiet.running.fetch_sub(1, Ordering::AcqRel) != 1 {
@@ -116,14 +116,9 @@ impl Drop for Busy<'_> {
             release_free_memory();
             return;
         };
-        // The guard may borrow a local tracker (tests); the task needs the static one, and
-        // only the static one guards the real allocator.
-        if !std::ptr::eq(quiet, &raw const QUIET) {
-            return;
-        }
         rt.spawn(async move {
             tokio::time::sleep(QUIET_FOR).await;
-            if QUIET.still_quiet(epoch) {
+            if quiet.still_quiet(epoch) {
                 // malloc_trim walks every arena: off the threads that serve requests.
                 let _ = tokio::task::spawn_blocking(release_free_memory).await;
             }
@@ -172,7 +167,8 @@ mod tests {
 
     #[test]
     fn the_trim_waits_for_the_last_piece_of_work() {
-        let quiet = Quiet::default();
+        // A tracker of its own: other tests' work must not move its counts.
+        let quiet: &'static Quiet = Box::leak(Box::default());
         let first = quiet.begin();
         let second = quiet.begin();
         let epoch = quiet.epoch.load(Ordering::Acquire);

@@ -510,10 +510,10 @@ fn build_session(
     // arena grows by powers of two and never gives memory back, and memory-pattern planning
     // pre-allocates one block per distinct input shape; embedding a 1 MB file left the
     // process at 1 to 1.66 GB (heaptrack: blocks of 128 and 84 MiB allocated inside
-    // `Session::run` and never freed). Without both, activations are plain allocations
-    // freed after each run (large ones are mapped and unmapped, small ones kept for the next
-    // run until ingestion goes quiet: see `heap`), so the peak is one run's working set,
-    // which [`MAX_BATCH_CELLS`] bounds.
+    // `Session::run` and never freed). So no memory patterns, and instead of the execution
+    // provider's arena the environment's ([`register_activation_arena`]): its regions stop
+    // doubling at 16 MiB and go back once embedding is quiet, so the peak is about one run's
+    // working set per session, which [`MAX_BATCH_CELLS`] bounds.
     Session::builder(env)
         .map_err(|e| bad(e.to_string()))?
         .with_execution_providers([CPU::default().with_arena_allocator(false).build()])
