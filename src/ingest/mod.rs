@@ -153,6 +153,20 @@ impl Drop for Running<'_> {
     }
 }
 
+/// Why processing a leased job ended without a record.
+enum Stop {
+    /// A storage failure with attempts left: the job goes back to the queue.
+    Requeue(IngestError),
+    /// Anything else: the job stays leased until its lease runs out.
+    Error(IngestError),
+}
+
+impl From<IngestError> for Stop {
+    fn from(e: IngestError) -> Self {
+        Stop::Error(e)
+    }
+}
+
 /// Where a file's bytes are read from.
 enum Source {
     /// A blob the backend keeps as a local file: read (or handed to the extractor) in place.
@@ -449,11 +463,22 @@ impl Ingest {
             let _busy = crate::heap::busy();
             self.keep_leased(job, self.process_leased(job)).await
         };
-        // After `running` is cleared, so a waiter woken by it finds the file done here too.
-        if let Ok(Some(f)) = &out {
-            self.publish(f).await;
+        // Both after `running` is cleared: a waiter woken by it finds the file done here
+        // too, and a worker of this process that claims the requeued job processes it
+        // instead of taking it for a run still under way (and leaving it leased, unworked,
+        // for a whole lease).
+        match out {
+            Ok(Some(f)) => {
+                self.publish(&f).await;
+                Ok(Some(f))
+            }
+            Ok(None) => Ok(None),
+            Err(Stop::Requeue(e)) => {
+                self.requeue(job).await;
+                Err(e)
+            }
+            Err(Stop::Error(e)) => Err(e),
         }
-        out
     }
 
     /// Drives `work` while renewing the job's lease every third of it.
@@ -484,7 +509,7 @@ impl Ingest {
     }
 
     /// Processes a leased file: the final record, `None` when the file was deleted.
-    async fn process_leased(&self, job: &Job) -> Result<Option<FileRecord>, IngestError> {
+    async fn process_leased(&self, job: &Job) -> Result<Option<FileRecord>, Stop> {
         let id = job.file_id.as_str();
         let file = match self.storage.meta.file(id).await {
             Ok(Some(f)) => f,
@@ -505,12 +530,12 @@ impl Ingest {
                 "processing did not finish after {} attempts (storage failures or a stopped worker)",
                 job.attempts - 1
             );
-            return self.record_failure(file, msg).await;
+            return Ok(self.record_failure(file, msg).await?);
         }
         let started = std::time::Instant::now();
         let source = match self.read_blob(&file).await {
             Ok(s) => s,
-            Err(Failure::File(msg)) => return self.record_failure(file, msg).await,
+            Err(Failure::File(msg)) => return Ok(self.record_failure(file, msg).await?),
             Err(Failure::Storage(op, e)) => {
                 return Err(self.retry_later(job, Some(file), op, e).await);
             }
@@ -519,7 +544,7 @@ impl Ingest {
             Ok(done) => self.commit(job, file, done, started).await,
             Err(msg) => {
                 tracing::warn!(file = %file.id, error = %msg, "file processing failed");
-                self.record_failure(file, msg).await
+                Ok(self.record_failure(file, msg).await?)
             }
         }
     }
@@ -548,7 +573,7 @@ impl Ingest {
         mut file: FileRecord,
         (text, chunks, vecs, info): (String, Vec<ChunkRecord>, Vec<Vec<f32>>, EmbeddingInfo),
         started: std::time::Instant,
-    ) -> Result<Option<FileRecord>, IngestError> {
+    ) -> Result<Option<FileRecord>, Stop> {
         let pending = file.clone();
         file.updated_at = now_secs();
         file.status = Some(FileStatus::Completed);
@@ -598,23 +623,29 @@ impl Ingest {
         }
     }
 
-    /// A storage failure while processing: logged and counted; the job goes back to the
-    /// queue after a short pause, or, its attempts used up, the file is recorded as failed.
+    /// A storage failure while processing: logged and counted. With attempts left the job
+    /// goes back to the queue (once this run has ended, see [`Ingest::process_job`]); its
+    /// attempts used up, the file is recorded as failed.
     async fn retry_later(
         &self,
         job: &Job,
         file: Option<FileRecord>,
         op: &'static str,
         e: StorageError,
-    ) -> IngestError {
+    ) -> Stop {
         storage_failure(op, Some(&job.file_id), &e);
         if job.attempts >= self.timing.max_attempts {
             if let Some(f) = file {
                 // When this fails too, the lease runs out and the next claim records it.
                 let _ = self.record_failure(f, format!("storage error: {e}")).await;
             }
-            return e.into();
+            return Stop::Error(e.into());
         }
+        Stop::Requeue(e.into())
+    }
+
+    /// Puts a job whose run hit a storage failure back on the queue, after a pause.
+    async fn requeue(&self, job: &Job) {
         // A storage hiccup is likely to last a moment: do not claim it back at once.
         tokio::time::sleep(Duration::from_millis(500) * job.attempts).await;
         match self.storage.queue.fail(job, self.timing.max_attempts).await {
@@ -627,7 +658,6 @@ impl Ingest {
             // The lease runs out and the job is claimed again anyway.
             Err(e) => storage_failure("release job", Some(&job.file_id), &e),
         }
-        e.into()
     }
 
     /// Records a file whose processing panicked as failed (and off the queue).
@@ -1233,6 +1263,83 @@ mod tests {
         assert!(storage_errors("commit processed file") > before);
         assert!(e.store.queued_files().unwrap().is_empty());
         assert_eq!(e.store.file_chunk_ids("f1").unwrap().len(), 1);
+    }
+
+    /// A queue that records, at each `fail`, whether the file was still marked as being
+    /// processed by this process.
+    struct WatchedQueue {
+        inner: Arc<dyn crate::storage::WorkQueue>,
+        ingest: std::sync::OnceLock<std::sync::Weak<Ingest>>,
+        running_at_fail: Mutex<Vec<bool>>,
+    }
+
+    #[async_trait::async_trait]
+    impl crate::storage::WorkQueue for WatchedQueue {
+        async fn enqueue(&self, file_id: &str) -> crate::storage::Result<()> {
+            self.inner.enqueue(file_id).await
+        }
+        async fn claim(&self, lease: Duration) -> crate::storage::Result<Option<Job>> {
+            self.inner.claim(lease).await
+        }
+        async fn heartbeat(&self, job: &Job, lease: Duration) -> crate::storage::Result<bool> {
+            self.inner.heartbeat(job, lease).await
+        }
+        async fn complete(&self, job: &Job) -> crate::storage::Result<bool> {
+            self.inner.complete(job).await
+        }
+        async fn fail(&self, job: &Job, max_attempts: u32) -> crate::storage::Result<Retry> {
+            let ingest = self
+                .ingest
+                .get()
+                .and_then(std::sync::Weak::upgrade)
+                .unwrap();
+            self.running_at_fail
+                .lock()
+                .unwrap()
+                .push(ingest.is_running(&job.file_id));
+            self.inner.fail(job, max_attempts).await
+        }
+        async fn pending(&self, limit: usize) -> crate::storage::Result<Vec<String>> {
+            self.inner.pending(limit).await
+        }
+        async fn is_queued(&self, file_id: &str) -> crate::storage::Result<bool> {
+            self.inner.is_queued(file_id).await
+        }
+        async fn claim_file(
+            &self,
+            file_id: &str,
+            lease: Duration,
+        ) -> crate::storage::Result<Option<Job>> {
+            self.inner.claim_file(file_id, lease).await
+        }
+    }
+
+    /// A worker of this process that claimed a requeued job while the failed run was still
+    /// marked running took it for that run, and left it leased and unworked for a whole
+    /// lease (a file stalled for a minute, and one attempt lost).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_job_is_requeued_only_after_its_run_has_ended() {
+        let e = env(2);
+        let embedder = Arc::new(FixedEmbedder::default());
+        let mut storage = flaky(&e, 2);
+        let queue = Arc::new(WatchedQueue {
+            inner: e.storage.queue.clone(),
+            ingest: std::sync::OnceLock::new(),
+            running_at_fail: Mutex::new(Vec::new()),
+        });
+        storage.queue = queue.clone();
+        let ingest = Arc::new(e.ingest(storage, embedder.clone()));
+        queue.ingest.set(Arc::downgrade(&ingest)).unwrap();
+        e.queued("f1").await;
+        tokio::spawn(ingest.clone().run_workers());
+        let f = ingest.wait_done("f1", LIMIT).await.unwrap().unwrap();
+        assert_eq!(f.status, Some(FileStatus::Completed), "{f:?}");
+        assert_eq!(
+            embedder.calls.load(Ordering::SeqCst),
+            3,
+            "one run per attempt"
+        );
+        assert_eq!(*queue.running_at_fail.lock().unwrap(), [false, false]);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
