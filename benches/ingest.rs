@@ -18,7 +18,9 @@
 //! default: clients wait on the status event stream; `poll`: every 50 ms), `VARIANTS` (default
 //! `before,after`: `before` is the former defaults, one float session and two workers; `after`
 //! the machine-sized defaults; `base`: the defaults on the binary named by `RAGWAY_BASE_BIN`,
-//! e.g. a build of an earlier commit, to compare two builds in one run), `RAGWAY_RELEASE_BIN`.
+//! e.g. a build of an earlier commit, to compare two builds in one run; `model`: the model
+//! alone, in this process, on the texts the server embeds for each case, to tell the per-file
+//! cost from the model's cost on those texts), `RAGWAY_RELEASE_BIN`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -115,10 +117,12 @@ fn padded(tokens: &[(usize, usize)], key: impl Fn(&(usize, usize)) -> usize) -> 
         .sum()
 }
 
-/// (bytes, tokens) of each chunk the model embeds for `text`: the gateway's own chunks
-/// (default 1000/100 characters), newlines as spaces, each truncated to [`MAX_TOKENS`].
-fn chunk_tokens(tokenizer: &tokenizers::Tokenizer, name: &str, text: &str) -> Vec<(usize, usize)> {
+/// The texts the model embeds for `text`: the gateway's own chunks (default 1000/100
+/// characters) under the document's title as the default `rag.title-in-chunks` embeds them,
+/// newlines as spaces.
+fn chunk_texts(name: &str, text: &str) -> Vec<String> {
     let doc = ragway::extract::extract(text.as_bytes(), name, Some("text/plain")).unwrap();
+    let title = ragway::chunk::Title::of(&doc, name);
     let cfg = ragway::chunk::ChunkConfig {
         size: 1000,
         overlap: 100,
@@ -127,12 +131,56 @@ fn chunk_tokens(tokenizer: &tokenizers::Tokenizer, name: &str, text: &str) -> Ve
     };
     ragway::chunk::split(&doc, &cfg)
         .iter()
-        .map(|c| {
-            let t = c.text.replace('\n', " ");
+        .map(|c| ragway::chunk::Title::apply(title.as_ref(), &c.text).replace('\n', " "))
+        .collect()
+}
+
+/// (bytes, tokens) of each text the model embeds for `text` ([`chunk_texts`]), each
+/// truncated to [`MAX_TOKENS`].
+fn chunk_tokens(tokenizer: &tokenizers::Tokenizer, name: &str, text: &str) -> Vec<(usize, usize)> {
+    chunk_texts(name, text)
+        .iter()
+        .map(|t| {
             let n = tokenizer.encode_fast(t.as_str(), true).unwrap().len();
             (t.len(), n.min(MAX_TOKENS))
         })
         .collect()
+}
+
+/// The model alone on `texts`, in this process: the embedder the server runs by default
+/// (int8 kernels, a session per core) given every text in one call. What the API adds on
+/// top of this is the per-file cost; what it leaves is the model's cost on these texts
+/// (attention grows with the square of a text's length, so tokens/s depends on the texts).
+fn model_only(
+    embedder: &dyn ragway::embed::Embedder,
+    texts: &[String],
+    runtime: &tokio::runtime::Runtime,
+) -> f64 {
+    let start = Instant::now();
+    let vectors = runtime
+        .block_on(embedder.embed(texts.to_vec()))
+        .expect("embedding");
+    assert_eq!(vectors.len(), texts.len());
+    start.elapsed().as_secs_f64()
+}
+
+/// How long the embedded texts are, in tokens: the model's cost per token grows with a
+/// text's length (attention compares every token with every other), so two sets of texts
+/// reach different tokens/s on the same model.
+fn length_profile(chunks: &[(usize, usize)]) -> String {
+    let mut lengths: Vec<usize> = chunks.iter().map(|c| c.1).collect();
+    lengths.sort_unstable();
+    let at = |q: f64| lengths[((lengths.len() - 1) as f64 * q) as usize];
+    let sum: usize = lengths.iter().sum();
+    let squares: usize = lengths.iter().map(|n| n * n).sum();
+    format!(
+        "tokens per text: mean {:.0}, p10 {}, median {}, p90 {}; length-weighted mean {:.0}",
+        sum as f64 / lengths.len() as f64,
+        at(0.1),
+        at(0.5),
+        at(0.9),
+        squares as f64 / sum as f64
+    )
 }
 
 /// (chunks, tokens) of `text`.
@@ -418,6 +466,14 @@ fn main() {
         std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
     );
 
+    let small_per_chunk: Vec<(usize, usize)> = small
+        .iter()
+        .flat_map(|(n, text)| chunk_tokens(&tokenizer, n, text))
+        .collect();
+    for (what, chunks) in [("1 MB file", &per_chunk), ("small files", &small_per_chunk)] {
+        println!("{what}: {}", length_profile(chunks));
+    }
+
     pingora::tls::install_default_crypto_provider();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -445,9 +501,46 @@ fn main() {
             bin.clone()
         }
     };
-    rt.block_on(async {
-        for round in 1..=rounds {
-            for v in &variants {
+    let model = variants.iter().any(|v| v == "model").then(|| {
+        // The allocator settings `ragway serve` runs with.
+        ragway::heap::tune_for_proxy();
+        let dir = root().join("models");
+        let library = std::env::var_os("ORT_DYLIB_PATH")
+            .map_or_else(|| dir.join("onnxruntime/libonnxruntime.so"), PathBuf::from);
+        let sessions = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        let embedder = ragway::embed::onnx::OnnxEmbedder::load(
+            &dir.join("all-MiniLM-L6-v2"),
+            &library,
+            sessions,
+            "all-MiniLM-L6-v2",
+        )
+        .expect("the model: run scripts/fetch-model.sh");
+        let big_texts = chunk_texts("big.txt", &big);
+        let small_texts: Vec<String> = small
+            .iter()
+            .flat_map(|(name, text)| chunk_texts(name, text))
+            .collect();
+        (embedder, big_texts, small_texts)
+    });
+    for round in 1..=rounds {
+        for v in &variants {
+            if v == "model" {
+                let (embedder, big_texts, small_texts) = model.as_ref().expect("loaded above");
+                for (what, texts, tokens) in [
+                    ("1MB", big_texts, big_tokens),
+                    ("small", small_texts, small_tokens),
+                ] {
+                    let secs = model_only(embedder, texts, &rt);
+                    println!(
+                        "round {round}  model {what}: {secs:6.1} s  {:7.0} tok/s  (the model \
+                         alone on the same texts, in one call)  load {}",
+                        tokens as f64 / secs,
+                        loadavg()
+                    );
+                }
+                continue;
+            }
+            rt.block_on(async {
                 let bin = bin_of(v);
                 let s = Server::start(&bin, variant_toml(v)).await;
                 let idle = s.status_kib("VmRSS:");
@@ -460,9 +553,12 @@ fn main() {
                 let add = s.knowledge_add(&id).await;
                 println!(
                     "round {round} {v:>6} 1MB: {secs:6.1} s  {:7.0} tok/s  {:.4} CPU-s/chunk  \
+                     {:.3} CPU-ms/token  {:.2} cores busy  \
                      peak {} MiB (idle {} MiB)  knowledge add {add:.3} s  load {}",
                     big_tokens as f64 / secs,
                     cpu / big_chunks as f64,
+                    cpu * 1000.0 / big_tokens as f64,
+                    cpu / secs,
                     s.status_kib("VmHWM:") / 1024,
                     idle / 1024,
                     loadavg()
@@ -486,14 +582,16 @@ fn main() {
                 let cpu = s.cpu_secs() - cpu0;
                 println!(
                     "round {round} {v:>6} small: {secs:6.1} s  {:7.0} tok/s  {:.4} CPU-s/chunk  \
-                     {:.1} files/s  peak {} MiB  load {}",
+                     {:.3} CPU-ms/token  {:.2} cores busy  {:.1} files/s  peak {} MiB  load {}",
                     small_tokens as f64 / secs,
                     cpu / small_chunks as f64,
+                    cpu * 1000.0 / small_tokens as f64,
+                    cpu / secs,
                     small.len() as f64 / secs,
                     s.status_kib("VmHWM:") / 1024,
                     loadavg()
                 );
-            }
+            });
         }
-    });
+    }
 }
