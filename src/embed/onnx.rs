@@ -413,6 +413,8 @@ impl OnnxEmbedder {
                     tracing::debug!(
                         matmuls = done.matmuls,
                         gathers = done.gathers,
+                        nan_guards = done.nan_guards,
+                        gelus = done.gelus,
                         "int8 weights computed on the int8 kernels"
                     );
                     (bytes, true)
