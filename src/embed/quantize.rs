@@ -308,6 +308,7 @@ pub fn rewrite(model: &[u8]) -> Result<Option<(Vec<u8>, Rewritten)>> {
     let mut nodes = Vec::new();
     let mut inits = HashMap::new();
     let mut graph_outputs = HashSet::new();
+    let mut graph_values = HashSet::new();
     for f in &graph {
         match (f.number, f.wire) {
             (1, 2) => nodes.push(Node::parse(f.bytes)?),
@@ -315,10 +316,14 @@ pub fn rewrite(model: &[u8]) -> Result<Option<(Vec<u8>, Rewritten)>> {
                 let (name, init) = parse_initializer(f.bytes)?;
                 inits.insert(name, init);
             }
-            (12, 2) => {
+            (11 | 12, 2) => {
                 // ValueInfoProto: name (1).
                 if let Some(n) = fields(f.bytes)?.iter().find(|v| v.number == 1) {
-                    graph_outputs.insert(text(n)?);
+                    let name = text(n)?;
+                    if f.number == 12 {
+                        graph_outputs.insert(name.clone());
+                    }
+                    graph_values.insert(name);
                 }
             }
             _ => {}
@@ -479,6 +484,32 @@ pub fn rewrite(model: &[u8]) -> Result<Option<(Vec<u8>, Rewritten)>> {
         return Ok(None);
     }
 
+    // Constants only the replaced nodes read (the GELU's √2, 1 and 0.5): left in, ONNX Runtime
+    // would warn about each at every session load. Graph inputs and outputs are kept (older
+    // models list initializers among the inputs).
+    let mut used: HashSet<&str> = graph_values.iter().map(String::as_str).collect();
+    for (i, n) in nodes.iter().enumerate() {
+        if !removed.contains(&i) && !replace.contains_key(&i) {
+            used.extend(n.inputs.iter().map(String::as_str));
+        }
+    }
+    let new_nodes = replace
+        .values()
+        .flatten()
+        .map(|n| Node::parse(n))
+        .collect::<Result<Vec<_>>>()?;
+    used.extend(
+        new_nodes
+            .iter()
+            .flat_map(|n| n.inputs.iter().map(String::as_str)),
+    );
+    let orphaned: HashSet<&str> = removed
+        .iter()
+        .chain(replace.keys())
+        .flat_map(|&i| nodes[i].inputs.iter().map(String::as_str))
+        .filter(|name| inits.contains_key(*name) && !used.contains(name))
+        .collect();
+
     let mut new_graph = Vec::with_capacity(graph_field.bytes.len());
     let mut index = 0;
     for f in &graph {
@@ -496,6 +527,7 @@ pub fn rewrite(model: &[u8]) -> Result<Option<(Vec<u8>, Rewritten)>> {
             (5, 2) => {
                 let (name, _) = parse_initializer(f.bytes)?;
                 match new_dims.get(&name) {
+                    _ if orphaned.contains(name.as_str()) => {}
                     Some(dims) => put_bytes(&mut new_graph, 5, &with_dims(f.bytes, dims)?),
                     None => new_graph.extend_from_slice(f.raw),
                 }
@@ -870,6 +902,16 @@ mod tests {
             opsets
                 .iter()
                 .any(|f| f.number == 8 && f.bytes.windows(13).any(|w| w == b"com.microsoft"))
+        );
+        let inits: Vec<String> = fields(&graph_of(&out))
+            .unwrap()
+            .iter()
+            .filter(|f| f.number == 5)
+            .map(|f| parse_initializer(f.bytes).unwrap().0)
+            .collect();
+        assert!(
+            inits.is_empty(),
+            "constants only the replaced nodes read: {inits:?}"
         );
         assert!(rewrite(&out).unwrap().is_none(), "nothing left");
         // Another constant, or a guard on another tensor, is not the pattern.
