@@ -126,6 +126,58 @@ impl Drop for Busy {
     }
 }
 
+/// Requests the gateway has taken (see [`note_request`]).
+static REQUESTS: AtomicU64 = AtomicU64::new(0);
+
+/// How long the gateway must see no new request before what its requests freed goes back.
+pub const REQUESTS_QUIET_FOR: Duration = Duration::from_secs(1);
+
+/// Counts a request. Proxy load leaves freed blocks in glibc's per-thread heaps (connection
+/// and header buffers, per-request state): measured ~7 MiB of a 35 MiB gateway after a burst,
+/// which [`trim_when_requests_stop`] gives back. One relaxed increment: nothing per request
+/// waits for, or schedules, anything.
+pub fn note_request() {
+    REQUESTS.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Whether a look at the request count finds the end of a busy period.
+#[derive(Default)]
+struct RequestWatch {
+    seen: u64,
+    busy: bool,
+}
+
+impl RequestWatch {
+    /// `count` is the request count now: true once per busy period, at the first look that
+    /// finds no new request since the previous look.
+    fn ended(&mut self, count: u64) -> bool {
+        if count != self.seen {
+            self.seen = count;
+            self.busy = true;
+            return false;
+        }
+        std::mem::take(&mut self.busy)
+    }
+}
+
+/// Releases free memory ([`release_free_memory`]) each time requests stop for
+/// [`REQUESTS_QUIET_FOR`]; runs until the future is dropped. A stream still in flight keeps
+/// its blocks: a trim only gives back what is free.
+pub async fn trim_when_requests_stop() {
+    let mut watch = RequestWatch {
+        seen: REQUESTS.load(Ordering::Relaxed),
+        busy: false,
+    };
+    let mut tick = tokio::time::interval(REQUESTS_QUIET_FOR);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if watch.ended(REQUESTS.load(Ordering::Relaxed)) {
+            let _ = tokio::task::spawn_blocking(release_free_memory).await;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -163,6 +215,19 @@ mod tests {
             !lock_caches().iter().any(|c| Weak::ptr_eq(c, &ours)),
             "a release pass drops the caches whose owners are gone"
         );
+    }
+
+    #[test]
+    fn a_busy_period_ends_once_at_the_first_look_without_a_new_request() {
+        let mut w = RequestWatch::default();
+        assert!(!w.ended(0), "nothing happened yet");
+        assert!(!w.ended(5), "requests came in");
+        assert!(!w.ended(9), "still coming");
+        assert!(w.ended(9), "a look without a new request: the period ended");
+        assert!(!w.ended(9), "once per period");
+        assert!(!w.ended(9));
+        assert!(!w.ended(10), "a new period");
+        assert!(w.ended(10));
     }
 
     #[test]

@@ -125,6 +125,20 @@ impl pingora::services::background::BackgroundService for IngestWorkers {
     }
 }
 
+/// Gives back what proxied requests freed once they stop for a moment (see
+/// [`crate::heap::trim_when_requests_stop`]).
+struct TrimWhenQuiet;
+
+#[async_trait]
+impl pingora::services::background::BackgroundService for TrimWhenQuiet {
+    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
+        tokio::select! {
+            () = crate::heap::trim_when_requests_stop() => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+}
+
 /// A service that stops listening when ragway says so (`stop` turns `true`), not when pingora
 /// broadcasts its shutdown: pingora broadcasts only once it has decided to end the process,
 /// too late to let the requests in flight finish on their own schedule.
@@ -380,6 +394,10 @@ pub fn add_services(server: &mut Server, app: Arc<App>) -> Drain {
         IngestWorkers(app.ingest.clone()),
     );
     server.add_service(workers);
+    server.add_service(pingora::services::background::background_service(
+        "memory trim",
+        TrimWhenQuiet,
+    ));
     let proxy = http_proxy(&server.configuration, Gateway { app });
     let mut gateway = Service::new(
         "ragway gateway".to_string(),

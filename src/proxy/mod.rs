@@ -101,6 +101,7 @@ impl ProxyHttp for Gateway {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<bool> {
+        crate::heap::note_request();
         // While an answer streams, the client connection is watched for a hang-up. A keep-alive
         // client that already has its whole answer may send its next request before the
         // upstream's end arrives; without pipelining pingora reads a byte of it, calls it an
