@@ -390,9 +390,13 @@ http {{
                            f"{rps / base:.2f}× |")
         peak = status_kib([self.rw.pid], "VmHWM")
         end = status_kib([self.rw.pid], "VmRSS")
+        # ragway gives back what requests freed once they stop for a second.
+        time.sleep(2.5)
+        settled = status_kib([self.rw.pid], "VmRSS")
         nginx_peak = status_kib(self.nginx_pids, "VmHWM")
         out += ["", f"ragway resident memory, without the embedding model: {self.rss_idle / 1024:.1f} MiB idle "
-                f"after start-up, {end / 1024:.1f} MiB at the end of the load run, peak {peak / 1024:.1f} MiB; "
+                f"after start-up, {end / 1024:.1f} MiB at the end of the load run and {settled / 1024:.1f} MiB "
+                f"2.5 s later, peak {peak / 1024:.1f} MiB; "
                 f"after each round: {', '.join(f'{x / 1024:.1f}' for x in rss_rounds)} MiB "
                 f"(nginx, master and workers: peak {nginx_peak / 1024:.1f} MiB)."]
         if self.notes:
