@@ -14,7 +14,6 @@
 //!   the looked-up rows are converted, with the same float arithmetic as before (identical
 //!   vectors), instead of a float copy of the 30,522 × 384 vocabulary table.
 //!
-//!
 //! With them, two subgraphs of the exported model are replaced by what they compute, which
 //! changes no output bit (measured: identical hidden states) and saves 6–11 % of a run
 //! (`benches/ort_kernels.py`'s shapes, one thread):
