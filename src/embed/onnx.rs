@@ -415,6 +415,7 @@ impl OnnxEmbedder {
                         gathers = done.gathers,
                         nan_guards = done.nan_guards,
                         gelus = done.gelus,
+                        attentions = done.attentions,
                         "int8 weights computed on the int8 kernels"
                     );
                     (bytes, true)
@@ -696,6 +697,11 @@ impl Inner {
         let fail = |e: &dyn std::fmt::Display| EmbedError::Inference(e.to_string());
         // Pad to the longest text of this batch (zeros: [PAD] id, mask 0, type 0).
         let rows = encodings.len();
+        // The int8 graph's attention has no padding mask (`quantize::Rewritten::attentions`):
+        // padded keys would be attended. `run` gives it one text per run.
+        if self.int8 && rows > 1 {
+            return Err(fail(&"the int8 model embeds one text per run"));
+        }
         let len = encodings.iter().map(|e| e.len()).max().unwrap_or(0).max(1);
         let mut ids = vec![0i64; rows * len];
         let mut mask = vec![0i64; rows * len];
@@ -885,6 +891,26 @@ mod tests {
             "m",
         )
         .expect("run scripts/fetch-model.sh")
+    }
+
+    /// The int8 graph's fused attention has no padding mask, so a padded run would attend to
+    /// padding: it is refused, and a batch is embedded text by text, each vector the same as
+    /// the text's own.
+    #[test]
+    fn the_int8_model_embeds_one_text_per_run() {
+        let e = real_model(1);
+        assert!(e.inner.int8);
+        let texts = ["short", "a somewhat longer text that pads the short one"];
+        let encodings: Vec<Encoding> = texts
+            .iter()
+            .map(|t| e.inner.encode_bounded(t).unwrap())
+            .collect();
+        let err = e.inner.run_encoded(&encodings, Use::Batch).unwrap_err();
+        assert!(err.to_string().contains("one text per run"), "{err}");
+        let together = e.inner.run(&texts, false).unwrap();
+        for (text, vector) in texts.iter().zip(&together) {
+            assert_eq!(&e.inner.run(&[text], false).unwrap()[0], vector);
+        }
     }
 
     #[test]
