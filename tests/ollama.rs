@@ -1724,6 +1724,36 @@ async fn quiet_gateway(up: &FakeUpstream) -> (Gateway, String, usize) {
     (gw, admin, baseline)
 }
 
+/// Forwarded requests go out on the connection the previous one left idle (kept by the
+/// gateway thread that used it), streamed or not. (That a connection the upstream closed
+/// while idle is not reused: `proxy::idle`'s unit tests.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_requests_reuse_idle_upstream_connections() {
+    let up = FakeUpstream::ollama(&["llama3:latest"]).await;
+    let (gw, admin, _) = quiet_gateway(&up).await;
+    let before = up.accepted_connections();
+    let client = http_client();
+    for i in 0..20 {
+        let mut body = chat("llama3:latest");
+        body["stream"] = json!(i % 2 == 0);
+        let r = client
+            .post(format!("{}/ollama/api/chat", gw.url))
+            .bearer_auth(&admin)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert!(!r.bytes().await.unwrap().is_empty());
+    }
+    // One connection per gateway thread at most (`threads = 2` in the test gateways).
+    let opened = up.accepted_connections() - before;
+    assert!(
+        (1..=2).contains(&opened),
+        "20 sequential requests opened {opened} upstream connections"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_leaving_mid_stream_drops_the_upstream_request() {
     let up = FakeUpstream::ollama(&["hang:latest"]).await;

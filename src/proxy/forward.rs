@@ -151,8 +151,12 @@ pub async fn forward(
                 continue;
             }
         };
-        let mut upstream = match app.connector.get_http_session(&peer).await {
-            Ok((mut s, _reused)) => {
+        let session_for_peer = match super::idle::take(&peer) {
+            Some(s) => Ok(s),
+            None => app.connector.get_http_session(&peer).await.map(|(s, _)| s),
+        };
+        let mut upstream = match session_for_peer {
+            Ok(mut s) => {
                 // The connector does not apply the peer's I/O timeouts to the session
                 // (pingora's proxy does that itself), so set them here.
                 s.set_read_timeout(peer.options.read_timeout);
@@ -223,9 +227,7 @@ pub async fn forward(
             )
             .await?;
             if reusable {
-                app.connector
-                    .release_http_session(upstream, &peer, Some(Duration::from_secs(60)))
-                    .await;
+                super::idle::put(&app.connector, upstream, &peer).await;
             }
             return Ok(());
         }
@@ -240,9 +242,7 @@ pub async fn forward(
             while upstream.read_response_body().await?.is_some() {}
             let reply =
                 crate::http::Reply::bytes(status, "application/json", Bytes::from(replacement));
-            app.connector
-                .release_http_session(upstream, &peer, Some(Duration::from_secs(60)))
-                .await;
+            super::idle::put(&app.connector, upstream, &peer).await;
             return crate::http::send(session, reply).await;
         }
 
@@ -284,9 +284,7 @@ pub async fn forward(
                 _ => body.freeze(),
             };
             ctx.streamed_bytes += merged.len() as u64;
-            app.connector
-                .release_http_session(upstream, &peer, Some(Duration::from_secs(60)))
-                .await;
+            super::idle::put(&app.connector, upstream, &peer).await;
             let mut reply = crate::http::Reply::bytes(status, "application/json", merged);
             for (n, v) in &plan.headers {
                 reply = reply.with_header(n.clone(), v.clone());
@@ -342,9 +340,7 @@ pub async fn forward(
         // its usage.
         crate::usage::finish(&app.usage, ctx).await;
         session.write_response_body(None, true).await?;
-        app.connector
-            .release_http_session(upstream, &peer, Some(Duration::from_secs(60)))
-            .await;
+        super::idle::put(&app.connector, upstream, &peer).await;
         return Ok(());
     }
     send_error(session, ctx, last_error).await

@@ -7,6 +7,7 @@
 //! response through untouched. The phases below stay thin and only delegate.
 
 pub mod forward;
+mod idle;
 pub mod ndjson_sse;
 
 use std::sync::Arc;

@@ -141,6 +141,7 @@ struct Shared {
     flavor: Flavor,
     state: Mutex<State>,
     open_connections: AtomicUsize,
+    accepted_connections: AtomicUsize,
 }
 
 impl Shared {
@@ -196,6 +197,7 @@ struct ConnectionGuard(Arc<Shared>);
 impl ConnectionGuard {
     fn new(shared: &Arc<Shared>) -> Self {
         shared.open_connections.fetch_add(1, Ordering::SeqCst);
+        shared.accepted_connections.fetch_add(1, Ordering::SeqCst);
         Self(shared.clone())
     }
 }
@@ -250,6 +252,7 @@ impl FakeUpstream {
                 show: std::collections::HashMap::new(),
             }),
             open_connections: AtomicUsize::new(0),
+            accepted_connections: AtomicUsize::new(0),
         });
         let (shutdown_tx, shutdown_rx) = watch::channel(());
         tokio::spawn(accept_loop(listener, shared.clone(), shutdown_rx));
@@ -342,6 +345,11 @@ impl FakeUpstream {
     /// promptly even while a response is hanging.
     pub fn open_connections(&self) -> usize {
         self.shared.open_connections.load(Ordering::SeqCst)
+    }
+
+    /// Number of TCP connections accepted since the server started.
+    pub fn accepted_connections(&self) -> usize {
+        self.shared.accepted_connections.load(Ordering::SeqCst)
     }
 }
 
