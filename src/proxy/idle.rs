@@ -28,7 +28,7 @@ use tokio::io::AsyncReadExt;
 const MAX_IDLE_PER_THREAD: usize = 128;
 
 /// How long a connection may wait unused before it is closed rather than reused.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+pub const IDLE_TIMEOUT: Duration = Duration::from_mins(1);
 
 struct Idle {
     /// The peer's `reuse_hash`: address, TLS and connection options.
