@@ -383,6 +383,35 @@ fn with_dims(buf: &[u8], dims: &[u64]) -> Result<Vec<u8>> {
 
 // --- the rewrite ------------------------------------------------------------------------------
 
+/// Which node makes each value and which nodes read it, built once for every rewrite.
+struct Links<'a> {
+    producer: HashMap<&'a str, usize>,
+    consumers: HashMap<&'a str, Vec<usize>>,
+}
+
+impl<'a> Links<'a> {
+    fn of(nodes: &'a [Node]) -> Self {
+        let mut links = Links {
+            producer: HashMap::new(),
+            consumers: HashMap::new(),
+        };
+        for (i, n) in nodes.iter().enumerate() {
+            for output in &n.outputs {
+                links.producer.insert(output.as_str(), i);
+            }
+            for input in &n.inputs {
+                links.consumers.entry(input.as_str()).or_default().push(i);
+            }
+        }
+        links
+    }
+
+    /// The nodes that read `value` (none for an unread or unknown value).
+    fn readers(&self, value: &str) -> &[usize] {
+        self.consumers.get(value).map_or(&[], Vec::as_slice)
+    }
+}
+
 /// One `Cast(Wq) → Mul(s)` pair and the single node that consumes it.
 struct Dequantized {
     cast: usize,
@@ -431,14 +460,9 @@ pub fn rewrite(model: &[u8]) -> Result<Option<(Vec<u8>, Rewritten)>> {
             _ => {}
         }
     }
-    let mut consumers: HashMap<&str, Vec<usize>> = HashMap::new();
-    for (i, n) in nodes.iter().enumerate() {
-        for input in &n.inputs {
-            consumers.entry(input.as_str()).or_default().push(i);
-        }
-    }
-    let only_consumer = |value: &str| match consumers.get(value).map(Vec::as_slice) {
-        Some([one]) if !graph_outputs.contains(value) => Some(*one),
+    let links = Links::of(&nodes);
+    let only_consumer = |value: &str| match links.readers(value) {
+        [one] if !graph_outputs.contains(value) => Some(*one),
         _ => None,
     };
 
@@ -465,7 +489,7 @@ pub fn rewrite(model: &[u8]) -> Result<Option<(Vec<u8>, Rewritten)>> {
             &m.inputs[0]
         };
         let scale_is_float = inits.get(scale).is_some_and(|s| s.data_type == FLOAT);
-        let scale_used_once = consumers.get(scale.as_str()).is_some_and(|c| c.len() == 1);
+        let scale_used_once = links.readers(scale).len() == 1;
         if !(scale_is_float && scale_used_once) {
             continue;
         }
@@ -576,6 +600,7 @@ pub fn rewrite(model: &[u8]) -> Result<Option<(Vec<u8>, Rewritten)>> {
     }
     simplify(
         &nodes,
+        &links,
         &inits,
         &only_consumer,
         &mut replace,
@@ -586,7 +611,14 @@ pub fn rewrite(model: &[u8]) -> Result<Option<(Vec<u8>, Rewritten)>> {
     let biases = if subgraphs {
         Vec::new()
     } else {
-        fuse_attention(&nodes, &inits, &graph_inputs, &mut replace, &mut done)
+        fuse_attention(
+            &nodes,
+            &links,
+            &inits,
+            &graph_inputs,
+            &mut replace,
+            &mut done,
+        )
     };
     if done == Rewritten::default() {
         return Ok(None);
@@ -690,17 +722,14 @@ pub fn rewrite(model: &[u8]) -> Result<Option<(Vec<u8>, Rewritten)>> {
 /// no other rewrite touches, and records their replacements.
 fn simplify(
     nodes: &[Node],
+    links: &Links<'_>,
     inits: &HashMap<String, Initializer>,
     only_consumer: &dyn Fn(&str) -> Option<usize>,
     replace: &mut HashMap<usize, Vec<Vec<u8>>>,
     removed: &mut HashSet<usize>,
     done: &mut Rewritten,
 ) {
-    let producer: HashMap<&str, usize> = nodes
-        .iter()
-        .enumerate()
-        .flat_map(|(i, n)| n.outputs.iter().map(move |o| (o.as_str(), i)))
-        .collect();
+    let producer = &links.producer;
     let scalar = |name: &str, want: f32| {
         inits
             .get(name)
@@ -845,30 +874,21 @@ const MINUS_ONE: u64 = u64::MAX;
 /// see [`padding_only`].
 fn fuse_attention(
     nodes: &[Node],
+    links: &Links<'_>,
     inits: &HashMap<String, Initializer>,
     graph_inputs: &HashSet<String>,
     replace: &mut HashMap<usize, Vec<Vec<u8>>>,
     done: &mut Rewritten,
 ) -> Vec<Vec<u8>> {
-    let producer: HashMap<&str, usize> = nodes
-        .iter()
-        .enumerate()
-        .flat_map(|(i, n)| n.outputs.iter().map(move |o| (o.as_str(), i)))
-        .collect();
-    let mut consumers: HashMap<&str, Vec<usize>> = HashMap::new();
-    for (i, n) in nodes.iter().enumerate() {
-        for input in &n.inputs {
-            consumers.entry(input.as_str()).or_default().push(i);
-        }
-    }
+    let producer = &links.producer;
     let made = |value: &str, op: &str| {
         producer
             .get(value)
             .copied()
             .filter(|&i| nodes[i].is(op) && nodes[i].outputs.len() == 1)
     };
-    let sole_consumer = |value: &str| match consumers.get(value).map(Vec::as_slice) {
-        Some([one]) => Some(*one),
+    let sole_consumer = |value: &str| match links.readers(value) {
+        [one] => Some(*one),
         _ => None,
     };
     let scalar = |name: &str| inits.get(name).and_then(|i| i.scalar);
@@ -956,7 +976,7 @@ fn fuse_attention(
                 return None;
             };
             let blocked = scalar(zero) == Some(0.0) && scalar(neg).is_some_and(|v| v <= -1e4);
-            if !blocked || !padding_only(nodes, &producer, inits, graph_inputs, cond) {
+            if !blocked || !padding_only(nodes, producer, inits, graph_inputs, cond) {
                 return None;
             }
             let mm = &nodes[made(scores, "MatMul")?];
@@ -971,8 +991,8 @@ fn fuse_attention(
             let mut probs = sm.outputs[0].as_str();
             let mut pv = None;
             for _ in 0..2 {
-                let uses = consumers.get(probs)?;
-                if let [one] = uses.as_slice() {
+                let uses = links.readers(probs);
+                if let [one] = uses {
                     let n = &nodes[*one];
                     if n.is("MatMul") && n.inputs.len() == 2 && n.inputs[0] == probs {
                         pv = Some(*one);
@@ -1614,6 +1634,39 @@ mod tests {
         // A condition from no input at all (a constant pattern) is not padding either.
         let constant = [node("id", "Identity", "", &["zero_i"], &["cond"], &[])];
         assert!(rewrite(&attention_model(&constant)).unwrap().is_none());
+    }
+
+    /// The walk up a mask's inputs is bounded: a chain longer than any exported mask is
+    /// refused rather than followed, while the same chain, short, is padding.
+    #[test]
+    fn the_mask_walk_is_bounded() {
+        let chain = |len: usize| {
+            (0..len)
+                .map(|i| {
+                    let input = if i == 0 {
+                        "attention_mask".to_string()
+                    } else {
+                        format!("c{}", i - 1)
+                    };
+                    let output = if i + 1 == len {
+                        "cond".to_string()
+                    } else {
+                        format!("c{i}")
+                    };
+                    node(
+                        &format!("id{i}"),
+                        "Identity",
+                        "",
+                        &[&input],
+                        &[&output],
+                        &[],
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        let (_, done) = rewrite(&attention_model(&chain(10))).unwrap().unwrap();
+        assert_eq!(done.attentions, 1);
+        assert!(rewrite(&attention_model(&chain(300))).unwrap().is_none());
     }
 
     #[test]
