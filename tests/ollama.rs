@@ -1754,6 +1754,51 @@ async fn forwarded_requests_reuse_idle_upstream_connections() {
     );
 }
 
+/// A forwarded request's header and body reach the upstream as one TCP segment (as nginx
+/// sends them), not a header segment the upstream wakes up for and then the body.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_request_reaches_the_upstream_in_one_segment() {
+    let up = FakeUpstream::ollama(&["llama3:latest"]).await;
+    let (gw, admin, _) = quiet_gateway(&up).await;
+    let client = http_client();
+    for _ in 0..8 {
+        let r = client
+            .post(format!("{}/api/chat/completions", gw.url))
+            .bearer_auth(&admin)
+            .json(&json!({"model": "llama3:latest", "stream": false,
+                          "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let chats: Vec<_> = up
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.ends_with("/chat/completions"))
+        .collect();
+    assert_eq!(chats.len(), 8);
+    // A connection's first request also counts the segments before it, so compare each
+    // request with the one before it on the same connection.
+    let mut compared = 0;
+    for pair in chats.windows(2) {
+        if pair[0].connection == pair[1].connection && pair[1].data_segments_in > 0 {
+            assert_eq!(
+                pair[1].data_segments_in - pair[0].data_segments_in,
+                1,
+                "a {}-byte body and its header came in more than one segment",
+                pair[1].body.len()
+            );
+            compared += 1;
+        }
+    }
+    assert!(
+        compared >= 5,
+        "only {compared} requests shared a connection"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_leaving_mid_stream_drops_the_upstream_request() {
     let up = FakeUpstream::ollama(&["hang:latest"]).await;

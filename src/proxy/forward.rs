@@ -115,6 +115,51 @@ pub fn upstream_headers(
     Ok(())
 }
 
+/// `TCP_CORK` held on an upstream socket while a request is written: the kernel sends what
+/// was written as full segments when the guard drops, not one segment per write.
+struct Cork(std::os::fd::RawFd);
+
+impl Cork {
+    /// Corks a plain TCP stream (TLS and Unix sockets are left as they are).
+    fn on(stream: &pingora::protocols::Stream) -> Option<Cork> {
+        use std::os::fd::AsRawFd;
+        let tcp = stream
+            .as_any()
+            .downcast_ref::<pingora::protocols::l4::stream::Stream>()?;
+        let fd = tcp.as_raw_fd();
+        set_cork(fd, true).then_some(Cork(fd))
+    }
+}
+
+impl Drop for Cork {
+    fn drop(&mut self) {
+        // Uncorking pushes what waits; if it failed, the kernel still sends it within 200 ms.
+        set_cork(self.0, false);
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn set_cork(fd: std::os::fd::RawFd, on: bool) -> bool {
+    let value = libc::c_int::from(on);
+    // SAFETY: `fd` is a socket the caller's stream owns for the whole call, and the option
+    // value is a live `c_int` of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_CORK,
+            (&raw const value).cast(),
+            libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap_or(4),
+        )
+    };
+    rc == 0
+}
+
+#[cfg(not(target_os = "linux"))]
+fn set_cork(_: std::os::fd::RawFd, _: bool) -> bool {
+    false
+}
+
 fn is_connect_error(e: &pingora::Error) -> bool {
     matches!(
         e.etype(),
@@ -183,6 +228,12 @@ pub async fn forward(
             &mut req,
         )?;
         req.insert_header(header::CONTENT_LENGTH, plan.body.len().to_string())?;
+        // One segment for the header and the body, as nginx's `writev` sends them: pingora
+        // flushes the header on its own, which cost a second send per request and woke the
+        // upstream twice (once for a header it cannot act on without the body).
+        let cork = (!plan.body.is_empty())
+            .then(|| upstream.stream().and_then(Cork::on))
+            .flatten();
         let sent = async {
             upstream.write_request_header(Box::new(req)).await?;
             if !plan.body.is_empty() {
@@ -191,6 +242,7 @@ pub async fn forward(
             upstream.finish_request_body().await
         }
         .await;
+        drop(cork);
         if let Err(e) = sent {
             // A pooled connection the upstream had closed: the request never arrived, so
             // trying once more is safe.

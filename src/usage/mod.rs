@@ -188,6 +188,7 @@ impl Usage {
                 flushing: AtomicBool::new(false),
                 write: tokio::sync::Mutex::new(()),
                 jobs: Arc::new(AtomicUsize::new(0)),
+                writes: AtomicUsize::new(0),
                 retention_hours,
             }),
             config,
@@ -528,6 +529,8 @@ pub struct Recorder {
     write: tokio::sync::Mutex<()>,
     /// Background writes that still hold the recorder (and so the store).
     jobs: Arc<AtomicUsize>,
+    /// Writes to the store so far (tests of the spacing).
+    writes: AtomicUsize,
     retention_hours: u64,
 }
 
@@ -549,6 +552,10 @@ impl FlushJob {
     }
 
     fn recorder(&self) -> &Recorder {
+        self.arc()
+    }
+
+    fn arc(&self) -> &Arc<Recorder> {
         self.recorder.as_ref().expect("held until dropped")
     }
 }
@@ -582,24 +589,31 @@ impl Recorder {
             self.flushing.store(false, Ordering::Release);
             return;
         };
+        self.schedule(&h);
+    }
+
+    /// Writes what waits after [`FLUSH_DELAY`], and again after each delay for as long as
+    /// rows keep coming. Rows of the requests that end meanwhile join a write: a durable
+    /// commit per request or two (what an immediate write came to under load) cost more than
+    /// the requests themselves, and so did commits back to back under steady traffic. The
+    /// write runs on a blocking thread: the embedded store commits synchronously, and must not
+    /// hold up a worker.
+    fn schedule(self: &Arc<Self>, h: &tokio::runtime::Handle) {
         let job = FlushJob::new(self);
-        // Rows of the requests that end meanwhile join this write: a durable commit per
-        // request or two (what an immediate write came to under load) cost more than the
-        // requests themselves. The write runs on a blocking thread: the embedded store
-        // commits synchronously, and must not hold up a worker.
         let handle = h.clone();
         h.spawn(async move {
             tokio::time::sleep(FLUSH_DELAY).await;
             drop(tokio::task::spawn_blocking(move || {
                 let me = job.recorder();
-                loop {
-                    handle.block_on(me.flush());
-                    me.flushing.store(false, Ordering::Release);
-                    // A row that came after the last take but before the flag cleared.
-                    let more = !me.pending.lock().expect("usage poisoned").is_empty();
-                    if !more || me.flushing.swap(true, Ordering::AcqRel) {
-                        break;
-                    }
+                handle.block_on(me.flush());
+                me.flushing.store(false, Ordering::Release);
+                // Rows that came during the write (or after the last take but before the
+                // flag cleared) wait for the next delay, unless a new request scheduled it.
+                let more = !me.pending.lock().expect("usage poisoned").is_empty();
+                if more && !me.flushing.swap(true, Ordering::AcqRel) {
+                    // Scheduled before `job` drops, so the count of jobs never reads zero
+                    // while a write is still due.
+                    job.arc().schedule(&handle);
                 }
             }));
         });
@@ -612,6 +626,7 @@ impl Recorder {
     /// A thread panicked while holding the waiting rows.
     pub async fn flush(&self) {
         let _w = self.write.lock().await;
+        self.writes.fetch_add(1, Ordering::Relaxed);
         let rows: Vec<(UsageKey, UsageCounts)> =
             std::mem::take(&mut *self.pending.lock().expect("usage poisoned"))
                 .into_iter()
@@ -875,6 +890,49 @@ mod tests {
         let rows = rows(&store);
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].1.requests, 3, "one write for the three rows");
+    }
+
+    /// Under steady traffic the writes stay [`FLUSH_DELAY`] apart instead of following each
+    /// other back to back, and every row still arrives.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn steady_traffic_is_written_once_per_delay() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = meta(&dir);
+        let usage = Usage::new(LimitsConfig::default(), store.clone(), limiter());
+        let key = UsageKey {
+            hour: crate::store::now_secs() / 3600,
+            user_id: "u".into(),
+            key_prefix: String::new(),
+            model: "m".into(),
+        };
+        let one = UsageCounts {
+            requests: 1,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+        };
+        let start = std::time::Instant::now();
+        let mut recorded = 0;
+        while start.elapsed() < FLUSH_DELAY * 4 {
+            usage.recorder.record(key.clone(), one);
+            recorded += 1;
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while usage.recorder.pending() > 0 || usage.recorder.jobs.load(Ordering::Acquire) > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the last rows are written"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let elapsed = start.elapsed();
+        let writes = usage.recorder.writes.load(Ordering::Relaxed);
+        let most = usize::try_from(elapsed.as_millis() / FLUSH_DELAY.as_millis()).unwrap() + 1;
+        assert!(
+            (1..=most).contains(&writes),
+            "{writes} writes in {elapsed:?} for {recorded} rows"
+        );
+        assert_eq!(rows(&store)[0].1.requests, recorded, "every row arrives");
     }
 
     /// Rows recorded without a runtime are written at once; the store sums them.

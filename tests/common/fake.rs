@@ -84,6 +84,11 @@ pub struct RecordedRequest {
     pub headers: Vec<(String, String)>,
     /// The complete request body.
     pub body: Bytes,
+    /// Which accepted connection carried it (numbered from 1 in accept order).
+    pub connection: usize,
+    /// TCP segments with data that connection had received once this request was read
+    /// (Linux `tcpi_data_segs_in`; 0 where unknown): how the sender cut its writes.
+    pub data_segments_in: u32,
 }
 
 impl RecordedRequest {
@@ -468,11 +473,13 @@ async fn accept_loop(
         // Count the connection before spawning so a test that has just
         // connected always sees it.
         let guard = ConnectionGuard::new(&shared);
+        let connection = shared.accepted_connections.load(Ordering::SeqCst);
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&socket);
         let shared = shared.clone();
         let mut shutdown = shutdown.clone();
         tokio::spawn(async move {
             let _guard = guard;
-            let service = service_fn(move |req| handle(shared.clone(), req));
+            let service = service_fn(move |req| handle(shared.clone(), req, (connection, fd)));
             let connection = http1::Builder::new().serve_connection(TokioIo::new(socket), service);
             tokio::select! {
                 _ = connection => {}
@@ -482,7 +489,37 @@ async fn accept_loop(
     }
 }
 
-async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+/// `tcpi_data_segs_in` of a socket (0 where the kernel does not tell).
+fn data_segments_in(fd: std::os::fd::RawFd) -> u32 {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: `fd` is the connection's socket, open while its handler runs; the kernel
+        // writes at most `len` bytes into `info`, which is plain data.
+        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+        let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::tcp_info>()).unwrap();
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                (&raw mut info).cast(),
+                &raw mut len,
+            )
+        };
+        if rc == 0 { info.tcpi_data_segs_in } else { 0 }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = fd;
+        0
+    }
+}
+
+async fn handle(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+    (connection, fd): (usize, std::os::fd::RawFd),
+) -> Result<Response<Body>, Infallible> {
     let (parts, body) = req.into_parts();
     // `collect` de-chunks Transfer-Encoding: chunked bodies. A read error means
     // the client is gone; record what we have and carry on.
@@ -505,6 +542,8 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
             })
             .collect(),
         body,
+        connection,
+        data_segments_in: data_segments_in(fd),
     };
     // Recorded before answering, so even stalled or hanging requests show up.
     shared.lock().requests.push(recorded.clone());
