@@ -1,8 +1,8 @@
 //! Several ragway processes (the release binary) on one PostgreSQL: what one replica does,
-//! the others see at once. Accounts and keys made on one work on another, a key deleted on
-//! one is refused by the others on their next request, a file uploaded to one is chatted
-//! with on another, a replica killed while it processes a file leaves it to the others,
-//! and sign-in attempts are counted across replicas.
+//! the others see at once. Accounts and keys made on one work on another, a key deleted or a
+//! session signed out on one is refused by the others on their next request, a file
+//! uploaded to one is chatted with on another, a replica killed while it processes a file
+//! leaves it to the others, and sign-in attempts are counted across replicas.
 //!
 //! PostgreSQL: a database per test on the cluster of `tests/common/postgres.rs`.
 
@@ -219,6 +219,17 @@ async fn replicas_share_accounts_keys_files_limits_and_the_queue() {
     assert_eq!(r.status(), 200);
     let (code, v) = get(&b.url, "/api/models", &key).await;
     assert_eq!(code, 401, "a key deleted on A is refused on B at once: {v}");
+
+    // --- a session signed out on A is refused by B (which has it cached) at once.
+    let (code, _) = get(&b.url, "/api/v1/auths/", &alice).await;
+    assert_eq!(code, 200);
+    let (code, v) = post(&a.url, "/api/v1/auths/signout", Some(&alice), json!({})).await;
+    assert_eq!(code, 200, "{v}");
+    let (code, v) = get(&b.url, "/api/v1/auths/", &alice).await;
+    assert_eq!(
+        code, 401,
+        "a session signed out on A is refused on B at once: {v}"
+    );
 
     // --- sign-in attempts count across replicas (3 per email).
     let wrong = json!({"email": "alice@example.com", "password": "wrong-password"});

@@ -302,6 +302,9 @@ impl<'a> Accounts<'a> {
     pub async fn sign_out(&self, credential: &Credential) -> Result<(), AuthError> {
         if let Credential::Jwt { jti, exp } = credential {
             self.auth.meta.revoke_token(jti, *exp).await?;
+            self.auth
+                .invalidate(Signal::TokenRevoked { jti: jti.clone() })
+                .await?;
         }
         Ok(())
     }

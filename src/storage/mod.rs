@@ -353,6 +353,8 @@ pub enum Signal {
     KeyDeleted { hash: String },
     /// A user changed (role, sessions, limits) or was deleted.
     UserChanged { id: String },
+    /// A session token (by its `jti`) was signed out.
+    TokenRevoked { jti: String },
     /// The model list changed (presets, access).
     ModelsChanged,
     /// A file's processing status changed.
