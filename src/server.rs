@@ -372,6 +372,11 @@ pub fn new_server(config: &Config, upgrade: bool) -> Result<Server, String> {
         grace_period_seconds: Some(0),
         graceful_shutdown_timeout_seconds: Some(1),
         upgrade_sock: upgrade_socket(config).display().to_string(),
+        // pingora's own timer ("fast timeout") wakes a thread every 10 ms for the life of
+        // the process once any timeout has used it: on this kind of machine that thread cost
+        // more CPU than a slow token stream's relaying, and kept an idle sidecar busy. Every
+        // timeout of a second or more goes to tokio's timer instead (ragway's are seconds).
+        fast_timeout_to_tokio_threshold_seconds: Some(0),
         ..ServerConf::default()
     };
     if upgrade {

@@ -1,7 +1,8 @@
 //! Resident memory of the release binary without the embedding model (`engine = "ollama"`),
 //! idle and after proxy load: the gateway alone must fit in 40 MiB, and repeated load must
-//! not make it grow. The context budget's tokenizer (~15 MiB) is loaded by the first RAG
-//! request that counts tokens, so plain proxy traffic never pays for it.
+//! not make it grow; idle, it must not wake on a timer. The context budget's tokenizer
+//! (~15 MiB) is loaded by the first RAG request that counts tokens, so plain proxy traffic
+//! never pays for it.
 
 mod common;
 
@@ -102,6 +103,15 @@ async fn gateway_without_the_embedding_model_stays_under_40_mib() {
         "{} MiB resident 2.5 s after the load, idle {} MiB: freed memory was not given back",
         settled / MIB,
         idle / MIB
+    );
+    // Idle, the gateway sleeps: no thread ticks on its own (pingora's timer thread, once
+    // started, woke 100 times a second for the life of the process).
+    let before = server.context_switches();
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let per_second = (server.context_switches() - before) / 2;
+    assert!(
+        per_second <= 20,
+        "an idle gateway woke {per_second} times a second"
     );
     for (round, kib) in after.iter().enumerate() {
         assert!(

@@ -107,6 +107,24 @@ impl Server {
         status_kib(self.pid(), "VmRSS:")
     }
 
+    /// Context switches of all its threads so far (voluntary and not): how often it woke.
+    pub fn context_switches(&self) -> u64 {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.pid())) else {
+            return 0;
+        };
+        tasks
+            .flatten()
+            .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+            .flat_map(|status| {
+                status
+                    .lines()
+                    .filter(|l| l.contains("ctxt_switches:"))
+                    .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                    .collect::<Vec<_>>()
+            })
+            .sum()
+    }
+
     /// Kills the process at once (SIGKILL: no clean-up, as in a crash) and reaps it.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
