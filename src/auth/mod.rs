@@ -578,6 +578,21 @@ mod tests {
         (user, key)
     }
 
+    /// Changes a user's requests-per-minute limit (a user change that is signalled).
+    async fn set_rpm(auth: &Auth, user_id: &str, rpm: u64) {
+        auth.accounts()
+            .set_limits(
+                user_id,
+                Some(crate::limits::Limits {
+                    rpm: Some(rpm),
+                    ..crate::limits::Limits::default()
+                }),
+                None,
+            )
+            .await
+            .unwrap();
+    }
+
     /// A lookup that read the key before it was deleted finishes after the delete: what it
     /// read must not be cached, or the deleted key would work for the cache's TTL.
     #[tokio::test]
@@ -627,17 +642,7 @@ mod tests {
         assert_eq!(b.cached_keys(), 1);
 
         // A role change through `a` reaches `b`'s cached entry.
-        a.accounts()
-            .set_limits(
-                &user.id,
-                Some(crate::limits::Limits {
-                    rpm: Some(7),
-                    ..crate::limits::Limits::default()
-                }),
-                None,
-            )
-            .await
-            .unwrap();
+        set_rpm(&a, &user.id, 7).await;
         let id = b.identify(&key).await.unwrap();
         assert_eq!(id.user.limits.rpm, Some(7), "b read the user afresh");
 
@@ -668,17 +673,7 @@ mod tests {
         assert_eq!(b.cached_sessions(), 1, "the second request is a hit");
 
         // A change to the user through `a` reaches `b`'s cached session.
-        a.accounts()
-            .set_limits(
-                &user.id,
-                Some(crate::limits::Limits {
-                    rpm: Some(9),
-                    ..crate::limits::Limits::default()
-                }),
-                None,
-            )
-            .await
-            .unwrap();
+        set_rpm(&a, &user.id, 9).await;
         let id = b.identify(&token).await.unwrap();
         assert_eq!(id.user.limits.rpm, Some(9), "b read the user afresh");
 

@@ -856,18 +856,35 @@ mod tests {
             .unwrap()
     }
 
+    /// A usage row of user `u`, model `m`, this hour.
+    fn this_hour() -> UsageKey {
+        UsageKey {
+            hour: crate::store::now_secs() / 3600,
+            user_id: "u".into(),
+            key_prefix: String::new(),
+            model: "m".into(),
+        }
+    }
+
+    /// Waits (bounded) until the background writes have taken every waiting row.
+    async fn written(usage: &Usage) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while usage.recorder.pending() > 0 || usage.recorder.jobs.load(Ordering::Acquire) > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the rows are written without a reader asking"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Inside a runtime, rows wait a moment for each other and are then written together.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn rows_are_written_together_shortly_after() {
         let dir = tempfile::tempdir().unwrap();
         let store = meta(&dir);
         let usage = Usage::new(LimitsConfig::default(), store.clone(), limiter());
-        let key = UsageKey {
-            hour: crate::store::now_secs() / 3600,
-            user_id: "u".into(),
-            key_prefix: String::new(),
-            model: "m".into(),
-        };
+        let key = this_hour();
         for _ in 0..3 {
             usage.recorder.record(
                 key.clone(),
@@ -879,14 +896,7 @@ mod tests {
             );
         }
         assert_eq!(usage.recorder.pending(), 1, "the rows wait, summed");
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while usage.recorder.pending() > 0 || usage.recorder.jobs.load(Ordering::Acquire) > 0 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the rows are written without a reader asking"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        written(&usage).await;
         let rows = rows(&store);
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].1.requests, 3, "one write for the three rows");
@@ -899,12 +909,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = meta(&dir);
         let usage = Usage::new(LimitsConfig::default(), store.clone(), limiter());
-        let key = UsageKey {
-            hour: crate::store::now_secs() / 3600,
-            user_id: "u".into(),
-            key_prefix: String::new(),
-            model: "m".into(),
-        };
+        let key = this_hour();
         let one = UsageCounts {
             requests: 1,
             prompt_tokens: 0,
@@ -917,14 +922,7 @@ mod tests {
             recorded += 1;
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while usage.recorder.pending() > 0 || usage.recorder.jobs.load(Ordering::Acquire) > 0 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the last rows are written"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        written(&usage).await;
         let elapsed = start.elapsed();
         let writes = usage.recorder.writes.load(Ordering::Relaxed);
         let most = usize::try_from(elapsed.as_millis() / FLUSH_DELAY.as_millis()).unwrap() + 1;
@@ -941,12 +939,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = meta(&dir);
         let usage = Usage::new(LimitsConfig::default(), store.clone(), limiter());
-        let key = UsageKey {
-            hour: crate::store::now_secs() / 3600,
-            user_id: "u".into(),
-            key_prefix: String::new(),
-            model: "m".into(),
-        };
+        let key = this_hour();
         for _ in 0..3 {
             usage.recorder.record(
                 key.clone(),
