@@ -4,7 +4,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use pingora::connectors::http::Connector;
+use pingora::connectors::TransportConnector;
 
 use crate::auth::Auth;
 use crate::config::{Config, EmbeddingEngine, StorageBackend};
@@ -29,8 +29,9 @@ pub struct App {
     pub models: ModelRegistry,
     /// Outbound client for calls that are not proxied (model lists, fan-outs).
     pub http: reqwest::Client,
-    /// pingora's upstream connector and pool, for the forward engine.
-    pub connector: Connector,
+    /// pingora's upstream connector (connect, TLS, timeouts), for the forward engine; idle
+    /// connections wait in its own per-thread list, not in this connector's pool.
+    pub connector: TransportConnector,
     /// API docs, present only with `ENV=dev`.
     pub docs: Option<Docs>,
     /// Files, chunks, embeddings and the vector index.
@@ -381,7 +382,7 @@ impl App {
             upstreams,
             models,
             http,
-            connector: Connector::new(None),
+            connector: TransportConnector::new(None),
             docs,
             ingest,
             started: Instant::now(),

@@ -14,7 +14,11 @@ use bytes::Bytes;
 use http::{HeaderMap, Method, header};
 use pingora::ErrorType;
 use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::protocols::Stream;
+use pingora::protocols::http::client::HttpSession;
+use pingora::protocols::http::v1::client::HttpSession as Http1Session;
 use pingora::proxy::Session;
+use pingora::upstreams::peer::HttpPeer;
 
 use crate::app::App;
 use crate::error::ApiError;
@@ -115,49 +119,87 @@ pub fn upstream_headers(
     Ok(())
 }
 
-/// `TCP_CORK` held on an upstream socket while a request is written: the kernel sends what
-/// was written as full segments when the guard drops, not one segment per write.
-struct Cork(std::os::fd::RawFd);
-
-impl Cork {
-    /// Corks a plain TCP stream (TLS and Unix sockets are left as they are).
-    fn on(stream: &pingora::protocols::Stream) -> Option<Cork> {
-        use std::os::fd::AsRawFd;
-        let tcp = stream
-            .as_any()
-            .downcast_ref::<pingora::protocols::l4::stream::Stream>()?;
-        let fd = tcp.as_raw_fd();
-        set_cork(fd, true).then_some(Cork(fd))
-    }
+/// The request line and headers of `req` as HTTP/1.1 puts them on the wire.
+///
+/// `RequestHeader::build_no_case` has parsed the path as a URI, which holds no space, CR, LF
+/// or other control byte, so it cannot split the request line.
+fn wire_head(req: &RequestHeader) -> Vec<u8> {
+    let path = req.raw_path();
+    let method = req.method.as_str();
+    let size = req
+        .headers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        .sum::<usize>()
+        + method.len()
+        + path.len()
+        + 14;
+    let mut head = Vec::with_capacity(size);
+    head.extend_from_slice(method.as_bytes());
+    head.push(b' ');
+    head.extend_from_slice(path);
+    head.extend_from_slice(b" HTTP/1.1\r\n");
+    // pingora's own header writer: standard names in their usual case, as before.
+    req.header_to_h1_wire(&mut head);
+    head.extend_from_slice(b"\r\n");
+    head
 }
 
-impl Drop for Cork {
-    fn drop(&mut self) {
-        // Uncorking pushes what waits; if it failed, the kernel still sends it within 200 ms.
-        set_cork(self.0, false);
+/// Writes all of `parts` and flushes: one `writev` when the socket takes them at once, so a
+/// request leaves in one segment the way nginx sends it. Through pingora's session the header
+/// was flushed on its own, and keeping header and body together that way took a `TCP_CORK`
+/// on and off: three syscalls more per request, and the upstream woke twice without it.
+async fn write_parts(stream: &mut Stream, mut parts: [&[u8]; 2]) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    while parts.iter().any(|p| !p.is_empty()) {
+        let slices = parts.map(std::io::IoSlice::new);
+        let mut n = stream.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        for part in &mut parts {
+            let taken = n.min(part.len());
+            *part = &part[taken..];
+            n -= taken;
+        }
     }
+    stream.flush().await
 }
 
-#[cfg(target_os = "linux")]
-fn set_cork(fd: std::os::fd::RawFd, on: bool) -> bool {
-    let value = libc::c_int::from(on);
-    // SAFETY: `fd` is a socket the caller's stream owns for the whole call, and the option
-    // value is a live `c_int` of the size passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_CORK,
-            (&raw const value).cast(),
-            libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap_or(4),
-        )
+/// Sends `req` and `body` on `stream` and returns the session that reads the answer.
+async fn send_request(
+    mut stream: Stream,
+    peer: &HttpPeer,
+    req: RequestHeader,
+    body: &Bytes,
+) -> pingora::Result<Http1Session> {
+    let write_timeout = peer.options.write_timeout;
+    if req.method == Method::HEAD {
+        // pingora's reader knows that an answer to HEAD has no body only from a request
+        // its own writer sent; a HEAD request has no body to keep together anyway.
+        let mut session = Http1Session::new_with_options(stream, peer);
+        session.write_timeout = write_timeout;
+        session.write_request_header(Box::new(req)).await?;
+        session.finish_body().await?;
+        return Ok(session);
+    }
+    let head = wire_head(&req);
+    let written = write_parts(&mut stream, [&head, body]);
+    let written = match write_timeout {
+        Some(t) => tokio::time::timeout(t, written)
+            .await
+            .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into())),
+        None => written.await,
     };
-    rc == 0
-}
-
-#[cfg(not(target_os = "linux"))]
-fn set_cork(_: std::os::fd::RawFd, _: bool) -> bool {
-    false
+    written.map_err(|e| {
+        let kind = if e.kind() == std::io::ErrorKind::TimedOut {
+            ErrorType::WriteTimedout
+        } else {
+            ErrorType::WriteError
+        };
+        pingora::Error::because(kind, "while writing the request", e)
+    })?;
+    Ok(Http1Session::new_with_options(stream, peer))
 }
 
 fn is_connect_error(e: &pingora::Error) -> bool {
@@ -197,18 +239,12 @@ pub async fn forward(
                 continue;
             }
         };
-        let session_for_peer = match super::idle::take(&peer) {
+        let stream = match super::idle::take(&peer) {
             Some(s) => Ok(s),
-            None => app.connector.get_http_session(&peer).await.map(|(s, _)| s),
+            None => app.connector.new_stream(&peer).await,
         };
-        let mut upstream = match session_for_peer {
-            Ok(mut s) => {
-                // The connector does not apply the peer's I/O timeouts to the session
-                // (pingora's proxy does that itself), so set them here.
-                s.set_read_timeout(peer.options.read_timeout);
-                s.set_write_timeout(peer.options.write_timeout);
-                s
-            }
+        let stream = match stream {
+            Ok(s) => s,
             Err(e) => {
                 if is_connect_error(&e) {
                     up.mark_failed();
@@ -220,7 +256,9 @@ pub async fn forward(
         };
         let _in_flight = up.begin();
 
-        let mut req = RequestHeader::build(plan.method.clone(), plan.path.as_bytes(), None)?;
+        // No case map: standard names are written in their usual case from a static table.
+        let mut req =
+            RequestHeader::build_no_case(plan.method.clone(), plan.path.as_bytes(), None)?;
         upstream_headers(
             &session.req_header().headers,
             &app.config.auth.api_key_header,
@@ -228,28 +266,19 @@ pub async fn forward(
             &mut req,
         )?;
         req.insert_header(header::CONTENT_LENGTH, plan.body.len().to_string())?;
-        // One segment for the header and the body, as nginx's `writev` sends them: pingora
-        // flushes the header on its own, which cost a second send per request and woke the
-        // upstream twice (once for a header it cannot act on without the body).
-        let cork = (!plan.body.is_empty())
-            .then(|| upstream.stream().and_then(Cork::on))
-            .flatten();
-        let sent = async {
-            upstream.write_request_header(Box::new(req)).await?;
-            if !plan.body.is_empty() {
-                upstream.write_request_body(plan.body.clone(), true).await?;
+        let mut upstream = match send_request(stream, &peer, req, &plan.body).await {
+            Ok(s) => HttpSession::H1(s),
+            Err(e) => {
+                // A pooled connection the upstream had closed: the request never arrived, so
+                // trying once more is safe.
+                tracing::debug!(upstream = %up.config.url, error = %e, "sending to upstream failed");
+                last_error = upstream_failure(&e);
+                continue;
             }
-            upstream.finish_request_body().await
-        }
-        .await;
-        drop(cork);
-        if let Err(e) = sent {
-            // A pooled connection the upstream had closed: the request never arrived, so
-            // trying once more is safe.
-            tracing::debug!(upstream = %up.config.url, error = %e, "sending to upstream failed");
-            last_error = upstream_failure(&e);
-            continue;
-        }
+        };
+        // pingora's proxy applies the peer's I/O timeouts to its sessions itself; so here.
+        upstream.set_read_timeout(peer.options.read_timeout);
+        upstream.set_write_timeout(peer.options.write_timeout);
         up.mark_ok();
 
         // Wait for the answer, but notice a client that goes away meanwhile.
@@ -280,7 +309,7 @@ pub async fn forward(
             )
             .await?;
             if reusable {
-                super::idle::put(&app.connector, upstream, &peer).await;
+                super::idle::put(upstream, &peer).await;
             }
             return Ok(());
         }
@@ -295,7 +324,7 @@ pub async fn forward(
             while upstream.read_response_body().await?.is_some() {}
             let reply =
                 crate::http::Reply::bytes(status, "application/json", Bytes::from(replacement));
-            super::idle::put(&app.connector, upstream, &peer).await;
+            super::idle::put(upstream, &peer).await;
             return crate::http::send(session, reply).await;
         }
 
@@ -337,7 +366,7 @@ pub async fn forward(
                 _ => body.freeze(),
             };
             ctx.streamed_bytes += merged.len() as u64;
-            super::idle::put(&app.connector, upstream, &peer).await;
+            super::idle::put(upstream, &peer).await;
             let mut reply = crate::http::Reply::bytes(status, "application/json", merged);
             for (n, v) in &plan.headers {
                 reply = reply.with_header(n.clone(), v.clone());
@@ -393,7 +422,7 @@ pub async fn forward(
         // its usage.
         crate::usage::finish(&app.usage, ctx).await;
         session.write_response_body(None, true).await?;
-        super::idle::put(&app.connector, upstream, &peer).await;
+        super::idle::put(upstream, &peer).await;
         return Ok(());
     }
     send_error(session, ctx, last_error).await
@@ -559,4 +588,112 @@ async fn send_error(
 ) -> pingora::Result<()> {
     ctx.status = Some(err.status);
     crate::http::send(session, err.into()).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// A connected client `Stream` with its peer, and the server side of the connection.
+    async fn connected() -> (Stream, HttpPeer, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, server) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let client: Stream = Box::new(pingora::protocols::l4::stream::Stream::from(
+            client.unwrap(),
+        ));
+        (
+            client,
+            HttpPeer::new(addr, false, String::new()),
+            server.unwrap().0,
+        )
+    }
+
+    fn request(method: Method, path: &[u8], body: &[u8]) -> RequestHeader {
+        let mut req = RequestHeader::build_no_case(method, path, None).unwrap();
+        req.insert_header(header::HOST, "up:11434").unwrap();
+        req.insert_header(header::CONTENT_LENGTH, body.len().to_string())
+            .unwrap();
+        req
+    }
+
+    /// Reads what the client sent until `len` bytes arrived.
+    async fn received(server: &mut TcpStream, len: usize) -> Vec<u8> {
+        let mut got = vec![0; len];
+        server.read_exact(&mut got).await.unwrap();
+        got
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_request_goes_out_whole_and_its_answer_is_read() {
+        let (stream, peer, mut server) = connected().await;
+        let body = Bytes::from_static(b"{\"model\":\"m\"}");
+        let req = request(Method::POST, b"/api/chat?x=1", &body);
+        let mut session = HttpSession::H1(send_request(stream, &peer, req, &body).await.unwrap());
+        let expected: &[u8] = b"POST /api/chat?x=1 HTTP/1.1\r\nHost: up:11434\r\nContent-Length: 13\r\n\r\n{\"model\":\"m\"}";
+        assert_eq!(received(&mut server, expected.len()).await, expected);
+        server
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            .await
+            .unwrap();
+        read_final_header(&mut session).await.unwrap();
+        assert_eq!(session.response_header().unwrap().status, 200);
+        assert_eq!(
+            session.read_response_body().await.unwrap().as_deref(),
+            Some(&b"ok"[..])
+        );
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_body_larger_than_a_socket_write_arrives_entire() {
+        let (stream, peer, mut server) = connected().await;
+        // Larger than the loopback socket takes at once, so the write resumes part-way.
+        let body = Bytes::from(vec![b'x'; 8 * 1024 * 1024]);
+        let req = request(Method::POST, b"/api/embed", &body);
+        let head = wire_head(&req);
+        let reader = tokio::spawn(async move {
+            let got = received(&mut server, head.len() + 8 * 1024 * 1024).await;
+            (got, head)
+        });
+        send_request(stream, &peer, req, &body).await.unwrap();
+        let (got, head) = reader.await.unwrap();
+        assert_eq!(&got[..head.len()], &head[..]);
+        assert!(got[head.len()..].iter().all(|b| *b == b'x'));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_answer_to_head_has_no_body_whatever_its_length_says() {
+        let (stream, peer, mut server) = connected().await;
+        let req = request(Method::HEAD, b"/", b"");
+        let mut session = HttpSession::H1(
+            send_request(stream, &peer, req, &Bytes::new())
+                .await
+                .unwrap(),
+        );
+        let expected: &[u8] = b"HEAD / HTTP/1.1\r\nHost: up:11434\r\nContent-Length: 0\r\n\r\n";
+        assert_eq!(received(&mut server, expected.len()).await, expected);
+        server
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n")
+            .await
+            .unwrap();
+        read_final_header(&mut session).await.unwrap();
+        // Read as a GET's answer, this would wait for ten bytes that never come.
+        let body = tokio::time::timeout(Duration::from_secs(5), session.read_response_body())
+            .await
+            .expect("no body is awaited");
+        assert!(body.unwrap().is_none());
+    }
+
+    #[test]
+    fn a_path_that_would_split_the_request_line_never_reaches_the_writer() {
+        // `wire_head` relies on the header's own URI check.
+        for path in [&b"/a b"[..], b"/a\r\nx: y", b"/a\tb", b"/a\x7f"] {
+            assert!(
+                RequestHeader::build_no_case(Method::POST, path, None).is_err(),
+                "{path:?}"
+            );
+        }
+    }
 }

@@ -16,10 +16,8 @@ use std::cell::RefCell;
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
-use pingora::connectors::http::Connector;
 use pingora::protocols::Stream;
 use pingora::protocols::http::client::HttpSession;
-use pingora::protocols::http::v1::client::HttpSession as Http1Session;
 use pingora::upstreams::peer::{HttpPeer, Peer};
 use tokio::io::AsyncReadExt;
 
@@ -43,7 +41,7 @@ thread_local! {
 }
 
 /// A connection to `peer` this thread put back, most recent first, if one is still open.
-pub fn take(peer: &HttpPeer) -> Option<HttpSession> {
+pub fn take(peer: &HttpPeer) -> Option<Stream> {
     let key = peer.reuse_hash();
     loop {
         let mut stream = IDLE.with_borrow_mut(|idle| {
@@ -57,28 +55,19 @@ pub fn take(peer: &HttpPeer) -> Option<HttpSession> {
             Some(idle.remove(at).stream)
         })?;
         if still_idle(&mut stream) {
-            return Some(HttpSession::H1(Http1Session::new_with_options(
-                stream, peer,
-            )));
+            return Some(stream);
         }
     }
 }
 
 /// Puts a finished session back for the next request on this thread, or closes it when its
-/// response leaves it unusable (no keep-alive, body not fully read). HTTP/2 sessions go to
-/// pingora's pool, which multiplexes them.
-pub async fn put(connector: &Connector, session: HttpSession, peer: &HttpPeer) {
-    match session {
-        HttpSession::H1(mut h1) => {
-            h1.respect_keepalive();
-            if let Some(stream) = h1.reuse().await {
-                keep(peer.reuse_hash(), stream);
-            }
-        }
-        other => {
-            connector
-                .release_http_session(other, peer, Some(IDLE_TIMEOUT))
-                .await;
+/// response leaves it unusable (no keep-alive, body not fully read).
+pub async fn put(session: HttpSession, peer: &HttpPeer) {
+    // The forward engine speaks HTTP/1.1 only; any other session is dropped, which closes it.
+    if let HttpSession::H1(mut h1) = session {
+        h1.respect_keepalive();
+        if let Some(stream) = h1.reuse().await {
+            keep(peer.reuse_hash(), stream);
         }
     }
 }
