@@ -664,6 +664,22 @@ mod tests {
     }
 
     #[tokio::test(flavor = "current_thread")]
+    async fn an_upstream_that_stops_reading_times_the_write_out() {
+        let (stream, mut peer, _server) = connected().await;
+        peer.options.write_timeout = Some(Duration::from_millis(200));
+        // Far more than the loopback socket buffers hold, and the server never reads.
+        let body = Bytes::from(vec![b'x'; 64 * 1024 * 1024]);
+        let req = request(Method::POST, b"/api/embed", &body);
+        let started = std::time::Instant::now();
+        let err = send_request(stream, &peer, req, &body)
+            .await
+            .err()
+            .expect("the write cannot finish");
+        assert_eq!(err.etype(), &ErrorType::WriteTimedout);
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
     async fn an_answer_to_head_has_no_body_whatever_its_length_says() {
         let (stream, peer, mut server) = connected().await;
         let req = request(Method::HEAD, b"/", b"");
