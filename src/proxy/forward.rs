@@ -626,19 +626,32 @@ mod tests {
         got
     }
 
+    /// Checks the request the server got is exactly `request`, answers with `response` and
+    /// lets the session read the answer's header.
+    async fn answer(
+        server: &mut TcpStream,
+        session: &mut HttpSession,
+        request: &[u8],
+        response: &[u8],
+    ) {
+        assert_eq!(received(server, request.len()).await, request);
+        server.write_all(response).await.unwrap();
+        read_final_header(session).await.unwrap();
+    }
+
     #[tokio::test(flavor = "current_thread")]
     async fn a_request_goes_out_whole_and_its_answer_is_read() {
         let (stream, peer, mut server) = connected().await;
         let body = Bytes::from_static(b"{\"model\":\"m\"}");
         let req = request(Method::POST, b"/api/chat?x=1", &body);
         let mut session = HttpSession::H1(send_request(stream, &peer, req, &body).await.unwrap());
-        let expected: &[u8] = b"POST /api/chat?x=1 HTTP/1.1\r\nHost: up:11434\r\nContent-Length: 13\r\n\r\n{\"model\":\"m\"}";
-        assert_eq!(received(&mut server, expected.len()).await, expected);
-        server
-            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-            .await
-            .unwrap();
-        read_final_header(&mut session).await.unwrap();
+        answer(
+            &mut server,
+            &mut session,
+            b"POST /api/chat?x=1 HTTP/1.1\r\nHost: up:11434\r\nContent-Length: 13\r\n\r\n{\"model\":\"m\"}",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+        )
+        .await;
         assert_eq!(session.response_header().unwrap().status, 200);
         assert_eq!(
             session.read_response_body().await.unwrap().as_deref(),
@@ -688,13 +701,13 @@ mod tests {
                 .await
                 .unwrap(),
         );
-        let expected: &[u8] = b"HEAD / HTTP/1.1\r\nHost: up:11434\r\nContent-Length: 0\r\n\r\n";
-        assert_eq!(received(&mut server, expected.len()).await, expected);
-        server
-            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n")
-            .await
-            .unwrap();
-        read_final_header(&mut session).await.unwrap();
+        answer(
+            &mut server,
+            &mut session,
+            b"HEAD / HTTP/1.1\r\nHost: up:11434\r\nContent-Length: 0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n",
+        )
+        .await;
         // Read as a GET's answer, this would wait for ten bytes that never come.
         let body = tokio::time::timeout(Duration::from_secs(5), session.read_response_body())
             .await
