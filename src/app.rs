@@ -30,7 +30,7 @@ pub struct App {
     /// Outbound client for calls that are not proxied (model lists, fan-outs).
     pub http: reqwest::Client,
     /// pingora's upstream connector (connect, TLS, timeouts), for the forward engine; idle
-    /// connections wait in its own per-thread list, not in this connector's pool.
+    /// connections wait in the forward engine's per-thread list, not in this connector's pool.
     pub connector: TransportConnector,
     /// API docs, present only with `ENV=dev`.
     pub docs: Option<Docs>,
