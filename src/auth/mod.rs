@@ -577,6 +577,15 @@ mod tests {
         Auth::new(config(), b"secret", &storage(dir))
     }
 
+    /// Two services on one storage: two replicas of the gateway.
+    fn replicas(dir: &tempfile::TempDir) -> (Auth, Auth) {
+        let storage = storage(dir);
+        (
+            Auth::new(config(), b"secret", &storage),
+            Auth::new(config(), b"secret", &storage),
+        )
+    }
+
     async fn user_with_key(auth: &Auth, models: Vec<String>) -> (User, String) {
         let user = auth
             .meta
@@ -650,9 +659,7 @@ mod tests {
     #[tokio::test]
     async fn signals_invalidate_another_services_cache() {
         let dir = tempfile::tempdir().unwrap();
-        let storage = storage(&dir);
-        let a = Auth::new(config(), b"secret", &storage);
-        let b = Auth::new(config(), b"secret", &storage);
+        let (a, b) = replicas(&dir);
         let (user, key) = user_with_key(&a, Vec::new()).await;
         assert_eq!(b.identify(&key).await.unwrap().user.role, Role::User);
         assert_eq!(b.cached_keys(), 1);
@@ -676,9 +683,7 @@ mod tests {
     #[tokio::test]
     async fn sessions_are_cached_until_changed_signed_out_or_expired() {
         let dir = tempfile::tempdir().unwrap();
-        let storage = storage(&dir);
-        let a = Auth::new(config(), b"secret", &storage);
-        let b = Auth::new(config(), b"secret", &storage);
+        let (a, b) = replicas(&dir);
         let (user, _) = user_with_key(&a, Vec::new()).await;
         let (token, _) =
             a.jwt
