@@ -20,7 +20,9 @@
 //! the machine-sized defaults; `base`: the defaults on the binary named by `RAGWAY_BASE_BIN`,
 //! e.g. a build of an earlier commit, to compare two builds in one run; `model`: the model
 //! alone, in this process, on the texts the server embeds for each case, to tell the per-file
-//! cost from the model's cost on those texts), `RAGWAY_RELEASE_BIN`.
+//! cost from the model's cost on those texts), `RAGWAY_RELEASE_BIN`, `RAGWAY_LOG` (the
+//! servers' log filter, default `warn`; `info` shows each file's "file processed" line with
+//! the seconds its extraction, embedding and commit took).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -229,7 +231,10 @@ impl Server {
             .args(["serve", "--config"])
             .arg(&config)
             .current_dir(root())
-            .env("RAGWAY_LOG", "warn")
+            .env(
+                "RAGWAY_LOG",
+                std::env::var("RAGWAY_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()

@@ -175,6 +175,18 @@ enum Source {
     Bytes(Vec<u8>),
 }
 
+/// A file extracted, chunked and embedded, ready to commit; the seconds each step took go
+/// into the "file processed" log line, which tells an operator where a slow file's time went.
+struct Processed {
+    text: String,
+    chunks: Vec<ChunkRecord>,
+    vecs: Vec<Vec<f32>>,
+    info: EmbeddingInfo,
+    /// Reading, extraction and chunking.
+    extract_secs: f64,
+    embed_secs: f64,
+}
+
 /// What a processing attempt ended with, when not with a result.
 enum Failure {
     /// The file's own problem (or the embedding engine's): recorded in the file.
@@ -571,9 +583,18 @@ impl Ingest {
         &self,
         job: &Job,
         mut file: FileRecord,
-        (text, chunks, vecs, info): (String, Vec<ChunkRecord>, Vec<Vec<f32>>, EmbeddingInfo),
+        done: Processed,
         started: std::time::Instant,
     ) -> Result<Option<FileRecord>, Stop> {
+        let Processed {
+            text,
+            chunks,
+            vecs,
+            info,
+            extract_secs,
+            embed_secs,
+        } = done;
+        let committing = std::time::Instant::now();
         let pending = file.clone();
         file.updated_at = now_secs();
         file.status = Some(FileStatus::Completed);
@@ -589,7 +610,15 @@ impl Ingest {
             .await
         {
             Ok(_) => {
-                tracing::info!(file = %file.id, chunks = chunks.len(), secs = started.elapsed().as_secs_f64(), "file processed");
+                tracing::info!(
+                    file = %file.id,
+                    chunks = chunks.len(),
+                    secs = started.elapsed().as_secs_f64(),
+                    extract_secs,
+                    embed_secs,
+                    commit_secs = committing.elapsed().as_secs_f64(),
+                    "file processed"
+                );
                 self.auto_link(&file).await;
                 Ok(Some(file))
             }
@@ -729,11 +758,8 @@ impl Ingest {
     }
 
     /// Extract → chunk → embed. Any error is a message for the file's `error` field.
-    async fn pipeline(
-        &self,
-        file: &FileRecord,
-        source: Source,
-    ) -> Result<(String, Vec<ChunkRecord>, Vec<Vec<f32>>, EmbeddingInfo), String> {
+    async fn pipeline(&self, file: &FileRecord, source: Source) -> Result<Processed, String> {
+        let started = std::time::Instant::now();
         let embedder = self.embedder.clone()?;
         let scratch = self.upload_dir.clone();
         let name = file.filename.clone();
@@ -759,6 +785,7 @@ impl Ingest {
         if chunks.is_empty() {
             return Err("the file contains no text".into());
         }
+        let extract_secs = started.elapsed().as_secs_f64();
         let records: Vec<ChunkRecord> = chunks
             .into_iter()
             .enumerate()
@@ -778,7 +805,9 @@ impl Ingest {
             .iter()
             .map(|r| r.indexed_text().replace('\n', " "))
             .collect();
+        let embedding = std::time::Instant::now();
         let vecs = embedder.embed(inputs).await.map_err(|e| e.to_string())?;
+        let embed_secs = embedding.elapsed().as_secs_f64();
         if vecs.len() != records.len() {
             return Err(format!(
                 "the embedding engine returned {} vectors for {} chunks",
@@ -791,7 +820,14 @@ impl Ingest {
             model: embedder.model().to_string(),
             dim: embedder.dim(),
         };
-        Ok((text, records, vecs, info))
+        Ok(Processed {
+            text,
+            chunks: records,
+            vecs,
+            info,
+            extract_secs,
+            embed_secs,
+        })
     }
 
     /// Waits until the file is no longer pending (or gone: `None`), at most `limit`. Wakes
