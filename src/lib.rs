@@ -53,6 +53,7 @@ pub mod presets;
 pub mod probe;
 pub mod proxy;
 pub mod rag;
+pub mod reactor;
 pub mod request;
 pub mod server;
 pub mod storage;

@@ -406,9 +406,11 @@ pub fn add_services(server: &mut Server, app: Arc<App>) -> Drain {
     let proxy = http_proxy(&server.configuration, Gateway { app });
     let mut gateway = Service::new(
         "ragway gateway".to_string(),
-        DeferredCleanup {
-            app: Arc::new(proxy),
-            delay: CLEANUP_DELAY,
+        crate::reactor::Local {
+            app: Arc::new(DeferredCleanup {
+                app: Arc::new(proxy),
+                delay: CLEANUP_DELAY,
+            }),
         },
     );
     gateway.add_tcp(&config.listen);
