@@ -53,7 +53,6 @@ pub mod presets;
 pub mod probe;
 pub mod proxy;
 pub mod rag;
-pub mod reactor;
 pub mod request;
 pub mod server;
 pub mod storage;

@@ -406,11 +406,9 @@ pub fn add_services(server: &mut Server, app: Arc<App>) -> Drain {
     let proxy = http_proxy(&server.configuration, Gateway { app });
     let mut gateway = Service::new(
         "ragway gateway".to_string(),
-        crate::reactor::Local {
-            app: Arc::new(DeferredCleanup {
-                app: Arc::new(proxy),
-                delay: CLEANUP_DELAY,
-            }),
+        DeferredCleanup {
+            app: Arc::new(proxy),
+            delay: CLEANUP_DELAY,
         },
     );
     gateway.add_tcp(&config.listen);
