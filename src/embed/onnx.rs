@@ -1,7 +1,7 @@
 //! Local sentence embeddings with ONNX Runtime (all-MiniLM-L6-v2, int8).
 //!
 //! ONNX Runtime is a shared library loaded at run time (`ort`'s `load-dynamic`), so the binary
-//! builds without it and the library can be provisioned from PyPI by `scripts/fetch-model.sh`.
+//! builds without it and the library can be provisioned from `PyPI` by `scripts/fetch-model.sh`.
 //!
 //! Concurrency: a session runs one inference at a time (`Session::run` takes `&mut self`), and
 //! several single-threaded sessions scale better than one multi-threaded session on a small,
@@ -177,7 +177,11 @@ impl ModelIo {
             path: path.to_path_buf(),
             reason,
         };
-        let inputs: Vec<&str> = session.inputs().iter().map(|i| i.name()).collect();
+        let inputs: Vec<&str> = session
+            .inputs()
+            .iter()
+            .map(ort::value::Outlet::name)
+            .collect();
         for input in session.inputs() {
             if input.dtype().tensor_type() != Some(TensorElementType::Int64) {
                 return Err(bad(format!(
@@ -187,7 +191,7 @@ impl ModelIo {
                 )));
             }
         }
-        let find = |name: &str| inputs.iter().find(|i| **i == name).map(|i| i.to_string());
+        let find = |name: &str| inputs.iter().find(|i| **i == name).map(ToString::to_string);
         let input_ids = find("input_ids")
             .ok_or_else(|| bad(format!("no input_ids input (inputs: {inputs:?})")))?;
         let attention_mask = find("attention_mask")
@@ -212,7 +216,7 @@ impl ModelIo {
             .or_else(|| outputs.iter().find(|o| is_hidden(o.dtype())))
             .map(|o| o.name().to_owned())
             .ok_or_else(|| {
-                let names: Vec<&str> = outputs.iter().map(|o| o.name()).collect();
+                let names: Vec<&str> = outputs.iter().map(ort::value::Outlet::name).collect();
                 bad(format!(
                     "no rank-3 float32 output to pool (outputs: {names:?}); a token-level \
                      sentence-transformers export is required"
@@ -343,6 +347,10 @@ impl OnnxEmbedder {
     /// has not yet. `model_name` is what [`Embedder::model`] reports. Blocks (hundreds of ms per
     /// session); call it from `spawn_blocking` inside a runtime. Weight-only int8 models run
     /// on the int8 kernels ([`OnnxEmbedder::load_with`] with `int8 = true`).
+    ///
+    /// # Errors
+    /// A missing model or tokenizer file, an ONNX Runtime library that does not load, or a
+    /// model that does not load or fails its test inference.
     pub fn load(
         model_dir: &Path,
         ort_library: &Path,
@@ -358,6 +366,9 @@ impl OnnxEmbedder {
     /// its own run, so that a text's vector never depends on the texts batched with it (the
     /// int8 kernels quantise each run's activations with one scale). `false` computes in
     /// float as the model file is written.
+    ///
+    /// # Errors
+    /// As [`OnnxEmbedder::load`].
     pub fn load_with(
         model_dir: &Path,
         ort_library: &Path,
@@ -479,6 +490,7 @@ impl OnnxEmbedder {
     /// The model's tokenizer, without truncation or padding, for counting tokens (token-based
     /// chunking). Inference additionally truncates to [`MAX_TOKENS`] tokens, counting the
     /// `[CLS]`/`[SEP]` that `encode(text, true)` adds.
+    #[must_use]
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.inner.tokenizer
     }
@@ -486,6 +498,9 @@ impl OnnxEmbedder {
     /// Embeds `texts` on the calling thread (batches of [`BATCH_SIZE`], one session at a time),
     /// for CLIs and benchmarks. Blocks while all sessions are busy; inside an async runtime use
     /// [`Embedder::embed`] instead.
+    ///
+    /// # Errors
+    /// The first text the tokenizer or the model fails on.
     pub fn embed_blocking(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, EmbedError> {
         let order = self.inner.token_order(texts);
         let mut out = vec![Vec::new(); texts.len()];
@@ -726,7 +741,12 @@ impl Inner {
         if self.int8 && rows > 1 {
             return Err(fail(&"the int8 model embeds one text per run"));
         }
-        let len = encodings.iter().map(|e| e.len()).max().unwrap_or(0).max(1);
+        let len = encodings
+            .iter()
+            .map(Encoding::len)
+            .max()
+            .unwrap_or(0)
+            .max(1);
         let mut ids = vec![0i64; rows * len];
         let mut mask = vec![0i64; rows * len];
         let mut types = vec![0i64; rows * len];
@@ -783,13 +803,21 @@ impl Inner {
             .try_extract_tensor::<f32>()
             .map_err(|e| fail(&e))?;
         let dims: &[i64] = out_shape;
-        if dims.len() != 3 || dims[0] as usize != rows || dims[1] as usize != len {
+        // A malformed model's output shape is refused here, not met as an out-of-range slice
+        // below (a negative dimension does not convert).
+        let size = |d: i64| usize::try_from(d).ok();
+        let dim = match dims {
+            &[r, l, d] if size(r) == Some(rows) && size(l) == Some(len) => {
+                size(d).filter(|&d| d > 0 && rows.checked_mul(len * d) == Some(hidden.len()))
+            }
+            _ => None,
+        };
+        let Some(dim) = dim else {
             return Err(EmbedError::Inference(format!(
                 "output {} has shape {dims:?}, expected [{rows}, {len}, dim]",
                 self.io.hidden
             )));
-        }
-        let dim = dims[2] as usize;
+        };
 
         // Mean over the tokens the attention mask keeps (padding excluded), then unit length.
         let mut vectors = Vec::with_capacity(rows);
@@ -807,7 +835,9 @@ impl Inner {
                 }
             }
             let count = count.max(1.0);
-            acc.iter_mut().for_each(|a| *a /= count);
+            for a in &mut acc {
+                *a /= count;
+            }
             l2_normalize(&mut acc);
             vectors.push(acc);
         }
