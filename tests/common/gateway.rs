@@ -23,16 +23,24 @@ pub struct Gateway {
 /// kernel's ephemeral range: a port from that range (what binding port 0 returns) can be handed
 /// to another process's fake upstream or outgoing connection before the gateway binds it, and
 /// the test then talks to the wrong server. Below the range only another test's `free_port`
-/// can collide, and a random pick makes that rare.
+/// can collide: each test runs in its own process, and two of them picking the same port
+/// before either binds it happened about once in a few CI runs (a test then signed up on
+/// another test's metrics listener and got 404). So a pick is also reserved with a file that
+/// only one process can create; reservations older than [`RESERVATION_AGE`] are stale (their
+/// gateway has bound the port or is gone) and are taken over.
 pub fn free_port() -> u16 {
     let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
         .unwrap_or(32768);
+    let dir = std::env::temp_dir().join("ragway-test-ports");
+    let _ = std::fs::create_dir_all(&dir);
     if low > 11_000 {
         for _ in 0..200 {
             let port = rand::random_range(10_000..low);
-            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            if reserve(&dir.join(port.to_string()))
+                && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+            {
                 return port;
             }
         }
@@ -42,6 +50,30 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// How long a port reservation keeps other test processes off the port: far longer than a
+/// gateway takes to bind it.
+const RESERVATION_AGE: Duration = Duration::from_secs(600);
+
+/// Whether this process now holds the reservation `file`.
+fn reserve(file: &std::path::Path) -> bool {
+    let create = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(file)
+            .is_ok()
+    };
+    if create() {
+        return true;
+    }
+    let stale = std::fs::metadata(file)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age > RESERVATION_AGE);
+    stale && std::fs::remove_file(file).is_ok() && create()
 }
 
 /// Builder for a gateway under test.
