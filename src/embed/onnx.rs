@@ -567,8 +567,16 @@ fn build_session(
 /// Indices of the texts, shortest first: batching texts of similar length wastes less work on
 /// padding. Stable, so equal lengths keep their order.
 fn length_order(lengths: impl Iterator<Item = usize>) -> Vec<usize> {
+    indices_by(lengths, |len| len)
+}
+
+/// Indices of `lengths` in the order of `key` of each length, stable among equal keys.
+fn indices_by<K: Ord>(
+    lengths: impl Iterator<Item = usize>,
+    key: impl Fn(usize) -> K,
+) -> Vec<usize> {
     let mut order: Vec<(usize, usize)> = lengths.enumerate().collect();
-    order.sort_by_key(|&(_, len)| len);
+    order.sort_by_key(|&(_, len)| key(len));
     order.into_iter().map(|(i, _)| i).collect()
 }
 
@@ -578,9 +586,7 @@ fn length_order(lengths: impl Iterator<Item = usize>) -> Vec<usize> {
 /// texts alone while the others idle (the longest-processing-time rule). Bytes are a good
 /// enough measure for that, and need no tokenising pass before the first run.
 fn longest_first(lengths: impl Iterator<Item = usize>) -> Vec<usize> {
-    let mut order: Vec<(usize, usize)> = lengths.enumerate().collect();
-    order.sort_by_key(|&(_, len)| std::cmp::Reverse(len));
-    order.into_iter().map(|(i, _)| i).collect()
+    indices_by(lengths, std::cmp::Reverse)
 }
 
 /// Texts per batch for a request of `texts` texts on `sessions` sessions: [`BATCH_SIZE`], or
@@ -807,9 +813,9 @@ impl Inner {
         // below (a negative dimension does not convert).
         let size = |d: i64| usize::try_from(d).ok();
         let dim = match dims {
-            &[r, l, d] if size(r) == Some(rows) && size(l) == Some(len) => {
-                size(d).filter(|&d| d > 0 && rows.checked_mul(len * d) == Some(hidden.len()))
-            }
+            &[r, l, d] if size(r) == Some(rows) && size(l) == Some(len) => size(d).filter(|&d| {
+                d > 0 && len.checked_mul(d).and_then(|n| n.checked_mul(rows)) == Some(hidden.len())
+            }),
             _ => None,
         };
         let Some(dim) = dim else {
