@@ -49,6 +49,7 @@ curl -sf -H "authorization: Bearer $key" "$base/api/models" >/dev/null
 out=$(ls "$work"/cg.* | head -1)
 chat='{"model":"m:latest","stream":false,"messages":[{"role":"user","content":"Why is the sky blue?"}]}'
 generate='{"model":"m:latest","prompt":"hi"}'
+chat_stream='{"model":"m:latest","stream":true,"messages":[{"role":"user","content":"Why is the sky blue?"}]}'
 run() { # name method path body
   local name=$1 method=$2 path=$3 body=$4
   if [ "$method" = GET ]; then
@@ -76,4 +77,5 @@ run() { # name method path body
 }
 run "chat-completions-json-apikey" POST /api/chat/completions "$chat"
 run "ollama-generate-stream-200" POST /ollama/api/generate "$generate"
+run "chat-completions-stream-200" POST /api/chat/completions "$chat_stream"
 run "api-models" GET /api/models ""

@@ -335,6 +335,21 @@ mod chunk {
         });
     }
 
+    /// The same two streams arriving in one burst: the forward engine hands the scanner
+    /// everything one client write carries, so this is its cost per burst of 201 chunks.
+    #[divan::bench(args = [false, true])]
+    fn meter_stream_one_write(bencher: divan::Bencher, sse: bool) {
+        let chunks = if sse { sse_events() } else { ndjson_lines() };
+        let joined = Bytes::from(chunks.concat());
+        let format = if sse { Format::Sse } else { Format::Ndjson };
+        bencher.bench(|| {
+            let mut s = Scanner::new(format, sse);
+            black_box(s.relay(joined.clone()));
+            black_box(s.finish());
+            s.counts()
+        });
+    }
+
     /// NDJSON → OpenAI SSE (a RAG request that needed Ollama's native API for its window).
     /// Per whole stream.
     #[divan::bench]

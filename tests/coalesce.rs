@@ -203,26 +203,3 @@ async fn coalesced_on_the_wire(top: &str) {
     assert_eq!(row["prompt_tokens"], 3, "{row}");
     assert_eq!(row["completion_tokens"], 100, "{row}");
 }
-
-#[test]
-fn a_batch_joins_chunks_and_keeps_a_lone_one_as_is() {
-    use bytes::Bytes;
-    use ragway::proxy::forward::Batch;
-
-    let mut b = Batch::default();
-    assert_eq!(b.len(), 0);
-    assert!(b.take().is_none());
-    let lone = Bytes::from_static(b"one\n");
-    b.push(lone.clone());
-    let out = b.take().unwrap();
-    // A lone chunk is passed on without a copy.
-    assert_eq!(out.as_ptr(), lone.as_ptr());
-    assert!(b.take().is_none());
-    b.push(Bytes::from_static(b"a\n"));
-    b.push(Bytes::from_static(b"b\n"));
-    b.push(Bytes::from_static(b"c\n"));
-    assert_eq!(b.len(), 6);
-    assert_eq!(b.take().unwrap(), Bytes::from_static(b"a\nb\nc\n"));
-    assert_eq!(b.len(), 0);
-    assert!(b.take().is_none());
-}

@@ -434,47 +434,55 @@ pub async fn forward(
 /// one write instead of one per token.
 pub const COALESCE_MAX: usize = 16 * 1024;
 
-/// Upstream chunks received but not yet written to the client.
-#[derive(Default)]
-pub struct Batch {
-    /// The only chunk so far, passed on without a copy.
-    first: Option<Bytes>,
-    /// Several chunks, joined.
-    joined: bytes::BytesMut,
+/// Room reserved for the chunks of one write before the first arrives: a burst of tokens or
+/// a small JSON answer fits without growing it, and the buffer is reused from write to write.
+const BATCH_START: usize = 4 * 1024;
+
+/// Appends the upstream's next piece of body to `batch`; `Ok(false)` at the end of the body.
+///
+/// An HTTP/1 piece is copied once, out of pingora's read buffer: its `Bytes` per chunk would
+/// be an allocation and a copy of every token more (a token stream is one chunk per token).
+/// Cancel-safe: the bytes are appended only once a read has completed.
+async fn read_into(
+    upstream: &mut HttpSession,
+    batch: &mut bytes::BytesMut,
+) -> pingora::Result<bool> {
+    let piece = match upstream {
+        HttpSession::H1(h1) => h1.read_body_ref().await?,
+        other => {
+            let Some(b) = other.read_response_body().await? else {
+                return Ok(false);
+            };
+            batch.extend_from_slice(&b);
+            return Ok(true);
+        }
+    };
+    match piece {
+        Some(b) => {
+            batch.extend_from_slice(b);
+            Ok(true)
+        }
+        None => Ok(false),
+    }
 }
 
-impl Batch {
-    /// Adds a chunk after the ones in hand.
-    pub fn push(&mut self, chunk: Bytes) {
-        if self.first.is_none() && self.joined.is_empty() {
-            self.first = Some(chunk);
-            return;
-        }
-        if let Some(first) = self.first.take() {
-            self.joined.reserve(first.len() + chunk.len());
-            self.joined.extend_from_slice(&first);
-        }
-        self.joined.extend_from_slice(&chunk);
+/// Sends what is in `batch` to the client, after the usage scanner has seen it (it may hold
+/// back an incomplete event it could have to drop). The scanner looks at a whole write's
+/// worth of chunks at once: its per-call work is paid per write, not per token.
+async fn flush(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    batch: &mut bytes::BytesMut,
+) -> pingora::Result<()> {
+    if batch.is_empty() {
+        return Ok(());
     }
-
-    /// Bytes in hand.
-    #[must_use]
-    pub fn len(&self) -> usize {
-        self.first.as_ref().map_or(0, Bytes::len) + self.joined.len()
+    let out = crate::usage::relay(ctx, batch.split().freeze());
+    if out.is_empty() {
+        return Ok(());
     }
-
-    /// Whether nothing is in hand.
-    #[must_use]
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Everything in hand, as one chunk.
-    pub fn take(&mut self) -> Option<Bytes> {
-        self.first
-            .take()
-            .or_else(|| (!self.joined.is_empty()).then(|| self.joined.split().freeze()))
-    }
+    ctx.streamed_bytes += out.len() as u64;
+    session.write_response_body(Some(out), false).await
 }
 
 /// Streams the upstream's body to the client until its end. `Err`: the client connection
@@ -488,7 +496,7 @@ impl Batch {
 async fn pump(
     session: &mut Session,
     ctx: &mut RequestCtx,
-    upstream: &mut pingora::protocols::http::client::HttpSession,
+    upstream: &mut HttpSession,
     idle: Duration,
     url: &str,
 ) -> pingora::Result<()> {
@@ -497,20 +505,18 @@ async fn pump(
     upstream.set_read_timeout(None);
     let timer = tokio::time::sleep(idle);
     tokio::pin!(timer);
-    let mut batch = Batch::default();
+    let mut batch = bytes::BytesMut::with_capacity(BATCH_START);
     loop {
-        let read = if let Some(r) = upstream.read_response_body().now_or_never() {
+        let read = if let Some(r) = read_into(upstream, &mut batch).now_or_never() {
             r
         } else {
             // Nothing more has arrived: what is in hand goes out before waiting.
-            if let Some(out) = batch.take() {
-                session.write_response_body(Some(out), false).await?;
-            }
+            flush(session, ctx, &mut batch).await?;
             let waiting_since = tokio::time::Instant::now();
             loop {
                 tokio::select! {
                     biased;
-                    r = upstream.read_response_body() => break r,
+                    r = read_into(upstream, &mut batch) => break r,
                     r = session.as_mut().read_body_or_idle(true) => {
                         if r.is_err() {
                             tracing::info!(upstream = %url, "client disconnected mid-stream; dropping the upstream request");
@@ -532,44 +538,29 @@ async fn pump(
             }
         };
         match read {
-            Ok(Some(bytes)) => {
-                let bytes = crate::usage::relay(ctx, bytes);
-                if bytes.is_empty() {
-                    continue;
-                }
-                ctx.streamed_bytes += bytes.len() as u64;
-                batch.push(bytes);
-                if batch.len() >= COALESCE_MAX
-                    && let Some(out) = batch.take()
-                {
+            Ok(true) => {
+                if batch.len() >= COALESCE_MAX {
                     // Dropping `upstream` on error closes that connection, which is how
                     // the upstream learns the client is gone.
-                    session.write_response_body(Some(out), false).await?;
+                    flush(session, ctx, &mut batch).await?;
                 }
             }
-            Ok(None) => break,
+            Ok(false) => break,
             Err(e) => {
                 tracing::warn!(upstream = %url, error = %e, "upstream failed mid-stream");
                 // What arrived before the failure is the client's; ending without the
                 // terminating chunk then tells it the body is incomplete (a clean end
                 // would pass a truncated answer off as whole).
-                if let Some(out) = batch.take() {
-                    session.write_response_body(Some(out), false).await?;
-                }
+                flush(session, ctx, &mut batch).await?;
                 return Err(e);
             }
         }
     }
-    if let Some(out) = batch.take() {
-        session.write_response_body(Some(out), false).await?;
-    }
-    Ok(())
+    flush(session, ctx, &mut batch).await
 }
 
 /// Reads response headers, skipping interim 1xx answers (other than 101).
-async fn read_final_header(
-    upstream: &mut pingora::protocols::http::client::HttpSession,
-) -> pingora::Result<()> {
+async fn read_final_header(upstream: &mut HttpSession) -> pingora::Result<()> {
     loop {
         upstream.read_response_header().await?;
         let interim = upstream.response_header().is_some_and(|h| {

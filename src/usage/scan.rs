@@ -127,25 +127,31 @@ fn rfind(hay: &[u8], needle: &[u8]) -> Option<usize> {
     None
 }
 
-/// Whether a line names `"usage"` or `"eval_count"`: the two searches of [`find`] in one
-/// pass. Every streamed line is asked, and almost none does: one vectorised scan for the
-/// needles' anchor bytes (`g` of usage, `_` of eval_count) costs a third of two [`find`]s,
-/// and the few hits in ordinary text are checked in place.
-fn mentions_counts(line: &[u8]) -> bool {
+/// Where the first `"usage"` or `"eval_count"` in `hay` is (somewhere inside the match):
+/// the two searches of [`find`] in one pass. Every streamed byte is asked, and almost
+/// no line names either: one vectorised scan for the needles' anchor bytes (`g` of usage,
+/// `_` of eval_count) costs a third of two [`find`]s, and the few hits in ordinary text are
+/// checked in place.
+fn count_key(hay: &[u8]) -> Option<usize> {
     const USAGE: &[u8] = b"\"usage\"";
     const EVAL: &[u8] = b"\"eval_count\"";
     const USAGE_AT: usize = 4;
     const EVAL_AT: usize = 5;
-    memchr::memchr2_iter(b'g', b'_', line).any(|at| {
-        let (needle, offset) = if line[at] == b'g' {
+    memchr::memchr2_iter(b'g', b'_', hay).find(|&at| {
+        let (needle, offset) = if hay[at] == b'g' {
             (USAGE, USAGE_AT)
         } else {
             (EVAL, EVAL_AT)
         };
         at.checked_sub(offset)
-            .and_then(|start| line.get(start..start + needle.len()))
+            .and_then(|start| hay.get(start..start + needle.len()))
             .is_some_and(|w| w == needle)
     })
+}
+
+/// Whether a line names `"usage"` or `"eval_count"`.
+fn mentions_counts(line: &[u8]) -> bool {
+    count_key(line).is_some()
 }
 
 /// The JSON value after `"key":` at the last occurrence of the key in `hay`.
@@ -248,7 +254,7 @@ impl Scanner {
                 }
                 chunk
             }
-            _ if self.strip => self.relay_events(&chunk),
+            _ if self.strip => self.relay_events(chunk),
             _ => {
                 self.scan_lines(&chunk);
                 chunk
@@ -294,24 +300,42 @@ impl Scanner {
         }
     }
 
-    /// Pass-through: every complete line is looked at; a partial one is kept for the next
-    /// chunk.
+    /// Pass-through: every complete line that names a count is looked at; a partial last
+    /// one is kept for the next chunk. A chunk is a whole write's worth of upstream chunks
+    /// (hundreds of token lines in a burst), so the lines are not visited one by one: one
+    /// scan over all of them finds the few that name a count.
     fn scan_lines(&mut self, chunk: &[u8]) {
-        let mut start = 0;
-        while let Some(nl) = memchr::memchr(b'\n', &chunk[start..]) {
-            let end = start + nl;
-            if self.skipping {
-                self.skipping = false;
-            } else if self.buf.is_empty() {
-                self.line(&chunk[start..end]);
-            } else {
-                self.buf.extend_from_slice(&chunk[start..end]);
-                let line = self.buf.split().freeze();
-                self.line(&line);
-            }
-            start = end + 1;
+        let (Some(first_nl), Some(last_nl)) =
+            (memchr::memchr(b'\n', chunk), memchr::memrchr(b'\n', chunk))
+        else {
+            self.keep_partial(chunk);
+            return;
+        };
+        // The first line ends the one kept from the previous chunk (or the one skipped).
+        let first = &chunk[..first_nl];
+        if self.skipping {
+            self.skipping = false;
+        } else if self.buf.is_empty() {
+            self.line(first);
+        } else {
+            self.buf.extend_from_slice(first);
+            let line = self.buf.split().freeze();
+            self.line(&line);
         }
-        let rest = &chunk[start..];
+        // Every line in `whole` ends with a newline.
+        let mut whole = &chunk[first_nl + 1..=last_nl];
+        while let Some(at) = count_key(whole) {
+            let start = memchr::memrchr(b'\n', &whole[..at]).map_or(0, |i| i + 1);
+            let end = at + memchr::memchr(b'\n', &whole[at..]).expect("lines end in a newline");
+            self.line(&whole[start..end]);
+            whole = &whole[end + 1..];
+        }
+        self.keep_partial(&chunk[last_nl + 1..]);
+    }
+
+    /// The start of a line whose end has not come yet, kept up to [`MAX_LINE`]; past it the
+    /// line is skipped up to its end.
+    fn keep_partial(&mut self, rest: &[u8]) {
         if self.skipping {
             return;
         }
@@ -365,8 +389,16 @@ impl Scanner {
     }
 
     /// Strip mode: whole events are sent on, except the usage-only one.
-    fn relay_events(&mut self, chunk: &[u8]) -> Bytes {
-        self.buf.extend_from_slice(chunk);
+    fn relay_events(&mut self, chunk: Bytes) -> Bytes {
+        if self.buf.is_empty()
+            && let Some(end) = last_boundary(&chunk)
+        {
+            // The usual case, a write that starts with an event: only its incomplete end
+            // is copied aside.
+            self.buf.extend_from_slice(&chunk[end..]);
+            return self.without_usage_events(chunk.slice(..end));
+        }
+        self.buf.extend_from_slice(&chunk);
         let Some(end) = last_boundary(&self.buf) else {
             if self.buf.len() > MAX_LINE {
                 // No event boundary within the bound: stop holding anything back.
@@ -377,12 +409,27 @@ impl Scanner {
             return Bytes::new();
         };
         let complete = self.buf.split_to(end).freeze();
+        self.without_usage_events(complete)
+    }
+
+    /// Whole events, less the usage-only one.
+    ///
+    /// Only an event that names `"usage"` can be that one or carry counts, so one search
+    /// across the write finds those instead of every event's lines being read; the events
+    /// are still cut from the start, as the client will cut them.
+    fn without_usage_events(&mut self, complete: Bytes) -> Bytes {
+        const KEY: &[u8] = b"\"usage\"";
+        let mut hit = find(&complete, KEY);
         let mut kept: Option<BytesMut> = None;
         let mut at = 0;
-        while at < complete.len() {
+        while let Some(h) = hit {
             let stop = next_boundary(&complete, at).unwrap_or(complete.len());
             let event = &complete[at..stop];
-            if self.line_group(event) {
+            let usage_only = h < stop && {
+                hit = find(&complete[stop..], KEY).map(|i| i + stop);
+                self.line_group(event)
+            };
+            if usage_only {
                 kept.get_or_insert_with(|| {
                     let mut b = BytesMut::with_capacity(complete.len());
                     b.extend_from_slice(&complete[..at]);
@@ -394,28 +441,37 @@ impl Scanner {
             at = stop;
         }
         match kept {
-            Some(k) => k.freeze(),
+            Some(mut k) => {
+                k.extend_from_slice(&complete[at..]);
+                k.freeze()
+            }
             None => complete,
         }
     }
 }
 
 /// The index just past the first blank line (`\n\n` or `\r\n\r\n`) at or after `from`.
+///
+/// One pass over the line ends, not a search per needle: a search for `\r\n\r\n` in a
+/// stream without `\r` runs to the end of the buffer, and this is asked once per event of a
+/// write of hundreds of events.
 fn next_boundary(b: &[u8], from: usize) -> Option<usize> {
-    let hay = &b[from..];
-    let lf = find(hay, b"\n\n").map(|i| i + 2);
-    let crlf = find(hay, b"\r\n\r\n").map(|i| i + 4);
-    match (lf, crlf) {
-        (Some(a), Some(c)) => Some(from + a.min(c)),
-        (a, c) => a.or(c).map(|i| from + i),
-    }
+    memchr::memchr_iter(b'\n', &b[from..]).find_map(|i| {
+        let i = from + i;
+        if b.get(i + 1) == Some(&b'\n') {
+            return Some(i + 2);
+        }
+        (i > from && b[i - 1] == b'\r' && b.get(i + 1..i + 3) == Some(b"\r\n")).then_some(i + 3)
+    })
 }
 
 /// The index just past the last blank line.
 fn last_boundary(b: &[u8]) -> Option<usize> {
-    let lf = rfind(b, b"\n\n").map(|i| i + 2);
-    let crlf = rfind(b, b"\r\n\r\n").map(|i| i + 4);
-    lf.max(crlf)
+    memchr::memrchr_iter(b'\n', b).find_map(|i| {
+        let lf = i >= 1 && b[i - 1] == b'\n';
+        let crlf = i >= 3 && &b[i - 3..i] == b"\r\n\r";
+        (lf || crlf).then_some(i + 1)
+    })
 }
 
 #[cfg(test)]
@@ -424,6 +480,46 @@ mod tests {
 
     /// The anchored search finds what a window-by-window comparison finds, first and last,
     /// with needles at the edges, overlapping, repeated or absent.
+    /// Blank-line boundaries agree with a plain search for either needle, on every string
+    /// of `\r`, `\n` and `a` up to seven bytes long, from every start.
+    #[test]
+    fn boundaries_agree_with_the_plain_search() {
+        let first = |b: &[u8], from: usize| {
+            let hay = &b[from..];
+            let lf = hay.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
+            let crlf = hay.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
+            match (lf, crlf) {
+                (Some(a), Some(c)) => Some(from + a.min(c)),
+                (a, c) => a.or(c).map(|i| from + i),
+            }
+        };
+        let last = |b: &[u8]| {
+            let lf = b.windows(2).rposition(|w| w == b"\n\n").map(|i| i + 2);
+            let crlf = b.windows(4).rposition(|w| w == b"\r\n\r\n").map(|i| i + 4);
+            lf.max(crlf)
+        };
+        for len in 0..=7u32 {
+            for code in 0..3usize.pow(len) {
+                let mut c = code;
+                let b: Vec<u8> = (0..len)
+                    .map(|_| {
+                        let byte = [b'\r', b'\n', b'a'][c % 3];
+                        c /= 3;
+                        byte
+                    })
+                    .collect();
+                assert_eq!(last_boundary(&b), last(&b), "{b:?}");
+                for from in 0..=b.len() {
+                    assert_eq!(
+                        next_boundary(&b, from),
+                        first(&b, from),
+                        "{b:?} from {from}"
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn search_agrees_with_the_plain_comparison() {
         let needles: [&[u8]; 6] = [
@@ -604,6 +700,71 @@ mod tests {
                     completion: c
                 },
                 "{body}"
+            );
+        }
+    }
+
+    /// A long stream cut into writes of many lines each (as the forward engine hands them
+    /// over), at sizes from a fixed pseudo-random sequence: the counts are the last ones the
+    /// stream reports, whichever write carries them and wherever a line is cut.
+    #[test]
+    fn counts_are_found_in_writes_of_many_lines() {
+        let mut nd = String::new();
+        let mut sse = String::new();
+        for i in 0..400 {
+            if i == 150 {
+                nd.push_str("{\"done\":false,\"prompt_eval_count\":1,\"eval_count\":2}\n");
+                sse.push_str("data: {\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2}}\n\n");
+            }
+            // Every line has `_` and `g` that are not count keys.
+            nd.push_str(&format!(
+                "{{\"model\":\"m\",\"created_at\":\"t\",\"response\":\"tok {i} g_\",\"done\":false}}\n"
+            ));
+            sse.push_str(&format!(
+                "data: {{\"object\":\"chat.completion.chunk\",\"choices\":[{{\"delta\":{{\"content\":\"usage_{i}\"}},\"finish_reason\":null}}]}}\n\n"
+            ));
+        }
+        nd.push_str("{\"done\":true,\"prompt_eval_count\":7,\"eval_count\":9}\n");
+        sse.push_str(USAGE_EVENT);
+        sse.push_str("data: [DONE]\n\n");
+        let mut seed = 0x9e37_79b9_u32;
+        // Cuts `input` into writes of 1 to 4,000 bytes (xorshift) and relays them.
+        let mut relay = |format, strip, input: &str| {
+            let mut s = Scanner::new(format, strip);
+            let mut out = Vec::new();
+            let mut rest = input.as_bytes();
+            while !rest.is_empty() {
+                seed ^= seed << 13;
+                seed ^= seed >> 17;
+                seed ^= seed << 5;
+                let n = (seed as usize % 4000 + 1).min(rest.len());
+                out.extend_from_slice(&s.relay(Bytes::copy_from_slice(&rest[..n])));
+                rest = &rest[n..];
+            }
+            out.extend_from_slice(&s.finish());
+            (String::from_utf8(out).unwrap(), s.counts())
+        };
+        let last = |prompt, completion| Counts { prompt, completion };
+        // Stripping: both usage-only events go, every other byte stays.
+        let stripped = sse.replace(USAGE_EVENT, "").replace(
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2}}\n\n",
+            "",
+        );
+        for round in 0..50 {
+            assert_eq!(
+                relay(Format::Ndjson, false, &nd),
+                (nd.clone(), last(7, 9)),
+                "{round}"
+            );
+            assert_eq!(
+                relay(Format::Sse, false, &sse),
+                (sse.clone(), last(11, 22)),
+                "{round}"
+            );
+            assert_eq!(
+                relay(Format::Sse, true, &sse),
+                (stripped.clone(), last(11, 22)),
+                "{round}"
             );
         }
     }
