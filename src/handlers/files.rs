@@ -607,7 +607,7 @@ fn status_json(f: &FileRecord) -> Value {
 /// `reason`, when the status can never change (the file was uploaded with `process=false`,
 /// or is pending but neither queued nor being processed) and after [`STATUS_STREAM_MAX`].
 pub async fn stream_status(app: &App, session: &mut Session, id: &str) -> pingora::Result<u16> {
-    let mut resp = pingora::http::ResponseHeader::build(200, Some(3))?;
+    let mut resp = pingora::http::ResponseHeader::build_no_case(200, Some(3))?;
     resp.insert_header(::http::header::CONTENT_TYPE, "text/event-stream")?;
     resp.insert_header(::http::header::CACHE_CONTROL, "no-cache")?;
     session.write_response_header(Box::new(resp), false).await?;

@@ -65,7 +65,8 @@ pub async fn send(session: &mut Session, reply: Reply) -> pingora::Result<()> {
     // sends a TCP reset that can destroy the answer before the client reads it: the rest of
     // the body is read and discarded first, bounded in time (a lingering close).
     let early = !session.is_body_done();
-    let mut resp = ResponseHeader::build(reply.status, Some(4 + reply.headers.len()))?;
+    // No case map: every name is a `HeaderName`, written in its usual case either way.
+    let mut resp = ResponseHeader::build_no_case(reply.status, Some(4 + reply.headers.len()))?;
     resp.insert_header(header::CONTENT_TYPE, reply.content_type)?;
     resp.insert_header(header::CONTENT_LENGTH, reply.body.len().to_string())?;
     for (name, value) in reply.headers {
@@ -119,7 +120,7 @@ pub async fn send_file(
         }
     };
     let len = file.metadata().await.map(|m| m.len()).unwrap_or(0);
-    let mut resp = ResponseHeader::build(200, Some(3))?;
+    let mut resp = ResponseHeader::build_no_case(200, Some(3))?;
     resp.insert_header(header::CONTENT_TYPE, content_type)?;
     resp.insert_header(header::CONTENT_LENGTH, len.to_string())?;
     resp.insert_header(header::CONTENT_DISPOSITION, disposition)?;

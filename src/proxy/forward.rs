@@ -313,13 +313,22 @@ pub async fn forward(
             }
             return Ok(());
         }
-        let head = upstream.response_header().expect("header was read").clone();
-        let status = head.status.as_u16();
+        // Read in place, not cloned: the answer's header is looked at once here and copied
+        // into the client's header below.
+        let head = upstream.response_header().expect("header was read");
+        let head_status = head.status;
+        let status = head_status.as_u16();
         ctx.status = Some(status);
+        let content_type = head
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_ascii_lowercase();
 
         if let Some(replacement) = plan
             .replace_success_body
-            .filter(|_| head.status.is_success())
+            .filter(|_| head_status.is_success())
         {
             while upstream.read_response_body().await?.is_some() {}
             let reply =
@@ -328,14 +337,8 @@ pub async fn forward(
             return crate::http::send(session, reply).await;
         }
 
-        let content_type = head
-            .headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_ascii_lowercase();
         crate::usage::start_body(ctx, status, &content_type);
-        let sources = plan.sources.filter(|_| head.status.is_success());
+        let sources = plan.sources.filter(|_| head_status.is_success());
         if let Some(src) = &sources
             && content_type.starts_with("application/json")
         {
@@ -376,7 +379,8 @@ pub async fn forward(
         let prelude = sources
             .filter(|_| content_type.starts_with("text/event-stream"))
             .map(|s| s.sse_event);
-        let mut resp = ResponseHeader::build(head.status, Some(head.headers.len()))?;
+        let head = upstream.response_header().expect("header was read");
+        let mut resp = ResponseHeader::build_no_case(head_status, Some(head.headers.len()))?;
         let listed = connection_listed(&head.headers);
         let rewritten = prelude.is_some() || crate::usage::rewrites_body(ctx);
         for (name, value) in &head.headers {
@@ -391,7 +395,7 @@ pub async fn forward(
             }
             resp.append_header(name.clone(), value.clone())?;
         }
-        if head.status.is_success() {
+        if head_status.is_success() {
             for (n, v) in &plan.headers {
                 resp.append_header(n.clone(), v.as_str())?;
             }

@@ -662,7 +662,7 @@ async fn start(
     headers: &[(http::HeaderName, String)],
 ) -> pingora::Result<()> {
     ctx.status = Some(200);
-    let mut resp = ResponseHeader::build(200, Some(4 + headers.len()))?;
+    let mut resp = ResponseHeader::build_no_case(200, Some(4 + headers.len()))?;
     resp.insert_header(header::CONTENT_TYPE, "text/event-stream")?;
     resp.insert_header(header::CACHE_CONTROL, "no-cache")?;
     resp.insert_header(header::TRANSFER_ENCODING, "chunked")?;
