@@ -417,10 +417,10 @@ pub async fn forward(
             session.write_response_body(Some(event), false).await?;
         }
         pump(session, ctx, &mut upstream, idle, &up.config.url).await?;
-        let held = crate::usage::relay_end(ctx);
-        if !held.is_empty() {
-            ctx.streamed_bytes += held.len() as u64;
-            session.write_response_body(Some(held), false).await?;
+        let withheld = crate::usage::relay_end(ctx);
+        if !withheld.is_empty() {
+            ctx.streamed_bytes += withheld.len() as u64;
+            session.write_response_body(Some(withheld), false).await?;
         }
         // Recorded before the end is sent: a client that has the whole answer finds it in
         // its usage.

@@ -254,7 +254,7 @@ impl Scanner {
                 }
                 chunk
             }
-            _ if self.strip => self.relay_events(chunk),
+            _ if self.strip => self.relay_events(&chunk),
             _ => {
                 self.scan_lines(&chunk);
                 chunk
@@ -389,16 +389,16 @@ impl Scanner {
     }
 
     /// Strip mode: whole events are sent on, except the usage-only one.
-    fn relay_events(&mut self, chunk: Bytes) -> Bytes {
+    fn relay_events(&mut self, chunk: &Bytes) -> Bytes {
         if self.buf.is_empty()
-            && let Some(end) = last_boundary(&chunk)
+            && let Some(end) = last_boundary(chunk)
         {
             // The usual case, a write that starts with an event: only its incomplete end
             // is copied aside.
             self.buf.extend_from_slice(&chunk[end..]);
             return self.without_usage_events(chunk.slice(..end));
         }
-        self.buf.extend_from_slice(&chunk);
+        self.buf.extend_from_slice(chunk);
         let Some(end) = last_boundary(&self.buf) else {
             if self.buf.len() > MAX_LINE {
                 // No event boundary within the bound: stop holding anything back.
