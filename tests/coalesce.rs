@@ -28,13 +28,13 @@ fn line(i: usize, done: bool) -> String {
     )
 }
 
-/// The whole chat answer: a chunked head and [`LINES`] chunks, one line each.
-fn whole_answer() -> Vec<u8> {
+/// The whole chat answer: a chunked head and `lines` chunks, one line each.
+fn whole_answer(lines: usize) -> Vec<u8> {
     let mut out =
         b"HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\ntransfer-encoding: chunked\r\n\r\n"
             .to_vec();
-    for i in 0..LINES {
-        let l = line(i, i + 1 == LINES);
+    for i in 0..lines {
+        let l = line(i, i + 1 == lines);
         out.extend_from_slice(format!("{:x}\r\n{l}\r\n", l.len()).as_bytes());
     }
     out.extend_from_slice(b"0\r\n\r\n");
@@ -70,8 +70,9 @@ async fn read_request(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
     }
 }
 
-/// A raw Ollama: lists [`MODEL`] and answers every chat with [`whole_answer`] in one write.
-async fn upstream() -> String {
+/// A raw Ollama: lists [`MODEL`] and answers every chat with a [`whole_answer`] of `lines`
+/// lines in one write.
+async fn upstream(lines: usize) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move {
@@ -92,7 +93,7 @@ async fn upstream() -> String {
                         )
                         .into_bytes()
                     } else {
-                        whole_answer()
+                        whole_answer(lines)
                     };
                     if s.write_all(&answer).await.is_err() {
                         return;
@@ -167,7 +168,7 @@ async fn chunks_leave_together_with_per_thread_schedulers_too() {
 }
 
 async fn coalesced_on_the_wire(top: &str) {
-    let up = upstream().await;
+    let up = upstream(LINES).await;
     let gw = Setup::new()
         .ollama(&up)
         .toml(&format!("{top}[models]\ncache-ttl = \"1h\""))
@@ -201,5 +202,42 @@ async fn coalesced_on_the_wire(top: &str) {
         .find(|r| r["model"] == MODEL)
         .unwrap_or_else(|| panic!("a usage row for {MODEL}: {v}"));
     assert_eq!(row["prompt_tokens"], 3, "{row}");
+    assert_eq!(row["completion_tokens"], 100, "{row}");
+}
+
+/// A burst larger than one client write: what ragway holds for a write is bounded (the
+/// coalescing bound plus one read of pingora's 64 KiB body buffer), so the burst leaves in
+/// several writes, every line whole and in order, and the usage scan still finds the counts
+/// in the last one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_larger_than_a_write_leaves_in_bounded_writes() {
+    const BURST: usize = 6_000;
+    let up = upstream(BURST).await;
+    let gw = Setup::new()
+        .ollama(&up)
+        .toml("[models]\ncache-ttl = \"1h\"")
+        .start()
+        .await;
+    let admin = gw.admin().await;
+    let r = gw.get("/api/models?refresh=true", Some(&admin)).await;
+    assert_eq!(r.status(), 200);
+    let (sizes, payload) = chunk_frames(&gw.url, &admin).await;
+    let expected: String = (0..BURST).map(|i| line(i, i + 1 == BURST)).collect();
+    assert!(expected.len() > 8 * ragway::proxy::forward::COALESCE_MAX);
+    assert_eq!(String::from_utf8(payload).unwrap(), expected);
+    let bound = ragway::proxy::forward::COALESCE_MAX + 64 * 1024;
+    assert!(
+        sizes.iter().all(|s| *s <= bound),
+        "a write over {bound} bytes: {sizes:?}"
+    );
+    assert!(sizes.len() >= 8, "{sizes:?}");
+    let usage = gw.get("/api/v1/usage", Some(&admin)).await;
+    let v: Value = usage.json().await.unwrap();
+    let row = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["model"] == MODEL)
+        .unwrap_or_else(|| panic!("a usage row for {MODEL}: {v}"));
     assert_eq!(row["completion_tokens"], 100, "{row}");
 }
