@@ -83,7 +83,17 @@ async fn upstream(lines: usize) -> String {
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 while let Some(request_line) = read_request(&mut s, &mut buf).await {
-                    let answer = if request_line.contains("/api/tags") {
+                    let answer = if request_line.contains("/api/show") {
+                        // A window large enough for a long prompt (the context budget's
+                        // native route asks for it).
+                        let body =
+                            r#"{"parameters":"","model_info":{"llama.context_length":8192}}"#;
+                        format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                            body.len()
+                        )
+                        .into_bytes()
+                    } else if request_line.contains("/api/tags") {
                         let body = format!(
                             "{{\"models\":[{{\"name\":\"{MODEL}\",\"model\":\"{MODEL}\",\"details\":{{}}}}]}}"
                         );
@@ -111,10 +121,20 @@ async fn chunk_frames(gw_url: &str, token: &str) -> (Vec<usize>, Vec<u8>) {
     let body = format!(
         "{{\"model\":\"{MODEL}\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}"
     );
+    chunk_frames_of(gw_url, token, "/ollama/api/chat", &body).await
+}
+
+/// [`chunk_frames`] of any POST.
+async fn chunk_frames_of(
+    gw_url: &str,
+    token: &str,
+    path: &str,
+    body: &str,
+) -> (Vec<usize>, Vec<u8>) {
     let addr = gw_url.trim_start_matches("http://");
     let mut s = TcpStream::connect(addr).await.unwrap();
     let request = format!(
-        "POST /ollama/api/chat HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {token}\r\n\
+        "POST {path} HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {token}\r\n\
          content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
     );
@@ -240,4 +260,43 @@ async fn a_burst_larger_than_a_write_leaves_in_bounded_writes() {
         .find(|r| r["model"] == MODEL)
         .unwrap_or_else(|| panic!("a usage row for {MODEL}: {v}"));
     assert_eq!(row["completion_tokens"], 100, "{row}");
+}
+
+/// The same for an OpenAI stream that ragway converts from Ollama's native chat (a prompt
+/// longer than Ollama's default window, so the context budget takes the native route): the
+/// lines the upstream wrote at once are converted and leave together, and the stream still
+/// ends as OpenAI's does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn converted_chunks_that_arrive_together_leave_together() {
+    let up = upstream(LINES).await;
+    let gw = Setup::new()
+        .ollama(&up)
+        .toml("[models]\ncache-ttl = \"1h\"\n[context]\nollama-default-window = 512")
+        .start()
+        .await;
+    let admin = gw.admin().await;
+    let r = gw.get("/api/models?refresh=true", Some(&admin)).await;
+    assert_eq!(r.status(), 200);
+    let notes: String = (0..600).map(|i| format!("word{i} ")).collect();
+    let body = serde_json::json!({"model": MODEL, "stream": true,
+        "messages": [{"role": "user", "content": "What do the notes say?"}],
+        "files": [{"type": "text", "content": notes, "name": "notes"}]});
+    let (sizes, payload) =
+        chunk_frames_of(&gw.url, &admin, "/api/chat/completions", &body.to_string()).await;
+    let text = String::from_utf8(payload).unwrap();
+    let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
+    // The sources event, one event per line, and the end.
+    assert_eq!(events.len(), LINES + 2, "{text}");
+    assert!(events[0].contains("\"sources\""), "{}", events[0]);
+    for (i, e) in events[1..=LINES].iter().enumerate() {
+        let v: Value = serde_json::from_str(e.strip_prefix("data: ").unwrap()).unwrap();
+        let want = format!("t{i}");
+        assert_eq!(v["choices"][0]["delta"]["content"], want.as_str(), "{e}");
+    }
+    assert_eq!(events[LINES + 1], "data: [DONE]");
+    assert!(
+        sizes.len() <= LINES / 10,
+        "{} chunk frames for {LINES} lines that arrived in one write: {sizes:?}",
+        sizes.len()
+    );
 }

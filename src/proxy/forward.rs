@@ -440,14 +440,14 @@ pub const COALESCE_MAX: usize = 16 * 1024;
 
 /// Room reserved for the chunks of one write before the first arrives: a burst of tokens or
 /// a small JSON answer fits without growing it, and the buffer is reused from write to write.
-const BATCH_START: usize = 4 * 1024;
+pub(super) const BATCH_START: usize = 4 * 1024;
 
 /// Appends the upstream's next piece of body to `batch`; `Ok(false)` at the end of the body.
 ///
 /// An HTTP/1 piece is copied once, out of pingora's read buffer: its `Bytes` per chunk would
 /// be an allocation and a copy of every token more (a token stream is one chunk per token).
 /// Cancel-safe: the bytes are appended only once a read has completed.
-async fn read_into(
+pub(super) async fn read_into(
     upstream: &mut HttpSession,
     batch: &mut bytes::BytesMut,
 ) -> pingora::Result<bool> {

@@ -407,6 +407,13 @@ impl SseConverter {
     /// keeps an incomplete last line for the next call.
     pub fn feed(&mut self, bytes: &[u8]) -> Result<Bytes, StreamError> {
         let mut out = BytesMut::new();
+        self.feed_into(bytes, &mut out)?;
+        Ok(out.freeze())
+    }
+
+    /// [`Self::feed`] into `out`: on an error, `out` holds the events of the lines before
+    /// the broken one (the client gets those tokens, then the error).
+    pub fn feed_into(&mut self, bytes: &[u8], out: &mut BytesMut) -> Result<(), StreamError> {
         let mut rest = bytes;
         while let Some(nl) = memchr::memchr(b'\n', rest) {
             let (line, tail) = rest.split_at(nl);
@@ -418,11 +425,11 @@ impl SseConverter {
                 )));
             }
             if self.partial.is_empty() {
-                self.line(line, &mut out)?;
+                self.line(line, out)?;
             } else {
                 self.partial.extend_from_slice(line);
                 let whole = std::mem::take(&mut self.partial);
-                self.line(&whole, &mut out)?;
+                self.line(&whole, out)?;
             }
         }
         if self.partial.len() + rest.len() > MAX_LINE {
@@ -432,19 +439,25 @@ impl SseConverter {
             )));
         }
         self.partial.extend_from_slice(rest);
-        Ok(out.freeze())
+        Ok(())
     }
 
     /// The end of the upstream body: a last line without a newline, then the check that
     /// the answer was complete.
     pub fn finish(&mut self) -> Result<Bytes, StreamError> {
         let mut out = BytesMut::new();
+        self.finish_into(&mut out)?;
+        Ok(out.freeze())
+    }
+
+    /// [`Self::finish`] into `out`.
+    pub fn finish_into(&mut self, out: &mut BytesMut) -> Result<(), StreamError> {
         if !self.partial.is_empty() {
             let whole = std::mem::take(&mut self.partial);
-            self.line(&whole, &mut out)?;
+            self.line(&whole, out)?;
         }
         if self.done {
-            Ok(out.freeze())
+            Ok(())
         } else {
             Err(StreamError::Truncated)
         }
@@ -536,6 +549,8 @@ pub async fn relay(
     sources: Option<&SourcesReply>,
     headers: &[(http::HeaderName, String)],
 ) -> pingora::Result<bool> {
+    use futures_util::FutureExt;
+
     let head = upstream.response_header().expect("header was read").clone();
     let status = head.status.as_u16();
     if !head.status.is_success() {
@@ -596,59 +611,125 @@ pub async fn relay(
     let mut conv = SseConverter::new(id, convert.include_usage);
     // The response header waits for the first converted event, so an upstream that fails
     // before answering anything gets a proper error status instead of a broken stream.
-    let mut started = false;
+    let mut out = Converted {
+        conv: &mut conv,
+        started: false,
+        sources,
+        headers,
+    };
+    // Lines already in hand together are converted and written together, as the forward
+    // engine does for streams it passes through: a burst of tokens is one write.
+    let mut batch = bytes::BytesMut::with_capacity(super::forward::BATCH_START);
     loop {
-        let chunk = tokio::select! {
-            r = upstream.read_response_body() => r,
-            r = session.as_mut().read_body_or_idle(true) => {
-                if r.is_err() {
-                    tracing::info!("client disconnected mid-stream; dropping the upstream request");
-                    return Err(pingora::Error::new(ErrorType::ConnectionClosed));
+        let read = if let Some(r) = super::forward::read_into(upstream, &mut batch).now_or_never() {
+            r
+        } else {
+            if let Some(reusable) = out.send(session, ctx, &mut batch, false).await? {
+                return Ok(reusable);
+            }
+            loop {
+                tokio::select! {
+                    biased;
+                    r = super::forward::read_into(upstream, &mut batch) => break r,
+                    r = session.as_mut().read_body_or_idle(true) => {
+                        if r.is_err() {
+                            tracing::info!("client disconnected mid-stream; dropping the upstream request");
+                            return Err(pingora::Error::new(ErrorType::ConnectionClosed));
+                        }
+                    }
                 }
-                continue;
             }
         };
-        let converted = match chunk {
-            Ok(Some(ref bytes)) => conv.feed(bytes),
-            Ok(None) => conv.finish(),
+        match read {
+            Ok(true) => {
+                if batch.len() >= super::forward::COALESCE_MAX
+                    && let Some(reusable) = out.send(session, ctx, &mut batch, false).await?
+                {
+                    return Ok(reusable);
+                }
+            }
+            Ok(false) => {
+                let reusable = out.send(session, ctx, &mut batch, true).await?;
+                return Ok(reusable.unwrap_or(false));
+            }
             Err(e) => {
-                if !started {
+                // What arrived before the failure is the client's.
+                if let Some(reusable) = out.send(session, ctx, &mut batch, false).await? {
+                    return Ok(reusable);
+                }
+                if !out.started {
                     return send_error(session, ctx, crate::upstream::upstream_failure(&e)).await;
                 }
                 // Ending without the terminating chunk tells the client the body is
                 // incomplete.
                 return Err(e);
             }
-        };
-        let end = matches!(chunk, Ok(None));
-        match converted {
-            Ok(out) => {
-                if !out.is_empty() || end {
-                    if !started {
-                        start(session, ctx, sources, headers).await?;
-                        started = true;
-                    }
-                    if !out.is_empty() {
-                        ctx.streamed_bytes += out.len() as u64;
-                        session.write_response_body(Some(out), false).await?;
-                    }
-                }
+        }
+    }
+}
+
+/// The converted side of a relayed stream.
+struct Converted<'a> {
+    conv: &'a mut SseConverter,
+    /// Whether the response header has been sent.
+    started: bool,
+    sources: Option<&'a SourcesReply>,
+    headers: &'a [(http::HeaderName, String)],
+}
+
+impl Converted<'_> {
+    /// Converts and sends the whole lines in `batch` (all of it, and the end, when `end`).
+    /// `Some(reusable)`: the answer is over (ended, or broken and closed with an error
+    /// event); `None`: it goes on.
+    async fn send(
+        &mut self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        batch: &mut bytes::BytesMut,
+        end: bool,
+    ) -> pingora::Result<Option<bool>> {
+        let mut out = BytesMut::new();
+        let mut result = Ok(());
+        if !batch.is_empty() {
+            result = self.conv.feed_into(batch, &mut out);
+            batch.clear();
+        }
+        if end {
+            result = result.and_then(|()| self.conv.finish_into(&mut out));
+        }
+        // What converted before a failure goes out first: those tokens are the client's.
+        let out = out.freeze();
+        if !out.is_empty() || (end && result.is_ok()) {
+            if !self.started {
+                start(session, ctx, self.sources, self.headers).await?;
+                self.started = true;
+            }
+            if !out.is_empty() {
+                ctx.streamed_bytes += out.len() as u64;
+                session.write_response_body(Some(out), false).await?;
+            }
+        }
+        match result {
+            Ok(()) => {
                 if end {
                     session.write_response_body(None, true).await?;
-                    return Ok(true);
+                    return Ok(Some(true));
                 }
+                Ok(None)
             }
             Err(e) => {
                 tracing::warn!(error = %e.message(), "upstream NDJSON stream failed");
-                if !started {
-                    return send_error(session, ctx, ApiError::new(502, e.message())).await;
+                if !self.started {
+                    return send_error(session, ctx, ApiError::new(502, e.message()))
+                        .await
+                        .map(Some);
                 }
                 let event = e.event();
                 ctx.streamed_bytes += event.len() as u64;
                 session.write_response_body(Some(event), false).await?;
                 session.write_response_body(None, true).await?;
                 // The rest of a broken stream is not read: the connection is not reusable.
-                return Ok(false);
+                Ok(Some(false))
             }
         }
     }
@@ -757,6 +838,17 @@ mod tests {
         }
         assert!(matches!(err, Some(StreamError::Malformed(_))));
         assert!(c.partial.len() <= MAX_LINE);
+        // Lines before a broken one in the same read are converted all the same.
+        let mut c = SseConverter::new("x".into(), false);
+        let mut out = BytesMut::new();
+        let fed = c.feed_into(
+            b"{\"message\":{\"content\":\"Hel\"},\"done\":false}\n{\"done\": tru\n",
+            &mut out,
+        );
+        assert!(matches!(fed, Err(StreamError::Malformed(_))));
+        let events = events(&out);
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert!(events[0].contains("\"Hel\""), "{events:?}");
     }
 
     #[test]
