@@ -175,6 +175,35 @@ async fn chunk_frames_of(
     (sizes, payload)
 }
 
+/// A gateway in front of an [`upstream`] answering `lines` lines, with `toml` added to its
+/// configuration and the model list loaded; returns it with an admin token.
+async fn gateway(lines: usize, toml: &str) -> (common::gateway::Gateway, String) {
+    let up = upstream(lines).await;
+    let gw = Setup::new()
+        .ollama(&up)
+        .toml(&format!("{toml}[models]\ncache-ttl = \"1h\"\n"))
+        .start()
+        .await;
+    let admin = gw.admin().await;
+    let r = gw.get("/api/models?refresh=true", Some(&admin)).await;
+    assert_eq!(r.status(), 200);
+    (gw, admin)
+}
+
+/// The usage row of [`MODEL`].
+async fn usage_row(gw: &common::gateway::Gateway, admin: &str) -> Value {
+    let usage = gw.get("/api/v1/usage", Some(admin)).await;
+    assert_eq!(usage.status(), 200);
+    let v: Value = usage.json().await.unwrap();
+    v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["model"] == MODEL)
+        .unwrap_or_else(|| panic!("a usage row for {MODEL}: {v}"))
+        .clone()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chunks_that_arrive_together_leave_together() {
     coalesced_on_the_wire("").await;
@@ -188,15 +217,7 @@ async fn chunks_leave_together_with_per_thread_schedulers_too() {
 }
 
 async fn coalesced_on_the_wire(top: &str) {
-    let up = upstream(LINES).await;
-    let gw = Setup::new()
-        .ollama(&up)
-        .toml(&format!("{top}[models]\ncache-ttl = \"1h\""))
-        .start()
-        .await;
-    let admin = gw.admin().await;
-    let r = gw.get("/api/models?refresh=true", Some(&admin)).await;
-    assert_eq!(r.status(), 200);
+    let (gw, admin) = gateway(LINES, top).await;
     let (sizes, payload) = chunk_frames(&gw.url, &admin).await;
     // Every line arrives, whole and in order.
     let expected: String = (0..LINES).map(|i| line(i, i + 1 == LINES)).collect();
@@ -212,15 +233,7 @@ async fn coalesced_on_the_wire(top: &str) {
         sizes.len()
     );
     // The usage scan still sees the final line (it counts tokens from it).
-    let usage = gw.get("/api/v1/usage", Some(&admin)).await;
-    assert_eq!(usage.status(), 200);
-    let v: Value = usage.json().await.unwrap();
-    let row = v["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["model"] == MODEL)
-        .unwrap_or_else(|| panic!("a usage row for {MODEL}: {v}"));
+    let row = usage_row(&gw, &admin).await;
     assert_eq!(row["prompt_tokens"], 3, "{row}");
     assert_eq!(row["completion_tokens"], 100, "{row}");
 }
@@ -232,15 +245,7 @@ async fn coalesced_on_the_wire(top: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_larger_than_a_write_leaves_in_bounded_writes() {
     const BURST: usize = 6_000;
-    let up = upstream(BURST).await;
-    let gw = Setup::new()
-        .ollama(&up)
-        .toml("[models]\ncache-ttl = \"1h\"")
-        .start()
-        .await;
-    let admin = gw.admin().await;
-    let r = gw.get("/api/models?refresh=true", Some(&admin)).await;
-    assert_eq!(r.status(), 200);
+    let (gw, admin) = gateway(BURST, "").await;
     let (sizes, payload) = chunk_frames(&gw.url, &admin).await;
     let expected: String = (0..BURST).map(|i| line(i, i + 1 == BURST)).collect();
     assert!(expected.len() > 8 * ragway::proxy::forward::COALESCE_MAX);
@@ -251,14 +256,7 @@ async fn a_burst_larger_than_a_write_leaves_in_bounded_writes() {
         "a write over {bound} bytes: {sizes:?}"
     );
     assert!(sizes.len() >= 8, "{sizes:?}");
-    let usage = gw.get("/api/v1/usage", Some(&admin)).await;
-    let v: Value = usage.json().await.unwrap();
-    let row = v["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["model"] == MODEL)
-        .unwrap_or_else(|| panic!("a usage row for {MODEL}: {v}"));
+    let row = usage_row(&gw, &admin).await;
     assert_eq!(row["completion_tokens"], 100, "{row}");
 }
 
@@ -268,15 +266,7 @@ async fn a_burst_larger_than_a_write_leaves_in_bounded_writes() {
 /// ends as OpenAI's does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn converted_chunks_that_arrive_together_leave_together() {
-    let up = upstream(LINES).await;
-    let gw = Setup::new()
-        .ollama(&up)
-        .toml("[models]\ncache-ttl = \"1h\"\n[context]\nollama-default-window = 512")
-        .start()
-        .await;
-    let admin = gw.admin().await;
-    let r = gw.get("/api/models?refresh=true", Some(&admin)).await;
-    assert_eq!(r.status(), 200);
+    let (gw, admin) = gateway(LINES, "[context]\nollama-default-window = 512\n").await;
     let notes: String = (0..600).map(|i| format!("word{i} ")).collect();
     let body = serde_json::json!({"model": MODEL, "stream": true,
         "messages": [{"role": "user", "content": "What do the notes say?"}],
