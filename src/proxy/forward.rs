@@ -3,10 +3,10 @@
 //!
 //! Why not pingora's proxy phases for these routes: routing by model needs the body before
 //! `upstream_peer`, and pingora can only replay a pre-read body up to its 64 KiB retry
-//! buffer. So these requests use pingora's own connector and sessions directly: the same
-//! timeouts and zero-copy `Bytes` chunks, with every upstream chunk written to the client as
-//! soon as it arrives. Idle connections wait in this thread's list ([`super::idle`]), not in
-//! pingora's pool.
+//! buffer. So these requests use pingora's own connector and sessions directly, with the
+//! same timeouts: each upstream chunk is copied once, out of pingora's read buffer into the
+//! write in hand, and written as soon as nothing more has arrived. Idle connections wait in
+//! this thread's list ([`super::idle`]), not in pingora's pool.
 
 use std::time::Duration;
 
