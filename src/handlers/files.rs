@@ -216,8 +216,34 @@ impl HeaderGuard {
     }
 }
 
+/// How much of a multipart body arrived: said in the error when it ends early, so a client
+/// (or its operator) can tell a cut connection or wrong `Content-Length` from a bad body.
+struct Progress {
+    received: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    declared: Option<u64>,
+}
+
+impl std::fmt::Display for Progress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let got = self.received.load(std::sync::atomic::Ordering::Relaxed);
+        match self.declared {
+            Some(len) => write!(f, "{got} of the {len} bytes of Content-Length received"),
+            None => write!(f, "{got} bytes received"),
+        }
+    }
+}
+
 /// A multer error as the client's error: over a limit → 413, anything else → 400.
-fn multipart_error(e: multer::Error, file_limit: u64) -> ApiError {
+fn multipart_error(e: multer::Error, file_limit: u64, progress: &Progress) -> ApiError {
+    if matches!(
+        e,
+        multer::Error::IncompleteStream
+            | multer::Error::IncompleteFieldData { .. }
+            | multer::Error::IncompleteHeaders
+    ) {
+        tracing::warn!(error = %e, %progress, "multipart upload ended early");
+        return ApiError::bad_request(format!("Malformed multipart body: {e} ({progress})"));
+    }
     match e {
         multer::Error::FieldSizeExceeded { field_name, .. } => match field_name.as_deref() {
             Some("file") => too_large(file_limit),
@@ -286,12 +312,17 @@ async fn store_field(
     field: &mut multer::Field<'_>,
     tmp: &std::path::Path,
     limit: u64,
+    progress: &Progress,
 ) -> Result<(u64, String), ApiError> {
     let io_err = |e: io::Error| ApiError::internal(format!("cannot store the upload: {e}"));
     let mut out = tokio::fs::File::create(tmp).await.map_err(io_err)?;
     let mut hasher = Sha256::new();
     let mut size = 0u64;
-    while let Some(chunk) = field.chunk().await.map_err(|e| multipart_error(e, limit))? {
+    while let Some(chunk) = field
+        .chunk()
+        .await
+        .map_err(|e| multipart_error(e, limit, &progress))?
+    {
         size += chunk.len() as u64;
         hasher.update(&chunk);
         out.write_all(&chunk).await.map_err(io_err)?;
@@ -307,6 +338,7 @@ async fn receive_file(
     field: &mut multer::Field<'_>,
     process: bool,
     tmp: &std::path::Path,
+    progress: &Progress,
 ) -> Result<(String, String, u64, String), ApiError> {
     let filename = upload_filename(field.file_name())?;
     let ext = extension(&filename);
@@ -324,7 +356,7 @@ async fn receive_file(
     tokio::fs::create_dir_all(&app.ingest.upload_dir)
         .await
         .map_err(|e| ApiError::internal(format!("cannot create the upload dir: {e}")))?;
-    let (size, sha256) = store_field(field, tmp, app.config.rag.file_max_bytes).await?;
+    let (size, sha256) = store_field(field, tmp, app.config.rag.file_max_bytes, progress).await?;
     Ok((filename, content_type, size, sha256))
 }
 
@@ -349,17 +381,21 @@ async fn receive(
     let boundary = multer::parse_boundary(&ct).map_err(|_| {
         ApiError::bad_request("Expected a multipart/form-data body with a boundary")
     })?;
-    if let Some(len) = session
+    let declared = session
         .req_header()
         .headers
         .get(::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        && len > body_limit(limit)
-    {
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > body_limit(limit)) {
         return Err(too_large(limit));
     }
     http::expect_continue(session).await;
+    let progress = Progress {
+        received: std::sync::Arc::default(),
+        declared,
+    };
+    let received = progress.received.clone();
     let mut guard = HeaderGuard::new(&boundary);
     let body = futures_util::stream::unfold(session, |s| async move {
         match s.read_request_body().await {
@@ -370,6 +406,7 @@ async fn receive(
     })
     .map(move |item| {
         let b = item?;
+        received.fetch_add(b.len() as u64, std::sync::atomic::Ordering::Relaxed);
         guard.feed(&b)?;
         Ok::<Bytes, BodyError>(b)
     });
@@ -387,7 +424,7 @@ async fn receive(
     while let Some(mut field) = multipart
         .next_field()
         .await
-        .map_err(|e| multipart_error(e, limit))?
+        .map_err(|e| multipart_error(e, limit, &progress))?
     {
         fields += 1;
         if fields > MAX_FIELDS {
@@ -402,13 +439,16 @@ async fn receive(
                         "Only one file per upload: the field `file` appears twice",
                     ));
                 }
-                file = Some(receive_file(app, &mut field, process, tmp).await?);
+                file = Some(receive_file(app, &mut field, process, tmp, &progress).await?);
             }
             Some("metadata") => {
                 if metadata.is_some() {
                     return Err(ApiError::bad_request("The field `metadata` appears twice"));
                 }
-                let text = field.text().await.map_err(|e| multipart_error(e, limit))?;
+                let text = field
+                    .text()
+                    .await
+                    .map_err(|e| multipart_error(e, limit, &progress))?;
                 metadata = Some(if text.trim().is_empty() {
                     json!({})
                 } else {
@@ -424,7 +464,7 @@ async fn receive(
                 while field
                     .chunk()
                     .await
-                    .map_err(|e| multipart_error(e, limit))?
+                    .map_err(|e| multipart_error(e, limit, &progress))?
                     .is_some()
                 {}
             }

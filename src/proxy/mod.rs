@@ -94,6 +94,12 @@ impl ProxyHttp for Gateway {
         RequestCtx::new()
     }
 
+    /// No downstream modules. pingora's default adds its response compression at level 0
+    /// (off), which still builds a module context per request and runs its filters on every
+    /// response header and body write; ragway never compresses (token streams must leave
+    /// unbuffered), so that is pure cost on every chunk.
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
+
     /// Routes, authenticates and runs the handler. `Ok(true)`: a response was written
     /// (local answer or forwarded stream). `Ok(false)`: `ctx.proxy` is set and pingora
     /// proxies the request.

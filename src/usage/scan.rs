@@ -156,15 +156,45 @@ fn mentions_counts(line: &[u8]) -> bool {
 
 /// The JSON value after `"key":` at the last occurrence of the key in `hay`.
 fn value_after(hay: &[u8], key: &[u8]) -> Option<Value> {
+    parsed_after(hay, key)
+}
+
+/// The value after `"key":` at the last occurrence of the key in `hay`, as a `T`.
+fn parsed_after<T: serde::de::DeserializeOwned>(hay: &[u8], key: &[u8]) -> Option<T> {
     let at = rfind(hay, key)? + key.len();
     let rest = &hay[at..];
     let rest = &rest[rest.iter().position(|b| !b.is_ascii_whitespace())?..];
     let rest = rest.strip_prefix(b":")?;
     let rest = &rest[rest.iter().position(|b| !b.is_ascii_whitespace())?..];
     serde_json::Deserializer::from_slice(rest)
-        .into_iter::<Value>()
+        .into_iter::<T>()
         .next()?
         .ok()
+}
+
+/// The count fields of a usage object, read without building a map of the whole object:
+/// OpenAI's carries nested `*_tokens_details` objects that would each become a map, and
+/// only these four fields are looked at. Other fields are skipped unparsed. A value that is
+/// not an object of that shape (a duplicated field, say) is read as a plain value instead.
+#[derive(serde::Deserialize)]
+struct UsageFields {
+    prompt_tokens: Option<Value>,
+    input_tokens: Option<Value>,
+    completion_tokens: Option<Value>,
+    output_tokens: Option<Value>,
+}
+
+impl UsageFields {
+    /// The prompt and completion counts, where present and numbers.
+    fn counts(&self) -> (Option<u64>, Option<u64>) {
+        // As `Counts::take_usage`: the second name is read only when the first is absent.
+        let either =
+            |a: &Option<Value>, b: &Option<Value>| a.as_ref().or(b.as_ref()).and_then(count);
+        (
+            either(&self.prompt_tokens, &self.input_tokens),
+            either(&self.completion_tokens, &self.output_tokens),
+        )
+    }
 }
 
 impl Counts {
@@ -267,7 +297,17 @@ impl Scanner {
         match self.format {
             Format::Json => {
                 let tail = std::mem::take(&mut self.buf);
-                if let Some(u) = value_after(&tail, b"\"usage\"") {
+                if let Some(u) = parsed_after::<UsageFields>(&tail, b"\"usage\"") {
+                    let (prompt, completion) = u.counts();
+                    if let Some(p) = prompt {
+                        self.counts.prompt = p;
+                    }
+                    if let Some(c) = completion {
+                        self.counts.completion = c;
+                    }
+                } else if let Some(u) = value_after(&tail, b"\"usage\"")
+                    && u.is_object()
+                {
                     self.counts.take_usage(&u);
                 }
                 if let Some(p) = value_after(&tail, b"\"prompt_eval_count\"")
@@ -669,6 +709,44 @@ mod tests {
                 completion: 3
             }
         );
+    }
+
+    #[test]
+    fn whole_json_usage_objects_of_every_shape() {
+        let cases = [
+            // OpenAI's, with its nested details objects.
+            (
+                r#"{"id":"x","usage":{"prompt_tokens":11,"completion_tokens":4,"total_tokens":15,"prompt_tokens_details":{"cached_tokens":0,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":0}}}"#,
+                11,
+                4,
+            ),
+            // Anthropic's and the Responses API's names.
+            (r#"{"usage":{"input_tokens":3,"output_tokens":8}}"#, 3, 8),
+            // The first name wins even when it is not a number, as for streamed events.
+            (
+                r#"{"usage":{"prompt_tokens":"many","input_tokens":3,"completion_tokens":2}}"#,
+                0,
+                2,
+            ),
+            // A duplicated field is no struct: read as a plain value, the last one wins.
+            (
+                r#"{"usage":{"prompt_tokens":1,"prompt_tokens":6,"completion_tokens":2}}"#,
+                6,
+                2,
+            ),
+            // Not an object: nothing counted, nothing fails.
+            (r#"{"usage":[1,2]}"#, 0, 0),
+            (r#"{"usage":null}"#, 0, 0),
+        ];
+        for (json, prompt, completion) in cases {
+            for size in [1, 7, json.len()] {
+                assert_eq!(
+                    run(Format::Json, false, json, size).1,
+                    Counts { prompt, completion },
+                    "{json} in pieces of {size}"
+                );
+            }
+        }
     }
 
     #[test]
