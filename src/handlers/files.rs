@@ -321,7 +321,7 @@ async fn store_field(
     while let Some(chunk) = field
         .chunk()
         .await
-        .map_err(|e| multipart_error(e, limit, &progress))?
+        .map_err(|e| multipart_error(e, limit, progress))?
     {
         size += chunk.len() as u64;
         hasher.update(&chunk);
@@ -358,6 +358,29 @@ async fn receive_file(
         .map_err(|e| ApiError::internal(format!("cannot create the upload dir: {e}")))?;
     let (size, sha256) = store_field(field, tmp, app.config.rag.file_max_bytes, progress).await?;
     Ok((filename, content_type, size, sha256))
+}
+
+/// The `metadata` field: a JSON object, or nothing.
+fn metadata_value(text: &str) -> Result<Value, ApiError> {
+    if text.trim().is_empty() {
+        return Ok(json!({}));
+    }
+    serde_json::from_str::<Value>(text)
+        .ok()
+        .filter(Value::is_object)
+        // Open WebUI's message, word for word.
+        .ok_or_else(|| ApiError::bad_request("Invalid metadata format"))
+}
+
+/// multer's limits for an upload whose file may be `limit` bytes.
+fn constraints(limit: u64) -> multer::Constraints {
+    multer::Constraints::new().size_limit(
+        multer::SizeLimit::new()
+            .whole_stream(body_limit(limit))
+            .per_field(OTHER_FIELD_MAX)
+            .for_field("file", limit)
+            .for_field("metadata", METADATA_MAX),
+    )
 }
 
 /// Reads the multipart body, streaming field `file` to a temporary file (one chunk in
@@ -410,14 +433,7 @@ async fn receive(
         guard.feed(&b)?;
         Ok::<Bytes, BodyError>(b)
     });
-    let constraints = multer::Constraints::new().size_limit(
-        multer::SizeLimit::new()
-            .whole_stream(body_limit(limit))
-            .per_field(OTHER_FIELD_MAX)
-            .for_field("file", limit)
-            .for_field("metadata", METADATA_MAX),
-    );
-    let mut multipart = multer::Multipart::with_constraints(body, boundary, constraints);
+    let mut multipart = multer::Multipart::with_constraints(body, boundary, constraints(limit));
     let mut file: Option<(String, String, u64, String)> = None;
     let mut metadata: Option<Value> = None;
     let mut fields = 0;
@@ -449,15 +465,7 @@ async fn receive(
                     .text()
                     .await
                     .map_err(|e| multipart_error(e, limit, &progress))?;
-                metadata = Some(if text.trim().is_empty() {
-                    json!({})
-                } else {
-                    serde_json::from_str::<Value>(&text)
-                        .ok()
-                        .filter(Value::is_object)
-                        // Open WebUI's message, word for word.
-                        .ok_or_else(|| ApiError::bad_request("Invalid metadata format"))?
-                });
+                metadata = Some(metadata_value(&text)?);
             }
             _ => {
                 // Read (bounded by OTHER_FIELD_MAX) and ignored.

@@ -173,10 +173,12 @@ fn parsed_after<T: serde::de::DeserializeOwned>(hay: &[u8], key: &[u8]) -> Optio
 }
 
 /// The count fields of a usage object, read without building a map of the whole object:
-/// OpenAI's carries nested `*_tokens_details` objects that would each become a map, and
+/// `OpenAI`'s carries nested `*_tokens_details` objects that would each become a map, and
 /// only these four fields are looked at. Other fields are skipped unparsed. A value that is
 /// not an object of that shape (a duplicated field, say) is read as a plain value instead.
 #[derive(serde::Deserialize)]
+// The providers' own field names.
+#[allow(clippy::struct_field_names)]
 struct UsageFields {
     prompt_tokens: Option<Value>,
     input_tokens: Option<Value>,
