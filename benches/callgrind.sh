@@ -5,7 +5,8 @@
 # creates an API key, and for each scenario sends W warm-up requests, zeroes the counters,
 # sends N requests on one keep-alive connection and dumps the counters.
 #
-#   benches/callgrind.sh [N [BINARY]]   # N requests per scenario (default 200),
+#   benches/callgrind.sh [N [BINARY]]   # N requests per scenario (default 200; the
+#                                       # spaced stream always 10),
 #                                       # BINARY defaults to target/release/ragway
 #
 # CALLGRIND_KEEP=DIR keeps the per-scenario dumps there (read them with callgrind_annotate).
@@ -50,8 +51,8 @@ out=$(ls "$work"/cg.* | head -1)
 chat='{"model":"m:latest","stream":false,"messages":[{"role":"user","content":"Why is the sky blue?"}]}'
 generate='{"model":"m:latest","prompt":"hi"}'
 chat_stream='{"model":"m:latest","stream":true,"messages":[{"role":"user","content":"Why is the sky blue?"}]}'
-run() { # name method path body
-  local name=$1 method=$2 path=$3 body=$4
+run() { # name method path body [requests]
+  local name=$1 method=$2 path=$3 body=$4 n=${5:-$n}
   if [ "$method" = GET ]; then
     for _ in $(seq 20); do curl -sf -H "authorization: Bearer $key" "$base$path" >/dev/null; done
     callgrind_control -z "$vg" >/dev/null 2>&1
@@ -79,3 +80,6 @@ run "chat-completions-json-apikey" POST /api/chat/completions "$chat"
 run "ollama-generate-stream-200" POST /ollama/api/generate "$generate"
 run "chat-completions-stream-200" POST /api/chat/completions "$chat_stream"
 run "api-models" GET /api/models ""
+# 200 chunks 5 ms apart (1 s per request): every chunk is a wake-up of its own, so this
+# counts the per-wake-up cost of the stream loop, which the scenarios above batch away.
+run "ollama-generate-spaced-200" POST /ollama/api/generate '{"model":"slow:latest","prompt":"hi"}' 10
