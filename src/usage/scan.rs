@@ -156,17 +156,21 @@ fn mentions_counts(line: &[u8]) -> bool {
 
 /// The JSON value after `"key":` at the last occurrence of the key in `hay`.
 fn value_after(hay: &[u8], key: &[u8]) -> Option<Value> {
-    parsed_after(hay, key)
+    parsed(value_start(hay, key)?)
 }
 
-/// The value after `"key":` at the last occurrence of the key in `hay`, as a `T`.
-fn parsed_after<T: serde::de::DeserializeOwned>(hay: &[u8], key: &[u8]) -> Option<T> {
+/// Where the value after `"key":` starts, at the last occurrence of the key in `hay`.
+fn value_start<'a>(hay: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
     let at = rfind(hay, key)? + key.len();
     let rest = &hay[at..];
     let rest = &rest[rest.iter().position(|b| !b.is_ascii_whitespace())?..];
     let rest = rest.strip_prefix(b":")?;
-    let rest = &rest[rest.iter().position(|b| !b.is_ascii_whitespace())?..];
-    serde_json::Deserializer::from_slice(rest)
+    Some(&rest[rest.iter().position(|b| !b.is_ascii_whitespace())?..])
+}
+
+/// The first JSON value in `bytes`, as a `T`.
+fn parsed<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Option<T> {
+    serde_json::Deserializer::from_slice(bytes)
         .into_iter::<T>()
         .next()?
         .ok()
@@ -299,7 +303,13 @@ impl Scanner {
         match self.format {
             Format::Json => {
                 let tail = std::mem::take(&mut self.buf);
-                if let Some(u) = parsed_after::<UsageFields>(&tail, b"\"usage\"") {
+                let usage = value_start(&tail, b"\"usage\"");
+                // Only an object is read as the struct: serde would also fill one from an
+                // array of four values.
+                let fields = usage
+                    .filter(|v| v.starts_with(b"{"))
+                    .and_then(parsed::<UsageFields>);
+                if let Some(u) = fields {
                     let (prompt, completion) = u.counts();
                     if let Some(p) = prompt {
                         self.counts.prompt = p;
@@ -307,7 +317,7 @@ impl Scanner {
                     if let Some(c) = completion {
                         self.counts.completion = c;
                     }
-                } else if let Some(u) = value_after(&tail, b"\"usage\"")
+                } else if let Some(u) = usage.and_then(parsed::<Value>)
                     && u.is_object()
                 {
                     self.counts.take_usage(&u);
@@ -738,6 +748,7 @@ mod tests {
             ),
             // Not an object: nothing counted, nothing fails.
             (r#"{"usage":[1,2]}"#, 0, 0),
+            (r#"{"usage":[1,2,3,4]}"#, 0, 0),
             (r#"{"usage":null}"#, 0, 0),
         ];
         for (json, prompt, completion) in cases {
