@@ -131,10 +131,23 @@ async fn chunk_frames_of(
     path: &str,
     body: &str,
 ) -> (Vec<usize>, Vec<u8>) {
+    let (_, sizes, payload) = chunk_frames_with(gw_url, token, path, body, "").await;
+    (sizes, payload)
+}
+
+/// [`chunk_frames_of`] with `extra` header lines (each ending in CRLF) in the request; also
+/// returns the response head, lowercased.
+async fn chunk_frames_with(
+    gw_url: &str,
+    token: &str,
+    path: &str,
+    body: &str,
+    extra: &str,
+) -> (String, Vec<usize>, Vec<u8>) {
     let addr = gw_url.trim_start_matches("http://");
     let mut s = TcpStream::connect(addr).await.unwrap();
     let request = format!(
-        "POST {path} HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {token}\r\n\
+        "POST {path} HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {token}\r\n{extra}\
          content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
     );
@@ -172,7 +185,7 @@ async fn chunk_frames_of(
         rest = &rest[size + 2..];
         sizes.push(size);
     }
-    (sizes, payload)
+    (head, sizes, payload)
 }
 
 /// A gateway in front of an [`upstream`] answering `lines` lines, with `toml` added to its
@@ -236,6 +249,29 @@ async fn coalesced_on_the_wire(top: &str) {
     let row = usage_row(&gw, &admin).await;
     assert_eq!(row["prompt_tokens"], 3, "{row}");
     assert_eq!(row["completion_tokens"], 100, "{row}");
+}
+
+/// A client that accepts compressed answers still gets the stream as the upstream sent it:
+/// ragway installs no compression module (pingora's default one, even switched off, ran on
+/// every write), and a compressor would hold tokens back to fill its blocks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_are_never_compressed_whatever_the_client_accepts() {
+    let (gw, admin) = gateway(LINES, "").await;
+    let body = format!(
+        "{{\"model\":\"{MODEL}\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}"
+    );
+    let (head, sizes, payload) = chunk_frames_with(
+        &gw.url,
+        &admin,
+        "/ollama/api/chat",
+        &body,
+        "accept-encoding: gzip, deflate, br, zstd\r\n",
+    )
+    .await;
+    assert!(!head.contains("content-encoding"), "{head}");
+    let expected: String = (0..LINES).map(|i| line(i, i + 1 == LINES)).collect();
+    assert_eq!(String::from_utf8(payload).unwrap(), expected);
+    assert!(sizes.len() <= LINES / 10, "{sizes:?}");
 }
 
 /// A burst larger than one client write: what ragway holds for a write is bounded (the
