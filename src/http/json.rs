@@ -148,16 +148,22 @@ impl<'de> Visitor<'de> for Node<'_> {
     }
 }
 
+/// Objects of up to this many keys are checked against each key seen, without hashing;
+/// past it the keys move into a hash set, so an object with very many keys (a hostile one)
+/// still costs linear time.
+const LINEAR_KEYS: usize = 16;
+
 /// The keys seen in one object. Top-level keys are compared case-folded.
 #[derive(Default)]
 struct Keys<'de> {
-    seen: HashSet<Cow<'de, str>>,
+    few: Vec<Cow<'de, str>>,
+    many: Option<HashSet<Cow<'de, str>>>,
 }
 
 impl<'de> Keys<'de> {
     fn insert(&mut self, key: Cow<'de, str>, fold: bool) -> Option<String> {
         if fold {
-            if self.seen.insert(Cow::Owned(fold_case(&key))) {
+            if self.add(folded(&key)) {
                 return None;
             }
             return Some(format!(
@@ -165,13 +171,48 @@ impl<'de> Keys<'de> {
                  (keys that differ only in letter case count as the same)"
             ));
         }
-        if self.seen.contains(&key) {
+        if self.contains(&key) {
             return Some(format!(
                 "Ambiguous JSON body: the key {key:?} appears twice in one object"
             ));
         }
-        self.seen.insert(key);
+        self.add(key);
         None
+    }
+
+    fn contains(&self, key: &str) -> bool {
+        match &self.many {
+            Some(set) => set.contains(key),
+            None => self.few.iter().any(|k| k == key),
+        }
+    }
+
+    /// `false` when `key` was already there.
+    fn add(&mut self, key: Cow<'de, str>) -> bool {
+        if let Some(set) = &mut self.many {
+            return set.insert(key);
+        }
+        if self.few.iter().any(|k| *k == key) {
+            return false;
+        }
+        if self.few.len() < LINEAR_KEYS {
+            self.few.push(key);
+        } else {
+            let mut set: HashSet<_> = self.few.drain(..).collect();
+            set.insert(key);
+            self.many = Some(set);
+        }
+        true
+    }
+}
+
+/// `key` case-folded; borrowed when folding cannot change it (ASCII without capitals, what
+/// nearly every key is).
+fn folded<'de>(key: &Cow<'de, str>) -> Cow<'de, str> {
+    if key.bytes().all(|b| b.is_ascii() && !b.is_ascii_uppercase()) {
+        key.clone()
+    } else {
+        Cow::Owned(fold_case(key))
     }
 }
 
@@ -240,6 +281,40 @@ mod tests {
         assert_eq!(status(r#"{"o":{"k":1,"k":2}}"#), Some(400));
         let e = check(br#"{"model":"a","MODEL":"b"}"#, 10).unwrap_err();
         assert!(e.detail.contains("MODEL"), "{}", e.detail);
+    }
+
+    /// Objects of a few keys are checked without hashing, larger ones with a set: a duplicate
+    /// is found either side of the switch and across it, at the top level (folded) and below.
+    #[test]
+    fn duplicates_are_found_in_objects_of_any_size() {
+        let object = |n: usize, extra: &str, top: bool| {
+            let keys: Vec<String> = (0..n).map(|i| format!("\"k{i}\":{i}")).collect();
+            let inner = format!("{{{}{extra}}}", keys.join(","));
+            if top {
+                inner
+            } else {
+                format!("{{\"o\":{inner}}}")
+            }
+        };
+        for top in [true, false] {
+            for n in [1, LINEAR_KEYS - 1, LINEAR_KEYS, LINEAR_KEYS + 1, 500] {
+                assert_eq!(status(&object(n, "", top)), None, "{n} distinct keys");
+                // The duplicate of the first key comes last: after the switch when n is large.
+                assert_eq!(status(&object(n, ",\"k0\":0", top)), Some(400), "{n}");
+                let last = format!(",\"k{}\":0", n - 1);
+                assert_eq!(status(&object(n, &last, top)), Some(400), "{n}");
+            }
+        }
+        // Folded at the top level only, on both sides of the switch.
+        for n in [3, LINEAR_KEYS + 5] {
+            assert_eq!(status(&object(n, ",\"K1\":0", true)), Some(400), "{n}");
+            assert_eq!(status(&object(n, ",\"K1\":0", false)), None, "{n}");
+            assert_eq!(
+                status(&object(n, ",\"\\u212a1\":0", true)),
+                Some(400),
+                "{n}"
+            );
+        }
     }
 
     #[test]
