@@ -192,7 +192,7 @@ impl<'de> Keys<'de> {
         if let Some(set) = &mut self.many {
             return set.insert(key);
         }
-        if self.few.iter().any(|k| *k == key) {
+        if self.few.contains(&key) {
             return false;
         }
         if self.few.len() < LINEAR_KEYS {
