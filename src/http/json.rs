@@ -163,37 +163,30 @@ struct Keys<'de> {
 impl<'de> Keys<'de> {
     fn insert(&mut self, key: Cow<'de, str>, fold: bool) -> Option<String> {
         if fold {
-            if self.add(folded(&key)) {
-                return None;
-            }
-            return Some(format!(
-                "Ambiguous JSON body: the top-level key {key:?} appears more than once \
-                 (keys that differ only in letter case count as the same)"
-            ));
+            return self.add(folded(&key)).err().map(|_| {
+                format!(
+                    "Ambiguous JSON body: the top-level key {key:?} appears more than once \
+                     (keys that differ only in letter case count as the same)"
+                )
+            });
         }
-        if self.contains(&key) {
-            return Some(format!(
-                "Ambiguous JSON body: the key {key:?} appears twice in one object"
-            ));
-        }
-        self.add(key);
-        None
+        self.add(key)
+            .err()
+            .map(|key| format!("Ambiguous JSON body: the key {key:?} appears twice in one object"))
     }
 
-    fn contains(&self, key: &str) -> bool {
-        match &self.many {
-            Some(set) => set.contains(key),
-            None => self.few.iter().any(|k| k == key),
-        }
-    }
-
-    /// `false` when `key` was already there.
-    fn add(&mut self, key: Cow<'de, str>) -> bool {
+    /// Records `key`; gives it back when it was already there.
+    fn add(&mut self, key: Cow<'de, str>) -> Result<(), Cow<'de, str>> {
         if let Some(set) = &mut self.many {
-            return set.insert(key);
+            return if set.contains(&key) {
+                Err(key)
+            } else {
+                set.insert(key);
+                Ok(())
+            };
         }
         if self.few.contains(&key) {
-            return false;
+            return Err(key);
         }
         if self.few.len() < LINEAR_KEYS {
             self.few.push(key);
@@ -202,7 +195,7 @@ impl<'de> Keys<'de> {
             set.insert(key);
             self.many = Some(set);
         }
-        true
+        Ok(())
     }
 }
 
