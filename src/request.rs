@@ -12,7 +12,7 @@ use http::Method;
 use crate::auth::Identity;
 use crate::http::router::Group;
 use crate::metrics;
-use crate::upstream::{InFlight, Upstream};
+use crate::upstream::Upstream;
 use crate::usage::{Metered, Tracking};
 
 /// A request ready to be forwarded.
@@ -23,7 +23,7 @@ pub struct Plan {
     pub method: Method,
     /// Path and query on the upstream, base path included.
     pub path: String,
-    pub body: Bytes,
+    pub body: Body,
     /// Answer a 2xx upstream response with this body instead (Open WebUI returns `true` for
     /// copy and delete, where Ollama answers an empty body).
     pub replace_success_body: Option<&'static str>,
@@ -35,6 +35,34 @@ pub struct Plan {
     pub convert: Option<Convert>,
     /// Headers added to a successful answer (the context budget's report).
     pub headers: Vec<(http::HeaderName, String)>,
+}
+
+/// What a forwarded request carries.
+pub enum Body {
+    /// A body ragway has read (and may have rewritten): sent with its length, and sent again
+    /// to a second upstream when the first could not be reached.
+    Read(Bytes),
+    /// The client's body, streamed to the upstream as it arrives, in the client's framing
+    /// (pull and create: nothing in it needs reading, and a create may be large).
+    Client,
+}
+
+impl Plan {
+    /// The request as the client sent it, its body streamed through, to `upstream` at
+    /// `path`: nothing to rewrite and no answer to reshape.
+    #[must_use]
+    pub fn pass_through(upstream: Arc<Upstream>, method: Method, path: String) -> Plan {
+        Plan {
+            candidates: vec![upstream],
+            method,
+            path,
+            body: Body::Client,
+            replace_success_body: None,
+            sources: None,
+            convert: None,
+            headers: Vec::new(),
+        }
+    }
 }
 
 /// How sources reach the client.
@@ -51,15 +79,6 @@ pub struct Convert {
     pub stream: bool,
     /// `stream_options.include_usage`: a final usage chunk before `[DONE]`.
     pub include_usage: bool,
-}
-
-/// Where the pingora proxy path sends a request that needs no body inspection.
-pub struct ProxyTarget {
-    pub upstream: Arc<Upstream>,
-    /// Path and query on the upstream (base path included).
-    pub path: String,
-    /// Held for the life of the request.
-    pub _in_flight: InFlight,
 }
 
 /// Requests that may still touch the database: from their start until they relay an
@@ -109,7 +128,6 @@ pub struct RequestCtx {
     /// Route family for metrics; `None` for unknown routes.
     pub group: Option<Group>,
     pub identity: Option<Identity>,
-    pub proxy: Option<ProxyTarget>,
     /// Time to the first upstream response byte, for proxied requests.
     pub first_byte: Option<Duration>,
     /// Body bytes relayed from an upstream.
@@ -128,7 +146,6 @@ impl RequestCtx {
             start: Instant::now(),
             group: None,
             identity: None,
-            proxy: None,
             first_byte: None,
             streamed_bytes: 0,
             status: None,

@@ -17,19 +17,14 @@
 //! upstream never do — and releases the database, which the new process opens before it
 //! accepts. Its streams in flight finish; queued files are processed by the new process.
 
-use std::future::Future;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use pingora::apps::http_app::ServeHttp;
-use pingora::apps::{HttpServerApp, HttpServerOptions, ReusedHttpStream};
 use pingora::protocols::http::ServerSession;
-use pingora::protocols::http::v2::server::H2Options;
-use pingora::proxy::http_proxy;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{
     ListenFds, RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch,
@@ -40,6 +35,7 @@ use tokio::sync::watch;
 use crate::app::App;
 use crate::config::Config;
 use crate::proxy::Gateway;
+use crate::proxy::serve::{CLEANUP_DELAY, Front};
 
 /// Serves the Prometheus text format of the default registry.
 struct MetricsApp;
@@ -66,49 +62,6 @@ impl ServeHttp for MetricsApp {
             .header("content-length", body.len().to_string())
             .body(body)
             .expect("static response")
-    }
-}
-
-/// The gateway's HTTP application with pingora's clean-up deferred. When a listener stops,
-/// pingora closes every connection that waits for a request — idle keep-alive ones, and ones
-/// just accepted whose request is still on its way. Waiting a moment first lets those
-/// requests arrive and be answered (with `Connection: close`) instead of meeting a reset.
-struct DeferredCleanup<A> {
-    app: Arc<A>,
-    delay: Duration,
-}
-
-/// How long a stopped listener's waiting connections may still bring a request.
-const CLEANUP_DELAY: Duration = Duration::from_millis(150);
-
-#[async_trait]
-impl<A: HttpServerApp + Send + Sync + 'static> HttpServerApp for DeferredCleanup<A> {
-    // The inner application's future as it is, not awaited inside one of ours: an async
-    // wrapper would box a second future per request and move the session into it.
-    fn process_new_http<'life0, 'life1, 'async_trait>(
-        self: &'life0 Arc<Self>,
-        session: ServerSession,
-        shutdown: &'life1 ShutdownWatch,
-    ) -> Pin<Box<dyn Future<Output = Option<ReusedHttpStream>> + Send + 'async_trait>>
-    where
-        'life0: 'async_trait,
-        'life1: 'async_trait,
-        Self: 'async_trait,
-    {
-        self.app.process_new_http(session, shutdown)
-    }
-
-    fn h2_options(&self) -> Option<H2Options> {
-        self.app.h2_options()
-    }
-
-    fn server_options(&self) -> Option<&HttpServerOptions> {
-        self.app.server_options()
-    }
-
-    async fn http_cleanup(&self) {
-        tokio::time::sleep(self.delay).await;
-        self.app.http_cleanup().await;
     }
 }
 
@@ -403,12 +356,10 @@ pub fn add_services(server: &mut Server, app: Arc<App>) -> Drain {
         "memory trim",
         TrimWhenQuiet,
     ));
-    let proxy = http_proxy(&server.configuration, Gateway { app });
     let mut gateway = Service::new(
         "ragway gateway".to_string(),
-        DeferredCleanup {
-            app: Arc::new(proxy),
-            delay: CLEANUP_DELAY,
+        Front {
+            gateway: Gateway { app },
         },
     );
     gateway.add_tcp(&config.listen);

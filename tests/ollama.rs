@@ -1926,6 +1926,61 @@ async fn proxy_path_errors_keep_or_announce_closing_the_connection() {
     }
 }
 
+/// Pull and create stream the client's body to the upstream in the client's own framing:
+/// a chunked body arrives whole, and the connection then carries the next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_pull_body_streams_through_and_keeps_the_connection() {
+    use tokio::io::AsyncWriteExt;
+    let up = FakeUpstream::ollama(&["m:latest"]).await;
+    let gw = Setup::new().ollama(&up.url).start().await;
+    let admin = gw.admin().await;
+    let addr = gw.url.strip_prefix("http://").unwrap();
+    let pull = json!({"model": "chunked:latest", "stream": false});
+    let body = pull.to_string().into_bytes();
+    let (a, b) = body.split_at(7);
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /ollama/api/pull HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {admin}\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    for part in [a, b] {
+        let mut frame = format!("{:x}\r\n", part.len()).into_bytes();
+        frame.extend_from_slice(part);
+        frame.extend_from_slice(b"\r\n");
+        s.write_all(&frame).await.unwrap();
+        // Two reads on the gateway's side, not one buffered body.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    s.write_all(b"0\r\n\r\n").await.unwrap();
+    let answer = read_answer(&mut s).await.expect("an answer to the pull");
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert_eq!(
+        serde_json::from_str::<Value>(&answer.body).unwrap()["status"],
+        "success"
+    );
+    let seen = up.requests_to("/api/pull");
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].json(), pull);
+    assert!(up.models().contains(&"chunked:latest".to_string()));
+    assert_ne!(
+        answer.header("connection"),
+        Some("close"),
+        "{}",
+        answer.head
+    );
+
+    // The same connection serves the next request.
+    let create = json!({"model": "made:latest", "from": "m:latest", "stream": false}).to_string();
+    let next = format!(
+        "POST /ollama/api/create HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {admin}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{create}",
+        create.len()
+    );
+    s.write_all(next.as_bytes()).await.unwrap();
+    let answer = read_answer(&mut s).await.expect("an answer to the create");
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert_eq!(up.requests_to("/api/create").len(), 1);
+    assert!(up.models().contains(&"made:latest".to_string()));
+}
 /// A 413 answered before the body was read: the unread body makes the connection unusable,
 /// so the answer must say `Connection: close`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

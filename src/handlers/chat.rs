@@ -20,7 +20,7 @@ use crate::http::routing::{ChatRouting, Shape};
 use crate::proxy::ndjson_sse;
 use crate::rag::{self, prompt};
 use crate::request::RequestCtx;
-use crate::request::{Convert, Plan, SourcesReply};
+use crate::request::{Body, Convert, Plan, SourcesReply};
 use crate::upstream::Upstream;
 
 /// Request fields that only mean something to Open WebUI's UI and are never forwarded.
@@ -231,7 +231,9 @@ pub async fn completions(app: &App, session: &mut Session, ctx: &mut RequestCtx)
             candidates: app.upstreams.rank(entry.kind, &entry.urls),
             method: ::http::Method::POST,
             path: "/api/chat".to_string(),
-            body: bytes::Bytes::from(serde_json::to_vec(&native).expect("json")),
+            body: Body::Read(bytes::Bytes::from(
+                serde_json::to_vec(&native).expect("json"),
+            )),
             replace_success_body: None,
             sources,
             convert: Some(Convert {
@@ -257,7 +259,7 @@ pub async fn completions(app: &App, session: &mut Session, ctx: &mut RequestCtx)
         candidates,
         method: ::http::Method::POST,
         path,
-        body: payload,
+        body: Body::Read(payload),
         replace_success_body: None,
         sources,
         convert: None,
@@ -323,7 +325,7 @@ async fn as_it_came(
         candidates,
         method: ::http::Method::POST,
         path,
-        body: raw.clone(),
+        body: Body::Read(raw.clone()),
         replace_success_body: None,
         sources: None,
         convert: None,

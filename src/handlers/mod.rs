@@ -21,16 +21,14 @@ use crate::app::App;
 use crate::error::ApiError;
 use crate::http::Reply;
 use crate::http::router::{Endpoint, RouteSpec};
-use crate::request::{Plan, ProxyTarget, RequestCtx};
+use crate::request::{Plan, RequestCtx};
 
 /// What the gateway should do with a request.
 pub enum Outcome {
     /// Answer locally.
     Reply(Reply),
-    /// Forward an already-read body through the forward engine.
+    /// Forward through the forward engine.
     Forward(Plan),
-    /// Let pingora's proxy phases stream the request through.
-    Proxy(ProxyTarget),
     /// A local answer written incrementally.
     Stream(Streamer),
 }
@@ -110,7 +108,7 @@ pub async fn handle(
         ))),
         OllamaTags => ollama::tags(app, ctx, req).await,
         OllamaPs => ollama::ps(app).await,
-        OllamaVersion => ollama::version(app, req).await,
+        OllamaVersion => ollama::version(app, session, req).await,
         OllamaUnload => ollama::unload(app, session, ctx).await,
         OllamaPull | OllamaCreate => ollama::admin_stream(app, session, req),
         OllamaPush | OllamaCopy | OllamaDelete => {

@@ -17,8 +17,7 @@ use crate::error::{ApiError, msg};
 use crate::http::router::Endpoint;
 use crate::http::{self, Reply};
 use crate::models::ModelEntry;
-use crate::request::Plan;
-use crate::request::{ProxyTarget, RequestCtx};
+use crate::request::{Body, Plan, RequestCtx};
 use crate::store::Role;
 use crate::upstream::Upstream;
 
@@ -176,7 +175,7 @@ pub async fn model_route(
         candidates,
         method: ::http::Method::POST,
         path: with_query(upstream_path(endpoint), session),
-        body,
+        body: Body::Read(body),
         replace_success_body: None,
         sources: None,
         convert: None,
@@ -188,11 +187,11 @@ pub async fn model_route(
 /// path to connection `url_idx` (default 0, as Open WebUI).
 pub fn admin_stream(app: &App, session: &Session, req: &Req) -> HandlerResult {
     let up = upstream_at(app, req.url_idx.unwrap_or(0))?;
-    Ok(Outcome::Proxy(ProxyTarget {
-        path: with_query(upstream_path(req.route.endpoint), session),
-        _in_flight: up.begin(),
-        upstream: up,
-    }))
+    Ok(Outcome::Forward(Plan::pass_through(
+        up,
+        session.req_header().method.clone(),
+        with_query(upstream_path(req.route.endpoint), session),
+    )))
 }
 
 /// Push (Open WebUI exposes it as DELETE; Ollama takes POST), copy and delete: the target is
@@ -239,7 +238,7 @@ pub async fn admin_model_op(
         candidates: vec![up],
         method,
         path: upstream_path(endpoint).to_string(),
-        body,
+        body: Body::Read(body),
         replace_success_body: replace,
         sources: None,
         convert: None,
@@ -348,14 +347,14 @@ fn version_cmp(a: &str, b: &str) -> Ordering {
 }
 
 /// Lowest version across upstreams, or one upstream's with `/{url_idx}`.
-pub async fn version(app: &App, req: &Req) -> HandlerResult {
+pub async fn version(app: &App, session: &Session, req: &Req) -> HandlerResult {
     if let Some(i) = req.url_idx {
         let up = upstream_at(app, i)?;
-        return Ok(Outcome::Proxy(ProxyTarget {
-            path: "/api/version".to_string(),
-            _in_flight: up.begin(),
-            upstream: up,
-        }));
+        return Ok(Outcome::Forward(Plan::pass_through(
+            up,
+            session.req_header().method.clone(),
+            "/api/version".to_string(),
+        )));
     }
     let lowest = fan_out(app, "/api/version")
         .await

@@ -22,7 +22,7 @@ use pingora::upstreams::peer::HttpPeer;
 
 use crate::app::App;
 use crate::error::ApiError;
-use crate::request::{Plan, RequestCtx};
+use crate::request::{Body, Plan, RequestCtx};
 use crate::upstream::Upstream;
 pub use crate::upstream::upstream_failure;
 
@@ -202,6 +202,46 @@ async fn send_request(
     Ok(Http1Session::new_with_options(stream, peer))
 }
 
+/// Why sending a request with the client's body failed.
+enum SendFailure {
+    /// The upstream could not take it: answered with a 502.
+    Upstream(Box<pingora::Error>),
+    /// The client's body could not be read: nothing to answer.
+    Client(Box<pingora::Error>),
+}
+
+/// Sends `req` on `stream`, then the client's body as it arrives, in the client's own
+/// framing (`req` carries its `Content-Length` or `Transfer-Encoding`).
+async fn send_client_body(
+    stream: Stream,
+    peer: &HttpPeer,
+    req: RequestHeader,
+    session: &mut Session,
+) -> Result<Http1Session, SendFailure> {
+    let mut upstream = Http1Session::new_with_options(stream, peer);
+    upstream.write_timeout = peer.options.write_timeout;
+    upstream
+        .write_request_header(Box::new(req))
+        .await
+        .map_err(SendFailure::Upstream)?;
+    while let Some(chunk) = session
+        .downstream_session
+        .read_request_body()
+        .await
+        .map_err(SendFailure::Client)?
+    {
+        upstream
+            .write_body(&chunk)
+            .await
+            .map_err(SendFailure::Upstream)?;
+    }
+    upstream
+        .finish_body()
+        .await
+        .map_err(SendFailure::Upstream)?;
+    Ok(upstream)
+}
+
 fn is_connect_error(e: &pingora::Error) -> bool {
     matches!(
         e.etype(),
@@ -229,7 +269,14 @@ pub async fn forward(
     let connect = app.config.connect_timeout;
     let idle = app.config.read_idle_timeout;
     let mut last_error = ApiError::new(502, "No upstream hosts this model");
-    let attempts = plan.candidates.len().min(2);
+    // The client's body can be read only once, so it gets one upstream and a fresh
+    // connection (a pooled one the upstream has closed would leave nothing to retry with).
+    let from_client = matches!(plan.body, Body::Client);
+    let attempts = if from_client {
+        1
+    } else {
+        plan.candidates.len().min(2)
+    };
     for up in plan.candidates.iter().take(attempts) {
         let peer = match up.peer(connect, idle).await {
             Ok(p) => p,
@@ -239,7 +286,12 @@ pub async fn forward(
                 continue;
             }
         };
-        let stream = match super::idle::take(&peer) {
+        let pooled = if from_client {
+            None
+        } else {
+            super::idle::take(&peer)
+        };
+        let stream = match pooled {
             Some(s) => Ok(s),
             None => app.connector.new_stream(&peer).await,
         };
@@ -265,8 +317,30 @@ pub async fn forward(
             up,
             &mut req,
         )?;
-        req.insert_header(header::CONTENT_LENGTH, plan.body.len().to_string())?;
-        let mut upstream = match send_request(stream, &peer, req, &plan.body).await {
+        let sent = match &plan.body {
+            Body::Read(body) => {
+                req.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
+                send_request(stream, &peer, req, body).await
+            }
+            Body::Client => {
+                for name in [header::CONTENT_LENGTH, header::TRANSFER_ENCODING] {
+                    if let Some(v) = session.req_header().headers.get(&name) {
+                        req.insert_header(name, v.clone())?;
+                    }
+                }
+                match send_client_body(stream, &peer, req, session).await {
+                    Ok(s) => Ok(s),
+                    Err(SendFailure::Client(e)) => return Err(e),
+                    Err(SendFailure::Upstream(e)) => {
+                        // Part of the client's body may be unread: the connection cannot
+                        // carry another request.
+                        session.set_keepalive(None);
+                        Err(e)
+                    }
+                }
+            }
+        };
+        let mut upstream = match sent {
             Ok(s) => HttpSession::H1(s),
             Err(e) => {
                 // A pooled connection the upstream had closed: the request never arrived, so

@@ -1,22 +1,20 @@
-//! The gateway: the one `ProxyHttp` implementation.
+//! The gateway: what every request goes through.
 //!
-//! Every request enters `request_filter`, which finds the route, authenticates, and hands
-//! the request to its handler. A handler either answers locally, forwards through the
-//! [`forward`] engine (requests whose body ragway reads: model routing, rewriting), or
-//! returns a [`crate::request::ProxyTarget`] so that pingora's proxy phases stream the request and
-//! response through untouched. The phases below stay thin and only delegate.
+//! [`serve`] reads each request off the connection and hands it to `request_filter`, which
+//! finds the route, authenticates, and hands the request to its handler. A handler either
+//! answers locally or forwards through the [`forward`] engine (routing by model, rewriting,
+//! or the client's body streamed through as it comes). `fail` and `logging` end every
+//! request, errors included.
 
 pub mod forward;
 mod idle;
 pub mod ndjson_sse;
+pub mod serve;
 
 use std::sync::Arc;
 
-use async_trait::async_trait;
-use bytes::Bytes;
-use pingora::http::{RequestHeader, ResponseHeader};
-use pingora::proxy::{FailToProxy, ProxyHttp, Session};
-use pingora::upstreams::peer::HttpPeer;
+use pingora::http::RequestHeader;
+use pingora::proxy::Session;
 use pingora::{Error, ErrorType};
 
 use crate::app::App;
@@ -78,36 +76,19 @@ impl Gateway {
         session: &mut Session,
         ctx: &mut RequestCtx,
         e: ApiError,
-    ) -> pingora::Result<bool> {
+    ) -> pingora::Result<()> {
         ctx.status = Some(e.status);
-        crate::http::send(session, e.into()).await?;
-        // A response was sent: stop here.
-        Ok(true)
-    }
-}
-
-#[async_trait]
-impl ProxyHttp for Gateway {
-    type CTX = RequestCtx;
-
-    fn new_ctx(&self) -> RequestCtx {
-        RequestCtx::new()
+        crate::http::send(session, e.into()).await
     }
 
-    /// No downstream modules. pingora's default adds its response compression at level 0
-    /// (off), which still builds a module context per request and runs its filters on every
-    /// response header and body write; ragway never compresses (token streams must leave
-    /// unbuffered), so that is pure cost on every chunk.
-    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
-
-    /// Routes, authenticates and runs the handler. `Ok(true)`: a response was written
-    /// (local answer or forwarded stream). `Ok(false)`: `ctx.proxy` is set and pingora
-    /// proxies the request.
-    async fn request_filter(
+    /// Routes, authenticates and runs the handler. `Ok`: a response was written (a local
+    /// answer or a forwarded one). `Err`: the connection cannot carry another request; a
+    /// response may or may not have been started ([`Gateway::fail`] answers if not).
+    pub async fn request_filter(
         &self,
         session: &mut Session,
         ctx: &mut RequestCtx,
-    ) -> pingora::Result<bool> {
+    ) -> pingora::Result<()> {
         crate::heap::note_request();
         // While an answer streams, the client connection is watched for a hang-up. A keep-alive
         // client that already has its whole answer may send its next request before the
@@ -144,8 +125,7 @@ impl ProxyHttp for Gateway {
                 ctx.status = Some(405);
                 let reply = crate::http::Reply::from(e)
                     .with_header(http::header::ALLOW, allowed.join(", "));
-                crate::http::send(session, reply).await?;
-                return Ok(true);
+                return crate::http::send(session, reply).await;
             }
             Match::NotFound => {
                 return self
@@ -186,8 +166,7 @@ impl ProxyHttp for Gateway {
         // Limits are checked before the body is read or any upstream is contacted.
         if let Some(refusal) = crate::usage::admit(&self.app.usage, ctx, route.endpoint).await {
             ctx.status = Some(refusal.status);
-            crate::http::send(session, refusal).await?;
-            return Ok(true);
+            return crate::http::send(session, refusal).await;
         }
         let handler_started = std::time::Instant::now();
         let req = handlers::Req {
@@ -197,7 +176,7 @@ impl ProxyHttp for Gateway {
             params,
         };
         let outcome = handlers::handle(&self.app, session, ctx, &req).await;
-        if matches!(outcome, Ok(Outcome::Forward(_) | Outcome::Proxy(_))) {
+        if matches!(outcome, Ok(Outcome::Forward(_))) {
             // Routing: the handler's own work before the upstream is contacted (body read
             // and parse, model resolution, rewriting), RAG retrieval excluded.
             let routing = handler_started.elapsed().saturating_sub(ctx.usage.rag);
@@ -206,151 +185,34 @@ impl ProxyHttp for Gateway {
         match outcome {
             Ok(Outcome::Reply(reply)) => {
                 ctx.status = Some(reply.status);
-                crate::http::send(session, reply).await?;
-                Ok(true)
+                crate::http::send(session, reply).await
             }
             Ok(Outcome::Forward(plan)) => {
                 ctx.leave_store_phase();
-                forward::forward(&self.app, session, ctx, plan).await?;
-                Ok(true)
+                forward::forward(&self.app, session, ctx, plan).await
             }
             Ok(Outcome::Stream(streamer)) => {
                 // A status stream reads the database again; during an upgrade it ends and
                 // the client reconnects to the new process.
                 ctx.leave_store_phase();
                 ctx.status = Some(streamer.write(&self.app, session).await?);
-                Ok(true)
-            }
-            Ok(Outcome::Proxy(target)) => {
-                ctx.leave_store_phase();
-                ctx.proxy = Some(target);
-                Ok(false)
+                Ok(())
             }
             Err(e) => self.answer_error(session, ctx, e).await,
         }
     }
 
-    async fn upstream_peer(
-        &self,
-        _session: &mut Session,
-        ctx: &mut RequestCtx,
-    ) -> pingora::Result<Box<HttpPeer>> {
-        let Some(target) = &ctx.proxy else {
-            return Error::e_explain(ErrorType::InternalError, "no proxy target for this request");
-        };
-        let peer = target
-            .upstream
-            .peer(
-                self.app.config.connect_timeout,
-                self.app.config.read_idle_timeout,
-            )
-            .await
-            .map_err(|e| Error::explain(ErrorType::ConnectNoRoute, e))?;
-        Ok(Box::new(peer))
-    }
-
-    async fn upstream_request_filter(
-        &self,
-        session: &mut Session,
-        upstream_request: &mut RequestHeader,
-        ctx: &mut RequestCtx,
-    ) -> pingora::Result<()> {
-        let Some(target) = &ctx.proxy else {
-            return Error::e_explain(ErrorType::InternalError, "no proxy target for this request");
-        };
-        upstream_request.set_uri(
-            target
-                .path
-                .parse()
-                .map_err(|_| Error::explain(ErrorType::InternalError, "bad upstream path"))?,
-        );
-        // Rebuild the headers from the client's, minus credentials and hop-by-hop ones;
-        // keep the client's framing so pingora streams the body as it came.
-        let framing: Vec<_> = ["content-length", "transfer-encoding"]
-            .iter()
-            .filter_map(|h| {
-                session
-                    .req_header()
-                    .headers
-                    .get(*h)
-                    .map(|v| (*h, v.clone()))
-            })
-            .collect();
-        let client = session.req_header().headers.clone();
-        for name in client.keys() {
-            upstream_request.remove_header(name);
-        }
-        forward::upstream_headers(
-            &client,
-            &self.app.config.auth.api_key_header,
-            &target.upstream,
-            upstream_request,
-        )?;
-        for (name, value) in framing {
-            upstream_request.insert_header(name, value)?;
-        }
-        Ok(())
-    }
-
-    async fn upstream_response_filter(
-        &self,
-        _session: &mut Session,
-        upstream_response: &mut ResponseHeader,
-        ctx: &mut RequestCtx,
-    ) -> pingora::Result<()> {
-        if ctx.first_byte.is_none() {
-            ctx.first_byte = Some(ctx.start.elapsed());
-        }
-        ctx.status = Some(upstream_response.status.as_u16());
-        if let Some(t) = &ctx.proxy {
-            t.upstream.mark_ok();
-        }
-        Ok(())
-    }
-
-    fn upstream_response_body_filter(
-        &self,
-        _session: &mut Session,
-        body: &mut Option<Bytes>,
-        _end_of_stream: bool,
-        ctx: &mut RequestCtx,
-    ) -> pingora::Result<Option<std::time::Duration>> {
-        if let Some(b) = body {
-            ctx.streamed_bytes += b.len() as u64;
-        }
-        Ok(None)
-    }
-
-    fn fail_to_connect(
-        &self,
-        _session: &mut Session,
-        _peer: &HttpPeer,
-        ctx: &mut RequestCtx,
-        e: Box<Error>,
-    ) -> Box<Error> {
-        if let Some(t) = &ctx.proxy {
-            t.upstream.mark_failed();
-        }
-        e
-    }
-
-    /// Writes pingora-level failures (connect refused, timeouts) as JSON errors.
-    async fn fail_to_proxy(
-        &self,
-        session: &mut Session,
-        e: &Error,
-        ctx: &mut RequestCtx,
-    ) -> FailToProxy {
+    /// Answers a request that ended in a pingora-level failure (connect refused, timeouts, a
+    /// malformed body) with a JSON error, unless a response had already begun. The
+    /// connection is never reused after one: what is left of the request on it is unknown.
+    pub async fn fail(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) {
         let api = match e.etype() {
             ErrorType::HTTPStatus(code) => ApiError::new(*code, "Request failed"),
             _ => match e.esource() {
                 pingora::ErrorSource::Upstream => forward::upstream_failure(e),
                 pingora::ErrorSource::Downstream => match e.etype() {
                     ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => {
-                        return FailToProxy {
-                            error_code: 0,
-                            can_reuse_downstream: false,
-                        };
+                        return;
                     }
                     _ => ApiError::bad_request("Malformed request"),
                 },
@@ -376,15 +238,11 @@ impl ProxyHttp for Gateway {
                 tracing::debug!(error = %err, "could not send the error response");
             }
         }
-        FailToProxy {
-            error_code: code,
-            can_reuse_downstream: false,
-        }
     }
 
     /// Metrics and the access log, for every request, errors included. Never logs
     /// credentials: only method, path (no query), status, user id and timings.
-    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+    pub async fn logging(&self, session: &Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         // Usage of an answer that did not end normally (the forward engine records the rest).
         crate::usage::finish(&self.app.usage, ctx).await;
         let status = session

@@ -1,0 +1,119 @@
+//! The client-facing HTTP/1 server loop: one connection, its requests one after another.
+//!
+//! Why not pingora-proxy's `HttpProxy`: every ragway route ends in `Gateway::request_filter`
+//! (a local answer, or the [`super::forward`] engine), so none of `HttpProxy`'s own phases
+//! (cache, modules, retries, its upstream peer selection) ever ran, yet each request paid for
+//! them: its per-request futures are several KiB and were moved a handful of times per
+//! request, which `callgrind` put at a fifth of the instructions of a forwarded JSON call.
+//! This loop keeps what `HttpProxy` did that ragway relies on — keep-alive with pipelined
+//! bytes carried over, closing waiting connections when the listener stops, the 400 to an
+//! unparsable head, refusing `CONNECT` — on pingora's own HTTP/1 sessions.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora::ErrorType;
+use pingora::apps::{HttpPersistentSettings, ReusedHttpStream, ServerApp};
+use pingora::protocols::Stream;
+use pingora::proxy::Session;
+use pingora::server::ShutdownWatch;
+
+use super::Gateway;
+use crate::request::RequestCtx;
+
+/// How long a keep-alive connection may sit between requests (pingora's default).
+const KEEPALIVE_SECS: u64 = 60;
+
+/// How long a stopped listener's waiting connections may still bring a request: waiting a
+/// moment lets a request already on its way be answered (with `Connection: close`) instead of
+/// meeting a reset.
+pub const CLEANUP_DELAY: Duration = Duration::from_millis(150);
+
+/// The gateway as pingora's listening service runs it.
+pub struct Front {
+    pub gateway: Gateway,
+}
+
+#[async_trait]
+impl ServerApp for Front {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let mut next = Some((stream, None));
+        while let Some((stream, settings)) = next {
+            // Boxed: the session is large, and a boxed one is moved as a pointer.
+            let session = Box::new(Session::new_h1(stream));
+            next = self
+                .serve_one(session, settings, shutdown)
+                .await
+                .map(ReusedHttpStream::consume);
+        }
+        None
+    }
+}
+
+impl Front {
+    /// Reads one request and answers it; the connection back when it can carry another.
+    async fn serve_one(
+        &self,
+        mut session: Box<Session>,
+        settings: Option<HttpPersistentSettings>,
+        shutdown: &ShutdownWatch,
+    ) -> Option<ReusedHttpStream> {
+        match settings {
+            Some(s) => s.apply_to_session(&mut session.downstream_session),
+            None if *shutdown.borrow() => session.set_keepalive(None),
+            None => session.set_keepalive(Some(KEEPALIVE_SECS)),
+        }
+        let mut stop = shutdown.clone();
+        let read = tokio::select! {
+            // A request already buffered is served before a stop is looked at.
+            biased;
+            r = session.downstream_session.read_request() => r,
+            () = async {
+                let _ = stop.wait_for(|stopped| *stopped).await;
+                tokio::time::sleep(CLEANUP_DELAY).await;
+            } => return None,
+        };
+        match read {
+            Ok(true) => {}
+            Ok(false) => return None,
+            Err(e) => {
+                if matches!(e.etype(), ErrorType::InvalidHTTPHeader) {
+                    tracing::debug!(error = %e, "unparsable request head");
+                    let _ = session.downstream_session.respond_error(400).await;
+                }
+                session.downstream_session.shutdown().await;
+                return None;
+            }
+        }
+        if *shutdown.borrow() {
+            session.set_keepalive(None);
+        }
+        if session.req_header().method == http::Method::CONNECT {
+            // A tunnel changes the message framing; no ragway route is one.
+            let _ = session.downstream_session.respond_error(405).await;
+            session.downstream_session.shutdown().await;
+            return None;
+        }
+        let mut ctx = RequestCtx::new();
+        let outcome = self.gateway.request_filter(&mut session, &mut ctx).await;
+        if let Err(e) = outcome {
+            self.gateway.fail(&mut session, &e, &mut ctx).await;
+            self.gateway.logging(&session, Some(&e), &mut ctx).await;
+            return None;
+        }
+        self.gateway.logging(&session, None, &mut ctx).await;
+        let persistent = HttpPersistentSettings::for_session(&session.downstream_session);
+        session
+            .downstream_session
+            .finish()
+            .await
+            .ok()
+            .flatten()
+            .map(|s| ReusedHttpStream::from_reusable_stream(s, persistent))
+    }
+}
