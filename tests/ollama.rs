@@ -1754,6 +1754,32 @@ async fn forwarded_requests_reuse_idle_upstream_connections() {
     );
 }
 
+/// A request passed through as it comes but without a body (`/ollama/api/version/{idx}`)
+/// also goes out on idle upstream connections: only a client body that streams needs a
+/// fresh one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodiless_pass_through_requests_reuse_idle_upstream_connections() {
+    let up = FakeUpstream::ollama(&["llama3:latest"]).await;
+    let (gw, _admin, _) = quiet_gateway(&up).await;
+    let before = up.accepted_connections();
+    let client = http_client();
+    for _ in 0..20 {
+        let r = client
+            .get(format!("{}/ollama/api/version/0", gw.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let v: Value = r.json().await.unwrap();
+        assert!(v["version"].is_string(), "{v}");
+    }
+    let opened = up.accepted_connections() - before;
+    assert!(
+        (1..=2).contains(&opened),
+        "20 sequential version requests opened {opened} upstream connections"
+    );
+}
+
 /// A forwarded request's header and body reach the upstream as one TCP segment (as nginx
 /// sends them), not a header segment the upstream wakes up for and then the body.
 #[cfg(target_os = "linux")]

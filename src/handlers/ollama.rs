@@ -183,8 +183,8 @@ pub async fn model_route(
     }))
 }
 
-/// Pull and create: no model to resolve, so the request streams through pingora's proxy
-/// path to connection `url_idx` (default 0, as Open WebUI).
+/// Pull and create: no model to resolve, so the client's body streams as it comes to
+/// connection `url_idx` (default 0, as Open WebUI).
 pub fn admin_stream(app: &App, session: &Session, req: &Req) -> HandlerResult {
     let up = upstream_at(app, req.url_idx.unwrap_or(0))?;
     Ok(Outcome::Forward(Plan::pass_through(

@@ -271,7 +271,9 @@ pub async fn forward(
     let mut last_error = ApiError::new(502, "No upstream hosts this model");
     // The client's body can be read only once, so it gets one upstream and a fresh
     // connection (a pooled one the upstream has closed would leave nothing to retry with).
-    let from_client = matches!(plan.body, Body::Client);
+    // Without a body (`GET /ollama/api/version/{idx}`) there is nothing to lose: the pool.
+    let from_client =
+        matches!(plan.body, Body::Client) && !session.downstream_session.is_body_empty();
     let attempts = if from_client {
         1
     } else {
@@ -321,6 +323,14 @@ pub async fn forward(
             Body::Read(body) => {
                 req.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
                 send_request(stream, &peer, req, body).await
+            }
+            Body::Client if !from_client => {
+                // No body: the request line and headers alone (a `Content-Length: 0` the
+                // client sent is kept).
+                if let Some(v) = session.req_header().headers.get(header::CONTENT_LENGTH) {
+                    req.insert_header(header::CONTENT_LENGTH, v.clone())?;
+                }
+                send_request(stream, &peer, req, &Bytes::new()).await
             }
             Body::Client => {
                 for name in [header::CONTENT_LENGTH, header::TRANSFER_ENCODING] {
