@@ -9,7 +9,8 @@
 //!
 //! - Wiring: [`app`] (builds the services and hands each the parts it needs), [`server`],
 //!   [`commands`] (bulk ingestion and evaluation over a whole `App`).
-//! - Edge: [`proxy`]: the one `ProxyHttp` ([`proxy::Gateway`]) and the [`proxy::forward`] engine.
+//! - Edge: [`proxy`]: the HTTP/1 server loop ([`proxy::serve`]), the gateway
+//!   ([`proxy::Gateway`]) and the [`proxy::forward`] engine.
 //! - HTTP: [`handlers`] (one module per API family, domain errors → HTTP errors in one place),
 //!   [`request`] (per-request state and the forward plan), [`openapi`], [`ui`].
 //! - Services: [`library`] (files + collections + index entries as one unit), [`rag`]

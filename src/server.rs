@@ -244,8 +244,8 @@ impl Signals {
             in_flight = crate::metrics::IN_FLIGHT.get(),
             "listening sockets handed over; releasing the database"
         );
-        // Connections waiting for a request may still bring one until pingora's clean-up
-        // (see `DeferredCleanup`); such a request counts itself a moment after it is read.
+        // Connections waiting for a request may still bring one for `CLEANUP_DELAY` after the
+        // stop (`proxy::serve`); such a request counts itself a moment after it is read.
         tokio::time::sleep(CLEANUP_DELAY + Duration::from_millis(50)).await;
         // Requests still in a phase that can touch the database finish first (authentication,
         // handlers: milliseconds); streams already relaying an upstream never touch it again.

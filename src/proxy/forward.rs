@@ -1,10 +1,10 @@
-//! The forward engine: sends a request whose body ragway has already read (to find the
-//! model, or to rewrite it) to an upstream, and streams the answer back.
+//! The forward engine: sends a request to an upstream, with the body ragway has already read
+//! (to find the model, or to rewrite it) or the client's as it arrives, and streams the answer
+//! back.
 //!
-//! Why not pingora's proxy phases for these routes: routing by model needs the body before
-//! `upstream_peer`, and pingora can only replay a pre-read body up to its 64 KiB retry
-//! buffer. So these requests use pingora's own connector and sessions directly, with the
-//! same timeouts: each upstream chunk is copied once, out of pingora's read buffer into the
+//! Why not pingora-proxy's phases: routing by model needs the body before `upstream_peer`,
+//! and pingora can only replay a pre-read body up to its 64 KiB retry buffer. So requests use
+//! pingora's own connector and sessions directly, with the same timeouts: each upstream chunk is copied once, out of pingora's read buffer into the
 //! write in hand, and written as soon as nothing more has arrived. Idle connections wait in
 //! this thread's list ([`super::idle`]), not in pingora's pool.
 
