@@ -303,8 +303,55 @@ fn match_template(template: &str, path: &str) -> Option<Vec<String>> {
     }
 }
 
+/// Per path, the answers of [`scan`] for each method a route gives it, memoised: most
+/// requests name a route exactly, and scanning the ~100 rows for one cost as much as parsing
+/// its head. Built by running `scan` itself, so a memoised answer cannot differ from a
+/// scanned one.
+type Exact = std::collections::HashMap<&'static str, Vec<(Method, &'static RouteSpec)>>;
+
+static EXACT: std::sync::LazyLock<Exact> = std::sync::LazyLock::new(|| {
+    let mut exact = Exact::new();
+    for r in ROUTES {
+        let path = trim(r.path);
+        if SLASH_SENSITIVE.contains(&path) {
+            continue;
+        }
+        if let Match::Found {
+            route,
+            url_idx: None,
+            tail,
+            params,
+        } = scan(&r.method, path)
+            && tail.is_empty()
+            && params.is_empty()
+        {
+            let methods = exact.entry(path).or_default();
+            if !methods.iter().any(|(m, _)| *m == r.method) {
+                methods.push((r.method.clone(), route));
+            }
+        }
+    }
+    exact
+});
+
 /// Finds the route for `method` and `path` (without query).
 pub fn find(method: &Method, path: &str) -> Match {
+    if !SLASH_SENSITIVE.contains(&path)
+        && let Some(methods) = EXACT.get(trim(path))
+        && let Some((_, route)) = methods.iter().find(|(m, _)| m == method)
+    {
+        return Match::Found {
+            route,
+            url_idx: None,
+            tail: String::new(),
+            params: Vec::new(),
+        };
+    }
+    scan(method, path)
+}
+
+/// Matches `path` against every row in order: the first row that matches wins.
+fn scan(method: &Method, path: &str) -> Match {
     if SLASH_SENSITIVE.contains(&path) {
         let routes = ROUTES.iter().filter(|r| r.path == path);
         let mut allowed: Vec<&'static str> = Vec::new();
@@ -383,6 +430,27 @@ pub fn find(method: &Method, path: &str) -> Match {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn memoised_answers_are_the_scanned_ones() {
+        assert!(EXACT.len() > ROUTES.len() / 2, "most routes are exact");
+        let memoised = EXACT
+            .iter()
+            .flat_map(|(path, methods)| methods.iter().map(move |(m, r)| (m, path, r)));
+        for (method, path, route) in memoised {
+            // With a trailing slash too, which is where `SLASH_SENSITIVE` paths part ways.
+            for (p, exact) in [((*path).to_string(), true), (format!("{path}/"), false)] {
+                let (found, scanned) = (find(method, &p), scan(method, &p));
+                assert_eq!(format!("{found:?}"), format!("{scanned:?}"), "{method} {p}");
+                if exact {
+                    assert!(
+                        matches!(found, Match::Found { route: a, .. } if std::ptr::eq(a, *route)),
+                        "{method} {p}"
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     fn every_documented_route_is_reachable() {
