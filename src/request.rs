@@ -43,7 +43,8 @@ pub enum Body {
     /// to a second upstream when the first could not be reached.
     Read(Bytes),
     /// The client's body, streamed to the upstream as it arrives, in the client's framing
-    /// (pull and create: nothing in it needs reading, and a create may be large).
+    /// (pull and create: nothing in it needs reading, and a create may be large), or none
+    /// (the per-connection version).
     Client,
 }
 

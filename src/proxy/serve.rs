@@ -94,8 +94,11 @@ impl Front {
             session.set_keepalive(None);
         }
         if session.req_header().method == http::Method::CONNECT {
-            // A tunnel changes the message framing; no ragway route is one.
-            let _ = session.downstream_session.respond_error(405).await;
+            // A tunnel changes the message framing; no ragway route is one. The connection
+            // closes: a client that asked for a tunnel may already be sending tunnel bytes.
+            session.set_keepalive(None);
+            let refusal = crate::error::ApiError::new(405, "CONNECT is not supported");
+            let _ = crate::http::send(&mut session, refusal.into()).await;
             session.downstream_session.shutdown().await;
             return None;
         }

@@ -129,6 +129,19 @@ async fn content_length_with_transfer_encoding_is_read_as_chunked_and_never_reus
     support::alive(&gw).await;
 }
 
+/// A tunnel request is refused with a JSON 405 and the connection closed: bytes after it may
+/// be the tunnel's, never a request to serve.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_is_refused_with_json_and_the_connection_closed() {
+    let gw = gateway().await;
+    let req = b"CONNECT 127.0.0.1:22 HTTP/1.1\r\nhost: 127.0.0.1:22\r\n\r\nGET /health HTTP/1.1\r\nhost: x\r\n\r\n";
+    let x = exchange(&gw, req, 1, true).await;
+    assert!(x.closed, "connection closed after CONNECT");
+    assert_eq!(x.answers.len(), 1, "nothing after CONNECT was served");
+    json_error(&x.answers[0], 405);
+    support::alive(&gw).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transfer_encoding_not_ending_in_chunked_is_rejected() {
     let gw = gateway().await;
