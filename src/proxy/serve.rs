@@ -19,7 +19,7 @@ use pingora::protocols::Stream;
 use pingora::proxy::Session;
 use pingora::server::ShutdownWatch;
 
-use super::Gateway;
+use super::{Gateway, conn};
 use crate::request::RequestCtx;
 
 /// How long a keep-alive connection may sit between requests (pingora's default).
@@ -42,7 +42,7 @@ impl ServerApp for Front {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        let mut next = Some((stream, None));
+        let mut next = Some((conn::rehome(stream), None));
         while let Some((stream, settings)) = next {
             // Boxed: the session is large, and a boxed one is moved as a pointer.
             let session = Box::new(Session::new_h1(stream));
