@@ -284,9 +284,9 @@ async fn a_burst_larger_than_a_write_leaves_in_bounded_writes() {
     let (gw, admin) = gateway(BURST, "").await;
     let (sizes, payload) = chunk_frames(&gw.url, &admin).await;
     let expected: String = (0..BURST).map(|i| line(i, i + 1 == BURST)).collect();
-    assert!(expected.len() > 8 * ragway::proxy::forward::COALESCE_MAX);
+    assert!(expected.len() > 8 * ragway::proxy::batch::COALESCE_MAX);
     assert_eq!(String::from_utf8(payload).unwrap(), expected);
-    let bound = ragway::proxy::forward::COALESCE_MAX + 64 * 1024;
+    let bound = ragway::proxy::batch::COALESCE_MAX + 64 * 1024;
     assert!(
         sizes.iter().all(|s| *s <= bound),
         "a write over {bound} bytes: {sizes:?}"

@@ -6,6 +6,7 @@
 //! or the client's body streamed through as it comes). `fail` and `logging` end every
 //! request, errors included.
 
+pub mod batch;
 mod conn;
 pub mod forward;
 mod idle;

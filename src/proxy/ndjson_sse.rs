@@ -619,9 +619,9 @@ pub async fn relay(
     };
     // Lines already in hand together are converted and written together, as the forward
     // engine does for streams it passes through: a burst of tokens is one write.
-    let mut batch = bytes::BytesMut::with_capacity(super::forward::BATCH_START);
+    let mut batch = bytes::BytesMut::with_capacity(super::batch::BATCH_START);
     loop {
-        let read = if let Some(r) = super::forward::read_into(upstream, &mut batch).now_or_never() {
+        let read = if let Some(r) = super::batch::read_into(upstream, &mut batch).now_or_never() {
             r
         } else {
             if let Some(reusable) = out.send(session, ctx, &mut batch, false).await? {
@@ -630,7 +630,7 @@ pub async fn relay(
             loop {
                 tokio::select! {
                     biased;
-                    r = super::forward::read_into(upstream, &mut batch) => break r,
+                    r = super::batch::read_into(upstream, &mut batch) => break r,
                     r = session.as_mut().read_body_or_idle(true) => {
                         if r.is_err() {
                             tracing::info!("client disconnected mid-stream; dropping the upstream request");
@@ -642,7 +642,7 @@ pub async fn relay(
         };
         match read {
             Ok(true) => {
-                if batch.len() >= super::forward::COALESCE_MAX
+                if batch.len() >= super::batch::COALESCE_MAX
                     && let Some(reusable) = out.send(session, ctx, &mut batch, false).await?
                 {
                     return Ok(reusable);
