@@ -36,6 +36,10 @@ pub struct Upstream {
     epoch: Instant,
     /// Whether the last model-list fetch or connection attempt succeeded.
     up: AtomicBool,
+    /// This upstream's series of `UPSTREAM_IN_FLIGHT` and `UPSTREAM_UP`, looked up once:
+    /// every forwarded request moves both, and a label lookup hashes the URL each time.
+    in_flight_gauge: prometheus::IntGauge,
+    up_gauge: prometheus::IntGauge,
 }
 
 /// Decrements the in-flight count when the proxied request ends, however it ends.
@@ -44,9 +48,7 @@ pub struct InFlight(Arc<Upstream>);
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
-        metrics::UPSTREAM_IN_FLIGHT
-            .with_label_values(&[self.0.config.url.as_str()])
-            .dec();
+        self.0.in_flight_gauge.dec();
     }
 }
 
@@ -73,6 +75,14 @@ impl Upstream {
             failed_at_ms: AtomicU64::new(0),
             epoch: Instant::now(),
             up: AtomicBool::new(false),
+            in_flight_gauge: metrics::UPSTREAM_IN_FLIGHT.with_label_values(&[config.url.as_str()]),
+            up_gauge: metrics::UPSTREAM_UP.with_label_values(&[
+                config.url.as_str(),
+                match config.kind {
+                    UpstreamKind::Ollama => "ollama",
+                    UpstreamKind::OpenAi => "openai",
+                },
+            ]),
             config,
         };
         // Unknown until the first model list or connection says otherwise.
@@ -95,13 +105,7 @@ impl Upstream {
 
     fn set_up(&self, up: bool) {
         self.up.store(up, Ordering::Relaxed);
-        let kind = match self.config.kind {
-            UpstreamKind::Ollama => "ollama",
-            UpstreamKind::OpenAi => "openai",
-        };
-        metrics::UPSTREAM_UP
-            .with_label_values(&[self.config.url.as_str(), kind])
-            .set(i64::from(up));
+        self.up_gauge.set(i64::from(up));
     }
 
     pub fn mark_failed(&self) {
@@ -123,9 +127,7 @@ impl Upstream {
 
     pub fn begin(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        metrics::UPSTREAM_IN_FLIGHT
-            .with_label_values(&[self.config.url.as_str()])
-            .inc();
+        self.in_flight_gauge.inc();
         InFlight(self.clone())
     }
 
