@@ -20,6 +20,7 @@ use pingora::proxy::Session;
 use pingora::server::ShutdownWatch;
 
 use super::{Gateway, conn};
+use crate::error::ApiError;
 use crate::request::RequestCtx;
 
 /// How long a keep-alive connection may sit between requests (pingora's default).
@@ -84,7 +85,8 @@ impl Front {
             Err(e) => {
                 if matches!(e.etype(), ErrorType::InvalidHTTPHeader) {
                     tracing::debug!(error = %e, "unparsable request head");
-                    let _ = session.downstream_session.respond_error(400).await;
+                    let refusal = head_refusal(&e);
+                    let _ = reject_head(&mut session, &refusal).await;
                 }
                 session.downstream_session.shutdown().await;
                 return None;
@@ -97,7 +99,7 @@ impl Front {
             // A tunnel changes the message framing; no ragway route is one. The connection
             // closes: a client that asked for a tunnel may already be sending tunnel bytes.
             session.set_keepalive(None);
-            let refusal = crate::error::ApiError::new(405, "CONNECT is not supported");
+            let refusal = ApiError::new(405, "CONNECT is not supported");
             let _ = crate::http::send(&mut session, refusal.into()).await;
             session.downstream_session.shutdown().await;
             return None;
@@ -119,4 +121,44 @@ impl Front {
             .flatten()
             .map(|s| ReusedHttpStream::from_reusable_stream(s, persistent))
     }
+}
+
+/// The clear error for a head pingora's parser refused. pingora's own answer is a bare 400
+/// with no body; clients and SDKs that read `detail` or `error.message` get one here too, with
+/// 431 where the head was only too big (RFC 6585), so a client can tell "trim your cookies"
+/// from "your bytes are not HTTP".
+fn head_refusal(e: &pingora::Error) -> ApiError {
+    let cause = e
+        .cause
+        .as_deref()
+        .and_then(|c| c.downcast_ref::<httparse::Error>());
+    if matches!(cause, Some(httparse::Error::TooManyHeaders)) {
+        return ApiError::new(431, "Too many request header fields");
+    }
+    // pingora's only other size refusal; its wording is the one stable mark it leaves.
+    if e.context
+        .as_ref()
+        .is_some_and(|c| c.as_str().starts_with("Request header larger than"))
+    {
+        return ApiError::new(431, "Request header fields too large");
+    }
+    let why = match cause {
+        Some(c) => format!("Malformed HTTP request: {c}"),
+        None => "Malformed HTTP request".to_owned(),
+    };
+    ApiError::bad_request(why)
+}
+
+/// Answers a refused head and closes: its message boundaries are unknown, so nothing after it
+/// on this connection can be trusted as a request.
+async fn reject_head(session: &mut Session, refusal: &ApiError) -> pingora::Result<()> {
+    let body = refusal.body();
+    let mut resp = pingora::http::ResponseHeader::build_no_case(refusal.status, Some(3))?;
+    resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
+    resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+    resp.insert_header(http::header::CONNECTION, "close")?;
+    session
+        .downstream_session
+        .write_error_response(resp, body)
+        .await
 }
