@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use serde_json::{Value, json};
 
 use crate::config::UpstreamKind;
@@ -33,13 +34,16 @@ pub struct ModelEntry {
 }
 
 /// One consistent view of all models.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Catalog {
     /// `/api/models` order: sorted by name.
     pub list: Vec<Arc<ModelEntry>>,
     pub by_id: HashMap<String, Arc<ModelEntry>>,
     /// Merged Ollama `/api/tags` entries (with `urls`), for `/ollama/api/tags`.
     pub ollama_tags: Vec<Value>,
+    /// `{"models": ollama_tags}` as sent, built once with the catalog: a caller who may use
+    /// every model gets these bytes instead of a fresh serialisation of the whole list.
+    pub ollama_tags_body: Bytes,
 }
 
 #[derive(Clone)]
@@ -351,9 +355,31 @@ fn build_catalog(
         let bn = b.json["name"].as_str().unwrap_or_default();
         an.cmp(bn).then_with(|| a.id.cmp(&b.id))
     });
+    let ollama_tags_body = tags_body(&ollama_tags.iter().collect::<Vec<_>>());
     Catalog {
         list,
         by_id,
         ollama_tags,
+        ollama_tags_body,
     }
+}
+
+impl Default for Catalog {
+    fn default() -> Self {
+        Catalog {
+            list: Vec::new(),
+            by_id: HashMap::new(),
+            ollama_tags: Vec::new(),
+            ollama_tags_body: tags_body(&[]),
+        }
+    }
+}
+
+/// Ollama's `/api/tags` answer for these entries.
+pub fn tags_body(models: &[&Value]) -> Bytes {
+    #[derive(serde::Serialize)]
+    struct Tags<'a> {
+        models: &'a [&'a Value],
+    }
+    Bytes::from(serde_json::to_vec(&Tags { models }).expect("serialisable tags"))
 }

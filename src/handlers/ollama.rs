@@ -253,6 +253,13 @@ pub async fn tags(app: &App, ctx: &RequestCtx, req: &Req) -> HandlerResult {
         upstream_at(app, i)?;
     }
     let catalog = app.models.catalog(false).await;
+    if req.url_idx.is_none() && id.allowed_models.is_none() {
+        return Ok(Outcome::Reply(Reply::bytes(
+            200,
+            "application/json",
+            catalog.ollama_tags_body.clone(),
+        )));
+    }
     let models: Vec<&Value> = catalog
         .ollama_tags
         .iter()
@@ -265,7 +272,11 @@ pub async fn tags(app: &App, ctx: &RequestCtx, req: &Req) -> HandlerResult {
         })
         .filter(|t| t["model"].as_str().is_some_and(|m| id.may_use_model(m)))
         .collect();
-    Ok(Outcome::Reply(Reply::ok(&json!({ "models": models }))))
+    Ok(Outcome::Reply(Reply::bytes(
+        200,
+        "application/json",
+        crate::models::tags_body(&models),
+    )))
 }
 
 /// Ollama's models as an OpenAI list.
