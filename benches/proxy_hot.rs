@@ -209,17 +209,17 @@ mod chat_body {
         });
     }
 
-    /// The guard plus reading only the routing fields (model, messages, stream, keys that
-    /// force a rewrite) in place: what a chat request that is forwarded as it came pays,
+    /// The guard reading the routing fields (model, messages, stream, keys that force a
+    /// rewrite) in the same pass: what a chat request that is forwarded as it came pays,
     /// against `guard_and_parse` above.
     #[divan::bench(args = ["short", "ui"])]
     fn guard_and_route(bencher: divan::Bencher, which: &str) {
         let body = if which == "short" { short() } else { from_ui() };
         bencher.bench(|| {
-            ragway::http::json::check(black_box(&body), 100_000).expect("valid");
-            let r = ragway::http::routing::ChatRouting::parse(black_box(&body), |k| {
+            let r = ragway::http::json::check_routed(black_box(&body), 100_000, &|k| {
                 k == "params" || k == "files" || k == "chat_id"
             })
+            .expect("valid")
             .expect("an object");
             black_box(r)
         });

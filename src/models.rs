@@ -376,6 +376,10 @@ impl Default for Catalog {
 }
 
 /// Ollama's `/api/tags` answer for these entries.
+///
+/// # Panics
+/// Never: JSON values always serialise.
+#[must_use]
 pub fn tags_body(models: &[&Value]) -> Bytes {
     #[derive(serde::Serialize)]
     struct Tags<'a> {

@@ -1138,6 +1138,64 @@ async fn model_access_limits_lists_and_use() {
     assert_eq!(status, 200);
 }
 
+/// A body that needs nothing changed reaches the upstream as the client wrote it, whitespace,
+/// key order and escapes included, on every model route; the model is read as Ollama reads
+/// it (escapes decoded, `name` when there is no `model`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_bodies_without_changes_are_forwarded_byte_exact() {
+    let up = FakeUpstream::ollama(&["m:latest"]).await;
+    let gw = Setup::new().ollama(&up.url).start().await;
+    let admin = gw.admin().await;
+    for (path, upstream, raw) in [
+        (
+            "/ollama/api/chat",
+            "/api/chat",
+            "{ \"messages\" :[ {\"content\":\"hi  there\",\"role\":\"user\"} ],\n\t\"model\":   \"m:latest\" , \"stream\":false, \"options\":{\"model\":\"x\"} }\n",
+        ),
+        (
+            "/ollama/api/embed",
+            "/api/embed",
+            r#"{"input":["a","b",  "c"],"model":"m\u003alatest"}"#,
+        ),
+        ("/ollama/api/show", "/api/show", r#"{"name" : "m:latest"}"#),
+        (
+            "/ollama/v1/chat/completions",
+            "/v1/chat/completions",
+            r#"{"model":"m:latest","messages":[{"role":"user","content":"hi"}],"stream":false}"#,
+        ),
+    ] {
+        up.clear();
+        let r = gw
+            .req(Method::POST, path, Some(&admin))
+            .header("content-type", "application/json")
+            .body(raw)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        r.bytes().await.unwrap();
+        let sent = up.requests_to(upstream);
+        assert_eq!(sent.len(), 1, "{path}");
+        assert_eq!(sent[0].text(), raw, "{path}: forwarded as sent");
+    }
+    // What the fast reading refuses still gets the full path's own answers.
+    for (body, status) in [
+        (r#"{"model":null}"#, 422),
+        (r#"{"model":""}"#, 400),
+        (r#"{"Model":"m:latest"}"#, 400),
+        (r#"{"model":"nope:latest"}"#, 400),
+    ] {
+        let r = gw
+            .req(Method::POST, "/ollama/api/embed", Some(&admin))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status, "{body}");
+    }
+}
+
 // ---------------------------------------------------------------------------
 // 6. prefix-id
 // ---------------------------------------------------------------------------

@@ -16,7 +16,7 @@ use crate::app::App;
 use crate::config::UpstreamKind;
 use crate::error::{ApiError, msg};
 use crate::http;
-use crate::http::routing::{ChatRouting, Shape};
+use crate::http::routing::{Routing, Shape};
 use crate::proxy::ndjson_sse;
 use crate::rag::{self, prompt};
 use crate::request::RequestCtx;
@@ -125,8 +125,8 @@ pub async fn completions(app: &App, session: &mut Session, ctx: &mut RequestCtx)
     if raw.is_empty() {
         return Err(ApiError::new(422, "Request body is required (JSON)"));
     }
-    http::json::check(&raw, app.config.max_json_values)?;
-    if let Some(plan) = as_it_came(app, ctx, &raw).await? {
+    let routing = http::json::check_routed(&raw, app.config.max_json_values, &needs_rewrite)?;
+    if let Some(plan) = as_it_came(app, ctx, &raw, routing).await? {
         return Ok(Outcome::Forward(plan));
     }
     let mut body: Map<String, Value> = http::parse_checked_json(&raw)?;
@@ -290,8 +290,9 @@ async fn as_it_came(
     app: &App,
     ctx: &mut RequestCtx,
     raw: &bytes::Bytes,
+    routing: Option<Routing>,
 ) -> Result<Option<Plan>, ApiError> {
-    let Ok(fields) = ChatRouting::parse(raw, needs_rewrite) else {
+    let Some(fields) = routing else {
         return Ok(None);
     };
     let (Shape::Str(model), Shape::Array) = (&fields.model, &fields.messages) else {

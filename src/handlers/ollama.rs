@@ -15,6 +15,7 @@ use crate::app::App;
 use crate::config::UpstreamKind;
 use crate::error::{ApiError, msg};
 use crate::http::router::Endpoint;
+use crate::http::routing::{Routing, Shape};
 use crate::http::{self, Reply};
 use crate::models::ModelEntry;
 use crate::request::{Body, Plan, RequestCtx};
@@ -103,7 +104,15 @@ pub async fn model_route(
     ctx: &mut RequestCtx,
     req: &Req,
 ) -> HandlerResult {
-    let (raw, mut obj) = object_body(app, session).await?;
+    let raw = http::read_body(session, app.config.max_body_bytes).await?;
+    if raw.is_empty() {
+        return Err(ApiError::new(422, "Request body is required (JSON)"));
+    }
+    let routing = http::json::check_routed(&raw, app.config.max_json_values, &|_| false)?;
+    if let Some(plan) = as_it_came(app, session, ctx, req, &raw, routing).await? {
+        return Ok(Outcome::Forward(plan));
+    }
+    let mut obj: Map<String, Value> = http::parse_checked_json(&raw)?;
     let name = match obj.get("model").or_else(|| obj.get("name")) {
         Some(Value::String(m)) if !m.is_empty() => m.clone(),
         Some(Value::String(_)) | None => return Err(ApiError::bad_request("model is required")),
@@ -176,6 +185,64 @@ pub async fn model_route(
         method: ::http::Method::POST,
         path: with_query(upstream_path(endpoint), session),
         body: Body::Read(body),
+        replace_success_body: None,
+        sources: None,
+        convert: None,
+        headers: Vec::new(),
+    }))
+}
+
+/// The common request, which needs nothing changed: a base model under its upstream's own
+/// name (no `prefix_id`), no preset, no connection index, and no usage chunk to ask for.
+/// Routed from its top-level fields and forwarded as its bytes came, without building the
+/// body (an `/api/embed` of many texts or a long `/api/chat` history is otherwise built
+/// whole only to read its model). `None`: the full path decides, and words every refusal.
+async fn as_it_came(
+    app: &App,
+    session: &Session,
+    ctx: &mut RequestCtx,
+    req: &Req,
+    raw: &bytes::Bytes,
+    routing: Option<Routing>,
+) -> Result<Option<Plan>, ApiError> {
+    let Some(fields) = routing else {
+        return Ok(None);
+    };
+    let name = match (&fields.model, &fields.name) {
+        (Shape::Str(m), _) | (Shape::Missing, Shape::Str(m)) if !m.is_empty() => m,
+        _ => return Ok(None),
+    };
+    let endpoint = req.route.endpoint;
+    let openai_style = matches!(
+        endpoint,
+        Endpoint::OllamaV1ChatCompletions | Endpoint::OllamaV1Completions
+    );
+    if req.url_idx.is_some() || (openai_style && fields.stream == Shape::True) {
+        return Ok(None);
+    }
+    let id = identity(ctx)?;
+    if matches!(endpoint, Endpoint::OllamaChat | Endpoint::OllamaGenerate)
+        && crate::presets::resolve(&app.presets(), id, name)
+            .await?
+            .is_some()
+    {
+        return Ok(None);
+    }
+    if !id.may_use_model(name) {
+        return Ok(None);
+    }
+    let Some(entry) = ollama_model(app, name).await else {
+        return Ok(None);
+    };
+    if entry.upstream_id != entry.id {
+        return Ok(None);
+    }
+    crate::usage::note_model(ctx, &entry.id);
+    Ok(Some(Plan {
+        candidates: app.upstreams.rank(UpstreamKind::Ollama, &entry.urls),
+        method: ::http::Method::POST,
+        path: with_query(upstream_path(endpoint), session),
+        body: Body::Read(raw.clone()),
         replace_success_body: None,
         sources: None,
         convert: None,

@@ -13,7 +13,9 @@
 //!   with more than a configured number.
 //!
 //! The pass allocates only the keys of the object being visited (to find duplicates), and
-//! `serde_json`'s recursion limit (128) bounds nesting.
+//! `serde_json`'s recursion limit (128) bounds nesting. The same pass notes what routing
+//! needs of a top-level object ([`check_routed`]), so a body forwarded as it came is read
+//! once.
 
 use std::borrow::Cow;
 use std::collections::HashSet;
@@ -21,6 +23,7 @@ use std::fmt;
 
 use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 
+use super::routing::{Field, Routing, Shape};
 use crate::error::ApiError;
 
 /// Default for [`check`]'s value budget on small local forms.
@@ -33,33 +36,62 @@ pub const DEFAULT_MAX_VALUES: usize = 100_000;
 /// # Errors
 /// 400 for malformed or ambiguous JSON, 413 beyond `max_values` values.
 pub fn check(body: &[u8], max_values: usize) -> Result<(), ApiError> {
+    run(body, max_values, None).map(drop)
+}
+
+/// [`check`], also reading what routing needs of the body (see [`routing`]); `None` when the
+/// body is valid JSON but not an object. `rewrite` tells the top-level keys whose presence
+/// means the body must be rebuilt.
+///
+/// # Errors
+/// As [`check`].
+pub fn check_routed(
+    body: &[u8],
+    max_values: usize,
+    rewrite: &dyn Fn(&str) -> bool,
+) -> Result<Option<Routing>, ApiError> {
+    run(body, max_values, Some(rewrite))
+}
+
+fn run(
+    body: &[u8],
+    max_values: usize,
+    rewrite: Option<&dyn Fn(&str) -> bool>,
+) -> Result<Option<Routing>, ApiError> {
     let mut state = State {
         values: 0,
         max_values,
         problem: None,
+        rewrite,
+        routing: None,
     };
     let mut de = serde_json::Deserializer::from_slice(body);
     let result = Node {
         state: &mut state,
         top: true,
+        keep: false,
     }
     .deserialize(&mut de)
-    .and_then(|()| de.end());
+    .and_then(|_| de.end());
     match (result, state.problem) {
-        (Ok(()), _) => Ok(()),
+        (Ok(()), _) => Ok(state.routing),
         (Err(_), Some(problem)) => Err(problem),
         (Err(e), None) => Err(ApiError::bad_request(format!("Invalid JSON body: {e}"))),
     }
 }
 
-struct State {
+struct State<'r> {
     values: usize,
     max_values: usize,
     /// Why the pass stopped, when it was not a syntax error.
     problem: Option<ApiError>,
+    /// Set when the caller wants the routing fields: the keys that force a rewrite.
+    rewrite: Option<&'r dyn Fn(&str) -> bool>,
+    /// The routing fields of the top-level object, once it has been read.
+    routing: Option<Routing>,
 }
 
-impl State {
+impl State<'_> {
     fn count<E: serde::de::Error>(&mut self) -> Result<(), E> {
         self.values += 1;
         if self.values > self.max_values {
@@ -81,70 +113,103 @@ impl State {
     }
 }
 
-/// One value of the document.
-struct Node<'s> {
-    state: &'s mut State,
+/// One value of the document; what routing needs of it is its [`Shape`].
+struct Node<'s, 'r> {
+    state: &'s mut State<'r>,
+    /// The document itself (its keys are compared case-folded, and it may be routed).
     top: bool,
+    /// Keep a string's text: the value of a routing field. Other strings are only counted,
+    /// and their shape is [`Shape::Other`].
+    keep: bool,
 }
 
-impl<'de> DeserializeSeed<'de> for Node<'_> {
-    type Value = ();
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+impl<'de> DeserializeSeed<'de> for Node<'_, '_> {
+    type Value = Shape;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Shape, D::Error> {
         d.deserialize_any(self)
     }
 }
 
-impl<'de> Visitor<'de> for Node<'_> {
-    type Value = ();
+impl<'de> Visitor<'de> for Node<'_, '_> {
+    type Value = Shape;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("any JSON value")
     }
 
-    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<(), E> {
-        self.state.count()
+    fn visit_bool<E: serde::de::Error>(self, b: bool) -> Result<Shape, E> {
+        self.state.count()?;
+        Ok(if b { Shape::True } else { Shape::Other })
     }
-    fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<(), E> {
-        self.state.count()
+    fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Shape, E> {
+        self.state.count().map(|()| Shape::Other)
     }
-    fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<(), E> {
-        self.state.count()
+    fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Shape, E> {
+        self.state.count().map(|()| Shape::Other)
     }
-    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<(), E> {
-        self.state.count()
+    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Shape, E> {
+        self.state.count().map(|()| Shape::Other)
     }
-    fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<(), E> {
-        self.state.count()
+    fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Shape, E> {
+        self.state.count()?;
+        Ok(if self.keep {
+            Shape::Str(s.to_owned())
+        } else {
+            Shape::Other
+        })
     }
-    fn visit_unit<E: serde::de::Error>(self) -> Result<(), E> {
-        self.state.count()
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Shape, E> {
+        self.state.count().map(|()| Shape::Null)
     }
 
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Shape, A::Error> {
         self.state.count()?;
         while seq
             .next_element_seed(Node {
                 state: &mut *self.state,
                 top: false,
+                keep: false,
             })?
             .is_some()
         {}
-        Ok(())
+        Ok(Shape::Array)
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Shape, A::Error> {
         self.state.count()?;
+        let rewrite = self.state.rewrite.filter(|_| self.top);
+        let mut routing = Routing::default();
         let mut keys = Keys::default();
         while let Some(key) = map.next_key_seed(Key)? {
-            if let Some(problem) = keys.insert(key, self.top) {
+            let Some(rewrite) = rewrite else {
+                if let Some(problem) = keys.insert(key, self.top) {
+                    return Err(self.state.fail(problem));
+                }
+                map.next_value_seed(Node {
+                    state: &mut *self.state,
+                    top: false,
+                    keep: false,
+                })?;
+                continue;
+            };
+            routing.needs_rewrite |= rewrite(&key);
+            let field = Field::of(&key);
+            if let Some(problem) = keys.insert(key, true) {
                 return Err(self.state.fail(problem));
             }
-            map.next_value_seed(Node {
+            let shape = map.next_value_seed(Node {
                 state: &mut *self.state,
                 top: false,
+                keep: field.is_some(),
             })?;
+            if let Some(field) = field {
+                routing.set(field, shape);
+            }
         }
-        Ok(())
+        if rewrite.is_some() {
+            self.state.routing = Some(routing);
+        }
+        Ok(Shape::Other)
     }
 }
 
