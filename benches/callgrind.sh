@@ -80,6 +80,8 @@ run "chat-completions-json-apikey" POST /api/chat/completions "$chat"
 run "ollama-generate-stream-200" POST /ollama/api/generate "$generate"
 run "chat-completions-stream-200" POST /api/chat/completions "$chat_stream"
 run "api-models" GET /api/models ""
+run "ollama-show-json" POST /ollama/api/show '{"model":"m:latest"}'
+run "ollama-tags" GET /ollama/api/tags ""
 # 200 chunks 5 ms apart (1 s per request): every chunk is a wake-up of its own, so this
 # counts the per-wake-up cost of the stream loop, which the scenarios above batch away.
 run "ollama-generate-spaced-200" POST /ollama/api/generate '{"model":"slow:latest","prompt":"hi"}' 10

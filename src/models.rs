@@ -44,6 +44,9 @@ pub struct Catalog {
     /// `{"models": ollama_tags}` as sent, built once with the catalog: a caller who may use
     /// every model gets these bytes instead of a fresh serialisation of the whole list.
     pub ollama_tags_body: Bytes,
+    /// `{"data": list}` as sent, likewise: `/api/models` for a caller who may use every
+    /// model and sees no preset.
+    pub models_body: Bytes,
 }
 
 #[derive(Clone)]
@@ -356,12 +359,27 @@ fn build_catalog(
         an.cmp(bn).then_with(|| a.id.cmp(&b.id))
     });
     let ollama_tags_body = tags_body(&ollama_tags.iter().collect::<Vec<_>>());
+    let models_body = models_body(&list.iter().map(|m| &m.json).collect::<Vec<_>>());
     Catalog {
         list,
         by_id,
         ollama_tags,
         ollama_tags_body,
+        models_body,
     }
+}
+
+/// The `/api/models` answer for these entries.
+///
+/// # Panics
+/// Never: JSON values always serialise.
+#[must_use]
+pub fn models_body(data: &[&Value]) -> Bytes {
+    #[derive(serde::Serialize)]
+    struct ModelList<'a> {
+        data: &'a [&'a Value],
+    }
+    Bytes::from(serde_json::to_vec(&ModelList { data }).expect("serialisable model list"))
 }
 
 impl Default for Catalog {
@@ -371,6 +389,7 @@ impl Default for Catalog {
             by_id: HashMap::new(),
             ollama_tags: Vec::new(),
             ollama_tags_body: tags_body(&[]),
+            models_body: models_body(&[]),
         }
     }
 }

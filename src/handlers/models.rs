@@ -1,7 +1,6 @@
 //! `GET /api/models`.
 
 use pingora::proxy::Session;
-use serde::Serialize;
 use serde_json::Value;
 
 use super::{HandlerResult, Outcome, identity, query};
@@ -16,6 +15,13 @@ pub async fn list(app: &App, session: &Session, ctx: &RequestCtx) -> HandlerResu
     // Model presets (src/presets) beside the base models; a preset shadows a base model
     // of the same id, as in Open WebUI.
     let presets = crate::presets::model_entries(&app.presets(), id, &catalog).await?;
+    if presets.is_empty() && id.allowed_models.is_none() {
+        return Ok(Outcome::Reply(Reply::bytes(
+            200,
+            "application/json",
+            catalog.models_body.clone(),
+        )));
+    }
     let data: Vec<&Value> = catalog
         .list
         .iter()
@@ -26,10 +32,9 @@ pub async fn list(app: &App, session: &Session, ctx: &RequestCtx) -> HandlerResu
         .collect();
     // Serialised from the catalog's own values: building a `json!` tree first would copy
     // every model's JSON on each request.
-    Ok(Outcome::Reply(Reply::ok(&ModelList { data })))
-}
-
-#[derive(Serialize)]
-struct ModelList<'a> {
-    data: Vec<&'a Value>,
+    Ok(Outcome::Reply(Reply::bytes(
+        200,
+        "application/json",
+        crate::models::models_body(&data),
+    )))
 }
