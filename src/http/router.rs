@@ -36,6 +36,25 @@ pub enum Group {
 }
 
 impl Group {
+    /// Every group, in declaration order ([`Group::index`]).
+    pub const ALL: [Group; 9] = [
+        Group::System,
+        Group::Auth,
+        Group::Models,
+        Group::Chat,
+        Group::Ollama,
+        Group::Files,
+        Group::Knowledge,
+        Group::Ui,
+        Group::Usage,
+    ];
+
+    /// The position in [`Group::ALL`].
+    #[must_use]
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Group::System => "system",

@@ -255,26 +255,14 @@ impl Gateway {
         let group = ctx.group_label();
         let method = session.req_header().method.as_str();
         let elapsed = ctx.start.elapsed();
-        metrics::REQUESTS
-            .with_label_values(&[
-                group,
-                metrics::method_label(&session.req_header().method),
-                metrics::status_label(status),
-            ])
-            .inc();
-        metrics::REQUEST_DURATION
-            .with_label_values(&[group])
-            .observe(elapsed.as_secs_f64());
-        if let Some(fb) = ctx.first_byte {
-            metrics::FIRST_BYTE
-                .with_label_values(&[group])
-                .observe(fb.as_secs_f64());
-        }
-        if ctx.streamed_bytes > 0 {
-            metrics::STREAMED_BYTES
-                .with_label_values(&[group])
-                .inc_by(ctx.streamed_bytes);
-        }
+        metrics::request_done(
+            ctx.group,
+            &session.req_header().method,
+            status,
+            elapsed,
+            ctx.first_byte,
+            ctx.streamed_bytes,
+        );
         tracing::info!(
             target: "ragway::access",
             method = %method,
