@@ -370,16 +370,9 @@ fn build_catalog(
 }
 
 /// The `/api/models` answer for these entries.
-///
-/// # Panics
-/// Never: JSON values always serialise.
 #[must_use]
 pub fn models_body(data: &[&Value]) -> Bytes {
-    #[derive(serde::Serialize)]
-    struct ModelList<'a> {
-        data: &'a [&'a Value],
-    }
-    Bytes::from(serde_json::to_vec(&ModelList { data }).expect("serialisable model list"))
+    list_body("data", data)
 }
 
 impl Default for Catalog {
@@ -395,14 +388,21 @@ impl Default for Catalog {
 }
 
 /// Ollama's `/api/tags` answer for these entries.
-///
-/// # Panics
-/// Never: JSON values always serialise.
 #[must_use]
 pub fn tags_body(models: &[&Value]) -> Bytes {
-    #[derive(serde::Serialize)]
-    struct Tags<'a> {
-        models: &'a [&'a Value],
+    list_body("models", models)
+}
+
+/// `{"<field>": [items…]}`, serialised from borrowed values (a `json!` tree would copy them).
+fn list_body(field: &'static str, items: &[&Value]) -> Bytes {
+    struct One<'a>(&'static str, &'a [&'a Value]);
+    impl serde::Serialize for One<'_> {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            use serde::ser::SerializeMap;
+            let mut m = s.serialize_map(Some(1))?;
+            m.serialize_entry(self.0, self.1)?;
+            m.end()
+        }
     }
-    Bytes::from(serde_json::to_vec(&Tags { models }).expect("serialisable tags"))
+    Bytes::from(serde_json::to_vec(&One(field, items)).expect("JSON values serialise"))
 }

@@ -135,9 +135,12 @@ fn rfind(hay: &[u8], needle: &[u8]) -> Option<usize> {
 fn count_key(hay: &[u8]) -> Option<usize> {
     const USAGE: &[u8] = b"\"usage\"";
     const EVAL: &[u8] = b"\"eval_count\"";
+    // Each key is looked for by a letter that is rare in the lines that do not carry counts:
+    // `g` of usage, `v` of eval (`_` was a false start on every line: `created_at`,
+    // `finish_reason`).
     const USAGE_AT: usize = 4;
-    const EVAL_AT: usize = 5;
-    memchr::memchr2_iter(b'g', b'_', hay).find(|&at| {
+    const EVAL_AT: usize = 2;
+    memchr::memchr2_iter(b'g', b'v', hay).find(|&at| {
         let (needle, offset) = if hay[at] == b'g' {
             (USAGE, USAGE_AT)
         } else {
@@ -252,6 +255,116 @@ impl Counts {
             }
         }
         self.take_ollama(v);
+    }
+}
+
+/// The fields of one SSE or NDJSON line that [`Counts::take_any`] reads, and nothing else.
+#[derive(serde::Deserialize)]
+struct LineCounts {
+    usage: Option<Value>,
+    response: Option<Nested>,
+    message: Option<Nested>,
+    prompt_eval_count: Option<Value>,
+    eval_count: Option<Value>,
+}
+
+/// `response` or `message`: an object that may hold `usage` (Responses API, Anthropic), or
+/// anything else (Ollama's `response` is the generated text), which is skipped unbuilt.
+#[derive(Default)]
+struct Nested {
+    usage: Option<Value>,
+}
+
+impl<'de> serde::Deserialize<'de> for Nested {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Nested, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Nested;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Nested, A::Error> {
+                let mut out = Nested::default();
+                while let Some(IsUsage(usage)) = map.next_key()? {
+                    if usage {
+                        // The last one wins, as when the line is read as a `Value`.
+                        out.usage = Some(map.next_value()?);
+                    } else {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                    }
+                }
+                Ok(out)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Nested, A::Error> {
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(Nested::default())
+            }
+            fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<Nested, E> {
+                Ok(Nested::default())
+            }
+            fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Nested, E> {
+                Ok(Nested::default())
+            }
+            fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Nested, E> {
+                Ok(Nested::default())
+            }
+            fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Nested, E> {
+                Ok(Nested::default())
+            }
+            fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Nested, E> {
+                Ok(Nested::default())
+            }
+            fn visit_unit<E: serde::de::Error>(self) -> Result<Nested, E> {
+                Ok(Nested::default())
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Whether an object key is `usage`, read without allocating it.
+struct IsUsage(bool);
+
+impl<'de> serde::Deserialize<'de> for IsUsage {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<IsUsage, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = IsUsage;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object key")
+            }
+            fn visit_str<E: serde::de::Error>(self, k: &str) -> Result<IsUsage, E> {
+                Ok(IsUsage(k == "usage"))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+impl LineCounts {
+    /// As [`Counts::take_any`] on the whole line.
+    fn take(self, counts: &mut Counts) {
+        let nested = |n: Option<Nested>| n.and_then(|n| n.usage);
+        for u in [self.usage, nested(self.response), nested(self.message)]
+            .into_iter()
+            .flatten()
+        {
+            if u.is_object() {
+                counts.take_usage(&u);
+            }
+        }
+        if let Some(p) = self.prompt_eval_count.as_ref().and_then(count) {
+            counts.prompt = p;
+        }
+        if let Some(c) = self.eval_count.as_ref().and_then(count) {
+            counts.completion = c;
+        }
     }
 }
 
@@ -412,7 +525,18 @@ impl Scanner {
         if !mentions_counts(payload) {
             return;
         }
-        if let Ok(v) = serde_json::from_slice::<Value>(payload.trim_ascii()) {
+        let payload = payload.trim_ascii();
+        // Only the count fields are built: Ollama's last line also carries `context`, often
+        // thousands of token ids, which a whole `Value` would allocate one by one. Only an
+        // object is read as the struct: serde would also fill one from an array.
+        let typed = payload
+            .starts_with(b"{")
+            .then(|| serde_json::from_slice::<LineCounts>(payload).ok())
+            .flatten();
+        if let Some(c) = typed {
+            c.take(&mut self.counts);
+        } else if let Ok(v) = serde_json::from_slice::<Value>(payload) {
+            // Not of that shape (a duplicated field, say): read as a plain value.
             self.counts.take_any(&v);
         }
     }
@@ -684,6 +808,31 @@ mod tests {
                 completion: 4
             }
         );
+    }
+
+    /// A line read for its counts alone gives what reading it whole as a `Value` gives, for
+    /// every shape a line can take.
+    #[test]
+    fn count_fields_read_alone_match_the_whole_line() {
+        for line in [
+            r#"{"done":true,"context":[1,2,3],"prompt_eval_count":7,"eval_count":9}"#,
+            r#"{"response":"eval_count","eval_count":2.5}"#,
+            r#"{"message":{"role":"assistant","content":"","usage":{"prompt_tokens":4}},"eval_count":1}"#,
+            r#"{"response":{"usage":{"input_tokens":3,"output_tokens":8}},"usage":{"prompt_tokens":1}}"#,
+            r#"{"usage":{"prompt_tokens":5,"completion_tokens":6},"message":[1,{"usage":2}]}"#,
+            r#"{"usage":null,"eval_count":null,"prompt_eval_count":"7"}"#,
+            r#"{"usage":{"completion_tokens":2},"usage":{"completion_tokens":3}}"#,
+            r#"{"message":{"usage":{"prompt_tokens":1},"usage":{"prompt_tokens":2}}}"#,
+            r#"[{"usage":{"prompt_tokens":1}},null,null,3,4]"#,
+            r#"{"eval_count":-1,"usage":{"prompt_tokens":1e3}}"#,
+            r#"{"response":true,"message":null,"eval_count":4}"#,
+        ] {
+            let mut whole = Counts::default();
+            whole.take_any(&serde_json::from_str(line).expect(line));
+            let mut scanner = Scanner::new(Format::Ndjson, false);
+            scanner.line(line.as_bytes());
+            assert_eq!(scanner.counts, whole, "{line}");
+        }
     }
 
     #[test]
