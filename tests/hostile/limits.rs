@@ -208,6 +208,30 @@ async fn an_upstream_reporting_absurd_token_counts() {
         .post("/api/chat/completions", Some(&key), chat(false))
         .await;
     assert_eq!(r.status(), 200);
+    r.bytes().await.unwrap();
+    // The charge lands when the gateway finishes the request, which can be just after the
+    // client has the whole answer; the usage row is written after the charge, so once it
+    // shows the request the next one meets the spent budget.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let v: Value = gw
+            .get("/api/v1/usage", Some(&admin))
+            .await
+            .json()
+            .await
+            .unwrap();
+        let requests: u64 = v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|row| row["requests"].as_u64().unwrap())
+            .sum();
+        if requests == 5 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "usage rows: {v}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     let r = gw
         .post("/api/chat/completions", Some(&key), chat(false))
         .await;
