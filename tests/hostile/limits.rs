@@ -159,6 +159,15 @@ async fn a_user_lifting_their_own_limits() {
     support::alive(&gw).await;
 }
 
+/// The usage rows an admin sees.
+async fn usage(gw: &Gateway, admin: &str) -> Value {
+    gw.get("/api/v1/usage", Some(admin))
+        .await
+        .json()
+        .await
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_reporting_absurd_token_counts() {
     let (up, gw, admin, _user) = setup().await;
@@ -179,12 +188,7 @@ async fn an_upstream_reporting_absurd_token_counts() {
         .post("/api/chat/completions", Some(&key), chat(false))
         .await;
     assert_eq!(r.status(), 200);
-    let v: Value = gw
-        .get("/api/v1/usage", Some(&admin))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let v = usage(&gw, &admin).await;
     let row = &v["data"][0];
     assert_eq!(row["requests"], 4);
     assert_eq!(row["prompt_tokens"], 3_000_000_000_000u64);
@@ -214,12 +218,7 @@ async fn an_upstream_reporting_absurd_token_counts() {
     // shows the request the next one meets the spent budget.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
-        let v: Value = gw
-            .get("/api/v1/usage", Some(&admin))
-            .await
-            .json()
-            .await
-            .unwrap();
+        let v = usage(&gw, &admin).await;
         let requests: u64 = v["data"]
             .as_array()
             .unwrap()
