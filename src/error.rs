@@ -39,7 +39,7 @@ impl ApiError {
     /// The OpenAI `error.type` that matches the status.
     fn openai_type(&self) -> &'static str {
         match self.status {
-            400 | 405 | 413 | 415 | 422 => "invalid_request_error",
+            400 | 405 | 411 | 413 | 414 | 415 | 422 | 431 => "invalid_request_error",
             401 => "authentication_error",
             403 => "permission_error",
             404 => "not_found_error",
@@ -98,5 +98,14 @@ mod tests {
         assert_eq!(v["error"]["message"], "Model not found");
         assert_eq!(v["error"]["type"], "invalid_request_error");
         assert_eq!(v["error"]["code"], 400);
+    }
+
+    #[test]
+    fn oversized_requests_are_the_clients_error() {
+        for status in [411, 413, 414, 431] {
+            let e = ApiError::new(status, "too big");
+            assert_eq!(e.openai_type(), "invalid_request_error", "{status}");
+        }
+        assert_eq!(ApiError::new(500, "x").openai_type(), "api_error");
     }
 }

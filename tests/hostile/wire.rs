@@ -79,6 +79,10 @@ fn json_error(a: &RawAnswer, status: u16) {
     let detail = v["detail"].as_str().expect("detail");
     assert!(!detail.is_empty());
     assert_eq!(v["error"]["message"], v["detail"]);
+    if matches!(status, 400 | 413 | 414 | 431) {
+        // The client sent something wrong: OpenAI's SDKs key their exception class on this.
+        assert_eq!(v["error"]["type"], "invalid_request_error", "{}", a.body);
+    }
 }
 
 /// Refused as a head that does not parse: one JSON answer with `status`, `Connection: close`,
