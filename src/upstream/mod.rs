@@ -53,7 +53,7 @@ impl Drop for InFlight {
 }
 
 impl Upstream {
-    fn new(idx: usize, config: UpstreamConfig) -> Upstream {
+    pub(crate) fn new(idx: usize, config: UpstreamConfig) -> Upstream {
         let uri: http::Uri = config.url.parse().expect("validated by config");
         let tls = uri.scheme_str() == Some("https");
         let host = uri.host().expect("validated by config").to_string();

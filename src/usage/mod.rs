@@ -11,6 +11,7 @@ pub mod scan;
 pub mod time;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
@@ -18,7 +19,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::FutureExt;
 use prometheus::{
-    HistogramOpts, HistogramVec, IntCounterVec, Opts, register_histogram_vec,
+    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, register_histogram_vec,
     register_int_counter_vec,
 };
 use serde_json::{Map, Value};
@@ -136,14 +137,19 @@ pub fn overhead(phase: &'static str, d: Duration) {
 /// Distinct label values admitted to a metric; past the cap every new value is `other`.
 struct Labels {
     cap: usize,
-    seen: Mutex<HashSet<String>>,
+    seen: Mutex<HashSet<String, Fold>>,
 }
+
+/// The hasher of the maps a request looks into: their keys are catalog model ids, key
+/// prefixes and user ids, not free text, and SipHash over three strings was ~1 % of a
+/// forwarded request's instructions. foldhash is seeded per process.
+type Fold = foldhash::fast::RandomState;
 
 impl Labels {
     fn new(cap: usize) -> Labels {
         Labels {
             cap,
-            seen: Mutex::new(HashSet::new()),
+            seen: Mutex::new(HashSet::default()),
         }
     }
 
@@ -158,6 +164,91 @@ impl Labels {
             return v;
         }
         "other"
+    }
+}
+
+/// The usage series of one model and key prefix, as a request carried them.
+struct PairSeries {
+    /// The labels the pair got (capped: `other` past the caps).
+    model: String,
+    key: String,
+    requests: IntCounter,
+    /// Filled at the first count of that type, so a pair that never reports one shows none.
+    prompt: OnceLock<IntCounter>,
+    completion: OnceLock<IntCounter>,
+}
+
+/// Usage series by model and key prefix, looked up once per pair: a request then finds its
+/// counters with one lock and two look-ups, instead of capping two labels (a lock and a hash
+/// each) and three label look-ups in the metric vectors. Past [`SERIES_KEPT`] pairs new ones
+/// are looked up per request, capped the same way.
+struct UsageSeries {
+    models: Labels,
+    keys: Labels,
+    kept: Mutex<(usize, ByModel)>,
+}
+
+/// Kept series by model, then key prefix (looked up by `&str`, without building a pair).
+type ByModel = HashMap<String, HashMap<String, PairSeries, Fold>, Fold>;
+
+/// Pairs whose series are kept (each a few hundred bytes).
+const SERIES_KEPT: usize = 4096;
+
+impl UsageSeries {
+    fn new() -> UsageSeries {
+        UsageSeries {
+            models: Labels::new(MODEL_LABELS),
+            keys: Labels::new(KEY_LABELS),
+            kept: Mutex::new((0, HashMap::default())),
+        }
+    }
+
+    fn series(&self, model: &str, key_prefix: &str) -> PairSeries {
+        let model_label = self.models.get(model);
+        let key_label = if key_prefix.is_empty() {
+            "session"
+        } else {
+            self.keys.get(key_prefix)
+        };
+        PairSeries {
+            requests: USAGE_REQUESTS.with_label_values(&[model_label, key_label]),
+            model: model_label.to_string(),
+            key: key_label.to_string(),
+            prompt: OnceLock::new(),
+            completion: OnceLock::new(),
+        }
+    }
+
+    /// Counts one successful request of `model` by `key_prefix` and its tokens.
+    fn count(&self, model: &str, key_prefix: &str, counts: crate::usage::scan::Counts) {
+        let mut kept = self.kept.lock().expect("usage series poisoned");
+        let (len, map) = &mut *kept;
+        let found = map.get(model).and_then(|m| m.get(key_prefix));
+        let fresh;
+        let s = match found {
+            Some(s) => s,
+            None if *len < SERIES_KEPT => {
+                *len += 1;
+                map.entry(model.to_string())
+                    .or_default()
+                    .entry(key_prefix.to_string())
+                    .or_insert_with(|| self.series(model, key_prefix))
+            }
+            None => {
+                fresh = self.series(model, key_prefix);
+                &fresh
+            }
+        };
+        s.requests.inc();
+        for (cell, kind, n) in [
+            (&s.prompt, "prompt", counts.prompt),
+            (&s.completion, "completion", counts.completion),
+        ] {
+            if n > 0 {
+                cell.get_or_init(|| USAGE_TOKENS.with_label_values(&[&s.model, &s.key, kind]))
+                    .inc_by(n);
+            }
+        }
     }
 }
 
@@ -176,8 +267,7 @@ pub struct Usage {
     /// The buckets, wherever the storage keeps them (replicas on one database share them).
     pub limiter: Arc<dyn RateLimits>,
     pub recorder: Arc<Recorder>,
-    models: Labels,
-    keys: Labels,
+    series: UsageSeries,
 }
 
 impl Usage {
@@ -193,7 +283,7 @@ impl Usage {
             limiter,
             recorder: Arc::new(Recorder {
                 meta,
-                pending: Mutex::new(HashMap::new()),
+                pending: Mutex::new(HashMap::default()),
                 flushing: AtomicBool::new(false),
                 write: tokio::sync::Mutex::new(()),
                 jobs: Arc::new(AtomicUsize::new(0)),
@@ -201,8 +291,7 @@ impl Usage {
                 retention_hours,
             }),
             config,
-            models: Labels::new(MODEL_LABELS),
-            keys: Labels::new(KEY_LABELS),
+            series: UsageSeries::new(),
         }
     }
 }
@@ -438,22 +527,7 @@ pub async fn finish(usage: &Usage, ctx: &mut impl Metered) {
     {
         store_failed("charge", &e);
     }
-    let model_label = usage.models.get(&model);
-    let key_label = if m.key_prefix.is_empty() {
-        "session"
-    } else {
-        usage.keys.get(&m.key_prefix)
-    };
-    USAGE_REQUESTS
-        .with_label_values(&[model_label, key_label])
-        .inc();
-    for (kind, n) in [("prompt", counts.prompt), ("completion", counts.completion)] {
-        if n > 0 {
-            USAGE_TOKENS
-                .with_label_values(&[model_label, key_label, kind])
-                .inc_by(n);
-        }
-    }
+    usage.series.count(&model, &m.key_prefix, counts);
     let key = UsageKey {
         hour: crate::store::now_secs() / 3600,
         user_id: m.applied.user_id,
@@ -531,7 +605,7 @@ const FLUSH_DELAY: Duration = Duration::from_millis(250);
 /// transaction for all the rows waiting.
 pub struct Recorder {
     meta: Arc<dyn Metadata>,
-    pending: Mutex<HashMap<UsageKey, UsageCounts>>,
+    pending: Mutex<HashMap<UsageKey, UsageCounts, Fold>>,
     /// A background write is scheduled or running.
     flushing: AtomicBool,
     /// Held while writing, so a reader that flushes sees every earlier row committed.
@@ -580,11 +654,17 @@ impl Recorder {
     fn record(self: &Arc<Self>, key: UsageKey, counts: UsageCounts) {
         {
             let mut p = self.pending.lock().expect("usage poisoned");
-            if !p.contains_key(&key) && p.len() >= MAX_PENDING {
-                tracing::error!("usage rows are not reaching the store; dropping one");
-                return;
+            let full = p.len() >= MAX_PENDING;
+            match p.entry(key) {
+                std::collections::hash_map::Entry::Occupied(mut row) => row.get_mut().add(counts),
+                std::collections::hash_map::Entry::Vacant(_) if full => {
+                    tracing::error!("usage rows are not reaching the store; dropping one");
+                    return;
+                }
+                std::collections::hash_map::Entry::Vacant(row) => {
+                    row.insert(UsageCounts::default()).add(counts);
+                }
             }
-            p.entry(key).or_default().add(counts);
         }
         if self.flushing.swap(true, Ordering::AcqRel) {
             return;
@@ -807,6 +887,61 @@ mod tests {
             .await
             .expect("over rpm 1");
         assert_eq!(refusal.status, 429);
+    }
+
+    /// The value of the `ragway_usage_tokens_total` series with these labels, if it exists.
+    fn tokens(model: &str, key: &str, kind: &str) -> Option<u64> {
+        use prometheus::core::Collector;
+        let families = USAGE_TOKENS.collect();
+        families[0].get_metric().iter().find_map(|m| {
+            let labels: Vec<(&str, &str)> = m
+                .get_label()
+                .iter()
+                .map(|l| (l.name(), l.value()))
+                .collect();
+            let wanted = [("key", key), ("model", model), ("type", kind)];
+            wanted
+                .iter()
+                .all(|w| labels.contains(w))
+                .then(|| m.get_counter().get_value() as u64)
+        })
+    }
+
+    #[test]
+    fn kept_usage_series_count_under_the_capped_labels() {
+        let s = UsageSeries {
+            models: Labels::new(1),
+            keys: Labels::new(1),
+            kept: Mutex::new((0, HashMap::default())),
+        };
+        let n = |prompt, completion| crate::usage::scan::Counts { prompt, completion };
+        for _ in 0..3 {
+            s.count("series-m1", "series-k1", n(5, 0));
+        }
+        s.count("series-m2", "series-k1", n(1, 2));
+        s.count("series-m1", "", n(0, 0));
+        let requests = |m, k| USAGE_REQUESTS.with_label_values(&[m, k]).get();
+        assert_eq!(requests("series-m1", "series-k1"), 3);
+        // Past the model cap: `other`, with the key's own label.
+        assert_eq!(requests("other", "series-k1"), 1);
+        assert_eq!(requests("series-m1", "session"), 1);
+        assert_eq!(tokens("series-m1", "series-k1", "prompt"), Some(15));
+        assert_eq!(tokens("other", "series-k1", "completion"), Some(2));
+        // A type never reported has no series, as before the series were kept.
+        assert_eq!(tokens("series-m1", "series-k1", "completion"), None);
+        assert_eq!(tokens("series-m1", "session", "prompt"), None);
+
+        // The pairs kept are bounded; past the bound a pair is still counted.
+        for i in 0..SERIES_KEPT + 10 {
+            s.count(&format!("series-cap-{i}"), "series-cap-key", n(0, 0));
+        }
+        let kept = s.kept.lock().unwrap();
+        assert_eq!(kept.0, SERIES_KEPT);
+        let pairs: usize = kept.1.values().map(HashMap::len).sum();
+        assert_eq!(pairs, SERIES_KEPT);
+        drop(kept);
+        // Both caps are full (one model, one key each): every new pair counts as other/other.
+        assert_eq!(requests("other", "other"), (SERIES_KEPT + 10) as u64);
     }
 
     #[test]
