@@ -38,7 +38,8 @@ pub struct ModelEntry {
 pub struct Catalog {
     /// `/api/models` order: sorted by name.
     pub list: Vec<Arc<ModelEntry>>,
-    pub by_id: HashMap<String, Arc<ModelEntry>>,
+    /// foldhash: looked up by every model request, keyed by catalog ids, built once.
+    pub by_id: foldhash::HashMap<String, Arc<ModelEntry>>,
     /// Merged Ollama `/api/tags` entries (with `urls`), for `/ollama/api/tags`.
     pub ollama_tags: Vec<Value>,
     /// `{"models": ollama_tags}` as sent, built once with the catalog: a caller who may use
@@ -239,7 +240,7 @@ fn build_catalog(
     ollama: &[Option<Fetched>],
     openai: &[Option<Fetched>],
 ) -> Catalog {
-    let mut by_id: HashMap<String, Arc<ModelEntry>> = HashMap::new();
+    let mut by_id: foldhash::HashMap<String, Arc<ModelEntry>> = foldhash::HashMap::default();
 
     // OpenAI-compatible: first connection wins for a duplicate id.
     for (idx, fetched) in openai.iter().enumerate() {
@@ -379,7 +380,7 @@ impl Default for Catalog {
     fn default() -> Self {
         Catalog {
             list: Vec::new(),
-            by_id: HashMap::new(),
+            by_id: foldhash::HashMap::default(),
             ollama_tags: Vec::new(),
             ollama_tags_body: tags_body(&[]),
             models_body: models_body(&[]),

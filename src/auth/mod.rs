@@ -12,7 +12,6 @@ pub mod jwt;
 pub mod password;
 pub mod ratelimit;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -108,7 +107,8 @@ const KEY_CACHE_MAX: usize = 10_000;
 const SESSION_CACHE_MAX: usize = 4096;
 
 /// Verified credentials → (the identity they give, verified at).
-type IdentityCache = RwLock<HashMap<String, (Identity, Instant)>>;
+/// foldhash: only verified keys and tokens are cached, and every request looks one up.
+type IdentityCache = RwLock<foldhash::HashMap<String, (Identity, Instant)>>;
 
 /// A cached identity younger than the TTL that `valid` accepts.
 fn cached(cache: &IdentityCache, key: &str, valid: impl Fn(&Identity) -> bool) -> Option<Identity> {
@@ -210,8 +210,8 @@ impl Auth {
             csrf: csrf::Csrf::new(secret),
             meta: storage.meta.clone(),
             signals: storage.signals.clone(),
-            key_cache: RwLock::new(HashMap::new()),
-            session_cache: RwLock::new(HashMap::new()),
+            key_cache: RwLock::new(foldhash::HashMap::default()),
+            session_cache: RwLock::new(foldhash::HashMap::default()),
             key_generation: AtomicU64::new(0),
             signal_rx: Mutex::new(storage.signals.subscribe()),
         }
@@ -569,7 +569,7 @@ mod tests {
             signin_attempts_per_address: 60,
             password_hash_concurrency: 1,
             password_hash_queue: 1,
-            model_access: HashMap::new(),
+            model_access: std::collections::HashMap::new(),
         }
     }
 

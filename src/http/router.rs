@@ -326,10 +326,11 @@ fn match_template(template: &str, path: &str) -> Option<Vec<String>> {
 /// requests name a route exactly, and scanning the ~100 rows for one cost as much as parsing
 /// its head. Built by running `scan` itself, so a memoised answer cannot differ from a
 /// scanned one.
-type Exact = std::collections::HashMap<&'static str, Vec<(Method, &'static RouteSpec)>>;
+// foldhash: the map is built once from the route table; a request's path is only looked up.
+type Exact = foldhash::HashMap<&'static str, Vec<(Method, &'static RouteSpec)>>;
 
 static EXACT: std::sync::LazyLock<Exact> = std::sync::LazyLock::new(|| {
-    let mut exact = Exact::new();
+    let mut exact = Exact::default();
     for r in ROUTES {
         let path = trim(r.path);
         if SLASH_SENSITIVE.contains(&path) {
