@@ -305,6 +305,31 @@ mod chunk {
             .collect()
     }
 
+    /// `OpenAI`'s own stream with `include_usage`: `"usage":null` in every chunk.
+    fn sse_events_null_usage() -> Vec<Bytes> {
+        let event = r#"data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":0,"model":"gpt-4o-mini","system_fingerprint":"fp_1","choices":[{"index":0,"delta":{"content":"xxxx"},"logprobs":null,"finish_reason":null}],"usage":null}"#;
+        let mut events = sse_events();
+        for e in events.iter_mut().take(CHUNKS) {
+            *e = Bytes::from(format!("{event}\n\n"));
+        }
+        events
+    }
+
+    /// Usage metering of `OpenAI`'s stream, `"usage":null` in every chunk, stripping the
+    /// usage event ragway asked for. Per whole stream, chunk by chunk.
+    #[divan::bench]
+    fn meter_sse_stream_null_usage_strip(bencher: divan::Bencher) {
+        let chunks = sse_events_null_usage();
+        bencher.bench(|| {
+            let mut s = Scanner::new(Format::Sse, true);
+            for c in &chunks {
+                black_box(s.relay(c.clone()));
+            }
+            black_box(s.finish());
+            s.counts()
+        });
+    }
+
     /// Usage metering of an Ollama NDJSON stream (`/ollama/api/chat`): every chunk passes
     /// the scanner, which reads the counts of the final line. Per whole 201-chunk stream.
     #[divan::bench]

@@ -146,10 +146,22 @@ fn count_key(hay: &[u8]) -> Option<usize> {
         } else {
             (EVAL, EVAL_AT)
         };
-        at.checked_sub(offset)
-            .and_then(|start| hay.get(start..start + needle.len()))
-            .is_some_and(|w| w == needle)
+        at.checked_sub(offset).is_some_and(|start| {
+            let end = start + needle.len();
+            hay.get(start..end).is_some_and(|w| w == needle)
+                && !(needle == USAGE && is_null_value(&hay[end..]))
+        })
     })
+}
+
+/// Whether `after_key` (what follows a key's closing quote) is `: null`. A stream that asked
+/// for usage carries `"usage":null` in every chunk (`OpenAI`, vLLM): no counts there, so such
+/// a key is passed over rather than the line parsed.
+fn is_null_value(after_key: &[u8]) -> bool {
+    after_key
+        .trim_ascii_start()
+        .strip_prefix(b":")
+        .is_some_and(|v| v.trim_ascii_start().starts_with(b"null"))
 }
 
 /// Whether a line names `"usage"` or `"eval_count"`.
@@ -594,15 +606,14 @@ impl Scanner {
     /// across the write finds those instead of every event's lines being read; the events
     /// are still cut from the start, as the client will cut them.
     fn without_usage_events(&mut self, complete: Bytes) -> Bytes {
-        const KEY: &[u8] = b"\"usage\"";
-        let mut hit = find(&complete, KEY);
+        let mut hit = usage_hit(&complete, 0);
         let mut kept: Option<BytesMut> = None;
         let mut at = 0;
         while let Some(h) = hit {
             let stop = next_boundary(&complete, at).unwrap_or(complete.len());
             let event = &complete[at..stop];
             let usage_only = h < stop && {
-                hit = find(&complete[stop..], KEY).map(|i| i + stop);
+                hit = usage_hit(&complete, stop);
                 self.line_group(event)
             };
             if usage_only {
@@ -623,6 +634,22 @@ impl Scanner {
             }
             None => complete,
         }
+    }
+}
+
+/// The next `"usage"` at or after `from` that is not a key with a `null` value. A stream
+/// that asked for usage carries `"usage":null` in every chunk (`OpenAI`, vLLM); such a
+/// chunk has no counts and is not the usage-only event, so the events before a hit are cut
+/// only when a hit can be one, not at every chunk.
+fn usage_hit(b: &[u8], from: usize) -> Option<usize> {
+    const KEY: &[u8] = b"\"usage\"";
+    let mut at = from;
+    loop {
+        let h = at + find(&b[at..], KEY)?;
+        if !is_null_value(&b[h + KEY.len()..]) {
+            return Some(h);
+        }
+        at = h + KEY.len();
     }
 }
 
@@ -942,6 +969,62 @@ mod tests {
                 "{body}"
             );
         }
+    }
+
+    /// `OpenAI`'s stream with `include_usage`: `"usage":null` in every chunk, the counts in a
+    /// last chunk without choices. Whatever the cuts, the null-usage chunks pass untouched,
+    /// the usage-only chunk goes and its counts are read.
+    #[test]
+    fn null_usage_in_every_chunk_is_passed_and_the_usage_chunk_stripped() {
+        let mut sse = String::new();
+        for i in 0..300 {
+            // Compact, spaced and CRLF-framed forms, and a content that names the key.
+            let sep = if i % 3 == 0 { " : " } else { ":" };
+            let end = if i % 5 == 0 { "\r\n\r\n" } else { "\n\n" };
+            sse.push_str(&format!(
+                "data: {{\"choices\":[{{\"delta\":{{\"content\":\"\\\"usage\\\" {i}\"}}}}],\"usage\"{sep}null}}{end}"
+            ));
+        }
+        let usage =
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4}}\n\n";
+        let input = format!("{sse}{usage}data: [DONE]\n\n");
+        let expected = format!("{sse}data: [DONE]\n\n");
+        for size in [1, 7, 64, 500, 4096, input.len()] {
+            let mut s = Scanner::new(Format::Sse, true);
+            let mut out = Vec::new();
+            for piece in input.as_bytes().chunks(size) {
+                out.extend_from_slice(&s.relay(Bytes::copy_from_slice(piece)));
+            }
+            out.extend_from_slice(&s.finish());
+            assert_eq!(String::from_utf8(out).unwrap(), expected, "{size}");
+            assert_eq!(
+                s.counts(),
+                Counts {
+                    prompt: 3,
+                    completion: 4
+                },
+                "{size}"
+            );
+        }
+        // Passed through when the client asked for usage itself: the same counts.
+        let mut s = Scanner::new(Format::Sse, false);
+        for piece in input.as_bytes().chunks(333) {
+            assert_eq!(s.relay(Bytes::copy_from_slice(piece)).as_ref(), piece);
+        }
+        assert!(s.finish().is_empty());
+        assert_eq!(
+            s.counts(),
+            Counts {
+                prompt: 3,
+                completion: 4
+            }
+        );
+        assert_eq!(count_key(b"{\"usage\" :null}"), None);
+        // The position found is the key's anchor letter, the `v` of `eval`.
+        assert_eq!(count_key(b"{\"usage\":null,\"eval_count\":2}"), Some(16));
+        assert_eq!(usage_hit(b"{\"usage\": null,\"usage\":{}}", 0), Some(15));
+        assert_eq!(usage_hit(b"{\"usage\":nullx}", 0), None);
+        assert_eq!(usage_hit(b"{\"x\":\"usage\"}", 0), Some(5));
     }
 
     /// A long stream cut into writes of many lines each (as the forward engine hands them
