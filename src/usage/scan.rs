@@ -130,7 +130,7 @@ fn rfind(hay: &[u8], needle: &[u8]) -> Option<usize> {
 /// Where the first `"usage"` or `"eval_count"` in `hay` is (somewhere inside the match):
 /// the two searches of [`find`] in one pass. Every streamed byte is asked, and almost
 /// no line names either: one vectorised scan for the needles' anchor bytes (`g` of usage,
-/// `_` of eval_count) costs a third of two [`find`]s, and the few hits in ordinary text are
+/// `_` of `eval_count`) costs a third of two [`find`]s, and the few hits in ordinary text are
 /// checked in place.
 fn count_key(hay: &[u8]) -> Option<usize> {
     const USAGE: &[u8] = b"\"usage\"";
