@@ -305,6 +305,17 @@ mod chunk {
             .collect()
     }
 
+    /// Relays a whole stream through a scanner chunk by chunk, as the forward engine does
+    /// when each chunk is its own write.
+    fn meter(chunks: &[Bytes], format: Format, strip: bool) -> ragway::usage::scan::Counts {
+        let mut s = Scanner::new(format, strip);
+        for c in chunks {
+            black_box(s.relay(c.clone()));
+        }
+        black_box(s.finish());
+        s.counts()
+    }
+
     /// `OpenAI`'s own stream with `include_usage`: `"usage":null` in every chunk.
     fn sse_events_null_usage() -> Vec<Bytes> {
         let event = r#"data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":0,"model":"gpt-4o-mini","system_fingerprint":"fp_1","choices":[{"index":0,"delta":{"content":"xxxx"},"logprobs":null,"finish_reason":null}],"usage":null}"#;
@@ -320,14 +331,7 @@ mod chunk {
     #[divan::bench]
     fn meter_sse_stream_null_usage_strip(bencher: divan::Bencher) {
         let chunks = sse_events_null_usage();
-        bencher.bench(|| {
-            let mut s = Scanner::new(Format::Sse, true);
-            for c in &chunks {
-                black_box(s.relay(c.clone()));
-            }
-            black_box(s.finish());
-            s.counts()
-        });
+        bencher.bench(|| meter(&chunks, Format::Sse, true));
     }
 
     /// Usage metering of an Ollama NDJSON stream (`/ollama/api/chat`): every chunk passes
@@ -335,14 +339,7 @@ mod chunk {
     #[divan::bench]
     fn meter_ndjson_stream(bencher: divan::Bencher) {
         let chunks = ndjson_lines();
-        bencher.bench(|| {
-            let mut s = Scanner::new(Format::Ndjson, false);
-            for c in &chunks {
-                black_box(s.relay(c.clone()));
-            }
-            black_box(s.finish());
-            s.counts()
-        });
+        bencher.bench(|| meter(&chunks, Format::Ndjson, false));
     }
 
     /// Usage metering of an OpenAI SSE stream where ragway asked for `include_usage` and
@@ -350,14 +347,7 @@ mod chunk {
     #[divan::bench]
     fn meter_sse_stream_strip_usage(bencher: divan::Bencher) {
         let chunks = sse_events();
-        bencher.bench(|| {
-            let mut s = Scanner::new(Format::Sse, true);
-            for c in &chunks {
-                black_box(s.relay(c.clone()));
-            }
-            black_box(s.finish());
-            s.counts()
-        });
+        bencher.bench(|| meter(&chunks, Format::Sse, true));
     }
 
     /// The same two streams arriving in one burst: the forward engine hands the scanner
