@@ -120,6 +120,20 @@ pub fn upstream_headers(
     Ok(())
 }
 
+/// A request to `up` as pingora's writer takes it: the client's headers that may travel
+/// ([`upstream_headers`]), no case map (standard names go out in their usual case).
+fn built_request(
+    method: Method,
+    path: &str,
+    client: &HeaderMap,
+    api_key_header: &str,
+    up: &Upstream,
+) -> pingora::Result<RequestHeader> {
+    let mut req = RequestHeader::build_no_case(method, path.as_bytes(), None)?;
+    upstream_headers(client, api_key_header, up, &mut req)?;
+    Ok(req)
+}
+
 /// The request line and headers of `req` as HTTP/1.1 puts them on the wire.
 ///
 /// `RequestHeader::build_no_case` has parsed the path as a URI, which holds no space, CR, LF
@@ -210,8 +224,7 @@ fn upstream_head(
 ) -> pingora::Result<Vec<u8>> {
     let bearer = up.config.key.as_deref();
     if !plain_path(path.as_bytes()) || !bearer.is_none_or(|k| plain_value(k.as_bytes())) {
-        let mut req = RequestHeader::build_no_case(method.clone(), path.as_bytes(), None)?;
-        upstream_headers(&client.headers, api_key_header, up, &mut req)?;
+        let mut req = built_request(method.clone(), path, &client.headers, api_key_header, up)?;
         if let Some(v) = length {
             req.insert_header(header::CONTENT_LENGTH, v)?;
         }
@@ -430,10 +443,13 @@ pub async fn forward(
         let api_key_header = &app.config.auth.api_key_header;
         let sent = match &plan.body {
             Body::Client if from_client => {
-                // No case map: standard names are written in their usual case.
-                let mut req =
-                    RequestHeader::build_no_case(plan.method.clone(), plan.path.as_bytes(), None)?;
-                upstream_headers(&client.headers, api_key_header, up, &mut req)?;
+                let mut req = built_request(
+                    plan.method.clone(),
+                    &plan.path,
+                    &client.headers,
+                    api_key_header,
+                    up,
+                )?;
                 for name in [header::CONTENT_LENGTH, header::TRANSFER_ENCODING] {
                     if let Some(v) = session.req_header().headers.get(&name) {
                         req.insert_header(name, v.clone())?;
@@ -451,9 +467,13 @@ pub async fn forward(
                 }
             }
             _ if plan.method == Method::HEAD => {
-                let mut req =
-                    RequestHeader::build_no_case(Method::HEAD, plan.path.as_bytes(), None)?;
-                upstream_headers(&client.headers, api_key_header, up, &mut req)?;
+                let mut req = built_request(
+                    Method::HEAD,
+                    &plan.path,
+                    &client.headers,
+                    api_key_header,
+                    up,
+                )?;
                 if let Body::Read(body) = &plan.body {
                     req.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
                 } else if let Some(v) = client.headers.get(header::CONTENT_LENGTH) {
@@ -918,8 +938,7 @@ mod tests {
 
     /// The head the slow way: a `RequestHeader` built and serialised.
     fn built_head(path: &str, client: &RequestHeader, up: &Upstream, length: &[u8]) -> Vec<u8> {
-        let mut req = RequestHeader::build_no_case(Method::POST, path.as_bytes(), None).unwrap();
-        upstream_headers(&client.headers, "x-api-key", up, &mut req).unwrap();
+        let mut req = built_request(Method::POST, path, &client.headers, "x-api-key", up).unwrap();
         req.insert_header(header::CONTENT_LENGTH, length).unwrap();
         wire_head(&req)
     }
