@@ -15,12 +15,12 @@ use http::{HeaderMap, Method, header};
 use pingora::ErrorType;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::Stream;
-use pingora::protocols::http::client::HttpSession;
 use pingora::protocols::http::v1::client::HttpSession as Http1Session;
 use pingora::proxy::Session;
 use pingora::upstreams::peer::HttpPeer;
 
-use super::batch::{BATCH_START, COALESCE_MAX, read_into};
+use super::answer::Answer;
+use super::batch::{BATCH_START, COALESCE_MAX};
 use crate::app::App;
 use crate::error::ApiError;
 use crate::request::{Body, Plan, RequestCtx};
@@ -289,29 +289,14 @@ async fn write_parts(stream: &mut Stream, mut parts: [&[u8]; 2]) -> std::io::Res
     stream.flush().await
 }
 
-/// Sends a HEAD request through pingora's writer: its reader knows that an answer to HEAD
-/// has no body only from a request its own writer sent, and there is no body to keep
-/// together with the head anyway.
-async fn send_head_request(
-    stream: Stream,
-    peer: &HttpPeer,
-    req: RequestHeader,
-) -> pingora::Result<Http1Session> {
-    let mut session = Http1Session::new_with_options(stream, peer);
-    session.write_timeout = peer.options.write_timeout;
-    session.write_request_header(Box::new(req)).await?;
-    session.finish_body().await?;
-    Ok(session)
-}
-
 /// Sends `head` (a request line and headers, see [`upstream_head`]) and `body` on `stream`
-/// and returns the session that reads the answer.
+/// and gives the stream back for the answer.
 async fn send_request(
     mut stream: Stream,
     peer: &HttpPeer,
     head: &[u8],
     body: &Bytes,
-) -> pingora::Result<Http1Session> {
+) -> pingora::Result<Stream> {
     let write_timeout = peer.options.write_timeout;
     let written = write_parts(&mut stream, [head, body]);
     let written = match write_timeout {
@@ -328,7 +313,7 @@ async fn send_request(
         };
         pingora::Error::because(kind, "while writing the request", e)
     })?;
-    Ok(Http1Session::new_with_options(stream, peer))
+    Ok(stream)
 }
 
 /// Why sending a request with the client's body failed.
@@ -346,7 +331,7 @@ async fn send_client_body(
     peer: &HttpPeer,
     req: RequestHeader,
     session: &mut Session,
-) -> Result<Http1Session, SendFailure> {
+) -> Result<Stream, SendFailure> {
     let mut upstream = Http1Session::new_with_options(stream, peer);
     upstream.write_timeout = peer.options.write_timeout;
     upstream
@@ -368,7 +353,7 @@ async fn send_client_body(
         .finish_body()
         .await
         .map_err(SendFailure::Upstream)?;
-    Ok(upstream)
+    Ok(upstream.into_inner())
 }
 
 fn is_connect_error(e: &pingora::Error) -> bool {
@@ -466,21 +451,6 @@ pub async fn forward(
                     }
                 }
             }
-            _ if plan.method == Method::HEAD => {
-                let mut req = built_request(
-                    Method::HEAD,
-                    &plan.path,
-                    &client.headers,
-                    api_key_header,
-                    up,
-                )?;
-                if let Body::Read(body) = &plan.body {
-                    req.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
-                } else if let Some(v) = client.headers.get(header::CONTENT_LENGTH) {
-                    req.insert_header(header::CONTENT_LENGTH, v.clone())?;
-                }
-                send_head_request(stream, &peer, req).await
-            }
             Body::Client => {
                 // No body: the request line and headers alone (a `Content-Length: 0` the
                 // client sent is kept).
@@ -505,8 +475,8 @@ pub async fn forward(
                 send_request(stream, &peer, &head, body).await
             }
         };
-        let mut upstream = match sent {
-            Ok(s) => HttpSession::H1(s),
+        let sent = match sent {
+            Ok(s) => s,
             Err(e) => {
                 // A pooled connection the upstream had closed: the request never arrived, so
                 // trying once more is safe.
@@ -515,14 +485,12 @@ pub async fn forward(
                 continue;
             }
         };
-        // pingora's proxy applies the peer's I/O timeouts to its sessions itself; so here.
-        upstream.set_read_timeout(peer.options.read_timeout);
-        upstream.set_write_timeout(peer.options.write_timeout);
         up.mark_ok();
 
         // Wait for the answer, but notice a client that goes away meanwhile.
+        let head_request = plan.method == Method::HEAD;
         let header_read = tokio::select! {
-            r = read_final_header(&mut upstream) => Some(r),
+            r = Answer::read(sent, head_request, peer.options.read_timeout) => Some(r),
             r = session.as_mut().read_body_or_idle(true) => {
                 if r.is_err() { None } else { std::future::pending().await }
             }
@@ -531,11 +499,14 @@ pub async fn forward(
             tracing::info!(upstream = %up.config.url, "client left before the upstream answered");
             return Err(pingora::Error::new(ErrorType::ConnectionClosed));
         };
-        if let Err(e) = header_read {
-            let err = upstream_failure(&e);
-            tracing::warn!(upstream = %up.config.url, error = %e, "upstream response failed");
-            return send_error(session, ctx, err).await;
-        }
+        let mut upstream = match header_read {
+            Ok(a) => a,
+            Err(e) => {
+                let err = upstream_failure(&e);
+                tracing::warn!(upstream = %up.config.url, error = %e, "upstream response failed");
+                return send_error(session, ctx, err).await;
+            }
+        };
         ctx.first_byte = Some(ctx.start.elapsed());
         if let Some(convert) = &plan.convert {
             let reusable = super::ndjson_sse::relay(
@@ -548,13 +519,11 @@ pub async fn forward(
             )
             .await?;
             if reusable {
-                super::idle::put(upstream, &peer).await;
+                super::idle::put(upstream, &peer);
             }
             return Ok(());
         }
-        // Read in place, not cloned: the answer's header is looked at once here and copied
-        // into the client's header below.
-        let head = upstream.response_header().expect("header was read");
+        let head = &upstream.head;
         let head_status = head.status;
         let status = head_status.as_u16();
         ctx.status = Some(status);
@@ -569,10 +538,10 @@ pub async fn forward(
             .replace_success_body
             .filter(|_| head_status.is_success())
         {
-            while upstream.read_response_body().await?.is_some() {}
+            upstream.drain().await?;
             let reply =
                 crate::http::Reply::bytes(status, "application/json", Bytes::from(replacement));
-            super::idle::put(upstream, &peer).await;
+            super::idle::put(upstream, &peer);
             return crate::http::send(session, reply).await;
         }
 
@@ -583,8 +552,8 @@ pub async fn forward(
         {
             // A whole JSON answer: add `sources` at the top level, as Open WebUI does.
             let mut body = bytes::BytesMut::new();
-            while let Some(chunk) = upstream.read_response_body().await? {
-                if body.len() + chunk.len() > MAX_JSON_ANSWER {
+            while upstream.read_into(&mut body).await? {
+                if body.len() > MAX_JSON_ANSWER {
                     tracing::warn!(upstream = %up.config.url, "upstream JSON answer over the buffering bound");
                     // Dropping `upstream` (not released to the pool) closes that connection.
                     let err = ApiError::new(
@@ -596,7 +565,6 @@ pub async fn forward(
                     );
                     return send_error(session, ctx, err).await;
                 }
-                body.extend_from_slice(&chunk);
             }
             crate::usage::scan_whole(ctx, &body);
             crate::usage::finish(&app.usage, ctx).await;
@@ -608,7 +576,7 @@ pub async fn forward(
                 _ => body.freeze(),
             };
             ctx.streamed_bytes += merged.len() as u64;
-            super::idle::put(upstream, &peer).await;
+            super::idle::put(upstream, &peer);
             let mut reply = crate::http::Reply::bytes(status, "application/json", merged);
             for (n, v) in &plan.headers {
                 reply = reply.with_header(n.clone(), v.clone());
@@ -618,7 +586,7 @@ pub async fn forward(
         let prelude = sources
             .filter(|_| content_type.starts_with("text/event-stream"))
             .map(|s| s.sse_event);
-        let head = upstream.response_header().expect("header was read");
+        let head = &upstream.head;
         let mut resp = ResponseHeader::build_no_case(head_status, Some(head.headers.len()))?;
         let listed = connection_listed(&head.headers);
         let rewritten = prelude.is_some() || crate::usage::rewrites_body(ctx);
@@ -639,7 +607,7 @@ pub async fn forward(
                 resp.append_header(n.clone(), v.as_str())?;
             }
         }
-        let no_body = upstream.response_done() || plan.method == Method::HEAD;
+        let no_body = upstream.done();
         if !no_body && resp.headers.get(header::CONTENT_LENGTH).is_none() {
             // Chunked framing keeps the connection reusable and lets a stream cut short by
             // the upstream show up as incomplete instead of ending as if it were whole.
@@ -649,6 +617,7 @@ pub async fn forward(
             .write_response_header(Box::new(resp), no_body)
             .await?;
         if no_body {
+            super::idle::put(upstream, &peer);
             return Ok(());
         }
         if let Some(event) = prelude {
@@ -665,7 +634,7 @@ pub async fn forward(
         // its usage.
         crate::usage::finish(&app.usage, ctx).await;
         session.write_response_body(None, true).await?;
-        super::idle::put(upstream, &peer).await;
+        super::idle::put(upstream, &peer);
         return Ok(());
     }
     send_error(session, ctx, last_error).await
@@ -701,7 +670,7 @@ async fn flush(
 async fn pump(
     session: &mut Session,
     ctx: &mut RequestCtx,
-    upstream: &mut HttpSession,
+    upstream: &mut Answer,
     idle: Duration,
     url: &str,
 ) -> pingora::Result<()> {
@@ -712,7 +681,7 @@ async fn pump(
     tokio::pin!(timer);
     let mut batch = bytes::BytesMut::with_capacity(BATCH_START);
     loop {
-        let read = if let Some(r) = read_into(upstream, &mut batch).now_or_never() {
+        let read = if let Some(r) = upstream.read_into(&mut batch).now_or_never() {
             r
         } else {
             // Nothing more has arrived: what is in hand goes out before waiting.
@@ -721,7 +690,7 @@ async fn pump(
             loop {
                 tokio::select! {
                     biased;
-                    r = read_into(upstream, &mut batch) => break r,
+                    r = upstream.read_into(&mut batch) => break r,
                     r = session.as_mut().read_body_or_idle(true) => {
                         if r.is_err() {
                             tracing::info!(upstream = %url, "client disconnected mid-stream; dropping the upstream request");
@@ -762,19 +731,6 @@ async fn pump(
         }
     }
     flush(session, ctx, &mut batch).await
-}
-
-/// Reads response headers, skipping interim 1xx answers (other than 101).
-async fn read_final_header(upstream: &mut HttpSession) -> pingora::Result<()> {
-    loop {
-        upstream.read_response_header().await?;
-        let interim = upstream.response_header().is_some_and(|h| {
-            h.status.is_informational() && h.status != http::StatusCode::SWITCHING_PROTOCOLS
-        });
-        if !interim {
-            return Ok(());
-        }
-    }
 }
 
 async fn send_error(
@@ -823,16 +779,17 @@ mod tests {
     }
 
     /// Checks the request the server got is exactly `request`, answers with `response` and
-    /// lets the session read the answer's header.
+    /// reads the answer's head off `stream`.
     async fn answer(
         server: &mut TcpStream,
-        session: &mut HttpSession,
+        stream: Stream,
+        head_request: bool,
         request: &[u8],
         response: &[u8],
-    ) {
+    ) -> Answer {
         assert_eq!(received(server, request.len()).await, request);
         server.write_all(response).await.unwrap();
-        read_final_header(session).await.unwrap();
+        Answer::read(stream, head_request, None).await.unwrap()
     }
 
     #[tokio::test(flavor = "current_thread")]
@@ -841,19 +798,20 @@ mod tests {
         let body = Bytes::from_static(b"{\"model\":\"m\"}");
         let req = request(Method::POST, b"/api/chat?x=1", &body);
         let head = wire_head(&req);
-        let mut session = HttpSession::H1(send_request(stream, &peer, &head, &body).await.unwrap());
-        answer(
+        let stream = send_request(stream, &peer, &head, &body).await.unwrap();
+        let mut answer = answer(
             &mut server,
-            &mut session,
+            stream,
+            false,
             b"POST /api/chat?x=1 HTTP/1.1\r\nHost: up:11434\r\nContent-Length: 13\r\n\r\n{\"model\":\"m\"}",
             b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
         )
         .await;
-        assert_eq!(session.response_header().unwrap().status, 200);
-        assert_eq!(
-            session.read_response_body().await.unwrap().as_deref(),
-            Some(&b"ok"[..])
-        );
+        assert_eq!(answer.head.status, 200);
+        let mut body = bytes::BytesMut::new();
+        assert!(answer.read_into(&mut body).await.unwrap());
+        assert_eq!(&body[..], b"ok");
+        assert!(!answer.read_into(&mut body).await.unwrap());
     }
 
     #[tokio::test(flavor = "current_thread")]
@@ -885,8 +843,7 @@ mod tests {
         let started = std::time::Instant::now();
         let err = send_request(stream, &peer, &wire_head(&req), &body)
             .await
-            .err()
-            .expect("the write cannot finish");
+            .expect_err("the write cannot finish");
         assert_eq!(err.etype(), &ErrorType::WriteTimedout);
         assert!(started.elapsed() < Duration::from_secs(10));
     }
@@ -895,19 +852,23 @@ mod tests {
     async fn an_answer_to_head_has_no_body_whatever_its_length_says() {
         let (stream, peer, mut server) = connected().await;
         let req = request(Method::HEAD, b"/", b"");
-        let mut session = HttpSession::H1(send_head_request(stream, &peer, req).await.unwrap());
-        answer(
+        let stream = send_request(stream, &peer, &wire_head(&req), &Bytes::new())
+            .await
+            .unwrap();
+        let mut answer = answer(
             &mut server,
-            &mut session,
+            stream,
+            true,
             b"HEAD / HTTP/1.1\r\nHost: up:11434\r\nContent-Length: 0\r\n\r\n",
             b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n",
         )
         .await;
         // Read as a GET's answer, this would wait for ten bytes that never come.
-        let body = tokio::time::timeout(Duration::from_secs(5), session.read_response_body())
+        let mut body = bytes::BytesMut::new();
+        let more = tokio::time::timeout(Duration::from_secs(5), answer.read_into(&mut body))
             .await
             .expect("no body is awaited");
-        assert!(body.unwrap().is_none());
+        assert!(!more.unwrap());
     }
 
     fn upstream(key: Option<&str>) -> Upstream {

@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 use pingora::protocols::Stream;
-use pingora::protocols::http::client::HttpSession;
 use pingora::upstreams::peer::{HttpPeer, Peer};
 use tokio::io::AsyncReadExt;
 
@@ -60,15 +59,11 @@ pub fn take(peer: &HttpPeer) -> Option<Stream> {
     }
 }
 
-/// Puts a finished session back for the next request on this thread, or closes it when its
-/// response leaves it unusable (no keep-alive, body not fully read).
-pub async fn put(session: HttpSession, peer: &HttpPeer) {
-    // The forward engine speaks HTTP/1.1 only; any other session is dropped, which closes it.
-    if let HttpSession::H1(mut h1) = session {
-        h1.respect_keepalive();
-        if let Some(stream) = h1.reuse().await {
-            keep(peer.reuse_hash(), stream);
-        }
+/// Puts a finished answer's connection back for the next request on this thread, or closes
+/// it when the answer leaves it unusable (no keep-alive, body not fully read).
+pub fn put(answer: super::answer::Answer, peer: &HttpPeer) {
+    if let Some(stream) = answer.reuse() {
+        keep(peer.reuse_hash(), stream);
     }
 }
 

@@ -6,6 +6,7 @@
 //! or the client's body streamed through as it comes). `fail` and `logging` end every
 //! request, errors included.
 
+mod answer;
 pub mod batch;
 mod conn;
 pub mod forward;

@@ -544,31 +544,33 @@ async fn send_error(
 pub async fn relay(
     session: &mut Session,
     ctx: &mut RequestCtx,
-    upstream: &mut pingora::protocols::http::client::HttpSession,
+    upstream: &mut super::answer::Answer,
     convert: &Convert,
     sources: Option<&SourcesReply>,
     headers: &[(http::HeaderName, String)],
 ) -> pingora::Result<bool> {
     use futures_util::FutureExt;
 
-    let head = upstream.response_header().expect("header was read").clone();
-    let status = head.status.as_u16();
-    if !head.status.is_success() {
-        let mut body = Vec::new();
-        while let Some(chunk) = upstream.read_response_body().await? {
-            if body.len() + chunk.len() > MAX_ERROR_BODY {
+    let status = upstream.head.status;
+    if !status.is_success() {
+        let mut body = BytesMut::new();
+        while upstream.read_into(&mut body).await? {
+            if body.len() > MAX_ERROR_BODY {
+                body.truncate(MAX_ERROR_BODY);
                 break;
             }
-            body.extend_from_slice(&chunk);
         }
-        let err = ApiError::new(status, format!("Upstream error: {}", error_message(&body)));
+        let err = ApiError::new(
+            status.as_u16(),
+            format!("Upstream error: {}", error_message(&body)),
+        );
         return send_error(session, ctx, err).await;
     }
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
     if !convert.stream {
         let mut body = BytesMut::new();
-        while let Some(chunk) = upstream.read_response_body().await? {
-            if body.len() + chunk.len() > MAX_ANSWER {
+        while upstream.read_into(&mut body).await? {
+            if body.len() > MAX_ANSWER {
                 let err = ApiError::new(
                     502,
                     format!(
@@ -578,7 +580,6 @@ pub async fn relay(
                 );
                 return send_error(session, ctx, err).await;
             }
-            body.extend_from_slice(&chunk);
         }
         let Ok(r @ Value::Object(_)) = serde_json::from_slice::<Value>(&body) else {
             let err = ApiError::new(502, "Upstream sent an answer that is not a JSON object");
@@ -621,7 +622,7 @@ pub async fn relay(
     // engine does for streams it passes through: a burst of tokens is one write.
     let mut batch = bytes::BytesMut::with_capacity(super::batch::BATCH_START);
     loop {
-        let read = if let Some(r) = super::batch::read_into(upstream, &mut batch).now_or_never() {
+        let read = if let Some(r) = upstream.read_into(&mut batch).now_or_never() {
             r
         } else {
             if let Some(reusable) = out.send(session, ctx, &mut batch, false).await? {
@@ -630,7 +631,7 @@ pub async fn relay(
             loop {
                 tokio::select! {
                     biased;
-                    r = super::batch::read_into(upstream, &mut batch) => break r,
+                    r = upstream.read_into(&mut batch) => break r,
                     r = session.as_mut().read_body_or_idle(true) => {
                         if r.is_err() {
                             tracing::info!("client disconnected mid-stream; dropping the upstream request");
