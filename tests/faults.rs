@@ -206,6 +206,29 @@ async fn garbage_instead_of_an_answer_gives_502_on_every_path() {
     error_before_first_byte(Fault::Garbage, 502).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_whose_framing_cannot_be_trusted_gives_502_on_every_path() {
+    let _serial = SERIAL.lock().await;
+    // Two lengths: which one frames the body is anyone's guess (RFC 9110 §8.6).
+    error_before_first_byte(
+        Fault::Head(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 30\r\n\r\n"),
+        502,
+    )
+    .await;
+    error_before_first_byte(
+        Fault::Head(b"HTTP/1.1 200 OK\r\nContent-Length: -5\r\n\r\n"),
+        502,
+    )
+    .await;
+    // A folded header line would carry a line break into the client's answer.
+    error_before_first_byte(
+        Fault::Head(b"HTTP/1.1 200 OK\r\nX-A: a\r\n X-Injected: 1\r\nContent-Length: 0\r\n\r\n"),
+        502,
+    )
+    .await;
+    error_before_first_byte(Fault::HugeHead, 502).await;
+}
+
 // ---------------------------------------------------------------------------
 // After the first byte: the stream ends as incomplete
 // ---------------------------------------------------------------------------
@@ -298,6 +321,12 @@ async fn a_whole_json_answer_reset_mid_way_ends_as_incomplete() {
 async fn a_malformed_chunk_ends_the_stream_as_incomplete() {
     let _serial = SERIAL.lock().await;
     cut_after_first_byte(Fault::BadChunk).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_longer_than_its_size_ends_the_stream_as_incomplete() {
+    let _serial = SERIAL.lock().await;
+    cut_after_first_byte(Fault::ChunkOverrun).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -109,12 +109,17 @@ async fn fill(
 
 /// The head at the start of `buf` and its length, `None` while it is incomplete.
 fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>> {
-    let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
-    let mut resp = httparse::Response::new(&mut fields);
+    if buf.is_empty() {
+        return Ok(None);
+    }
+    // Left uninitialised: httparse fills only as many as there are fields, and zeroing
+    // all of them cost more than parsing a typical head.
+    let mut fields = [const { std::mem::MaybeUninit::uninit() }; MAX_FIELDS];
+    let mut resp = httparse::Response::new(&mut []);
     let mut parser = httparse::ParserConfig::default();
     // Some servers write `Name : value`; pingora's reader accepted it too.
     parser.allow_spaces_after_header_name_in_responses(true);
-    let len = match parser.parse_response(&mut resp, buf) {
+    let len = match parser.parse_response_with_uninit_headers(&mut resp, buf, &mut fields) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(e) => {
@@ -194,23 +199,30 @@ fn connection_has(headers: &HeaderMap, token: &[u8]) -> bool {
 
 /// The size a chunk-size line gives (the line without its `\n`); extensions are ignored.
 fn chunk_size(line: &[u8]) -> Result<u64> {
-    let line = line.strip_suffix(b"\r").unwrap_or(line);
-    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    let bad = || invalid("the upstream sent an invalid chunk size");
+    let mut size: u64 = 0;
+    let mut digits = 0;
+    for &b in line {
+        let d = match b {
+            b'0'..=b'9' => b - b'0',
+            b'a'..=b'f' => b - b'a' + 10,
+            b'A'..=b'F' => b - b'A' + 10,
+            _ => break,
+        };
+        size = (size << 4) | u64::from(d);
+        digits += 1;
+    }
+    // Over 15 digits the size could overflow; no real chunk is anywhere near 2^60 bytes.
     if digits == 0 || digits > 15 {
-        return Err(invalid("the upstream sent an invalid chunk size"));
+        return Err(bad());
     }
-    let rest = line[digits..].trim_ascii_start();
-    if !rest.is_empty() && rest[0] != b';' {
-        return Err(invalid("the upstream sent an invalid chunk size"));
+    let rest = line[digits..]
+        .strip_suffix(b"\r")
+        .unwrap_or(&line[digits..]);
+    match rest.trim_ascii_start().first() {
+        None | Some(b';') => Ok(size),
+        Some(_) => Err(bad()),
     }
-    let hex = |b: u8| {
-        u64::from(if b.is_ascii_digit() {
-            b - b'0'
-        } else {
-            (b | 0x20) - b'a' + 10
-        })
-    };
-    Ok(line[..digits].iter().fold(0, |n, &b| (n << 4) | hex(b)))
 }
 
 impl Answer {
@@ -347,93 +359,123 @@ impl Answer {
 
     /// Moves the body bytes in hand into `out`, as far as the framing allows.
     fn decode(&mut self, out: &mut BytesMut) -> Result<()> {
-        let Answer { buf, framing, .. } = self;
-        loop {
-            let state = match framing {
-                Framing::Done => return Ok(()),
-                Framing::Close => {
-                    out.extend_from_slice(buf);
-                    buf.clear();
-                    return Ok(());
-                }
-                Framing::Length(left) => {
-                    let n = usize::try_from(*left).map_or(buf.len(), |l| l.min(buf.len()));
-                    out.extend_from_slice(&buf[..n]);
-                    buf.advance(n);
-                    *left -= n as u64;
-                    if *left == 0 {
+        // Room for all of it at once: a burst of chunks appended one by one would regrow the
+        // batch several times.
+        out.reserve(self.buf.len());
+        let (used, decoded) = decode(&mut self.framing, &self.buf, out);
+        // Consumed once at the end: per chunk, three `advance`s cost more than the decoding.
+        if used == self.buf.len() {
+            self.buf.clear();
+        } else {
+            self.buf.advance(used);
+        }
+        decoded
+    }
+}
+
+/// Decodes the body bytes at the start of `bytes` into `out` as `framing` allows; how many
+/// bytes it consumed, and whether the framing held.
+fn decode(framing: &mut Framing, bytes: &[u8], out: &mut BytesMut) -> (usize, Result<()>) {
+    match framing {
+        Framing::Done => (0, Ok(())),
+        Framing::Close => {
+            out.extend_from_slice(bytes);
+            (bytes.len(), Ok(()))
+        }
+        Framing::Length(left) => {
+            let n = usize::try_from(*left).map_or(bytes.len(), |l| l.min(bytes.len()));
+            out.extend_from_slice(&bytes[..n]);
+            *left -= n as u64;
+            if *left == 0 {
+                *framing = Framing::Done;
+            }
+            (n, Ok(()))
+        }
+        Framing::Chunked(state) => {
+            let mut at = 0;
+            loop {
+                match chunk_step(state, &bytes[at..], out) {
+                    Ok(Step::Took(n)) => at += n,
+                    Ok(Step::Wait) => return (at, Ok(())),
+                    Ok(Step::End(n)) => {
                         *framing = Framing::Done;
+                        return (at + n, Ok(()));
                     }
-                    return Ok(());
+                    Err(e) => return (at, Err(e)),
                 }
-                Framing::Chunked(state) => state,
+            }
+        }
+    }
+}
+
+/// What one step of the chunked decoder did.
+enum Step {
+    /// Consumed this many bytes; go on.
+    Took(usize),
+    /// Needs more bytes than are in hand.
+    Wait,
+    /// The body ended after this many bytes.
+    End(usize),
+}
+
+/// One step of the chunked decoder over the bytes in hand, `rest`.
+fn chunk_step(state: &mut Chunk, rest: &[u8], out: &mut BytesMut) -> Result<Step> {
+    match state {
+        Chunk::Size => {
+            let Some(nl) = memchr::memchr(b'\n', rest) else {
+                if rest.len() > MAX_SIZE_LINE {
+                    return Err(invalid("the upstream sent an over-long chunk-size line"));
+                }
+                return Ok(Step::Wait);
             };
-            match state {
-                Chunk::Size => {
-                    let Some(nl) = memchr::memchr(b'\n', buf) else {
-                        if buf.len() > MAX_SIZE_LINE {
-                            return Err(invalid("the upstream sent an over-long chunk-size line"));
-                        }
-                        return Ok(());
-                    };
-                    if nl > MAX_SIZE_LINE {
-                        return Err(invalid("the upstream sent an over-long chunk-size line"));
-                    }
-                    let size = chunk_size(&buf[..nl])?;
-                    buf.advance(nl + 1);
-                    *state = if size == 0 {
-                        Chunk::Trailers(0)
-                    } else {
-                        Chunk::Data(size)
-                    };
+            if nl > MAX_SIZE_LINE {
+                return Err(invalid("the upstream sent an over-long chunk-size line"));
+            }
+            let size = chunk_size(&rest[..nl])?;
+            *state = if size == 0 {
+                Chunk::Trailers(0)
+            } else {
+                Chunk::Data(size)
+            };
+            Ok(Step::Took(nl + 1))
+        }
+        Chunk::Data(left) => {
+            if rest.is_empty() {
+                return Ok(Step::Wait);
+            }
+            let n = usize::try_from(*left).map_or(rest.len(), |l| l.min(rest.len()));
+            out.extend_from_slice(&rest[..n]);
+            *left -= n as u64;
+            if *left == 0 {
+                *state = Chunk::DataEnd;
+            }
+            Ok(Step::Took(n))
+        }
+        Chunk::DataEnd => {
+            let n = match rest {
+                [] | [b'\r'] => return Ok(Step::Wait),
+                [b'\n', ..] => 1,
+                [b'\r', b'\n', ..] => 2,
+                _ => return Err(invalid("the upstream's chunk is longer than its size")),
+            };
+            *state = Chunk::Size;
+            Ok(Step::Took(n))
+        }
+        Chunk::Trailers(seen) => {
+            let Some(nl) = memchr::memchr(b'\n', rest) else {
+                if *seen + rest.len() > MAX_TRAILERS {
+                    return Err(invalid("the upstream sent over 64 KiB of trailers"));
                 }
-                Chunk::Data(left) => {
-                    if buf.is_empty() {
-                        return Ok(());
-                    }
-                    let n = usize::try_from(*left).map_or(buf.len(), |l| l.min(buf.len()));
-                    out.extend_from_slice(&buf[..n]);
-                    buf.advance(n);
-                    *left -= n as u64;
-                    if *left == 0 {
-                        *state = Chunk::DataEnd;
-                    }
-                }
-                Chunk::DataEnd => match buf.first() {
-                    None => return Ok(()),
-                    Some(b'\n') => {
-                        buf.advance(1);
-                        *state = Chunk::Size;
-                    }
-                    Some(b'\r') => match buf.get(1) {
-                        None => return Ok(()),
-                        Some(b'\n') => {
-                            buf.advance(2);
-                            *state = Chunk::Size;
-                        }
-                        Some(_) => {
-                            return Err(invalid("the upstream's chunk is longer than its size"));
-                        }
-                    },
-                    Some(_) => return Err(invalid("the upstream's chunk is longer than its size")),
-                },
-                Chunk::Trailers(seen) => {
-                    let Some(nl) = memchr::memchr(b'\n', buf) else {
-                        if *seen + buf.len() > MAX_TRAILERS {
-                            return Err(invalid("the upstream sent over 64 KiB of trailers"));
-                        }
-                        return Ok(());
-                    };
-                    let last = nl == 0 || (nl == 1 && buf[0] == b'\r');
-                    *seen += nl + 1;
-                    if *seen > MAX_TRAILERS {
-                        return Err(invalid("the upstream sent over 64 KiB of trailers"));
-                    }
-                    buf.advance(nl + 1);
-                    if last {
-                        *framing = Framing::Done;
-                    }
-                }
+                return Ok(Step::Wait);
+            };
+            *seen += nl + 1;
+            if *seen > MAX_TRAILERS {
+                return Err(invalid("the upstream sent over 64 KiB of trailers"));
+            }
+            if nl == 0 || (nl == 1 && rest[0] == b'\r') {
+                Ok(Step::End(nl + 1))
+            } else {
+                Ok(Step::Took(nl + 1))
             }
         }
     }

@@ -41,6 +41,12 @@ pub enum Fault {
     Reset(Framing),
     /// Sends a chunked head and a chunk whose size is not hexadecimal.
     BadChunk,
+    /// Sends a chunked head and a chunk whose data runs past its announced size.
+    ChunkOverrun,
+    /// Sends this head (status line, fields and the blank line), then nothing.
+    Head(&'static [u8]),
+    /// Sends a head of header fields over 64 KiB.
+    HugeHead,
     /// Sends a status line that is not HTTP.
     BadStatusLine,
     /// Sends binary garbage instead of an answer.
@@ -57,7 +63,7 @@ pub enum Fault {
 
 #[derive(Default)]
 struct Counters {
-    /// Lets `Reset` and `BadChunk` go on once the test has seen the first line arrive, so
+    /// Lets `Reset`, `BadChunk` and `ChunkOverrun` go on once the test has seen the first line arrive, so
     /// the fault always comes after the first byte however slow the machine is.
     proceed: tokio::sync::Notify,
     requests: AtomicUsize,
@@ -233,6 +239,32 @@ async fn serve(mut s: TcpStream, fault: Fault, counters: Arc<Counters>) {
                 let _ = tokio::time::timeout(Duration::from_secs(30), counters.proceed.notified())
                     .await;
                 let _ = s.write_all(b"zz-not-hex\r\nhello\r\n").await;
+                until_closed(&mut s).await;
+            }
+            Fault::ChunkOverrun => {
+                let mut out = stream_head(Framing::Chunked);
+                out.extend(chunk(Framing::Chunked, LINE));
+                let _ = s.write_all(&out).await;
+                let _ = tokio::time::timeout(Duration::from_secs(30), counters.proceed.notified())
+                    .await;
+                let _ = s
+                    .write_all(b"5\r\nhello, and more than five\r\n0\r\n\r\n")
+                    .await;
+                until_closed(&mut s).await;
+            }
+            Fault::Head(head) => {
+                let _ = s.write_all(head).await;
+                until_closed(&mut s).await;
+            }
+            Fault::HugeHead => {
+                let mut head = b"HTTP/1.1 200 OK\r\n".to_vec();
+                while head.len() < 80 * 1024 {
+                    head.extend_from_slice(
+                        b"X-Filler: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n",
+                    );
+                }
+                head.extend_from_slice(b"Content-Length: 0\r\n\r\n");
+                let _ = s.write_all(&head).await;
                 until_closed(&mut s).await;
             }
             Fault::BadStatusLine => {
