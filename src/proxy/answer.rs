@@ -197,31 +197,30 @@ fn connection_has(headers: &HeaderMap, token: &[u8]) -> bool {
     })
 }
 
+/// The value of an ASCII hex digit.
+fn hex_digit(b: u8) -> u64 {
+    u64::from(match b {
+        b'0'..=b'9' => b - b'0',
+        b'a'..=b'f' => b - b'a' + 10,
+        _ => (b | 0x20).wrapping_sub(b'a').wrapping_add(10),
+    })
+}
+
 /// The size a chunk-size line gives (the line without its `\n`); extensions are ignored.
 fn chunk_size(line: &[u8]) -> Result<u64> {
-    let bad = || invalid("the upstream sent an invalid chunk size");
-    let mut size: u64 = 0;
-    let mut digits = 0;
-    for &b in line {
-        let d = match b {
-            b'0'..=b'9' => b - b'0',
-            b'a'..=b'f' => b - b'a' + 10,
-            b'A'..=b'F' => b - b'A' + 10,
-            _ => break,
-        };
-        size = (size << 4) | u64::from(d);
-        digits += 1;
-    }
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
     // Over 15 digits the size could overflow; no real chunk is anywhere near 2^60 bytes.
     if digits == 0 || digits > 15 {
-        return Err(bad());
+        return Err(invalid("the upstream sent an invalid chunk size"));
     }
     let rest = line[digits..]
         .strip_suffix(b"\r")
         .unwrap_or(&line[digits..]);
     match rest.trim_ascii_start().first() {
-        None | Some(b';') => Ok(size),
-        Some(_) => Err(bad()),
+        None | Some(b';') => Ok(line[..digits]
+            .iter()
+            .fold(0, |n, &b| (n << 4) | hex_digit(b))),
+        Some(_) => Err(invalid("the upstream sent an invalid chunk size")),
     }
 }
 
@@ -422,6 +421,19 @@ enum Step {
 fn chunk_step(state: &mut Chunk, rest: &[u8], out: &mut BytesMut) -> Result<Step> {
     match state {
         Chunk::Size => {
+            // The usual line is hex digits and CRLF, read here without a search for its end.
+            let digits = rest.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+            if (1..=15).contains(&digits) && rest.get(digits..digits + 2) == Some(b"\r\n") {
+                let size = rest[..digits]
+                    .iter()
+                    .fold(0, |n, &b| (n << 4) | hex_digit(b));
+                *state = if size == 0 {
+                    Chunk::Trailers(0)
+                } else {
+                    Chunk::Data(size)
+                };
+                return Ok(Step::Took(digits + 2));
+            }
             let Some(nl) = memchr::memchr(b'\n', rest) else {
                 if rest.len() > MAX_SIZE_LINE {
                     return Err(invalid("the upstream sent an over-long chunk-size line"));

@@ -610,6 +610,13 @@ impl Scanner {
         let mut kept: Option<BytesMut> = None;
         let mut at = 0;
         while let Some(h) = hit {
+            // The events wholly before the hit pass as they are, in one piece: walking them
+            // one by one cost more than the rest of the stream's relay.
+            let start = last_boundary(&complete[at..h]).map_or(at, |b| at + b);
+            if let Some(k) = kept.as_mut() {
+                k.extend_from_slice(&complete[at..start]);
+            }
+            at = start;
             let stop = next_boundary(&complete, at).unwrap_or(complete.len());
             let event = &complete[at..stop];
             let usage_only = h < stop && {
@@ -820,6 +827,45 @@ mod tests {
                     completion: 22
                 }
             );
+        }
+    }
+
+    /// Events before, between and after usage events pass whole and in order, with either
+    /// line ending, whatever the writes: only the usage-only event is cut.
+    #[test]
+    fn the_events_around_usage_events_pass_whole_in_any_write() {
+        for nl in ["\n", "\r\n"] {
+            let event = |data: &str| format!("data: {data}{nl}{nl}");
+            let content = |i: usize| {
+                event(&format!(
+                    "{{\"choices\":[{{\"delta\":{{\"content\":\"t{i}\"}}}}]}}"
+                ))
+            };
+            let mut input = String::new();
+            for i in 0..40 {
+                input += &content(i);
+            }
+            input += &event(
+                "{\"choices\":[{\"delta\":{\"content\":\"x\"}}],\"usage\":{\"prompt_tokens\":3}}",
+            );
+            for i in 40..60 {
+                input += &content(i);
+            }
+            let usage_only =
+                event("{\"choices\":[],\"usage\":{\"prompt_tokens\":11,\"completion_tokens\":22}}");
+            input += &usage_only;
+            input += &event("[DONE]");
+            for size in [1, 7, 64, 333, input.len()] {
+                let (out, c) = run(Format::Sse, true, &input, size);
+                assert_eq!(out, input.replace(&usage_only, ""), "size {size}");
+                assert_eq!(
+                    c,
+                    Counts {
+                        prompt: 11,
+                        completion: 22
+                    }
+                );
+            }
         }
     }
 
