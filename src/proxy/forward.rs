@@ -3,10 +3,11 @@
 //! back.
 //!
 //! Why not pingora-proxy's phases: routing by model needs the body before `upstream_peer`,
-//! and pingora can only replay a pre-read body up to its 64 KiB retry buffer. So requests use
-//! pingora's own connector and sessions directly, with the same timeouts: each upstream chunk is copied once, out of pingora's read buffer into the
-//! write in hand, and written as soon as nothing more has arrived. Idle connections wait in
-//! this thread's list ([`super::idle`]), not in pingora's pool.
+//! and pingora can only replay a pre-read body up to its 64 KiB retry buffer. So requests go
+//! out on pingora's connector with its timeouts, and the answer is read by [`super::answer`]:
+//! each upstream chunk is copied once, out of the answer's read buffer into the write in hand,
+//! and written as soon as nothing more has arrived. Idle connections wait in this thread's
+//! list ([`super::idle`]), not in pingora's pool.
 
 use std::time::Duration;
 
