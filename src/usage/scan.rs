@@ -278,6 +278,59 @@ struct LineCounts {
     message: Option<Nested>,
     prompt_eval_count: Option<Value>,
     eval_count: Option<Value>,
+    choices: Option<Choices>,
+}
+
+/// Whether a chunk's `choices` is an empty array, read without building its elements.
+struct Choices {
+    empty: bool,
+}
+
+impl<'de> serde::Deserialize<'de> for Choices {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Choices, D::Error> {
+        // Not an array (or an array with elements): not the usage-only chunk's `choices`.
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Choices;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Choices, A::Error> {
+                let mut empty = true;
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {
+                    empty = false;
+                }
+                Ok(Choices { empty })
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Choices, A::Error> {
+                use serde::de::IgnoredAny;
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Choices { empty: false })
+            }
+            fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<Choices, E> {
+                Ok(Choices { empty: false })
+            }
+            fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Choices, E> {
+                Ok(Choices { empty: false })
+            }
+            fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Choices, E> {
+                Ok(Choices { empty: false })
+            }
+            fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Choices, E> {
+                Ok(Choices { empty: false })
+            }
+            fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Choices, E> {
+                Ok(Choices { empty: false })
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// `response` or `message`: an object that may hold `usage` (Responses API, Anthropic), or
@@ -360,6 +413,12 @@ impl<'de> serde::Deserialize<'de> for IsUsage {
 }
 
 impl LineCounts {
+    /// Whether the line is the usage-only chunk: `choices` an empty array, `usage` an object.
+    fn usage_only(&self) -> bool {
+        self.choices.as_ref().is_some_and(|c| c.empty)
+            && self.usage.as_ref().is_some_and(Value::is_object)
+    }
+
     /// As [`Counts::take_any`] on the whole line.
     fn take(self, counts: &mut Counts) {
         let nested = |n: Option<Nested>| n.and_then(|n| n.usage);
@@ -564,7 +623,17 @@ impl Scanner {
             if find(payload, b"\"usage\"").is_none() {
                 continue;
             }
-            if let Ok(v) = serde_json::from_slice::<Value>(payload.trim_ascii()) {
+            let payload = payload.trim_ascii();
+            // As in `line`: the count fields and `choices`' emptiness are read, not the
+            // whole chunk built as a `Value`.
+            let typed = payload
+                .starts_with(b"{")
+                .then(|| serde_json::from_slice::<LineCounts>(payload).ok())
+                .flatten();
+            if let Some(c) = typed {
+                usage_only |= c.usage_only();
+                c.take(&mut self.counts);
+            } else if let Ok(v) = serde_json::from_slice::<Value>(payload) {
                 self.counts.take_any(&v);
                 let no_choices = v
                     .get("choices")
@@ -650,9 +719,13 @@ impl Scanner {
 /// only when a hit can be one, not at every chunk.
 fn usage_hit(b: &[u8], from: usize) -> Option<usize> {
     const KEY: &[u8] = b"\"usage\"";
+    // A searcher built once: `find`'s one-byte anchor (`g`) also hits every chunk's
+    // `system_fingerprint`, and this search runs over whole writes of hundreds of chunks.
+    static FINDER: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(KEY));
     let mut at = from;
     loop {
-        let h = at + find(&b[at..], KEY)?;
+        let h = at + FINDER.find(&b[at..])?;
         if !is_null_value(&b[h + KEY.len()..]) {
             return Some(h);
         }
@@ -905,6 +978,38 @@ mod tests {
             let mut scanner = Scanner::new(Format::Ndjson, false);
             scanner.line(line.as_bytes());
             assert_eq!(scanner.counts, whole, "{line}");
+        }
+    }
+
+    /// An event read for its counts and `choices` alone is judged usage-only, and counted,
+    /// as reading it whole as a `Value` judges it.
+    #[test]
+    fn usage_only_events_read_alone_match_the_whole_event() {
+        for data in [
+            r#"{"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}"#,
+            r#"{"choices":[{"delta":{}}],"usage":{"prompt_tokens":1}}"#,
+            r#"{"choices":null,"usage":{"prompt_tokens":1}}"#,
+            r#"{"choices":{},"usage":{"prompt_tokens":1}}"#,
+            r#"{"choices":"","usage":{"prompt_tokens":1}}"#,
+            r#"{"choices":[],"usage":null}"#,
+            r#"{"choices":[],"usage":[1,2]}"#,
+            r#"{"usage":{"prompt_tokens":4,"completion_tokens":5}}"#,
+            r#"{"choices":[],"choices":[1],"usage":{"prompt_tokens":1}}"#,
+            r#"{"choices":[[],{"a":[]}],"usage":{"completion_tokens":3},"eval_count":9}"#,
+            r#"[{"choices":[],"usage":{"prompt_tokens":1}}]"#,
+        ] {
+            let v: Value = serde_json::from_str(data).expect(data);
+            let mut whole = Counts::default();
+            whole.take_any(&v);
+            let no_choices = v
+                .get("choices")
+                .and_then(Value::as_array)
+                .is_some_and(Vec::is_empty);
+            let usage_only = no_choices && v.get("usage").is_some_and(Value::is_object);
+            let mut scanner = Scanner::new(Format::Sse, true);
+            let judged = scanner.line_group(format!("data: {data}\n").as_bytes());
+            assert_eq!(judged, usage_only, "{data}");
+            assert_eq!(scanner.counts, whole, "{data}");
         }
     }
 
