@@ -278,59 +278,10 @@ struct LineCounts {
     message: Option<Nested>,
     prompt_eval_count: Option<Value>,
     eval_count: Option<Value>,
-    choices: Option<Choices>,
-}
-
-/// Whether a chunk's `choices` is an empty array, read without building its elements.
-struct Choices {
-    empty: bool,
-}
-
-impl<'de> serde::Deserialize<'de> for Choices {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Choices, D::Error> {
-        // Not an array (or an array with elements): not the usage-only chunk's `choices`.
-        struct V;
-        impl<'de> serde::de::Visitor<'de> for V {
-            type Value = Choices;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("any JSON value")
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut seq: A,
-            ) -> Result<Choices, A::Error> {
-                let mut empty = true;
-                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {
-                    empty = false;
-                }
-                Ok(Choices { empty })
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                mut map: A,
-            ) -> Result<Choices, A::Error> {
-                use serde::de::IgnoredAny;
-                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-                Ok(Choices { empty: false })
-            }
-            fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<Choices, E> {
-                Ok(Choices { empty: false })
-            }
-            fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Choices, E> {
-                Ok(Choices { empty: false })
-            }
-            fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Choices, E> {
-                Ok(Choices { empty: false })
-            }
-            fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Choices, E> {
-                Ok(Choices { empty: false })
-            }
-            fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Choices, E> {
-                Ok(Choices { empty: false })
-            }
-        }
-        d.deserialize_any(V)
-    }
+    /// Only its length is looked at; its elements are skipped unbuilt (`IgnoredAny` takes no
+    /// room). A `choices` that is not an array fails this read, and the line is then read
+    /// as a plain value.
+    choices: Option<Vec<serde::de::IgnoredAny>>,
 }
 
 /// `response` or `message`: an object that may hold `usage` (Responses API, Anthropic), or
@@ -415,7 +366,7 @@ impl<'de> serde::Deserialize<'de> for IsUsage {
 impl LineCounts {
     /// Whether the line is the usage-only chunk: `choices` an empty array, `usage` an object.
     fn usage_only(&self) -> bool {
-        self.choices.as_ref().is_some_and(|c| c.empty)
+        self.choices.as_ref().is_some_and(Vec::is_empty)
             && self.usage.as_ref().is_some_and(Value::is_object)
     }
 
