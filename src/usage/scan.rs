@@ -547,19 +547,35 @@ impl Scanner {
         if !mentions_counts(payload) {
             return;
         }
+        self.read_counts(payload);
+    }
+
+    /// Takes the counts of one line's JSON payload; whether it is the usage-only chunk
+    /// (`choices` an empty array, `usage` an object).
+    fn read_counts(&mut self, payload: &[u8]) -> bool {
         let payload = payload.trim_ascii();
-        // Only the count fields are built: Ollama's last line also carries `context`, often
-        // thousands of token ids, which a whole `Value` would allocate one by one. Only an
-        // object is read as the struct: serde would also fill one from an array.
+        // Only the count fields and `choices`' length are built: Ollama's last line also
+        // carries `context`, often thousands of token ids, which a whole `Value` would
+        // allocate one by one. Only an object is read as the struct: serde would also fill
+        // one from an array.
         let typed = payload
             .starts_with(b"{")
             .then(|| serde_json::from_slice::<LineCounts>(payload).ok())
             .flatten();
         if let Some(c) = typed {
+            let usage_only = c.usage_only();
             c.take(&mut self.counts);
+            usage_only
         } else if let Ok(v) = serde_json::from_slice::<Value>(payload) {
             // Not of that shape (a duplicated field, say): read as a plain value.
             self.counts.take_any(&v);
+            let no_choices = v
+                .get("choices")
+                .and_then(Value::as_array)
+                .is_some_and(Vec::is_empty);
+            no_choices && v.get("usage").is_some_and(Value::is_object)
+        } else {
+            false
         }
     }
 
@@ -574,24 +590,7 @@ impl Scanner {
             if find(payload, b"\"usage\"").is_none() {
                 continue;
             }
-            let payload = payload.trim_ascii();
-            // As in `line`: the count fields and `choices`' emptiness are read, not the
-            // whole chunk built as a `Value`.
-            let typed = payload
-                .starts_with(b"{")
-                .then(|| serde_json::from_slice::<LineCounts>(payload).ok())
-                .flatten();
-            if let Some(c) = typed {
-                usage_only |= c.usage_only();
-                c.take(&mut self.counts);
-            } else if let Ok(v) = serde_json::from_slice::<Value>(payload) {
-                self.counts.take_any(&v);
-                let no_choices = v
-                    .get("choices")
-                    .and_then(Value::as_array)
-                    .is_some_and(Vec::is_empty);
-                usage_only |= no_choices && v.get("usage").is_some_and(Value::is_object);
-            }
+            usage_only |= self.read_counts(payload);
         }
         usage_only
     }
