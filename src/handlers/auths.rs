@@ -7,7 +7,7 @@ use crate::forms::{
 use std::net::IpAddr;
 use std::time::Duration;
 
-use pingora::proxy::Session;
+use crate::http::Session;
 use serde_json::{Value, json};
 
 use super::{HandlerResult, Outcome, identity};

@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use pingora::proxy::Session;
+use crate::http::Session;
 use serde_json::{Map, Value};
 
 use super::{HandlerResult, Outcome, identity};

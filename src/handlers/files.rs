@@ -2,9 +2,9 @@
 
 use std::io;
 
+use crate::http::Session;
 use bytes::Bytes;
 use futures_util::StreamExt;
-use pingora::proxy::Session;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
@@ -658,7 +658,7 @@ pub async fn stream_status(app: &App, session: &mut Session, id: &str) -> pingor
     let mut resp = pingora::http::ResponseHeader::build_no_case(200, Some(3))?;
     resp.insert_header(::http::header::CONTENT_TYPE, "text/event-stream")?;
     resp.insert_header(::http::header::CACHE_CONTROL, "no-cache")?;
-    session.write_response_header(Box::new(resp), false).await?;
+    session.write_response_header(Box::new(resp)).await?;
     let mut rx = app.ingest.watch();
     let deadline = tokio::time::Instant::now() + STATUS_STREAM_MAX;
     let mut last: Option<Value> = None;
@@ -719,7 +719,7 @@ pub async fn stream_status(app: &App, session: &mut Session, id: &str) -> pingor
         if last.as_ref() != Some(&event) || end {
             let line = format!("data: {event}\n\n");
             session
-                .write_response_body(Some(Bytes::from(line)), false)
+                .write_response_body(Bytes::from(line), false)
                 .await?;
             last = Some(event);
         }
@@ -728,7 +728,9 @@ pub async fn stream_status(app: &App, session: &mut Session, id: &str) -> pingor
         }
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), rx.changed()).await;
     }
-    session.write_response_body(None, true).await?;
+    session
+        .write_response_body(bytes::Bytes::new(), true)
+        .await?;
     Ok(200)
 }
 

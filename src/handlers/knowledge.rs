@@ -1,7 +1,7 @@
 //! `/api/v1/knowledge/*`: collections of files, shaped as Open WebUI's.
 
 use crate::forms::{FileIdForm, GrantForm, KnowledgeForm};
-use pingora::proxy::Session;
+use crate::http::Session;
 use serde_json::{Value, json};
 
 use super::files::{file_json, page_of, page_param};

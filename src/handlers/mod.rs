@@ -15,7 +15,7 @@ mod system;
 mod usage;
 pub(crate) mod users;
 
-use pingora::proxy::Session;
+use crate::http::Session;
 
 use crate::app::App;
 use crate::error::ApiError;

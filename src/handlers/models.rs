@@ -1,6 +1,6 @@
 //! `GET /api/models`.
 
-use pingora::proxy::Session;
+use crate::http::Session;
 use serde_json::Value;
 
 use super::{HandlerResult, Outcome, identity, query};

@@ -7,7 +7,7 @@
 use std::cmp::Ordering;
 use std::sync::Arc;
 
-use pingora::proxy::Session;
+use crate::http::Session;
 use serde_json::{Map, Value, json};
 
 use super::{HandlerResult, Outcome, Req, identity, query};

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeSet;
 
-use pingora::proxy::Session;
+use crate::http::Session;
 use serde_json::{Value, json};
 
 use super::files::{page_of, page_param};

@@ -5,7 +5,7 @@
 //! empty result), and ranking is [`rag::search`], the function chat retrieval uses.
 
 use crate::forms::{ProcessTextForm, QueryCollectionsForm, QueryDocForm};
-use pingora::proxy::Session;
+use crate::http::Session;
 use serde_json::{Value, json};
 
 use super::knowledge::{add_one, writable};

@@ -42,7 +42,7 @@ pub fn version() -> HandlerResult {
     }))))
 }
 
-pub fn docs(app: &App, session: &pingora::proxy::Session, tail: &str) -> HandlerResult {
+pub fn docs(app: &App, session: &crate::http::Session, tail: &str) -> HandlerResult {
     let Some(docs) = &app.docs else {
         return Err(ApiError::not_found("Not Found"));
     };

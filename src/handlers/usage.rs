@@ -1,6 +1,6 @@
 //! `GET /api/v1/usage` and the admin's `GET`/`POST /api/v1/usage/limits/{user_id}`.
 
-use pingora::proxy::Session;
+use crate::http::Session;
 use serde_json::{Value, json};
 
 use super::{HandlerResult, Outcome};

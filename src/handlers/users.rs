@@ -2,7 +2,7 @@
 //! `GET /users/{id}`, which any verified user may call for a name and picture).
 
 use crate::forms::UserUpdateForm;
-use pingora::proxy::Session;
+use crate::http::Session;
 use serde_json::{Value, json};
 
 use super::auths::{self, Refusal};

@@ -7,10 +7,14 @@ pub mod routing;
 use bytes::{Bytes, BytesMut};
 use http::header;
 use pingora::http::ResponseHeader;
-use pingora::proxy::Session;
 use serde::Serialize;
 
 use crate::error::ApiError;
+
+/// The client's HTTP/1 session as every handler writes to it: pingora-core's own. pingora-proxy's
+/// `Session` wrapped it with a response cache, compression and filter modules, all built and
+/// dropped per request although ragway uses none of them (see `proxy::serve`).
+pub type Session = pingora::protocols::http::ServerSession;
 
 /// A complete local response.
 #[derive(Debug)]
@@ -73,11 +77,9 @@ pub async fn send(session: &mut Session, reply: Reply) -> pingora::Result<()> {
         resp.append_header(name, value)?;
     }
     let head = session.req_header().method == http::Method::HEAD;
-    session
-        .write_response_header(Box::new(resp), head || reply.body.is_empty())
-        .await?;
+    session.write_response_header(Box::new(resp)).await?;
     if !head && !reply.body.is_empty() {
-        session.write_response_body(Some(reply.body), true).await?;
+        session.write_response_body(reply.body, true).await?;
     }
     if early {
         let drain = async {
@@ -124,9 +126,7 @@ pub async fn send_file(
     resp.insert_header(header::CONTENT_TYPE, content_type)?;
     resp.insert_header(header::CONTENT_LENGTH, len.to_string())?;
     resp.insert_header(header::CONTENT_DISPOSITION, disposition)?;
-    session
-        .write_response_header(Box::new(resp), len == 0)
-        .await?;
+    session.write_response_header(Box::new(resp)).await?;
     let mut remaining = len;
     while remaining > 0 {
         let mut buf = BytesMut::with_capacity(64 * 1024);
@@ -139,7 +139,7 @@ pub async fn send_file(
         }
         remaining = remaining.saturating_sub(n as u64);
         session
-            .write_response_body(Some(buf.freeze()), remaining == 0)
+            .write_response_body(buf.freeze(), remaining == 0)
             .await?;
     }
     Ok(200)
@@ -198,7 +198,7 @@ pub async fn expect_continue(session: &mut Session) {
         .get(header::EXPECT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"));
-    if wants && let Err(e) = session.as_mut().write_continue_response().await {
+    if wants && let Err(e) = session.write_continue_response().await {
         tracing::debug!(error = %e, "could not send 100 Continue");
     }
 }

@@ -11,13 +11,13 @@
 
 use std::time::Duration;
 
+use crate::http::Session;
 use bytes::Bytes;
 use http::{HeaderMap, Method, header};
 use pingora::ErrorType;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::Stream;
 use pingora::protocols::http::v1::client::HttpSession as Http1Session;
-use pingora::proxy::Session;
 use pingora::upstreams::peer::HttpPeer;
 
 use super::answer::Answer;
@@ -340,7 +340,6 @@ async fn send_client_body(
         .await
         .map_err(SendFailure::Upstream)?;
     while let Some(chunk) = session
-        .downstream_session
         .read_request_body()
         .await
         .map_err(SendFailure::Client)?
@@ -380,15 +379,14 @@ pub async fn forward(
     plan: Plan,
 ) -> pingora::Result<()> {
     // Treat a client's FIN as "gone" so a long generation stops when nobody is listening.
-    session.as_mut().set_abort_on_close(true);
+    session.set_abort_on_close(true);
     let connect = app.config.connect_timeout;
     let idle = app.config.read_idle_timeout;
     let mut last_error = ApiError::new(502, "No upstream hosts this model");
     // The client's body can be read only once, so it gets one upstream and a fresh
     // connection (a pooled one the upstream has closed would leave nothing to retry with).
     // Without a body (`GET /ollama/api/version/{idx}`) there is nothing to lose: the pool.
-    let from_client =
-        matches!(plan.body, Body::Client) && !session.downstream_session.is_body_empty();
+    let from_client = matches!(plan.body, Body::Client) && !session.is_body_empty();
     let attempts = if from_client {
         1
     } else {
@@ -492,7 +490,7 @@ pub async fn forward(
         let head_request = plan.method == Method::HEAD;
         let header_read = tokio::select! {
             r = Answer::read(sent, head_request, peer.options.read_timeout) => Some(r),
-            r = session.as_mut().read_body_or_idle(true) => {
+            r = session.read_body_or_idle(true) => {
                 if r.is_err() { None } else { std::future::pending().await }
             }
         };
@@ -614,27 +612,27 @@ pub async fn forward(
             // the upstream show up as incomplete instead of ending as if it were whole.
             resp.insert_header(header::TRANSFER_ENCODING, "chunked")?;
         }
-        session
-            .write_response_header(Box::new(resp), no_body)
-            .await?;
+        session.write_response_header(Box::new(resp)).await?;
         if no_body {
             super::idle::put(upstream, &peer);
             return Ok(());
         }
         if let Some(event) = prelude {
             ctx.streamed_bytes += event.len() as u64;
-            session.write_response_body(Some(event), false).await?;
+            session.write_response_body(event, false).await?;
         }
         pump(session, ctx, &mut upstream, idle, &up.config.url).await?;
         let withheld = crate::usage::relay_end(ctx);
         if !withheld.is_empty() {
             ctx.streamed_bytes += withheld.len() as u64;
-            session.write_response_body(Some(withheld), false).await?;
+            session.write_response_body(withheld, false).await?;
         }
         // Recorded before the end is sent: a client that has the whole answer finds it in
         // its usage.
         crate::usage::finish(&app.usage, ctx).await;
-        session.write_response_body(None, true).await?;
+        session
+            .write_response_body(bytes::Bytes::new(), true)
+            .await?;
         super::idle::put(upstream, &peer);
         return Ok(());
     }
@@ -657,7 +655,7 @@ async fn flush(
         return Ok(());
     }
     ctx.streamed_bytes += out.len() as u64;
-    session.write_response_body(Some(out), false).await
+    session.write_response_body(out, false).await
 }
 
 /// Streams the upstream's body to the client until its end. `Err`: the client connection
@@ -692,7 +690,7 @@ async fn pump(
                 tokio::select! {
                     biased;
                     r = upstream.read_into(&mut batch) => break r,
-                    r = session.as_mut().read_body_or_idle(true) => {
+                    r = session.read_body_or_idle(true) => {
                         if r.is_err() {
                             tracing::info!(upstream = %url, "client disconnected mid-stream; dropping the upstream request");
                             return Err(pingora::Error::new(ErrorType::ConnectionClosed));

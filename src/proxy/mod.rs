@@ -16,8 +16,8 @@ pub mod serve;
 
 use std::sync::Arc;
 
+use crate::http::Session;
 use pingora::http::RequestHeader;
-use pingora::proxy::Session;
 use pingora::{Error, ErrorType};
 
 use crate::app::App;
@@ -98,7 +98,7 @@ impl Gateway {
         // upstream's end arrives; without pipelining pingora reads a byte of it, calls it an
         // error and drops the connection (the client sees "connection closed before message
         // completed"). With it, those bytes are kept for the next request.
-        session.downstream_session.set_pipelining_enabled(true);
+        session.set_pipelining_enabled(true);
         if self
             .app
             .handing_over

@@ -10,11 +10,11 @@
 //! line), a whole answer becomes a `chat.completion`. The shapes follow Ollama's own
 //! `ToChunk`/`ToChatCompletion`, so a client cannot tell the two routes apart.
 
+use crate::http::Session;
 use bytes::{Bytes, BytesMut};
 use http::header;
 use pingora::ErrorType;
 use pingora::http::ResponseHeader;
-use pingora::proxy::Session;
 use serde_json::{Map, Value, json};
 
 use crate::error::ApiError;
@@ -632,7 +632,7 @@ pub async fn relay(
                 tokio::select! {
                     biased;
                     r = upstream.read_into(&mut batch) => break r,
-                    r = session.as_mut().read_body_or_idle(true) => {
+                    r = session.read_body_or_idle(true) => {
                         if r.is_err() {
                             tracing::info!("client disconnected mid-stream; dropping the upstream request");
                             return Err(pingora::Error::new(ErrorType::ConnectionClosed));
@@ -707,13 +707,15 @@ impl Converted<'_> {
             }
             if !out.is_empty() {
                 ctx.streamed_bytes += out.len() as u64;
-                session.write_response_body(Some(out), false).await?;
+                session.write_response_body(out, false).await?;
             }
         }
         match result {
             Ok(()) => {
                 if end {
-                    session.write_response_body(None, true).await?;
+                    session
+                        .write_response_body(bytes::Bytes::new(), true)
+                        .await?;
                     return Ok(Some(true));
                 }
                 Ok(None)
@@ -727,8 +729,10 @@ impl Converted<'_> {
                 }
                 let event = e.event();
                 ctx.streamed_bytes += event.len() as u64;
-                session.write_response_body(Some(event), false).await?;
-                session.write_response_body(None, true).await?;
+                session.write_response_body(event, false).await?;
+                session
+                    .write_response_body(bytes::Bytes::new(), true)
+                    .await?;
                 // The rest of a broken stream is not read: the connection is not reusable.
                 Ok(Some(false))
             }
@@ -751,11 +755,11 @@ async fn start(
     for (n, v) in headers {
         resp.append_header(n.clone(), v.as_str())?;
     }
-    session.write_response_header(Box::new(resp), false).await?;
+    session.write_response_header(Box::new(resp)).await?;
     if let Some(s) = sources {
         ctx.streamed_bytes += s.sse_event.len() as u64;
         session
-            .write_response_body(Some(s.sse_event.clone()), false)
+            .write_response_body(s.sse_event.clone(), false)
             .await?;
     }
     Ok(())

@@ -12,11 +12,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::http::Session;
 use async_trait::async_trait;
 use pingora::ErrorType;
 use pingora::apps::{HttpPersistentSettings, ReusedHttpStream, ServerApp};
 use pingora::protocols::Stream;
-use pingora::proxy::Session;
 use pingora::server::ShutdownWatch;
 
 use super::{Gateway, conn};
@@ -46,7 +46,7 @@ impl ServerApp for Front {
         let mut next = Some((conn::rehome(stream), None));
         while let Some((stream, settings)) = next {
             // Boxed: the session is large, and a boxed one is moved as a pointer.
-            let session = Box::new(Session::new_h1(stream));
+            let session = Box::new(Session::new_http1(stream));
             next = self
                 .serve_one(session, settings, shutdown)
                 .await
@@ -65,7 +65,7 @@ impl Front {
         shutdown: &ShutdownWatch,
     ) -> Option<ReusedHttpStream> {
         match settings {
-            Some(s) => s.apply_to_session(&mut session.downstream_session),
+            Some(s) => s.apply_to_session(&mut session),
             None if *shutdown.borrow() => session.set_keepalive(None),
             None => session.set_keepalive(Some(KEEPALIVE_SECS)),
         }
@@ -73,7 +73,7 @@ impl Front {
         let read = tokio::select! {
             // A request already buffered is served before a stop is looked at.
             biased;
-            r = session.downstream_session.read_request() => r,
+            r = session.read_request() => r,
             () = async {
                 let _ = stop.wait_for(|stopped| *stopped).await;
                 tokio::time::sleep(CLEANUP_DELAY).await;
@@ -88,7 +88,7 @@ impl Front {
                     let refusal = head_refusal(&e);
                     let _ = reject_head(&mut session, &refusal).await;
                 }
-                session.downstream_session.shutdown().await;
+                session.shutdown().await;
                 return None;
             }
         }
@@ -101,7 +101,7 @@ impl Front {
             session.set_keepalive(None);
             let refusal = ApiError::new(405, "CONNECT is not supported");
             let _ = crate::http::send(&mut session, refusal.into()).await;
-            session.downstream_session.shutdown().await;
+            session.shutdown().await;
             return None;
         }
         let mut ctx = RequestCtx::new();
@@ -112,9 +112,8 @@ impl Front {
             return None;
         }
         self.gateway.logging(&session, None, &mut ctx).await;
-        let persistent = HttpPersistentSettings::for_session(&session.downstream_session);
+        let persistent = HttpPersistentSettings::for_session(&session);
         session
-            .downstream_session
             .finish()
             .await
             .ok()
@@ -157,8 +156,5 @@ async fn reject_head(session: &mut Session, refusal: &ApiError) -> pingora::Resu
     resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
     resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
     resp.insert_header(http::header::CONNECTION, "close")?;
-    session
-        .downstream_session
-        .write_error_response(resp, body)
-        .await
+    session.write_error_response(resp, body).await
 }
