@@ -7,7 +7,6 @@ use crate::forms::{
 use std::net::IpAddr;
 use std::time::Duration;
 
-use crate::http::Session;
 use serde_json::{Value, json};
 
 use super::{HandlerResult, Outcome, identity};
@@ -15,7 +14,7 @@ use crate::app::App;
 use crate::auth::accounts::NewUser;
 use crate::auth::{self, AuthError, Credential};
 use crate::error::{ApiError, msg};
-use crate::http::{self, Reply};
+use crate::http::{self, Reply, Session};
 use crate::store::{Role, User, now_secs};
 
 /// A refusal, possibly with a `Retry-After` (rate limits, hashing overload).

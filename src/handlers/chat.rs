@@ -8,7 +8,6 @@
 
 use std::sync::Arc;
 
-use crate::http::Session;
 use serde_json::{Map, Value};
 
 use super::{HandlerResult, Outcome, identity};
@@ -16,6 +15,7 @@ use crate::app::App;
 use crate::config::UpstreamKind;
 use crate::error::{ApiError, msg};
 use crate::http;
+use crate::http::Session;
 use crate::http::routing::{Routing, Shape};
 use crate::proxy::ndjson_sse;
 use crate::rag::{self, prompt};

@@ -2,7 +2,6 @@
 
 use std::io;
 
-use crate::http::Session;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
@@ -12,7 +11,7 @@ use tokio::io::AsyncWriteExt;
 use super::{HandlerResult, Outcome, Req, Streamer, access, identity, query};
 use crate::app::App;
 use crate::error::{ApiError, msg};
-use crate::http::{self, Reply};
+use crate::http::{self, Reply, Session};
 use crate::library::{Content, NewFile};
 use crate::request::RequestCtx;
 use crate::store::{FileRecord, FileStatus, Role};

@@ -15,12 +15,10 @@ mod system;
 mod usage;
 pub(crate) mod users;
 
-use crate::http::Session;
-
 use crate::app::App;
 use crate::error::ApiError;
-use crate::http::Reply;
 use crate::http::router::{Endpoint, RouteSpec};
+use crate::http::{Reply, Session};
 use crate::request::{Plan, RequestCtx};
 
 /// What the gateway should do with a request.

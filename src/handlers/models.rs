@@ -1,10 +1,10 @@
 //! `GET /api/models`.
 
-use crate::http::Session;
 use serde_json::Value;
 
 use super::{HandlerResult, Outcome, identity, query};
 use crate::app::App;
+use crate::http::Session;
 use crate::http::{self, Reply};
 use crate::request::RequestCtx;
 

@@ -7,13 +7,13 @@
 use std::cmp::Ordering;
 use std::sync::Arc;
 
-use crate::http::Session;
 use serde_json::{Map, Value, json};
 
 use super::{HandlerResult, Outcome, Req, identity, query};
 use crate::app::App;
 use crate::config::UpstreamKind;
 use crate::error::{ApiError, msg};
+use crate::http::Session;
 use crate::http::router::Endpoint;
 use crate::http::routing::{Routing, Shape};
 use crate::http::{self, Reply};

@@ -5,7 +5,6 @@
 
 use std::collections::BTreeSet;
 
-use crate::http::Session;
 use serde_json::{Value, json};
 
 use super::files::{page_of, page_param};
@@ -13,6 +12,7 @@ use super::{HandlerResult, Outcome, identity, query};
 use crate::app::App;
 use crate::auth::Identity;
 use crate::error::{ApiError, msg};
+use crate::http::Session;
 use crate::http::{self, Reply};
 use crate::presets::{self, PresetForm};
 use crate::request::RequestCtx;

@@ -1,11 +1,11 @@
 //! `GET /api/v1/usage` and the admin's `GET`/`POST /api/v1/usage/limits/{user_id}`.
 
-use crate::http::Session;
 use serde_json::{Value, json};
 
 use super::{HandlerResult, Outcome};
 use crate::app::App;
 use crate::error::ApiError;
+use crate::http::Session;
 use crate::http::{self, Reply};
 use crate::limits::Limits;
 use crate::request::RequestCtx;

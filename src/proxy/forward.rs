@@ -11,7 +11,6 @@
 
 use std::time::Duration;
 
-use crate::http::Session;
 use bytes::Bytes;
 use http::{HeaderMap, Method, header};
 use pingora::ErrorType;
@@ -24,6 +23,7 @@ use super::answer::Answer;
 use super::batch::{BATCH_START, COALESCE_MAX};
 use crate::app::App;
 use crate::error::ApiError;
+use crate::http::Session;
 use crate::request::{Body, Plan, RequestCtx};
 use crate::upstream::Upstream;
 pub use crate::upstream::upstream_failure;

@@ -16,13 +16,13 @@ pub mod serve;
 
 use std::sync::Arc;
 
-use crate::http::Session;
 use pingora::http::RequestHeader;
 use pingora::{Error, ErrorType};
 
 use crate::app::App;
 use crate::error::ApiError;
 use crate::handlers::{self, Outcome};
+use crate::http::Session;
 use crate::http::router::{self, Match};
 use crate::metrics;
 use crate::request::RequestCtx;

@@ -10,7 +10,6 @@
 //! line), a whole answer becomes a `chat.completion`. The shapes follow Ollama's own
 //! `ToChunk`/`ToChatCompletion`, so a client cannot tell the two routes apart.
 
-use crate::http::Session;
 use bytes::{Bytes, BytesMut};
 use http::header;
 use pingora::ErrorType;
@@ -18,6 +17,7 @@ use pingora::http::ResponseHeader;
 use serde_json::{Map, Value, json};
 
 use crate::error::ApiError;
+use crate::http::Session;
 pub use crate::request::Convert;
 use crate::request::{RequestCtx, SourcesReply};
 

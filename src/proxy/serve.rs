@@ -12,7 +12,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::http::Session;
 use async_trait::async_trait;
 use pingora::ErrorType;
 use pingora::apps::{HttpPersistentSettings, ReusedHttpStream, ServerApp};
@@ -21,6 +20,7 @@ use pingora::server::ShutdownWatch;
 
 use super::{Gateway, conn};
 use crate::error::ApiError;
+use crate::http::Session;
 use crate::request::RequestCtx;
 
 /// How long a keep-alive connection may sit between requests (pingora's default).
