@@ -727,9 +727,7 @@ pub async fn stream_status(app: &App, session: &mut Session, id: &str) -> pingor
         }
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), rx.changed()).await;
     }
-    session
-        .write_response_body(bytes::Bytes::new(), true)
-        .await?;
+    session.finish_body().await?;
     Ok(200)
 }
 

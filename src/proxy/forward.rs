@@ -630,9 +630,7 @@ pub async fn forward(
         // Recorded before the end is sent: a client that has the whole answer finds it in
         // its usage.
         crate::usage::finish(&app.usage, ctx).await;
-        session
-            .write_response_body(bytes::Bytes::new(), true)
-            .await?;
+        session.finish_body().await?;
         super::idle::put(upstream, &peer);
         return Ok(());
     }

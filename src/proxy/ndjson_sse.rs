@@ -713,9 +713,7 @@ impl Converted<'_> {
         match result {
             Ok(()) => {
                 if end {
-                    session
-                        .write_response_body(bytes::Bytes::new(), true)
-                        .await?;
+                    session.finish_body().await?;
                     return Ok(Some(true));
                 }
                 Ok(None)
@@ -730,9 +728,7 @@ impl Converted<'_> {
                 let event = e.event();
                 ctx.streamed_bytes += event.len() as u64;
                 session.write_response_body(event, false).await?;
-                session
-                    .write_response_body(bytes::Bytes::new(), true)
-                    .await?;
+                session.finish_body().await?;
                 // The rest of a broken stream is not read: the connection is not reusable.
                 Ok(Some(false))
             }
